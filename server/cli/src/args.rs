@@ -1,0 +1,401 @@
+//! The command-line surface: global flags and every subcommand's arguments.
+//!
+//! The `tether` binary flattens [`GlobalArgs`] into its own parser and nests
+//! [`Command`] among its subcommands, so everything here is plain clap
+//! derive types with no parser of their own.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Subcommand, ValueEnum};
+use tether::v1::{AgentHealth, Priority, QueuedJobState};
+
+use crate::parse;
+
+/// The server address used when neither `--server` nor `TETHER_SERVER` is set.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
+
+/// Flags every client command understands. They are `global`, so they work
+/// before or after the subcommand (`tether queue list --output json`).
+#[derive(Args, Debug, Clone)]
+pub struct GlobalArgs {
+    /// The Tether server to talk to.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "TETHER_SERVER",
+        default_value = DEFAULT_SERVER,
+        value_name = "URL"
+    )]
+    pub server: String,
+
+    /// How to print results: human tables, or canonical protobuf JSON of the
+    /// response.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        value_enum,
+        default_value_t = OutputFormat::Table
+    )]
+    pub output: OutputFormat,
+
+    /// API token or session credential, sent as `authorization: Bearer …`.
+    #[arg(long, global = true, help_heading = "Global options", env = "TETHER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl GlobalArgs {
+    /// Global flags for talking to `server`, with table output and no token;
+    /// handy for tests that call [`crate::run`] directly.
+    pub fn new(server: impl Into<String>) -> Self {
+        Self { server: server.into(), output: OutputFormat::Table, token: None }
+    }
+}
+
+impl Default for GlobalArgs {
+    fn default() -> Self {
+        Self::new(DEFAULT_SERVER)
+    }
+}
+
+/// How results are printed on stdout.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutputFormat {
+    /// Human-readable tables.
+    #[default]
+    Table,
+    /// Canonical protobuf JSON of the response message, pretty-printed.
+    Json,
+}
+
+/// The client commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Queue operations
+    #[command(subcommand)]
+    Queue(QueueCommand),
+    /// Agent operations
+    #[command(subcommand)]
+    Agents(AgentsCommand),
+}
+
+/// `tether queue …`
+#[derive(Subcommand, Debug)]
+pub enum QueueCommand {
+    /// Enqueue a job
+    Enqueue(EnqueueArgs),
+    /// Show one job
+    Get {
+        /// The job id.
+        id: String,
+    },
+    /// List jobs, newest first
+    List(ListJobsArgs),
+    /// Cancel a job (a running job's agent is told to stop it)
+    Cancel {
+        /// The job id.
+        id: String,
+        /// Why; recorded as the job's last error.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Count jobs by state and priority
+    Stats {
+        /// Only this queue (default: all queues).
+        #[arg(long)]
+        queue: Option<String>,
+    },
+    /// List dead-lettered jobs, oldest first
+    DeadLetters(DeadLettersArgs),
+    /// Put a dead-lettered job back in its queue with fresh attempts
+    Redrive {
+        /// The job id.
+        id: String,
+    },
+    /// Wait until a job finishes; exit code 0 only if it succeeded
+    Wait {
+        /// The job id.
+        id: String,
+    },
+}
+
+/// Arguments of `tether queue enqueue`.
+#[derive(Args, Debug)]
+#[command(group(
+    clap::ArgGroup::new("payload_source")
+        .required(true)
+        .multiple(false)
+        .args(["command", "payload", "payload_file"])
+))]
+pub struct EnqueueArgs {
+    /// The queue to put the job in.
+    #[arg(long, default_value = "default")]
+    pub queue: String,
+
+    /// A shell command for the reference agent; sent as the JSON payload
+    /// {"command": "..."}.
+    #[arg(long, value_name = "SHELL")]
+    pub command: Option<String>,
+
+    /// The payload, as given.
+    #[arg(long, value_name = "STRING")]
+    pub payload: Option<String>,
+
+    /// Read the payload from a file (`-` for stdin).
+    #[arg(long, value_name = "PATH")]
+    pub payload_file: Option<PathBuf>,
+
+    /// Dispatch priority: low, normal, high or critical [default: normal].
+    #[arg(long, value_parser = parse::parse_priority)]
+    pub priority: Option<Priority>,
+
+    /// The agent pool that must run the job [default: the server's "default"].
+    #[arg(long)]
+    pub pool: Option<String>,
+
+    /// A label the agent must carry, as key=value (repeatable).
+    #[arg(long = "require-label", value_name = "KEY=VALUE", value_parser = parse::parse_label)]
+    pub require_labels: Vec<(String, String)>,
+
+    /// Attempts before the job is dead-lettered (1-100) [default: 3].
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+
+    /// How long a claim lasts without renewal, e.g. 30s [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = parse::parse_duration)]
+    pub lease: Option<Duration>,
+
+    /// The longest one attempt may run, e.g. 10m [default: no limit].
+    #[arg(long, value_name = "DURATION", value_parser = parse::parse_duration)]
+    pub timeout: Option<Duration>,
+
+    /// Enqueue at most once per key: repeating the same request returns the
+    /// existing job.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+
+    /// Do not dispatch before this time: RFC 3339 (2030-01-02T15:04:05Z) or
+    /// relative (+5m).
+    #[arg(long, value_name = "TIME", value_parser = parse::parse_time)]
+    pub not_before: Option<SystemTime>,
+
+    /// Wait until the job finishes, then print it; exit code 0 only if it
+    /// succeeded.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// Paging flags shared by the list commands.
+#[derive(Args, Debug, Clone, Default)]
+pub struct PageArgs {
+    /// At most this many results per page (1-1000) [default: the server's, 100].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=1000))]
+    pub limit: Option<i32>,
+
+    /// Continue a previous listing from this token.
+    #[arg(long, value_name = "TOKEN")]
+    pub page_token: Option<String>,
+
+    /// Fetch every page, not just the first.
+    #[arg(long, conflicts_with = "page_token")]
+    pub all: bool,
+}
+
+/// Arguments of `tether queue list`.
+#[derive(Args, Debug)]
+pub struct ListJobsArgs {
+    /// Only jobs of this queue (default: all queues).
+    #[arg(long)]
+    pub queue: Option<String>,
+
+    /// Only jobs in these states (repeatable or comma-separated): queued,
+    /// claimed, running, succeeded, failed, dead-lettered, cancelled.
+    #[arg(long = "state", value_name = "STATE", value_delimiter = ',', value_parser = parse::parse_state)]
+    pub states: Vec<QueuedJobState>,
+
+    /// Paging.
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+/// Arguments of `tether queue dead-letters`.
+#[derive(Args, Debug)]
+pub struct DeadLettersArgs {
+    /// Only jobs of this queue (default: all queues).
+    #[arg(long)]
+    pub queue: Option<String>,
+
+    /// Paging.
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+/// `tether agents …`
+#[derive(Subcommand, Debug)]
+pub enum AgentsCommand {
+    /// List agents
+    List(ListAgentsArgs),
+    /// Show one agent
+    Get {
+        /// The agent id.
+        id: String,
+    },
+    /// Tell an agent to finish its running jobs, take no new ones, and leave
+    Drain {
+        /// The agent id.
+        id: String,
+        /// Why; sent to the agent.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Stop giving an agent new jobs (running jobs go on)
+    Cordon {
+        /// The agent id.
+        id: String,
+        /// Why, for the audit trail.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Let a cordoned or out-of-service agent take jobs again
+    Uncordon {
+        /// The agent id.
+        id: String,
+        /// Why, for the audit trail.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Remove an agent for good; its running jobs are requeued
+    Deregister {
+        /// The agent id.
+        id: String,
+    },
+}
+
+/// Arguments of `tether agents list`.
+#[derive(Args, Debug)]
+pub struct ListAgentsArgs {
+    /// Only agents of this pool (default: every pool).
+    #[arg(long)]
+    pub pool: Option<String>,
+
+    /// Only agents with these health states (repeatable or comma-separated):
+    /// registering, healthy, degraded, unhealthy, offline, terminated.
+    #[arg(long, value_name = "HEALTH", value_delimiter = ',', value_parser = parse::parse_health)]
+    pub health: Vec<AgentHealth>,
+
+    /// Only agents carrying this label, as key=value (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse::parse_label)]
+    pub labels: Vec<(String, String)>,
+
+    /// Paging.
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// Mirrors how the `tether` binary embeds these types.
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        global: GlobalArgs,
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("tether").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_work_after_the_subcommand() {
+        let cli = parse(&["queue", "list", "--output", "json", "--server", "http://example:1"]).expect("parses");
+        assert_eq!(cli.global.output, OutputFormat::Json);
+        assert_eq!(cli.global.server, "http://example:1");
+    }
+
+    #[test]
+    fn enqueue_parses_every_flag() {
+        let cli = parse(&[
+            "queue",
+            "enqueue",
+            "--command",
+            "echo hi",
+            "--priority",
+            "high",
+            "--require-label",
+            "os=linux",
+            "--require-label",
+            "arch=arm64",
+            "--lease",
+            "45s",
+            "--timeout",
+            "10m",
+            "--not-before",
+            "+5m",
+            "--max-attempts",
+            "5",
+            "--wait",
+        ])
+        .expect("parses");
+        let Command::Queue(QueueCommand::Enqueue(e)) = cli.command else {
+            panic!("not enqueue: {:?}", cli.command);
+        };
+        assert_eq!(e.queue, "default");
+        assert_eq!(e.command.as_deref(), Some("echo hi"));
+        assert_eq!(e.priority, Some(Priority::High));
+        assert_eq!(e.require_labels.len(), 2);
+        assert_eq!(e.lease, Some(Duration::from_secs(45)));
+        assert_eq!(e.timeout, Some(Duration::from_secs(600)));
+        assert_eq!(e.max_attempts, Some(5));
+        assert!(e.not_before.is_some());
+        assert!(e.wait);
+    }
+
+    #[test]
+    fn enqueue_needs_exactly_one_payload_source() {
+        assert!(parse(&["queue", "enqueue"]).is_err());
+        assert!(parse(&["queue", "enqueue", "--command", "a", "--payload", "b"]).is_err());
+        assert!(parse(&["queue", "enqueue", "--payload-file", "x"]).is_ok());
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for args in [
+            &["queue", "enqueue", "--payload", "x", "--priority", "urgent"][..],
+            &["queue", "enqueue", "--payload", "x", "--lease", "30"],
+            &["queue", "enqueue", "--payload", "x", "--not-before", "tomorrow"],
+            &["queue", "enqueue", "--payload", "x", "--require-label", "linux"],
+            &["queue", "list", "--state", "done"],
+            &["queue", "list", "--limit", "0"],
+            &["queue", "list", "--all", "--page-token", "t"],
+            &["agents", "list", "--health", "sick"],
+            &["queue", "get"],
+            &["--output", "yaml", "queue", "get", "x"],
+        ] {
+            let err = parse(args).expect_err(&format!("{args:?} should fail"));
+            // Exit code 2 is how clap reports bad usage.
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn states_accept_commas_and_repeats() {
+        let cli = parse(&["queue", "list", "--state", "queued,running", "--state", "dead-lettered"]).expect("parses");
+        let Command::Queue(QueueCommand::List(l)) = cli.command else {
+            panic!("not list");
+        };
+        assert_eq!(l.states, vec![QueuedJobState::Queued, QueuedJobState::Running, QueuedJobState::DeadLettered]);
+    }
+}

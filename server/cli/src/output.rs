@@ -1,0 +1,622 @@
+//! Rendering of responses: human tables (comfy-table) and canonical
+//! protobuf JSON (prost-reflect).
+//!
+//! Everything writes to a `&mut dyn Write` and takes "now" as an argument,
+//! so the output of a command can be captured and compared in tests.
+
+use std::io::Write;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{anyhow, Context as _};
+use comfy_table::{presets, ContentArrangement, Table};
+use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+use tether::v1::{
+    Agent, AgentHealth, AgentSchedulingStatus, GetQueueStatsResponse, Priority, QueuedJob, QueuedJobState,
+};
+
+/// A generated message with its fully-qualified protobuf name, which JSON
+/// rendering needs to find the message's descriptor. (The generated code is
+/// built without `prost::Name`, so the names are listed here.)
+pub trait ProtoName: prost::Message {
+    /// The fully-qualified name, e.g. `tether.v1.QueuedJob`.
+    const FULL_NAME: &'static str;
+}
+
+macro_rules! proto_names {
+    ($($ty:ident),* $(,)?) => {
+        $(impl ProtoName for tether::v1::$ty {
+            const FULL_NAME: &'static str = concat!("tether.v1.", stringify!($ty));
+        })*
+    };
+}
+
+proto_names!(
+    QueuedJob,
+    EnqueueJobResponse,
+    GetQueuedJobResponse,
+    ListQueuedJobsResponse,
+    CancelQueuedJobResponse,
+    GetQueueStatsResponse,
+    ListDeadLettersResponse,
+    RedriveDeadLetterResponse,
+    WatchQueueResponse,
+    Agent,
+    GetAgentResponse,
+    ListAgentsResponse,
+    DrainAgentResponse,
+    UpdateAgentStatusResponse,
+    DeregisterAgentResponse,
+);
+
+/// The descriptor pool of every tether.v1 message, decoded once.
+fn descriptor_pool() -> anyhow::Result<&'static DescriptorPool> {
+    static POOL: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
+    POOL.get_or_init(|| DescriptorPool::decode(tether::FILE_DESCRIPTOR_SET).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| anyhow!("cannot decode the tether.v1 descriptor set: {e}"))
+}
+
+/// Renders a message as pretty canonical protobuf JSON (camelCase names,
+/// enums by name, 64-bit integers as strings, RFC 3339 timestamps, durations
+/// like `"30s"`, bytes as base64, default values omitted) — the same JSON
+/// grpcurl and every other protobuf runtime produce.
+///
+/// The message is re-encoded and decoded as a `DynamicMessage` because the
+/// generated types carry no serde support; the descriptor set is the source
+/// of truth for names.
+pub fn to_json<M: ProtoName>(msg: &M) -> anyhow::Result<String> {
+    let pool = descriptor_pool()?;
+    let desc = pool
+        .get_message_by_name(M::FULL_NAME)
+        .with_context(|| format!("message {} is not in the descriptor set", M::FULL_NAME))?;
+    let dynamic = DynamicMessage::decode(desc, msg.encode_to_vec().as_slice())
+        .with_context(|| format!("cannot re-decode a {}", M::FULL_NAME))?;
+    let mut ser = serde_json::Serializer::pretty(Vec::new());
+    dynamic
+        .serialize_with_options(&mut ser, &SerializeOptions::new())
+        .with_context(|| format!("cannot serialize a {} as JSON", M::FULL_NAME))?;
+    String::from_utf8(ser.into_inner()).context("JSON output is not UTF-8")
+}
+
+/// Writes [`to_json`] of `msg` and a newline.
+pub fn write_json<M: ProtoName>(out: &mut dyn Write, msg: &M) -> anyhow::Result<()> {
+    writeln!(out, "{}", to_json(msg)?)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Small formatters.
+
+/// The short lower-case name of a job state (`dead-lettered`); an enum value
+/// this build does not know (a newer server) shows as `unknown(N)` rather
+/// than being mistaken for another state.
+pub fn state_name(value: i32) -> String {
+    match QueuedJobState::try_from(value) {
+        Ok(QueuedJobState::Unspecified) => "unspecified".into(),
+        Ok(QueuedJobState::Queued) => "queued".into(),
+        Ok(QueuedJobState::Claimed) => "claimed".into(),
+        Ok(QueuedJobState::Running) => "running".into(),
+        Ok(QueuedJobState::Succeeded) => "succeeded".into(),
+        Ok(QueuedJobState::Failed) => "failed".into(),
+        Ok(QueuedJobState::DeadLettered) => "dead-lettered".into(),
+        Ok(QueuedJobState::Cancelled) => "cancelled".into(),
+        Err(_) => format!("unknown({value})"),
+    }
+}
+
+/// The short lower-case name of a priority.
+pub fn priority_name(value: i32) -> String {
+    match Priority::try_from(value) {
+        Ok(Priority::Unspecified) => "unspecified".into(),
+        Ok(Priority::Low) => "low".into(),
+        Ok(Priority::Normal) => "normal".into(),
+        Ok(Priority::High) => "high".into(),
+        Ok(Priority::Critical) => "critical".into(),
+        Err(_) => format!("unknown({value})"),
+    }
+}
+
+/// The short lower-case name of an agent health.
+pub fn health_name(value: i32) -> String {
+    match AgentHealth::try_from(value) {
+        Ok(AgentHealth::Unspecified) => "unspecified".into(),
+        Ok(AgentHealth::Registering) => "registering".into(),
+        Ok(AgentHealth::Healthy) => "healthy".into(),
+        Ok(AgentHealth::Degraded) => "degraded".into(),
+        Ok(AgentHealth::Unhealthy) => "unhealthy".into(),
+        Ok(AgentHealth::Offline) => "offline".into(),
+        Ok(AgentHealth::Terminated) => "terminated".into(),
+        Err(_) => format!("unknown({value})"),
+    }
+}
+
+/// The short lower-case name of an agent scheduling status.
+pub fn scheduling_status_name(value: i32) -> String {
+    match AgentSchedulingStatus::try_from(value) {
+        Ok(AgentSchedulingStatus::Unspecified) => "unspecified".into(),
+        Ok(AgentSchedulingStatus::Active) => "active".into(),
+        Ok(AgentSchedulingStatus::Cordoned) => "cordoned".into(),
+        Ok(AgentSchedulingStatus::Draining) => "draining".into(),
+        Ok(AgentSchedulingStatus::OutOfService) => "out-of-service".into(),
+        Err(_) => format!("unknown({value})"),
+    }
+}
+
+/// A compact age with at most two units: `42s`, `5m12s`, `3h4m`, `2d3h`.
+pub fn format_age(d: Duration) -> String {
+    let secs = d.as_secs();
+    let (days, hours, mins, s) = (secs / 86_400, (secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    let two = |a: u64, ua: &str, b: u64, ub: &str| {
+        if b == 0 {
+            format!("{a}{ua}")
+        } else {
+            format!("{a}{ua}{b}{ub}")
+        }
+    };
+    if days > 0 {
+        two(days, "d", hours, "h")
+    } else if hours > 0 {
+        two(hours, "h", mins, "m")
+    } else if mins > 0 {
+        two(mins, "m", s, "s")
+    } else if secs > 0 {
+        format!("{secs}s")
+    } else {
+        format!("{}ms", d.subsec_millis())
+    }
+}
+
+/// The time since `ts`, or `-` when unset or in the future.
+fn age_since(ts: Option<&prost_types::Timestamp>, now: SystemTime) -> String {
+    ts.and_then(tether::time::from_timestamp)
+        .and_then(|t| now.duration_since(t).ok())
+        .map(format_age)
+        .unwrap_or_else(|| "-".into())
+}
+
+/// An absolute time with a relative hint: `2030-01-02T03:04:05Z (5m ago)`.
+pub fn format_time(ts: &prost_types::Timestamp, now: SystemTime) -> String {
+    let Some(t) = tether::time::from_timestamp(ts) else {
+        return format!("invalid ({}s, {}ns)", ts.seconds, ts.nanos);
+    };
+    let abs = humantime::format_rfc3339_seconds(t);
+    match now.duration_since(t) {
+        Ok(ago) => format!("{abs} ({} ago)", format_age(ago)),
+        Err(e) => format!("{abs} (in {})", format_age(e.duration())),
+    }
+}
+
+/// A protobuf duration as `30s`, `10m`; `-` if malformed.
+pub fn format_duration(d: &prost_types::Duration) -> String {
+    match tether::time::from_duration(d) {
+        Some(d) if d.is_zero() => "0s".into(),
+        Some(d) => humantime::format_duration(d).to_string().replace(' ', ""),
+        None => "-".into(),
+    }
+}
+
+/// Payload or result bytes for a table: the text itself when it is printable
+/// UTF-8 (newlines and tabs allowed), otherwise a note with the size, since
+/// raw binary would garble the terminal.
+pub fn format_bytes_field(b: &[u8]) -> String {
+    match std::str::from_utf8(b) {
+        Ok(s) if s.chars().all(|c| !c.is_control() || matches!(c, '\n' | '\t' | '\r')) => s.to_string(),
+        _ => format!("<{} bytes of binary data; use --output json>", b.len()),
+    }
+}
+
+/// A byte count as `512 B`, `1.5 KiB`, `8.0 GiB`.
+pub fn format_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// Labels as `a=1, b=2`, sorted for stable output; `-` when empty.
+fn format_labels(labels: &std::collections::HashMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "-".into();
+    }
+    let mut pairs: Vec<_> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.sort();
+    pairs.join(", ")
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_string()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tables.
+
+/// A borderless, kubectl-style table: easy to read and to `grep`/`awk`.
+fn list_table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING).set_content_arrangement(ContentArrangement::Disabled).set_header(header.to_vec());
+    t
+}
+
+/// Writes a table without the leading pad and trailing blanks comfy-table
+/// leaves around each cell.
+fn write_table(out: &mut dyn Write, mut table: Table) -> std::io::Result<()> {
+    for col in table.column_iter_mut() {
+        col.set_padding((0, 3));
+    }
+    for line in table.to_string().lines() {
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+/// A two-column `Key:  value` table for one object.
+fn details_table(rows: Vec<(&str, String)>) -> Table {
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING).set_content_arrangement(ContentArrangement::Disabled);
+    for (k, v) in rows {
+        t.add_row(vec![format!("{k}:"), v]);
+    }
+    t
+}
+
+/// Writes jobs as a list table: ID, QUEUE, STATE, PRIORITY, ATTEMPT, AGE,
+/// WORKER.
+pub fn write_jobs_table(out: &mut dyn Write, jobs: &[QueuedJob], now: SystemTime) -> std::io::Result<()> {
+    let mut t = list_table(&["ID", "QUEUE", "STATE", "PRIORITY", "ATTEMPT", "AGE", "WORKER"]);
+    for j in jobs {
+        t.add_row(vec![
+            j.id.clone(),
+            j.queue.clone(),
+            state_name(j.state),
+            priority_name(j.priority),
+            format!("{}/{}", j.attempt, j.max_attempts),
+            age_since(j.create_time.as_ref(), now),
+            or_dash(&j.worker_id),
+        ]);
+    }
+    write_table(out, t)
+}
+
+/// Writes every field of one job as a key/value table; optional fields that
+/// are unset are left out.
+pub fn write_job_details(out: &mut dyn Write, j: &QueuedJob, now: SystemTime) -> std::io::Result<()> {
+    let routing = j.routing.clone().unwrap_or_default();
+    let mut rows = vec![
+        ("ID", j.id.clone()),
+        ("Queue", j.queue.clone()),
+        ("State", state_name(j.state)),
+        ("Priority", priority_name(j.priority)),
+        ("Pool", if routing.pool.is_empty() { "default".into() } else { routing.pool.clone() }),
+        ("Required labels", format_labels(&routing.required_labels)),
+        ("Attempt", format!("{} of {}", j.attempt, j.max_attempts)),
+    ];
+    if j.fencing_token != 0 {
+        rows.push(("Fencing token", j.fencing_token.to_string()));
+    }
+    if !j.worker_id.is_empty() {
+        rows.push(("Worker", j.worker_id.clone()));
+    }
+    if let Some(d) = &j.lease_duration {
+        rows.push(("Lease", format_duration(d)));
+    }
+    rows.push(("Timeout", j.timeout.as_ref().map(format_duration).unwrap_or_else(|| "none".into())));
+    if !j.idempotency_key.is_empty() {
+        rows.push(("Idempotency key", j.idempotency_key.clone()));
+    }
+    for (name, ts) in [
+        ("Created", &j.create_time),
+        ("Updated", &j.update_time),
+        ("Ready", &j.ready_time),
+        ("Lease expires", &j.lease_expire_time),
+        ("Finished", &j.finish_time),
+    ] {
+        if let Some(ts) = ts {
+            rows.push((name, format_time(ts, now)));
+        }
+    }
+    if !j.last_error.is_empty() {
+        rows.push(("Last error", j.last_error.clone()));
+    }
+    rows.push(("Payload", format_bytes_field(&j.payload)));
+    if !j.result.is_empty() {
+        rows.push(("Result", format_bytes_field(&j.result)));
+    }
+    write_table(out, details_table(rows))
+}
+
+/// Writes queue statistics: counts by state, queued counts by priority
+/// (highest first), and the age of the oldest waiting job.
+pub fn write_stats(out: &mut dyn Write, stats: &GetQueueStatsResponse) -> std::io::Result<()> {
+    let mut by_state = stats.by_state.clone();
+    by_state.sort_by_key(|s| s.state);
+    let mut t = list_table(&["STATE", "COUNT"]);
+    for s in &by_state {
+        t.add_row(vec![state_name(s.state), s.count.to_string()]);
+    }
+    write_table(out, t)?;
+    writeln!(out)?;
+
+    let mut by_priority = stats.queued_by_priority.clone();
+    by_priority.sort_by_key(|p| std::cmp::Reverse(p.priority));
+    let mut t = list_table(&["PRIORITY", "QUEUED"]);
+    for p in &by_priority {
+        t.add_row(vec![priority_name(p.priority), p.count.to_string()]);
+    }
+    write_table(out, t)?;
+    writeln!(out)?;
+
+    let oldest = stats
+        .oldest_queued_age
+        .as_ref()
+        .and_then(tether::time::from_duration)
+        .filter(|d| !d.is_zero())
+        .map(format_age)
+        .unwrap_or_else(|| "- (nothing waiting)".into());
+    writeln!(out, "Oldest queued: {oldest}")
+}
+
+/// Writes agents as a list table: ID, NAME, POOL, HEALTH, STATUS, SLOTS,
+/// RUNNING, CONNECTED, LAST SEEN.
+pub fn write_agents_table(out: &mut dyn Write, agents: &[Agent], now: SystemTime) -> std::io::Result<()> {
+    let mut t = list_table(&["ID", "NAME", "POOL", "HEALTH", "STATUS", "SLOTS", "RUNNING", "CONNECTED", "LAST SEEN"]);
+    for a in agents {
+        t.add_row(vec![
+            a.id.clone(),
+            a.name.clone(),
+            a.pool.clone(),
+            health_name(a.health),
+            scheduling_status_name(a.scheduling_status),
+            a.slots.to_string(),
+            a.running_jobs.len().to_string(),
+            if a.connected { "yes" } else { "no" }.to_string(),
+            age_since(a.last_seen_time.as_ref(), now),
+        ]);
+    }
+    write_table(out, t)
+}
+
+/// Writes every field of one agent as a key/value table.
+pub fn write_agent_details(out: &mut dyn Write, a: &Agent, now: SystemTime) -> std::io::Result<()> {
+    let mut rows = vec![
+        ("ID", a.id.clone()),
+        ("Name", a.name.clone()),
+        ("Pool", a.pool.clone()),
+        ("Labels", format_labels(&a.labels)),
+        ("Health", health_name(a.health)),
+        ("Status", scheduling_status_name(a.scheduling_status)),
+        ("Connected", if a.connected { "yes" } else { "no" }.into()),
+        ("Version", or_dash(&a.version)),
+        ("Slots", a.slots.to_string()),
+    ];
+    let running = if a.running_jobs.is_empty() {
+        "none".to_string()
+    } else {
+        a.running_jobs.iter().map(|r| format!("{} (attempt {})", r.job_id, r.attempt)).collect::<Vec<_>>().join("\n")
+    };
+    rows.push(("Running jobs", running));
+    if let Some(m) = &a.metrics {
+        rows.push(("CPU", format!("{:.1}%", m.cpu_percent)));
+        rows.push(("Memory", format!("{} / {}", format_size(m.memory_used_bytes), format_size(m.memory_total_bytes))));
+        rows.push(("Disk", format!("{} / {}", format_size(m.disk_used_bytes), format_size(m.disk_total_bytes))));
+    }
+    for (name, ts) in [("Created", &a.create_time), ("Last seen", &a.last_seen_time)] {
+        if let Some(ts) = ts {
+            rows.push((name, format_time(ts, now)));
+        }
+    }
+    write_table(out, details_table(rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+    use tether::v1::{AgentMetrics, JobRef, PriorityCount, Routing, StateCount};
+
+    const NOW_SECS: i64 = 1_893_553_445; // 2030-01-02T03:04:05Z
+
+    fn now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(NOW_SECS as u64)
+    }
+
+    fn ts(secs: i64) -> Option<prost_types::Timestamp> {
+        Some(prost_types::Timestamp { seconds: secs, nanos: 0 })
+    }
+
+    pub(crate) fn sample_job() -> QueuedJob {
+        QueuedJob {
+            id: "job-1".into(),
+            queue: "builds".into(),
+            payload: bytes::Bytes::from_static(br#"{"command":"echo hi"}"#),
+            priority: Priority::High as i32,
+            routing: Some(Routing {
+                pool: "linux".into(),
+                required_labels: [("arch".to_string(), "arm64".to_string())].into(),
+            }),
+            max_attempts: 3,
+            lease_duration: Some(prost_types::Duration { seconds: 30, nanos: 0 }),
+            timeout: None,
+            idempotency_key: String::new(),
+            state: QueuedJobState::Running as i32,
+            attempt: 1,
+            fencing_token: 7,
+            worker_id: "agent-9".into(),
+            create_time: ts(NOW_SECS - 312),
+            update_time: ts(NOW_SECS - 5),
+            ready_time: None,
+            lease_expire_time: ts(NOW_SECS + 25),
+            result: bytes::Bytes::new(),
+            last_error: String::new(),
+            finish_time: None,
+        }
+    }
+
+    #[test]
+    fn queued_job_renders_as_canonical_json() {
+        let json = to_json(&sample_job()).expect("renders");
+        let v: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+        assert_eq!(v["id"], "job-1");
+        assert_eq!(v["queue"], "builds");
+        // Enums by name, camelCase fields, 64-bit integers as strings.
+        assert_eq!(v["state"], "QUEUED_JOB_STATE_RUNNING");
+        assert_eq!(v["priority"], "PRIORITY_HIGH");
+        assert_eq!(v["fencingToken"], "7");
+        assert_eq!(v["maxAttempts"], 3);
+        assert_eq!(v["workerId"], "agent-9");
+        assert_eq!(v["routing"]["requiredLabels"]["arch"], "arm64");
+        // Well-known types in their JSON forms.
+        assert_eq!(v["leaseDuration"], "30s");
+        assert_eq!(v["createTime"], "2030-01-02T02:58:53Z");
+        // Bytes as base64.
+        assert_eq!(v["payload"], "eyJjb21tYW5kIjoiZWNobyBoaSJ9");
+        // Defaults are omitted.
+        assert!(v.get("idempotencyKey").is_none());
+        assert!(v.get("result").is_none());
+        assert!(v.get("timeout").is_none());
+        // Pretty-printed.
+        assert!(json.contains("\n  \"id\": \"job-1\""), "{json}");
+    }
+
+    #[test]
+    fn response_wrappers_render_as_json() {
+        let resp = tether::v1::EnqueueJobResponse { job: Some(sample_job()), created: true };
+        let v: serde_json::Value = serde_json::from_str(&to_json(&resp).expect("renders")).expect("valid JSON");
+        assert_eq!(v["created"], true);
+        assert_eq!(v["job"]["id"], "job-1");
+        let empty = tether::v1::ListQueuedJobsResponse::default();
+        assert_eq!(to_json(&empty).expect("renders"), "{}");
+    }
+
+    #[test]
+    fn every_named_message_is_in_the_descriptor_set() {
+        let pool = descriptor_pool().expect("decodes");
+        for name in [
+            <QueuedJob as ProtoName>::FULL_NAME,
+            <Agent as ProtoName>::FULL_NAME,
+            <tether::v1::DeregisterAgentResponse as ProtoName>::FULL_NAME,
+            <tether::v1::WatchQueueResponse as ProtoName>::FULL_NAME,
+        ] {
+            assert!(pool.get_message_by_name(name).is_some(), "{name}");
+        }
+    }
+
+    #[test]
+    fn job_table_has_the_expected_columns() {
+        let mut out = Vec::new();
+        write_jobs_table(&mut out, &[sample_job()], now()).expect("writes");
+        let text = String::from_utf8(out).expect("utf8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        let header: Vec<&str> = lines[0].split_whitespace().collect();
+        assert_eq!(header, ["ID", "QUEUE", "STATE", "PRIORITY", "ATTEMPT", "AGE", "WORKER"]);
+        let row: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(row, ["job-1", "builds", "running", "high", "1/3", "5m12s", "agent-9"]);
+    }
+
+    #[test]
+    fn job_details_show_payload_text_and_times() {
+        let mut job = sample_job();
+        job.result = bytes::Bytes::from_static(&[0, 159, 146, 150]);
+        let mut out = Vec::new();
+        write_job_details(&mut out, &job, now()).expect("writes");
+        let text = String::from_utf8(out).expect("utf8");
+        assert!(text.contains(r#"{"command":"echo hi"}"#), "{text}");
+        assert!(text.contains("<4 bytes of binary data"), "{text}");
+        assert!(text.contains("arch=arm64"), "{text}");
+        assert!(text.contains("2030-01-02T03:04:30Z (in 25s)"), "{text}");
+        assert!(text.contains("Timeout:"), "{text}");
+        assert!(!text.contains("Idempotency key"), "{text}");
+    }
+
+    #[test]
+    fn stats_are_sorted_and_show_the_oldest_age() {
+        let stats = GetQueueStatsResponse {
+            by_state: vec![
+                StateCount { state: QueuedJobState::Running as i32, count: 2 },
+                StateCount { state: QueuedJobState::Queued as i32, count: 5 },
+            ],
+            queued_by_priority: vec![
+                PriorityCount { priority: Priority::Low as i32, count: 1 },
+                PriorityCount { priority: Priority::Critical as i32, count: 4 },
+            ],
+            oldest_queued_age: Some(prost_types::Duration { seconds: 90, nanos: 0 }),
+        };
+        let mut out = Vec::new();
+        write_stats(&mut out, &stats).expect("writes");
+        let text = String::from_utf8(out).expect("utf8");
+        let queued = text.find("queued").expect("queued row");
+        let running = text.find("running").expect("running row");
+        assert!(queued < running, "{text}");
+        let critical = text.find("critical").expect("critical row");
+        let low = text.find("low").expect("low row");
+        assert!(critical < low, "{text}");
+        assert!(text.ends_with("Oldest queued: 1m30s\n"), "{text}");
+    }
+
+    #[test]
+    fn agent_tables_render() {
+        let agent = Agent {
+            id: "a-1".into(),
+            name: "runner-1".into(),
+            pool: "linux".into(),
+            slots: 4,
+            health: AgentHealth::Healthy as i32,
+            scheduling_status: AgentSchedulingStatus::Cordoned as i32,
+            connected: true,
+            running_jobs: vec![JobRef { job_id: "job-1".into(), attempt: 2, fencing_token: 9 }],
+            metrics: Some(AgentMetrics {
+                cpu_percent: 12.5,
+                memory_used_bytes: 3 << 30,
+                memory_total_bytes: 8 << 30,
+                ..Default::default()
+            }),
+            last_seen_time: ts(NOW_SECS - 3),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        write_agents_table(&mut out, std::slice::from_ref(&agent), now()).expect("writes");
+        let text = String::from_utf8(out).expect("utf8");
+        let row: Vec<&str> = text.lines().nth(1).expect("row").split_whitespace().collect();
+        assert_eq!(row, ["a-1", "runner-1", "linux", "healthy", "cordoned", "4", "1", "yes", "3s"]);
+        let mut out = Vec::new();
+        write_agent_details(&mut out, &agent, now()).expect("writes");
+        let text = String::from_utf8(out).expect("utf8");
+        assert!(text.contains("job-1 (attempt 2)"), "{text}");
+        assert!(text.contains("3.0 GiB / 8.0 GiB"), "{text}");
+        assert!(text.contains("12.5%"), "{text}");
+    }
+
+    #[test]
+    fn unknown_enum_values_are_not_mislabelled() {
+        assert_eq!(state_name(42), "unknown(42)");
+        assert_eq!(priority_name(-1), "unknown(-1)");
+        assert_eq!(health_name(99), "unknown(99)");
+        assert_eq!(scheduling_status_name(99), "unknown(99)");
+    }
+
+    #[test]
+    fn small_formatters() {
+        assert_eq!(format_age(Duration::from_millis(250)), "250ms");
+        assert_eq!(format_age(Duration::from_secs(42)), "42s");
+        assert_eq!(format_age(Duration::from_secs(300)), "5m");
+        assert_eq!(format_age(Duration::from_secs(3 * 3600 + 240)), "3h4m");
+        assert_eq!(format_age(Duration::from_secs(2 * 86_400 + 3 * 3600)), "2d3h");
+        assert_eq!(format_size(512), "512 B");
+        assert_eq!(format_size(1536), "1.5 KiB");
+        assert_eq!(format_duration(&prost_types::Duration { seconds: 90, nanos: 0 }), "1m30s");
+        assert_eq!(format_bytes_field(b"line 1\nline 2"), "line 1\nline 2");
+        assert!(format_bytes_field(b"\x1b[31mred").starts_with("<8 bytes"));
+    }
+}

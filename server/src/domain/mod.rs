@@ -1,0 +1,14 @@
+//! Domain types shared by the engine, the store and the gRPC layer. Nothing
+//! here knows about tonic or about a particular store.
+
+pub mod agent;
+pub mod error;
+pub mod job;
+pub mod validate;
+
+pub use agent::{Agent, Health, Metrics, SchedulingStatus};
+pub use error::{DomainError, DomainResult};
+pub use job::{AttemptRef, Job, JobSpec, JobState, Priority, Routing};
+
+/// The pool used when none is named.
+pub const DEFAULT_POOL: &str = "default";

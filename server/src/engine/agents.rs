@@ -1,0 +1,495 @@
+//! Agent operations of the engine: sessions (Hello, reconnect and resume),
+//! credit-based dispatch, heartbeats, reports, drain and deregistration.
+
+use std::collections::HashSet;
+use std::time::SystemTime;
+
+use tokio::sync::mpsc;
+
+use super::core::{AgentEntry, Engine, Session};
+use super::types::{AgentInbound, AgentPage, AgentPush, AgentView, HelloInfo, MetricsSample, Outcome, WelcomeInfo};
+use super::AgentListFilter;
+use crate::domain::{Agent, AttemptRef, DomainError, DomainResult, Health, JobState, Routing, SchedulingStatus};
+use crate::store::Write;
+
+impl Engine {
+    /// The agent that should get a job with `routing` now: one that takes
+    /// work and matches, healthy before degraded, most free slots first.
+    pub fn pick_agent(&self, routing: &Routing) -> Option<String> {
+        let ids = self.pool_agents.get(&routing.pool)?;
+        ids.iter()
+            .filter_map(|id| self.agents.get(id))
+            .filter(|a| a.takes_work() && routing.matches(&a.agent.pool, &a.agent.labels))
+            .max_by_key(|a| (a.agent.health != Health::Degraded, a.free_slots()))
+            .map(|a| a.agent.id.clone())
+    }
+
+    /// Gives an agent ready jobs until its slots are full.
+    pub async fn fill_agent(&mut self, agent_id: &str) {
+        loop {
+            let Some(entry) = self.agents.get(agent_id) else { return };
+            if !entry.takes_work() {
+                return;
+            }
+            let Some(id) = self.ready.first_match(&entry.agent.pool, &entry.agent.labels, None).map(|e| e.id.clone())
+            else {
+                return;
+            };
+            match self.take_ready(&id).await {
+                Ok(job) => self.assign(job, agent_id),
+                Err(e) => tracing::error!(job = %id, error = %e, "skipping unreadable queued job"),
+            }
+        }
+    }
+
+    /// Offers a pool's ready jobs to its agents.
+    pub async fn dispatch_pool(&mut self, pool: &str) {
+        let ids = self.pool_agents.get(pool).cloned().unwrap_or_default();
+        for id in ids {
+            if self.ready.ready_in_pool(pool) == 0 {
+                return;
+            }
+            self.fill_agent(&id).await;
+        }
+    }
+
+    fn new_agent(&mut self, hello: &HelloInfo) -> String {
+        let now = self.clock.now();
+        let agent = Agent {
+            id: uuid::Uuid::now_v7().to_string(),
+            name: hello.name.clone(),
+            pool: hello.pool.clone(),
+            labels: hello.labels.clone(),
+            slots: hello.slots,
+            health: Health::Registering,
+            scheduling: SchedulingStatus::Active,
+            version: hello.version.clone(),
+            create_time: now,
+            last_seen_time: now,
+            metrics: Default::default(),
+        };
+        let id = agent.id.clone();
+        self.agent_names.insert((agent.pool.clone(), agent.name.clone()), id.clone());
+        self.pool_agents.entry(agent.pool.clone()).or_default().push(id.clone());
+        self.agents.insert(id.clone(), AgentEntry::new(agent));
+        id
+    }
+
+    fn save_agent(&mut self, id: &str) {
+        if let Some(entry) = self.agents.get(id) {
+            self.persist_other(Write::PutAgent(Box::new(entry.agent.clone())));
+        }
+    }
+
+    pub fn register(&mut self, hello: HelloInfo) -> (AgentView, bool) {
+        let existing = self.agent_names.get(&(hello.pool.clone(), hello.name.clone())).cloned();
+        let (id, created) = match existing {
+            Some(id) => (id, false),
+            None => (self.new_agent(&hello), true),
+        };
+        if created {
+            self.save_agent(&id);
+        }
+        let view = self.agent_view(&id);
+        match view {
+            Ok(view) => (view, created),
+            Err(_) => unreachable_view(&id),
+        }
+    }
+
+    pub async fn connect(
+        &mut self,
+        hello: HelloInfo,
+        pushes: mpsc::UnboundedSender<AgentPush>,
+    ) -> DomainResult<WelcomeInfo> {
+        let now = self.clock.now();
+        let id = match self.agent_names.get(&(hello.pool.clone(), hello.name.clone())) {
+            Some(id) => id.clone(),
+            None => self.new_agent(&hello),
+        };
+        let session_id = self.next_session;
+        self.next_session += 1;
+        let grace = self.config.reconnect_grace;
+        let Some(entry) = self.agents.get_mut(&id) else {
+            return Err(DomainError::Internal(format!("agent {id} vanished")));
+        };
+        if let Some(at) = entry.disconnected_at.take() {
+            self.grace.remove(&(at + grace, id.clone()));
+        }
+        entry.agent.labels = hello.labels.clone();
+        entry.agent.slots = hello.slots;
+        entry.agent.version = hello.version.clone();
+        entry.agent.last_seen_time = now;
+        entry.agent.health = Health::Registering;
+        entry.session = Some(Session { id: session_id, pushes });
+        entry.accepting = true;
+        if entry.agent.scheduling == SchedulingStatus::Draining && hello.running.is_empty() {
+            // A drained agent that comes back with nothing running starts over.
+            entry.agent.scheduling = SchedulingStatus::Active;
+        }
+        entry.draining = entry.agent.scheduling == SchedulingStatus::Draining;
+        let draining = entry.draining;
+
+        // Reconcile what the agent says it runs with what it holds.
+        let listed: HashSet<u64> = hello.running.iter().map(|r| r.fencing_token).collect();
+        let mut resumed = Vec::new();
+        let mut abandoned = Vec::new();
+        for r in &hello.running {
+            let held = entry.in_flight.get(&r.fencing_token).is_some_and(|f| f.job_id == r.job_id);
+            let current = self.active.get(&r.job_id).is_some_and(|j| j.is_current(r) && j.worker_id == id);
+            if held && current {
+                resumed.push(r.clone());
+            } else {
+                abandoned.push(r.clone());
+                entry.in_flight.remove(&r.fencing_token);
+            }
+        }
+        let mut resend = Vec::new();
+        let mut lost = Vec::new();
+        for (token, f) in &entry.in_flight {
+            if listed.contains(token) {
+                continue;
+            }
+            let claimed =
+                self.active.get(&f.job_id).is_some_and(|j| j.fencing_token == *token && j.state == JobState::Claimed);
+            if !f.acked && claimed {
+                resend.push(f.job_id.clone());
+            } else {
+                lost.push(*token);
+            }
+        }
+        for token in &resumed {
+            if let Some(f) = entry.in_flight.get_mut(&token.fencing_token) {
+                f.acked = true;
+            }
+        }
+        for token in lost {
+            self.release(&id, token, "the agent reconnected without this job".into());
+        }
+        for job_id in resend {
+            if let Some(job) = self.active.get(&job_id).cloned() {
+                self.push_after_commit(&id, AgentPush::Assign(Box::new(job)));
+            }
+        }
+        for r in &resumed {
+            self.renew_for_agent(r);
+        }
+        self.save_agent(&id);
+        if draining {
+            self.push_after_commit(&id, AgentPush::Drain { reason: "the agent is draining".into() });
+        }
+        self.fill_agent(&id).await;
+        tracing::info!(agent = %id, name = %hello.name, pool = %hello.pool, resumed = resumed.len(), abandoned = abandoned.len(), "agent connected");
+        Ok(WelcomeInfo {
+            agent_id: id,
+            session_id,
+            heartbeat_interval: self.config.heartbeat_interval,
+            lease_duration: crate::domain::validate::DEFAULT_LEASE,
+            reconnect_grace: grace,
+            resumed,
+            abandoned,
+        })
+    }
+
+    /// Renews the lease of a current attempt the agent reports running.
+    fn renew_for_agent(&mut self, r: &AttemptRef) {
+        if self.active.get(&r.job_id).is_some_and(|j| j.is_current(r)) {
+            if let Err(e) = self.renew(r, None) {
+                tracing::debug!(job = %r.job_id, error = %e, "lease not renewed");
+            }
+        }
+    }
+
+    /// Frees an agent's slot for an attempt it no longer runs; a still
+    /// current attempt fails (retryably).
+    fn release(&mut self, agent_id: &str, token: u64, reason: String) {
+        let Some(f) = self.agents.get_mut(agent_id).and_then(|a| a.in_flight.remove(&token)) else {
+            return;
+        };
+        if self.active.get(&f.job_id).is_some_and(|j| j.fencing_token == token) {
+            if let Some(job) = self.take_active(&f.job_id) {
+                self.fail_attempt(job, reason, true);
+            }
+        }
+    }
+
+    pub async fn inbound(&mut self, agent_id: &str, session_id: u64, message: AgentInbound) {
+        let Some(entry) = self.agents.get_mut(agent_id) else { return };
+        if entry.session.as_ref().map(|s| s.id) != Some(session_id) {
+            return; // a message from a replaced session
+        }
+        let now = self.clock.now();
+        entry.agent.last_seen_time = now;
+        match message {
+            AgentInbound::Heartbeat { metrics, running, draining } => {
+                entry.agent.metrics = metrics;
+                entry.history.push_back(MetricsSample { time: now, metrics });
+                while entry.history.len() > self.config.metrics_history {
+                    entry.history.pop_front();
+                }
+                let mut changed = false;
+                if matches!(entry.agent.health, Health::Registering | Health::Degraded | Health::Offline) {
+                    entry.agent.health = Health::Healthy;
+                    changed = true;
+                }
+                if draining && !entry.draining {
+                    entry.draining = true;
+                    entry.agent.scheduling = SchedulingStatus::Draining;
+                    changed = true;
+                }
+                let was_accepting = std::mem::replace(&mut entry.accepting, true);
+                let owned: Vec<AttemptRef> =
+                    running.into_iter().filter(|r| entry.in_flight.contains_key(&r.fencing_token)).collect();
+                for r in &owned {
+                    self.renew_for_agent(r);
+                }
+                if changed {
+                    self.save_agent(agent_id);
+                }
+                if changed || !was_accepting {
+                    self.fill_agent(agent_id).await;
+                }
+            }
+            AgentInbound::AssignmentAck { job, accepted, reason } => {
+                if accepted {
+                    if let Some(f) = entry.in_flight.get_mut(&job.fencing_token) {
+                        f.acked = true;
+                    }
+                    return;
+                }
+                entry.in_flight.remove(&job.fencing_token);
+                entry.accepting = false;
+                if self.active.get(&job.job_id).is_some_and(|j| j.is_current(&job)) {
+                    if let Some(mut claimed) = self.take_active(&job.job_id) {
+                        // A rejection does not use up an attempt.
+                        claimed.state = JobState::Queued;
+                        claimed.attempt -= 1;
+                        claimed.lease_expire_time = None;
+                        claimed.run_deadline = None;
+                        claimed.ready_time = now;
+                        claimed.last_error = format!("rejected by agent {agent_id}: {reason}");
+                        self.persist(&mut claimed, Some(JobState::Claimed));
+                        self.place(claimed).await;
+                    }
+                }
+            }
+            AgentInbound::Started { job } => {
+                let ack = if entry.in_flight.contains_key(&job.fencing_token) {
+                    self.start_attempt(&job).map(|_| ())
+                } else {
+                    Err(DomainError::FailedPrecondition("the attempt is not assigned to this agent".into()))
+                };
+                self.ack(agent_id, job, ack);
+            }
+            AgentInbound::Progress { job, percent, message } => {
+                tracing::debug!(job = %job.job_id, percent, %message, "job progress");
+            }
+            AgentInbound::Log { job, stderr, data, sequence } => {
+                if entry.in_flight.contains_key(&job.fencing_token) {
+                    self.persist_other(Write::AppendLog(crate::store::LogChunk {
+                        job_id: job.job_id,
+                        attempt: job.attempt,
+                        sequence,
+                        stderr,
+                        data,
+                        time: now,
+                    }));
+                }
+            }
+            AgentInbound::Finished { job, outcome, result, error } => {
+                let had_slot = entry.in_flight.remove(&job.fencing_token).is_some();
+                let current = self.active.get(&job.job_id).is_some_and(|j| j.is_current(&job));
+                let ack = if current {
+                    match outcome {
+                        Outcome::Succeeded => self.complete_attempt(&job, result).map(|_| ()),
+                        Outcome::FailedRetryable => self.fail_reported(&job, error, true).map(|_| ()),
+                        Outcome::FailedPermanent => self.fail_reported(&job, error, false).map(|_| ()),
+                        Outcome::Cancelled => {
+                            self.fail_reported(&job, format!("cancelled by the agent: {error}"), true).map(|_| ())
+                        }
+                    }
+                } else {
+                    self.check_finished_duplicate(&job, outcome).await
+                };
+                self.ack(agent_id, job, ack);
+                if had_slot {
+                    self.fill_agent(agent_id).await;
+                }
+            }
+        }
+    }
+
+    /// A result for an attempt that is no longer active: accepted if it is a
+    /// re-send of the success already recorded, refused otherwise.
+    async fn check_finished_duplicate(&self, r: &AttemptRef, outcome: Outcome) -> DomainResult<()> {
+        match self.store.get_job(&r.job_id).await {
+            Ok(Some(job))
+                if job.fencing_token == r.fencing_token
+                    && job.attempt == r.attempt
+                    && outcome == Outcome::Succeeded
+                    && job.state == JobState::Succeeded =>
+            {
+                Ok(())
+            }
+            Ok(Some(job)) => Err(DomainError::FailedPrecondition(format!(
+                "attempt {} (fencing token {}) is no longer current: the job is {:?} at attempt {}",
+                r.attempt, r.fencing_token, job.state, job.attempt
+            ))),
+            Ok(None) => Err(DomainError::job_not_found(&r.job_id)),
+            Err(e) => Err(super::store_error(e)),
+        }
+    }
+
+    fn ack(&mut self, agent_id: &str, job: AttemptRef, result: DomainResult<()>) {
+        let (accepted, reason) = match result {
+            Ok(()) => (true, String::new()),
+            Err(e) => (false, e.to_string()),
+        };
+        self.push_after_commit(agent_id, AgentPush::UpdateAck { job, accepted, reason });
+    }
+
+    pub fn disconnected(&mut self, agent_id: &str, session_id: u64) {
+        let now = self.clock.now();
+        let grace = self.config.reconnect_grace;
+        let Some(entry) = self.agents.get_mut(agent_id) else { return };
+        if entry.session.as_ref().map(|s| s.id) != Some(session_id) {
+            return;
+        }
+        entry.session = None;
+        entry.disconnected_at = Some(now);
+        entry.agent.last_seen_time = now;
+        self.grace.insert((now + grace, agent_id.to_string()));
+        tracing::info!(agent = %agent_id, running = entry.in_flight.len(), "agent stream closed; grace period started");
+    }
+
+    /// Agents gone longer than the grace period lose their jobs and go
+    /// offline.
+    pub async fn expire_grace(&mut self, now: SystemTime) {
+        let grace = self.config.reconnect_grace;
+        while let Some((t, id)) = self.grace.first().cloned() {
+            if t > now {
+                break;
+            }
+            self.grace.remove(&(t, id.clone()));
+            let Some(entry) = self.agents.get_mut(&id) else { continue };
+            let expired = entry.session.is_none() && entry.disconnected_at.is_some_and(|d| d + grace <= now);
+            if !expired {
+                continue;
+            }
+            entry.disconnected_at = None;
+            if entry.agent.health != Health::Terminated {
+                entry.agent.health = Health::Offline;
+            }
+            let tokens: Vec<u64> = entry.in_flight.keys().copied().collect();
+            let name = entry.agent.name.clone();
+            for token in tokens {
+                self.release(
+                    &id,
+                    token,
+                    format!("agent {name} lost: its stream closed and it did not return within {grace:?}"),
+                );
+            }
+            self.save_agent(&id);
+            tracing::info!(agent = %id, "agent offline after grace period");
+        }
+    }
+
+    pub fn agent_view(&self, id: &str) -> DomainResult<AgentView> {
+        let entry = self.agents.get(id).ok_or_else(|| DomainError::agent_not_found(id))?;
+        let mut running: Vec<AttemptRef> = entry
+            .in_flight
+            .iter()
+            .map(|(token, f)| AttemptRef { job_id: f.job_id.clone(), attempt: f.attempt, fencing_token: *token })
+            .collect();
+        running.sort();
+        Ok(AgentView {
+            agent: entry.agent.clone(),
+            connected: entry.session.is_some(),
+            running,
+            metrics_history: entry.history.iter().cloned().collect(),
+        })
+    }
+
+    pub fn list_agents(&self, filter: &AgentListFilter) -> AgentPage {
+        let mut ids: Vec<&String> = self
+            .agents
+            .iter()
+            .filter(|(id, e)| {
+                filter.after_id.as_ref().is_none_or(|a| *id > a)
+                    && filter.pool.as_ref().is_none_or(|p| *p == e.agent.pool)
+                    && (filter.health.is_empty() || filter.health.contains(&e.agent.health))
+                    && filter.labels.iter().all(|(k, v)| e.agent.labels.get(k) == Some(v))
+            })
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort();
+        let more = ids.len() > filter.limit;
+        ids.truncate(filter.limit);
+        let agents: Vec<AgentView> = ids.iter().filter_map(|id| self.agent_view(id).ok()).collect();
+        let next_after = if more { agents.last().map(|a| a.agent.id.clone()) } else { None };
+        AgentPage { agents, next_after }
+    }
+
+    pub fn drain(&mut self, id: &str, reason: String) -> DomainResult<AgentView> {
+        let entry = self.agents.get_mut(id).ok_or_else(|| DomainError::agent_not_found(id))?;
+        if entry.agent.health == Health::Terminated {
+            return Err(DomainError::FailedPrecondition(format!("agent {id} is deregistered")));
+        }
+        entry.agent.scheduling = SchedulingStatus::Draining;
+        entry.draining = true;
+        let reason = if reason.is_empty() { "drained by operator".to_string() } else { reason };
+        self.save_agent(id);
+        self.push_after_commit(id, AgentPush::Drain { reason });
+        self.agent_view(id)
+    }
+
+    pub fn deregister(&mut self, id: &str) -> DomainResult<AgentView> {
+        let entry = self.agents.get_mut(id).ok_or_else(|| DomainError::agent_not_found(id))?;
+        if entry.agent.health == Health::Terminated {
+            return self.agent_view(id);
+        }
+        entry.agent.health = Health::Terminated;
+        entry.draining = true;
+        if let Some(session) = entry.session.take() {
+            let _ = session.pushes.send(AgentPush::Drain { reason: "the agent was deregistered".into() });
+        }
+        let (pool, name) = (entry.agent.pool.clone(), entry.agent.name.clone());
+        let tokens: Vec<u64> = entry.in_flight.keys().copied().collect();
+        for token in tokens {
+            self.release(id, token, "the agent was deregistered".into());
+        }
+        self.agent_names.remove(&(pool.clone(), name));
+        if let Some(ids) = self.pool_agents.get_mut(&pool) {
+            ids.retain(|a| a != id);
+        }
+        self.save_agent(id);
+        self.agent_view(id)
+    }
+}
+
+fn unreachable_view(id: &str) -> (AgentView, bool) {
+    // register() inserts the agent before viewing it; keep a typed fallback
+    // rather than a panic.
+    tracing::error!(agent = %id, "registered agent missing from the registry");
+    (
+        AgentView {
+            agent: Agent {
+                id: id.to_string(),
+                name: String::new(),
+                pool: String::new(),
+                labels: Default::default(),
+                slots: 0,
+                health: Health::Offline,
+                scheduling: SchedulingStatus::Active,
+                version: String::new(),
+                create_time: SystemTime::UNIX_EPOCH,
+                last_seen_time: SystemTime::UNIX_EPOCH,
+                metrics: Default::default(),
+            },
+            connected: false,
+            running: Vec::new(),
+            metrics_history: Vec::new(),
+        },
+        false,
+    )
+}

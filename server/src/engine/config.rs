@@ -1,0 +1,33 @@
+//! Engine settings.
+
+use std::time::Duration;
+
+/// Timing and limits of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// How often agents must heartbeat.
+    pub heartbeat_interval: Duration,
+    /// How long a disconnected agent keeps its jobs.
+    pub reconnect_grace: Duration,
+    /// First retry backoff; doubles per attempt.
+    pub backoff_base: Duration,
+    /// Longest retry backoff.
+    pub backoff_max: Duration,
+    /// Recent metrics samples kept per agent.
+    pub metrics_history: usize,
+    /// Commands the engine queue holds before callers wait.
+    pub command_capacity: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            heartbeat_interval: Duration::from_secs(5),
+            reconnect_grace: Duration::from_secs(15),
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            metrics_history: 60,
+            command_capacity: 65_536,
+        }
+    }
+}

@@ -1,0 +1,536 @@
+//! The engine task: its state, its loop, and the group-commit machinery
+//! that makes every effect wait for the writes it depends on.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::config::EngineConfig;
+use super::ready::{ReadyEntry, ReadySet};
+use super::types::{AgentPush, JobEvent, MetricsSample};
+use super::Command;
+use crate::clock::Clock;
+use crate::domain::{Agent, DomainError, DomainResult, Health, Job, JobState, Priority};
+use crate::store::{Store, StoreError, StoreResult, Write, WriteOutcome, COUNTER_FENCING, COUNTER_SEQ};
+
+/// Something to do once the batch it belongs to is durable.
+pub(crate) enum Effect {
+    Reply(Box<dyn FnOnce(DomainResult<()>) + Send + Sync>),
+    Push { agent_id: String, session_id: u64, push: AgentPush },
+    Event(JobEvent),
+}
+
+/// Writes not yet handed to the store, and their effects.
+#[derive(Default)]
+pub(crate) struct Pending {
+    pub writes: Vec<Write>,
+    /// Index in `writes` of the write of each job, to coalesce transitions
+    /// of one job within a batch into one write.
+    pub by_job: HashMap<String, usize>,
+    pub effects: Vec<Effect>,
+    pub max_seq: u64,
+    pub max_token: u64,
+}
+
+/// An agent session: the sender of its pushes.
+pub(crate) struct Session {
+    pub id: u64,
+    pub pushes: mpsc::UnboundedSender<AgentPush>,
+}
+
+/// An attempt assigned to an agent and not yet reported finished.
+#[derive(Debug, Clone)]
+pub(crate) struct InFlight {
+    pub job_id: String,
+    pub attempt: u32,
+    pub acked: bool,
+}
+
+/// An agent with its live state.
+pub(crate) struct AgentEntry {
+    pub agent: Agent,
+    pub session: Option<Session>,
+    /// Fencing token -> attempt, for every attempt that holds a slot.
+    pub in_flight: HashMap<u64, InFlight>,
+    /// Draining (operator order or the agent's own): no new work.
+    pub draining: bool,
+    /// False after the agent rejected an assignment, until its next heartbeat.
+    pub accepting: bool,
+    pub disconnected_at: Option<SystemTime>,
+    pub history: VecDeque<MetricsSample>,
+}
+
+impl AgentEntry {
+    pub fn free_slots(&self) -> usize {
+        (self.agent.slots as usize).saturating_sub(self.in_flight.len())
+    }
+
+    /// Whether the dispatcher may give it new work now.
+    pub fn takes_work(&self) -> bool {
+        self.session.is_some()
+            && self.accepting
+            && !self.draining
+            && self.agent.scheduling == crate::domain::SchedulingStatus::Active
+            && matches!(self.agent.health, Health::Registering | Health::Healthy | Health::Degraded)
+            && self.free_slots() > 0
+    }
+}
+
+pub(crate) struct Engine {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub config: EngineConfig,
+    pub events: broadcast::Sender<JobEvent>,
+    serving: watch::Sender<bool>,
+    pub next_seq: u64,
+    pub next_token: u64,
+    pub ready: ReadySet,
+    /// Claimed and running jobs, full records.
+    pub active: HashMap<String, Job>,
+    /// (lease end or run deadline, job id) of every active job.
+    pub deadlines: BTreeSet<(SystemTime, String)>,
+    /// Jobs per (queue, state, priority).
+    pub counts: HashMap<(String, JobState, Priority), u64>,
+    pub agents: HashMap<String, AgentEntry>,
+    /// Live (not terminated) agents by (pool, name).
+    pub agent_names: HashMap<(String, String), String>,
+    /// Live agent ids per pool.
+    pub pool_agents: HashMap<String, Vec<String>>,
+    /// (grace end, agent id) of disconnected agents holding jobs.
+    pub grace: BTreeSet<(SystemTime, String)>,
+    pub next_session: u64,
+    /// Idempotency keys of created jobs whose batch is not yet committed.
+    pub uncommitted_keys: HashMap<(String, String), (String, u64)>,
+    pub pending: Pending,
+    /// Number of the batch `pending` will become.
+    pub batch_no: u64,
+    in_flight_effects: Vec<Effect>,
+    failed: Option<String>,
+}
+
+type CommitFuture = BoxFuture<'static, StoreResult<Vec<WriteOutcome>>>;
+
+impl Engine {
+    /// Rebuilds the engine's state from the store, without reading terminal
+    /// jobs or the payloads of queued ones.
+    pub async fn load(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: EngineConfig,
+        events: broadcast::Sender<JobEvent>,
+        serving: watch::Sender<bool>,
+    ) -> Result<Engine, StoreError> {
+        let now = clock.now();
+        let next_seq = store.counter(COUNTER_SEQ).await? + 1;
+        let next_token = store.counter(COUNTER_FENCING).await? + 1;
+        let mut counts = HashMap::new();
+        for row in store.counts().await? {
+            counts.insert((row.queue, row.state, row.priority), row.count);
+        }
+        let mut ready = ReadySet::default();
+        for entry in store.load_queued().await? {
+            ready.insert(ReadyEntry::from_stored(entry), now);
+        }
+        let mut engine = Engine {
+            store: store.clone(),
+            clock,
+            config,
+            events,
+            serving,
+            next_seq,
+            next_token,
+            ready,
+            active: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            counts,
+            agents: HashMap::new(),
+            agent_names: HashMap::new(),
+            pool_agents: HashMap::new(),
+            grace: BTreeSet::new(),
+            next_session: 1,
+            uncommitted_keys: HashMap::new(),
+            pending: Pending::default(),
+            batch_no: 1,
+            in_flight_effects: Vec::new(),
+            failed: None,
+        };
+        let mut after: Option<String> = None;
+        loop {
+            let page = store.list_agents(&Default::default(), after.as_deref(), 1000).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            for mut agent in page {
+                if agent.health != Health::Terminated {
+                    agent.health = Health::Offline;
+                    engine.agent_names.insert((agent.pool.clone(), agent.name.clone()), agent.id.clone());
+                    engine.pool_agents.entry(agent.pool.clone()).or_default().push(agent.id.clone());
+                }
+                engine.agents.insert(agent.id.clone(), AgentEntry::new(agent));
+            }
+        }
+        // Active jobs keep their leases, extended by the reconnect grace so
+        // their agents can come back and resume them after a restart.
+        for mut job in store.load_active().await? {
+            let floor = now + engine.config.reconnect_grace;
+            job.lease_expire_time = Some(job.lease_expire_time.map_or(floor, |t| t.max(floor)));
+            if let Some(entry) = engine.agents.get_mut(&job.worker_id) {
+                entry
+                    .in_flight
+                    .insert(job.fencing_token, InFlight { job_id: job.id.clone(), attempt: job.attempt, acked: true });
+                if entry.disconnected_at.is_none() {
+                    entry.disconnected_at = Some(now);
+                    engine.grace.insert((now + engine.config.reconnect_grace, entry.agent.id.clone()));
+                }
+            }
+            engine.track_deadline(&job, None);
+            engine.active.insert(job.id.clone(), job);
+        }
+        tracing::info!(
+            queued = engine.ready.len(),
+            active = engine.active.len(),
+            agents = engine.agents.len(),
+            "engine state loaded"
+        );
+        Ok(engine)
+    }
+
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut committing: Option<JoinHandle<StoreResult<Vec<WriteOutcome>>>> = None;
+        let mut shutdown: Option<tokio::sync::oneshot::Sender<()>> = None;
+        loop {
+            if committing.is_none() {
+                committing = self.submit();
+            }
+            if let Some(reply) = shutdown.take() {
+                if committing.is_none() && self.pending.writes.is_empty() {
+                    let _ = self.serving.send(false);
+                    let _ = reply.send(());
+                    return;
+                }
+                shutdown = Some(reply);
+            }
+            let wake = self.next_wake();
+            let sleep = match wake {
+                Some(t) if shutdown.is_none() => self.clock.sleep_until(t),
+                _ => futures::future::pending().boxed(),
+            };
+            tokio::select! {
+                biased;
+                done = wait_commit(&mut committing) => {
+                    committing = None;
+                    self.finish_commit(done);
+                }
+                command = commands.recv(), if shutdown.is_none() => {
+                    let Some(command) = command else { shutdown = Some(tokio::sync::oneshot::channel().0); continue };
+                    if let Command::Shutdown { reply } = command {
+                        let _ = self.serving.send(false);
+                        shutdown = Some(reply);
+                        continue;
+                    }
+                    self.handle(command).await;
+                    // Take what else is queued so it joins the same batch.
+                    for _ in 0..4096 {
+                        match commands.try_recv() {
+                            Ok(Command::Shutdown { reply }) => {
+                                let _ = self.serving.send(false);
+                                shutdown = Some(reply);
+                                break;
+                            }
+                            Ok(command) => self.handle(command).await,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                () = sleep => self.on_timer().await,
+            }
+        }
+    }
+
+    /// Hands the pending batch to the store, or runs its effects at once if
+    /// it has no writes.
+    fn submit(&mut self) -> Option<JoinHandle<StoreResult<Vec<WriteOutcome>>>> {
+        if self.pending.writes.is_empty() {
+            let effects = std::mem::take(&mut self.pending.effects);
+            self.run_effects(effects, Ok(()));
+            return None;
+        }
+        let mut pending = std::mem::take(&mut self.pending);
+        if pending.max_seq > 0 {
+            pending.writes.push(Write::RaiseCounter { name: COUNTER_SEQ, value: pending.max_seq });
+        }
+        if pending.max_token > 0 {
+            pending.writes.push(Write::RaiseCounter { name: COUNTER_FENCING, value: pending.max_token });
+        }
+        self.in_flight_effects = pending.effects;
+        self.batch_no += 1;
+        let store = self.store.clone();
+        let writes = pending.writes;
+        let commit: CommitFuture = Box::pin(async move { store.write(writes).await });
+        Some(tokio::spawn(commit))
+    }
+
+    fn finish_commit(&mut self, done: StoreResult<Vec<WriteOutcome>>) {
+        let committed = self.batch_no - 1;
+        self.uncommitted_keys.retain(|_, (_, batch)| *batch > committed);
+        let effects = std::mem::take(&mut self.in_flight_effects);
+        let result = match done {
+            Ok(outcomes) => match outcomes.iter().find(|o| **o != WriteOutcome::Applied) {
+                None => Ok(()),
+                Some(conflict) => Err(format!("store refused an engine write: {conflict:?}")),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(()) => self.run_effects(effects, Ok(())),
+            Err(reason) => {
+                // The in-memory state is now ahead of the store; refuse all
+                // further writes rather than acknowledge anything unsafe.
+                tracing::error!(%reason, "store commit failed; the engine stops serving writes");
+                let _ = self.serving.send(false);
+                self.failed = Some(reason.clone());
+                self.run_effects(effects, Err(DomainError::Unavailable(reason)));
+            }
+        }
+    }
+
+    fn run_effects(&mut self, effects: Vec<Effect>, result: DomainResult<()>) {
+        for effect in effects {
+            match effect {
+                Effect::Reply(reply) => reply(result.clone()),
+                Effect::Push { agent_id, session_id, push } => {
+                    if result.is_ok() {
+                        self.push_now(&agent_id, session_id, push);
+                    }
+                }
+                Effect::Event(event) => {
+                    if result.is_ok() {
+                        let _ = self.events.send(event);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn push_now(&self, agent_id: &str, session_id: u64, push: AgentPush) {
+        if let Some(session) = self.agents.get(agent_id).and_then(|a| a.session.as_ref()) {
+            if session.id == session_id {
+                let _ = session.pushes.send(push);
+            }
+        }
+    }
+
+    /// Error for write commands once the store failed.
+    pub fn check_writable(&self) -> DomainResult<()> {
+        match &self.failed {
+            Some(reason) => {
+                Err(DomainError::Unavailable(format!("store failed earlier ({reason}); restart the server")))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Replies with `value` once the current batch is durable.
+    pub fn reply_after_commit<T: Send + Sync + 'static>(&mut self, reply: super::Reply<T>, value: DomainResult<T>) {
+        match value {
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+            Ok(value) => self.pending.effects.push(Effect::Reply(Box::new(move |result| {
+                let _ = reply.send(result.map(|()| value));
+            }))),
+        }
+    }
+
+    /// Pushes to an agent session once the current batch is durable.
+    pub fn push_after_commit(&mut self, agent_id: &str, push: AgentPush) {
+        if let Some(session) = self.agents.get(agent_id).and_then(|a| a.session.as_ref()) {
+            self.pending.effects.push(Effect::Push { agent_id: agent_id.to_string(), session_id: session.id, push });
+        }
+    }
+
+    /// Queues the write of a job's new state (coalesced with an earlier write
+    /// of the same job in this batch), updates counts and emits its event.
+    pub fn persist(&mut self, job: &mut Job, previous: Option<JobState>) {
+        let now = self.clock.now();
+        job.update_time = now;
+        job.version += 1;
+        if let Some(prev) = previous {
+            if let Some(n) = self.counts.get_mut(&(job.spec.queue.clone(), prev, job.spec.priority)) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        *self.counts.entry((job.spec.queue.clone(), job.state, job.spec.priority)).or_insert(0) += 1;
+        self.pending.max_seq = self.pending.max_seq.max(job.seq);
+        self.pending.max_token = self.pending.max_token.max(job.fencing_token);
+        match self.pending.by_job.get(&job.id) {
+            Some(&i) => match &mut self.pending.writes[i] {
+                Write::CreateJob(stored) | Write::UpdateJob { job: stored, .. } => **stored = job.clone(),
+                _ => {}
+            },
+            None => {
+                let write = if previous.is_none() {
+                    Write::CreateJob(Box::new(job.clone()))
+                } else {
+                    Write::UpdateJob { job: Box::new(job.clone()), expected_version: job.version - 1 }
+                };
+                self.pending.by_job.insert(job.id.clone(), self.pending.writes.len());
+                self.pending.writes.push(write);
+            }
+        }
+        if self.events.receiver_count() > 0 {
+            self.pending.effects.push(Effect::Event(JobEvent { job: Arc::new(job.clone()), previous }));
+        }
+    }
+
+    /// Queues a non-job write (agents, logs).
+    pub fn persist_other(&mut self, write: Write) {
+        self.pending.writes.push(write);
+    }
+
+    /// Keeps `deadlines` in step with an active job's lease and timeout.
+    pub fn track_deadline(&mut self, job: &Job, old: Option<SystemTime>) {
+        if let Some(old) = old {
+            self.deadlines.remove(&(old, job.id.clone()));
+        }
+        if job.state.is_active() {
+            if let Some(t) = job.next_deadline() {
+                self.deadlines.insert((t, job.id.clone()));
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Option<SystemTime> {
+        [self.ready.next_due(), self.deadlines.first().map(|(t, _)| *t), self.grace.first().map(|(t, _)| *t)]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    async fn on_timer(&mut self) {
+        let now = self.clock.now();
+        if self.failed.is_some() {
+            return;
+        }
+        for pool in self.ready.promote_due(now) {
+            self.dispatch_pool(&pool).await;
+        }
+        self.expire_deadlines(now).await;
+        self.expire_grace(now).await;
+    }
+
+    async fn handle(&mut self, command: Command) {
+        match command {
+            Command::Enqueue { specs, reply } => {
+                let result = match self.check_writable() {
+                    Ok(()) => self.enqueue(specs).await,
+                    Err(e) => Err(e),
+                };
+                self.reply_after_commit(reply, result);
+            }
+            Command::Cancel { id, reason, reply } => {
+                let result = self.guarded(|e| Box::pin(e.cancel(id, reason))).await;
+                self.reply_after_commit(reply, result);
+            }
+            Command::Claim { request, reply } => {
+                let result = self.guarded(|e| Box::pin(e.claim_unary(request))).await;
+                self.reply_after_commit(reply, result);
+            }
+            Command::Start { job, reply } => {
+                let result = self.check_writable().and_then(|()| self.start_attempt(&job));
+                self.reply_after_commit(reply, result);
+            }
+            Command::Complete { job, result: output, reply } => {
+                let result = self.check_writable().and_then(|()| self.complete_attempt(&job, output));
+                self.reply_after_commit(reply, result);
+            }
+            Command::Fail { job, error, retryable, reply } => {
+                let result = self.check_writable().and_then(|()| self.fail_reported(&job, error, retryable));
+                self.reply_after_commit(reply, result);
+            }
+            Command::Renew { job, lease, reply } => {
+                let result = self.check_writable().and_then(|()| self.renew(&job, lease));
+                self.reply_after_commit(reply, result);
+            }
+            Command::Redrive { id, reply } => {
+                let result = self.guarded(|e| Box::pin(e.redrive(id))).await;
+                self.reply_after_commit(reply, result);
+            }
+            Command::Stats { queue, reply } => {
+                let _ = reply.send(Ok(self.stats(queue.as_deref())));
+            }
+            Command::Connect { hello, pushes, reply } => {
+                let result = match self.check_writable() {
+                    Ok(()) => self.connect(hello, pushes).await,
+                    Err(e) => Err(e),
+                };
+                self.reply_after_commit(reply, result);
+            }
+            Command::Inbound { agent_id, session_id, message } => {
+                if self.failed.is_none() {
+                    self.inbound(&agent_id, session_id, message).await;
+                }
+            }
+            Command::Disconnected { agent_id, session_id } => self.disconnected(&agent_id, session_id),
+            Command::RegisterAgent { hello, reply } => {
+                let result = self.check_writable().map(|()| self.register(hello));
+                self.reply_after_commit(reply, result);
+            }
+            Command::GetAgent { id, reply } => {
+                let _ = reply.send(self.agent_view(&id));
+            }
+            Command::ListAgents { filter, reply } => {
+                let _ = reply.send(Ok(self.list_agents(&filter)));
+            }
+            Command::DrainAgent { id, reason, reply } => {
+                let result = self.check_writable().and_then(|()| self.drain(&id, reason));
+                self.reply_after_commit(reply, result);
+            }
+            Command::DeregisterAgent { id, reply } => {
+                let result = self.check_writable().and_then(|()| self.deregister(&id));
+                self.reply_after_commit(reply, result);
+            }
+            Command::Shutdown { reply } => {
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    async fn guarded<'a, T>(
+        &'a mut self,
+        op: impl FnOnce(&'a mut Engine) -> BoxFuture<'a, DomainResult<T>>,
+    ) -> DomainResult<T> {
+        self.check_writable()?;
+        op(self).await
+    }
+}
+
+impl AgentEntry {
+    pub fn new(agent: Agent) -> AgentEntry {
+        AgentEntry {
+            agent,
+            session: None,
+            in_flight: HashMap::new(),
+            draining: false,
+            accepting: true,
+            disconnected_at: None,
+            history: VecDeque::new(),
+        }
+    }
+}
+
+async fn wait_commit(
+    committing: &mut Option<JoinHandle<StoreResult<Vec<WriteOutcome>>>>,
+) -> StoreResult<Vec<WriteOutcome>> {
+    match committing.as_mut() {
+        Some(handle) => match handle.await {
+            Ok(result) => result,
+            Err(e) => Err(StoreError::Io(format!("commit task failed: {e}"))),
+        },
+        None => futures::future::pending().await,
+    }
+}

@@ -1,0 +1,228 @@
+//! The queue engine and dispatcher: one task owns every piece of mutable
+//! scheduling state (ready jobs, leases, agent sessions) and is driven by
+//! commands from the gRPC layer. Its writes are grouped into batches; a
+//! batch is committed while the next one accumulates (group commit), and the
+//! effects of a batch (replies, pushes to agents, watch events) run only once
+//! the batch is durable.
+
+mod agents;
+mod config;
+mod core;
+mod queue;
+mod ready;
+mod types;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+pub use config::EngineConfig;
+pub use types::{
+    AgentInbound, AgentPage, AgentPush, AgentView, ClaimRequest, HelloInfo, JobEvent, MetricsSample, Outcome,
+    QueueStats, WelcomeInfo,
+};
+
+use crate::clock::Clock;
+use crate::domain::{AttemptRef, DomainError, DomainResult, Health, Job, JobSpec};
+use crate::store::{JobFilter, Page, Store, StoreError};
+
+type Reply<T> = oneshot::Sender<DomainResult<T>>;
+
+/// A request to the engine task.
+pub(crate) enum Command {
+    Enqueue { specs: Vec<JobSpec>, reply: Reply<Vec<(Job, bool)>> },
+    Cancel { id: String, reason: String, reply: Reply<Job> },
+    Claim { request: ClaimRequest, reply: Reply<Option<Job>> },
+    Start { job: AttemptRef, reply: Reply<Job> },
+    Complete { job: AttemptRef, result: Bytes, reply: Reply<Job> },
+    Fail { job: AttemptRef, error: String, retryable: bool, reply: Reply<Job> },
+    Renew { job: AttemptRef, lease: Option<Duration>, reply: Reply<Job> },
+    Redrive { id: String, reply: Reply<Job> },
+    Stats { queue: Option<String>, reply: Reply<QueueStats> },
+    Connect { hello: HelloInfo, pushes: mpsc::UnboundedSender<AgentPush>, reply: Reply<WelcomeInfo> },
+    Inbound { agent_id: String, session_id: u64, message: AgentInbound },
+    Disconnected { agent_id: String, session_id: u64 },
+    RegisterAgent { hello: HelloInfo, reply: Reply<(AgentView, bool)> },
+    GetAgent { id: String, reply: Reply<AgentView> },
+    ListAgents { filter: AgentListFilter, reply: Reply<AgentPage> },
+    DrainAgent { id: String, reason: String, reply: Reply<AgentView> },
+    DeregisterAgent { id: String, reply: Reply<AgentView> },
+    Shutdown { reply: oneshot::Sender<()> },
+}
+
+/// Which agents ListAgents returns.
+#[derive(Debug, Clone, Default)]
+pub struct AgentListFilter {
+    pub pool: Option<String>,
+    pub health: Vec<Health>,
+    pub labels: BTreeMap<String, String>,
+    pub after_id: Option<String>,
+    pub limit: usize,
+}
+
+/// Whether the engine can serve: false once the store failed or shutdown
+/// began.
+pub type Serving = watch::Receiver<bool>;
+
+/// A cheap, cloneable handle to the engine task.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    events: broadcast::Sender<JobEvent>,
+    store: Arc<dyn Store>,
+    serving: Serving,
+}
+
+impl EngineHandle {
+    /// Loads the engine's state from `store` and starts its task.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: EngineConfig,
+    ) -> Result<(EngineHandle, JoinHandle<()>), StoreError> {
+        let (commands, receiver) = mpsc::channel(config.command_capacity);
+        let (events, _) = broadcast::channel(8192);
+        let (serving_tx, serving) = watch::channel(true);
+        let engine = core::Engine::load(store.clone(), clock, config, events.clone(), serving_tx).await?;
+        let task = tokio::spawn(engine.run(receiver));
+        Ok((EngineHandle { commands, events, store, serving }, task))
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> DomainResult<T> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(make(reply)).await.map_err(|_| DomainError::Unavailable("the engine has stopped".into()))?;
+        answer.await.map_err(|_| DomainError::Unavailable("the engine has stopped".into()))?
+    }
+
+    pub async fn enqueue(&self, specs: Vec<JobSpec>) -> DomainResult<Vec<(Job, bool)>> {
+        self.call(|reply| Command::Enqueue { specs, reply }).await
+    }
+
+    pub async fn cancel(&self, id: String, reason: String) -> DomainResult<Job> {
+        self.call(|reply| Command::Cancel { id, reason, reply }).await
+    }
+
+    pub async fn claim(&self, request: ClaimRequest) -> DomainResult<Option<Job>> {
+        self.call(|reply| Command::Claim { request, reply }).await
+    }
+
+    pub async fn start_job(&self, job: AttemptRef) -> DomainResult<Job> {
+        self.call(|reply| Command::Start { job, reply }).await
+    }
+
+    pub async fn complete(&self, job: AttemptRef, result: Bytes) -> DomainResult<Job> {
+        self.call(|reply| Command::Complete { job, result, reply }).await
+    }
+
+    pub async fn fail(&self, job: AttemptRef, error: String, retryable: bool) -> DomainResult<Job> {
+        self.call(|reply| Command::Fail { job, error, retryable, reply }).await
+    }
+
+    pub async fn renew(&self, job: AttemptRef, lease: Option<Duration>) -> DomainResult<Job> {
+        self.call(|reply| Command::Renew { job, lease, reply }).await
+    }
+
+    pub async fn redrive(&self, id: String) -> DomainResult<Job> {
+        self.call(|reply| Command::Redrive { id, reply }).await
+    }
+
+    pub async fn stats(&self, queue: Option<String>) -> DomainResult<QueueStats> {
+        self.call(|reply| Command::Stats { queue, reply }).await
+    }
+
+    /// Opens an agent session; pushes for it arrive on `pushes`.
+    pub async fn connect(
+        &self,
+        hello: HelloInfo,
+        pushes: mpsc::UnboundedSender<AgentPush>,
+    ) -> DomainResult<WelcomeInfo> {
+        self.call(|reply| Command::Connect { hello, pushes, reply }).await
+    }
+
+    /// Forwards one message of a session. Waits while the engine is busy,
+    /// which slows the agent's stream down (backpressure).
+    pub async fn inbound(&self, agent_id: String, session_id: u64, message: AgentInbound) -> DomainResult<()> {
+        self.commands
+            .send(Command::Inbound { agent_id, session_id, message })
+            .await
+            .map_err(|_| DomainError::Unavailable("the engine has stopped".into()))
+    }
+
+    /// Tells the engine a session's stream ended.
+    pub async fn disconnected(&self, agent_id: String, session_id: u64) {
+        let _ = self.commands.send(Command::Disconnected { agent_id, session_id }).await;
+    }
+
+    pub async fn register_agent(&self, hello: HelloInfo) -> DomainResult<(AgentView, bool)> {
+        self.call(|reply| Command::RegisterAgent { hello, reply }).await
+    }
+
+    pub async fn get_agent(&self, id: String) -> DomainResult<AgentView> {
+        self.call(|reply| Command::GetAgent { id, reply }).await
+    }
+
+    pub async fn list_agents(&self, filter: AgentListFilter) -> DomainResult<AgentPage> {
+        self.call(|reply| Command::ListAgents { filter, reply }).await
+    }
+
+    pub async fn drain_agent(&self, id: String, reason: String) -> DomainResult<AgentView> {
+        self.call(|reply| Command::DrainAgent { id, reason, reply }).await
+    }
+
+    pub async fn deregister_agent(&self, id: String) -> DomainResult<AgentView> {
+        self.call(|reply| Command::DeregisterAgent { id, reply }).await
+    }
+
+    /// Stops the engine after committing every pending write.
+    pub async fn shutdown(&self) {
+        let (reply, done) = oneshot::channel();
+        if self.commands.send(Command::Shutdown { reply }).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
+    /// Every job state change from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
+        self.events.subscribe()
+    }
+
+    /// Whether the engine serves (false after a store failure or shutdown).
+    pub fn serving(&self) -> Serving {
+        self.serving.clone()
+    }
+
+    /// A job as last acknowledged (read from the store).
+    pub async fn get_job(&self, id: &str) -> DomainResult<Job> {
+        self.store.get_job(id).await.map_err(store_error)?.ok_or_else(|| DomainError::job_not_found(id))
+    }
+
+    pub async fn list_jobs(
+        &self,
+        filter: &JobFilter,
+        before_seq: Option<u64>,
+        limit: usize,
+    ) -> DomainResult<Page<Job>> {
+        self.store.list_jobs(filter, before_seq, limit).await.map_err(store_error)
+    }
+
+    pub async fn list_dead_letters(
+        &self,
+        queue: Option<&str>,
+        after_seq: Option<u64>,
+        limit: usize,
+    ) -> DomainResult<Page<Job>> {
+        self.store.list_dead_letters(queue, after_seq, limit).await.map_err(store_error)
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+}
+
+pub(crate) fn store_error(e: StoreError) -> DomainError {
+    DomainError::Unavailable(e.to_string())
+}

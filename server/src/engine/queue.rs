@@ -1,0 +1,364 @@
+//! Queue operations of the engine: enqueue, claim, fenced transitions,
+//! retries with backoff, expiry, cancel, redrive and statistics.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use rand::Rng;
+
+use super::core::Engine;
+use super::ready::ReadyEntry;
+use super::types::{AgentPush, ClaimRequest, QueueStats};
+use crate::domain::{AttemptRef, DomainError, DomainResult, Job, JobSpec, JobState, Priority};
+
+impl Engine {
+    pub async fn enqueue(&mut self, specs: Vec<JobSpec>) -> DomainResult<Vec<(Job, bool)>> {
+        // First resolve every idempotency key, so that a conflict refuses the
+        // whole batch before anything is written.
+        let mut existing = Vec::with_capacity(specs.len());
+        for (i, spec) in specs.iter().enumerate() {
+            let found = match &spec.idempotency_key {
+                Some(key) => self.find_by_key(&spec.queue, key).await?,
+                None => None,
+            };
+            if let Some(job) = &found {
+                if job.spec != *spec {
+                    return Err(DomainError::AlreadyExists(format!(
+                        "requests[{i}].idempotency_key {:?} is already used in queue {:?} by job {} with a different request",
+                        spec.idempotency_key.as_deref().unwrap_or_default(),
+                        spec.queue,
+                        job.id
+                    )));
+                }
+            }
+            existing.push(found);
+        }
+        let now = self.clock.now();
+        let mut out = Vec::with_capacity(specs.len());
+        for (spec, found) in specs.into_iter().zip(existing) {
+            if let Some(job) = found {
+                out.push((job, false));
+                continue;
+            }
+            // A key repeated within this batch refers to the job made for its
+            // first occurrence.
+            if let Some(key) = &spec.idempotency_key {
+                if let Some(job) = self.find_by_key(&spec.queue, key).await? {
+                    if job.spec != spec {
+                        return Err(DomainError::AlreadyExists(format!(
+                            "idempotency_key {key:?} is used twice in this batch with different requests"
+                        )));
+                    }
+                    out.push((job, false));
+                    continue;
+                }
+            }
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let mut job = Job::new(uuid::Uuid::now_v7().to_string(), seq, spec, now);
+            if let Some(key) = &job.spec.idempotency_key {
+                self.uncommitted_keys.insert((job.spec.queue.clone(), key.clone()), (job.id.clone(), self.batch_no));
+            }
+            self.persist(&mut job, None);
+            out.push((job.clone(), true));
+            self.place(job).await;
+        }
+        Ok(out)
+    }
+
+    /// The job holding an idempotency key, committed or not.
+    async fn find_by_key(&self, queue: &str, key: &str) -> DomainResult<Option<Job>> {
+        if let Some((id, _)) = self.uncommitted_keys.get(&(queue.to_string(), key.to_string())) {
+            return match self.job_in_memory(id) {
+                Some(job) => Ok(Some(job)),
+                None => Err(DomainError::Unavailable(format!("job {id} is being written; retry"))),
+            };
+        }
+        self.store.find_by_idempotency_key(queue, key).await.map_err(super::store_error)
+    }
+
+    fn job_in_memory(&self, id: &str) -> Option<Job> {
+        if let Some(job) = self.active.get(id) {
+            return Some(job.clone());
+        }
+        self.ready.get(id).and_then(|e| e.body.as_deref().cloned())
+    }
+
+    /// Dispatches a queued job to a free agent at once, or keeps it ready.
+    pub async fn place(&mut self, job: Job) {
+        let now = self.clock.now();
+        if job.ready_time <= now {
+            if let Some(agent_id) = self.pick_agent(&job.spec.routing) {
+                self.assign(job, &agent_id);
+                return;
+            }
+        }
+        self.ready.insert(ReadyEntry::from_job(job), now);
+    }
+
+    /// Removes a queued job from the ready set and returns its full record.
+    pub async fn take_ready(&mut self, id: &str) -> DomainResult<Job> {
+        let entry = self.ready.remove(id).ok_or_else(|| DomainError::job_not_found(id))?;
+        if let Some(body) = entry.body {
+            return Ok(*body);
+        }
+        match self.store.get_job(id).await.map_err(super::store_error)? {
+            Some(job) if job.state == JobState::Queued => Ok(job),
+            Some(job) => Err(DomainError::Internal(format!("job {id} was indexed as queued but is {:?}", job.state))),
+            None => Err(DomainError::Internal(format!("job {id} was indexed as queued but is missing"))),
+        }
+    }
+
+    /// Leases a queued job to a worker as a new attempt.
+    pub fn claim(&mut self, mut job: Job, worker_id: &str) -> Job {
+        let now = self.clock.now();
+        job.state = JobState::Claimed;
+        job.attempt += 1;
+        job.fencing_token = self.next_token;
+        self.next_token += 1;
+        job.worker_id = worker_id.to_string();
+        job.lease_expire_time = Some(now + job.spec.lease_duration);
+        job.run_deadline = job.spec.timeout.map(|t| now + t);
+        self.persist(&mut job, Some(JobState::Queued));
+        self.track_deadline(&job, None);
+        self.active.insert(job.id.clone(), job.clone());
+        job
+    }
+
+    /// Claims a job for a connected agent and pushes the assignment once the
+    /// claim is durable.
+    pub fn assign(&mut self, job: Job, agent_id: &str) {
+        let job = self.claim(job, agent_id);
+        if let Some(entry) = self.agents.get_mut(agent_id) {
+            entry.in_flight.insert(
+                job.fencing_token,
+                super::core::InFlight { job_id: job.id.clone(), attempt: job.attempt, acked: false },
+            );
+        }
+        self.push_after_commit(agent_id, AgentPush::Assign(Box::new(job)));
+    }
+
+    pub async fn claim_unary(&mut self, request: ClaimRequest) -> DomainResult<Option<Job>> {
+        // Jobs whose time came but whose timer has not run yet are due too.
+        let now = self.clock.now();
+        self.ready.promote_due(now);
+        loop {
+            let Some(id) =
+                self.ready.first_match(&request.pool, &request.labels, request.queue.as_deref()).map(|e| e.id.clone())
+            else {
+                return Ok(None);
+            };
+            match self.take_ready(&id).await {
+                Ok(job) => return Ok(Some(self.claim(job, &request.worker_id))),
+                Err(e) => tracing::error!(job = %id, error = %e, "skipping unreadable queued job"),
+            }
+        }
+    }
+
+    /// The active job named by `r`, if `r` is its current attempt.
+    fn current(&self, r: &AttemptRef) -> DomainResult<&Job> {
+        match self.active.get(&r.job_id) {
+            Some(job) if job.is_current(r) => Ok(job),
+            Some(job) => Err(stale(r, job)),
+            None => Err(DomainError::FailedPrecondition(format!(
+                "job {} attempt {} (fencing token {}) is not claimed or running; the attempt is over or the job does not exist",
+                r.job_id, r.attempt, r.fencing_token
+            ))),
+        }
+    }
+
+    /// Removes an active job from the active set and its deadline.
+    pub fn take_active(&mut self, id: &str) -> Option<Job> {
+        let job = self.active.remove(id)?;
+        if let Some(t) = job.next_deadline() {
+            self.deadlines.remove(&(t, job.id.clone()));
+        }
+        Some(job)
+    }
+
+    pub fn start_attempt(&mut self, r: &AttemptRef) -> DomainResult<Job> {
+        let job = self.current(r)?;
+        if job.state == JobState::Running {
+            return Ok(job.clone());
+        }
+        let mut job = job.clone();
+        job.state = JobState::Running;
+        self.persist(&mut job, Some(JobState::Claimed));
+        self.active.insert(job.id.clone(), job.clone());
+        Ok(job)
+    }
+
+    pub fn complete_attempt(&mut self, r: &AttemptRef, result: Bytes) -> DomainResult<Job> {
+        self.current(r)?;
+        let Some(mut job) = self.take_active(&r.job_id) else {
+            return Err(DomainError::job_not_found(&r.job_id));
+        };
+        let previous = job.state;
+        job.state = JobState::Succeeded;
+        job.result = result;
+        job.finish_time = Some(self.clock.now());
+        job.lease_expire_time = None;
+        job.run_deadline = None;
+        self.persist(&mut job, Some(previous));
+        Ok(job)
+    }
+
+    pub fn fail_reported(&mut self, r: &AttemptRef, error: String, retryable: bool) -> DomainResult<Job> {
+        self.current(r)?;
+        let Some(job) = self.take_active(&r.job_id) else {
+            return Err(DomainError::job_not_found(&r.job_id));
+        };
+        Ok(self.fail_attempt(job, error, retryable))
+    }
+
+    /// Ends an attempt that failed: requeues the job after a backoff while
+    /// attempts remain, else dead-letters (retryable) or fails it.
+    pub fn fail_attempt(&mut self, mut job: Job, error: String, retryable: bool) -> Job {
+        let now = self.clock.now();
+        let previous = job.state;
+        job.lease_expire_time = None;
+        job.run_deadline = None;
+        job.last_error = error;
+        if retryable && job.attempt < job.spec.max_attempts {
+            job.state = JobState::Queued;
+            job.ready_time = now + self.backoff(job.attempt);
+            self.persist(&mut job, Some(previous));
+            self.ready.insert(ReadyEntry::from_job(job.clone()), now);
+        } else {
+            job.state = if retryable { JobState::DeadLettered } else { JobState::Failed };
+            job.finish_time = Some(now);
+            self.persist(&mut job, Some(previous));
+        }
+        job
+    }
+
+    /// Exponential backoff with jitter: uniform in [d/2, d] where
+    /// d = base * 2^(attempt-1), capped.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exp = attempt.saturating_sub(1).min(30);
+        let full = self.config.backoff_base.saturating_mul(1u32 << exp).min(self.config.backoff_max);
+        let half = full / 2;
+        let jitter_nanos = rand::rng().random_range(0..=half.as_nanos().min(u128::from(u64::MAX)) as u64);
+        half + Duration::from_nanos(jitter_nanos)
+    }
+
+    pub fn renew(&mut self, r: &AttemptRef, lease: Option<Duration>) -> DomainResult<Job> {
+        self.current(r)?;
+        let Some(mut job) = self.take_active(&r.job_id) else {
+            return Err(DomainError::job_not_found(&r.job_id));
+        };
+        let state = job.state;
+        job.lease_expire_time = Some(self.clock.now() + lease.unwrap_or(job.spec.lease_duration));
+        self.persist(&mut job, Some(state));
+        self.track_deadline(&job, None);
+        self.active.insert(job.id.clone(), job.clone());
+        Ok(job)
+    }
+
+    /// Fails every attempt whose lease or timeout has run out.
+    pub async fn expire_deadlines(&mut self, now: SystemTime) {
+        while let Some((t, id)) = self.deadlines.first().cloned() {
+            if t > now {
+                break;
+            }
+            self.deadlines.remove(&(t, id.clone()));
+            let Some(job) = self.take_active(&id) else { continue };
+            let reason = match (job.run_deadline, job.spec.timeout) {
+                (Some(deadline), Some(timeout)) if deadline <= now => {
+                    format!("attempt {} timed out after {:?}", job.attempt, timeout)
+                }
+                _ => format!("attempt {} lease expired (worker {} stopped renewing it)", job.attempt, job.worker_id),
+            };
+            tracing::info!(job = %job.id, %reason, "attempt expired");
+            let attempt = job.attempt_ref();
+            let worker = job.worker_id.clone();
+            self.fail_attempt(job, reason.clone(), true);
+            self.push_after_commit(&worker, AgentPush::Cancel { job: attempt, reason });
+        }
+    }
+
+    pub async fn cancel(&mut self, id: String, reason: String) -> DomainResult<Job> {
+        let reason = if reason.is_empty() { "cancelled by operator".to_string() } else { reason };
+        let mut job = if self.ready.contains(&id) {
+            self.take_ready(&id).await?
+        } else if let Some(job) = self.take_active(&id) {
+            self.push_after_commit(
+                &job.worker_id.clone(),
+                AgentPush::Cancel { job: job.attempt_ref(), reason: reason.clone() },
+            );
+            job
+        } else {
+            match self.store.get_job(&id).await.map_err(super::store_error)? {
+                None => return Err(DomainError::job_not_found(&id)),
+                Some(job) if job.state == JobState::DeadLettered => job,
+                Some(job) if job.state.is_terminal() => {
+                    return Err(DomainError::FailedPrecondition(format!(
+                        "job {id} already finished ({:?}); only queued, claimed, running or dead-lettered jobs can be cancelled",
+                        job.state
+                    )))
+                }
+                Some(_) => return Err(DomainError::Unavailable(format!("job {id} is changing state; retry"))),
+            }
+        };
+        let previous = job.state;
+        job.state = JobState::Cancelled;
+        job.last_error = reason;
+        job.finish_time = Some(self.clock.now());
+        job.lease_expire_time = None;
+        job.run_deadline = None;
+        self.persist(&mut job, Some(previous));
+        Ok(job)
+    }
+
+    pub async fn redrive(&mut self, id: String) -> DomainResult<Job> {
+        if self.ready.contains(&id) || self.active.contains_key(&id) {
+            return Err(DomainError::FailedPrecondition(format!("job {id} is not dead-lettered")));
+        }
+        let mut job = self
+            .store
+            .get_job(&id)
+            .await
+            .map_err(super::store_error)?
+            .ok_or_else(|| DomainError::job_not_found(&id))?;
+        if job.state != JobState::DeadLettered {
+            return Err(DomainError::FailedPrecondition(format!("job {id} is {:?}, not dead-lettered", job.state)));
+        }
+        job.state = JobState::Queued;
+        job.attempt = 0;
+        job.ready_time = self.clock.now();
+        job.finish_time = None;
+        self.persist(&mut job, Some(JobState::DeadLettered));
+        let out = job.clone();
+        self.place(job).await;
+        Ok(out)
+    }
+
+    pub fn stats(&self, queue: Option<&str>) -> QueueStats {
+        let now = self.clock.now();
+        let mut by_state: Vec<(JobState, u64)> = JobState::ALL.iter().map(|s| (*s, 0)).collect();
+        let mut by_priority: Vec<(Priority, u64)> = Priority::ALL.iter().map(|p| (*p, 0)).collect();
+        for ((q, state, priority), n) in &self.counts {
+            if queue.is_some_and(|want| want != q) {
+                continue;
+            }
+            if let Some(slot) = by_state.iter_mut().find(|(s, _)| s == state) {
+                slot.1 += n;
+            }
+            if *state == JobState::Queued {
+                if let Some(slot) = by_priority.iter_mut().find(|(p, _)| p == priority) {
+                    slot.1 += n;
+                }
+            }
+        }
+        let oldest_queued_age =
+            self.ready.oldest_ready(queue).map_or(Duration::ZERO, |t| now.duration_since(t).unwrap_or(Duration::ZERO));
+        QueueStats { by_state, queued_by_priority: by_priority, oldest_queued_age }
+    }
+}
+
+fn stale(r: &AttemptRef, job: &Job) -> DomainError {
+    DomainError::FailedPrecondition(format!(
+        "stale attempt: job {} is at attempt {} (fencing token {}), not attempt {} (fencing token {})",
+        job.id, job.attempt, job.fencing_token, r.attempt, r.fencing_token
+    ))
+}

@@ -1,0 +1,245 @@
+//! The queued jobs the engine knows: dispatchable ones per pool in dispatch
+//! order (priority, then FIFO), and delayed ones (not-before or backoff) by
+//! the time they become dispatchable.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
+use std::time::SystemTime;
+
+use crate::domain::{Job, Priority, Routing};
+use crate::store::QueuedEntry;
+
+/// Dispatch order within a pool: higher priority first, then lower seq.
+pub type ReadyKey = (Reverse<Priority>, u64);
+
+/// A queued job. `body` is the full record when the engine has it in memory
+/// (jobs enqueued or requeued since start-up); jobs loaded at start-up carry
+/// only their routing and are read from the store when dispatched.
+#[derive(Debug, Clone)]
+pub struct ReadyEntry {
+    pub id: String,
+    pub seq: u64,
+    pub queue: String,
+    pub priority: Priority,
+    pub routing: Routing,
+    pub create_time: SystemTime,
+    pub ready_time: SystemTime,
+    pub body: Option<Box<Job>>,
+}
+
+impl ReadyEntry {
+    pub fn from_job(job: Job) -> ReadyEntry {
+        ReadyEntry {
+            id: job.id.clone(),
+            seq: job.seq,
+            queue: job.spec.queue.clone(),
+            priority: job.spec.priority,
+            routing: job.spec.routing.clone(),
+            create_time: job.create_time,
+            ready_time: job.ready_time,
+            body: Some(Box::new(job)),
+        }
+    }
+
+    pub fn from_stored(entry: QueuedEntry) -> ReadyEntry {
+        ReadyEntry {
+            id: entry.id,
+            seq: entry.seq,
+            queue: entry.queue,
+            priority: entry.priority,
+            routing: entry.routing,
+            create_time: entry.create_time,
+            ready_time: entry.ready_time,
+            body: None,
+        }
+    }
+
+    fn key(&self) -> ReadyKey {
+        (Reverse(self.priority), self.seq)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Location {
+    Ready(String, ReadyKey),
+    Delayed((SystemTime, u64)),
+}
+
+/// Every queued job the engine tracks.
+#[derive(Debug, Default)]
+pub struct ReadySet {
+    pools: HashMap<String, BTreeMap<ReadyKey, ReadyEntry>>,
+    delayed: BTreeMap<(SystemTime, u64), ReadyEntry>,
+    locations: HashMap<String, Location>,
+}
+
+impl ReadySet {
+    /// Adds a job; it is dispatchable at once if its ready time has come.
+    /// Returns true if it is dispatchable now.
+    pub fn insert(&mut self, entry: ReadyEntry, now: SystemTime) -> bool {
+        if entry.ready_time > now {
+            let key = (entry.ready_time, entry.seq);
+            self.locations.insert(entry.id.clone(), Location::Delayed(key));
+            self.delayed.insert(key, entry);
+            false
+        } else {
+            let key = entry.key();
+            let pool = entry.routing.pool.clone();
+            self.locations.insert(entry.id.clone(), Location::Ready(pool.clone(), key));
+            self.pools.entry(pool).or_default().insert(key, entry);
+            true
+        }
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.locations.contains_key(id)
+    }
+
+    pub fn get(&self, id: &str) -> Option<&ReadyEntry> {
+        match self.locations.get(id)? {
+            Location::Ready(pool, key) => self.pools.get(pool)?.get(key),
+            Location::Delayed(key) => self.delayed.get(key),
+        }
+    }
+
+    pub fn remove(&mut self, id: &str) -> Option<ReadyEntry> {
+        match self.locations.remove(id)? {
+            Location::Ready(pool, key) => {
+                let map = self.pools.get_mut(&pool)?;
+                let entry = map.remove(&key);
+                if map.is_empty() {
+                    self.pools.remove(&pool);
+                }
+                entry
+            }
+            Location::Delayed(key) => self.delayed.remove(&key),
+        }
+    }
+
+    /// Moves every delayed job whose time has come into its pool; returns
+    /// the pools that gained jobs.
+    pub fn promote_due(&mut self, now: SystemTime) -> Vec<String> {
+        let mut pools = Vec::new();
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let entry = entry.remove();
+            if !pools.contains(&entry.routing.pool) {
+                pools.push(entry.routing.pool.clone());
+            }
+            self.insert(entry, now);
+        }
+        pools
+    }
+
+    /// When the next delayed job becomes dispatchable.
+    pub fn next_due(&self) -> Option<SystemTime> {
+        self.delayed.first_key_value().map(|((t, _), _)| *t)
+    }
+
+    /// The first dispatchable job of `pool` that an agent with `labels` may
+    /// run (and, if given, of `queue`), in dispatch order.
+    pub fn first_match(
+        &self,
+        pool: &str,
+        labels: &BTreeMap<String, String>,
+        queue: Option<&str>,
+    ) -> Option<&ReadyEntry> {
+        self.pools.get(pool)?.values().find(|e| {
+            e.routing.required_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+                && queue.is_none_or(|q| q == e.queue)
+        })
+    }
+
+    /// Dispatchable jobs of `pool`.
+    pub fn ready_in_pool(&self, pool: &str) -> usize {
+        self.pools.get(pool).map_or(0, BTreeMap::len)
+    }
+
+    /// Create time of the oldest dispatchable job (of `queue`, if given).
+    pub fn oldest_ready(&self, queue: Option<&str>) -> Option<SystemTime> {
+        if self.is_empty() {
+            return None;
+        }
+        self.pools
+            .values()
+            .flat_map(|m| m.values())
+            .filter(|e| queue.is_none_or(|q| q == e.queue))
+            .map(|e| e.create_time)
+            .min()
+    }
+
+    pub fn len(&self) -> usize {
+        self.locations.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.locations.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn entry(id: &str, seq: u64, priority: Priority, ready_in: u64, labels: &[(&str, &str)]) -> ReadyEntry {
+        let t0 = SystemTime::UNIX_EPOCH;
+        ReadyEntry {
+            id: id.into(),
+            seq,
+            queue: "q".into(),
+            priority,
+            routing: Routing {
+                pool: "p".into(),
+                required_labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            },
+            create_time: t0,
+            ready_time: t0 + Duration::from_secs(ready_in),
+            body: None,
+        }
+    }
+
+    #[test]
+    fn dispatch_order_is_priority_then_fifo() {
+        let now = SystemTime::UNIX_EPOCH;
+        let mut set = ReadySet::default();
+        set.insert(entry("a", 1, Priority::Normal, 0, &[]), now);
+        set.insert(entry("b", 2, Priority::Critical, 0, &[]), now);
+        set.insert(entry("c", 3, Priority::Normal, 0, &[]), now);
+        let labels = BTreeMap::new();
+        let mut order = Vec::new();
+        while let Some(e) = set.first_match("p", &labels, None) {
+            let id = e.id.clone();
+            set.remove(&id);
+            order.push(id);
+        }
+        assert_eq!(order, ["b", "a", "c"]);
+        assert!(set.is_empty());
+    }
+
+    #[test]
+    fn delayed_jobs_become_ready_when_due() {
+        let now = SystemTime::UNIX_EPOCH;
+        let mut set = ReadySet::default();
+        assert!(!set.insert(entry("a", 1, Priority::Normal, 10, &[]), now));
+        assert!(set.first_match("p", &BTreeMap::new(), None).is_none());
+        assert_eq!(set.next_due(), Some(now + Duration::from_secs(10)));
+        assert!(set.promote_due(now + Duration::from_secs(9)).is_empty());
+        assert_eq!(set.promote_due(now + Duration::from_secs(10)), vec!["p".to_string()]);
+        assert_eq!(set.first_match("p", &BTreeMap::new(), None).map(|e| e.id.as_str()), Some("a"));
+    }
+
+    #[test]
+    fn labels_route_jobs() {
+        let now = SystemTime::UNIX_EPOCH;
+        let mut set = ReadySet::default();
+        set.insert(entry("gpu", 1, Priority::Normal, 0, &[("gpu", "true")]), now);
+        set.insert(entry("any", 2, Priority::Normal, 0, &[]), now);
+        let plain = BTreeMap::new();
+        let gpu: BTreeMap<String, String> = [("gpu".to_string(), "true".to_string())].into();
+        assert_eq!(set.first_match("p", &plain, None).map(|e| e.id.as_str()), Some("any"));
+        assert_eq!(set.first_match("p", &gpu, None).map(|e| e.id.as_str()), Some("gpu"));
+    }
+}

@@ -1,0 +1,109 @@
+//! The messages between the engine and its callers: what an agent session
+//! sends in and gets pushed, and the views the engine hands out.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+use crate::domain::{Agent, AttemptRef, Job, JobState, Metrics, Priority};
+
+/// A message the engine pushes to a connected agent.
+#[derive(Debug, Clone)]
+pub enum AgentPush {
+    Assign(Box<Job>),
+    Cancel { job: AttemptRef, reason: String },
+    Drain { reason: String },
+    UpdateAck { job: AttemptRef, accepted: bool, reason: String },
+}
+
+/// How an attempt ended, as the agent reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    FailedRetryable,
+    FailedPermanent,
+    Cancelled,
+}
+
+/// A message an agent sends on its stream after Hello.
+#[derive(Debug, Clone)]
+pub enum AgentInbound {
+    Heartbeat { metrics: Metrics, running: Vec<AttemptRef>, draining: bool },
+    AssignmentAck { job: AttemptRef, accepted: bool, reason: String },
+    Started { job: AttemptRef },
+    Progress { job: AttemptRef, percent: f64, message: String },
+    Log { job: AttemptRef, stderr: bool, data: Bytes, sequence: u64 },
+    Finished { job: AttemptRef, outcome: Outcome, result: Bytes, error: String },
+}
+
+/// The validated Hello of an agent.
+#[derive(Debug, Clone)]
+pub struct HelloInfo {
+    pub name: String,
+    pub pool: String,
+    pub labels: BTreeMap<String, String>,
+    pub slots: u32,
+    pub version: String,
+    pub running: Vec<AttemptRef>,
+}
+
+/// The engine's answer to a Hello.
+#[derive(Debug, Clone)]
+pub struct WelcomeInfo {
+    pub agent_id: String,
+    pub session_id: u64,
+    pub heartbeat_interval: Duration,
+    pub lease_duration: Duration,
+    pub reconnect_grace: Duration,
+    pub resumed: Vec<AttemptRef>,
+    pub abandoned: Vec<AttemptRef>,
+}
+
+/// A state change of a job, published after it is durable.
+#[derive(Debug, Clone)]
+pub struct JobEvent {
+    pub job: Arc<Job>,
+    pub previous: Option<JobState>,
+}
+
+/// Queue statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueStats {
+    pub by_state: Vec<(JobState, u64)>,
+    pub queued_by_priority: Vec<(Priority, u64)>,
+    pub oldest_queued_age: Duration,
+}
+
+/// One stored metrics sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsSample {
+    pub time: SystemTime,
+    pub metrics: Metrics,
+}
+
+/// An agent as the engine sees it now.
+#[derive(Debug, Clone)]
+pub struct AgentView {
+    pub agent: Agent,
+    pub connected: bool,
+    pub running: Vec<AttemptRef>,
+    pub metrics_history: Vec<MetricsSample>,
+}
+
+/// What a unary claimer asks for.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    pub worker_id: String,
+    pub queue: Option<String>,
+    pub pool: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A page of agents.
+#[derive(Debug, Clone)]
+pub struct AgentPage {
+    pub agents: Vec<AgentView>,
+    pub next_after: Option<String>,
+}

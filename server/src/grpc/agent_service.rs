@@ -1,0 +1,414 @@
+//! AgentService: the Connect stream adapter and the agent registry calls.
+//! The stream adapter only translates: it validates Hello, hands the session
+//! to the engine, forwards the agent's messages and writes the engine's
+//! pushes back to the wire.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use tether::time::{to_duration, to_timestamp};
+use tether::v1 as pb;
+use tether::v1::agent_service_server::AgentService;
+use tether::v1::{connect_request, connect_response};
+
+use super::convert::{self, agent_out, job_ref_in, job_ref_out};
+use super::status::to_status;
+use crate::domain::{validate, DomainError, DomainResult};
+use crate::engine::{AgentInbound, AgentListFilter, AgentPush, EngineHandle, HelloInfo, Outcome};
+
+/// How long a new stream may take to send its Hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest log chunk an agent may send.
+pub const MAX_LOG_CHUNK: usize = 64 * 1024;
+
+/// The AgentService of one engine.
+pub struct AgentApi {
+    engine: EngineHandle,
+    /// One permit per open Connect stream.
+    streams: Arc<Semaphore>,
+}
+
+impl AgentApi {
+    pub fn new(engine: EngineHandle, max_streams: usize) -> Self {
+        AgentApi { engine, streams: Arc::new(Semaphore::new(max_streams)) }
+    }
+}
+
+type ConnectStream = Pin<Box<dyn Stream<Item = Result<pb::ConnectResponse, Status>> + Send>>;
+
+fn hello_in(hello: &pb::Hello) -> DomainResult<(HelloInfo, u32)> {
+    validate::name("hello.name", &hello.name, validate::MAX_NAME)?;
+    let pool = convert::pool_in("hello.pool", &hello.pool)?;
+    let labels = convert::labels_in("hello.labels", &hello.labels)?;
+    let slots = convert::slots_in("hello.slots", hello.slots)?;
+    if hello.max_protocol_version == 0 {
+        return Err(DomainError::invalid("hello.max_protocol_version", "is required"));
+    }
+    if hello.min_protocol_version > hello.max_protocol_version {
+        return Err(DomainError::invalid("hello.min_protocol_version", "must not exceed max_protocol_version"));
+    }
+    let low = hello.min_protocol_version.max(tether::PROTOCOL_VERSION_MIN);
+    let high = hello.max_protocol_version.min(tether::PROTOCOL_VERSION_MAX);
+    if low > high {
+        return Err(DomainError::FailedPrecondition(format!(
+            "no common protocol version: the agent speaks {}..={}, the server {}..={}",
+            hello.min_protocol_version,
+            hello.max_protocol_version,
+            tether::PROTOCOL_VERSION_MIN,
+            tether::PROTOCOL_VERSION_MAX
+        )));
+    }
+    let running = hello
+        .running_jobs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| job_ref_in(&format!("hello.running_jobs[{i}]"), Some(r)))
+        .collect::<DomainResult<Vec<_>>>()?;
+    if hello.version.len() > validate::MAX_NAME {
+        return Err(DomainError::invalid("hello.version", "is too long"));
+    }
+    Ok((HelloInfo { name: hello.name.clone(), pool, labels, slots, version: hello.version.clone(), running }, high))
+}
+
+fn inbound_in(message: connect_request::Message) -> DomainResult<AgentInbound> {
+    use connect_request::Message as M;
+    Ok(match message {
+        M::Hello(_) => return Err(DomainError::invalid("hello", "is only allowed as the first message")),
+        M::Heartbeat(h) => AgentInbound::Heartbeat {
+            metrics: convert::metrics_in(h.metrics.as_ref()),
+            running: h
+                .running_jobs
+                .iter()
+                .enumerate()
+                .map(|(i, r)| job_ref_in(&format!("heartbeat.running_jobs[{i}]"), Some(r)))
+                .collect::<DomainResult<_>>()?,
+            draining: h.draining,
+        },
+        M::AssignmentAck(a) => AgentInbound::AssignmentAck {
+            job: job_ref_in("assignment_ack.job", a.job.as_ref())?,
+            accepted: a.accepted,
+            reason: truncate(a.reason),
+        },
+        M::JobStarted(s) => AgentInbound::Started { job: job_ref_in("job_started.job", s.job.as_ref())? },
+        M::JobProgress(p) => AgentInbound::Progress {
+            job: job_ref_in("job_progress.job", p.job.as_ref())?,
+            percent: if p.percent.is_finite() { p.percent.clamp(0.0, 100.0) } else { 0.0 },
+            message: truncate(p.message),
+        },
+        M::JobLog(l) => {
+            let stderr = match pb::LogStream::try_from(l.stream) {
+                Ok(pb::LogStream::Stdout) => false,
+                Ok(pb::LogStream::Stderr) => true,
+                _ => return Err(DomainError::invalid("job_log.stream", format!("unknown log stream {}", l.stream))),
+            };
+            if l.data.len() > MAX_LOG_CHUNK {
+                return Err(DomainError::ResourceExhausted(format!(
+                    "job_log.data is {} bytes; the limit is {MAX_LOG_CHUNK}",
+                    l.data.len()
+                )));
+            }
+            AgentInbound::Log {
+                job: job_ref_in("job_log.job", l.job.as_ref())?,
+                stderr,
+                data: l.data,
+                sequence: l.sequence,
+            }
+        }
+        M::JobFinished(f) => {
+            let outcome = match pb::JobOutcome::try_from(f.outcome) {
+                Ok(pb::JobOutcome::Succeeded) => Outcome::Succeeded,
+                Ok(pb::JobOutcome::FailedRetryable) => Outcome::FailedRetryable,
+                Ok(pb::JobOutcome::FailedPermanent) => Outcome::FailedPermanent,
+                Ok(pb::JobOutcome::Cancelled) => Outcome::Cancelled,
+                _ => {
+                    return Err(DomainError::invalid("job_finished.outcome", format!("unknown outcome {}", f.outcome)))
+                }
+            };
+            if f.result.len() > validate::MAX_RESULT_BYTES {
+                return Err(DomainError::ResourceExhausted(format!(
+                    "job_finished.result is {} bytes; the limit is {}",
+                    f.result.len(),
+                    validate::MAX_RESULT_BYTES
+                )));
+            }
+            let mut error = truncate(f.error);
+            if f.exit_code != 0 && !error.contains("exit") {
+                error = format!("{error} (exit code {})", f.exit_code).trim().to_string();
+            }
+            AgentInbound::Finished {
+                job: job_ref_in("job_finished.job", f.job.as_ref())?,
+                outcome,
+                result: f.result,
+                error,
+            }
+        }
+    })
+}
+
+fn truncate(mut s: String) -> String {
+    if s.len() > validate::MAX_ERROR_LEN {
+        let mut end = validate::MAX_ERROR_LEN;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+fn push_out(push: AgentPush) -> pb::ConnectResponse {
+    use connect_response::Message as M;
+    let message = match push {
+        AgentPush::Assign(job) => M::Assignment(pb::Assignment {
+            job: Some(job_ref_out(&job.attempt_ref())),
+            queue: job.spec.queue.clone(),
+            payload: job.spec.payload.clone(),
+            priority: convert::priority_out(job.spec.priority) as i32,
+            lease_expire_time: job.lease_expire_time.map(to_timestamp),
+            timeout: job.spec.timeout.map(to_duration),
+            max_attempts: job.spec.max_attempts,
+        }),
+        AgentPush::Cancel { job, reason } => M::Cancel(pb::Cancel { job: Some(job_ref_out(&job)), reason }),
+        AgentPush::Drain { reason } => M::Drain(pb::Drain { reason }),
+        AgentPush::UpdateAck { job, accepted, reason } => {
+            M::JobUpdateAck(pb::JobUpdateAck { job: Some(job_ref_out(&job)), accepted, reason })
+        }
+    };
+    pb::ConnectResponse { message: Some(message) }
+}
+
+/// Reads the agent's messages until the stream ends or breaks the protocol.
+async fn read_session(
+    engine: EngineHandle,
+    agent_id: String,
+    session_id: u64,
+    mut inbound: Streaming<pb::ConnectRequest>,
+    fatal: oneshot::Sender<Status>,
+) {
+    loop {
+        match inbound.message().await {
+            Ok(Some(pb::ConnectRequest { message: Some(message) })) => match inbound_in(message) {
+                Ok(message) => {
+                    if engine.inbound(agent_id.clone(), session_id, message).await.is_err() {
+                        let _ = fatal.send(Status::unavailable("the server is shutting down; reconnect"));
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(agent = %agent_id, error = %e, "closing stream after a protocol violation");
+                    let _ = fatal.send(to_status(e));
+                    break;
+                }
+            },
+            Ok(Some(pb::ConnectRequest { message: None })) => {
+                let _ = fatal.send(Status::invalid_argument("invalid message: a ConnectRequest must set one message"));
+                break;
+            }
+            Ok(None) => break,
+            Err(status) => {
+                tracing::debug!(agent = %agent_id, %status, "agent stream broke");
+                break;
+            }
+        }
+    }
+    engine.disconnected(agent_id, session_id).await;
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    type ConnectStream = ConnectStream;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<pb::ConnectRequest>>,
+    ) -> Result<Response<ConnectStream>, Status> {
+        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted("the server holds its maximum number of agent streams; retry later")
+        })?;
+        let mut inbound = request.into_inner();
+        let first = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Err(_) => return Err(Status::deadline_exceeded(format!("no hello within {HELLO_TIMEOUT:?}"))),
+            Ok(Err(status)) => return Err(status),
+            Ok(Ok(None)) => return Err(Status::cancelled("the stream closed before its hello")),
+            Ok(Ok(Some(first))) => first,
+        };
+        let Some(connect_request::Message::Hello(hello)) = first.message else {
+            return Err(Status::invalid_argument("invalid hello: the first message on the stream must be a hello"));
+        };
+        let (hello, protocol_version) = hello_in(&hello).map_err(to_status)?;
+        let (pushes, pushed) = mpsc::unbounded_channel();
+        let welcome = self.engine.connect(hello, pushes).await.map_err(to_status)?;
+        let (fatal_tx, fatal_rx) = oneshot::channel();
+        tokio::spawn(read_session(
+            self.engine.clone(),
+            welcome.agent_id.clone(),
+            welcome.session_id,
+            inbound,
+            fatal_tx,
+        ));
+
+        let welcome = pb::ConnectResponse {
+            message: Some(connect_response::Message::Welcome(pb::Welcome {
+                agent_id: welcome.agent_id,
+                protocol_version,
+                heartbeat_interval: Some(to_duration(welcome.heartbeat_interval)),
+                lease_duration: Some(to_duration(welcome.lease_duration)),
+                reconnect_grace: Some(to_duration(welcome.reconnect_grace)),
+                resumed_jobs: welcome.resumed.iter().map(job_ref_out).collect(),
+                abandoned_jobs: welcome.abandoned.iter().map(job_ref_out).collect(),
+            })),
+        };
+        // The welcome goes first; then the engine's pushes, until the engine
+        // drops the session or the reader reports a protocol violation
+        // (which ends the stream with that status).
+        let pushes = UnboundedReceiverStream::new(pushed).map(move |p| {
+            let _held = &permit; // released when the stream is dropped
+            Ok(push_out(p))
+        });
+        let fatal = futures::stream::once(fatal_rx).filter_map(|r| async move { r.ok().map(Err) });
+        let stream = futures::stream::once(async { Ok(welcome) }).chain(futures::stream::select(pushes, fatal));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn register_agent(
+        &self,
+        request: Request<pb::RegisterAgentRequest>,
+    ) -> Result<Response<pb::RegisterAgentResponse>, Status> {
+        let req = request.get_ref();
+        let hello = (|| -> DomainResult<HelloInfo> {
+            validate::name("name", &req.name, validate::MAX_NAME)?;
+            Ok(HelloInfo {
+                name: req.name.clone(),
+                pool: convert::pool_in("pool", &req.pool)?,
+                labels: convert::labels_in("labels", &req.labels)?,
+                slots: convert::slots_in("slots", req.slots)?,
+                version: String::new(),
+                running: Vec::new(),
+            })
+        })()
+        .map_err(to_status)?;
+        let (view, created) = self.engine.register_agent(hello).await.map_err(to_status)?;
+        Ok(Response::new(pb::RegisterAgentResponse { agent: Some(agent_out(&view)), created }))
+    }
+
+    async fn get_agent(&self, request: Request<pb::GetAgentRequest>) -> Result<Response<pb::GetAgentResponse>, Status> {
+        let id = convert::required("id", &request.get_ref().id).map_err(to_status)?;
+        let view = self.engine.get_agent(id).await.map_err(to_status)?;
+        Ok(Response::new(pb::GetAgentResponse { agent: Some(agent_out(&view)) }))
+    }
+
+    async fn list_agents(
+        &self,
+        request: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let req = request.get_ref();
+        let filter = (|| -> DomainResult<AgentListFilter> {
+            Ok(AgentListFilter {
+                pool: convert::optional(&req.pool),
+                health: req
+                    .health
+                    .iter()
+                    .enumerate()
+                    .map(|(i, h)| convert::health_in(&format!("health[{i}]"), *h))
+                    .collect::<DomainResult<_>>()?,
+                labels: convert::labels_in("labels", &req.labels)?,
+                after_id: convert::optional(&req.page_token),
+                limit: validate::page_size("page_size", req.page_size)?,
+            })
+        })()
+        .map_err(to_status)?;
+        let page = self.engine.list_agents(filter).await.map_err(to_status)?;
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: page.agents.iter().map(agent_out).collect(),
+            next_page_token: page.next_after.unwrap_or_default(),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        _request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        Err(not_yet("Heartbeat"))
+    }
+
+    async fn update_agent_status(
+        &self,
+        _request: Request<pb::UpdateAgentStatusRequest>,
+    ) -> Result<Response<pb::UpdateAgentStatusResponse>, Status> {
+        Err(not_yet("UpdateAgentStatus"))
+    }
+
+    async fn drain_agent(
+        &self,
+        request: Request<pb::DrainAgentRequest>,
+    ) -> Result<Response<pb::DrainAgentResponse>, Status> {
+        let req = request.into_inner();
+        let id = convert::required("id", &req.id).map_err(to_status)?;
+        let view = self.engine.drain_agent(id, truncate(req.reason)).await.map_err(to_status)?;
+        Ok(Response::new(pb::DrainAgentResponse { agent: Some(agent_out(&view)) }))
+    }
+
+    async fn deregister_agent(
+        &self,
+        request: Request<pb::DeregisterAgentRequest>,
+    ) -> Result<Response<pb::DeregisterAgentResponse>, Status> {
+        let id = convert::required("id", &request.get_ref().id).map_err(to_status)?;
+        let view = self.engine.deregister_agent(id).await.map_err(to_status)?;
+        Ok(Response::new(pb::DeregisterAgentResponse { agent: Some(agent_out(&view)) }))
+    }
+
+    async fn create_agent_pool(
+        &self,
+        _request: Request<pb::CreateAgentPoolRequest>,
+    ) -> Result<Response<pb::CreateAgentPoolResponse>, Status> {
+        Err(not_yet("CreateAgentPool"))
+    }
+
+    async fn get_agent_pool(
+        &self,
+        _request: Request<pb::GetAgentPoolRequest>,
+    ) -> Result<Response<pb::GetAgentPoolResponse>, Status> {
+        Err(not_yet("GetAgentPool"))
+    }
+
+    async fn list_agent_pools(
+        &self,
+        _request: Request<pb::ListAgentPoolsRequest>,
+    ) -> Result<Response<pb::ListAgentPoolsResponse>, Status> {
+        Err(not_yet("ListAgentPools"))
+    }
+
+    async fn update_agent_pool(
+        &self,
+        _request: Request<pb::UpdateAgentPoolRequest>,
+    ) -> Result<Response<pb::UpdateAgentPoolResponse>, Status> {
+        Err(not_yet("UpdateAgentPool"))
+    }
+
+    async fn delete_agent_pool(
+        &self,
+        _request: Request<pb::DeleteAgentPoolRequest>,
+    ) -> Result<Response<pb::DeleteAgentPoolResponse>, Status> {
+        Err(not_yet("DeleteAgentPool"))
+    }
+
+    async fn get_pool_scaling_signal(
+        &self,
+        _request: Request<pb::GetPoolScalingSignalRequest>,
+    ) -> Result<Response<pb::GetPoolScalingSignalResponse>, Status> {
+        Err(not_yet("GetPoolScalingSignal"))
+    }
+}
+
+/// Methods whose behaviour is specified but not built yet (agents-and-pools
+/// work) answer UNIMPLEMENTED, so clients can tell.
+fn not_yet(method: &str) -> Status {
+    Status::unimplemented(format!("AgentService.{method} is not available in this server version"))
+}

@@ -1,0 +1,393 @@
+//! Translation between wire messages and domain types, with validation of
+//! every field that comes from the wire.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tether::time::{from_duration, from_timestamp, to_duration, to_timestamp};
+use tether::v1 as pb;
+
+use crate::domain::validate::{self, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS};
+use crate::domain::{
+    Agent, AttemptRef, DomainError, DomainResult, Health, JobSpec, JobState, Metrics, Priority, Routing,
+    SchedulingStatus, DEFAULT_POOL,
+};
+use crate::engine::{AgentView, QueueStats};
+
+// ---- enums -----------------------------------------------------------------
+
+/// Decodes a priority; unspecified means NORMAL.
+pub fn priority_in(field: &str, value: i32) -> DomainResult<Priority> {
+    match pb::Priority::try_from(value) {
+        Ok(pb::Priority::Unspecified) | Ok(pb::Priority::Normal) => Ok(Priority::Normal),
+        Ok(pb::Priority::Low) => Ok(Priority::Low),
+        Ok(pb::Priority::High) => Ok(Priority::High),
+        Ok(pb::Priority::Critical) => Ok(Priority::Critical),
+        Err(_) => Err(DomainError::invalid(field, format!("unknown priority value {value}"))),
+    }
+}
+
+pub fn priority_out(p: Priority) -> pb::Priority {
+    match p {
+        Priority::Low => pb::Priority::Low,
+        Priority::Normal => pb::Priority::Normal,
+        Priority::High => pb::Priority::High,
+        Priority::Critical => pb::Priority::Critical,
+    }
+}
+
+/// Decodes a state filter value; unspecified and unknown values are refused.
+pub fn state_in(field: &str, value: i32) -> DomainResult<JobState> {
+    match pb::QueuedJobState::try_from(value) {
+        Ok(pb::QueuedJobState::Queued) => Ok(JobState::Queued),
+        Ok(pb::QueuedJobState::Claimed) => Ok(JobState::Claimed),
+        Ok(pb::QueuedJobState::Running) => Ok(JobState::Running),
+        Ok(pb::QueuedJobState::Succeeded) => Ok(JobState::Succeeded),
+        Ok(pb::QueuedJobState::Failed) => Ok(JobState::Failed),
+        Ok(pb::QueuedJobState::DeadLettered) => Ok(JobState::DeadLettered),
+        Ok(pb::QueuedJobState::Cancelled) => Ok(JobState::Cancelled),
+        Ok(pb::QueuedJobState::Unspecified) => {
+            Err(DomainError::invalid(field, "QUEUED_JOB_STATE_UNSPECIFIED is not a state"))
+        }
+        Err(_) => Err(DomainError::invalid(field, format!("unknown state value {value}"))),
+    }
+}
+
+pub fn state_out(s: JobState) -> pb::QueuedJobState {
+    match s {
+        JobState::Queued => pb::QueuedJobState::Queued,
+        JobState::Claimed => pb::QueuedJobState::Claimed,
+        JobState::Running => pb::QueuedJobState::Running,
+        JobState::Succeeded => pb::QueuedJobState::Succeeded,
+        JobState::Failed => pb::QueuedJobState::Failed,
+        JobState::DeadLettered => pb::QueuedJobState::DeadLettered,
+        JobState::Cancelled => pb::QueuedJobState::Cancelled,
+    }
+}
+
+pub fn health_in(field: &str, value: i32) -> DomainResult<Health> {
+    match pb::AgentHealth::try_from(value) {
+        Ok(pb::AgentHealth::Registering) => Ok(Health::Registering),
+        Ok(pb::AgentHealth::Healthy) => Ok(Health::Healthy),
+        Ok(pb::AgentHealth::Degraded) => Ok(Health::Degraded),
+        Ok(pb::AgentHealth::Unhealthy) => Ok(Health::Unhealthy),
+        Ok(pb::AgentHealth::Offline) => Ok(Health::Offline),
+        Ok(pb::AgentHealth::Terminated) => Ok(Health::Terminated),
+        Ok(pb::AgentHealth::Unspecified) => {
+            Err(DomainError::invalid(field, "AGENT_HEALTH_UNSPECIFIED is not a health state"))
+        }
+        Err(_) => Err(DomainError::invalid(field, format!("unknown health value {value}"))),
+    }
+}
+
+pub fn health_out(h: Health) -> pb::AgentHealth {
+    match h {
+        Health::Registering => pb::AgentHealth::Registering,
+        Health::Healthy => pb::AgentHealth::Healthy,
+        Health::Degraded => pb::AgentHealth::Degraded,
+        Health::Unhealthy => pb::AgentHealth::Unhealthy,
+        Health::Offline => pb::AgentHealth::Offline,
+        Health::Terminated => pb::AgentHealth::Terminated,
+    }
+}
+
+pub fn scheduling_out(s: SchedulingStatus) -> pb::AgentSchedulingStatus {
+    match s {
+        SchedulingStatus::Active => pb::AgentSchedulingStatus::Active,
+        SchedulingStatus::Cordoned => pb::AgentSchedulingStatus::Cordoned,
+        SchedulingStatus::Draining => pb::AgentSchedulingStatus::Draining,
+        SchedulingStatus::OutOfService => pb::AgentSchedulingStatus::OutOfService,
+    }
+}
+
+// ---- small fields ------------------------------------------------------------
+
+/// A required id field.
+pub fn required(field: &str, value: &str) -> DomainResult<String> {
+    if value.is_empty() {
+        return Err(DomainError::invalid(field, "is required"));
+    }
+    if value.len() > validate::MAX_NAME * 2 {
+        return Err(DomainError::invalid(field, "is too long"));
+    }
+    Ok(value.to_string())
+}
+
+/// An optional filter string: empty means none.
+pub fn optional(value: &str) -> Option<String> {
+    (!value.is_empty()).then(|| value.to_string())
+}
+
+pub fn pool_in(field: &str, value: &str) -> DomainResult<String> {
+    if value.is_empty() {
+        return Ok(DEFAULT_POOL.to_string());
+    }
+    validate::name(field, value, validate::MAX_NAME)?;
+    Ok(value.to_string())
+}
+
+pub fn labels_in(
+    field: &str,
+    labels: &std::collections::HashMap<String, String>,
+) -> DomainResult<BTreeMap<String, String>> {
+    validate::labels(field, labels.iter())?;
+    Ok(labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+pub fn duration_in(field: &str, value: Option<&prost_types::Duration>) -> DomainResult<Option<Duration>> {
+    match value {
+        None => Ok(None),
+        Some(d) => from_duration(d)
+            .map(Some)
+            .ok_or_else(|| DomainError::invalid(field, "must be a non-negative, normalized duration")),
+    }
+}
+
+pub fn attempt_in(id: &str, attempt: u32, fencing_token: u64) -> DomainResult<AttemptRef> {
+    let job_id = required("id", id)?;
+    if attempt == 0 {
+        return Err(DomainError::invalid("attempt", "is required (attempts count from 1)"));
+    }
+    if fencing_token == 0 {
+        return Err(DomainError::invalid("fencing_token", "is required"));
+    }
+    Ok(AttemptRef { job_id, attempt, fencing_token })
+}
+
+pub fn job_ref_in(field: &str, r: Option<&pb::JobRef>) -> DomainResult<AttemptRef> {
+    let r = r.ok_or_else(|| DomainError::invalid(field, "is required"))?;
+    if r.job_id.is_empty() {
+        return Err(DomainError::invalid(format!("{field}.job_id"), "is required"));
+    }
+    Ok(AttemptRef { job_id: r.job_id.clone(), attempt: r.attempt, fencing_token: r.fencing_token })
+}
+
+pub fn job_ref_out(r: &AttemptRef) -> pb::JobRef {
+    pb::JobRef { job_id: r.job_id.clone(), attempt: r.attempt, fencing_token: r.fencing_token }
+}
+
+// ---- jobs ----------------------------------------------------------------
+
+/// Validates an enqueue request; `prefix` names the request in a batch.
+pub fn job_spec_in(prefix: &str, req: &pb::EnqueueJobRequest) -> DomainResult<JobSpec> {
+    let f = |name: &str| format!("{prefix}{name}");
+    validate::name(&f("queue"), &req.queue, validate::MAX_NAME)?;
+    if req.payload.len() > validate::MAX_PAYLOAD_BYTES {
+        return Err(DomainError::ResourceExhausted(format!(
+            "{} is {} bytes; the limit is {} bytes",
+            f("payload"),
+            req.payload.len(),
+            validate::MAX_PAYLOAD_BYTES
+        )));
+    }
+    let priority = priority_in(&f("priority"), req.priority)?;
+    let routing = match &req.routing {
+        None => Routing { pool: DEFAULT_POOL.to_string(), required_labels: BTreeMap::new() },
+        Some(r) => Routing {
+            pool: pool_in(&f("routing.pool"), &r.pool)?,
+            required_labels: labels_in(&f("routing.required_labels"), &r.required_labels)?,
+        },
+    };
+    let max_attempts = match req.max_attempts {
+        0 => DEFAULT_MAX_ATTEMPTS,
+        n if n > validate::MAX_ATTEMPTS => {
+            return Err(DomainError::invalid(f("max_attempts"), format!("must be at most {}", validate::MAX_ATTEMPTS)))
+        }
+        n => n,
+    };
+    let lease_duration = match duration_in(&f("lease_duration"), req.lease_duration.as_ref())? {
+        None => DEFAULT_LEASE,
+        Some(d) if d < validate::MIN_LEASE || d > validate::MAX_LEASE => {
+            return Err(DomainError::invalid(f("lease_duration"), "must be between 1s and 1h"))
+        }
+        Some(d) => d,
+    };
+    let timeout = match duration_in(&f("timeout"), req.timeout.as_ref())? {
+        Some(d) if d.is_zero() => return Err(DomainError::invalid(f("timeout"), "must be positive when set")),
+        other => other,
+    };
+    let idempotency_key = match req.idempotency_key.as_str() {
+        "" => None,
+        k if k.len() > validate::MAX_IDEMPOTENCY_KEY => {
+            return Err(DomainError::invalid(
+                f("idempotency_key"),
+                format!("must be at most {} characters", validate::MAX_IDEMPOTENCY_KEY),
+            ))
+        }
+        k => Some(k.to_string()),
+    };
+    let not_before = match &req.not_before {
+        None => None,
+        Some(ts) => {
+            Some(from_timestamp(ts).ok_or_else(|| DomainError::invalid(f("not_before"), "is not a valid timestamp"))?)
+        }
+    };
+    Ok(JobSpec {
+        queue: req.queue.clone(),
+        payload: req.payload.clone(),
+        priority,
+        routing,
+        max_attempts,
+        lease_duration,
+        timeout,
+        idempotency_key,
+        not_before,
+    })
+}
+
+pub fn job_out(job: &crate::domain::Job) -> pb::QueuedJob {
+    pb::QueuedJob {
+        id: job.id.clone(),
+        queue: job.spec.queue.clone(),
+        payload: job.spec.payload.clone(),
+        priority: priority_out(job.spec.priority) as i32,
+        routing: Some(pb::Routing {
+            pool: job.spec.routing.pool.clone(),
+            required_labels: job.spec.routing.required_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        }),
+        max_attempts: job.spec.max_attempts,
+        lease_duration: Some(to_duration(job.spec.lease_duration)),
+        timeout: job.spec.timeout.map(to_duration),
+        idempotency_key: job.spec.idempotency_key.clone().unwrap_or_default(),
+        state: state_out(job.state) as i32,
+        attempt: job.attempt,
+        fencing_token: job.fencing_token,
+        worker_id: job.worker_id.clone(),
+        create_time: Some(to_timestamp(job.create_time)),
+        update_time: Some(to_timestamp(job.update_time)),
+        ready_time: (job.state == JobState::Queued).then(|| to_timestamp(job.ready_time)),
+        lease_expire_time: job.lease_expire_time.map(to_timestamp),
+        result: job.result.clone(),
+        last_error: job.last_error.clone(),
+        finish_time: job.finish_time.map(to_timestamp),
+    }
+}
+
+pub fn stats_out(stats: &QueueStats) -> pb::GetQueueStatsResponse {
+    pb::GetQueueStatsResponse {
+        by_state: stats
+            .by_state
+            .iter()
+            .map(|(s, n)| pb::StateCount { state: state_out(*s) as i32, count: *n })
+            .collect(),
+        queued_by_priority: stats
+            .queued_by_priority
+            .iter()
+            .map(|(p, n)| pb::PriorityCount { priority: priority_out(*p) as i32, count: *n })
+            .collect(),
+        oldest_queued_age: Some(to_duration(stats.oldest_queued_age)),
+    }
+}
+
+// ---- agents ----------------------------------------------------------------
+
+pub fn metrics_in(m: Option<&pb::AgentMetrics>) -> Metrics {
+    m.map(|m| Metrics {
+        cpu_percent: if m.cpu_percent.is_finite() { m.cpu_percent.clamp(0.0, 100_000.0) } else { 0.0 },
+        memory_used_bytes: m.memory_used_bytes,
+        memory_total_bytes: m.memory_total_bytes,
+        disk_used_bytes: m.disk_used_bytes,
+        disk_total_bytes: m.disk_total_bytes,
+        running_jobs: m.running_jobs,
+    })
+    .unwrap_or_default()
+}
+
+pub fn metrics_out(m: &Metrics) -> pb::AgentMetrics {
+    pb::AgentMetrics {
+        cpu_percent: m.cpu_percent,
+        memory_used_bytes: m.memory_used_bytes,
+        memory_total_bytes: m.memory_total_bytes,
+        disk_used_bytes: m.disk_used_bytes,
+        disk_total_bytes: m.disk_total_bytes,
+        running_jobs: m.running_jobs,
+    }
+}
+
+pub fn slots_in(field: &str, slots: u32) -> DomainResult<u32> {
+    if slots == 0 || slots > validate::MAX_SLOTS {
+        return Err(DomainError::invalid(field, format!("must be between 1 and {}", validate::MAX_SLOTS)));
+    }
+    Ok(slots)
+}
+
+pub fn agent_out(view: &AgentView) -> pb::Agent {
+    let a: &Agent = &view.agent;
+    pb::Agent {
+        id: a.id.clone(),
+        name: a.name.clone(),
+        pool: a.pool.clone(),
+        labels: a.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        slots: a.slots,
+        health: health_out(a.health) as i32,
+        scheduling_status: scheduling_out(a.scheduling) as i32,
+        connected: view.connected,
+        version: a.version.clone(),
+        running_jobs: view.running.iter().map(job_ref_out).collect(),
+        metrics: Some(metrics_out(&a.metrics)),
+        metrics_history: view
+            .metrics_history
+            .iter()
+            .map(|s| pb::AgentMetricsSample {
+                time: Some(to_timestamp(s.time)),
+                metrics: Some(metrics_out(&s.metrics)),
+            })
+            .collect(),
+        create_time: Some(to_timestamp(a.create_time)),
+        last_seen_time: Some(to_timestamp(a.last_seen_time)),
+    }
+}
+
+/// Page tokens are the decimal cursor of the store, opaque to clients.
+pub fn page_token_in(token: &str) -> DomainResult<Option<u64>> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    token.parse().map(Some).map_err(|_| DomainError::invalid("page_token", "is not a token this server issued"))
+}
+
+pub fn page_token_out(next: Option<u64>) -> String {
+    next.map(|n| n.to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_priority_is_refused_with_its_field() {
+        let err = priority_in("priority", 42).err();
+        assert_eq!(err, Some(DomainError::invalid("priority", "unknown priority value 42")));
+        assert_eq!(priority_in("priority", 0).ok(), Some(Priority::Normal));
+    }
+
+    #[test]
+    fn enqueue_defaults() {
+        let req = pb::EnqueueJobRequest { queue: "q".into(), ..Default::default() };
+        let spec = job_spec_in("", &req).ok();
+        let spec = spec.as_ref();
+        assert_eq!(spec.map(|s| s.max_attempts), Some(DEFAULT_MAX_ATTEMPTS));
+        assert_eq!(spec.map(|s| s.lease_duration), Some(DEFAULT_LEASE));
+        assert_eq!(spec.map(|s| s.routing.pool.as_str()), Some(DEFAULT_POOL));
+    }
+
+    #[test]
+    fn enqueue_rejects_bad_fields() {
+        let empty = pb::EnqueueJobRequest::default();
+        assert!(matches!(job_spec_in("", &empty), Err(DomainError::InvalidArgument { field, .. }) if field == "queue"));
+        let big = pb::EnqueueJobRequest {
+            queue: "q".into(),
+            payload: vec![0u8; validate::MAX_PAYLOAD_BYTES + 1].into(),
+            ..Default::default()
+        };
+        assert!(matches!(job_spec_in("", &big), Err(DomainError::ResourceExhausted(m)) if m.contains("payload")));
+        let lease = pb::EnqueueJobRequest {
+            queue: "q".into(),
+            lease_duration: Some(prost_types::Duration { seconds: -5, nanos: 0 }),
+            ..Default::default()
+        };
+        assert!(
+            matches!(job_spec_in("requests[3].", &lease), Err(DomainError::InvalidArgument { field, .. }) if field == "requests[3].lease_duration")
+        );
+    }
+}

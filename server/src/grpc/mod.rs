@@ -1,0 +1,10 @@
+//! The gRPC layer: thin adapters that translate between wire types and the
+//! engine's domain calls. No scheduling logic lives here.
+
+pub mod agent_service;
+pub mod convert;
+pub mod queue_service;
+pub mod status;
+
+pub use agent_service::AgentApi;
+pub use queue_service::QueueApi;

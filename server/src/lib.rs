@@ -1,0 +1,9 @@
+//! The Tether control plane.
+
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod engine;
+pub mod grpc;
+pub mod server;
+pub mod store;

@@ -1,0 +1,134 @@
+//! Assembles the gRPC server: services, health, reflection, limits and
+//! graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+use tether::v1::agent_service_server::AgentServiceServer;
+use tether::v1::queue_service_server::QueueServiceServer;
+
+use crate::clock::Clock;
+use crate::engine::{EngineConfig, EngineHandle};
+use crate::grpc::{AgentApi, QueueApi};
+use crate::store::Store;
+
+/// Largest message the server decodes or encodes.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// How long shutdown waits for streams to end before closing connections.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// What the server is built from.
+pub struct ServerParts {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub engine: EngineConfig,
+    pub max_agent_streams: usize,
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains: health goes
+/// NOT_SERVING, watch streams end, the engine commits what it holds and
+/// closes agent sessions, and the server stops.
+pub async fn serve(
+    listener: TcpListener,
+    parts: ServerParts,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr: SocketAddr = listener.local_addr()?;
+    let (engine, engine_task) = EngineHandle::start(parts.store, parts.clock, parts.engine).await?;
+    let stopping = CancellationToken::new();
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<QueueServiceServer<QueueApi>>().await;
+    health.set_serving::<AgentServiceServer<AgentApi>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    {
+        // Health follows the engine: NOT_SERVING once its store failed.
+        let mut serving = engine.serving();
+        let health = health.clone();
+        tokio::spawn(async move {
+            while serving.changed().await.is_ok() {
+                if !*serving.borrow() {
+                    set_not_serving(&health).await;
+                    break;
+                }
+            }
+        });
+    }
+
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let queue = QueueServiceServer::new(QueueApi::new(engine.clone(), stopping.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let agents = AgentServiceServer::new(AgentApi::new(engine.clone(), parts.max_agent_streams))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
+    let drain_engine = engine.clone();
+    let drain_health = health.clone();
+    let drain_stopping = stopping.clone();
+    let graceful = async move {
+        shutdown.await;
+        tracing::info!("shutting down: draining streams and flushing the store");
+        set_not_serving(&drain_health).await;
+        drain_stopping.cancel();
+        drain_engine.shutdown().await;
+    };
+
+    tracing::info!(%addr, "tether server listening");
+    let server = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(Some(1024))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(queue)
+        .add_service(agents)
+        .serve_with_incoming_shutdown(incoming(listener), graceful);
+    // Streams that outlive the grace period are cut.
+    let result = tokio::select! {
+        r = server => r.map_err(anyhow::Error::from),
+        () = async { stopping.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Ok(()),
+    };
+    engine.shutdown().await;
+    let _ = engine_task.await;
+    tracing::info!("tether server stopped");
+    result
+}
+
+/// Accepted connections with TCP_NODELAY: tonic applies its own nodelay
+/// setting only to listeners it binds itself.
+fn incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::StreamExt::map(TcpListenerStream::new(listener), |conn| {
+        if let Ok(stream) = &conn {
+            let _ = stream.set_nodelay(true);
+        }
+        conn
+    })
+}
+
+/// Reflection knows every service served, both reflection versions
+/// included, so `grpcurl list` shows them whichever version it speaks.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tether::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+}
+
+async fn set_not_serving(health: &tonic_health::server::HealthReporter) {
+    health.set_not_serving::<QueueServiceServer<QueueApi>>().await;
+    health.set_not_serving::<AgentServiceServer<AgentApi>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+}

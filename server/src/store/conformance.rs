@@ -1,0 +1,293 @@
+//! The storage conformance suite: every backend must pass [`run_all`].
+//! Each case gets a fresh, empty store from the factory.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+use super::{AgentFilter, JobFilter, LogChunk, Store, Write, WriteOutcome, COUNTER_FENCING};
+use crate::domain::{Agent, Health, Job, JobSpec, JobState, Priority, Routing, SchedulingStatus};
+
+fn t(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+}
+
+/// A version-1 queued job.
+pub fn job(id: &str, seq: u64, queue: &str, key: Option<&str>) -> Job {
+    let spec = JobSpec {
+        queue: queue.to_string(),
+        payload: Bytes::from(format!("payload of {id}")),
+        priority: Priority::Normal,
+        routing: Routing { pool: "default".into(), required_labels: [("os".to_string(), "linux".to_string())].into() },
+        max_attempts: 3,
+        lease_duration: Duration::from_secs(30),
+        timeout: None,
+        idempotency_key: key.map(str::to_string),
+        not_before: None,
+    };
+    let mut job = Job::new(id.to_string(), seq, spec, t(seq));
+    job.version = 1;
+    job
+}
+
+fn next(job: &Job, state: JobState) -> Job {
+    let mut n = job.clone();
+    n.state = state;
+    n.version += 1;
+    n
+}
+
+async fn write_one<S: Store>(store: &S, write: Write) -> WriteOutcome {
+    let mut outcomes = store.write(vec![write]).await.expect("write");
+    assert_eq!(outcomes.len(), 1);
+    outcomes.remove(0)
+}
+
+/// Runs every case.
+pub async fn run_all<S: Store, F: FnMut() -> S>(mut fresh: F) {
+    create_and_get(fresh()).await;
+    conditional_updates(fresh()).await;
+    idempotency_keys(fresh()).await;
+    listing_newest_first_with_filters(fresh()).await;
+    dead_letters_oldest_first(fresh()).await;
+    startup_scans(fresh()).await;
+    counts_follow_transitions(fresh()).await;
+    logs_are_deduplicated(fresh()).await;
+    agents(fresh()).await;
+    counters_only_rise(fresh()).await;
+    concurrent_claims_have_one_winner(fresh()).await;
+}
+
+async fn create_and_get<S: Store>(store: S) {
+    let j = job("a", 1, "q", None);
+    assert_eq!(write_one(&store, Write::CreateJob(Box::new(j.clone()))).await, WriteOutcome::Applied);
+    assert_eq!(store.get_job("a").await.expect("get"), Some(j.clone()));
+    assert_eq!(store.get_job("missing").await.expect("get"), None);
+    assert_eq!(write_one(&store, Write::CreateJob(Box::new(j))).await, WriteOutcome::IdExists);
+}
+
+async fn conditional_updates<S: Store>(store: S) {
+    let j = job("a", 1, "q", None);
+    write_one(&store, Write::CreateJob(Box::new(j.clone()))).await;
+    let claimed = next(&j, JobState::Claimed);
+    assert_eq!(
+        write_one(&store, Write::UpdateJob { job: Box::new(claimed.clone()), expected_version: 1 }).await,
+        WriteOutcome::Applied
+    );
+    // A second writer holding the old version loses.
+    let stale = next(&j, JobState::Cancelled);
+    assert_eq!(
+        write_one(&store, Write::UpdateJob { job: Box::new(stale), expected_version: 1 }).await,
+        WriteOutcome::VersionConflict { current_version: Some(2) }
+    );
+    let ghost = job("ghost", 9, "q", None);
+    assert_eq!(
+        write_one(&store, Write::UpdateJob { job: Box::new(ghost), expected_version: 1 }).await,
+        WriteOutcome::VersionConflict { current_version: None }
+    );
+    assert_eq!(store.get_job("a").await.expect("get").map(|j| j.state), Some(JobState::Claimed));
+    // Writes in one batch apply in order.
+    let running = next(&claimed, JobState::Running);
+    let done = next(&running, JobState::Succeeded);
+    let outcomes = store
+        .write(vec![
+            Write::UpdateJob { job: Box::new(running), expected_version: 2 },
+            Write::UpdateJob { job: Box::new(done), expected_version: 3 },
+        ])
+        .await
+        .expect("batch");
+    assert_eq!(outcomes, vec![WriteOutcome::Applied, WriteOutcome::Applied]);
+    assert_eq!(store.get_job("a").await.expect("get").map(|j| j.version), Some(4));
+}
+
+async fn idempotency_keys<S: Store>(store: S) {
+    write_one(&store, Write::CreateJob(Box::new(job("a", 1, "q", Some("k"))))).await;
+    assert_eq!(
+        write_one(&store, Write::CreateJob(Box::new(job("b", 2, "q", Some("k"))))).await,
+        WriteOutcome::IdempotencyKeyTaken { existing_job_id: "a".into() }
+    );
+    // Keys are scoped to their queue.
+    assert_eq!(
+        write_one(&store, Write::CreateJob(Box::new(job("c", 3, "other", Some("k"))))).await,
+        WriteOutcome::Applied
+    );
+    assert_eq!(store.find_by_idempotency_key("q", "k").await.expect("find").map(|j| j.id), Some("a".into()));
+    assert_eq!(store.find_by_idempotency_key("q", "nope").await.expect("find"), None);
+    assert_eq!(store.get_job("b").await.expect("get"), None);
+}
+
+async fn listing_newest_first_with_filters<S: Store>(store: S) {
+    let mut writes = Vec::new();
+    for i in 1..=25u64 {
+        let queue = if i % 2 == 0 { "even" } else { "odd" };
+        writes.push(Write::CreateJob(Box::new(job(&format!("j{i:02}"), i, queue, None))));
+    }
+    store.write(writes).await.expect("create");
+    // Move j05 and j10 to running.
+    for (id, seq) in [("j05", 5), ("j10", 10)] {
+        let j = store.get_job(id).await.expect("get").expect("exists");
+        assert_eq!(seq, j.seq);
+        write_one(&store, Write::UpdateJob { job: Box::new(next(&j, JobState::Running)), expected_version: 1 }).await;
+    }
+    let all = JobFilter::default();
+    let page = store.list_jobs(&all, None, 10).await.expect("list");
+    let ids: Vec<_> = page.items.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(ids, ["j25", "j24", "j23", "j22", "j21", "j20", "j19", "j18", "j17", "j16"]);
+    let mut seen = ids.len();
+    let mut cursor = page.next;
+    while let Some(c) = cursor {
+        let page = store.list_jobs(&all, Some(c), 10).await.expect("list");
+        seen += page.items.len();
+        cursor = page.next;
+    }
+    assert_eq!(seen, 25);
+
+    let running = JobFilter { queue: None, states: vec![JobState::Running] };
+    let ids: Vec<_> =
+        store.list_jobs(&running, None, 10).await.expect("list").items.into_iter().map(|j| j.id).collect();
+    assert_eq!(ids, ["j10", "j05"]);
+
+    let odd_queued = JobFilter { queue: Some("odd".into()), states: vec![JobState::Queued] };
+    let page = store.list_jobs(&odd_queued, None, 100).await.expect("list");
+    assert_eq!(page.items.len(), 12); // 13 odd, j05 running
+    assert!(page.next.is_none());
+    assert!(page.items.iter().all(|j| j.spec.queue == "odd" && j.state == JobState::Queued));
+}
+
+async fn dead_letters_oldest_first<S: Store>(store: S) {
+    for i in 1..=5u64 {
+        let j = job(&format!("d{i}"), i, if i == 3 { "other" } else { "q" }, None);
+        write_one(&store, Write::CreateJob(Box::new(j.clone()))).await;
+        if i != 4 {
+            write_one(
+                &store,
+                Write::UpdateJob { job: Box::new(next(&j, JobState::DeadLettered)), expected_version: 1 },
+            )
+            .await;
+        }
+    }
+    let page = store.list_dead_letters(Some("q"), None, 2).await.expect("list");
+    let ids: Vec<_> = page.items.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(ids, ["d1", "d2"]);
+    let rest = store.list_dead_letters(Some("q"), page.next, 2).await.expect("list");
+    let ids: Vec<_> = rest.items.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(ids, ["d5"]);
+    assert_eq!(store.list_dead_letters(None, None, 10).await.expect("list").items.len(), 4);
+}
+
+async fn startup_scans<S: Store>(store: S) {
+    for i in 1..=4u64 {
+        write_one(&store, Write::CreateJob(Box::new(job(&format!("s{i}"), i, "q", None)))).await;
+    }
+    let s2 = store.get_job("s2").await.expect("get").expect("exists");
+    write_one(&store, Write::UpdateJob { job: Box::new(next(&s2, JobState::Claimed)), expected_version: 1 }).await;
+    let s3 = store.get_job("s3").await.expect("get").expect("exists");
+    write_one(&store, Write::UpdateJob { job: Box::new(next(&s3, JobState::Succeeded)), expected_version: 1 }).await;
+    let queued: Vec<_> = store.load_queued().await.expect("queued").into_iter().map(|e| e.id).collect();
+    assert_eq!(queued, ["s1", "s4"]);
+    let queued = store.load_queued().await.expect("queued");
+    assert_eq!(queued[0].routing.required_labels.get("os").map(String::as_str), Some("linux"));
+    let active: Vec<_> = store.load_active().await.expect("active").into_iter().map(|j| j.id).collect();
+    assert_eq!(active, ["s2"]);
+}
+
+async fn counts_follow_transitions<S: Store>(store: S) {
+    let a = job("a", 1, "q", None);
+    let mut b = job("b", 2, "q", None);
+    b.spec.priority = Priority::Critical;
+    store.write(vec![Write::CreateJob(Box::new(a.clone())), Write::CreateJob(Box::new(b))]).await.expect("create");
+    write_one(&store, Write::UpdateJob { job: Box::new(next(&a, JobState::Running)), expected_version: 1 }).await;
+    let mut counts = store.counts().await.expect("counts");
+    counts.sort_by_key(|c| (c.state, c.priority));
+    let rows: Vec<_> = counts.iter().map(|c| (c.queue.as_str(), c.state, c.priority, c.count)).collect();
+    assert_eq!(rows, [("q", JobState::Queued, Priority::Critical, 1), ("q", JobState::Running, Priority::Normal, 1)]);
+}
+
+async fn logs_are_deduplicated<S: Store>(store: S) {
+    let chunk = |seq: u64, text: &str| LogChunk {
+        job_id: "a".into(),
+        attempt: 1,
+        sequence: seq,
+        stderr: false,
+        data: Bytes::from(text.to_string()),
+        time: t(0),
+    };
+    store
+        .write(vec![
+            Write::AppendLog(chunk(1, "world")),
+            Write::AppendLog(chunk(0, "hello ")),
+            Write::AppendLog(chunk(1, "again")),
+        ])
+        .await
+        .expect("logs");
+    let text: Vec<u8> = store.logs("a", 1).await.expect("logs").iter().flat_map(|c| c.data.to_vec()).collect();
+    assert_eq!(text, b"hello world");
+    assert!(store.logs("a", 2).await.expect("logs").is_empty());
+}
+
+async fn agents<S: Store>(store: S) {
+    let agent = |id: &str, name: &str, pool: &str| Agent {
+        id: id.into(),
+        name: name.into(),
+        pool: pool.into(),
+        labels: [("os".to_string(), if pool == "gpu" { "windows" } else { "linux" }.to_string())].into(),
+        slots: 4,
+        health: Health::Registering,
+        scheduling: SchedulingStatus::Active,
+        version: "1".into(),
+        create_time: t(0),
+        last_seen_time: t(0),
+        metrics: Default::default(),
+    };
+    store
+        .write(vec![
+            Write::PutAgent(Box::new(agent("a1", "one", "default"))),
+            Write::PutAgent(Box::new(agent("a2", "two", "gpu"))),
+            Write::PutAgent(Box::new(agent("a3", "three", "default"))),
+        ])
+        .await
+        .expect("agents");
+    assert_eq!(store.get_agent("a2").await.expect("get").map(|a| a.name), Some("two".into()));
+    assert_eq!(store.find_agent_by_name("default", "three").await.expect("find").map(|a| a.id), Some("a3".into()));
+    assert_eq!(store.find_agent_by_name("gpu", "three").await.expect("find"), None);
+    let pool = AgentFilter { pool: Some("default".into()), ..Default::default() };
+    let ids: Vec<_> = store.list_agents(&pool, None, 10).await.expect("list").into_iter().map(|a| a.id).collect();
+    assert_eq!(ids, ["a1", "a3"]);
+    let after: Vec<_> =
+        store.list_agents(&pool, Some("a1"), 10).await.expect("list").into_iter().map(|a| a.id).collect();
+    assert_eq!(after, ["a3"]);
+    let windows = AgentFilter { labels: [("os".to_string(), "windows".to_string())].into(), ..Default::default() };
+    let ids: Vec<_> = store.list_agents(&windows, None, 10).await.expect("list").into_iter().map(|a| a.id).collect();
+    assert_eq!(ids, ["a2"]);
+}
+
+async fn counters_only_rise<S: Store>(store: S) {
+    assert_eq!(store.counter(COUNTER_FENCING).await.expect("counter"), 0);
+    write_one(&store, Write::RaiseCounter { name: COUNTER_FENCING, value: 10 }).await;
+    write_one(&store, Write::RaiseCounter { name: COUNTER_FENCING, value: 7 }).await;
+    assert_eq!(store.counter(COUNTER_FENCING).await.expect("counter"), 10);
+}
+
+async fn concurrent_claims_have_one_winner<S: Store>(store: S) {
+    let j = job("contended", 1, "q", None);
+    write_one(&store, Write::CreateJob(Box::new(j.clone()))).await;
+    let store = Arc::new(store);
+    let mut tasks = Vec::new();
+    for worker in 0..16 {
+        let store = store.clone();
+        let mut claim = next(&j, JobState::Claimed);
+        claim.worker_id = format!("w{worker}");
+        tasks.push(tokio::spawn(async move {
+            store.write(vec![Write::UpdateJob { job: Box::new(claim), expected_version: 1 }]).await
+        }));
+    }
+    let mut winners = 0;
+    for task in tasks {
+        let outcomes = task.await.expect("join").expect("write");
+        if outcomes[0] == WriteOutcome::Applied {
+            winners += 1;
+        }
+    }
+    assert_eq!(winners, 1);
+}

@@ -1,0 +1,640 @@
+//! The embedded store: one redb file, written by one thread that groups the
+//! batches of concurrent callers into a single transaction and a single disk
+//! sync (group commit). A batch is acknowledged only after its transaction
+//! is durable, so acknowledged writes survive `kill -9` and power loss.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::thread;
+
+use async_trait::async_trait;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use super::{
+    AgentFilter, CountRow, JobFilter, LogChunk, Page, QueuedEntry, Store, StoreError, StoreResult, Write, WriteOutcome,
+};
+use crate::domain::{Agent, Job, JobState, Priority};
+
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+/// (state code, seq) -> QueuedEntry of the job in that state.
+const STATE_INDEX: TableDefinition<(u8, u64), &[u8]> = TableDefinition::new("jobs_by_state");
+/// (queue, idempotency key) -> job id.
+const IDEMPOTENCY: TableDefinition<(&str, &str), &str> = TableDefinition::new("idempotency_keys");
+/// (queue, state code, priority code) -> count.
+const COUNTS: TableDefinition<(&str, u8, u8), u64> = TableDefinition::new("job_counts");
+/// (job id, attempt, sequence) -> LogChunk.
+const LOGS: TableDefinition<(&str, u32, u64), &[u8]> = TableDefinition::new("job_logs");
+const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+/// (pool, name) -> agent id.
+const AGENT_NAMES: TableDefinition<(&str, &str), &str> = TableDefinition::new("agent_names");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+/// The record encoding's version, the first byte of every stored value.
+const FORMAT_V1: u8 = 1;
+
+/// How the store syncs commits to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Every commit is synced before it is acknowledged (the default).
+    Always,
+    /// Commits are synced only every `n`th time: faster, but a crash can lose
+    /// acknowledged writes. For benchmarks and throwaway setups only.
+    EveryNth(u32),
+}
+
+/// Options of the embedded store.
+#[derive(Debug, Clone)]
+pub struct EmbeddedOptions {
+    pub sync: SyncMode,
+    /// Most caller batches grouped into one transaction.
+    pub max_group: usize,
+}
+
+impl Default for EmbeddedOptions {
+    fn default() -> Self {
+        EmbeddedOptions { sync: SyncMode::Always, max_group: 512 }
+    }
+}
+
+struct WriteRequest {
+    batch: Vec<Write>,
+    reply: oneshot::Sender<StoreResult<Vec<WriteOutcome>>>,
+}
+
+/// The embedded, single-file store.
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    /// `None` only while dropping.
+    writer: Option<std_mpsc::Sender<WriteRequest>>,
+    writer_thread: Option<thread::JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer after its last group; joining
+        // it releases the file lock before the store is reopened.
+        self.writer.take();
+        if let Some(thread) = self.writer_thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn io_err(e: impl Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+fn encode<T: Serialize>(value: &T) -> StoreResult<Vec<u8>> {
+    postcard::to_extend(value, vec![FORMAT_V1]).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
+    match bytes.split_first() {
+        Some((&FORMAT_V1, rest)) => postcard::from_bytes(rest).map_err(|e| StoreError::Corrupt(format!("decode: {e}"))),
+        Some((v, _)) => Err(StoreError::Corrupt(format!("unknown record format {v}"))),
+        None => Err(StoreError::Corrupt("empty record".into())),
+    }
+}
+
+fn priority_code(p: Priority) -> u8 {
+    match p {
+        Priority::Low => 1,
+        Priority::Normal => 2,
+        Priority::High => 3,
+        Priority::Critical => 4,
+    }
+}
+
+fn priority_from_code(c: u8) -> StoreResult<Priority> {
+    Ok(match c {
+        1 => Priority::Low,
+        2 => Priority::Normal,
+        3 => Priority::High,
+        4 => Priority::Critical,
+        _ => return Err(StoreError::Corrupt(format!("priority code {c}"))),
+    })
+}
+
+fn state_from_code(c: u8) -> StoreResult<JobState> {
+    JobState::ALL.into_iter().find(|s| s.code() == c).ok_or_else(|| StoreError::Corrupt(format!("state code {c}")))
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store under `dir`.
+    pub fn open(dir: &Path, options: EmbeddedOptions) -> StoreResult<EmbeddedStore> {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(format!("create {}: {e}", dir.display())))?;
+        let path = dir.join("tether.redb");
+        let db = Database::create(&path).map_err(|e| io_err(format!("open {}: {e}", path.display())))?;
+        {
+            let txn = db.begin_write().map_err(io_err)?;
+            txn.open_table(JOBS).map_err(io_err)?;
+            txn.open_table(STATE_INDEX).map_err(io_err)?;
+            txn.open_table(IDEMPOTENCY).map_err(io_err)?;
+            txn.open_table(COUNTS).map_err(io_err)?;
+            txn.open_table(LOGS).map_err(io_err)?;
+            txn.open_table(AGENTS).map_err(io_err)?;
+            txn.open_table(AGENT_NAMES).map_err(io_err)?;
+            txn.open_table(COUNTERS).map_err(io_err)?;
+            txn.commit().map_err(io_err)?;
+        }
+        let db = Arc::new(db);
+        let (writer, requests) = std_mpsc::channel();
+        let writer_db = db.clone();
+        let writer_thread = thread::Builder::new()
+            .name("tether-store-writer".into())
+            .spawn(move || writer_loop(&writer_db, &requests, &options))
+            .map_err(io_err)?;
+        Ok(EmbeddedStore { db, writer: Some(writer), writer_thread: Some(writer_thread), path })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn read<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> StoreResult<T> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db)).await.map_err(|e| io_err(format!("read task: {e}")))?
+    }
+}
+
+fn writer_loop(db: &Database, requests: &std_mpsc::Receiver<WriteRequest>, options: &EmbeddedOptions) {
+    let mut commits: u64 = 0;
+    while let Ok(first) = requests.recv() {
+        let mut group = vec![first];
+        while group.len() < options.max_group {
+            match requests.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        commits += 1;
+        let durable = match options.sync {
+            SyncMode::Always => true,
+            SyncMode::EveryNth(n) => commits.is_multiple_of(u64::from(n.max(1))),
+        };
+        match apply_group(db, &group, durable) {
+            Ok(outcomes) => {
+                for (request, outcome) in group.into_iter().zip(outcomes) {
+                    let _ = request.reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store commit failed");
+                for request in group {
+                    let _ = request.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn apply_group(db: &Database, group: &[WriteRequest], durable: bool) -> StoreResult<Vec<Vec<WriteOutcome>>> {
+    let mut txn = db.begin_write().map_err(io_err)?;
+    if !durable {
+        txn.set_durability(Durability::None).map_err(io_err)?;
+    }
+    let mut outcomes = Vec::with_capacity(group.len());
+    {
+        let mut tables = Tables {
+            jobs: txn.open_table(JOBS).map_err(io_err)?,
+            state_index: txn.open_table(STATE_INDEX).map_err(io_err)?,
+            idempotency: txn.open_table(IDEMPOTENCY).map_err(io_err)?,
+            logs: txn.open_table(LOGS).map_err(io_err)?,
+            agents: txn.open_table(AGENTS).map_err(io_err)?,
+            agent_names: txn.open_table(AGENT_NAMES).map_err(io_err)?,
+            counters: txn.open_table(COUNTERS).map_err(io_err)?,
+            count_deltas: HashMap::new(),
+        };
+        for request in group {
+            let mut batch_outcomes = Vec::with_capacity(request.batch.len());
+            for write in &request.batch {
+                batch_outcomes.push(tables.apply(write)?);
+            }
+            outcomes.push(batch_outcomes);
+        }
+        let mut counts = txn.open_table(COUNTS).map_err(io_err)?;
+        for ((queue, state, priority), delta) in tables.count_deltas.drain() {
+            if delta == 0 {
+                continue;
+            }
+            let key = (queue.as_str(), state, priority);
+            let current = counts.get(key).map_err(io_err)?.map(|v| v.value()).unwrap_or(0);
+            let next = (current as i64 + delta).max(0) as u64;
+            if next == 0 {
+                counts.remove(key).map_err(io_err)?;
+            } else {
+                counts.insert(key, next).map_err(io_err)?;
+            }
+        }
+    }
+    txn.commit().map_err(io_err)?;
+    Ok(outcomes)
+}
+
+struct Tables<'txn> {
+    jobs: redb::Table<'txn, &'static str, &'static [u8]>,
+    state_index: redb::Table<'txn, (u8, u64), &'static [u8]>,
+    idempotency: redb::Table<'txn, (&'static str, &'static str), &'static str>,
+    logs: redb::Table<'txn, (&'static str, u32, u64), &'static [u8]>,
+    agents: redb::Table<'txn, &'static str, &'static [u8]>,
+    agent_names: redb::Table<'txn, (&'static str, &'static str), &'static str>,
+    counters: redb::Table<'txn, &'static str, u64>,
+    count_deltas: HashMap<(String, u8, u8), i64>,
+}
+
+impl Tables<'_> {
+    fn apply(&mut self, write: &Write) -> StoreResult<WriteOutcome> {
+        match write {
+            Write::CreateJob(job) => self.create_job(job),
+            Write::UpdateJob { job, expected_version } => self.update_job(job, *expected_version),
+            Write::PutAgent(agent) => {
+                let bytes = encode(agent.as_ref())?;
+                self.agents.insert(agent.id.as_str(), bytes.as_slice()).map_err(io_err)?;
+                self.agent_names
+                    .insert((agent.pool.as_str(), agent.name.as_str()), agent.id.as_str())
+                    .map_err(io_err)?;
+                Ok(WriteOutcome::Applied)
+            }
+            Write::AppendLog(chunk) => {
+                let key = (chunk.job_id.as_str(), chunk.attempt, chunk.sequence);
+                if self.logs.get(key).map_err(io_err)?.is_none() {
+                    let bytes = encode(chunk)?;
+                    self.logs.insert(key, bytes.as_slice()).map_err(io_err)?;
+                }
+                Ok(WriteOutcome::Applied)
+            }
+            Write::RaiseCounter { name, value } => {
+                let current = self.counters.get(*name).map_err(io_err)?.map(|v| v.value()).unwrap_or(0);
+                if *value > current {
+                    self.counters.insert(*name, *value).map_err(io_err)?;
+                }
+                Ok(WriteOutcome::Applied)
+            }
+        }
+    }
+
+    fn count(&mut self, job: &Job, delta: i64) {
+        *self
+            .count_deltas
+            .entry((job.spec.queue.clone(), job.state.code(), priority_code(job.spec.priority)))
+            .or_insert(0) += delta;
+    }
+
+    fn index(&mut self, job: &Job) -> StoreResult<()> {
+        let entry = encode(&QueuedEntry::of(job))?;
+        self.state_index.insert((job.state.code(), job.seq), entry.as_slice()).map_err(io_err)?;
+        Ok(())
+    }
+
+    fn create_job(&mut self, job: &Job) -> StoreResult<WriteOutcome> {
+        if self.jobs.get(job.id.as_str()).map_err(io_err)?.is_some() {
+            return Ok(WriteOutcome::IdExists);
+        }
+        if let Some(key) = &job.spec.idempotency_key {
+            let k = (job.spec.queue.as_str(), key.as_str());
+            if let Some(existing) = self.idempotency.get(k).map_err(io_err)? {
+                return Ok(WriteOutcome::IdempotencyKeyTaken { existing_job_id: existing.value().to_string() });
+            }
+            self.idempotency.insert(k, job.id.as_str()).map_err(io_err)?;
+        }
+        let bytes = encode(job)?;
+        self.jobs.insert(job.id.as_str(), bytes.as_slice()).map_err(io_err)?;
+        self.index(job)?;
+        self.count(job, 1);
+        Ok(WriteOutcome::Applied)
+    }
+
+    fn update_job(&mut self, job: &Job, expected_version: u64) -> StoreResult<WriteOutcome> {
+        let old: Job = match self.jobs.get(job.id.as_str()).map_err(io_err)? {
+            Some(bytes) => decode(bytes.value())?,
+            None => return Ok(WriteOutcome::VersionConflict { current_version: None }),
+        };
+        if old.version != expected_version {
+            return Ok(WriteOutcome::VersionConflict { current_version: Some(old.version) });
+        }
+        let bytes = encode(job)?;
+        self.jobs.insert(job.id.as_str(), bytes.as_slice()).map_err(io_err)?;
+        self.state_index.remove((old.state.code(), old.seq)).map_err(io_err)?;
+        self.index(job)?;
+        if old.state != job.state || old.spec.priority != job.spec.priority {
+            self.count(&old, -1);
+            self.count(job, 1);
+        }
+        Ok(WriteOutcome::Applied)
+    }
+}
+
+fn read_job(jobs: &impl ReadableTable<&'static str, &'static [u8]>, id: &str) -> StoreResult<Option<Job>> {
+    match jobs.get(id).map_err(io_err)? {
+        Some(bytes) => decode(bytes.value()).map(Some),
+        None => Ok(None),
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn write(&self, batch: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, outcome) = oneshot::channel();
+        let writer = self.writer.as_ref().ok_or(StoreError::Closed)?;
+        writer.send(WriteRequest { batch, reply }).map_err(|_| StoreError::Closed)?;
+        outcome.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn get_job(&self, id: &str) -> StoreResult<Option<Job>> {
+        let id = id.to_string();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(io_err)?;
+            read_job(&txn.open_table(JOBS).map_err(io_err)?, &id)
+        })
+        .await
+    }
+
+    async fn find_by_idempotency_key(&self, queue: &str, key: &str) -> StoreResult<Option<Job>> {
+        let (queue, key) = (queue.to_string(), key.to_string());
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(io_err)?;
+            let keys = txn.open_table(IDEMPOTENCY).map_err(io_err)?;
+            let Some(id) = keys.get((queue.as_str(), key.as_str())).map_err(io_err)? else {
+                return Ok(None);
+            };
+            read_job(&txn.open_table(JOBS).map_err(io_err)?, id.value())
+        })
+        .await
+    }
+
+    async fn list_jobs(&self, filter: &JobFilter, before_seq: Option<u64>, limit: usize) -> StoreResult<Page<Job>> {
+        let filter = filter.clone();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(io_err)?;
+            let index = txn.open_table(STATE_INDEX).map_err(io_err)?;
+            let jobs = txn.open_table(JOBS).map_err(io_err)?;
+            let states = if filter.states.is_empty() { JobState::ALL.to_vec() } else { filter.states.clone() };
+            let end = before_seq.unwrap_or(u64::MAX);
+            // Merge the per-state index ranges, newest (highest seq) first.
+            let mut ranges = Vec::new();
+            for state in states {
+                ranges.push(index.range((state.code(), 0)..(state.code(), end)).map_err(io_err)?.rev().peekable());
+            }
+            let mut items = Vec::new();
+            let mut last_seq = None;
+            loop {
+                let mut best: Option<(usize, u64)> = None;
+                for (i, range) in ranges.iter_mut().enumerate() {
+                    if let Some(Ok((key, _))) = range.peek() {
+                        let seq = key.value().1;
+                        if best.is_none_or(|(_, b)| seq > b) {
+                            best = Some((i, seq));
+                        }
+                    } else if let Some(Err(_)) = range.peek() {
+                        if let Some(Err(e)) = range.next() {
+                            return Err(io_err(e));
+                        }
+                    }
+                }
+                let Some((i, seq)) = best else { break };
+                let Some(Ok((_, value))) = ranges[i].next() else { break };
+                let entry: QueuedEntry = decode(value.value())?;
+                if filter.queue.as_ref().is_some_and(|q| *q != entry.queue) {
+                    continue;
+                }
+                if items.len() == limit {
+                    return Ok(Page { items, next: last_seq });
+                }
+                if let Some(job) = read_job(&jobs, &entry.id)? {
+                    items.push(job);
+                    last_seq = Some(seq);
+                }
+            }
+            Ok(Page { items, next: None })
+        })
+        .await
+    }
+
+    async fn list_dead_letters(
+        &self,
+        queue: Option<&str>,
+        after_seq: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Page<Job>> {
+        let queue = queue.map(str::to_string);
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(io_err)?;
+            let index = txn.open_table(STATE_INDEX).map_err(io_err)?;
+            let jobs = txn.open_table(JOBS).map_err(io_err)?;
+            let code = JobState::DeadLettered.code();
+            let start = after_seq.map_or(0, |s| s.saturating_add(1));
+            let mut items = Vec::new();
+            let mut last_seq = None;
+            for row in index.range((code, start)..=(code, u64::MAX)).map_err(io_err)? {
+                let (key, value) = row.map_err(io_err)?;
+                let entry: QueuedEntry = decode(value.value())?;
+                if queue.as_ref().is_some_and(|q| *q != entry.queue) {
+                    continue;
+                }
+                if items.len() == limit {
+                    return Ok(Page { items, next: last_seq });
+                }
+                if let Some(job) = read_job(&jobs, &entry.id)? {
+                    items.push(job);
+                    last_seq = Some(key.value().1);
+                }
+            }
+            Ok(Page { items, next: None })
+        })
+        .await
+    }
+
+    async fn load_queued(&self) -> StoreResult<Vec<QueuedEntry>> {
+        self.read(|db| {
+            let txn = db.begin_read().map_err(io_err)?;
+            let index = txn.open_table(STATE_INDEX).map_err(io_err)?;
+            let code = JobState::Queued.code();
+            let mut out = Vec::new();
+            for row in index.range((code, 0)..=(code, u64::MAX)).map_err(io_err)? {
+                let (_, value) = row.map_err(io_err)?;
+                out.push(decode(value.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn load_active(&self) -> StoreResult<Vec<Job>> {
+        self.read(|db| {
+            let txn = db.begin_read().map_err(io_err)?;
+            let index = txn.open_table(STATE_INDEX).map_err(io_err)?;
+            let jobs = txn.open_table(JOBS).map_err(io_err)?;
+            let mut out = Vec::new();
+            for state in [JobState::Claimed, JobState::Running] {
+                let code = state.code();
+                for row in index.range((code, 0)..=(code, u64::MAX)).map_err(io_err)? {
+                    let (_, value) = row.map_err(io_err)?;
+                    let entry: QueuedEntry = decode(value.value())?;
+                    match read_job(&jobs, &entry.id)? {
+                        Some(job) => out.push(job),
+                        None => return Err(StoreError::Corrupt(format!("index names missing job {}", entry.id))),
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn counts(&self) -> StoreResult<Vec<CountRow>> {
+        self.read(|db| {
+            let txn = db.begin_read().map_err(io_err)?;
+            let counts = txn.open_table(COUNTS).map_err(io_err)?;
+            let mut out = Vec::new();
+            for row in counts.iter().map_err(io_err)? {
+                let (key, value) = row.map_err(io_err)?;
+                let (queue, state, priority) = key.value();
+                out.push(CountRow {
+                    queue: queue.to_string(),
+                    state: state_from_code(state)?,
+                    priority: priority_from_code(priority)?,
+                    count: value.value(),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn logs(&self, job_id: &str, attempt: u32) -> StoreResult<Vec<LogChunk>> {
+        let job_id = job_id.to_string();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(io_err)?;
+            let logs = txn.open_table(LOGS).map_err(io_err)?;
+            let mut out = Vec::new();
+            for row in
+                logs.range((job_id.as_str(), attempt, 0)..=(job_id.as_str(), attempt, u64::MAX)).map_err(io_err)?
+            {
+                let (_, value) = row.map_err(io_err)?;
+                out.push(decode(value.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>> {
+        let id = id.to_string();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(io_err)?;
+            let agents = txn.open_table(AGENTS).map_err(io_err)?;
+            let value = agents.get(id.as_str()).map_err(io_err)?;
+            value.map(|v| decode(v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn find_agent_by_name(&self, pool: &str, name: &str) -> StoreResult<Option<Agent>> {
+        let (pool, name) = (pool.to_string(), name.to_string());
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(io_err)?;
+            let names = txn.open_table(AGENT_NAMES).map_err(io_err)?;
+            let Some(id) = names.get((pool.as_str(), name.as_str())).map_err(io_err)? else {
+                return Ok(None);
+            };
+            let agents = txn.open_table(AGENTS).map_err(io_err)?;
+            let value = agents.get(id.value()).map_err(io_err)?;
+            value.map(|v| decode(v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn list_agents(&self, filter: &AgentFilter, after_id: Option<&str>, limit: usize) -> StoreResult<Vec<Agent>> {
+        let filter = filter.clone();
+        let after = after_id.map(str::to_string);
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(io_err)?;
+            let agents = txn.open_table(AGENTS).map_err(io_err)?;
+            let mut out = Vec::new();
+            let rows = match &after {
+                Some(a) => agents.range::<&str>((std::ops::Bound::Excluded(a.as_str()), std::ops::Bound::Unbounded)),
+                None => agents.range::<&str>(..),
+            }
+            .map_err(io_err)?;
+            for row in rows {
+                let (_, value) = row.map_err(io_err)?;
+                let agent: Agent = decode(value.value())?;
+                if filter.pool.as_ref().is_some_and(|p| *p != agent.pool) {
+                    continue;
+                }
+                if !filter.labels.iter().all(|(k, v)| agent.labels.get(k) == Some(v)) {
+                    continue;
+                }
+                out.push(agent);
+                if out.len() == limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn counter(&self, name: &'static str) -> StoreResult<u64> {
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(io_err)?;
+            let counters = txn.open_table(COUNTERS).map_err(io_err)?;
+            Ok(counters.get(name).map_err(io_err)?.map(|v| v.value()).unwrap_or(0))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance;
+
+    #[tokio::test]
+    async fn embedded_store_passes_the_conformance_suite() {
+        let mut dirs = Vec::new();
+        conformance::run_all(|| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open");
+            dirs.push(dir);
+            store
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn acknowledged_writes_survive_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open");
+            let job = conformance::job("a", 1, "q", Some("key"));
+            let outcomes = store.write(vec![Write::CreateJob(Box::new(job))]).await.expect("write");
+            assert_eq!(outcomes, vec![WriteOutcome::Applied]);
+        }
+        let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("reopen");
+        assert_eq!(store.get_job("a").await.expect("get").map(|j| j.spec.queue), Some("q".into()));
+        assert!(store.find_by_idempotency_key("q", "key").await.expect("find").is_some());
+    }
+
+    #[tokio::test]
+    async fn corrupt_records_are_reported_not_panicked_on() {
+        assert!(matches!(decode::<Job>(&[]), Err(StoreError::Corrupt(_))));
+        assert!(matches!(decode::<Job>(&[9, 1, 2]), Err(StoreError::Corrupt(_))));
+        assert!(matches!(decode::<Job>(&[FORMAT_V1, 0xff]), Err(StoreError::Corrupt(_))));
+    }
+}

@@ -1,0 +1,179 @@
+//! Storage: one trait at the level of domain writes (conditional job
+//! transitions, idempotent creation) and reads, with one conformance suite
+//! that every backend must pass.
+//!
+//! Every write in a [`Store::write`] batch is conditional on its own and
+//! reports its own [`WriteOutcome`]; the batch as a whole is durable when the
+//! call returns. Backends may group batches from concurrent callers into one
+//! disk sync (group commit).
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Agent, Job, JobState, Priority, Routing};
+
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+pub mod embedded;
+
+/// A storage failure. Conflicts are not errors: they are outcomes.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("storage I/O failed: {0}")]
+    Io(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the store is closed")]
+    Closed,
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// One conditional write.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Inserts a new job (its `version` must be 1). Refused if the id exists
+    /// or if its queue's idempotency key is already taken.
+    CreateJob(Box<Job>),
+    /// Replaces a job if its stored version is `expected_version`. The new
+    /// record's version must be `expected_version + 1`.
+    UpdateJob { job: Box<Job>, expected_version: u64 },
+    /// Inserts or replaces an agent.
+    PutAgent(Box<Agent>),
+    /// Stores a log chunk; a chunk whose key exists is ignored.
+    AppendLog(LogChunk),
+    /// Raises a named high-water mark (never lowers it).
+    RaiseCounter { name: &'static str, value: u64 },
+}
+
+/// What happened to one write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOutcome {
+    Applied,
+    /// The condition failed: the job is missing or has another version.
+    VersionConflict {
+        current_version: Option<u64>,
+    },
+    /// CreateJob whose id already exists.
+    IdExists,
+    /// CreateJob whose idempotency key belongs to another job.
+    IdempotencyKeyTaken {
+        existing_job_id: String,
+    },
+}
+
+/// A chunk of a job attempt's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogChunk {
+    pub job_id: String,
+    pub attempt: u32,
+    pub sequence: u64,
+    pub stderr: bool,
+    pub data: Bytes,
+    pub time: SystemTime,
+}
+
+/// The compact form of a queued job loaded at start-up: enough to route and
+/// order it without loading its payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueuedEntry {
+    pub id: String,
+    pub seq: u64,
+    pub queue: String,
+    pub priority: Priority,
+    pub routing: Routing,
+    pub ready_time: SystemTime,
+    pub create_time: SystemTime,
+}
+
+impl QueuedEntry {
+    pub fn of(job: &Job) -> QueuedEntry {
+        QueuedEntry {
+            id: job.id.clone(),
+            seq: job.seq,
+            queue: job.spec.queue.clone(),
+            priority: job.spec.priority,
+            routing: job.spec.routing.clone(),
+            ready_time: job.ready_time,
+            create_time: job.create_time,
+        }
+    }
+}
+
+/// Which jobs a listing returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobFilter {
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Only these states; empty means all.
+    pub states: Vec<JobState>,
+}
+
+/// One page of a listing; `next` resumes after the last item.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<u64>,
+}
+
+/// Job counts of one (queue, state, priority).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CountRow {
+    pub queue: String,
+    pub state: JobState,
+    pub priority: Priority,
+    pub count: u64,
+}
+
+/// Agent listing filter.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentFilter {
+    pub pool: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Counter names.
+pub const COUNTER_SEQ: &str = "job_seq";
+pub const COUNTER_FENCING: &str = "fencing_token";
+
+/// The storage interface. Implementations must pass
+/// [`conformance::run_all`].
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies each write conditionally, in order; durable on return.
+    async fn write(&self, batch: Vec<Write>) -> StoreResult<Vec<WriteOutcome>>;
+
+    async fn get_job(&self, id: &str) -> StoreResult<Option<Job>>;
+    /// The job holding `key` in `queue`, if any.
+    async fn find_by_idempotency_key(&self, queue: &str, key: &str) -> StoreResult<Option<Job>>;
+    /// Jobs newest first, resuming before `before_seq`.
+    async fn list_jobs(&self, filter: &JobFilter, before_seq: Option<u64>, limit: usize) -> StoreResult<Page<Job>>;
+    /// Dead letters oldest first, resuming after `after_seq`.
+    async fn list_dead_letters(
+        &self,
+        queue: Option<&str>,
+        after_seq: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Page<Job>>;
+    /// Every queued job in compact form (start-up).
+    async fn load_queued(&self) -> StoreResult<Vec<QueuedEntry>>;
+    /// Every claimed or running job (start-up).
+    async fn load_active(&self) -> StoreResult<Vec<Job>>;
+    /// Counts of every (queue, state, priority) with a non-zero count.
+    async fn counts(&self) -> StoreResult<Vec<CountRow>>;
+    /// The log chunks of one attempt, in sequence order.
+    async fn logs(&self, job_id: &str, attempt: u32) -> StoreResult<Vec<LogChunk>>;
+
+    async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>>;
+    async fn find_agent_by_name(&self, pool: &str, name: &str) -> StoreResult<Option<Agent>>;
+    /// Agents ordered by id, resuming after `after_id`.
+    async fn list_agents(&self, filter: &AgentFilter, after_id: Option<&str>, limit: usize) -> StoreResult<Vec<Agent>>;
+
+    /// A high-water mark; 0 if never raised.
+    async fn counter(&self, name: &'static str) -> StoreResult<u64>;
+}

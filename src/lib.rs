@@ -1,0 +1,19 @@
+//! The Tether API crate: Rust code generated from `proto/tether/v1` plus a few
+//! helpers every client and the server share.
+
+/// Generated messages, clients and servers of package `tether.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("tether.v1");
+}
+
+/// The encoded `FileDescriptorSet` of every tether.v1 proto (and its
+/// imports), for server reflection and dynamic JSON encoding.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tether_descriptor.bin"));
+
+/// The agent stream protocol versions this build speaks.
+pub const PROTOCOL_VERSION_MIN: u32 = 1;
+/// See [`PROTOCOL_VERSION_MIN`].
+pub const PROTOCOL_VERSION_MAX: u32 = 1;
+
+pub mod time;

@@ -1,0 +1,273 @@
+//! Shared helpers for the end-to-end tests: a real server on an ephemeral
+//! port over a real embedded store, gRPC clients, and a raw stream agent for
+//! protocol-level tests.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tether::v1 as pb;
+use tether::v1::agent_service_client::AgentServiceClient;
+use tether::v1::queue_service_client::QueueServiceClient;
+use tether_server::clock::{Clock, ManualClock, SystemClock};
+use tether_server::engine::EngineConfig;
+use tether_server::server::{serve, ServerParts};
+use tether_server::store::embedded::{EmbeddedOptions, EmbeddedStore};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Streaming;
+
+/// Upper bound for any single wait in a test; a test that hits it failed.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// How to start a test server.
+#[derive(Clone, Default)]
+pub struct Options {
+    /// Drive time by hand; `None` uses the system clock.
+    pub clock: Option<ManualClock>,
+    pub engine: Option<EngineConfig>,
+}
+
+/// A running server.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub url: String,
+    pub clock: Option<ManualClock>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// A temporary data directory that outlives server restarts.
+pub struct DataDir(tempfile::TempDir);
+
+impl DataDir {
+    pub fn new() -> DataDir {
+        DataDir(tempfile::tempdir().expect("tempdir"))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Default for DataDir {
+    fn default() -> Self {
+        DataDir::new()
+    }
+}
+
+/// Engine settings for tests: short backoff so manual clocks advance little.
+pub fn test_engine_config() -> EngineConfig {
+    EngineConfig {
+        heartbeat_interval: Duration::from_millis(500),
+        reconnect_grace: Duration::from_secs(5),
+        backoff_base: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(8),
+        ..EngineConfig::default()
+    }
+}
+
+impl TestServer {
+    /// Starts a server on 127.0.0.1:0 over a store in `dir`.
+    pub async fn start(dir: &DataDir, options: Options) -> TestServer {
+        Self::start_at(dir.path().to_path_buf(), options).await
+    }
+
+    pub async fn start_at(dir: PathBuf, options: Options) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let store = EmbeddedStore::open(&dir, EmbeddedOptions::default()).expect("open store");
+        let clock: Arc<dyn Clock> = match &options.clock {
+            Some(c) => Arc::new(c.clone()),
+            None => Arc::new(SystemClock),
+        };
+        let parts = ServerParts {
+            store: Arc::new(store),
+            clock,
+            engine: options.engine.unwrap_or_else(test_engine_config),
+            max_agent_streams: 1000,
+        };
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, parts, async move {
+            let _ = stop.await;
+        }));
+        TestServer {
+            addr,
+            url: format!("http://{addr}"),
+            clock: options.clock,
+            shutdown: Some(shutdown),
+            task: Some(task),
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(self.url.clone()).expect("url").tcp_nodelay(true).connect().await.expect("connect")
+    }
+
+    pub async fn queue(&self) -> QueueServiceClient<Channel> {
+        QueueServiceClient::new(self.channel().await)
+    }
+
+    pub async fn agents(&self) -> AgentServiceClient<Channel> {
+        AgentServiceClient::new(self.channel().await)
+    }
+
+    /// Moves the manual clock.
+    pub fn advance(&self, by: Duration) {
+        self.clock.as_ref().expect("this server has no manual clock").advance(by);
+    }
+
+    /// Graceful shutdown; waits until the server has stopped.
+    pub async fn stop(mut self) {
+        self.stop_inner().await;
+    }
+
+    async fn stop_inner(&mut self) {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let result = tokio::time::timeout(WAIT, task).await.expect("server stops in time").expect("join");
+            result.expect("server ran cleanly");
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// A start time for manual clocks.
+pub fn epoch() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+}
+
+/// An enqueue request with a payload.
+pub fn job(queue: &str, payload: &str) -> pb::EnqueueJobRequest {
+    pb::EnqueueJobRequest { queue: queue.into(), payload: payload.as_bytes().to_vec().into(), ..Default::default() }
+}
+
+/// An agent speaking the raw Connect protocol, for protocol-level tests.
+pub struct RawAgent {
+    pub agent_id: String,
+    pub welcome: pb::Welcome,
+    outbound: mpsc::Sender<pb::ConnectRequest>,
+    inbound: Streaming<pb::ConnectResponse>,
+}
+
+pub fn hello(name: &str, slots: u32) -> pb::Hello {
+    pb::Hello {
+        name: name.into(),
+        pool: "default".into(),
+        slots,
+        version: "test".into(),
+        min_protocol_version: 1,
+        max_protocol_version: 1,
+        ..Default::default()
+    }
+}
+
+impl RawAgent {
+    pub async fn connect(server: &TestServer, hello: pb::Hello) -> Result<RawAgent, tonic::Status> {
+        let (outbound, rx) = mpsc::channel(1024);
+        outbound
+            .send(pb::ConnectRequest { message: Some(pb::connect_request::Message::Hello(hello)) })
+            .await
+            .expect("send hello");
+        let mut client = server.agents().await;
+        let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| tonic::Status::internal("no welcome"))?;
+        match first.message {
+            Some(pb::connect_response::Message::Welcome(welcome)) => {
+                Ok(RawAgent { agent_id: welcome.agent_id.clone(), welcome, outbound, inbound })
+            }
+            other => Err(tonic::Status::internal(format!("expected a welcome, got {other:?}"))),
+        }
+    }
+
+    pub async fn send(&self, message: pb::connect_request::Message) {
+        self.outbound.send(pb::ConnectRequest { message: Some(message) }).await.expect("send");
+    }
+
+    /// The next message from the server (panics after [`WAIT`]).
+    pub async fn next(&mut self) -> pb::connect_response::Message {
+        let message = tokio::time::timeout(WAIT, self.inbound.message())
+            .await
+            .expect("a server message in time")
+            .expect("stream ok")
+            .expect("stream open");
+        message.message.expect("message set")
+    }
+
+    /// Waits for the next assignment, skipping other messages.
+    pub async fn next_assignment(&mut self) -> pb::Assignment {
+        loop {
+            if let pb::connect_response::Message::Assignment(a) = self.next().await {
+                return a;
+            }
+        }
+    }
+
+    /// Waits for the ack of an update about `job_id`.
+    pub async fn next_ack(&mut self) -> pb::JobUpdateAck {
+        loop {
+            if let pb::connect_response::Message::JobUpdateAck(a) = self.next().await {
+                return a;
+            }
+        }
+    }
+
+    pub async fn accept_and_start(&self, job: &pb::JobRef) {
+        self.send(pb::connect_request::Message::AssignmentAck(pb::AssignmentAck {
+            job: Some(job.clone()),
+            accepted: true,
+            reason: String::new(),
+        }))
+        .await;
+        self.send(pb::connect_request::Message::JobStarted(pb::JobStarted { job: Some(job.clone()) })).await;
+    }
+
+    pub async fn finish(&self, job: &pb::JobRef, outcome: pb::JobOutcome, result: &str) {
+        self.send(pb::connect_request::Message::JobFinished(pb::JobFinished {
+            job: Some(job.clone()),
+            outcome: outcome as i32,
+            result: result.as_bytes().to_vec().into(),
+            error: String::new(),
+            exit_code: 0,
+        }))
+        .await;
+    }
+
+    /// Drops the stream as a crashed agent would.
+    pub fn kill(self) {}
+}
+
+/// Waits on a watch stream until `pred` holds for a job event.
+pub async fn wait_for_event(
+    watch: &mut Streaming<pb::WatchQueueResponse>,
+    mut pred: impl FnMut(&pb::QueuedJob) -> bool,
+) -> pb::QueuedJob {
+    loop {
+        let event = tokio::time::timeout(WAIT, watch.message())
+            .await
+            .expect("an event in time")
+            .expect("watch ok")
+            .expect("watch open");
+        if let Some(job) = event.job {
+            if pred(&job) {
+                return job;
+            }
+        }
+    }
+}
+
+pub fn state(job: &pb::QueuedJob) -> pb::QueuedJobState {
+    pb::QueuedJobState::try_from(job.state).unwrap_or(pb::QueuedJobState::Unspecified)
+}

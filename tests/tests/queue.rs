@@ -1,0 +1,494 @@
+//! QueueService end to end over the unary worker path: ordering, routing,
+//! fencing, retries, dead letters, cancel, idempotency, scheduling and input
+//! validation. Time is a manual clock.
+
+use std::time::Duration;
+
+use tether::time::{to_duration, to_timestamp};
+use tether::v1 as pb;
+use tether::v1::queue_service_client::QueueServiceClient;
+use tether_tests::{epoch, job, state, wait_for_event, DataDir, Options, TestServer};
+use tonic::transport::Channel;
+use tonic::Code;
+
+async fn manual_server(dir: &DataDir) -> TestServer {
+    let clock = tether_server::clock::ManualClock::new(epoch());
+    TestServer::start(dir, Options { clock: Some(clock), engine: None }).await
+}
+
+async fn enqueue(q: &mut QueueServiceClient<Channel>, req: pb::EnqueueJobRequest) -> pb::QueuedJob {
+    q.enqueue_job(req).await.expect("enqueue").into_inner().job.expect("job")
+}
+
+async fn claim(q: &mut QueueServiceClient<Channel>, labels: &[(&str, &str)]) -> Option<pb::QueuedJob> {
+    q.claim_job(pb::ClaimJobRequest {
+        worker_id: "worker-1".into(),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    })
+    .await
+    .expect("claim")
+    .into_inner()
+    .job
+}
+
+fn with_priority(name: &str, p: pb::Priority) -> pb::EnqueueJobRequest {
+    pb::EnqueueJobRequest { priority: p as i32, ..job("q", name) }
+}
+
+fn payload(job: &pb::QueuedJob) -> String {
+    String::from_utf8_lossy(&job.payload).into_owned()
+}
+
+#[tokio::test]
+async fn claims_follow_priority_then_fifo() {
+    let dir = DataDir::new();
+    let server = manual_server(&dir).await;
+    let mut q = server.queue().await;
+    use pb::Priority::*;
+    for (name, p) in
+        [("l1", Low), ("n1", Normal), ("c1", Critical), ("n2", Unspecified), ("h1", High), ("c2", Critical)]
+    {
+        enqueue(&mut q, with_priority(name, p)).await;
+    }
+    let mut order = Vec::new();
+    while let Some(j) = claim(&mut q, &[]).await {
+        order.push(payload(&j));
+    }
+    assert_eq!(order, ["c1", "c2", "h1", "n1", "n2", "l1"]);
+}
+
+#[tokio::test]
+async fn labels_and_pools_route_jobs() {
+    let dir = DataDir::new();
+    let server = manual_server(&dir).await;
+    let mut q = server.queue().await;
+    let gpu = pb::EnqueueJobRequest {
+        routing: Some(pb::Routing { pool: String::new(), required_labels: [("gpu".into(), "a100".into())].into() }),
+        ..job("q", "gpu-job")
+    };
+    let other_pool = pb::EnqueueJobRequest {
+        routing: Some(pb::Routing { pool: "arm".into(), ..Default::default() }),
+        ..job("q", "arm-job")
+    };
+    enqueue(&mut q, gpu).await;
+    enqueue(&mut q, other_pool).await;
+    assert!(claim(&mut q, &[]).await.is_none(), "a worker without the label gets nothing");
+    assert!(claim(&mut q, &[("gpu", "h100")]).await.is_none(), "label values must match");
+    let got = claim(&mut q, &[("gpu", "a100"), ("os", "linux")]).await.expect("gpu job");
+    assert_eq!(payload(&got), "gpu-job");
+    let arm = q
+        .claim_job(pb::ClaimJobRequest { worker_id: "w".into(), pool: "arm".into(), ..Default::default() })
+        .await
+        .expect("claim")
+        .into_inner()
+        .job
+        .expect("arm job");
+    assert_eq!(payload(&arm), "arm-job");
+}
+
+#[tokio::test]
+async fn stale_fencing_tokens_are_refused() {
+    let dir = DataDir::new();
+    let server = manual_server(&dir).await;
+    let mut q = server.queue().await;
+    enqueue(&mut q, job("q", "x")).await;
+    let j = claim(&mut q, &[]).await.expect("claimed");
+    assert_eq!(j.attempt, 1);
+    assert_eq!(state(&j), pb::QueuedJobState::Claimed);
+    let started = q
+        .start_job(pb::StartJobRequest { id: j.id.clone(), attempt: 1, fencing_token: j.fencing_token })
+        .await
+        .expect("start")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(state(&started), pb::QueuedJobState::Running);
+    let renewed = q
+        .renew_lease(pb::RenewLeaseRequest {
+            id: j.id.clone(),
+            attempt: 1,
+            fencing_token: j.fencing_token,
+            lease_duration: Some(to_duration(Duration::from_secs(120))),
+        })
+        .await
+        .expect("renew")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(renewed.lease_expire_time, Some(to_timestamp(epoch() + Duration::from_secs(120))));
+    let stale = q
+        .complete_job(pb::CompleteJobRequest {
+            id: j.id.clone(),
+            attempt: 1,
+            fencing_token: j.fencing_token + 1,
+            result: Default::default(),
+        })
+        .await
+        .expect_err("a wrong token is refused");
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    let done = q
+        .complete_job(pb::CompleteJobRequest {
+            id: j.id.clone(),
+            attempt: 1,
+            fencing_token: j.fencing_token,
+            result: "ok".into(),
+        })
+        .await
+        .expect("complete")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(state(&done), pb::QueuedJobState::Succeeded);
+    let again = q
+        .fail_job(pb::FailJobRequest {
+            id: j.id.clone(),
+            attempt: 1,
+            fencing_token: j.fencing_token,
+            error: "late".into(),
+            retryable: true,
+        })
+        .await
+        .expect_err("a finished attempt takes no result");
+    assert_eq!(again.code(), Code::FailedPrecondition);
+    let stored =
+        q.get_queued_job(pb::GetQueuedJobRequest { id: j.id }).await.expect("get").into_inner().job.expect("job");
+    assert_eq!(state(&stored), pb::QueuedJobState::Succeeded);
+    assert_eq!(&stored.result[..], b"ok");
+}
+
+#[tokio::test]
+async fn retries_back_off_then_dead_letter_and_redrive() {
+    let dir = DataDir::new();
+    let server = manual_server(&dir).await;
+    let mut q = server.queue().await;
+    let created = enqueue(&mut q, pb::EnqueueJobRequest { max_attempts: 2, ..job("q", "flaky") }).await;
+    for attempt in 1..=2 {
+        let j = claim(&mut q, &[]).await.expect("claimable");
+        assert_eq!((j.id.as_str(), j.attempt), (created.id.as_str(), attempt));
+        let failed = q
+            .fail_job(pb::FailJobRequest {
+                id: j.id.clone(),
+                attempt,
+                fencing_token: j.fencing_token,
+                error: format!("boom {attempt}"),
+                retryable: true,
+            })
+            .await
+            .expect("fail")
+            .into_inner()
+            .job
+            .expect("job");
+        if attempt == 1 {
+            assert_eq!(state(&failed), pb::QueuedJobState::Queued);
+            let ready = failed.ready_time.as_ref().and_then(tether::time::from_timestamp);
+            assert!(ready > Some(epoch()), "a retry waits for its backoff");
+            assert!(claim(&mut q, &[]).await.is_none(), "not before the backoff ends");
+            server.advance(Duration::from_secs(10));
+        } else {
+            assert_eq!(state(&failed), pb::QueuedJobState::DeadLettered);
+            assert_eq!(failed.last_error, "boom 2");
+        }
+    }
+    let dead = q.list_dead_letters(pb::ListDeadLettersRequest::default()).await.expect("list").into_inner().jobs;
+    assert_eq!(dead.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), [created.id.as_str()]);
+    let redriven = q
+        .redrive_dead_letter(pb::RedriveDeadLetterRequest { id: created.id.clone() })
+        .await
+        .expect("redrive")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!((state(&redriven), redriven.attempt), (pb::QueuedJobState::Queued, 0));
+    let j = claim(&mut q, &[]).await.expect("claimable after redrive");
+    q.complete_job(pb::CompleteJobRequest {
+        id: j.id.clone(),
+        attempt: j.attempt,
+        fencing_token: j.fencing_token,
+        result: Default::default(),
+    })
+    .await
+    .expect("complete");
+    let again = q.redrive_dead_letter(pb::RedriveDeadLetterRequest { id: created.id }).await.expect_err("not dead");
+    assert_eq!(again.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn permanent_failures_do_not_retry() {
+    let dir = DataDir::new();
+    let server = manual_server(&dir).await;
+    let mut q = server.queue().await;
+    enqueue(&mut q, job("q", "bad")).await;
+    let j = claim(&mut q, &[]).await.expect("claimed");
+    let failed = q
+        .fail_job(pb::FailJobRequest {
+            id: j.id,
+            attempt: 1,
+            fencing_token: j.fencing_token,
+            error: "bad input".into(),
+            retryable: false,
+        })
+        .await
+        .expect("fail")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(state(&failed), pb::QueuedJobState::Failed);
+}
+
+#[tokio::test]
+async fn expired_leases_requeue_with_the_next_attempt() {
+    let dir = DataDir::new();
+    let server = manual_server(&dir).await;
+    let mut q = server.queue().await;
+    let mut watch = q.watch_queue(pb::WatchQueueRequest::default()).await.expect("watch").into_inner();
+    let req = pb::EnqueueJobRequest { lease_duration: Some(to_duration(Duration::from_secs(5))), ..job("q", "x") };
+    let created = enqueue(&mut q, req).await;
+    let first = claim(&mut q, &[]).await.expect("claimed");
+    server.advance(Duration::from_secs(6));
+    let requeued =
+        wait_for_event(&mut watch, |j| j.id == created.id && state(j) == pb::QueuedJobState::Queued && j.attempt == 1)
+            .await;
+    assert!(requeued.last_error.contains("lease expired"), "{}", requeued.last_error);
+    let late = q
+        .complete_job(pb::CompleteJobRequest {
+            id: first.id.clone(),
+            attempt: 1,
+            fencing_token: first.fencing_token,
+            result: Default::default(),
+        })
+        .await
+        .expect_err("the expired attempt's result is refused");
+    assert_eq!(late.code(), Code::FailedPrecondition);
+    server.advance(Duration::from_secs(10));
+    let second = claim(&mut q, &[]).await.expect("claimable again");
+    assert_eq!(second.attempt, 2);
+    assert!(second.fencing_token > first.fencing_token);
+}
+
+#[tokio::test]
+async fn timeouts_end_attempts() {
+    let dir = DataDir::new();
+    let server = manual_server(&dir).await;
+    let mut q = server.queue().await;
+    let mut watch = q
+        .watch_queue(pb::WatchQueueRequest { queue: "q".into(), ..Default::default() })
+        .await
+        .expect("watch")
+        .into_inner();
+    let req = pb::EnqueueJobRequest {
+        timeout: Some(to_duration(Duration::from_secs(10))),
+        lease_duration: Some(to_duration(Duration::from_secs(60))),
+        ..job("q", "slow")
+    };
+    let created = enqueue(&mut q, req).await;
+    claim(&mut q, &[]).await.expect("claimed");
+    server.advance(Duration::from_secs(11));
+    let requeued =
+        wait_for_event(&mut watch, |j| j.id == created.id && state(j) == pb::QueuedJobState::Queued && j.attempt == 1)
+            .await;
+    assert!(requeued.last_error.contains("timed out"), "{}", requeued.last_error);
+}
+
+#[tokio::test]
+async fn not_before_delays_dispatch() {
+    let dir = DataDir::new();
+    let server = manual_server(&dir).await;
+    let mut q = server.queue().await;
+    let req = pb::EnqueueJobRequest {
+        not_before: Some(to_timestamp(epoch() + Duration::from_secs(60))),
+        ..job("q", "later")
+    };
+    enqueue(&mut q, req).await;
+    assert!(claim(&mut q, &[]).await.is_none());
+    server.advance(Duration::from_secs(59));
+    assert!(claim(&mut q, &[]).await.is_none());
+    server.advance(Duration::from_secs(1));
+    assert_eq!(claim(&mut q, &[]).await.map(|j| payload(&j)), Some("later".into()));
+}
+
+#[tokio::test]
+async fn cancel_queued_jobs() {
+    let dir = DataDir::new();
+    let server = manual_server(&dir).await;
+    let mut q = server.queue().await;
+    let j = enqueue(&mut q, job("q", "x")).await;
+    let cancelled = q
+        .cancel_queued_job(pb::CancelQueuedJobRequest { id: j.id.clone(), reason: "not needed".into() })
+        .await
+        .expect("cancel")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(state(&cancelled), pb::QueuedJobState::Cancelled);
+    assert!(claim(&mut q, &[]).await.is_none(), "a cancelled job is never dispatched");
+    let again = q
+        .cancel_queued_job(pb::CancelQueuedJobRequest { id: j.id, reason: String::new() })
+        .await
+        .expect_err("finished");
+    assert_eq!(again.code(), Code::FailedPrecondition);
+    let missing = q
+        .cancel_queued_job(pb::CancelQueuedJobRequest { id: "nope".into(), reason: String::new() })
+        .await
+        .expect_err("missing");
+    assert_eq!(missing.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn idempotency_keys_deduplicate() {
+    let dir = DataDir::new();
+    let server = manual_server(&dir).await;
+    let mut q = server.queue().await;
+    let req = pb::EnqueueJobRequest { idempotency_key: "build-42".into(), ..job("q", "same") };
+    let first = q.enqueue_job(req.clone()).await.expect("first").into_inner();
+    let second = q.enqueue_job(req.clone()).await.expect("second").into_inner();
+    assert!(first.created);
+    assert!(!second.created);
+    assert_eq!(first.job.map(|j| j.id), second.job.map(|j| j.id));
+    let different = pb::EnqueueJobRequest { payload: "other".as_bytes().to_vec().into(), ..req.clone() };
+    let err = q.enqueue_job(different).await.expect_err("same key, other payload");
+    assert_eq!(err.code(), Code::AlreadyExists);
+    // Within one batch, a repeated key refers to the first job.
+    let batch = q
+        .batch_enqueue_jobs(pb::BatchEnqueueJobsRequest {
+            requests: vec![
+                pb::EnqueueJobRequest { idempotency_key: "k2".into(), ..job("q", "b") },
+                pb::EnqueueJobRequest { idempotency_key: "k2".into(), ..job("q", "b") },
+            ],
+        })
+        .await
+        .expect("batch")
+        .into_inner();
+    assert_eq!(batch.created, [true, false]);
+    assert_eq!(batch.jobs[0].id, batch.jobs[1].id);
+    let stats = q.get_queue_stats(pb::GetQueueStatsRequest { queue: "q".into() }).await.expect("stats").into_inner();
+    let queued = stats.by_state.iter().find(|s| s.state == pb::QueuedJobState::Queued as i32).map(|s| s.count);
+    assert_eq!(queued, Some(2));
+}
+
+#[tokio::test]
+async fn stats_and_listing() {
+    let dir = DataDir::new();
+    let server = manual_server(&dir).await;
+    let mut q = server.queue().await;
+    let requests = (0..25)
+        .map(|i| with_priority(&format!("j{i}"), if i < 5 { pb::Priority::High } else { pb::Priority::Low }))
+        .collect();
+    q.batch_enqueue_jobs(pb::BatchEnqueueJobsRequest { requests }).await.expect("batch");
+    enqueue(&mut q, job("other", "o")).await;
+    server.advance(Duration::from_secs(30));
+    let stats = q.get_queue_stats(pb::GetQueueStatsRequest { queue: "q".into() }).await.expect("stats").into_inner();
+    let by_priority: Vec<(i32, u64)> = stats.queued_by_priority.iter().map(|p| (p.priority, p.count)).collect();
+    assert!(by_priority.contains(&(pb::Priority::High as i32, 5)));
+    assert!(by_priority.contains(&(pb::Priority::Low as i32, 20)));
+    assert_eq!(stats.oldest_queued_age, Some(to_duration(Duration::from_secs(30))));
+
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = q
+            .list_queued_jobs(pb::ListQueuedJobsRequest {
+                queue: "q".into(),
+                page_size: 10,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        ids.extend(page.jobs.into_iter().map(|j| payload(&j)));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(ids.len(), 25);
+    assert_eq!(ids.first().map(String::as_str), Some("j24"), "newest first");
+}
+
+#[tokio::test]
+async fn bad_input_gets_precise_statuses() {
+    let dir = DataDir::new();
+    let server = manual_server(&dir).await;
+    let mut q = server.queue().await;
+    let unknown_enum = q.enqueue_job(pb::EnqueueJobRequest { priority: 99, ..job("q", "x") }).await.expect_err("enum");
+    assert_eq!(unknown_enum.code(), Code::InvalidArgument);
+    assert!(unknown_enum.message().contains("priority"), "{}", unknown_enum.message());
+
+    let empty = q.enqueue_job(job("", "x")).await.expect_err("empty queue");
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    assert!(empty.message().contains("queue"), "{}", empty.message());
+
+    let big = pb::EnqueueJobRequest { payload: vec![b'x'; 1024 * 1024 + 1].into(), ..job("q", "") };
+    let big = q.enqueue_job(big).await.expect_err("oversize");
+    assert_eq!(big.code(), Code::ResourceExhausted);
+    assert!(big.message().contains("payload"), "{}", big.message());
+
+    let batch = q
+        .batch_enqueue_jobs(pb::BatchEnqueueJobsRequest { requests: vec![job("q", "ok"), job("bad queue", "x")] })
+        .await
+        .expect_err("bad batch");
+    assert_eq!(batch.code(), Code::InvalidArgument);
+    assert!(batch.message().contains("requests[1].queue"), "{}", batch.message());
+    let stats = q.get_queue_stats(pb::GetQueueStatsRequest::default()).await.expect("stats").into_inner();
+    assert!(stats.by_state.iter().all(|s| s.count == 0), "a refused batch enqueues nothing");
+
+    let state_filter = q
+        .list_queued_jobs(pb::ListQueuedJobsRequest { states: vec![42], ..Default::default() })
+        .await
+        .expect_err("unknown state");
+    assert_eq!(state_filter.code(), Code::InvalidArgument);
+    assert!(state_filter.message().contains("states[0]"), "{}", state_filter.message());
+
+    let no_worker = q.claim_job(pb::ClaimJobRequest::default()).await.expect_err("worker id");
+    assert_eq!(no_worker.code(), Code::InvalidArgument);
+    assert!(no_worker.message().contains("worker_id"));
+
+    let missing = q.get_queued_job(pb::GetQueuedJobRequest { id: "nope".into() }).await.expect_err("missing");
+    assert_eq!(missing.code(), Code::NotFound);
+
+    let negative = q
+        .enqueue_job(pb::EnqueueJobRequest {
+            lease_duration: Some(prost_types::Duration { seconds: -1, nanos: 0 }),
+            ..job("q", "x")
+        })
+        .await
+        .expect_err("negative lease");
+    assert_eq!(negative.code(), Code::InvalidArgument);
+    assert!(negative.message().contains("lease_duration"));
+
+    let token =
+        q.start_job(pb::StartJobRequest { id: "x".into(), attempt: 1, fencing_token: 0 }).await.expect_err("token");
+    assert!(token.message().contains("fencing_token"));
+}
+
+#[tokio::test]
+async fn watch_streams_state_changes() {
+    let dir = DataDir::new();
+    let server = manual_server(&dir).await;
+    let mut q = server.queue().await;
+    let mut watch = q
+        .watch_queue(pb::WatchQueueRequest { queue: "w".into(), states: vec![pb::QueuedJobState::Succeeded as i32] })
+        .await
+        .expect("watch")
+        .into_inner();
+    enqueue(&mut q, job("other", "ignored")).await;
+    let created = enqueue(&mut q, job("w", "x")).await;
+    let j = q
+        .claim_job(pb::ClaimJobRequest { worker_id: "w".into(), queue: "w".into(), ..Default::default() })
+        .await
+        .expect("claim")
+        .into_inner()
+        .job
+        .expect("job");
+    q.complete_job(pb::CompleteJobRequest {
+        id: j.id,
+        attempt: 1,
+        fencing_token: j.fencing_token,
+        result: Default::default(),
+    })
+    .await
+    .expect("complete");
+    let event = wait_for_event(&mut watch, |_| true).await;
+    assert_eq!((state(&event), event.id), (pb::QueuedJobState::Succeeded, created.id));
+}
