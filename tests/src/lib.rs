@@ -271,3 +271,27 @@ pub async fn wait_for_event(
 pub fn state(job: &pb::QueuedJob) -> pb::QueuedJobState {
     pb::QueuedJobState::try_from(job.state).unwrap_or(pb::QueuedJobState::Unspecified)
 }
+
+/// Polls `condition` until it holds, failing the test after [`WAIT`]. For
+/// state the server exposes only by query (e.g. an agent's connection).
+pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Whether the server sees the agent connected.
+pub async fn agent_connected(server: &TestServer, agent_id: &str) -> bool {
+    let mut agents = server.agents().await;
+    agents
+        .get_agent(pb::GetAgentRequest { id: agent_id.to_string() })
+        .await
+        .map(|r| r.into_inner().agent.is_some_and(|a| a.connected))
+        .unwrap_or(false)
+}

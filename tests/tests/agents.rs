@@ -1,0 +1,217 @@
+//! Agents on the Connect stream, end to end: the reference shell handler,
+//! cancel, drain, a killed agent's jobs requeued with the next attempt and
+//! its late result refused, and a reconnect within the grace period resuming
+//! a job without running it again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether::v1 as pb;
+use tether::v1::connect_response::Message as Down;
+use tether_agent_sdk::shell::ShellHandler;
+use tether_agent_sdk::{Agent, AgentConfig, JobContext, JobResult};
+use tether_server::clock::ManualClock;
+use tether_tests::{
+    agent_connected, epoch, hello, job, state, wait_for_event, wait_until, DataDir, Options, RawAgent, TestServer, WAIT,
+};
+use tokio::sync::{mpsc, Notify};
+
+fn spawn_agent<H: tether_agent_sdk::JobHandler>(
+    server: &TestServer,
+    name: &str,
+    slots: u32,
+    handler: H,
+) -> (tether_agent_sdk::AgentHandle, tokio::task::JoinHandle<Result<(), tether_agent_sdk::AgentError>>) {
+    let agent = Agent::new(AgentConfig::new(server.url.clone(), name).with_slots(slots), handler);
+    let handle = agent.handle();
+    let task = tokio::spawn(agent.run(futures::future::pending()));
+    (handle, task)
+}
+
+#[tokio::test]
+async fn shell_jobs_run_on_the_reference_handler() {
+    let dir = DataDir::new();
+    let server = TestServer::start(&dir, Options::default()).await;
+    let (handle, _task) = spawn_agent(&server, "shell", 2, ShellHandler::default());
+    tokio::time::timeout(WAIT, handle.wait_connected()).await.expect("in time").expect("connected");
+    let mut q = server.queue().await;
+    let mut watch = q
+        .watch_queue(pb::WatchQueueRequest { queue: "sh".into(), ..Default::default() })
+        .await
+        .expect("watch")
+        .into_inner();
+
+    let ok = q
+        .enqueue_job(job("sh", r#"{"command": "echo hi; echo oops >&2"}"#))
+        .await
+        .expect("enqueue")
+        .into_inner()
+        .job
+        .expect("job");
+    let done = wait_for_event(&mut watch, |j| j.id == ok.id && state(j) == pb::QueuedJobState::Succeeded).await;
+    assert_eq!(String::from_utf8_lossy(&done.result).trim(), "hi");
+
+    let failing = pb::EnqueueJobRequest { max_attempts: 1, ..job("sh", "exit 3") };
+    let bad = q.enqueue_job(failing).await.expect("enqueue").into_inner().job.expect("job");
+    let dead = wait_for_event(&mut watch, |j| j.id == bad.id && state(j) == pb::QueuedJobState::DeadLettered).await;
+    assert!(dead.last_error.contains('3'), "the exit code is reported: {}", dead.last_error);
+}
+
+#[tokio::test]
+async fn cancel_stops_a_running_job() {
+    let dir = DataDir::new();
+    let server = TestServer::start(&dir, Options::default()).await;
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
+    let handler = move |ctx: JobContext| {
+        let seen = seen_tx.clone();
+        async move {
+            ctx.cancelled().await;
+            let _ = seen.send(ctx.job_id().to_string());
+            JobResult::Cancelled
+        }
+    };
+    let (handle, _task) = spawn_agent(&server, "canceller", 1, handler);
+    tokio::time::timeout(WAIT, handle.wait_connected()).await.expect("in time").expect("connected");
+    let mut q = server.queue().await;
+    let mut watch = q.watch_queue(pb::WatchQueueRequest::default()).await.expect("watch").into_inner();
+    let j = q.enqueue_job(job("q", "block")).await.expect("enqueue").into_inner().job.expect("job");
+    wait_for_event(&mut watch, |e| e.id == j.id && state(e) == pb::QueuedJobState::Running).await;
+    let cancelled = q
+        .cancel_queued_job(pb::CancelQueuedJobRequest { id: j.id.clone(), reason: "stop".into() })
+        .await
+        .expect("cancel")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(state(&cancelled), pb::QueuedJobState::Cancelled);
+    let seen = tokio::time::timeout(WAIT, seen_rx.recv()).await.expect("the handler saw the cancel");
+    assert_eq!(seen, Some(j.id.clone()));
+    // The freed slot takes the next job.
+    let next = q.enqueue_job(job("q", "next")).await.expect("enqueue").into_inner().job.expect("job");
+    wait_for_event(&mut watch, |e| e.id == next.id && state(e) == pb::QueuedJobState::Running).await;
+    let stored =
+        q.get_queued_job(pb::GetQueuedJobRequest { id: j.id }).await.expect("get").into_inner().job.expect("job");
+    assert_eq!(state(&stored), pb::QueuedJobState::Cancelled, "the late report does not overwrite the cancel");
+}
+
+#[tokio::test]
+async fn drain_finishes_running_jobs_and_takes_no_new_ones() {
+    let dir = DataDir::new();
+    let server = TestServer::start(&dir, Options::default()).await;
+    let release = Arc::new(Notify::new());
+    let gate = release.clone();
+    let handler = move |_ctx: JobContext| {
+        let gate = gate.clone();
+        async move {
+            gate.notified().await;
+            JobResult::success("drained")
+        }
+    };
+    let (handle, task) = spawn_agent(&server, "drainer", 2, handler);
+    let agent_id = tokio::time::timeout(WAIT, handle.wait_connected()).await.expect("in time").expect("connected");
+    let mut q = server.queue().await;
+    let mut watch = q.watch_queue(pb::WatchQueueRequest::default()).await.expect("watch").into_inner();
+    let running = q.enqueue_job(job("q", "first")).await.expect("enqueue").into_inner().job.expect("job");
+    wait_for_event(&mut watch, |e| e.id == running.id && state(e) == pb::QueuedJobState::Running).await;
+
+    let mut agents = server.agents().await;
+    let drained = agents
+        .drain_agent(pb::DrainAgentRequest { id: agent_id.clone(), reason: "maintenance".into() })
+        .await
+        .expect("drain")
+        .into_inner()
+        .agent
+        .expect("agent");
+    assert_eq!(drained.scheduling_status, pb::AgentSchedulingStatus::Draining as i32);
+    let waiting = q.enqueue_job(job("q", "second")).await.expect("enqueue").into_inner().job.expect("job");
+    assert_eq!(state(&waiting), pb::QueuedJobState::Queued, "a draining agent gets no new work");
+
+    release.notify_one();
+    wait_for_event(&mut watch, |e| e.id == running.id && state(e) == pb::QueuedJobState::Succeeded).await;
+    let result = tokio::time::timeout(WAIT, task).await.expect("the agent leaves after draining").expect("join");
+    assert!(result.is_ok(), "{result:?}");
+    let still =
+        q.get_queued_job(pb::GetQueuedJobRequest { id: waiting.id }).await.expect("get").into_inner().job.expect("job");
+    assert_eq!(state(&still), pb::QueuedJobState::Queued);
+}
+
+async fn manual_server(dir: &DataDir) -> TestServer {
+    TestServer::start(dir, Options { clock: Some(ManualClock::new(epoch())), engine: None }).await
+}
+
+#[tokio::test]
+async fn a_killed_agents_job_is_requeued_and_its_late_result_refused() {
+    let dir = DataDir::new();
+    let server = manual_server(&dir).await;
+    let mut q = server.queue().await;
+    let mut watch = q.watch_queue(pb::WatchQueueRequest::default()).await.expect("watch").into_inner();
+    let mut doomed = RawAgent::connect(&server, hello("doomed", 1)).await.expect("connect");
+    let doomed_id = doomed.agent_id.clone();
+    let j = q.enqueue_job(job("q", "x")).await.expect("enqueue").into_inner().job.expect("job");
+    let assignment = doomed.next_assignment().await;
+    let first = assignment.job.expect("job ref");
+    assert_eq!((first.job_id.as_str(), first.attempt), (j.id.as_str(), 1));
+    doomed.accept_and_start(&first).await;
+    wait_for_event(&mut watch, |e| e.id == j.id && state(e) == pb::QueuedJobState::Running).await;
+
+    doomed.kill();
+    wait_until("the server to notice the broken stream", || async { !agent_connected(&server, &doomed_id).await })
+        .await;
+    server.advance(Duration::from_secs(6)); // past the 5 s reconnect grace
+    let requeued = wait_for_event(&mut watch, |e| e.id == j.id && state(e) == pb::QueuedJobState::Queued).await;
+    assert_eq!(requeued.attempt, 1);
+    assert!(requeued.last_error.contains("lost"), "{}", requeued.last_error);
+
+    // The agent comes back too late: its job is abandoned and its result refused.
+    let mut late = RawAgent::connect(&server, pb::Hello { running_jobs: vec![first.clone()], ..hello("doomed", 1) })
+        .await
+        .expect("reconnect");
+    assert_eq!(late.welcome.abandoned_jobs, vec![first.clone()]);
+    assert!(late.welcome.resumed_jobs.is_empty());
+    late.finish(&first, pb::JobOutcome::Succeeded, "late").await;
+    let ack = late.next_ack().await;
+    assert!(!ack.accepted, "a stale result is refused");
+
+    // After the backoff the job runs again as attempt 2 (here on the same agent).
+    server.advance(Duration::from_secs(10));
+    let second = late.next_assignment().await.job.expect("job ref");
+    assert_eq!((second.job_id.as_str(), second.attempt), (j.id.as_str(), 2));
+    assert!(second.fencing_token > first.fencing_token);
+}
+
+#[tokio::test]
+async fn a_reconnect_within_grace_resumes_without_a_rerun() {
+    let dir = DataDir::new();
+    let server = manual_server(&dir).await;
+    let mut q = server.queue().await;
+    let mut watch = q.watch_queue(pb::WatchQueueRequest::default()).await.expect("watch").into_inner();
+    let mut agent = RawAgent::connect(&server, hello("flaky-net", 1)).await.expect("connect");
+    let agent_id = agent.agent_id.clone();
+    let j = q.enqueue_job(job("q", "x")).await.expect("enqueue").into_inner().job.expect("job");
+    let r = agent.next_assignment().await.job.expect("job ref");
+    agent.accept_and_start(&r).await;
+    wait_for_event(&mut watch, |e| e.id == j.id && state(e) == pb::QueuedJobState::Running).await;
+
+    agent.kill();
+    wait_until("the server to notice the broken stream", || async { !agent_connected(&server, &agent_id).await }).await;
+    server.advance(Duration::from_secs(3)); // inside the 5 s grace
+
+    let mut back = RawAgent::connect(&server, pb::Hello { running_jobs: vec![r.clone()], ..hello("flaky-net", 1) })
+        .await
+        .expect("reconnect");
+    assert_eq!(back.agent_id, agent_id, "the same name is the same agent");
+    assert_eq!(back.welcome.resumed_jobs, vec![r.clone()]);
+    server.advance(Duration::from_secs(10)); // the old grace would have ended by now
+    back.finish(&r, pb::JobOutcome::Succeeded, "once").await;
+    let ack = back.next_ack().await;
+    assert!(ack.accepted, "{}", ack.reason);
+    let done = wait_for_event(&mut watch, |e| e.id == j.id && !matches!(state(e), pb::QueuedJobState::Running)).await;
+    assert_eq!((state(&done), done.attempt), (pb::QueuedJobState::Succeeded, 1), "no second attempt ran");
+    assert_eq!(&done.result[..], b"once");
+    // Nothing else was sent to the agent: the next message it gets is a fresh assignment.
+    let next = q.enqueue_job(job("q", "y")).await.expect("enqueue").into_inner().job.expect("job");
+    match back.next().await {
+        Down::Assignment(a) => assert_eq!(a.job.map(|r| r.job_id), Some(next.id)),
+        other => panic!("unexpected message {other:?}"),
+    }
+}
