@@ -71,6 +71,16 @@ async fn labels_and_pools_route_jobs() {
         routing: Some(pb::Routing { pool: "arm".into(), ..Default::default() }),
         ..job("q", "arm-job")
     };
+    let unknown = q.enqueue_job(other_pool.clone()).await.expect_err("pools must exist");
+    assert_eq!(unknown.code(), Code::NotFound);
+    assert!(unknown.message().contains("routing.pool"), "{}", unknown.message());
+    let mut agents = server.agents().await;
+    agents
+        .create_agent_pool(pb::CreateAgentPoolRequest {
+            pool: Some(pb::AgentPool { name: "arm".into(), ..Default::default() }),
+        })
+        .await
+        .expect("create pool");
     enqueue(&mut q, gpu).await;
     enqueue(&mut q, other_pool).await;
     assert!(claim(&mut q, &[]).await.is_none(), "a worker without the label gets nothing");

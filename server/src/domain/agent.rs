@@ -45,6 +45,8 @@ pub struct Agent {
     pub labels: BTreeMap<String, String>,
     pub slots: u32,
     pub health: Health,
+    /// Why it has that health.
+    pub health_reason: String,
     pub scheduling: SchedulingStatus,
     pub version: String,
     pub create_time: SystemTime,

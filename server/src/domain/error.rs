@@ -10,6 +10,9 @@ pub enum DomainError {
     /// The named thing does not exist.
     #[error("{kind} {id:?} not found")]
     NotFound { kind: &'static str, id: String },
+    /// A referenced thing does not exist; the message says which and where.
+    #[error("{0}")]
+    Missing(String),
     /// It exists already in a different form.
     #[error("{0}")]
     AlreadyExists(String),

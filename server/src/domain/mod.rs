@@ -4,11 +4,13 @@
 pub mod agent;
 pub mod error;
 pub mod job;
+pub mod pool;
 pub mod validate;
 
 pub use agent::{Agent, Health, Metrics, SchedulingStatus};
 pub use error::{DomainError, DomainResult};
 pub use job::{AttemptRef, Job, JobSpec, JobState, Priority, Routing};
+pub use pool::{Pool, ScalingSignal};
 
 /// The pool used when none is named.
 pub const DEFAULT_POOL: &str = "default";

@@ -7,7 +7,9 @@ use std::time::SystemTime;
 use tokio::sync::mpsc;
 
 use super::core::{AgentEntry, Engine, Session};
-use super::types::{AgentInbound, AgentPage, AgentPush, AgentView, HelloInfo, MetricsSample, Outcome, WelcomeInfo};
+use super::types::{
+    AgentInbound, AgentPage, AgentPush, AgentView, HeartbeatAnswer, HelloInfo, MetricsSample, Outcome, WelcomeInfo,
+};
 use super::AgentListFilter;
 use crate::domain::{Agent, AttemptRef, DomainError, DomainResult, Health, JobState, Routing, SchedulingStatus};
 use crate::store::Write;
@@ -62,6 +64,7 @@ impl Engine {
             labels: hello.labels.clone(),
             slots: hello.slots,
             health: Health::Registering,
+            health_reason: String::new(),
             scheduling: SchedulingStatus::Active,
             version: hello.version.clone(),
             create_time: now,
@@ -75,13 +78,14 @@ impl Engine {
         id
     }
 
-    fn save_agent(&mut self, id: &str) {
+    pub(crate) fn save_agent(&mut self, id: &str) {
         if let Some(entry) = self.agents.get(id) {
             self.persist_other(Write::PutAgent(Box::new(entry.agent.clone())));
         }
     }
 
-    pub fn register(&mut self, hello: HelloInfo) -> (AgentView, bool) {
+    pub fn register(&mut self, mut hello: HelloInfo) -> DomainResult<(AgentView, bool)> {
+        hello.labels = self.labels_with_pool_defaults("pool", &hello.pool, hello.labels)?;
         let existing = self.agent_names.get(&(hello.pool.clone(), hello.name.clone())).cloned();
         let (id, created) = match existing {
             Some(id) => (id, false),
@@ -90,11 +94,20 @@ impl Engine {
         if created {
             self.save_agent(&id);
         }
-        let view = self.agent_view(&id);
-        match view {
-            Ok(view) => (view, created),
-            Err(_) => unreachable_view(&id),
-        }
+        Ok((self.agent_view(&id)?, created))
+    }
+
+    /// An agent's labels: its pool's default labels, overridden by its own.
+    fn labels_with_pool_defaults(
+        &self,
+        field: &str,
+        pool: &str,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> DomainResult<std::collections::BTreeMap<String, String>> {
+        let pool = self.require_pool(field, pool)?;
+        let mut merged = pool.default_labels.clone();
+        merged.extend(labels);
+        Ok(merged)
     }
 
     pub async fn connect(
@@ -103,6 +116,8 @@ impl Engine {
         pushes: mpsc::UnboundedSender<AgentPush>,
     ) -> DomainResult<WelcomeInfo> {
         let now = self.clock.now();
+        let mut hello = hello;
+        hello.labels = self.labels_with_pool_defaults("hello.pool", &hello.pool, hello.labels)?;
         let id = match self.agent_names.get(&(hello.pool.clone(), hello.name.clone())) {
             Some(id) => id.clone(),
             None => self.new_agent(&hello),
@@ -120,7 +135,7 @@ impl Engine {
         entry.agent.slots = hello.slots;
         entry.agent.version = hello.version.clone();
         entry.agent.last_seen_time = now;
-        entry.agent.health = Health::Registering;
+        entry.missed = 0;
         entry.session = Some(Session { id: session_id, pushes });
         entry.accepting = true;
         if entry.agent.scheduling == SchedulingStatus::Draining && hello.running.is_empty() {
@@ -174,6 +189,9 @@ impl Engine {
         for r in &resumed {
             self.renew_for_agent(r);
         }
+        self.set_health(&id, Health::Registering, "connected; waiting for its first heartbeat".into());
+        let deadline = now + self.config.heartbeat_interval + self.config.heartbeat_interval / 2;
+        self.arm_heartbeat_check(&id, deadline);
         self.save_agent(&id);
         if draining {
             self.push_after_commit(&id, AgentPush::Drain { reason: "the agent is draining".into() });
@@ -228,10 +246,6 @@ impl Engine {
                     entry.history.pop_front();
                 }
                 let mut changed = false;
-                if matches!(entry.agent.health, Health::Registering | Health::Degraded | Health::Offline) {
-                    entry.agent.health = Health::Healthy;
-                    changed = true;
-                }
                 if draining && !entry.draining {
                     entry.draining = true;
                     entry.agent.scheduling = SchedulingStatus::Draining;
@@ -246,7 +260,8 @@ impl Engine {
                 if changed {
                     self.save_agent(agent_id);
                 }
-                if changed || !was_accepting {
+                self.observe_heartbeat(agent_id, metrics).await;
+                if !was_accepting {
                     self.fill_agent(agent_id).await;
                 }
             }
@@ -358,8 +373,9 @@ impl Engine {
         entry.session = None;
         entry.disconnected_at = Some(now);
         entry.agent.last_seen_time = now;
-        self.grace.insert((now + grace, agent_id.to_string()));
         tracing::info!(agent = %agent_id, running = entry.in_flight.len(), "agent stream closed; grace period started");
+        self.grace.insert((now + grace, agent_id.to_string()));
+        self.disarm_heartbeat_check(agent_id);
     }
 
     /// Agents gone longer than the grace period lose their jobs and go
@@ -377,9 +393,7 @@ impl Engine {
                 continue;
             }
             entry.disconnected_at = None;
-            if entry.agent.health != Health::Terminated {
-                entry.agent.health = Health::Offline;
-            }
+            let terminated = entry.agent.health == Health::Terminated;
             let tokens: Vec<u64> = entry.in_flight.keys().copied().collect();
             let name = entry.agent.name.clone();
             for token in tokens {
@@ -389,9 +403,68 @@ impl Engine {
                     format!("agent {name} lost: its stream closed and it did not return within {grace:?}"),
                 );
             }
+            if !terminated {
+                self.set_health(&id, Health::Offline, format!("stream closed and not back within {grace:?}"));
+            }
             self.save_agent(&id);
-            tracing::info!(agent = %id, "agent offline after grace period");
         }
+    }
+
+    /// A heartbeat over the unary call, for agents without a stream: same
+    /// effect on health and leases as a stream heartbeat.
+    pub async fn unary_heartbeat(
+        &mut self,
+        agent_id: &str,
+        metrics: crate::domain::Metrics,
+        running: Vec<AttemptRef>,
+    ) -> DomainResult<HeartbeatAnswer> {
+        let now = self.clock.now();
+        let entry = self.agents.get_mut(agent_id).ok_or_else(|| DomainError::agent_not_found(agent_id))?;
+        if entry.agent.health == Health::Terminated {
+            return Err(DomainError::FailedPrecondition(format!("agent {agent_id} is deregistered")));
+        }
+        entry.agent.last_seen_time = now;
+        entry.agent.metrics = metrics;
+        entry.history.push_back(MetricsSample { time: now, metrics });
+        while entry.history.len() > self.config.metrics_history {
+            entry.history.pop_front();
+        }
+        let drain = entry.agent.scheduling == SchedulingStatus::Draining;
+        let mut abandoned = Vec::new();
+        for r in running {
+            let owned = self.active.get(&r.job_id).is_some_and(|j| j.is_current(&r) && j.worker_id == agent_id);
+            if owned {
+                self.renew_for_agent(&r);
+            } else {
+                abandoned.push(r);
+            }
+        }
+        self.observe_heartbeat(agent_id, metrics).await;
+        Ok(HeartbeatAnswer { heartbeat_interval: self.config.heartbeat_interval, abandoned, drain })
+    }
+
+    /// Operator scheduling changes: cordon, uncordon, out of service, drain.
+    pub async fn update_status(
+        &mut self,
+        id: &str,
+        status: SchedulingStatus,
+        reason: String,
+    ) -> DomainResult<AgentView> {
+        if status == SchedulingStatus::Draining {
+            return self.drain(id, reason);
+        }
+        let entry = self.agents.get_mut(id).ok_or_else(|| DomainError::agent_not_found(id))?;
+        if entry.agent.health == Health::Terminated {
+            return Err(DomainError::FailedPrecondition(format!("agent {id} is deregistered")));
+        }
+        tracing::info!(agent = %id, from = ?entry.agent.scheduling, to = ?status, %reason, "agent scheduling status changed");
+        entry.agent.scheduling = status;
+        entry.draining = false;
+        self.save_agent(id);
+        if status == SchedulingStatus::Active {
+            self.fill_agent(id).await;
+        }
+        self.agent_view(id)
     }
 
     pub fn agent_view(&self, id: &str) -> DomainResult<AgentView> {
@@ -448,7 +521,6 @@ impl Engine {
         if entry.agent.health == Health::Terminated {
             return self.agent_view(id);
         }
-        entry.agent.health = Health::Terminated;
         entry.draining = true;
         if let Some(session) = entry.session.take() {
             let _ = session.pushes.send(AgentPush::Drain { reason: "the agent was deregistered".into() });
@@ -459,37 +531,12 @@ impl Engine {
             self.release(id, token, "the agent was deregistered".into());
         }
         self.agent_names.remove(&(pool.clone(), name));
+        self.disarm_heartbeat_check(id);
+        self.set_health(id, Health::Terminated, "deregistered".into());
         if let Some(ids) = self.pool_agents.get_mut(&pool) {
             ids.retain(|a| a != id);
         }
         self.save_agent(id);
         self.agent_view(id)
     }
-}
-
-fn unreachable_view(id: &str) -> (AgentView, bool) {
-    // register() inserts the agent before viewing it; keep a typed fallback
-    // rather than a panic.
-    tracing::error!(agent = %id, "registered agent missing from the registry");
-    (
-        AgentView {
-            agent: Agent {
-                id: id.to_string(),
-                name: String::new(),
-                pool: String::new(),
-                labels: Default::default(),
-                slots: 0,
-                health: Health::Offline,
-                scheduling: SchedulingStatus::Active,
-                version: String::new(),
-                create_time: SystemTime::UNIX_EPOCH,
-                last_seen_time: SystemTime::UNIX_EPOCH,
-                metrics: Default::default(),
-            },
-            connected: false,
-            running: Vec::new(),
-            metrics_history: Vec::new(),
-        },
-        false,
-    )
 }

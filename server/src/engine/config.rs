@@ -17,6 +17,11 @@ pub struct EngineConfig {
     pub metrics_history: usize,
     /// Commands the engine queue holds before callers wait.
     pub command_capacity: usize,
+    /// Missed heartbeats after which an agent is UNHEALTHY (one makes it
+    /// DEGRADED).
+    pub unhealthy_after_missed: u32,
+    /// Memory or disk use (fraction) above which an agent is DEGRADED.
+    pub pressure_threshold: f64,
 }
 
 impl Default for EngineConfig {
@@ -28,6 +33,8 @@ impl Default for EngineConfig {
             backoff_max: Duration::from_secs(300),
             metrics_history: 60,
             command_capacity: 65_536,
+            unhealthy_after_missed: 3,
+            pressure_threshold: 0.95,
         }
     }
 }

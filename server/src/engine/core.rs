@@ -1,7 +1,7 @@
 //! The engine task: its state, its loop, and the group-commit machinery
 //! that makes every effect wait for the writes it depends on.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -12,10 +12,10 @@ use tokio::task::JoinHandle;
 
 use super::config::EngineConfig;
 use super::ready::{ReadyEntry, ReadySet};
-use super::types::{AgentPush, JobEvent, MetricsSample};
+use super::types::{AgentEvent, AgentPush, JobEvent, MetricsSample};
 use super::Command;
 use crate::clock::Clock;
-use crate::domain::{Agent, DomainError, DomainResult, Health, Job, JobState, Priority};
+use crate::domain::{Agent, DomainError, DomainResult, Health, Job, JobState, Pool, Priority};
 use crate::store::{Store, StoreError, StoreResult, Write, WriteOutcome, COUNTER_FENCING, COUNTER_SEQ};
 
 /// Something to do once the batch it belongs to is durable.
@@ -63,6 +63,10 @@ pub(crate) struct AgentEntry {
     pub accepting: bool,
     pub disconnected_at: Option<SystemTime>,
     pub history: VecDeque<MetricsSample>,
+    /// When the next heartbeat is due at the latest.
+    pub next_check: Option<SystemTime>,
+    /// Heartbeats missed in a row.
+    pub missed: u32,
 }
 
 impl AgentEntry {
@@ -79,6 +83,13 @@ impl AgentEntry {
             && matches!(self.agent.health, Health::Registering | Health::Healthy | Health::Degraded)
             && self.free_slots() > 0
     }
+
+    /// Whether the agent counts as capacity of its pool (for scaling).
+    pub fn counts_for_capacity(&self) -> bool {
+        (self.session.is_some() || self.next_check.is_some())
+            && self.agent.scheduling == crate::domain::SchedulingStatus::Active
+            && matches!(self.agent.health, Health::Registering | Health::Healthy | Health::Degraded)
+    }
 }
 
 pub(crate) struct Engine {
@@ -86,6 +97,7 @@ pub(crate) struct Engine {
     pub clock: Arc<dyn Clock>,
     pub config: EngineConfig,
     pub events: broadcast::Sender<JobEvent>,
+    pub agent_events: broadcast::Sender<AgentEvent>,
     serving: watch::Sender<bool>,
     pub next_seq: u64,
     pub next_token: u64,
@@ -103,6 +115,9 @@ pub(crate) struct Engine {
     pub pool_agents: HashMap<String, Vec<String>>,
     /// (grace end, agent id) of disconnected agents holding jobs.
     pub grace: BTreeSet<(SystemTime, String)>,
+    /// (heartbeat deadline, agent id).
+    pub health_checks: BTreeSet<(SystemTime, String)>,
+    pub pools: BTreeMap<String, Pool>,
     pub next_session: u64,
     /// Idempotency keys of created jobs whose batch is not yet committed.
     pub uncommitted_keys: HashMap<(String, String), (String, u64)>,
@@ -123,6 +138,7 @@ impl Engine {
         clock: Arc<dyn Clock>,
         config: EngineConfig,
         events: broadcast::Sender<JobEvent>,
+        agent_events: broadcast::Sender<AgentEvent>,
         serving: watch::Sender<bool>,
     ) -> Result<Engine, StoreError> {
         let now = clock.now();
@@ -136,11 +152,19 @@ impl Engine {
         for entry in store.load_queued().await? {
             ready.insert(ReadyEntry::from_stored(entry), now);
         }
+        let mut pools: BTreeMap<String, Pool> =
+            store.list_pools().await?.into_iter().map(|p| (p.name.clone(), p)).collect();
+        if !pools.contains_key(crate::domain::DEFAULT_POOL) {
+            let pool = Pool::default_pool(now);
+            store.write(vec![Write::PutPool(Box::new(pool.clone()))]).await?;
+            pools.insert(pool.name.clone(), pool);
+        }
         let mut engine = Engine {
             store: store.clone(),
             clock,
             config,
             events,
+            agent_events,
             serving,
             next_seq,
             next_token,
@@ -152,6 +176,8 @@ impl Engine {
             agent_names: HashMap::new(),
             pool_agents: HashMap::new(),
             grace: BTreeSet::new(),
+            health_checks: BTreeSet::new(),
+            pools,
             next_session: 1,
             uncommitted_keys: HashMap::new(),
             pending: Pending::default(),
@@ -405,10 +431,15 @@ impl Engine {
     }
 
     fn next_wake(&self) -> Option<SystemTime> {
-        [self.ready.next_due(), self.deadlines.first().map(|(t, _)| *t), self.grace.first().map(|(t, _)| *t)]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.ready.next_due(),
+            self.deadlines.first().map(|(t, _)| *t),
+            self.grace.first().map(|(t, _)| *t),
+            self.health_checks.first().map(|(t, _)| *t),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     async fn on_timer(&mut self) {
@@ -421,6 +452,7 @@ impl Engine {
         }
         self.expire_deadlines(now).await;
         self.expire_grace(now).await;
+        self.check_heartbeats(now);
     }
 
     async fn handle(&mut self, command: Command) {
@@ -477,7 +509,7 @@ impl Engine {
             }
             Command::Disconnected { agent_id, session_id } => self.disconnected(&agent_id, session_id),
             Command::RegisterAgent { hello, reply } => {
-                let result = self.check_writable().map(|()| self.register(hello));
+                let result = self.check_writable().and_then(|()| self.register(hello));
                 self.reply_after_commit(reply, result);
             }
             Command::GetAgent { id, reply } => {
@@ -493,6 +525,41 @@ impl Engine {
             Command::DeregisterAgent { id, reply } => {
                 let result = self.check_writable().and_then(|()| self.deregister(&id));
                 self.reply_after_commit(reply, result);
+            }
+            Command::Heartbeat { agent_id, metrics, running, reply } => {
+                let result = match self.check_writable() {
+                    Ok(()) => self.unary_heartbeat(&agent_id, metrics, running).await,
+                    Err(e) => Err(e),
+                };
+                self.reply_after_commit(reply, result);
+            }
+            Command::UpdateStatus { id, status, reason, reply } => {
+                let result = match self.check_writable() {
+                    Ok(()) => self.update_status(&id, status, reason).await,
+                    Err(e) => Err(e),
+                };
+                self.reply_after_commit(reply, result);
+            }
+            Command::CreatePool { pool, reply } => {
+                let result = self.check_writable().and_then(|()| self.create_pool(pool));
+                self.reply_after_commit(reply, result);
+            }
+            Command::GetPool { name, reply } => {
+                let _ = reply.send(self.get_pool(&name));
+            }
+            Command::ListPools { after, limit, reply } => {
+                let _ = reply.send(Ok(self.list_pools(after.as_deref(), limit)));
+            }
+            Command::UpdatePool { pool, fields, reply } => {
+                let result = self.check_writable().and_then(|()| self.update_pool(pool, &fields));
+                self.reply_after_commit(reply, result);
+            }
+            Command::DeletePool { name, reply } => {
+                let result = self.check_writable().and_then(|()| self.delete_pool(&name));
+                self.reply_after_commit(reply, result);
+            }
+            Command::Scaling { name, reply } => {
+                let _ = reply.send(self.scaling_signal(&name));
             }
             Command::Shutdown { reply } => {
                 let _ = reply.send(());
@@ -519,6 +586,8 @@ impl AgentEntry {
             accepting: true,
             disconnected_at: None,
             history: VecDeque::new(),
+            next_check: None,
+            missed: 0,
         }
     }
 }

@@ -8,6 +8,8 @@
 mod agents;
 mod config;
 mod core;
+mod health;
+mod pools;
 mod queue;
 mod ready;
 mod types;
@@ -21,13 +23,16 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 pub use config::EngineConfig;
+pub use pools::PoolField;
 pub use types::{
-    AgentInbound, AgentPage, AgentPush, AgentView, ClaimRequest, HelloInfo, JobEvent, MetricsSample, Outcome,
-    QueueStats, WelcomeInfo,
+    AgentEvent, AgentInbound, AgentPage, AgentPush, AgentView, ClaimRequest, HeartbeatAnswer, HelloInfo, JobEvent,
+    MetricsSample, Outcome, QueueStats, WelcomeInfo,
 };
 
 use crate::clock::Clock;
-use crate::domain::{AttemptRef, DomainError, DomainResult, Health, Job, JobSpec};
+use crate::domain::{
+    AttemptRef, DomainError, DomainResult, Health, Job, JobSpec, Metrics, Pool, ScalingSignal, SchedulingStatus,
+};
 use crate::store::{JobFilter, Page, Store, StoreError};
 
 type Reply<T> = oneshot::Sender<DomainResult<T>>;
@@ -51,6 +56,14 @@ pub(crate) enum Command {
     ListAgents { filter: AgentListFilter, reply: Reply<AgentPage> },
     DrainAgent { id: String, reason: String, reply: Reply<AgentView> },
     DeregisterAgent { id: String, reply: Reply<AgentView> },
+    Heartbeat { agent_id: String, metrics: Metrics, running: Vec<AttemptRef>, reply: Reply<HeartbeatAnswer> },
+    UpdateStatus { id: String, status: SchedulingStatus, reason: String, reply: Reply<AgentView> },
+    CreatePool { pool: Pool, reply: Reply<Pool> },
+    GetPool { name: String, reply: Reply<Pool> },
+    ListPools { after: Option<String>, limit: usize, reply: Reply<(Vec<Pool>, Option<String>)> },
+    UpdatePool { pool: Pool, fields: Vec<PoolField>, reply: Reply<Pool> },
+    DeletePool { name: String, reply: Reply<Pool> },
+    Scaling { name: String, reply: Reply<ScalingSignal> },
     Shutdown { reply: oneshot::Sender<()> },
 }
 
@@ -73,6 +86,7 @@ pub type Serving = watch::Receiver<bool>;
 pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<JobEvent>,
+    agent_events: broadcast::Sender<AgentEvent>,
     store: Arc<dyn Store>,
     serving: Serving,
 }
@@ -86,10 +100,12 @@ impl EngineHandle {
     ) -> Result<(EngineHandle, JoinHandle<()>), StoreError> {
         let (commands, receiver) = mpsc::channel(config.command_capacity);
         let (events, _) = broadcast::channel(8192);
+        let (agent_events, _) = broadcast::channel(1024);
         let (serving_tx, serving) = watch::channel(true);
-        let engine = core::Engine::load(store.clone(), clock, config, events.clone(), serving_tx).await?;
+        let engine =
+            core::Engine::load(store.clone(), clock, config, events.clone(), agent_events.clone(), serving_tx).await?;
         let task = tokio::spawn(engine.run(receiver));
-        Ok((EngineHandle { commands, events, store, serving }, task))
+        Ok((EngineHandle { commands, events, agent_events, store, serving }, task))
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> DomainResult<T> {
@@ -175,6 +191,48 @@ impl EngineHandle {
 
     pub async fn deregister_agent(&self, id: String) -> DomainResult<AgentView> {
         self.call(|reply| Command::DeregisterAgent { id, reply }).await
+    }
+
+    pub async fn heartbeat(
+        &self,
+        agent_id: String,
+        metrics: Metrics,
+        running: Vec<AttemptRef>,
+    ) -> DomainResult<HeartbeatAnswer> {
+        self.call(|reply| Command::Heartbeat { agent_id, metrics, running, reply }).await
+    }
+
+    pub async fn update_status(&self, id: String, status: SchedulingStatus, reason: String) -> DomainResult<AgentView> {
+        self.call(|reply| Command::UpdateStatus { id, status, reason, reply }).await
+    }
+
+    pub async fn create_pool(&self, pool: Pool) -> DomainResult<Pool> {
+        self.call(|reply| Command::CreatePool { pool, reply }).await
+    }
+
+    pub async fn get_pool(&self, name: String) -> DomainResult<Pool> {
+        self.call(|reply| Command::GetPool { name, reply }).await
+    }
+
+    pub async fn list_pools(&self, after: Option<String>, limit: usize) -> DomainResult<(Vec<Pool>, Option<String>)> {
+        self.call(|reply| Command::ListPools { after, limit, reply }).await
+    }
+
+    pub async fn update_pool(&self, pool: Pool, fields: Vec<PoolField>) -> DomainResult<Pool> {
+        self.call(|reply| Command::UpdatePool { pool, fields, reply }).await
+    }
+
+    pub async fn delete_pool(&self, name: String) -> DomainResult<Pool> {
+        self.call(|reply| Command::DeletePool { name, reply }).await
+    }
+
+    pub async fn scaling_signal(&self, name: String) -> DomainResult<ScalingSignal> {
+        self.call(|reply| Command::Scaling { name, reply }).await
+    }
+
+    /// Every agent health change from now on.
+    pub fn subscribe_agent_events(&self) -> broadcast::Receiver<AgentEvent> {
+        self.agent_events.subscribe()
     }
 
     /// Stops the engine after committing every pending write.

@@ -13,6 +13,11 @@ use crate::domain::{AttemptRef, DomainError, DomainResult, Job, JobSpec, JobStat
 
 impl Engine {
     pub async fn enqueue(&mut self, specs: Vec<JobSpec>) -> DomainResult<Vec<(Job, bool)>> {
+        for (i, spec) in specs.iter().enumerate() {
+            let field =
+                if specs.len() == 1 { "routing.pool".to_string() } else { format!("requests[{i}].routing.pool") };
+            self.require_pool(&field, &spec.routing.pool)?;
+        }
         // First resolve every idempotency key, so that a conflict refuses the
         // whole batch before anything is written.
         let mut existing = Vec::with_capacity(specs.len());
@@ -139,6 +144,7 @@ impl Engine {
     }
 
     pub async fn claim_unary(&mut self, request: ClaimRequest) -> DomainResult<Option<Job>> {
+        self.require_pool("pool", &request.pool)?;
         // Jobs whose time came but whose timer has not run yet are due too.
         let now = self.clock.now();
         self.ready.promote_due(now);

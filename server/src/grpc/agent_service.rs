@@ -45,7 +45,7 @@ type ConnectStream = Pin<Box<dyn Stream<Item = Result<pb::ConnectResponse, Statu
 
 fn hello_in(hello: &pb::Hello) -> DomainResult<(HelloInfo, u32)> {
     validate::name("hello.name", &hello.name, validate::MAX_NAME)?;
-    let pool = convert::pool_in("hello.pool", &hello.pool)?;
+    let pool = convert::pool_name_in("hello.pool", &hello.pool)?;
     let labels = convert::labels_in("hello.labels", &hello.labels)?;
     let slots = convert::slots_in("hello.slots", hello.slots)?;
     if hello.max_protocol_version == 0 {
@@ -286,7 +286,7 @@ impl AgentService for AgentApi {
             validate::name("name", &req.name, validate::MAX_NAME)?;
             Ok(HelloInfo {
                 name: req.name.clone(),
-                pool: convert::pool_in("pool", &req.pool)?,
+                pool: convert::pool_name_in("pool", &req.pool)?,
                 labels: convert::labels_in("labels", &req.labels)?,
                 slots: convert::slots_in("slots", req.slots)?,
                 version: String::new(),
@@ -333,16 +333,35 @@ impl AgentService for AgentApi {
 
     async fn heartbeat(
         &self,
-        _request: Request<pb::HeartbeatRequest>,
+        request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        Err(not_yet("Heartbeat"))
+        let req = request.get_ref();
+        let agent_id = convert::required("agent_id", &req.agent_id).map_err(to_status)?;
+        let running = req
+            .running_jobs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| job_ref_in(&format!("running_jobs[{i}]"), Some(r)))
+            .collect::<DomainResult<Vec<_>>>()
+            .map_err(to_status)?;
+        let metrics = convert::metrics_in(req.metrics.as_ref());
+        let answer = self.engine.heartbeat(agent_id, metrics, running).await.map_err(to_status)?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            heartbeat_interval: Some(to_duration(answer.heartbeat_interval)),
+            abandoned_jobs: answer.abandoned.iter().map(job_ref_out).collect(),
+            drain: answer.drain,
+        }))
     }
 
     async fn update_agent_status(
         &self,
-        _request: Request<pb::UpdateAgentStatusRequest>,
+        request: Request<pb::UpdateAgentStatusRequest>,
     ) -> Result<Response<pb::UpdateAgentStatusResponse>, Status> {
-        Err(not_yet("UpdateAgentStatus"))
+        let req = request.into_inner();
+        let id = convert::required("id", &req.id).map_err(to_status)?;
+        let status = convert::scheduling_in("scheduling_status", req.scheduling_status).map_err(to_status)?;
+        let view = self.engine.update_status(id, status, truncate(req.reason)).await.map_err(to_status)?;
+        Ok(Response::new(pb::UpdateAgentStatusResponse { agent: Some(agent_out(&view)) }))
     }
 
     async fn drain_agent(
@@ -366,49 +385,62 @@ impl AgentService for AgentApi {
 
     async fn create_agent_pool(
         &self,
-        _request: Request<pb::CreateAgentPoolRequest>,
+        request: Request<pb::CreateAgentPoolRequest>,
     ) -> Result<Response<pb::CreateAgentPoolResponse>, Status> {
-        Err(not_yet("CreateAgentPool"))
+        let pool = convert::pool_in("pool", request.get_ref().pool.as_ref(), true).map_err(to_status)?;
+        let pool = self.engine.create_pool(pool).await.map_err(to_status)?;
+        Ok(Response::new(pb::CreateAgentPoolResponse { pool: Some(convert::pool_out(&pool)) }))
     }
 
     async fn get_agent_pool(
         &self,
-        _request: Request<pb::GetAgentPoolRequest>,
+        request: Request<pb::GetAgentPoolRequest>,
     ) -> Result<Response<pb::GetAgentPoolResponse>, Status> {
-        Err(not_yet("GetAgentPool"))
+        let name = convert::required("name", &request.get_ref().name).map_err(to_status)?;
+        let pool = self.engine.get_pool(name).await.map_err(to_status)?;
+        Ok(Response::new(pb::GetAgentPoolResponse { pool: Some(convert::pool_out(&pool)) }))
     }
 
     async fn list_agent_pools(
         &self,
-        _request: Request<pb::ListAgentPoolsRequest>,
+        request: Request<pb::ListAgentPoolsRequest>,
     ) -> Result<Response<pb::ListAgentPoolsResponse>, Status> {
-        Err(not_yet("ListAgentPools"))
+        let req = request.get_ref();
+        let limit = validate::page_size("page_size", req.page_size).map_err(to_status)?;
+        let (pools, next) =
+            self.engine.list_pools(convert::optional(&req.page_token), limit).await.map_err(to_status)?;
+        Ok(Response::new(pb::ListAgentPoolsResponse {
+            pools: pools.iter().map(convert::pool_out).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
     }
 
     async fn update_agent_pool(
         &self,
-        _request: Request<pb::UpdateAgentPoolRequest>,
+        request: Request<pb::UpdateAgentPoolRequest>,
     ) -> Result<Response<pb::UpdateAgentPoolResponse>, Status> {
-        Err(not_yet("UpdateAgentPool"))
+        let req = request.get_ref();
+        let fields = convert::pool_fields_in(req.update_mask.as_ref()).map_err(to_status)?;
+        let pool = convert::pool_in("pool", req.pool.as_ref(), false).map_err(to_status)?;
+        let pool = self.engine.update_pool(pool, fields).await.map_err(to_status)?;
+        Ok(Response::new(pb::UpdateAgentPoolResponse { pool: Some(convert::pool_out(&pool)) }))
     }
 
     async fn delete_agent_pool(
         &self,
-        _request: Request<pb::DeleteAgentPoolRequest>,
+        request: Request<pb::DeleteAgentPoolRequest>,
     ) -> Result<Response<pb::DeleteAgentPoolResponse>, Status> {
-        Err(not_yet("DeleteAgentPool"))
+        let name = convert::required("name", &request.get_ref().name).map_err(to_status)?;
+        let pool = self.engine.delete_pool(name).await.map_err(to_status)?;
+        Ok(Response::new(pb::DeleteAgentPoolResponse { pool: Some(convert::pool_out(&pool)) }))
     }
 
     async fn get_pool_scaling_signal(
         &self,
-        _request: Request<pb::GetPoolScalingSignalRequest>,
+        request: Request<pb::GetPoolScalingSignalRequest>,
     ) -> Result<Response<pb::GetPoolScalingSignalResponse>, Status> {
-        Err(not_yet("GetPoolScalingSignal"))
+        let name = convert::required("name", &request.get_ref().name).map_err(to_status)?;
+        let signal = self.engine.scaling_signal(name).await.map_err(to_status)?;
+        Ok(Response::new(convert::scaling_out(&signal, std::time::SystemTime::now())))
     }
-}
-
-/// Methods whose behaviour is specified but not built yet (agents-and-pools
-/// work) answer UNIMPLEMENTED, so clients can tell.
-fn not_yet(method: &str) -> Status {
-    Status::unimplemented(format!("AgentService.{method} is not available in this server version"))
 }

@@ -9,10 +9,10 @@ use tether::v1 as pb;
 
 use crate::domain::validate::{self, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS};
 use crate::domain::{
-    Agent, AttemptRef, DomainError, DomainResult, Health, JobSpec, JobState, Metrics, Priority, Routing,
-    SchedulingStatus, DEFAULT_POOL,
+    Agent, AttemptRef, DomainError, DomainResult, Health, JobSpec, JobState, Metrics, Pool, Priority, Routing,
+    ScalingSignal, SchedulingStatus, DEFAULT_POOL,
 };
-use crate::engine::{AgentView, QueueStats};
+use crate::engine::{AgentView, PoolField, QueueStats};
 
 // ---- enums -----------------------------------------------------------------
 
@@ -118,7 +118,7 @@ pub fn optional(value: &str) -> Option<String> {
     (!value.is_empty()).then(|| value.to_string())
 }
 
-pub fn pool_in(field: &str, value: &str) -> DomainResult<String> {
+pub fn pool_name_in(field: &str, value: &str) -> DomainResult<String> {
     if value.is_empty() {
         return Ok(DEFAULT_POOL.to_string());
     }
@@ -184,7 +184,7 @@ pub fn job_spec_in(prefix: &str, req: &pb::EnqueueJobRequest) -> DomainResult<Jo
     let routing = match &req.routing {
         None => Routing { pool: DEFAULT_POOL.to_string(), required_labels: BTreeMap::new() },
         Some(r) => Routing {
-            pool: pool_in(&f("routing.pool"), &r.pool)?,
+            pool: pool_name_in(&f("routing.pool"), &r.pool)?,
             required_labels: labels_in(&f("routing.required_labels"), &r.required_labels)?,
         },
     };
@@ -335,6 +335,90 @@ pub fn agent_out(view: &AgentView) -> pb::Agent {
             .collect(),
         create_time: Some(to_timestamp(a.create_time)),
         last_seen_time: Some(to_timestamp(a.last_seen_time)),
+        health_reason: a.health_reason.clone(),
+    }
+}
+
+pub fn scheduling_in(field: &str, value: i32) -> DomainResult<SchedulingStatus> {
+    match pb::AgentSchedulingStatus::try_from(value) {
+        Ok(pb::AgentSchedulingStatus::Active) => Ok(SchedulingStatus::Active),
+        Ok(pb::AgentSchedulingStatus::Cordoned) => Ok(SchedulingStatus::Cordoned),
+        Ok(pb::AgentSchedulingStatus::Draining) => Ok(SchedulingStatus::Draining),
+        Ok(pb::AgentSchedulingStatus::OutOfService) => Ok(SchedulingStatus::OutOfService),
+        Ok(pb::AgentSchedulingStatus::Unspecified) => Err(DomainError::invalid(field, "is required")),
+        Err(_) => Err(DomainError::invalid(field, format!("unknown scheduling status {value}"))),
+    }
+}
+
+/// A pool from the wire; `max_size` 0 means the largest allowed.
+pub fn pool_in(field: &str, pool: Option<&pb::AgentPool>, creating: bool) -> DomainResult<Pool> {
+    let p = pool.ok_or_else(|| DomainError::invalid(field, "is required"))?;
+    validate::name(&format!("{field}.name"), &p.name, validate::MAX_NAME)?;
+    let mut max_size = p.max_size;
+    if creating && max_size == 0 {
+        max_size = crate::domain::pool::MAX_POOL_SIZE;
+    }
+    let mut desired_size = p.desired_size;
+    if creating && desired_size < p.min_size {
+        desired_size = p.min_size;
+    }
+    Ok(Pool {
+        name: p.name.clone(),
+        description: p.description.clone(),
+        min_size: p.min_size,
+        max_size,
+        desired_size,
+        default_labels: labels_in(&format!("{field}.default_labels"), &p.default_labels)?,
+        create_time: std::time::SystemTime::UNIX_EPOCH,
+        update_time: std::time::SystemTime::UNIX_EPOCH,
+    })
+}
+
+pub fn pool_out(p: &Pool) -> pb::AgentPool {
+    pb::AgentPool {
+        name: p.name.clone(),
+        description: p.description.clone(),
+        min_size: p.min_size,
+        max_size: p.max_size,
+        desired_size: p.desired_size,
+        default_labels: p.default_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        create_time: Some(to_timestamp(p.create_time)),
+        update_time: Some(to_timestamp(p.update_time)),
+    }
+}
+
+pub fn pool_fields_in(mask: Option<&prost_types::FieldMask>) -> DomainResult<Vec<PoolField>> {
+    let mask = mask.ok_or_else(|| DomainError::invalid("update_mask", "is required"))?;
+    if mask.paths.is_empty() {
+        return Err(DomainError::invalid("update_mask.paths", "must name at least one field"));
+    }
+    mask.paths
+        .iter()
+        .enumerate()
+        .map(|(i, path)| match path.as_str() {
+            "description" => Ok(PoolField::Description),
+            "min_size" | "minSize" => Ok(PoolField::MinSize),
+            "max_size" | "maxSize" => Ok(PoolField::MaxSize),
+            "desired_size" | "desiredSize" => Ok(PoolField::DesiredSize),
+            "default_labels" | "defaultLabels" => Ok(PoolField::DefaultLabels),
+            other => Err(DomainError::invalid(
+                format!("update_mask.paths[{i}]"),
+                format!("{other:?} is not an updatable field (description, min_size, max_size, desired_size, default_labels)"),
+            )),
+        })
+        .collect()
+}
+
+pub fn scaling_out(s: &ScalingSignal, now: std::time::SystemTime) -> pb::GetPoolScalingSignalResponse {
+    pb::GetPoolScalingSignalResponse {
+        desired_agents: s.desired_agents,
+        current_agents: s.current_agents,
+        queued_jobs: s.queued_jobs,
+        running_jobs: s.running_jobs,
+        slots_per_agent: s.slots_per_agent,
+        min_size: s.min_size,
+        max_size: s.max_size,
+        compute_time: Some(to_timestamp(now)),
     }
 }
 

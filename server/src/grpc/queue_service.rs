@@ -124,7 +124,7 @@ impl QueueService for QueueApi {
         let claim = ClaimRequest {
             worker_id,
             queue: convert::optional(&req.queue),
-            pool: convert::pool_in("pool", &req.pool).map_err(to_status)?,
+            pool: convert::pool_name_in("pool", &req.pool).map_err(to_status)?,
             labels: convert::labels_in("labels", &req.labels).map_err(to_status)?,
         };
         let job = self.engine.claim(claim).await.map_err(to_status)?;

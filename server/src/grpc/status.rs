@@ -8,7 +8,7 @@ use crate::domain::DomainError;
 pub fn to_status(error: DomainError) -> Status {
     let code = match &error {
         DomainError::InvalidArgument { .. } => Code::InvalidArgument,
-        DomainError::NotFound { .. } => Code::NotFound,
+        DomainError::NotFound { .. } | DomainError::Missing(_) => Code::NotFound,
         DomainError::AlreadyExists(_) => Code::AlreadyExists,
         DomainError::FailedPrecondition(_) => Code::FailedPrecondition,
         DomainError::ResourceExhausted(_) => Code::ResourceExhausted,

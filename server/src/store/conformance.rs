@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 
 use super::{AgentFilter, JobFilter, LogChunk, Store, Write, WriteOutcome, COUNTER_FENCING};
-use crate::domain::{Agent, Health, Job, JobSpec, JobState, Priority, Routing, SchedulingStatus};
+use crate::domain::{Agent, Health, Job, JobSpec, JobState, Pool, Priority, Routing, SchedulingStatus};
 
 fn t(secs: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
@@ -57,6 +57,7 @@ pub async fn run_all<S: Store, F: FnMut() -> S>(mut fresh: F) {
     agents(fresh()).await;
     counters_only_rise(fresh()).await;
     concurrent_claims_have_one_winner(fresh()).await;
+    pools(fresh()).await;
 }
 
 async fn create_and_get<S: Store>(store: S) {
@@ -234,6 +235,7 @@ async fn agents<S: Store>(store: S) {
         labels: [("os".to_string(), if pool == "gpu" { "windows" } else { "linux" }.to_string())].into(),
         slots: 4,
         health: Health::Registering,
+        health_reason: String::new(),
         scheduling: SchedulingStatus::Active,
         version: "1".into(),
         create_time: t(0),
@@ -290,4 +292,20 @@ async fn concurrent_claims_have_one_winner<S: Store>(store: S) {
         }
     }
     assert_eq!(winners, 1);
+}
+
+async fn pools<S: Store>(store: S) {
+    let pool = |name: &str, max: u32| Pool { name: name.into(), max_size: max, ..Pool::default_pool(t(0)) };
+    store
+        .write(vec![Write::PutPool(Box::new(pool("zeta", 5))), Write::PutPool(Box::new(pool("alpha", 3)))])
+        .await
+        .expect("pools");
+    write_one(&store, Write::PutPool(Box::new(pool("zeta", 9)))).await;
+    let pools = store.list_pools().await.expect("list");
+    let rows: Vec<_> = pools.iter().map(|p| (p.name.as_str(), p.max_size)).collect();
+    assert_eq!(rows, [("alpha", 3), ("zeta", 9)]);
+    write_one(&store, Write::DeletePool { name: "alpha".into() }).await;
+    write_one(&store, Write::DeletePool { name: "missing".into() }).await;
+    let names: Vec<_> = store.list_pools().await.expect("list").into_iter().map(|p| p.name).collect();
+    assert_eq!(names, ["zeta"]);
 }

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use super::{
     AgentFilter, CountRow, JobFilter, LogChunk, Page, QueuedEntry, Store, StoreError, StoreResult, Write, WriteOutcome,
 };
-use crate::domain::{Agent, Job, JobState, Priority};
+use crate::domain::{Agent, Job, JobState, Pool, Priority};
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 /// (state code, seq) -> QueuedEntry of the job in that state.
@@ -34,6 +34,7 @@ const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 /// (pool, name) -> agent id.
 const AGENT_NAMES: TableDefinition<(&str, &str), &str> = TableDefinition::new("agent_names");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
 
 /// The record encoding's version, the first byte of every stored value.
 const FORMAT_V1: u8 = 1;
@@ -142,6 +143,7 @@ impl EmbeddedStore {
             txn.open_table(AGENTS).map_err(io_err)?;
             txn.open_table(AGENT_NAMES).map_err(io_err)?;
             txn.open_table(COUNTERS).map_err(io_err)?;
+            txn.open_table(POOLS).map_err(io_err)?;
             txn.commit().map_err(io_err)?;
         }
         let db = Arc::new(db);
@@ -215,6 +217,7 @@ fn apply_group(db: &Database, group: &[WriteRequest], durable: bool) -> StoreRes
             agents: txn.open_table(AGENTS).map_err(io_err)?,
             agent_names: txn.open_table(AGENT_NAMES).map_err(io_err)?,
             counters: txn.open_table(COUNTERS).map_err(io_err)?,
+            pools: txn.open_table(POOLS).map_err(io_err)?,
             count_deltas: HashMap::new(),
         };
         for request in group {
@@ -251,6 +254,7 @@ struct Tables<'txn> {
     agents: redb::Table<'txn, &'static str, &'static [u8]>,
     agent_names: redb::Table<'txn, (&'static str, &'static str), &'static str>,
     counters: redb::Table<'txn, &'static str, u64>,
+    pools: redb::Table<'txn, &'static str, &'static [u8]>,
     count_deltas: HashMap<(String, u8, u8), i64>,
 }
 
@@ -265,6 +269,15 @@ impl Tables<'_> {
                 self.agent_names
                     .insert((agent.pool.as_str(), agent.name.as_str()), agent.id.as_str())
                     .map_err(io_err)?;
+                Ok(WriteOutcome::Applied)
+            }
+            Write::PutPool(pool) => {
+                let bytes = encode(pool.as_ref())?;
+                self.pools.insert(pool.name.as_str(), bytes.as_slice()).map_err(io_err)?;
+                Ok(WriteOutcome::Applied)
+            }
+            Write::DeletePool { name } => {
+                self.pools.remove(name.as_str()).map_err(io_err)?;
                 Ok(WriteOutcome::Applied)
             }
             Write::AppendLog(chunk) => {
@@ -584,6 +597,20 @@ impl Store for EmbeddedStore {
                 if out.len() == limit {
                     break;
                 }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn list_pools(&self) -> StoreResult<Vec<Pool>> {
+        self.read(|db| {
+            let txn = db.begin_read().map_err(io_err)?;
+            let pools = txn.open_table(POOLS).map_err(io_err)?;
+            let mut out = Vec::new();
+            for row in pools.iter().map_err(io_err)? {
+                let (_, value) = row.map_err(io_err)?;
+                out.push(decode(value.value())?);
             }
             Ok(out)
         })

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Agent, Job, JobState, Priority, Routing};
+use crate::domain::{Agent, Job, JobState, Pool, Priority, Routing};
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
@@ -45,6 +45,10 @@ pub enum Write {
     UpdateJob { job: Box<Job>, expected_version: u64 },
     /// Inserts or replaces an agent.
     PutAgent(Box<Agent>),
+    /// Inserts or replaces a pool.
+    PutPool(Box<Pool>),
+    /// Deletes a pool (no-op if missing).
+    DeletePool { name: String },
     /// Stores a log chunk; a chunk whose key exists is ignored.
     AppendLog(LogChunk),
     /// Raises a named high-water mark (never lowers it).
@@ -173,6 +177,9 @@ pub trait Store: Send + Sync + 'static {
     async fn find_agent_by_name(&self, pool: &str, name: &str) -> StoreResult<Option<Agent>>;
     /// Agents ordered by id, resuming after `after_id`.
     async fn list_agents(&self, filter: &AgentFilter, after_id: Option<&str>, limit: usize) -> StoreResult<Vec<Agent>>;
+
+    /// Every pool, by name.
+    async fn list_pools(&self) -> StoreResult<Vec<Pool>>;
 
     /// A high-water mark; 0 if never raised.
     async fn counter(&self, name: &'static str) -> StoreResult<u64>;

@@ -1,0 +1,117 @@
+//! Agent pools: CRUD and the scaling signal.
+
+use super::core::Engine;
+use crate::domain::{DomainError, DomainResult, Health, Pool, ScalingSignal};
+use crate::store::Write;
+
+/// A pool field an update may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolField {
+    Description,
+    MinSize,
+    MaxSize,
+    DesiredSize,
+    DefaultLabels,
+}
+
+impl Engine {
+    pub fn require_pool(&self, field: &str, name: &str) -> DomainResult<&Pool> {
+        self.pools.get(name).ok_or_else(|| DomainError::NotFound {
+            kind: "pool",
+            id: format!("{name} (in {field}; create it with CreateAgentPool)"),
+        })
+    }
+
+    pub fn create_pool(&mut self, mut pool: Pool) -> DomainResult<Pool> {
+        if self.pools.contains_key(&pool.name) {
+            return Err(DomainError::AlreadyExists(format!("pool {:?} already exists", pool.name)));
+        }
+        let now = self.clock.now();
+        pool.create_time = now;
+        pool.update_time = now;
+        pool.validate()?;
+        self.persist_other(Write::PutPool(Box::new(pool.clone())));
+        self.pools.insert(pool.name.clone(), pool.clone());
+        Ok(pool)
+    }
+
+    pub fn get_pool(&self, name: &str) -> DomainResult<Pool> {
+        self.pools.get(name).cloned().ok_or_else(|| DomainError::NotFound { kind: "pool", id: name.to_string() })
+    }
+
+    pub fn list_pools(&self, after: Option<&str>, limit: usize) -> (Vec<Pool>, Option<String>) {
+        let mut pools: Vec<Pool> = self
+            .pools
+            .values()
+            .filter(|p| after.is_none_or(|a| p.name.as_str() > a))
+            .take(limit + 1)
+            .cloned()
+            .collect();
+        let next = if pools.len() > limit {
+            pools.truncate(limit);
+            pools.last().map(|p| p.name.clone())
+        } else {
+            None
+        };
+        (pools, next)
+    }
+
+    pub fn update_pool(&mut self, update: Pool, fields: &[PoolField]) -> DomainResult<Pool> {
+        let mut pool = self.get_pool(&update.name)?;
+        for field in fields {
+            match field {
+                PoolField::Description => pool.description = update.description.clone(),
+                PoolField::MinSize => pool.min_size = update.min_size,
+                PoolField::MaxSize => pool.max_size = update.max_size,
+                PoolField::DesiredSize => pool.desired_size = update.desired_size,
+                PoolField::DefaultLabels => pool.default_labels = update.default_labels.clone(),
+            }
+        }
+        pool.validate()?;
+        pool.update_time = self.clock.now();
+        self.persist_other(Write::PutPool(Box::new(pool.clone())));
+        self.pools.insert(pool.name.clone(), pool.clone());
+        Ok(pool)
+    }
+
+    pub fn delete_pool(&mut self, name: &str) -> DomainResult<Pool> {
+        let pool = self.get_pool(name)?;
+        if name == crate::domain::DEFAULT_POOL {
+            return Err(DomainError::FailedPrecondition("the default pool cannot be deleted".into()));
+        }
+        let live = self.pool_agents.get(name).map_or(0, |ids| {
+            ids.iter().filter(|id| self.agents.get(*id).is_some_and(|a| a.agent.health != Health::Terminated)).count()
+        });
+        if live > 0 {
+            return Err(DomainError::FailedPrecondition(format!(
+                "pool {name:?} has {live} live agent(s); deregister them first"
+            )));
+        }
+        let queued = self.ready.ready_in_pool(name);
+        if queued > 0 {
+            return Err(DomainError::FailedPrecondition(format!(
+                "pool {name:?} has {queued} queued job(s) waiting for it; cancel them first"
+            )));
+        }
+        self.persist_other(Write::DeletePool { name: name.to_string() });
+        self.pools.remove(name);
+        Ok(pool)
+    }
+
+    pub fn scaling_signal(&self, name: &str) -> DomainResult<ScalingSignal> {
+        let pool = self.get_pool(name)?;
+        let mut current = 0u32;
+        let mut slots = 0u64;
+        for id in self.pool_agents.get(name).into_iter().flatten() {
+            if let Some(entry) = self.agents.get(id) {
+                if entry.counts_for_capacity() {
+                    current += 1;
+                    slots += u64::from(entry.agent.slots);
+                }
+            }
+        }
+        let queued = self.ready.ready_in_pool(name) as u64;
+        let running = self.active.values().filter(|j| j.spec.routing.pool == name).count() as u64;
+        Ok(ScalingSignal::compute(&pool, current, slots, queued, running))
+    }
+}
