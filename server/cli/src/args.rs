@@ -79,6 +79,9 @@ pub enum Command {
     /// Agent operations
     #[command(subcommand)]
     Agents(AgentsCommand),
+    /// Agent pool operations
+    #[command(subcommand)]
+    Pools(PoolsCommand),
 }
 
 /// `tether queue …`
@@ -294,6 +297,113 @@ pub struct ListAgentsArgs {
     pub page: PageArgs,
 }
 
+/// `tether pools …`
+#[derive(Subcommand, Debug)]
+pub enum PoolsCommand {
+    /// Create an agent pool
+    Create(CreatePoolArgs),
+    /// Show one pool
+    Get {
+        /// The pool name.
+        name: String,
+    },
+    /// List pools, by name
+    List(PageArgs),
+    /// Change a pool's description, size bounds or default labels (only the
+    /// fields whose flags are given)
+    Update(UpdatePoolArgs),
+    /// Delete a pool that has no live agents and no queued jobs
+    Delete {
+        /// The pool name.
+        name: String,
+    },
+    /// Show how many agents a pool needs now, and why
+    Scaling(ScalingArgs),
+}
+
+/// Arguments of `tether pools create`.
+#[derive(Args, Debug, Clone)]
+pub struct CreatePoolArgs {
+    /// The pool name: 1-128 characters of [A-Za-z0-9._-].
+    pub name: String,
+
+    /// What the pool is for.
+    #[arg(long, value_name = "TEXT")]
+    pub description: Option<String>,
+
+    /// Fewest agents the pool should have [default: 0].
+    #[arg(long, value_name = "N")]
+    pub min: Option<u32>,
+
+    /// Most agents the pool may have [default: the server's, 100000].
+    #[arg(long, value_name = "N")]
+    pub max: Option<u32>,
+
+    /// Agents wanted now, between --min and --max [default: --min].
+    #[arg(long, value_name = "N")]
+    pub desired: Option<u32>,
+
+    /// A label every agent of the pool gets by default, as key=value
+    /// (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse::parse_label)]
+    pub labels: Vec<(String, String)>,
+}
+
+/// Arguments of `tether pools update`. At least one field flag is required;
+/// the update mask names exactly the fields given.
+#[derive(Args, Debug, Clone)]
+#[command(group(
+    clap::ArgGroup::new("fields")
+        .required(true)
+        .multiple(true)
+        .args(["description", "min", "max", "desired", "labels", "clear_labels"])
+))]
+pub struct UpdatePoolArgs {
+    /// The pool name.
+    pub name: String,
+
+    /// The new description (`""` clears it).
+    #[arg(long, value_name = "TEXT")]
+    pub description: Option<String>,
+
+    /// The new fewest agents.
+    #[arg(long, value_name = "N")]
+    pub min: Option<u32>,
+
+    /// The new most agents.
+    #[arg(long, value_name = "N")]
+    pub max: Option<u32>,
+
+    /// The new agents wanted now.
+    #[arg(long, value_name = "N")]
+    pub desired: Option<u32>,
+
+    /// A default label, as key=value (repeatable). The labels given replace
+    /// all of the pool's default labels.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse::parse_label)]
+    pub labels: Vec<(String, String)>,
+
+    /// Remove all of the pool's default labels.
+    #[arg(long, conflicts_with = "labels")]
+    pub clear_labels: bool,
+}
+
+/// Arguments of `tether pools scaling`.
+#[derive(Args, Debug, Clone)]
+pub struct ScalingArgs {
+    /// The pool name.
+    pub name: String,
+
+    /// Keep re-querying and redraw until interrupted (Ctrl-C); with
+    /// `--output json`, one JSON object per line.
+    #[arg(long)]
+    pub watch: bool,
+
+    /// How often `--watch` re-queries.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse::parse_duration, requires = "watch")]
+    pub interval: Duration,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,10 +493,123 @@ mod tests {
             &["agents", "list", "--health", "sick"],
             &["queue", "get"],
             &["--output", "yaml", "queue", "get", "x"],
+            &["pools", "create"],
+            &["pools", "create", "p", "--min", "-1"],
+            &["pools", "create", "p", "--max", "many"],
+            &["pools", "create", "p", "--desired", "4294967296"],
+            &["pools", "create", "p", "--label", "gpu"],
+            &["pools", "update", "p"],
+            &["pools", "update", "p", "--min", "x"],
+            &["pools", "update", "p", "--label", "=v"],
+            &["pools", "update", "p", "--label", "a=1", "--clear-labels"],
+            &["pools", "update", "p", "--size", "3"],
+            &["pools", "list", "--limit", "1001"],
+            &["pools", "list", "--all", "--page-token", "t"],
+            &["pools", "get"],
+            &["pools", "delete"],
+            &["pools", "scaling", "p", "--interval", "2s"],
+            &["pools", "scaling", "p", "--watch", "--interval", "0s"],
+            &["pools", "scaling"],
         ] {
             let err = parse(args).expect_err(&format!("{args:?} should fail"));
             // Exit code 2 is how clap reports bad usage.
             assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn pools_create_parses_every_flag() {
+        let cli = parse(&[
+            "pools",
+            "create",
+            "gpu",
+            "--description",
+            "CUDA runners",
+            "--min",
+            "1",
+            "--max",
+            "10",
+            "--desired",
+            "3",
+            "--label",
+            "gpu=a100",
+            "--label",
+            "arch=x86",
+        ])
+        .expect("parses");
+        let Command::Pools(PoolsCommand::Create(c)) = cli.command else {
+            panic!("not pools create: {:?}", cli.command);
+        };
+        assert_eq!(c.name, "gpu");
+        assert_eq!(c.description.as_deref(), Some("CUDA runners"));
+        assert_eq!((c.min, c.max, c.desired), (Some(1), Some(10), Some(3)));
+        assert_eq!(c.labels, [("gpu".into(), "a100".into()), ("arch".into(), "x86".into())]);
+
+        let cli = parse(&["pools", "create", "bare"]).expect("parses");
+        let Command::Pools(PoolsCommand::Create(c)) = cli.command else {
+            panic!("not pools create");
+        };
+        assert_eq!((c.description, c.min, c.max, c.desired), (None, None, None, None));
+        assert!(c.labels.is_empty());
+    }
+
+    #[test]
+    fn pools_update_needs_at_least_one_field_flag() {
+        let err = parse(&["pools", "update", "gpu"]).expect_err("no fields");
+        assert_eq!(err.exit_code(), 2);
+        for flags in [
+            &["--description", ""][..],
+            &["--min", "0"],
+            &["--max", "5"],
+            &["--desired", "2"],
+            &["--label", "a=b"],
+            &["--clear-labels"],
+        ] {
+            let args: Vec<&str> = ["pools", "update", "gpu"].iter().chain(flags).copied().collect();
+            let cli = parse(&args).unwrap_or_else(|e| panic!("{flags:?}: {e}"));
+            assert!(matches!(cli.command, Command::Pools(PoolsCommand::Update(_))), "{flags:?}");
+        }
+    }
+
+    #[test]
+    fn pools_list_get_delete_and_scaling_parse() {
+        let cli = parse(&["pools", "list", "--limit", "5", "--all"]).expect("parses");
+        let Command::Pools(PoolsCommand::List(page)) = cli.command else {
+            panic!("not pools list");
+        };
+        assert_eq!((page.limit, page.all), (Some(5), true));
+        let cli = parse(&["pools", "get", "gpu", "--output", "json"]).expect("parses");
+        assert!(matches!(cli.command, Command::Pools(PoolsCommand::Get { ref name }) if name == "gpu"));
+        assert_eq!(cli.global.output, OutputFormat::Json);
+        let cli = parse(&["pools", "delete", "gpu"]).expect("parses");
+        assert!(matches!(cli.command, Command::Pools(PoolsCommand::Delete { ref name }) if name == "gpu"));
+
+        let cli = parse(&["pools", "scaling", "gpu"]).expect("parses");
+        let Command::Pools(PoolsCommand::Scaling(s)) = cli.command else {
+            panic!("not pools scaling");
+        };
+        assert!(!s.watch);
+        assert_eq!(s.interval, Duration::from_secs(2));
+        let cli = parse(&["pools", "scaling", "gpu", "--watch", "--interval", "500ms"]).expect("parses");
+        let Command::Pools(PoolsCommand::Scaling(s)) = cli.command else {
+            panic!("not pools scaling");
+        };
+        assert!(s.watch);
+        assert_eq!(s.interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn agents_commands_parse() {
+        for args in [
+            &["agents", "get", "a-1"][..],
+            &["agents", "cordon", "a-1", "--reason", "disk"],
+            &["agents", "uncordon", "a-1"],
+            &["agents", "drain", "a-1", "--reason", "upgrade"],
+            &["agents", "deregister", "a-1"],
+            &["agents", "list", "--pool", "gpu", "--health", "degraded,unhealthy", "--label", "os=linux"],
+        ] {
+            let cli = parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert!(matches!(cli.command, Command::Agents(_)), "{args:?}");
         }
     }
 

@@ -96,6 +96,9 @@ pub(crate) struct Ctx<'a> {
     pub err: &'a mut (dyn Write + Send),
     /// Whether to draw a spinner on the terminal while waiting.
     pub progress: bool,
+    /// Whether results go to a terminal (so `--watch` may redraw the
+    /// screen rather than append).
+    pub tty: bool,
 }
 
 /// Fetches one page, or every page with `--all`, of a paged List call.

@@ -1,8 +1,8 @@
 //! Turns failures into what an operator reads: `error: <CODE>: <message>`
 //! and a hint on what to do next.
 //!
-//! The hint depends on what the command was about (a job or an agent), so a
-//! NOT_FOUND points at the listing command that shows valid ids.
+//! The hint depends on what the command was about (a job, an agent or a
+//! pool), so a NOT_FOUND points at the listing command that shows valid ids.
 
 use std::fmt::Write as _;
 
@@ -29,6 +29,8 @@ pub enum Subject {
     Job,
     /// An agent (`tether agents …`).
     Agent,
+    /// An agent pool (`tether pools …`).
+    Pool,
 }
 
 /// Where and on what a command failed, for [`hint`].
@@ -70,6 +72,7 @@ pub fn hint(code: Code, ctx: &ErrorContext) -> Option<String> {
     let (noun, list_cmd, get_cmd) = match ctx.subject {
         Subject::Job => ("job", "tether queue list", "tether queue get ID"),
         Subject::Agent => ("agent", "tether agents list", "tether agents get ID"),
+        Subject::Pool => ("pool", "tether pools list", "tether pools get NAME"),
     };
     let server = &ctx.server;
     let text = match code {
@@ -77,7 +80,16 @@ pub fn hint(code: Code, ctx: &ErrorContext) -> Option<String> {
             "is the server running at {server}? start it with `tether server`, \
              or point the CLI elsewhere with --server or TETHER_SERVER"
         ),
+        Code::NotFound if ctx.subject == Subject::Pool => format!("list pools with `{list_cmd}`"),
         Code::NotFound => format!("check the {noun} id with `{list_cmd}`"),
+        // The only pool call refused this way is a delete: the pool still
+        // has agents or queued jobs, or it is the default pool.
+        Code::FailedPrecondition if ctx.subject == Subject::Pool => {
+            "only a pool without live agents or queued jobs can be deleted (never the default pool): \
+             drain and deregister its agents first (`tether agents list --pool NAME`, then \
+             `tether agents deregister ID`) and cancel the jobs waiting for it"
+                .to_string()
+        }
         Code::FailedPrecondition => {
             format!("the {noun} is not in a state that allows this; see its state with `{get_cmd}`")
         }
@@ -86,6 +98,7 @@ pub fn hint(code: Code, ctx: &ErrorContext) -> Option<String> {
                              use a new --idempotency-key or drop it"
                 .to_string(),
             Subject::Agent => "an agent with that name already exists in the pool".to_string(),
+            Subject::Pool => "a pool with that name already exists; change it with `tether pools update`".to_string(),
         },
         Code::InvalidArgument | Code::OutOfRange => {
             "the server refused a value; check the flags with `--help`".to_string()
@@ -206,11 +219,24 @@ mod tests {
             Code::DataLoss,
             Code::Unauthenticated,
         ] {
-            for subject in [Subject::Job, Subject::Agent] {
+            for subject in [Subject::Job, Subject::Agent, Subject::Pool] {
                 assert!(hint(code, &ctx(subject)).is_some(), "{code:?}");
             }
         }
         assert_eq!(hint(Code::Cancelled, &ctx(Subject::Job)), None);
+    }
+
+    #[test]
+    fn pool_hints_name_the_pool_commands() {
+        let text = render_status(&Status::not_found("pool \"gpu\" not found"), &ctx(Subject::Pool));
+        assert_eq!(text, "error: NOT_FOUND: pool \"gpu\" not found\nhint: list pools with `tether pools list`");
+        let text = render_status(&Status::failed_precondition("pool has 2 live agent(s)"), &ctx(Subject::Pool));
+        assert!(text.contains("deregister its agents first"), "{text}");
+        let text = render_status(&Status::already_exists("pool exists"), &ctx(Subject::Pool));
+        assert!(text.contains("`tether pools update`"), "{text}");
+        // Other subjects keep their wording.
+        let text = render_status(&Status::failed_precondition("terminated"), &ctx(Subject::Agent));
+        assert!(text.contains("`tether agents get ID`"), "{text}");
     }
 
     #[test]

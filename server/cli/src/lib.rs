@@ -1,5 +1,5 @@
-//! The client commands of the `tether` operator CLI: `tether queue …` and
-//! `tether agents …`.
+//! The client commands of the `tether` operator CLI: `tether queue …`,
+//! `tether agents …` and `tether pools …`.
 //!
 //! The `tether` binary owns the top-level parser and embeds this crate:
 //!
@@ -26,6 +26,7 @@ pub mod parse;
 
 mod agents;
 mod client;
+mod pools;
 mod queue;
 mod wait;
 
@@ -33,8 +34,8 @@ use std::io::{IsTerminal as _, Write};
 use std::process::ExitCode;
 
 pub use args::{
-    AgentsCommand, Command, DeadLettersArgs, EnqueueArgs, GlobalArgs, ListAgentsArgs, ListJobsArgs, OutputFormat,
-    PageArgs, QueueCommand, DEFAULT_SERVER,
+    AgentsCommand, Command, CreatePoolArgs, DeadLettersArgs, EnqueueArgs, GlobalArgs, ListAgentsArgs, ListJobsArgs,
+    OutputFormat, PageArgs, PoolsCommand, QueueCommand, ScalingArgs, UpdatePoolArgs, DEFAULT_SERVER,
 };
 pub use wait::is_finished;
 
@@ -43,27 +44,37 @@ use error::{render_error, ErrorContext, Subject, UsageError};
 
 /// Runs one client command against the server named in `global`, printing
 /// results on stdout and errors on stderr; a spinner is drawn on stderr
-/// while waiting, if stderr is a terminal.
+/// while waiting, if stderr is a terminal, and `pools scaling --watch`
+/// redraws the screen if stdout is one.
 ///
 /// Failures are reported on stderr and turned into the exit code, so the
 /// `Err` case is reserved for failures of the CLI itself; today there are
 /// none, and callers can treat `Err` like exit code 1.
 pub async fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<ExitCode> {
-    let progress = std::io::stderr().is_terminal();
+    let terminal = Terminal { progress: std::io::stderr().is_terminal(), tty: std::io::stdout().is_terminal() };
     let mut out = std::io::stdout();
     let mut err = std::io::stderr();
-    Ok(execute(global, command, &mut out, &mut err, progress).await)
+    Ok(execute(global, command, &mut out, &mut err, terminal).await)
 }
 
 /// Like [`run`], with results written to `out` and errors and notes to
-/// `err`, and no spinner; for tests and for embedding.
+/// `err`, no spinner and no screen redraws; for tests and for embedding.
 pub async fn run_with(
     global: &GlobalArgs,
     command: Command,
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> anyhow::Result<ExitCode> {
-    Ok(execute(global, command, out, err, false).await)
+    Ok(execute(global, command, out, err, Terminal::default()).await)
+}
+
+/// What of the terminal the CLI may use.
+#[derive(Debug, Clone, Copy, Default)]
+struct Terminal {
+    /// Draw a spinner on stderr while waiting.
+    progress: bool,
+    /// Stdout is a terminal: `--watch` redraws the screen.
+    tty: bool,
 }
 
 async fn execute(
@@ -71,16 +82,17 @@ async fn execute(
     command: Command,
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
-    progress: bool,
+    terminal: Terminal,
 ) -> ExitCode {
     let context = ErrorContext {
         server: normalize_server(&global.server),
         subject: match &command {
             Command::Queue(_) => Subject::Job,
             Command::Agents(_) => Subject::Agent,
+            Command::Pools(_) => Subject::Pool,
         },
     };
-    let result = dispatch(global, command, &mut *out, &mut *err, progress).await;
+    let result = dispatch(global, command, &mut *out, &mut *err, terminal).await;
     let flushed = out.flush();
     match result.and_then(|code| flushed.map(|()| code).map_err(Into::into)) {
         Ok(code) => code,
@@ -109,11 +121,13 @@ async fn dispatch(
     command: Command,
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
-    progress: bool,
+    terminal: Terminal,
 ) -> anyhow::Result<ExitCode> {
-    let mut ctx = Ctx { clients: Clients::new(global)?, format: global.output, out, err, progress };
+    let Terminal { progress, tty } = terminal;
+    let mut ctx = Ctx { clients: Clients::new(global)?, format: global.output, out, err, progress, tty };
     match command {
         Command::Queue(command) => queue::run(command, &mut ctx).await,
         Command::Agents(command) => agents::run(command, &mut ctx).await,
+        Command::Pools(command) => pools::run(command, &mut ctx).await,
     }
 }

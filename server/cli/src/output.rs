@@ -12,7 +12,8 @@ use anyhow::{anyhow, Context as _};
 use comfy_table::{presets, ContentArrangement, Table};
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use tether::v1::{
-    Agent, AgentHealth, AgentSchedulingStatus, GetQueueStatsResponse, Priority, QueuedJob, QueuedJobState,
+    Agent, AgentHealth, AgentPool, AgentSchedulingStatus, GetPoolScalingSignalResponse, GetQueueStatsResponse,
+    Priority, QueuedJob, QueuedJobState,
 };
 
 /// A generated message with its fully-qualified protobuf name, which JSON
@@ -47,6 +48,13 @@ proto_names!(
     DrainAgentResponse,
     UpdateAgentStatusResponse,
     DeregisterAgentResponse,
+    AgentPool,
+    CreateAgentPoolResponse,
+    GetAgentPoolResponse,
+    ListAgentPoolsResponse,
+    UpdateAgentPoolResponse,
+    DeleteAgentPoolResponse,
+    GetPoolScalingSignalResponse,
 );
 
 /// The descriptor pool of every tether.v1 message, decoded once.
@@ -66,17 +74,32 @@ fn descriptor_pool() -> anyhow::Result<&'static DescriptorPool> {
 /// generated types carry no serde support; the descriptor set is the source
 /// of truth for names.
 pub fn to_json<M: ProtoName>(msg: &M) -> anyhow::Result<String> {
+    render_json(msg, true)
+}
+
+/// Like [`to_json`], on one line: for streams of objects (JSON Lines), such
+/// as `pools scaling --watch --output json`.
+pub fn to_json_line<M: ProtoName>(msg: &M) -> anyhow::Result<String> {
+    render_json(msg, false)
+}
+
+fn render_json<M: ProtoName>(msg: &M, pretty: bool) -> anyhow::Result<String> {
     let pool = descriptor_pool()?;
     let desc = pool
         .get_message_by_name(M::FULL_NAME)
         .with_context(|| format!("message {} is not in the descriptor set", M::FULL_NAME))?;
     let dynamic = DynamicMessage::decode(desc, msg.encode_to_vec().as_slice())
         .with_context(|| format!("cannot re-decode a {}", M::FULL_NAME))?;
-    let mut ser = serde_json::Serializer::pretty(Vec::new());
-    dynamic
-        .serialize_with_options(&mut ser, &SerializeOptions::new())
-        .with_context(|| format!("cannot serialize a {} as JSON", M::FULL_NAME))?;
-    String::from_utf8(ser.into_inner()).context("JSON output is not UTF-8")
+    let options = SerializeOptions::new();
+    let bytes = if pretty {
+        let mut ser = serde_json::Serializer::pretty(Vec::new());
+        dynamic.serialize_with_options(&mut ser, &options).map(|()| ser.into_inner())
+    } else {
+        let mut ser = serde_json::Serializer::new(Vec::new());
+        dynamic.serialize_with_options(&mut ser, &options).map(|()| ser.into_inner())
+    }
+    .with_context(|| format!("cannot serialize a {} as JSON", M::FULL_NAME))?;
+    String::from_utf8(bytes).context("JSON output is not UTF-8")
 }
 
 /// Writes [`to_json`] of `msg` and a newline.
@@ -368,9 +391,11 @@ pub fn write_stats(out: &mut dyn Write, stats: &GetQueueStatsResponse) -> std::i
 }
 
 /// Writes agents as a list table: ID, NAME, POOL, HEALTH, STATUS, SLOTS,
-/// RUNNING, CONNECTED, LAST SEEN.
+/// RUNNING, CONNECTED, LAST SEEN, REASON (why the agent has its health; last,
+/// since it is free text).
 pub fn write_agents_table(out: &mut dyn Write, agents: &[Agent], now: SystemTime) -> std::io::Result<()> {
-    let mut t = list_table(&["ID", "NAME", "POOL", "HEALTH", "STATUS", "SLOTS", "RUNNING", "CONNECTED", "LAST SEEN"]);
+    let mut t =
+        list_table(&["ID", "NAME", "POOL", "HEALTH", "STATUS", "SLOTS", "RUNNING", "CONNECTED", "LAST SEEN", "REASON"]);
     for a in agents {
         t.add_row(vec![
             a.id.clone(),
@@ -382,6 +407,7 @@ pub fn write_agents_table(out: &mut dyn Write, agents: &[Agent], now: SystemTime
             a.running_jobs.len().to_string(),
             if a.connected { "yes" } else { "no" }.to_string(),
             age_since(a.last_seen_time.as_ref(), now),
+            or_dash(&a.health_reason),
         ]);
     }
     write_table(out, t)
@@ -395,6 +421,7 @@ pub fn write_agent_details(out: &mut dyn Write, a: &Agent, now: SystemTime) -> s
         ("Pool", a.pool.clone()),
         ("Labels", format_labels(&a.labels)),
         ("Health", health_name(a.health)),
+        ("Health reason", or_dash(&a.health_reason)),
         ("Status", scheduling_status_name(a.scheduling_status)),
         ("Connected", if a.connected { "yes" } else { "no" }.into()),
         ("Version", or_dash(&a.version)),
@@ -416,6 +443,87 @@ pub fn write_agent_details(out: &mut dyn Write, a: &Agent, now: SystemTime) -> s
             rows.push((name, format_time(ts, now)));
         }
     }
+    write_table(out, details_table(rows))
+}
+
+/// Labels as `a=1,b=2` (no spaces, so a list row stays one field per
+/// column), sorted; `-` when empty.
+fn format_labels_compact(labels: &std::collections::HashMap<String, String>) -> String {
+    format_labels(labels).replace(", ", ",")
+}
+
+/// Writes pools as a list table: NAME, MIN, DESIRED, MAX, DEFAULT LABELS,
+/// AGE, DESCRIPTION (last, since it is free text).
+pub fn write_pools_table(out: &mut dyn Write, pools: &[AgentPool], now: SystemTime) -> std::io::Result<()> {
+    let mut t = list_table(&["NAME", "MIN", "DESIRED", "MAX", "DEFAULT LABELS", "AGE", "DESCRIPTION"]);
+    for p in pools {
+        t.add_row(vec![
+            p.name.clone(),
+            p.min_size.to_string(),
+            p.desired_size.to_string(),
+            p.max_size.to_string(),
+            format_labels_compact(&p.default_labels),
+            age_since(p.create_time.as_ref(), now),
+            or_dash(&p.description),
+        ]);
+    }
+    write_table(out, t)
+}
+
+/// Writes every field of one pool as a key/value table.
+pub fn write_pool_details(out: &mut dyn Write, p: &AgentPool, now: SystemTime) -> std::io::Result<()> {
+    let mut rows = vec![
+        ("Name", p.name.clone()),
+        ("Description", or_dash(&p.description)),
+        ("Min size", p.min_size.to_string()),
+        ("Desired size", p.desired_size.to_string()),
+        ("Max size", p.max_size.to_string()),
+        ("Default labels", format_labels(&p.default_labels)),
+    ];
+    for (name, ts) in [("Created", &p.create_time), ("Updated", &p.update_time)] {
+        if let Some(ts) = ts {
+            rows.push((name, format_time(ts, now)));
+        }
+    }
+    write_table(out, details_table(rows))
+}
+
+/// What the scaling signal asks of the autoscaler: `add 2 agents`,
+/// `remove 1 agent`, or `none`.
+pub fn scaling_change(s: &GetPoolScalingSignalResponse) -> String {
+    let plural = |n: u32| if n == 1 { "agent" } else { "agents" };
+    match s.desired_agents.cmp(&s.current_agents) {
+        std::cmp::Ordering::Greater => {
+            let n = s.desired_agents - s.current_agents;
+            format!("add {n} {}", plural(n))
+        }
+        std::cmp::Ordering::Less => {
+            let n = s.current_agents - s.desired_agents;
+            format!("remove {n} {}", plural(n))
+        }
+        std::cmp::Ordering::Equal => "none".into(),
+    }
+}
+
+/// Writes a pool's scaling signal and its inputs as a key/value table.
+pub fn write_scaling(
+    out: &mut dyn Write,
+    pool: &str,
+    s: &GetPoolScalingSignalResponse,
+    now: SystemTime,
+) -> std::io::Result<()> {
+    let rows = vec![
+        ("Pool", pool.to_string()),
+        ("Desired agents", s.desired_agents.to_string()),
+        ("Current agents", s.current_agents.to_string()),
+        ("Change", scaling_change(s)),
+        ("Queued jobs", s.queued_jobs.to_string()),
+        ("Running jobs", s.running_jobs.to_string()),
+        ("Slots per agent", s.slots_per_agent.to_string()),
+        ("Min size", s.min_size.to_string()),
+        ("Max size", s.max_size.to_string()),
+        ("Computed", s.compute_time.as_ref().map(|t| format_time(t, now)).unwrap_or_else(|| "-".into())),
+    ];
     write_table(out, details_table(rows))
 }
 
@@ -507,6 +615,13 @@ mod tests {
             <Agent as ProtoName>::FULL_NAME,
             <tether::v1::DeregisterAgentResponse as ProtoName>::FULL_NAME,
             <tether::v1::WatchQueueResponse as ProtoName>::FULL_NAME,
+            <AgentPool as ProtoName>::FULL_NAME,
+            <tether::v1::CreateAgentPoolResponse as ProtoName>::FULL_NAME,
+            <tether::v1::GetAgentPoolResponse as ProtoName>::FULL_NAME,
+            <tether::v1::ListAgentPoolsResponse as ProtoName>::FULL_NAME,
+            <tether::v1::UpdateAgentPoolResponse as ProtoName>::FULL_NAME,
+            <tether::v1::DeleteAgentPoolResponse as ProtoName>::FULL_NAME,
+            <GetPoolScalingSignalResponse as ProtoName>::FULL_NAME,
         ] {
             assert!(pool.get_message_by_name(name).is_some(), "{name}");
         }
@@ -589,13 +704,100 @@ mod tests {
         write_agents_table(&mut out, std::slice::from_ref(&agent), now()).expect("writes");
         let text = String::from_utf8(out).expect("utf8");
         let row: Vec<&str> = text.lines().nth(1).expect("row").split_whitespace().collect();
-        assert_eq!(row, ["a-1", "runner-1", "linux", "healthy", "cordoned", "4", "1", "yes", "3s"]);
+        assert_eq!(row, ["a-1", "runner-1", "linux", "healthy", "cordoned", "4", "1", "yes", "3s", "-"]);
         let mut out = Vec::new();
         write_agent_details(&mut out, &agent, now()).expect("writes");
         let text = String::from_utf8(out).expect("utf8");
+        assert!(text.contains("Health reason:"), "{text}");
         assert!(text.contains("job-1 (attempt 2)"), "{text}");
         assert!(text.contains("3.0 GiB / 8.0 GiB"), "{text}");
         assert!(text.contains("12.5%"), "{text}");
+    }
+
+    #[test]
+    fn agent_health_reason_is_shown() {
+        let agent = Agent {
+            id: "a-2".into(),
+            health: AgentHealth::Degraded as i32,
+            health_reason: "missed 2 heartbeats".into(),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        write_agents_table(&mut out, std::slice::from_ref(&agent), now()).expect("writes");
+        let text = String::from_utf8(out).expect("utf8");
+        let header = text.lines().next().expect("header");
+        assert!(header.trim_end().ends_with("REASON"), "{text}");
+        assert!(text.lines().nth(1).expect("row").ends_with("missed 2 heartbeats"), "{text}");
+        let mut out = Vec::new();
+        write_agent_details(&mut out, &agent, now()).expect("writes");
+        let text = String::from_utf8(out).expect("utf8");
+        let line = text.lines().find(|l| l.starts_with("Health reason:")).expect("reason row");
+        assert!(line.ends_with("missed 2 heartbeats"), "{text}");
+    }
+
+    fn sample_pool() -> AgentPool {
+        AgentPool {
+            name: "gpu".into(),
+            description: "CUDA runners".into(),
+            min_size: 1,
+            max_size: 10,
+            desired_size: 3,
+            default_labels: [("gpu".to_string(), "a100".to_string()), ("arch".to_string(), "x86".to_string())].into(),
+            create_time: ts(NOW_SECS - 3600),
+            update_time: ts(NOW_SECS - 60),
+        }
+    }
+
+    #[test]
+    fn pool_tables_render() {
+        let mut out = Vec::new();
+        write_pools_table(&mut out, &[sample_pool()], now()).expect("writes");
+        let text = String::from_utf8(out).expect("utf8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        let header: Vec<&str> = lines[0].split("   ").map(str::trim).filter(|c| !c.is_empty()).collect();
+        assert_eq!(header, ["NAME", "MIN", "DESIRED", "MAX", "DEFAULT LABELS", "AGE", "DESCRIPTION"]);
+        let row: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(row, ["gpu", "1", "3", "10", "arch=x86,gpu=a100", "1h", "CUDA", "runners"]);
+
+        let mut out = Vec::new();
+        write_pool_details(&mut out, &sample_pool(), now()).expect("writes");
+        let text = String::from_utf8(out).expect("utf8");
+        assert!(text.contains("arch=x86, gpu=a100"), "{text}");
+        assert!(text.contains("(1m ago)"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&to_json(&sample_pool()).expect("json")).expect("valid");
+        assert_eq!(v["minSize"], 1);
+        assert_eq!(v["defaultLabels"]["gpu"], "a100");
+    }
+
+    #[test]
+    fn scaling_signal_renders() {
+        let mut s = GetPoolScalingSignalResponse {
+            desired_agents: 5,
+            current_agents: 3,
+            queued_jobs: 12,
+            running_jobs: 8,
+            slots_per_agent: 4,
+            min_size: 1,
+            max_size: 10,
+            compute_time: ts(NOW_SECS),
+        };
+        let mut out = Vec::new();
+        write_scaling(&mut out, "gpu", &s, now()).expect("writes");
+        let text = String::from_utf8(out).expect("utf8");
+        for want in ["Pool:", "gpu", "Desired agents:", "add 2 agents", "Queued jobs:", "12", "Slots per agent:"] {
+            assert!(text.contains(want), "{want} in {text}");
+        }
+        assert!(text.contains("2030-01-02T03:04:05Z"), "{text}");
+        s.current_agents = 6;
+        assert_eq!(scaling_change(&s), "remove 1 agent");
+        s.current_agents = 5;
+        assert_eq!(scaling_change(&s), "none");
+        let line = to_json_line(&s).expect("json");
+        assert!(!line.contains('\n'), "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("valid");
+        assert_eq!(v["queuedJobs"], "12");
+        assert_eq!(v["desiredAgents"], 5);
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub fn is_finished(state: i32) -> bool {
 
 /// Whether a failed call is worth retrying: the server is restarting or the
 /// connection broke, as opposed to a refusal (NOT_FOUND, PERMISSION_DENIED).
-fn is_transient(status: &Status) -> bool {
+pub(crate) fn is_transient(status: &Status) -> bool {
     matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded)
 }
 
