@@ -208,7 +208,19 @@ async fn a_reconnect_within_grace_resumes_without_a_rerun() {
     let done = wait_for_event(&mut watch, |e| e.id == j.id && !matches!(state(e), pb::QueuedJobState::Running)).await;
     assert_eq!((state(&done), done.attempt), (pb::QueuedJobState::Succeeded, 1), "no second attempt ran");
     assert_eq!(&done.result[..], b"once");
-    // Nothing else was sent to the agent: the next message it gets is a fresh assignment.
+    // Nothing else was sent to the agent: the next message it gets is a
+    // fresh assignment (once a heartbeat shows it alive after the clock
+    // jump).
+    back.send(pb::connect_request::Message::Heartbeat(pb::Heartbeat::default())).await;
+    wait_until("the agent to be healthy again", || async {
+        let mut agents = server.agents().await;
+        agents
+            .get_agent(pb::GetAgentRequest { id: agent_id.clone() })
+            .await
+            .map(|r| r.into_inner().agent.is_some_and(|a| a.health == pb::AgentHealth::Healthy as i32))
+            .unwrap_or(false)
+    })
+    .await;
     let next = q.enqueue_job(job("q", "y")).await.expect("enqueue").into_inner().job.expect("job");
     match back.next().await {
         Down::Assignment(a) => assert_eq!(a.job.map(|r| r.job_id), Some(next.id)),

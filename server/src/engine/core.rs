@@ -128,6 +128,9 @@ pub(crate) struct Engine {
     failed: Option<String>,
 }
 
+/// How far the fencing token counter jumps at start-up.
+const FENCING_GAP: u64 = 1 << 32;
+
 type CommitFuture = BoxFuture<'static, StoreResult<Vec<WriteOutcome>>>;
 
 impl Engine {
@@ -143,7 +146,11 @@ impl Engine {
     ) -> Result<Engine, StoreError> {
         let now = clock.now();
         let next_seq = store.counter(COUNTER_SEQ).await? + 1;
-        let next_token = store.counter(COUNTER_FENCING).await? + 1;
+        // Assignments are pushed before their claim is durable, so tokens
+        // issued just before a crash may be missing from the store. Skipping
+        // far ahead guarantees they are never issued again: far fewer than
+        // FENCING_GAP claims can be in flight between two commits.
+        let next_token = store.counter(COUNTER_FENCING).await? + FENCING_GAP;
         let mut counts = HashMap::new();
         for row in store.counts().await? {
             counts.insert((row.queue, row.state, row.priority), row.count);
@@ -347,6 +354,13 @@ impl Engine {
             if session.id == session_id {
                 let _ = session.pushes.send(push);
             }
+        }
+    }
+
+    /// Pushes to an agent's current session right away.
+    pub fn push_now_to(&self, agent_id: &str, push: AgentPush) {
+        if let Some(session) = self.agents.get(agent_id).and_then(|a| a.session.as_ref()) {
+            let _ = session.pushes.send(push);
         }
     }
 

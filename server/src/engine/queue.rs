@@ -21,7 +21,17 @@ impl Engine {
         // First resolve every idempotency key, so that a conflict refuses the
         // whole batch before anything is written.
         let mut existing = Vec::with_capacity(specs.len());
+        let mut first_use: std::collections::HashMap<(&str, &str), usize> = std::collections::HashMap::new();
         for (i, spec) in specs.iter().enumerate() {
+            // A key repeated within the batch must repeat the same request.
+            if let Some(key) = &spec.idempotency_key {
+                let first = *first_use.entry((spec.queue.as_str(), key.as_str())).or_insert(i);
+                if specs[first] != *spec {
+                    return Err(DomainError::AlreadyExists(format!(
+                        "requests[{i}].idempotency_key {key:?} is also used by requests[{first}] with a different request"
+                    )));
+                }
+            }
             let found = match &spec.idempotency_key {
                 Some(key) => self.find_by_key(&spec.queue, key).await?,
                 None => None,
@@ -130,8 +140,15 @@ impl Engine {
         job
     }
 
-    /// Claims a job for a connected agent and pushes the assignment once the
-    /// claim is durable.
+    /// Claims a job for a connected agent and pushes the assignment at once.
+    ///
+    /// The push does not wait for the claim to be durable: only
+    /// acknowledgements do. If the server crashes before the claim commits,
+    /// the agent's attempt is unknown after restart (or the job is queued
+    /// again): its reports are refused and its reconnect abandons the job,
+    /// and fencing tokens are never reused (see `Engine::load`). Waiting for
+    /// the sync here would put a disk flush into every dispatch and every
+    /// slot turnover.
     pub fn assign(&mut self, job: Job, agent_id: &str) {
         let job = self.claim(job, agent_id);
         if let Some(entry) = self.agents.get_mut(agent_id) {
@@ -140,7 +157,7 @@ impl Engine {
                 super::core::InFlight { job_id: job.id.clone(), attempt: job.attempt, acked: false },
             );
         }
-        self.push_after_commit(agent_id, AgentPush::Assign(Box::new(job)));
+        self.push_now_to(agent_id, AgentPush::Assign(Box::new(job)));
     }
 
     pub async fn claim_unary(&mut self, request: ClaimRequest) -> DomainResult<Option<Job>> {

@@ -1,0 +1,340 @@
+//! `tether-bench`: end-to-end throughput and dispatch latency of a real
+//! Tether server (in-process, loopback gRPC, durable embedded store in a temp
+//! dir, fsync on every commit by default) with real SDK agents.
+//!
+//! Prints human-readable lines, then one JSON object as the last line.
+
+mod env;
+mod phases;
+mod probe;
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use clap::Parser;
+use futures::future::{FutureExt as _, LocalBoxFuture};
+use serde_json::json;
+
+use crate::env::{Env, EnvConfig};
+use crate::phases::{Enqueue, Latency, Throughput};
+
+/// Benchmarks a Tether server end to end: batched and unbatched enqueue
+/// throughput until every job SUCCEEDED, dispatch latency at a fixed rate,
+/// and peak RSS.
+#[derive(Parser, Debug)]
+#[command(name = "tether-bench", version)]
+struct Args {
+    /// Jobs per throughput measurement.
+    #[arg(long, default_value_t = 20_000)]
+    jobs: u64,
+    /// Agents (SDK, in-process, one Connect stream each).
+    #[arg(long, default_value_t = 4)]
+    agents: u32,
+    /// Slots per agent.
+    #[arg(long, default_value_t = 4)]
+    slots: u32,
+    /// Jobs per second in the latency measurement.
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Length of the latency measurement in seconds.
+    #[arg(long, default_value_t = 10)]
+    latency_secs: u64,
+    /// Unrecorded jobs sent on the latency schedule before measuring.
+    #[arg(long, default_value_t = 500)]
+    warmup_jobs: u64,
+    /// Repeat every measurement this often, each on a fresh server and
+    /// store; the JSON reports medians.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Sync the store only every Nth commit (EmbeddedOptions.sync); for
+    /// comparison only. Default: fsync every commit.
+    #[arg(long, value_name = "N")]
+    unsafe_sync_every: Option<u32>,
+    /// Jobs per BatchEnqueueJobs call.
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+    /// Concurrent BatchEnqueueJobs tasks.
+    #[arg(long, default_value_t = 4)]
+    batch_clients: usize,
+    /// Concurrent EnqueueJob tasks.
+    #[arg(long, default_value_t = 64)]
+    unbatched_clients: usize,
+    /// HTTP/2 connections the enqueuing tasks share.
+    #[arg(long, default_value_t = 4)]
+    channels: usize,
+    /// Worker threads of the server's runtime (default: CPUs).
+    #[arg(long)]
+    server_threads: Option<usize>,
+    /// Worker threads of the agents' runtime (default: CPUs).
+    #[arg(long)]
+    agent_threads: Option<usize>,
+    /// Worker threads of the enqueuing clients' runtime (default: CPUs).
+    #[arg(long)]
+    client_threads: Option<usize>,
+    /// Hand the server the bare store instead of the pass-through that
+    /// counts commits.
+    #[arg(long)]
+    no_store_probe: bool,
+    /// Skip measurements: any of batched, unbatched, latency.
+    #[arg(long, value_delimiter = ',')]
+    skip: Vec<String>,
+}
+
+/// Everything one run measured.
+struct Run {
+    batched: Option<(Throughput, Cpu)>,
+    unbatched: Option<(Throughput, Cpu)>,
+    latency: Option<(Latency, Cpu)>,
+    peak_rss_bytes: u64,
+}
+
+type Cpu = BTreeMap<String, f64>;
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    anyhow::ensure!(args.runs >= 1, "--runs must be >= 1");
+    anyhow::ensure!(args.jobs >= 1, "--jobs must be >= 1");
+    anyhow::ensure!((1..=1000).contains(&args.batch_size), "--batch-size must be 1-1000");
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let config = EnvConfig {
+        agents: args.agents,
+        slots: args.slots,
+        sync_every: args.unsafe_sync_every,
+        server_threads: args.server_threads.unwrap_or(cpus),
+        agent_threads: args.agent_threads.unwrap_or(cpus),
+        probe_store: !args.no_store_probe,
+    };
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_threads.unwrap_or(cpus))
+        .thread_name("cli-worker")
+        .enable_all()
+        .build()
+        .context("build client runtime")?;
+    let base = Instant::now();
+
+    let probe_dir = tempfile::Builder::new().prefix("tether-bench-fsync-").tempdir().context("create temp dir")?;
+    let (fsync_p50_us, fsync_p99_us) = probe::fsync_probe(probe_dir.path(), 200)?;
+    drop(probe_dir);
+
+    println!(
+        "tether-bench: {} jobs, {} agents x {} slots, latency {} jobs/s for {} s, {} run(s), {} CPUs, store sync: {}",
+        args.jobs,
+        args.agents,
+        args.slots,
+        args.rate,
+        args.latency_secs,
+        args.runs,
+        cpus,
+        match args.unsafe_sync_every {
+            Some(n) => format!("every {n}th commit (UNSAFE)"),
+            None => "fsync every commit".into(),
+        }
+    );
+    println!("raw fsync (4 KiB write + fdatasync) in the temp dir: p50 {fsync_p50_us:.0} us, p99 {fsync_p99_us:.0} us");
+
+    let skip = |name: &str| args.skip.iter().any(|s| s == name);
+    let mut runs = Vec::with_capacity(args.runs);
+    for r in 1..=args.runs {
+        let hwm_reset = probe::reset_peak_rss();
+        let batched = if skip("batched") {
+            None
+        } else {
+            let how = Enqueue::Batched { size: args.batch_size, clients: args.batch_clients };
+            Some(measure(&client_rt, &config, base, |env| {
+                phases::throughput(env, args.jobs, how, args.channels).boxed_local()
+            })?)
+        };
+        if let Some((t, cpu)) = &batched {
+            print_throughput(r, "batched", t, cpu);
+        }
+        let unbatched = if skip("unbatched") {
+            None
+        } else {
+            let how = Enqueue::Single { clients: args.unbatched_clients };
+            Some(measure(&client_rt, &config, base, |env| {
+                phases::throughput(env, args.jobs, how, args.channels).boxed_local()
+            })?)
+        };
+        if let Some((t, cpu)) = &unbatched {
+            print_throughput(r, "unbatched", t, cpu);
+        }
+        let latency = if skip("latency") {
+            None
+        } else {
+            Some(measure(&client_rt, &config, base, |env| {
+                phases::latency(env, args.rate, args.latency_secs, args.warmup_jobs, args.channels).boxed_local()
+            })?)
+        };
+        if let Some((l, cpu)) = &latency {
+            print_latency(r, l, cpu);
+        }
+        let peak_rss_bytes = probe::peak_rss_bytes()?;
+        println!(
+            "run {r}: peak RSS {:.1} MiB (VmHWM of the whole process: server, store, agents and clients{})",
+            peak_rss_bytes as f64 / (1024.0 * 1024.0),
+            if hwm_reset { "; reset at the start of the run" } else { "; cumulative, reset unsupported" }
+        );
+        runs.push(Run { batched, unbatched, latency, peak_rss_bytes });
+    }
+    client_rt.shutdown_timeout(std::time::Duration::from_secs(5));
+
+    let summary = summarize(&runs, &args, fsync_p50_us, fsync_p99_us);
+    println!("{summary}");
+    Ok(())
+}
+
+/// Runs one measurement on a fresh server, store and agents, and returns it
+/// with the CPU time each thread group used during it.
+fn measure<T, F>(
+    client_rt: &tokio::runtime::Runtime,
+    config: &EnvConfig,
+    base: Instant,
+    f: F,
+) -> anyhow::Result<(T, Cpu)>
+where
+    F: for<'a> FnOnce(&'a Env) -> LocalBoxFuture<'a, anyhow::Result<T>>,
+{
+    let mut env = client_rt.block_on(Env::start(config, base))?;
+    let result = client_rt.block_on(async {
+        let before = probe::cpu_by_group();
+        let value = f(&env).await?;
+        let cpu = probe::cpu_since(&probe::cpu_by_group(), &before);
+        Ok::<_, anyhow::Error>((value, cpu))
+    });
+    let stopped = client_rt.block_on(env.stop());
+    env.shutdown_runtimes();
+    let value = result?;
+    stopped?;
+    Ok(value)
+}
+
+fn cpu_line(cpu: &Cpu, wall: f64) -> String {
+    let total: f64 = cpu.values().sum();
+    let parts: Vec<String> =
+        cpu.iter().filter(|(_, v)| **v > 0.0).map(|(k, v)| format!("{k} {v:.2}s ({:.0}%)", 100.0 * v / wall)).collect();
+    format!("CPU {total:.2}s over {wall:.2}s wall [{}]", parts.join(", "))
+}
+
+fn print_throughput(run: usize, name: &str, t: &Throughput, cpu: &Cpu) {
+    let commits = t.store.commits.max(1) as f64;
+    println!(
+        "run {run}: {name:>9}: {} jobs in {:.3} s = {:.0} jobs/s (all SUCCEEDED per GetQueueStats after {:.3} s; enqueue done after {:.3} s)",
+        t.jobs,
+        t.elapsed.as_secs_f64(),
+        t.jobs_per_sec(),
+        t.elapsed_confirmed.as_secs_f64(),
+        t.enqueue_elapsed.as_secs_f64(),
+    );
+    println!(
+        "run {run}: {name:>9}: store {} commits = {:.0} commits/s, {:.1} job writes/commit, {:.2} job writes/job, commit p50 {:.0} us p99 {:.0} us; {}",
+        t.store.commits,
+        t.store.commits as f64 / t.elapsed.as_secs_f64(),
+        t.store.job_writes as f64 / commits,
+        t.store.job_writes as f64 / t.jobs as f64,
+        t.commit_p50_us,
+        t.commit_p99_us,
+        cpu_line(cpu, t.elapsed.as_secs_f64()),
+    );
+}
+
+fn ms(h: &hdrhistogram::Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1e6
+}
+
+fn print_latency(run: usize, l: &Latency, cpu: &Cpu) {
+    println!(
+        "run {run}:   latency: {} jobs at {}/s, scheduled send -> handler start: p50 {:.3} ms, p99 {:.3} ms, p999 {:.3} ms, max {:.3} ms",
+        l.jobs,
+        l.rate,
+        ms(&l.dispatch, 0.5),
+        ms(&l.dispatch, 0.99),
+        ms(&l.dispatch, 0.999),
+        l.dispatch.max() as f64 / 1e6,
+    );
+    println!(
+        "run {run}:   latency: EnqueueJob reply p50 {:.3} ms p99 {:.3} ms; pacer lag p50 {:.3} ms p99 {:.3} ms; store {} commits ({:.0}/s), commit p50 {:.0} us p99 {:.0} us; {}",
+        ms(&l.ack, 0.5),
+        ms(&l.ack, 0.99),
+        ms(&l.pacer_lag, 0.5),
+        ms(&l.pacer_lag, 0.99),
+        l.store.commits,
+        l.store.commits as f64 / l.elapsed.as_secs_f64(),
+        l.commit_p50_us,
+        l.commit_p99_us,
+        cpu_line(cpu, l.elapsed.as_secs_f64()),
+    );
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    Some(if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 })
+}
+
+fn round(v: Option<f64>, digits: i32) -> serde_json::Value {
+    match v {
+        Some(v) => {
+            let f = 10f64.powi(digits);
+            json!((v * f).round() / f)
+        }
+        None => serde_json::Value::Null,
+    }
+}
+
+fn summarize(runs: &[Run], args: &Args, fsync_p50_us: f64, fsync_p99_us: f64) -> serde_json::Value {
+    let of = |f: &dyn Fn(&Run) -> Option<f64>| median(runs.iter().filter_map(f).collect());
+    let tp = |r: &Option<(Throughput, Cpu)>| r.as_ref().map(|(t, _)| t.jobs_per_sec());
+    let lat = |r: &Run, q: f64| r.latency.as_ref().map(|(l, _)| ms(&l.dispatch, q));
+    let per_commit = |r: &Option<(Throughput, Cpu)>| {
+        r.as_ref().map(|(t, _)| t.store.job_writes as f64 / t.store.commits.max(1) as f64)
+    };
+    let commits_per_sec =
+        |r: &Option<(Throughput, Cpu)>| r.as_ref().map(|(t, _)| t.store.commits as f64 / t.elapsed.as_secs_f64());
+    let runs_json: Vec<serde_json::Value> = runs
+        .iter()
+        .map(|r| {
+            json!({
+                "jobs_per_sec": round(tp(&r.batched), 0),
+                "unbatched_jobs_per_sec": round(tp(&r.unbatched), 0),
+                "p50_ms": round(lat(r, 0.5), 3),
+                "p99_ms": round(lat(r, 0.99), 3),
+                "p999_ms": round(lat(r, 0.999), 3),
+                "peak_rss_bytes": r.peak_rss_bytes,
+            })
+        })
+        .collect();
+    json!({
+        "jobs_per_sec": round(of(&|r| tp(&r.batched)), 0),
+        "unbatched_jobs_per_sec": round(of(&|r| tp(&r.unbatched)), 0),
+        "p50_ms": round(of(&|r| lat(r, 0.5)), 3),
+        "p99_ms": round(of(&|r| lat(r, 0.99)), 3),
+        "p999_ms": round(of(&|r| lat(r, 0.999)), 3),
+        "peak_rss_bytes": of(&|r| Some(r.peak_rss_bytes as f64)).map(|v| v as u64),
+        "peak_rss_bytes_max": runs.iter().map(|r| r.peak_rss_bytes).max(),
+        "enqueue_ack_p50_ms": round(of(&|r| r.latency.as_ref().map(|(l, _)| ms(&l.ack, 0.5))), 3),
+        "enqueue_ack_p99_ms": round(of(&|r| r.latency.as_ref().map(|(l, _)| ms(&l.ack, 0.99))), 3),
+        "batched_commits_per_sec": round(of(&|r| commits_per_sec(&r.batched)), 0),
+        "batched_job_writes_per_commit": round(of(&|r| per_commit(&r.batched)), 1),
+        "unbatched_commits_per_sec": round(of(&|r| commits_per_sec(&r.unbatched)), 0),
+        "unbatched_job_writes_per_commit": round(of(&|r| per_commit(&r.unbatched)), 1),
+        "fsync_p50_us": round(Some(fsync_p50_us), 0),
+        "fsync_p99_us": round(Some(fsync_p99_us), 0),
+        "jobs": args.jobs,
+        "agents": args.agents,
+        "slots": args.slots,
+        "rate": args.rate,
+        "latency_secs": args.latency_secs,
+        "sync": match args.unsafe_sync_every { Some(n) => format!("every_{n}"), None => "always".into() },
+        "runs": runs_json,
+    })
+}

@@ -1,0 +1,236 @@
+//! Measuring instruments that sit outside the server: a pass-through store
+//! that counts commits, per-thread CPU time from `/proc`, peak RSS, and a raw
+//! fsync probe of the data directory's file system.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use hdrhistogram::Histogram;
+use tether_server::domain::{Agent, Job, Pool};
+use tether_server::store::{
+    AgentFilter, CountRow, JobFilter, LogChunk, Page, QueuedEntry, Store, StoreResult, Write, WriteOutcome,
+};
+
+/// A histogram of durations in nanoseconds, 1 ns to 100 s, 3 significant
+/// digits.
+pub fn ns_histogram() -> Histogram<u64> {
+    // The bounds are constants that hdrhistogram accepts.
+    Histogram::new_with_bounds(1, 100_000_000_000, 3).unwrap_or_else(|_| Histogram::new(3).expect("histogram"))
+}
+
+/// What the probe store saw.
+#[derive(Default)]
+pub struct StoreCounters {
+    /// `Store::write` calls. The engine keeps one commit in flight at a time
+    /// and is the only writer, so each call is one redb transaction and one
+    /// fsync.
+    pub commits: AtomicU64,
+    /// Writes (job creates/updates, agents, counters) in those calls.
+    pub writes: AtomicU64,
+    /// Job creates/updates only.
+    pub job_writes: AtomicU64,
+    /// Time spent inside `write` (commit latency seen by the engine).
+    pub commit_ns: Mutex<Option<Histogram<u64>>>,
+}
+
+impl StoreCounters {
+    pub fn snapshot(&self) -> StoreSnapshot {
+        StoreSnapshot {
+            commits: self.commits.load(Ordering::Relaxed),
+            writes: self.writes.load(Ordering::Relaxed),
+            job_writes: self.job_writes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Takes the commit latency histogram, leaving an empty one.
+    pub fn take_latency(&self) -> Histogram<u64> {
+        let mut guard = self.commit_ns.lock().unwrap_or_else(|e| e.into_inner());
+        guard.replace(ns_histogram()).unwrap_or_else(ns_histogram)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StoreSnapshot {
+    pub commits: u64,
+    pub writes: u64,
+    pub job_writes: u64,
+}
+
+impl StoreSnapshot {
+    pub fn since(self, earlier: StoreSnapshot) -> StoreSnapshot {
+        StoreSnapshot {
+            commits: self.commits - earlier.commits,
+            writes: self.writes - earlier.writes,
+            job_writes: self.job_writes - earlier.job_writes,
+        }
+    }
+}
+
+/// A store that forwards every call to `inner` and counts the writes.
+pub struct ProbeStore<S> {
+    pub inner: S,
+    pub counters: Arc<StoreCounters>,
+}
+
+#[async_trait]
+impl<S: Store> Store for ProbeStore<S> {
+    async fn write(&self, batch: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
+        let jobs = batch.iter().filter(|w| matches!(w, Write::CreateJob(_) | Write::UpdateJob { .. })).count();
+        let n = batch.len();
+        let start = Instant::now();
+        let result = self.inner.write(batch).await;
+        let took = start.elapsed().as_nanos() as u64;
+        self.counters.commits.fetch_add(1, Ordering::Relaxed);
+        self.counters.writes.fetch_add(n as u64, Ordering::Relaxed);
+        self.counters.job_writes.fetch_add(jobs as u64, Ordering::Relaxed);
+        if let Some(h) = self.counters.commit_ns.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            h.saturating_record(took.max(1));
+        }
+        result
+    }
+
+    async fn get_job(&self, id: &str) -> StoreResult<Option<Job>> {
+        self.inner.get_job(id).await
+    }
+
+    async fn find_by_idempotency_key(&self, queue: &str, key: &str) -> StoreResult<Option<Job>> {
+        self.inner.find_by_idempotency_key(queue, key).await
+    }
+
+    async fn list_jobs(&self, filter: &JobFilter, before_seq: Option<u64>, limit: usize) -> StoreResult<Page<Job>> {
+        self.inner.list_jobs(filter, before_seq, limit).await
+    }
+
+    async fn list_dead_letters(
+        &self,
+        queue: Option<&str>,
+        after_seq: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Page<Job>> {
+        self.inner.list_dead_letters(queue, after_seq, limit).await
+    }
+
+    async fn load_queued(&self) -> StoreResult<Vec<QueuedEntry>> {
+        self.inner.load_queued().await
+    }
+
+    async fn load_active(&self) -> StoreResult<Vec<Job>> {
+        self.inner.load_active().await
+    }
+
+    async fn counts(&self) -> StoreResult<Vec<CountRow>> {
+        self.inner.counts().await
+    }
+
+    async fn logs(&self, job_id: &str, attempt: u32) -> StoreResult<Vec<LogChunk>> {
+        self.inner.logs(job_id, attempt).await
+    }
+
+    async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>> {
+        self.inner.get_agent(id).await
+    }
+
+    async fn find_agent_by_name(&self, pool: &str, name: &str) -> StoreResult<Option<Agent>> {
+        self.inner.find_agent_by_name(pool, name).await
+    }
+
+    async fn list_agents(&self, filter: &AgentFilter, after_id: Option<&str>, limit: usize) -> StoreResult<Vec<Agent>> {
+        self.inner.list_agents(filter, after_id, limit).await
+    }
+
+    async fn list_pools(&self) -> StoreResult<Vec<Pool>> {
+        self.inner.list_pools().await
+    }
+
+    async fn counter(&self, name: &'static str) -> StoreResult<u64> {
+        self.inner.counter(name).await
+    }
+}
+
+/// CPU seconds (user + system) per thread group, from `/proc/self/task`.
+/// Threads are grouped by the prefix of their name; threads that exited
+/// between two snapshots are lost, so snapshots are taken while the
+/// runtimes of a phase are alive.
+pub fn cpu_by_group() -> BTreeMap<&'static str, f64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return out };
+    for entry in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let name = &stat[open + 1..close];
+        // Fields after the name: state is field 3; utime and stime are 14, 15.
+        let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let (Some(u), Some(s)) = (rest.get(11), rest.get(12)) else { continue };
+        let cpu = (u.parse::<u64>().unwrap_or(0) + s.parse::<u64>().unwrap_or(0)) as f64 / ticks;
+        *out.entry(group_of(name)).or_insert(0.0) += cpu;
+    }
+    out
+}
+
+fn group_of(thread: &str) -> &'static str {
+    if thread.starts_with("srv-") {
+        "server"
+    } else if thread.starts_with("tether-store") {
+        "store-writer"
+    } else if thread.starts_with("agt-") {
+        "agents"
+    } else if thread.starts_with("cli-") {
+        "clients"
+    } else if thread.starts_with("pacer") {
+        "pacer"
+    } else {
+        "other"
+    }
+}
+
+/// Difference of two CPU snapshots.
+pub fn cpu_since(after: &BTreeMap<&'static str, f64>, before: &BTreeMap<&'static str, f64>) -> BTreeMap<String, f64> {
+    after.iter().map(|(k, v)| (k.to_string(), (v - before.get(k).copied().unwrap_or(0.0)).max(0.0))).collect()
+}
+
+/// VmHWM of this process in bytes (peak resident set).
+pub fn peak_rss_bytes() -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").context("read /proc/self/status")?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM in /proc/self/status")?;
+    let kib: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .with_context(|| format!("parse {line:?}"))?;
+    Ok(kib * 1024)
+}
+
+/// Resets VmHWM to the current RSS (Linux >= 4.0). Returns whether it
+/// worked; if not, later peaks include earlier runs.
+pub fn reset_peak_rss() -> bool {
+    std::fs::OpenOptions::new().write(true).open("/proc/self/clear_refs").and_then(|mut f| f.write_all(b"5")).is_ok()
+}
+
+/// Latency of a 4 KiB write + fdatasync in `dir`, the floor under any
+/// durable commit there. Returns (p50, p99) in microseconds.
+pub fn fsync_probe(dir: &Path, rounds: usize) -> anyhow::Result<(f64, f64)> {
+    let path = dir.join("fsync-probe");
+    let mut file = std::fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
+    let block = vec![7u8; 4096];
+    let mut hist = ns_histogram();
+    for _ in 0..rounds {
+        let start = Instant::now();
+        file.write_all(&block).context("probe write")?;
+        file.sync_data().context("probe fdatasync")?;
+        hist.saturating_record(start.elapsed().as_nanos() as u64);
+    }
+    drop(file);
+    std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+    Ok((hist.value_at_quantile(0.5) as f64 / 1e3, hist.value_at_quantile(0.99) as f64 / 1e3))
+}
