@@ -120,7 +120,7 @@ pub(crate) struct Engine {
     pub pools: BTreeMap<String, Pool>,
     pub next_session: u64,
     /// Idempotency keys of created jobs whose batch is not yet committed.
-    pub uncommitted_keys: HashMap<(String, String), (String, u64)>,
+    pub uncommitted_keys: HashMap<(String, String), (Box<Job>, u64)>,
     pub pending: Pending,
     /// Number of the batch `pending` will become.
     pub batch_no: u64,

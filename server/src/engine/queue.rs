@@ -1,6 +1,7 @@
 //! Queue operations of the engine: enqueue, claim, fenced transitions,
 //! retries with backoff, expiry, cancel, redrive and statistics.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -19,75 +20,68 @@ impl Engine {
             self.require_pool(&field, &spec.routing.pool)?;
         }
         // First resolve every idempotency key, so that a conflict refuses the
-        // whole batch before anything is written.
-        let mut existing = Vec::with_capacity(specs.len());
-        let mut first_use: std::collections::HashMap<(&str, &str), usize> = std::collections::HashMap::new();
+        // whole batch before anything is written; the second pass cannot fail.
+        let mut plan = Vec::with_capacity(specs.len());
+        let mut first_use: HashMap<(&str, &str), usize> = HashMap::new();
         for (i, spec) in specs.iter().enumerate() {
+            let Some(key) = &spec.idempotency_key else {
+                plan.push(Planned::New);
+                continue;
+            };
             // A key repeated within the batch must repeat the same request.
-            if let Some(key) = &spec.idempotency_key {
-                let first = *first_use.entry((spec.queue.as_str(), key.as_str())).or_insert(i);
+            let first = *first_use.entry((spec.queue.as_str(), key.as_str())).or_insert(i);
+            if first != i {
                 if specs[first] != *spec {
                     return Err(DomainError::AlreadyExists(format!(
                         "requests[{i}].idempotency_key {key:?} is also used by requests[{first}] with a different request"
                     )));
                 }
-            }
-            let found = match &spec.idempotency_key {
-                Some(key) => self.find_by_key(&spec.queue, key).await?,
-                None => None,
-            };
-            if let Some(job) = &found {
-                if job.spec != *spec {
-                    return Err(DomainError::AlreadyExists(format!(
-                        "requests[{i}].idempotency_key {:?} is already used in queue {:?} by job {} with a different request",
-                        spec.idempotency_key.as_deref().unwrap_or_default(),
-                        spec.queue,
-                        job.id
-                    )));
-                }
-            }
-            existing.push(found);
-        }
-        let now = self.clock.now();
-        let mut out = Vec::with_capacity(specs.len());
-        for (spec, found) in specs.into_iter().zip(existing) {
-            if let Some(job) = found {
-                out.push((job, false));
+                plan.push(Planned::SameAs(first));
                 continue;
             }
-            // A key repeated within this batch refers to the job made for its
-            // first occurrence.
-            if let Some(key) = &spec.idempotency_key {
-                if let Some(job) = self.find_by_key(&spec.queue, key).await? {
-                    if job.spec != spec {
-                        return Err(DomainError::AlreadyExists(format!(
-                            "idempotency_key {key:?} is used twice in this batch with different requests"
-                        )));
-                    }
+            match self.find_by_key(&spec.queue, key).await? {
+                Some(job) if job.spec != *spec => {
+                    return Err(DomainError::AlreadyExists(format!(
+                        "requests[{i}].idempotency_key {key:?} is already used in queue {:?} by job {} with a different request",
+                        spec.queue, job.id
+                    )));
+                }
+                Some(job) => plan.push(Planned::Existing(Box::new(job))),
+                None => plan.push(Planned::New),
+            }
+        }
+        let now = self.clock.now();
+        let mut out: Vec<(Job, bool)> = Vec::with_capacity(specs.len());
+        for (spec, planned) in specs.into_iter().zip(plan) {
+            match planned {
+                Planned::Existing(job) => out.push((*job, false)),
+                Planned::SameAs(first) => {
+                    let job = out[first].0.clone();
                     out.push((job, false));
-                    continue;
+                }
+                Planned::New => {
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
+                    let mut job = Job::new(uuid::Uuid::now_v7().to_string(), seq, spec, now);
+                    self.persist(&mut job, None);
+                    if let Some(key) = &job.spec.idempotency_key {
+                        self.uncommitted_keys
+                            .insert((job.spec.queue.clone(), key.clone()), (Box::new(job.clone()), self.batch_no));
+                    }
+                    out.push((job.clone(), true));
+                    self.place(job).await;
                 }
             }
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            let mut job = Job::new(uuid::Uuid::now_v7().to_string(), seq, spec, now);
-            if let Some(key) = &job.spec.idempotency_key {
-                self.uncommitted_keys.insert((job.spec.queue.clone(), key.clone()), (job.id.clone(), self.batch_no));
-            }
-            self.persist(&mut job, None);
-            out.push((job.clone(), true));
-            self.place(job).await;
         }
         Ok(out)
     }
 
     /// The job holding an idempotency key, committed or not.
     async fn find_by_key(&self, queue: &str, key: &str) -> DomainResult<Option<Job>> {
-        if let Some((id, _)) = self.uncommitted_keys.get(&(queue.to_string(), key.to_string())) {
-            return match self.job_in_memory(id) {
-                Some(job) => Ok(Some(job)),
-                None => Err(DomainError::Unavailable(format!("job {id} is being written; retry"))),
-            };
+        if let Some((created, _)) = self.uncommitted_keys.get(&(queue.to_string(), key.to_string())) {
+            // Its latest state if the engine still holds it; else (finished
+            // within the uncommitted window) the job as created.
+            return Ok(Some(self.job_in_memory(&created.id).unwrap_or_else(|| (**created).clone())));
         }
         self.store.find_by_idempotency_key(queue, key).await.map_err(super::store_error)
     }
@@ -377,6 +371,14 @@ impl Engine {
             self.ready.oldest_ready(queue).map_or(Duration::ZERO, |t| now.duration_since(t).unwrap_or(Duration::ZERO));
         QueueStats { by_state, queued_by_priority: by_priority, oldest_queued_age }
     }
+}
+
+/// What an enqueue request of a batch resolves to.
+enum Planned {
+    New,
+    Existing(Box<Job>),
+    /// The same key and request as an earlier entry of the batch.
+    SameAs(usize),
 }
 
 fn stale(r: &AttemptRef, job: &Job) -> DomainError {
