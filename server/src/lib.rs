@@ -5,5 +5,7 @@ pub mod config;
 pub mod domain;
 pub mod engine;
 pub mod grpc;
+pub mod ids;
 pub mod server;
 pub mod store;
+pub mod telemetry;

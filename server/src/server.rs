@@ -1,5 +1,5 @@
-//! Assembles the gRPC server: services, health, reflection, limits and
-//! graceful shutdown.
+//! Assembles the gRPC server: services, health, reflection, gRPC-Web and
+//! CORS, limits, the metrics endpoint and graceful shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use tether::v1::agent_service_server::AgentServiceServer;
 use tether::v1::queue_service_server::QueueServiceServer;
@@ -30,6 +31,18 @@ pub struct ServerParts {
     pub clock: Arc<dyn Clock>,
     pub engine: EngineConfig,
     pub max_agent_streams: usize,
+    /// Metrics endpoint and browser access.
+    pub ops: Operability,
+}
+
+/// Operator-facing extras; all off by default.
+#[derive(Debug, Default)]
+pub struct Operability {
+    /// Serve Prometheus metrics (`GET /metrics`) on this listener.
+    pub metrics_listener: Option<TcpListener>,
+    /// Origins allowed to call the API from a browser (gRPC-Web). Empty:
+    /// no CORS headers at all.
+    pub cors_allow_origins: Vec<String>,
 }
 
 /// Serves on `listener` until `shutdown` resolves, then drains: health goes
@@ -41,8 +54,24 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
+    let cors = cors_layer(&parts.ops.cors_allow_origins)?;
+    let metrics_handle = match parts.ops.metrics_listener {
+        Some(_) => Some(crate::telemetry::install()?),
+        None => None,
+    };
     let (engine, engine_task) = EngineHandle::start(parts.store, parts.clock, parts.engine).await?;
     let stopping = CancellationToken::new();
+    let metrics_stop = CancellationToken::new();
+    let mut metrics_tasks = Vec::new();
+    if let (Some(listener), Some(handle)) = (parts.ops.metrics_listener, metrics_handle) {
+        metrics_tasks.push(crate::telemetry::spawn_job_metrics(&engine));
+        let server = crate::telemetry::serve_metrics(listener, engine.clone(), handle, metrics_stop.clone());
+        metrics_tasks.push(tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "metrics endpoint failed");
+            }
+        }));
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<QueueServiceServer<QueueApi>>().await;
@@ -85,10 +114,13 @@ pub async fn serve(
 
     tracing::info!(%addr, "tether server listening");
     let server = Server::builder()
+        .accept_http1(true)
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(Some(1024))
+        .layer(tower::util::option_layer(cors))
+        .layer(tonic_web::GrpcWebLayer::new())
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -102,6 +134,11 @@ pub async fn serve(
     };
     engine.shutdown().await;
     let _ = engine_task.await;
+    metrics_stop.cancel();
+    for task in metrics_tasks {
+        task.abort();
+        let _ = task.await;
+    }
     tracing::info!("tether server stopped");
     result
 }
@@ -115,6 +152,32 @@ fn incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Resul
         }
         conn
     })
+}
+
+/// CORS for gRPC-Web callers from `origins`; none (no CORS headers at all)
+/// when the list is empty.
+fn cors_layer(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let origins = origins
+        .iter()
+        .map(|o| http::HeaderValue::from_str(o).map_err(|_| anyhow::anyhow!("invalid CORS origin {o:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let header = http::HeaderName::from_static;
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([http::Method::POST, http::Method::OPTIONS])
+            .allow_headers([
+                http::header::CONTENT_TYPE,
+                header("x-grpc-web"),
+                header("x-user-agent"),
+                header("grpc-timeout"),
+            ])
+            .expose_headers([header("grpc-status"), header("grpc-message"), header("grpc-status-details-bin")])
+            .max_age(Duration::from_secs(24 * 3600)),
+    ))
 }
 
 /// Reflection knows every service served, both reflection versions

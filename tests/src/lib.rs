@@ -12,7 +12,7 @@ use tether::v1::agent_service_client::AgentServiceClient;
 use tether::v1::queue_service_client::QueueServiceClient;
 use tether_server::clock::{Clock, ManualClock, SystemClock};
 use tether_server::engine::EngineConfig;
-use tether_server::server::{serve, ServerParts};
+use tether_server::server::{serve, Operability, ServerParts};
 use tether_server::store::embedded::{EmbeddedOptions, EmbeddedStore};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -31,11 +31,22 @@ pub struct Options {
     pub engine: Option<EngineConfig>,
 }
 
+/// Operator extras for a test server (see [`TestServer::start_with`]).
+#[derive(Clone, Default)]
+pub struct Extras {
+    /// Serve Prometheus metrics on a port-0 listener ([`TestServer::metrics_addr`]).
+    pub metrics: bool,
+    /// Origins allowed by CORS for gRPC-Web.
+    pub cors_allow_origins: Vec<String>,
+}
+
 /// A running server.
 pub struct TestServer {
     pub addr: SocketAddr,
     pub url: String,
     pub clock: Option<ManualClock>,
+    /// Where `/metrics` is served, when asked for.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -77,6 +88,16 @@ impl TestServer {
     }
 
     pub async fn start_at(dir: PathBuf, options: Options) -> TestServer {
+        Self::start_with(dir, options, Extras::default()).await
+    }
+
+    /// Starts a server with a metrics endpoint and/or CORS.
+    pub async fn start_with(dir: PathBuf, options: Options, extras: Extras) -> TestServer {
+        let metrics_listener = match extras.metrics {
+            true => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind metrics")),
+            false => None,
+        };
+        let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr().expect("metrics addr"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let store = EmbeddedStore::open(&dir, EmbeddedOptions::default()).expect("open store");
@@ -89,6 +110,7 @@ impl TestServer {
             clock,
             engine: options.engine.unwrap_or_else(test_engine_config),
             max_agent_streams: 1000,
+            ops: Operability { metrics_listener, cors_allow_origins: extras.cors_allow_origins },
         };
         let (shutdown, stop) = oneshot::channel::<()>();
         let task = tokio::spawn(serve(listener, parts, async move {
@@ -98,6 +120,7 @@ impl TestServer {
             addr,
             url: format!("http://{addr}"),
             clock: options.clock,
+            metrics_addr,
             shutdown: Some(shutdown),
             task: Some(task),
         }
@@ -125,10 +148,16 @@ impl TestServer {
         self.stop_inner().await;
     }
 
-    async fn stop_inner(&mut self) {
+    /// Starts a graceful shutdown without waiting for it; [`Self::stop`]
+    /// then waits for the server to finish.
+    pub fn begin_stop(&mut self) {
         if let Some(s) = self.shutdown.take() {
             let _ = s.send(());
         }
+    }
+
+    async fn stop_inner(&mut self) {
+        self.begin_stop();
         if let Some(task) = self.task.take() {
             let result = tokio::time::timeout(WAIT, task).await.expect("server stops in time").expect("join");
             result.expect("server ran cleanly");

@@ -58,7 +58,7 @@ impl Engine {
     fn new_agent(&mut self, hello: &HelloInfo) -> String {
         let now = self.clock.now();
         let agent = Agent {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: crate::ids::new_id(now),
             name: hello.name.clone(),
             pool: hello.pool.clone(),
             labels: hello.labels.clone(),
@@ -335,7 +335,8 @@ impl Engine {
     }
 
     /// A result for an attempt that is no longer active: accepted if it is a
-    /// re-send of the success already recorded, refused otherwise.
+    /// re-send of the success already recorded or the report owed after a
+    /// Cancel, refused otherwise.
     async fn check_finished_duplicate(&self, r: &AttemptRef, outcome: Outcome) -> DomainResult<()> {
         match self.store.get_job(&r.job_id).await {
             Ok(Some(job))
@@ -343,6 +344,14 @@ impl Engine {
                     && job.attempt == r.attempt
                     && outcome == Outcome::Succeeded
                     && job.state == JobState::Succeeded =>
+            {
+                Ok(())
+            }
+            // The report an agent owes after a Cancel: acknowledged, ignored.
+            Ok(Some(job))
+                if job.state == JobState::Cancelled
+                    && job.fencing_token == r.fencing_token
+                    && job.attempt == r.attempt =>
             {
                 Ok(())
             }

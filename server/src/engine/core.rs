@@ -1,7 +1,9 @@
 //! The engine task: its state, its loop, and the group-commit machinery
 //! that makes every effect wait for the writes it depends on.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use super::FastMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -31,7 +33,7 @@ pub(crate) struct Pending {
     pub writes: Vec<Write>,
     /// Index in `writes` of the write of each job, to coalesce transitions
     /// of one job within a batch into one write.
-    pub by_job: HashMap<String, usize>,
+    pub by_job: FastMap<String, usize>,
     pub effects: Vec<Effect>,
     pub max_seq: u64,
     pub max_token: u64,
@@ -56,7 +58,7 @@ pub(crate) struct AgentEntry {
     pub agent: Agent,
     pub session: Option<Session>,
     /// Fencing token -> attempt, for every attempt that holds a slot.
-    pub in_flight: HashMap<u64, InFlight>,
+    pub in_flight: FastMap<u64, InFlight>,
     /// Draining (operator order or the agent's own): no new work.
     pub draining: bool,
     /// False after the agent rejected an assignment, until its next heartbeat.
@@ -103,16 +105,16 @@ pub(crate) struct Engine {
     pub next_token: u64,
     pub ready: ReadySet,
     /// Claimed and running jobs, full records.
-    pub active: HashMap<String, Job>,
+    pub active: FastMap<String, Job>,
     /// (lease end or run deadline, job id) of every active job.
     pub deadlines: BTreeSet<(SystemTime, String)>,
     /// Jobs per (queue, state, priority).
-    pub counts: HashMap<(String, JobState, Priority), u64>,
-    pub agents: HashMap<String, AgentEntry>,
+    pub counts: FastMap<(String, JobState, Priority), u64>,
+    pub agents: FastMap<String, AgentEntry>,
     /// Live (not terminated) agents by (pool, name).
-    pub agent_names: HashMap<(String, String), String>,
+    pub agent_names: FastMap<(String, String), String>,
     /// Live agent ids per pool.
-    pub pool_agents: HashMap<String, Vec<String>>,
+    pub pool_agents: FastMap<String, Vec<String>>,
     /// (grace end, agent id) of disconnected agents holding jobs.
     pub grace: BTreeSet<(SystemTime, String)>,
     /// (heartbeat deadline, agent id).
@@ -120,7 +122,7 @@ pub(crate) struct Engine {
     pub pools: BTreeMap<String, Pool>,
     pub next_session: u64,
     /// Idempotency keys of created jobs whose batch is not yet committed.
-    pub uncommitted_keys: HashMap<(String, String), (Box<Job>, u64)>,
+    pub uncommitted_keys: FastMap<(String, String), (Box<Job>, u64)>,
     pub pending: Pending,
     /// Number of the batch `pending` will become.
     pub batch_no: u64,
@@ -151,7 +153,7 @@ impl Engine {
         // far ahead guarantees they are never issued again: far fewer than
         // FENCING_GAP claims can be in flight between two commits.
         let next_token = store.counter(COUNTER_FENCING).await? + FENCING_GAP;
-        let mut counts = HashMap::new();
+        let mut counts = FastMap::default();
         for row in store.counts().await? {
             counts.insert((row.queue, row.state, row.priority), row.count);
         }
@@ -176,17 +178,17 @@ impl Engine {
             next_seq,
             next_token,
             ready,
-            active: HashMap::new(),
+            active: FastMap::default(),
             deadlines: BTreeSet::new(),
             counts,
-            agents: HashMap::new(),
-            agent_names: HashMap::new(),
-            pool_agents: HashMap::new(),
+            agents: FastMap::default(),
+            agent_names: FastMap::default(),
+            pool_agents: FastMap::default(),
             grace: BTreeSet::new(),
             health_checks: BTreeSet::new(),
             pools,
             next_session: 1,
-            uncommitted_keys: HashMap::new(),
+            uncommitted_keys: FastMap::default(),
             pending: Pending::default(),
             batch_no: 1,
             in_flight_effects: Vec::new(),
@@ -595,7 +597,7 @@ impl AgentEntry {
         AgentEntry {
             agent,
             session: None,
-            in_flight: HashMap::new(),
+            in_flight: FastMap::default(),
             draining: false,
             accepting: true,
             disconnected_at: None,

@@ -37,6 +37,10 @@ use crate::store::{JobFilter, Page, Store, StoreError};
 
 type Reply<T> = oneshot::Sender<DomainResult<T>>;
 
+/// The engine's hash maps: keys include client-chosen strings, so the hasher
+/// is seeded per process (no HashDoS), and it is much faster than SipHash.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+
 /// A request to the engine task.
 pub(crate) enum Command {
     Enqueue { specs: Vec<JobSpec>, reply: Reply<Vec<(Job, bool)>> },

@@ -62,7 +62,7 @@ impl Engine {
                 Planned::New => {
                     let seq = self.next_seq;
                     self.next_seq += 1;
-                    let mut job = Job::new(uuid::Uuid::now_v7().to_string(), seq, spec, now);
+                    let mut job = Job::new(crate::ids::new_id(now), seq, spec, now);
                     self.persist(&mut job, None);
                     if let Some(key) = &job.spec.idempotency_key {
                         self.uncommitted_keys

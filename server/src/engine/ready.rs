@@ -3,7 +3,9 @@
 //! the time they become dispatchable.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use super::FastMap;
 use std::time::SystemTime;
 
 use crate::domain::{Job, Priority, Routing};
@@ -68,9 +70,9 @@ enum Location {
 /// Every queued job the engine tracks.
 #[derive(Debug, Default)]
 pub struct ReadySet {
-    pools: HashMap<String, BTreeMap<ReadyKey, ReadyEntry>>,
+    pools: FastMap<String, BTreeMap<ReadyKey, ReadyEntry>>,
     delayed: BTreeMap<(SystemTime, u64), ReadyEntry>,
-    locations: HashMap<String, Location>,
+    locations: FastMap<String, Location>,
 }
 
 impl ReadySet {

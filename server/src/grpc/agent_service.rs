@@ -268,8 +268,9 @@ impl AgentService for AgentApi {
         // The welcome goes first; then the engine's pushes, until the engine
         // drops the session or the reader reports a protocol violation
         // (which ends the stream with that status).
+        let counted = crate::telemetry::AgentStreamGuard::open();
         let pushes = UnboundedReceiverStream::new(pushed).map(move |p| {
-            let _held = &permit; // released when the stream is dropped
+            let _held = (&permit, &counted); // released when the stream is dropped
             Ok(push_out(p))
         });
         let fatal = futures::stream::once(fatal_rx).filter_map(|r| async move { r.ok().map(Err) });

@@ -186,7 +186,10 @@ fn writer_loop(db: &Database, requests: &std_mpsc::Receiver<WriteRequest>, optio
             SyncMode::Always => true,
             SyncMode::EveryNth(n) => commits.is_multiple_of(u64::from(n.max(1))),
         };
-        match apply_group(db, &group, durable) {
+        let started = std::time::Instant::now();
+        let applied = apply_group(db, &group, durable);
+        metrics::histogram!("tether_store_commit_seconds").record(started.elapsed());
+        match applied {
             Ok(outcomes) => {
                 for (request, outcome) in group.into_iter().zip(outcomes) {
                     let _ = request.reply.send(Ok(outcome));
