@@ -32,6 +32,8 @@ cargo test --workspace --locked
 echo "==> interop: Python client generated from proto/ (PyPI: grpcio, grpcio-tools, pytest)"
 python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-tools pytest 2>&1 | grep -v "WARNING: Running pip as the 'root' user" || true
 cargo build --locked --bin tether
+# The suites start this binary; honour a build directory outside the clone.
+export TETHER_BIN="${CARGO_TARGET_DIR:-target}/debug/tether"
 rm -rf tests/interop/python/gen
 mkdir -p tests/interop/python/gen
 python3 -m grpc_tools.protoc -Iproto \
