@@ -102,7 +102,10 @@ async fn main() -> ExitCode {
     };
     match cli.command {
         Top::Server(_) => {
-            let server_matches = matches.subcommand_matches("server").expect("the server subcommand matched");
+            let Some(server_matches) = matches.subcommand_matches("server") else {
+                eprintln!("error: the server subcommand's arguments are missing");
+                return ExitCode::FAILURE;
+            };
             match tether_server::config::load(server_matches) {
                 Ok(args) => match run_server(args).await {
                     Ok(()) => ExitCode::SUCCESS,
