@@ -30,7 +30,7 @@ echo "==> cargo test"
 cargo test --workspace --locked
 
 echo "==> interop: Python client generated from proto/ (PyPI: grpcio, grpcio-tools, pytest)"
-python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-tools pytest 2>&1 | grep -v "WARNING: Running pip as the 'root' user" || true
+python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-tools grpcio-status pytest 2>&1 | grep -v "WARNING: Running pip as the 'root' user" || true
 cargo build --locked --bin tether
 # The suites start this binary; honour a build directory outside the clone.
 export TETHER_BIN="${CARGO_TARGET_DIR:-target}/debug/tether"

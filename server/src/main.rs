@@ -24,6 +24,12 @@ struct Cli {
 enum Top {
     /// Run the control plane server on the embedded store.
     Server(ServerArgs),
+    /// Print a shell completion script (e.g. `tether completions bash > /etc/bash_completion.d/tether`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     #[command(flatten)]
     Client(tether_cli::Command),
 }
@@ -118,6 +124,15 @@ async fn main() -> ExitCode {
                     eprintln!("error: {e:#}");
                     ExitCode::FAILURE
                 }
+            }
+        }
+        Top::Completions { shell } => {
+            // Generated into memory: clap_complete panics on a failed write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "tether", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
             }
         }
         Top::Client(command) => match tether_cli::run(&cli.global, command).await {

@@ -5,6 +5,8 @@ contract (INVALID_ARGUMENT names the field)."""
 import time
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 import pytest
 from google.protobuf import duration_pb2
 
@@ -261,3 +263,34 @@ def test_unknown_enum_values_are_invalid_argument(clients, stub, method, request
     err = rpc_error(call)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
     assert field in err.details(), err.details()
+
+
+def test_errors_carry_google_rpc_details(clients):
+    """INVALID_ARGUMENT carries a google.rpc.BadRequest naming the field and
+    an ErrorInfo with a stable reason, readable with grpcio-status."""
+    err = rpc_error(lambda: clients.queue.EnqueueJob(Q.EnqueueJobRequest(queue="", payload=b"x"), timeout=T))
+    status = rpc_status.from_call(err)
+    assert status is not None, "the status has no details"
+    bad_request = error_details_pb2.BadRequest()
+    info = error_details_pb2.ErrorInfo()
+    found = set()
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            detail.Unpack(bad_request)
+            found.add("bad_request")
+        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            detail.Unpack(info)
+            found.add("error_info")
+    assert found == {"bad_request", "error_info"}, status
+    assert [v.field for v in bad_request.field_violations] == ["queue"]
+    assert (info.reason, info.domain) == ("INVALID_FIELD", "tether.v1")
+
+    missing = rpc_error(lambda: clients.queue.GetQueuedJob(Q.GetQueuedJobRequest(id="no-such-job"), timeout=T))
+    status = rpc_status.from_call(missing)
+    assert status is not None
+    reasons = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            detail.Unpack(info)
+            reasons.append(info.reason)
+    assert reasons == ["NOT_FOUND"]
