@@ -22,6 +22,9 @@ pub struct EngineConfig {
     pub unhealthy_after_missed: u32,
     /// Memory or disk use (fraction) above which an agent is DEGRADED.
     pub pressure_threshold: f64,
+    /// Least time between the starts of two store commits (group commit
+    /// window). Delays acknowledgements, never dispatch.
+    pub commit_interval: Duration,
 }
 
 impl Default for EngineConfig {
@@ -35,6 +38,7 @@ impl Default for EngineConfig {
             command_capacity: 65_536,
             unhealthy_after_missed: 3,
             pressure_threshold: 0.95,
+            commit_interval: Duration::from_millis(2),
         }
     }
 }
