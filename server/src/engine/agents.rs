@@ -290,7 +290,7 @@ impl Engine {
             }
             AgentInbound::Started { job } => {
                 let ack = if entry.in_flight.contains_key(&job.fencing_token) {
-                    self.start_attempt(&job).map(|_| ())
+                    self.mark_running(&job)
                 } else {
                     Err(DomainError::FailedPrecondition("the attempt is not assigned to this agent".into()))
                 };

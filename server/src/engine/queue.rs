@@ -194,15 +194,23 @@ impl Engine {
     }
 
     pub fn start_attempt(&mut self, r: &AttemptRef) -> DomainResult<Job> {
-        let job = self.current(r)?;
-        if job.state == JobState::Running {
-            return Ok(job.clone());
+        self.mark_running(r)?;
+        self.active.get(&r.job_id).cloned().ok_or_else(|| DomainError::job_not_found(&r.job_id))
+    }
+
+    /// Marks the current attempt running (idempotent), without copying the
+    /// job for a reply: the stream path only needs the outcome.
+    pub fn mark_running(&mut self, r: &AttemptRef) -> DomainResult<()> {
+        if self.current(r)?.state == JobState::Running {
+            return Ok(());
         }
-        let mut job = job.clone();
+        let Some(mut job) = self.active.remove(&r.job_id) else {
+            return Err(DomainError::job_not_found(&r.job_id));
+        };
         job.state = JobState::Running;
         self.persist(&mut job, Some(JobState::Claimed));
-        self.active.insert(job.id.clone(), job.clone());
-        Ok(job)
+        self.active.insert(r.job_id.clone(), job);
+        Ok(())
     }
 
     pub fn complete_attempt(&mut self, r: &AttemptRef, result: Bytes) -> DomainResult<Job> {

@@ -173,6 +173,7 @@ impl EmbeddedStore {
 
 fn writer_loop(db: &Database, requests: &std_mpsc::Receiver<WriteRequest>, options: &EmbeddedOptions) {
     let mut commits: u64 = 0;
+    let mut cache = MetaCache::default();
     while let Ok(first) = requests.recv() {
         let mut group = vec![first];
         while group.len() < options.max_group {
@@ -187,7 +188,11 @@ fn writer_loop(db: &Database, requests: &std_mpsc::Receiver<WriteRequest>, optio
             SyncMode::EveryNth(n) => commits.is_multiple_of(u64::from(n.max(1))),
         };
         let started = std::time::Instant::now();
-        let applied = apply_group(db, &group, durable);
+        let applied = apply_group(db, &group, durable, &mut cache);
+        if applied.is_err() {
+            // The cache may hold writes of the failed transaction.
+            cache.clear();
+        }
         metrics::histogram!("tether_store_commit_seconds").record(started.elapsed());
         match applied {
             Ok(outcomes) => {
@@ -205,7 +210,12 @@ fn writer_loop(db: &Database, requests: &std_mpsc::Receiver<WriteRequest>, optio
     }
 }
 
-fn apply_group(db: &Database, group: &[WriteRequest], durable: bool) -> StoreResult<Vec<Vec<WriteOutcome>>> {
+fn apply_group(
+    db: &Database,
+    group: &[WriteRequest],
+    durable: bool,
+    cache: &mut MetaCache,
+) -> StoreResult<Vec<Vec<WriteOutcome>>> {
     let mut txn = db.begin_write().map_err(io_err)?;
     if !durable {
         txn.set_durability(Durability::None).map_err(io_err)?;
@@ -222,6 +232,7 @@ fn apply_group(db: &Database, group: &[WriteRequest], durable: bool) -> StoreRes
             counters: txn.open_table(COUNTERS).map_err(io_err)?,
             pools: txn.open_table(POOLS).map_err(io_err)?,
             count_deltas: HashMap::new(),
+            cache,
         };
         for request in group {
             let mut batch_outcomes = Vec::with_capacity(request.batch.len());
@@ -259,6 +270,61 @@ struct Tables<'txn> {
     counters: redb::Table<'txn, &'static str, u64>,
     pools: redb::Table<'txn, &'static str, &'static [u8]>,
     count_deltas: HashMap<(String, u8, u8), i64>,
+    cache: &'txn mut MetaCache,
+}
+
+/// What an update needs to know of the stored version of a job.
+#[derive(Debug, Clone)]
+struct JobMeta {
+    version: u64,
+    state: JobState,
+    seq: u64,
+    priority: Priority,
+    queue: String,
+}
+
+impl JobMeta {
+    fn of(job: &Job) -> JobMeta {
+        JobMeta {
+            version: job.version,
+            state: job.state,
+            seq: job.seq,
+            priority: job.spec.priority,
+            queue: job.spec.queue.clone(),
+        }
+    }
+}
+
+/// The stored meta of recently written, unfinished jobs. The writer thread is
+/// the only writer, so the cache is exact; it spares each update a read and
+/// a decode of the old record. Cleared when a transaction fails.
+#[derive(Default)]
+struct MetaCache {
+    jobs: HashMap<String, JobMeta>,
+}
+
+/// Entries kept at most (about 100 bytes each).
+const META_CACHE_LIMIT: usize = 200_000;
+
+impl MetaCache {
+    fn get(&self, id: &str) -> Option<&JobMeta> {
+        self.jobs.get(id)
+    }
+
+    fn record(&mut self, job: &Job) {
+        if job.state.is_terminal() {
+            self.jobs.remove(&job.id);
+            return;
+        }
+        if self.jobs.len() >= META_CACHE_LIMIT && !self.jobs.contains_key(&job.id) {
+            self.jobs.clear();
+        }
+        self.jobs.insert(job.id.clone(), JobMeta::of(job));
+    }
+
+    fn clear(&mut self) {
+        self.jobs.clear();
+    }
 }
 
 impl Tables<'_> {
@@ -329,13 +395,17 @@ impl Tables<'_> {
         self.jobs.insert(job.id.as_str(), bytes.as_slice()).map_err(io_err)?;
         self.index(job)?;
         self.count(job, 1);
+        self.cache.record(job);
         Ok(WriteOutcome::Applied)
     }
 
     fn update_job(&mut self, job: &Job, expected_version: u64) -> StoreResult<WriteOutcome> {
-        let old: Job = match self.jobs.get(job.id.as_str()).map_err(io_err)? {
-            Some(bytes) => decode(bytes.value())?,
-            None => return Ok(WriteOutcome::VersionConflict { current_version: None }),
+        let old = match self.cache.get(&job.id) {
+            Some(meta) => meta.clone(),
+            None => match self.jobs.get(job.id.as_str()).map_err(io_err)? {
+                Some(bytes) => JobMeta::of(&decode::<Job>(bytes.value())?),
+                None => return Ok(WriteOutcome::VersionConflict { current_version: None }),
+            },
         };
         if old.version != expected_version {
             return Ok(WriteOutcome::VersionConflict { current_version: Some(old.version) });
@@ -344,10 +414,14 @@ impl Tables<'_> {
         self.jobs.insert(job.id.as_str(), bytes.as_slice()).map_err(io_err)?;
         self.state_index.remove((old.state.code(), old.seq)).map_err(io_err)?;
         self.index(job)?;
-        if old.state != job.state || old.spec.priority != job.spec.priority {
-            self.count(&old, -1);
+        if old.state != job.state || old.priority != job.spec.priority {
+            *self
+                .count_deltas
+                .entry((old.queue.clone(), old.state.code(), priority_code(old.priority)))
+                .or_insert(0) -= 1;
             self.count(job, 1);
         }
+        self.cache.record(job);
         Ok(WriteOutcome::Applied)
     }
 }
