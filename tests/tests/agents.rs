@@ -227,3 +227,26 @@ async fn a_reconnect_within_grace_resumes_without_a_rerun() {
         other => panic!("unexpected message {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn the_report_owed_after_a_cancel_is_acknowledged() {
+    let dir = DataDir::new();
+    let server = manual_server(&dir).await;
+    let mut q = server.queue().await;
+    let mut agent = RawAgent::connect(&server, hello("obedient", 1)).await.expect("connect");
+    let j = q.enqueue_job(job("q", "x")).await.expect("enqueue").into_inner().job.expect("job");
+    let r = agent.next_assignment().await.job.expect("job ref");
+    agent.accept_and_start(&r).await;
+    assert!(agent.next_ack().await.accepted, "the start is acknowledged");
+    q.cancel_queued_job(pb::CancelQueuedJobRequest { id: j.id.clone(), reason: "stop".into() }).await.expect("cancel");
+    match agent.next().await {
+        Down::Cancel(c) => assert_eq!(c.job, Some(r.clone())),
+        other => panic!("expected a cancel, got {other:?}"),
+    }
+    agent.finish(&r, pb::JobOutcome::Cancelled, "").await;
+    let ack = agent.next_ack().await;
+    assert!(ack.accepted, "the owed report is accepted: {}", ack.reason);
+    let stored =
+        q.get_queued_job(pb::GetQueuedJobRequest { id: j.id }).await.expect("get").into_inner().job.expect("job");
+    assert_eq!(state(&stored), pb::QueuedJobState::Cancelled);
+}

@@ -502,3 +502,25 @@ async fn watch_streams_state_changes() {
     let event = wait_for_event(&mut watch, |_| true).await;
     assert_eq!((state(&event), event.id), (pb::QueuedJobState::Succeeded, created.id));
 }
+
+#[tokio::test]
+async fn fencing_tokens_are_never_reused_across_restarts() {
+    let dir = DataDir::new();
+    let server = manual_server(&dir).await;
+    let mut q = server.queue().await;
+    enqueue(&mut q, job("q", "before")).await;
+    enqueue(&mut q, job("q", "after")).await;
+    let first = claim(&mut q, &[]).await.expect("claimed");
+    server.stop().await;
+    // Assignments are pushed before their claim is durable, so a restart
+    // skips far past every token that may have been handed out.
+    let server = manual_server(&dir).await;
+    let mut q = server.queue().await;
+    let second = claim(&mut q, &[]).await.expect("claimed after restart");
+    assert!(
+        second.fencing_token >= first.fencing_token + (1 << 32),
+        "{} then {}",
+        first.fencing_token,
+        second.fencing_token
+    );
+}

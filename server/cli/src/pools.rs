@@ -96,6 +96,28 @@ fn check_sizes(min: Option<u32>, desired: Option<u32>, max: Option<u32>) -> Resu
     Ok(())
 }
 
+/// The pool carried by create and update requests: unset flags are 0 (the
+/// server's default on create; left alone by the update mask).
+fn pool_message(
+    name: &str,
+    description: &Option<String>,
+    min: Option<u32>,
+    max: Option<u32>,
+    desired: Option<u32>,
+    default_labels: std::collections::HashMap<String, String>,
+) -> AgentPool {
+    AgentPool {
+        name: name.to_string(),
+        description: description.clone().unwrap_or_default(),
+        min_size: min.unwrap_or(0),
+        max_size: max.unwrap_or(0),
+        desired_size: desired.unwrap_or(0),
+        default_labels,
+        create_time: None,
+        update_time: None,
+    }
+}
+
 /// Builds the CreateAgentPoolRequest from the flags. Unset flags are sent
 /// as 0 so the server's defaults apply (max 0 means the largest size,
 /// desired below min means min).
@@ -105,16 +127,7 @@ pub fn build_create_request(args: &CreatePoolArgs) -> Result<CreateAgentPoolRequ
     check_sizes(args.min, args.desired, args.max.filter(|m| *m != 0))?;
     let default_labels = labels_to_map(&args.labels).map_err(UsageError)?;
     Ok(CreateAgentPoolRequest {
-        pool: Some(AgentPool {
-            name: args.name.clone(),
-            description: args.description.clone().unwrap_or_default(),
-            min_size: args.min.unwrap_or(0),
-            max_size: args.max.unwrap_or(0),
-            desired_size: args.desired.unwrap_or(0),
-            default_labels,
-            create_time: None,
-            update_time: None,
-        }),
+        pool: Some(pool_message(&args.name, &args.description, args.min, args.max, args.desired, default_labels)),
     })
 }
 
@@ -152,16 +165,7 @@ pub fn build_update_request(args: &UpdatePoolArgs) -> Result<UpdateAgentPoolRequ
         ));
     }
     Ok(UpdateAgentPoolRequest {
-        pool: Some(AgentPool {
-            name: args.name.clone(),
-            description: args.description.clone().unwrap_or_default(),
-            min_size: args.min.unwrap_or(0),
-            max_size: args.max.unwrap_or(0),
-            desired_size: args.desired.unwrap_or(0),
-            default_labels,
-            create_time: None,
-            update_time: None,
-        }),
+        pool: Some(pool_message(&args.name, &args.description, args.min, args.max, args.desired, default_labels)),
         update_mask: Some(prost_types::FieldMask { paths: paths.into_iter().map(String::from).collect() }),
     })
 }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures::future::BoxFuture;
-use futures::FutureExt;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -242,6 +241,9 @@ impl Engine {
         // bigger under load. Only acknowledgements wait for it; dispatch
         // does not.
         let mut last_commit = tokio::time::Instant::now() - self.config.commit_interval;
+        // The clock timer is kept while its deadline stays the same, so a
+        // burst of commands does not re-arm a timer per loop.
+        let mut timer: Option<(SystemTime, BoxFuture<'static, ()>)> = None;
         loop {
             let mut linger = None;
             if committing.is_none() {
@@ -263,11 +265,10 @@ impl Engine {
                 }
                 shutdown = Some(reply);
             }
-            let wake = self.next_wake();
-            let sleep = match wake {
-                Some(t) if shutdown.is_none() => self.clock.sleep_until(t),
-                _ => futures::future::pending().boxed(),
-            };
+            let wake = self.next_wake().filter(|_| shutdown.is_none());
+            if timer.as_ref().map(|(t, _)| *t) != wake {
+                timer = wake.map(|t| (t, self.clock.sleep_until(t)));
+            }
             tokio::select! {
                 biased;
                 done = wait_commit(&mut committing) => {
@@ -295,7 +296,10 @@ impl Engine {
                         }
                     }
                 }
-                () = sleep => self.on_timer().await,
+                () = wait_timer(&mut timer) => {
+                    timer = None;
+                    self.on_timer().await;
+                }
                 () = linger_until(linger) => {}
             }
         }
@@ -620,6 +624,14 @@ impl AgentEntry {
             next_check: None,
             missed: 0,
         }
+    }
+}
+
+/// Resolves when the armed clock timer fires, or never without one.
+async fn wait_timer(timer: &mut Option<(SystemTime, BoxFuture<'static, ()>)>) {
+    match timer {
+        Some((_, sleep)) => sleep.await,
+        None => futures::future::pending().await,
     }
 }
 

@@ -160,15 +160,22 @@ impl ReadySet {
     }
 
     /// Create time of the oldest dispatchable job (of `queue`, if given).
+    /// Within a priority, dispatch order is enqueue order, so each
+    /// priority's first (matching) entry is its oldest.
     pub fn oldest_ready(&self, queue: Option<&str>) -> Option<SystemTime> {
         if self.is_empty() {
             return None;
         }
         self.pools
             .values()
-            .flat_map(|m| m.values())
-            .filter(|e| queue.is_none_or(|q| q == e.queue))
-            .map(|e| e.create_time)
+            .flat_map(|map| {
+                Priority::ALL.into_iter().filter_map(move |p| {
+                    map.range((Reverse(p), 0)..=(Reverse(p), u64::MAX))
+                        .map(|(_, e)| e)
+                        .find(|e| queue.is_none_or(|q| q == e.queue))
+                        .map(|e| e.create_time)
+                })
+            })
             .min()
     }
 
@@ -243,5 +250,30 @@ mod tests {
         let gpu: BTreeMap<String, String> = [("gpu".to_string(), "true".to_string())].into();
         assert_eq!(set.first_match("p", &plain, None).map(|e| e.id.as_str()), Some("any"));
         assert_eq!(set.first_match("p", &gpu, None).map(|e| e.id.as_str()), Some("gpu"));
+    }
+
+    #[test]
+    fn oldest_ready_looks_across_priorities_and_queues() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
+        let mut set = ReadySet::default();
+        {
+            let mut at = |id: &str, seq: u64, priority: Priority, queue: &str, created: u64| {
+                let mut e = entry(id, seq, priority, 0, &[]);
+                e.queue = queue.into();
+                e.create_time = SystemTime::UNIX_EPOCH + Duration::from_secs(created);
+                set.insert(e, now);
+            };
+            at("a", 1, Priority::Low, "q", 10);
+            at("b", 2, Priority::Critical, "r", 20);
+            at("c", 3, Priority::Critical, "q", 30);
+        }
+        let secs =
+            |t: Option<SystemTime>| t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_secs());
+        assert_eq!(secs(set.oldest_ready(None)), Some(10));
+        assert_eq!(secs(set.oldest_ready(Some("r"))), Some(20));
+        assert_eq!(secs(set.oldest_ready(Some("q"))), Some(10));
+        set.remove("a");
+        assert_eq!(secs(set.oldest_ready(Some("q"))), Some(30));
+        assert_eq!(secs(set.oldest_ready(Some("none"))), None);
     }
 }

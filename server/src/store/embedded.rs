@@ -367,11 +367,8 @@ impl Tables<'_> {
         }
     }
 
-    fn count(&mut self, job: &Job, delta: i64) {
-        *self
-            .count_deltas
-            .entry((job.spec.queue.clone(), job.state.code(), priority_code(job.spec.priority)))
-            .or_insert(0) += delta;
+    fn count(&mut self, queue: &str, state: JobState, priority: Priority, delta: i64) {
+        *self.count_deltas.entry((queue.to_string(), state.code(), priority_code(priority))).or_insert(0) += delta;
     }
 
     fn index(&mut self, job: &Job) -> StoreResult<()> {
@@ -394,7 +391,7 @@ impl Tables<'_> {
         let bytes = encode(job)?;
         self.jobs.insert(job.id.as_str(), bytes.as_slice()).map_err(io_err)?;
         self.index(job)?;
-        self.count(job, 1);
+        self.count(&job.spec.queue, job.state, job.spec.priority, 1);
         self.cache.record(job);
         Ok(WriteOutcome::Applied)
     }
@@ -415,11 +412,8 @@ impl Tables<'_> {
         self.state_index.remove((old.state.code(), old.seq)).map_err(io_err)?;
         self.index(job)?;
         if old.state != job.state || old.priority != job.spec.priority {
-            *self
-                .count_deltas
-                .entry((old.queue.clone(), old.state.code(), priority_code(old.priority)))
-                .or_insert(0) -= 1;
-            self.count(job, 1);
+            self.count(&old.queue, old.state, old.priority, -1);
+            self.count(&job.spec.queue, job.state, job.spec.priority, 1);
         }
         self.cache.record(job);
         Ok(WriteOutcome::Applied)
