@@ -14,6 +14,9 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 /// The agent stream protocol versions this build speaks.
 pub const PROTOCOL_VERSION_MIN: u32 = 1;
 /// See [`PROTOCOL_VERSION_MIN`].
-pub const PROTOCOL_VERSION_MAX: u32 = 1;
+pub const PROTOCOL_VERSION_MAX: u32 = 2;
+/// The first protocol version in which accepted starts are not answered and
+/// an AssignmentAck may carry the start (rule 7 of `AgentService.Connect`).
+pub const PROTOCOL_LEAN_STARTS: u32 = 2;
 
 pub mod time;

@@ -104,6 +104,9 @@ impl Session<'_> {
             .filter(|d| !d.is_zero())
             .unwrap_or(DEFAULT_HEARTBEAT)
             .max(MIN_HEARTBEAT);
+        // Version 2: starts ride on the AssignmentAck and only refused ones
+        // are answered.
+        let lean = welcome.protocol_version >= tether::PROTOCOL_LEAN_STARTS;
         let _connected = self.install(&welcome, tx);
         tracing::info!(
             agent_id = %welcome.agent_id,
@@ -113,7 +116,7 @@ impl Session<'_> {
             abandoned = welcome.abandoned_jobs.len(),
             "connected"
         );
-        self.serve(&mut inbound, heartbeat_every).await
+        self.serve(&mut inbound, heartbeat_every, lean).await
     }
 
     fn hello(&self) -> Hello {
@@ -159,7 +162,12 @@ impl Session<'_> {
     }
 
     /// The main loop of a welcomed stream.
-    async fn serve(&self, inbound: &mut Streaming<tether::v1::ConnectResponse>, every: Duration) -> SessionEnd {
+    async fn serve(
+        &self,
+        inbound: &mut Streaming<tether::v1::ConnectResponse>,
+        every: Duration,
+        lean: bool,
+    ) -> SessionEnd {
         let shared = self.shared;
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -187,7 +195,7 @@ impl Session<'_> {
                 msg = inbound.next() => match msg {
                     Some(Ok(m)) => {
                         if let Some(m) = m.message {
-                            self.on_message(m);
+                            self.on_message(m, lean);
                         }
                     }
                     Some(Err(status)) => return status_end(status, true),
@@ -206,9 +214,9 @@ impl Session<'_> {
         core.send(Out::Heartbeat(Heartbeat { metrics, running_jobs, draining }));
     }
 
-    fn on_message(&self, message: In) {
+    fn on_message(&self, message: In, lean: bool) {
         match message {
-            In::Assignment(a) => self.on_assignment(a),
+            In::Assignment(a) => self.on_assignment(a, lean),
             In::Cancel(c) => {
                 let Some(job) = c.job else { return };
                 let found = self.shared.core().jobs.cancel(&JobKey::from_ref(job.clone()), CancelCause::Server);
@@ -236,14 +244,14 @@ impl Session<'_> {
         }
     }
 
-    fn on_assignment(&self, a: Assignment) {
+    fn on_assignment(&self, a: Assignment, lean: bool) {
         let Some(job) = a.job else {
             tracing::warn!("ignoring an Assignment without a job reference");
             return;
         };
         let key = JobKey::from_ref(job.clone());
         let ack = |job: JobRef, accepted: bool, reason: &str| {
-            Out::AssignmentAck(AssignmentAck { job: Some(job), accepted, reason: reason.into() })
+            Out::AssignmentAck(AssignmentAck { job: Some(job), accepted, reason: reason.into(), started: false })
         };
         let mut core = self.shared.core();
         // Re-sent assignments are idempotent: ack again, never run twice.
@@ -268,9 +276,19 @@ impl Session<'_> {
         }
         let token = tokio_util::sync::CancellationToken::new();
         core.jobs.insert_running(key.clone(), token.clone());
-        core.send(ack(job.clone(), true, ""));
-        if core.send(Out::JobStarted(JobStarted { job: Some(job.clone()) })) {
-            core.jobs.expect_ack(&key);
+        if lean {
+            // Only a refused start is answered; nothing to count.
+            core.send(Out::AssignmentAck(AssignmentAck {
+                job: Some(job.clone()),
+                accepted: true,
+                reason: String::new(),
+                started: true,
+            }));
+        } else {
+            core.send(ack(job.clone(), true, ""));
+            if core.send(Out::JobStarted(JobStarted { job: Some(job.clone()) })) {
+                core.jobs.expect_ack(&key);
+            }
         }
         drop(core);
         let spec = JobSpec {

@@ -274,6 +274,53 @@ async fn abandoned_job_is_cancelled_and_its_result_dropped() {
 }
 
 #[tokio::test]
+async fn protocol_v2_starts_in_the_assignment_ack_and_settles_on_one_ack() {
+    let mut server = ScriptedServer::start().await;
+    let (handler, mut controls) = TestHandler::new();
+    let agent = TestAgent::spawn(TestAgent::config(&server), handler);
+    let mut s = server.accept().await;
+    s.hello().await;
+    s.welcome_with(Welcome {
+        agent_id: "a1".into(),
+        protocol_version: 2,
+        heartbeat_interval: Some(tether::time::to_duration(Duration::from_secs(60))),
+        ..Default::default()
+    });
+
+    // Ack and start in one message, no JobStarted, and the result settles
+    // with the single ack the server owes (drain ends only once it has).
+    let j = job("lean");
+    s.assign(&j, "ok:done");
+    let ack = s.expect_assignment_ack().await;
+    assert_eq!((ack.job.as_ref(), ack.accepted, ack.started), (Some(&j), true, true), "{ack:?}");
+    assert_eq!(controls.event().await, Event::Started("lean".into()));
+    let f = s.expect_finished().await;
+    assert_eq!((f.job.as_ref(), outcome(&f)), (Some(&j), JobOutcome::Succeeded));
+    s.ack(&j, true);
+
+    // A refused start means the attempt is stale: the job is stopped and
+    // its result never reported.
+    let stale = JobRef { job_id: "stale".into(), attempt: 1, fencing_token: 43 };
+    s.assign(&stale, "wait-cancel");
+    let ack = s.expect_assignment_ack().await;
+    assert!(ack.accepted && ack.started, "{ack:?}");
+    assert_eq!(controls.event().await, Event::Started("stale".into()));
+    s.ack(&stale, false);
+    assert_eq!(controls.event().await, Event::SawCancel("stale".into()));
+
+    agent.handle.drain();
+    let rest = s.until_closed().await;
+    assert!(
+        !rest
+            .iter()
+            .any(|m| matches!(m, connect_request::Message::JobFinished(_) | connect_request::Message::JobStarted(_))),
+        "unexpected report after the refusal: {rest:?}"
+    );
+    drop(s);
+    agent.result().await.expect("clean exit");
+}
+
+#[tokio::test]
 async fn server_drain_finishes_running_job_then_closes() {
     let mut server = ScriptedServer::start().await;
     let (handler, mut controls) = TestHandler::new();

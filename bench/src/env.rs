@@ -35,6 +35,7 @@ pub struct EnvConfig {
     pub agents: u32,
     pub slots: u32,
     pub sync_every: Option<u32>,
+    pub commit_interval: Option<std::time::Duration>,
     pub server_threads: usize,
     pub agent_threads: usize,
     pub probe_store: bool,
@@ -162,7 +163,10 @@ impl Env {
         let parts = ServerParts {
             store,
             clock,
-            engine: EngineConfig::default(),
+            engine: EngineConfig {
+                busy_commit_interval: config.commit_interval.unwrap_or(EngineConfig::default().busy_commit_interval),
+                ..EngineConfig::default()
+            },
             max_agent_streams: 1000,
             ops: Default::default(),
         };

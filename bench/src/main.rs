@@ -51,6 +51,10 @@ struct Args {
     /// comparison only. Default: fsync every commit.
     #[arg(long, value_name = "N")]
     unsafe_sync_every: Option<u32>,
+    /// The engine's group-commit window under heavy load in milliseconds
+    /// (EngineConfig.busy_commit_interval; default: the engine's default).
+    #[arg(long, value_name = "MS")]
+    commit_interval_ms: Option<u64>,
     /// Jobs per BatchEnqueueJobs call.
     #[arg(long, default_value_t = 500)]
     batch_size: usize,
@@ -112,6 +116,7 @@ fn main() -> anyhow::Result<()> {
         agents: args.agents,
         slots: args.slots,
         sync_every: args.unsafe_sync_every,
+        commit_interval: args.commit_interval_ms.map(std::time::Duration::from_millis),
         server_threads: args.server_threads.unwrap_or(cpus),
         agent_threads: args.agent_threads.unwrap_or(cpus),
         probe_store: !args.no_store_probe,

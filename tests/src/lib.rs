@@ -258,6 +258,7 @@ impl RawAgent {
             job: Some(job.clone()),
             accepted: true,
             reason: String::new(),
+            started: false,
         }))
         .await;
         self.send(pb::connect_request::Message::JobStarted(pb::JobStarted { job: Some(job.clone()) })).await;

@@ -250,3 +250,53 @@ async fn the_report_owed_after_a_cancel_is_acknowledged() {
         q.get_queued_job(pb::GetQueuedJobRequest { id: j.id }).await.expect("get").into_inner().job.expect("job");
     assert_eq!(state(&stored), pb::QueuedJobState::Cancelled);
 }
+
+#[tokio::test]
+async fn protocol_v2_answers_only_refused_starts() {
+    let dir = DataDir::new();
+    let server = manual_server(&dir).await;
+    let mut q = server.queue().await;
+    let mut watch = q.watch_queue(pb::WatchQueueRequest::default()).await.expect("watch").into_inner();
+    let mut agent =
+        RawAgent::connect(&server, pb::Hello { max_protocol_version: 2, ..hello("lean", 1) }).await.expect("connect");
+    assert_eq!(agent.welcome.protocol_version, 2);
+
+    // The start rides on the AssignmentAck and is not answered; the result is.
+    let j = q.enqueue_job(job("q", "x")).await.expect("enqueue").into_inner().job.expect("job");
+    let r = agent.next_assignment().await.job.expect("job ref");
+    agent
+        .send(pb::connect_request::Message::AssignmentAck(pb::AssignmentAck {
+            job: Some(r.clone()),
+            accepted: true,
+            reason: String::new(),
+            started: true,
+        }))
+        .await;
+    wait_for_event(&mut watch, |e| e.id == j.id && state(e) == pb::QueuedJobState::Running).await;
+    agent.finish(&r, pb::JobOutcome::Succeeded, "ok").await;
+    match agent.next().await {
+        Down::JobUpdateAck(ack) => assert_eq!((ack.job.as_ref(), ack.accepted), (Some(&r), true), "{ack:?}"),
+        other => panic!("the first answer must be the result's ack, got {other:?}"),
+    }
+    wait_for_event(&mut watch, |e| e.id == j.id && state(e) == pb::QueuedJobState::Succeeded).await;
+
+    // A start of an attempt the agent does not hold is refused, in either form.
+    let stale = pb::JobRef { fencing_token: r.fencing_token + 1000, ..r.clone() };
+    agent.send(pb::connect_request::Message::JobStarted(pb::JobStarted { job: Some(stale.clone()) })).await;
+    let ack = agent.next_ack().await;
+    assert_eq!((ack.job.as_ref(), ack.accepted), (Some(&stale), false), "{ack:?}");
+
+    // A version 1 agent still gets every start answered.
+    let mut v1 = RawAgent::connect(&server, hello("chatty", 1)).await.expect("connect");
+    assert_eq!(v1.welcome.protocol_version, 1);
+    let lean_id = agent.agent_id.clone();
+    drop(agent);
+    wait_until("the server to notice the lean agent left", || async { !agent_connected(&server, &lean_id).await })
+        .await;
+    let j2 = q.enqueue_job(job("q", "y")).await.expect("enqueue").into_inner().job.expect("job");
+    let r2 = v1.next_assignment().await.job.expect("job ref");
+    assert_eq!(r2.job_id, j2.id);
+    v1.accept_and_start(&r2).await;
+    let ack = v1.next_ack().await;
+    assert_eq!((ack.job.as_ref(), ack.accepted), (Some(&r2), true), "{ack:?}");
+}

@@ -136,7 +136,7 @@ impl Engine {
         entry.agent.version = hello.version.clone();
         entry.agent.last_seen_time = now;
         entry.missed = 0;
-        entry.session = Some(Session { id: session_id, pushes });
+        entry.session = Some(Session { id: session_id, pushes, answer_starts: hello.answer_starts });
         entry.accepting = true;
         if entry.agent.scheduling == SchedulingStatus::Draining && hello.running.is_empty() {
             // A drained agent that comes back with nothing running starts over.
@@ -265,10 +265,13 @@ impl Engine {
                     self.fill_agent(agent_id).await;
                 }
             }
-            AgentInbound::AssignmentAck { job, accepted, reason } => {
+            AgentInbound::AssignmentAck { job, accepted, started, reason } => {
                 if accepted {
                     if let Some(f) = entry.in_flight.get_mut(&job.fencing_token) {
                         f.acked = true;
+                    }
+                    if started {
+                        self.started(agent_id, job);
                     }
                     return;
                 }
@@ -288,14 +291,7 @@ impl Engine {
                     }
                 }
             }
-            AgentInbound::Started { job } => {
-                let ack = if entry.in_flight.contains_key(&job.fencing_token) {
-                    self.mark_running(&job)
-                } else {
-                    Err(DomainError::FailedPrecondition("the attempt is not assigned to this agent".into()))
-                };
-                self.ack(agent_id, job, ack);
-            }
+            AgentInbound::Started { job } => self.started(agent_id, job),
             AgentInbound::Progress { job, percent, message } => {
                 tracing::debug!(job = %job.job_id, percent, %message, "job progress");
             }
@@ -361,6 +357,22 @@ impl Engine {
             ))),
             Ok(None) => Err(DomainError::job_not_found(&r.job_id)),
             Err(e) => Err(super::store_error(e)),
+        }
+    }
+
+    /// An agent reports that an attempt began running.
+    fn started(&mut self, agent_id: &str, job: AttemptRef) {
+        let Some(entry) = self.agents.get(agent_id) else { return };
+        let answer_accepted = entry.session.as_ref().is_some_and(|s| s.answer_starts);
+        let result = if entry.in_flight.contains_key(&job.fencing_token) {
+            self.mark_running(&job)
+        } else {
+            Err(DomainError::FailedPrecondition("the attempt is not assigned to this agent".into()))
+        };
+        // The start is still written with the batch; only its answer is
+        // skipped, and nothing unanswered was promised durable.
+        if result.is_err() || answer_accepted {
+            self.ack(agent_id, job, result);
         }
     }
 

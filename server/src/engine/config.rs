@@ -25,6 +25,12 @@ pub struct EngineConfig {
     /// Least time between the starts of two store commits (group commit
     /// window). Delays acknowledgements, never dispatch.
     pub commit_interval: Duration,
+    /// The window after a commit of at least `busy_commit_writes` writes:
+    /// under heavy load a wider window shares each commit's fixed cost
+    /// among more writes and coalesces more transitions of one job.
+    pub busy_commit_interval: Duration,
+    /// Writes in a commit that make the next window `busy_commit_interval`.
+    pub busy_commit_writes: usize,
 }
 
 impl Default for EngineConfig {
@@ -39,6 +45,8 @@ impl Default for EngineConfig {
             unhealthy_after_missed: 3,
             pressure_threshold: 0.95,
             commit_interval: Duration::from_millis(2),
+            busy_commit_interval: Duration::from_millis(4),
+            busy_commit_writes: 64,
         }
     }
 }

@@ -151,7 +151,7 @@ impl Engine {
                 super::core::InFlight { job_id: job.id.clone(), attempt: job.attempt, acked: false },
             );
         }
-        self.push_now_to(agent_id, AgentPush::Assign(Box::new(job)));
+        self.push_soon(agent_id, AgentPush::Assign(Box::new(job)));
     }
 
     pub async fn claim_unary(&mut self, request: ClaimRequest) -> DomainResult<Option<Job>> {

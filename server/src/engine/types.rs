@@ -30,12 +30,39 @@ pub enum Outcome {
 /// A message an agent sends on its stream after Hello.
 #[derive(Debug, Clone)]
 pub enum AgentInbound {
-    Heartbeat { metrics: Metrics, running: Vec<AttemptRef>, draining: bool },
-    AssignmentAck { job: AttemptRef, accepted: bool, reason: String },
-    Started { job: AttemptRef },
-    Progress { job: AttemptRef, percent: f64, message: String },
-    Log { job: AttemptRef, stderr: bool, data: Bytes, sequence: u64 },
-    Finished { job: AttemptRef, outcome: Outcome, result: Bytes, error: String },
+    Heartbeat {
+        metrics: Metrics,
+        running: Vec<AttemptRef>,
+        draining: bool,
+    },
+    /// `started`: an accepted assignment that also began running (the
+    /// lean form of an ack followed by `Started`).
+    AssignmentAck {
+        job: AttemptRef,
+        accepted: bool,
+        started: bool,
+        reason: String,
+    },
+    Started {
+        job: AttemptRef,
+    },
+    Progress {
+        job: AttemptRef,
+        percent: f64,
+        message: String,
+    },
+    Log {
+        job: AttemptRef,
+        stderr: bool,
+        data: Bytes,
+        sequence: u64,
+    },
+    Finished {
+        job: AttemptRef,
+        outcome: Outcome,
+        result: Bytes,
+        error: String,
+    },
 }
 
 /// The validated Hello of an agent.
@@ -47,6 +74,9 @@ pub struct HelloInfo {
     pub slots: u32,
     pub version: String,
     pub running: Vec<AttemptRef>,
+    /// Whether the agent wants every accepted start answered (older
+    /// protocol); otherwise only refused starts are.
+    pub answer_starts: bool,
 }
 
 /// The engine's answer to a Hello.

@@ -74,10 +74,20 @@ fn hello_in(hello: &pb::Hello) -> DomainResult<(HelloInfo, u32)> {
     if hello.version.len() > validate::MAX_NAME {
         return Err(DomainError::invalid("hello.version", "is too long"));
     }
-    Ok((HelloInfo { name: hello.name.clone(), pool, labels, slots, version: hello.version.clone(), running }, high))
+    let info = HelloInfo {
+        name: hello.name.clone(),
+        pool,
+        labels,
+        slots,
+        version: hello.version.clone(),
+        running,
+        answer_starts: high < tether::PROTOCOL_LEAN_STARTS,
+    };
+    Ok((info, high))
 }
 
-fn inbound_in(message: connect_request::Message) -> DomainResult<AgentInbound> {
+/// `protocol`: the version chosen in the Welcome.
+fn inbound_in(message: connect_request::Message, protocol: u32) -> DomainResult<AgentInbound> {
     use connect_request::Message as M;
     Ok(match message {
         M::Hello(_) => return Err(DomainError::invalid("hello", "is only allowed as the first message")),
@@ -94,6 +104,7 @@ fn inbound_in(message: connect_request::Message) -> DomainResult<AgentInbound> {
         M::AssignmentAck(a) => AgentInbound::AssignmentAck {
             job: job_ref_in("assignment_ack.job", a.job.as_ref())?,
             accepted: a.accepted,
+            started: a.accepted && a.started && protocol >= tether::PROTOCOL_LEAN_STARTS,
             reason: truncate(a.reason),
         },
         M::JobStarted(s) => AgentInbound::Started { job: job_ref_in("job_started.job", s.job.as_ref())? },
@@ -189,12 +200,13 @@ async fn read_session(
     engine: EngineHandle,
     agent_id: String,
     session_id: u64,
+    protocol: u32,
     mut inbound: Streaming<pb::ConnectRequest>,
     fatal: oneshot::Sender<Status>,
 ) {
     loop {
         match inbound.message().await {
-            Ok(Some(pb::ConnectRequest { message: Some(message) })) => match inbound_in(message) {
+            Ok(Some(pb::ConnectRequest { message: Some(message) })) => match inbound_in(message, protocol) {
                 Ok(message) => {
                     if engine.inbound(agent_id.clone(), session_id, message).await.is_err() {
                         let _ = fatal.send(Status::unavailable("the server is shutting down; reconnect"));
@@ -250,6 +262,7 @@ impl AgentService for AgentApi {
             self.engine.clone(),
             welcome.agent_id.clone(),
             welcome.session_id,
+            protocol_version,
             inbound,
             fatal_tx,
         ));
@@ -292,6 +305,7 @@ impl AgentService for AgentApi {
                 slots: convert::slots_in("slots", req.slots)?,
                 version: String::new(),
                 running: Vec::new(),
+                answer_starts: true,
             })
         })()
         .map_err(to_status)?;

@@ -3,7 +3,6 @@
 //! sync (group commit). A batch is acknowledged only after its transaction
 //! is durable, so acknowledged writes survive `kill -9` and power loss.
 
-use std::collections::HashMap;
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
@@ -94,6 +93,15 @@ fn io_err(e: impl Display) -> StoreError {
 
 fn encode<T: Serialize>(value: &T) -> StoreResult<Vec<u8>> {
     postcard::to_extend(value, vec![FORMAT_V1]).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))
+}
+
+/// Like [`encode`], into a reused buffer.
+fn encode_into<T: Serialize>(buf: &mut Vec<u8>, value: &T) -> StoreResult<()> {
+    let mut out = std::mem::take(buf);
+    out.clear();
+    out.push(FORMAT_V1);
+    *buf = postcard::to_extend(value, out).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))?;
+    Ok(())
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
@@ -231,7 +239,9 @@ fn apply_group(
             agent_names: txn.open_table(AGENT_NAMES).map_err(io_err)?,
             counters: txn.open_table(COUNTERS).map_err(io_err)?,
             pools: txn.open_table(POOLS).map_err(io_err)?,
-            count_deltas: HashMap::new(),
+            count_deltas: Vec::new(),
+            buf: Vec::new(),
+            entry_buf: Vec::new(),
             cache,
         };
         for request in group {
@@ -242,7 +252,7 @@ fn apply_group(
             outcomes.push(batch_outcomes);
         }
         let mut counts = txn.open_table(COUNTS).map_err(io_err)?;
-        for ((queue, state, priority), delta) in tables.count_deltas.drain() {
+        for (queue, state, priority, delta) in tables.count_deltas.drain(..) {
             if delta == 0 {
                 continue;
             }
@@ -269,7 +279,13 @@ struct Tables<'txn> {
     agent_names: redb::Table<'txn, (&'static str, &'static str), &'static str>,
     counters: redb::Table<'txn, &'static str, u64>,
     pools: redb::Table<'txn, &'static str, &'static [u8]>,
-    count_deltas: HashMap<(String, u8, u8), i64>,
+    /// Count changes of this transaction: few distinct keys (queues x
+    /// states x priorities touched), so a list beats hashing a string per
+    /// transition.
+    count_deltas: Vec<(String, u8, u8, i64)>,
+    /// Reused encode buffers (one job record, one index entry at a time).
+    buf: Vec<u8>,
+    entry_buf: Vec<u8>,
     cache: &'txn mut MetaCache,
 }
 
@@ -300,7 +316,7 @@ impl JobMeta {
 /// a decode of the old record. Cleared when a transaction fails.
 #[derive(Default)]
 struct MetaCache {
-    jobs: HashMap<String, JobMeta>,
+    jobs: ahash::AHashMap<String, JobMeta>,
 }
 
 /// Entries kept at most (about 100 bytes each).
@@ -316,7 +332,18 @@ impl MetaCache {
             self.jobs.remove(&job.id);
             return;
         }
-        if self.jobs.len() >= META_CACHE_LIMIT && !self.jobs.contains_key(&job.id) {
+        if let Some(meta) = self.jobs.get_mut(&job.id) {
+            // In place: no key or queue name allocated per update.
+            meta.version = job.version;
+            meta.state = job.state;
+            meta.seq = job.seq;
+            meta.priority = job.spec.priority;
+            if meta.queue != job.spec.queue {
+                meta.queue.clone_from(&job.spec.queue);
+            }
+            return;
+        }
+        if self.jobs.len() >= META_CACHE_LIMIT {
             self.jobs.clear();
         }
         self.jobs.insert(job.id.clone(), JobMeta::of(job));
@@ -368,12 +395,16 @@ impl Tables<'_> {
     }
 
     fn count(&mut self, queue: &str, state: JobState, priority: Priority, delta: i64) {
-        *self.count_deltas.entry((queue.to_string(), state.code(), priority_code(priority))).or_insert(0) += delta;
+        let (state, priority) = (state.code(), priority_code(priority));
+        match self.count_deltas.iter_mut().find(|(q, s, p, _)| q == queue && *s == state && *p == priority) {
+            Some(row) => row.3 += delta,
+            None => self.count_deltas.push((queue.to_string(), state, priority, delta)),
+        }
     }
 
     fn index(&mut self, job: &Job) -> StoreResult<()> {
-        let entry = encode(&QueuedEntry::of(job))?;
-        self.state_index.insert((job.state.code(), job.seq), entry.as_slice()).map_err(io_err)?;
+        encode_into(&mut self.entry_buf, &QueuedEntry::of(job))?;
+        self.state_index.insert((job.state.code(), job.seq), self.entry_buf.as_slice()).map_err(io_err)?;
         Ok(())
     }
 
@@ -388,8 +419,8 @@ impl Tables<'_> {
             }
             self.idempotency.insert(k, job.id.as_str()).map_err(io_err)?;
         }
-        let bytes = encode(job)?;
-        self.jobs.insert(job.id.as_str(), bytes.as_slice()).map_err(io_err)?;
+        encode_into(&mut self.buf, job)?;
+        self.jobs.insert(job.id.as_str(), self.buf.as_slice()).map_err(io_err)?;
         self.index(job)?;
         self.count(&job.spec.queue, job.state, job.spec.priority, 1);
         self.cache.record(job);
@@ -397,22 +428,31 @@ impl Tables<'_> {
     }
 
     fn update_job(&mut self, job: &Job, expected_version: u64) -> StoreResult<WriteOutcome> {
+        // The stored meta, with its queue only when it is not the job's own
+        // (it never is in practice: the spec does not change).
         let old = match self.cache.get(&job.id) {
-            Some(meta) => meta.clone(),
+            Some(m) => {
+                let queue = (m.queue != job.spec.queue).then(|| m.queue.clone());
+                (m.version, m.state, m.seq, m.priority, queue)
+            }
             None => match self.jobs.get(job.id.as_str()).map_err(io_err)? {
-                Some(bytes) => JobMeta::of(&decode::<Job>(bytes.value())?),
+                Some(bytes) => {
+                    let m = JobMeta::of(&decode::<Job>(bytes.value())?);
+                    (m.version, m.state, m.seq, m.priority, Some(m.queue))
+                }
                 None => return Ok(WriteOutcome::VersionConflict { current_version: None }),
             },
         };
-        if old.version != expected_version {
-            return Ok(WriteOutcome::VersionConflict { current_version: Some(old.version) });
+        let (version, state, seq, priority, queue) = old;
+        if version != expected_version {
+            return Ok(WriteOutcome::VersionConflict { current_version: Some(version) });
         }
-        let bytes = encode(job)?;
-        self.jobs.insert(job.id.as_str(), bytes.as_slice()).map_err(io_err)?;
-        self.state_index.remove((old.state.code(), old.seq)).map_err(io_err)?;
+        encode_into(&mut self.buf, job)?;
+        self.jobs.insert(job.id.as_str(), self.buf.as_slice()).map_err(io_err)?;
+        self.state_index.remove((state.code(), seq)).map_err(io_err)?;
         self.index(job)?;
-        if old.state != job.state || old.priority != job.spec.priority {
-            self.count(&old.queue, old.state, old.priority, -1);
+        if state != job.state || priority != job.spec.priority {
+            self.count(queue.as_deref().unwrap_or(&job.spec.queue), state, priority, -1);
             self.count(&job.spec.queue, job.state, job.spec.priority, 1);
         }
         self.cache.record(job);
