@@ -3,7 +3,7 @@
 //! Pure bookkeeping, no I/O: the caller holds the lock around it and sends
 //! whatever the methods tell it to.
 
-use std::collections::HashMap;
+use ahash::AHashMap as HashMap;
 
 use tether::v1::{JobFinished, JobRef};
 use tokio_util::sync::CancellationToken;

@@ -36,6 +36,18 @@ impl DomainError {
         DomainError::InvalidArgument { field: field.into(), reason: reason.into() }
     }
 
+    /// The same error about a field nested under `prefix` (e.g. the
+    /// `requests[3].` of a batch), so field names are only built on failure.
+    pub fn under(self, prefix: &str) -> Self {
+        match self {
+            DomainError::InvalidArgument { field, reason } => {
+                DomainError::InvalidArgument { field: format!("{prefix}{field}"), reason }
+            }
+            DomainError::ResourceExhausted(message) => DomainError::ResourceExhausted(format!("{prefix}{message}")),
+            other => other,
+        }
+    }
+
     pub fn job_not_found(id: &str) -> Self {
         DomainError::NotFound { kind: "job", id: id.to_string() }
     }

@@ -15,9 +15,11 @@ use crate::domain::{AttemptRef, DomainError, DomainResult, Job, JobSpec, JobStat
 impl Engine {
     pub async fn enqueue(&mut self, specs: Vec<JobSpec>) -> DomainResult<Vec<(Job, bool)>> {
         for (i, spec) in specs.iter().enumerate() {
-            let field =
-                if specs.len() == 1 { "routing.pool".to_string() } else { format!("requests[{i}].routing.pool") };
-            self.require_pool(&field, &spec.routing.pool)?;
+            if !self.pools.contains_key(&spec.routing.pool) {
+                let field =
+                    if specs.len() == 1 { "routing.pool".to_string() } else { format!("requests[{i}].routing.pool") };
+                self.require_pool(&field, &spec.routing.pool)?;
+            }
         }
         // First resolve every idempotency key, so that a conflict refuses the
         // whole batch before anything is written; the second pass cannot fail.

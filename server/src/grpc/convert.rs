@@ -168,49 +168,49 @@ pub fn job_ref_out(r: &AttemptRef) -> pb::JobRef {
 
 // ---- jobs ----------------------------------------------------------------
 
-/// Validates an enqueue request; `prefix` names the request in a batch.
-pub fn job_spec_in(prefix: &str, req: &pb::EnqueueJobRequest) -> DomainResult<JobSpec> {
-    let f = |name: &str| format!("{prefix}{name}");
-    validate::name(&f("queue"), &req.queue, validate::MAX_NAME)?;
+/// Validates an enqueue request. Field names are the request's own; a batch
+/// prefixes them with [`DomainError::under`] (only on failure: no name is
+/// built per request).
+pub fn job_spec_in(req: &pb::EnqueueJobRequest) -> DomainResult<JobSpec> {
+    validate::name("queue", &req.queue, validate::MAX_NAME)?;
     if req.payload.len() > validate::MAX_PAYLOAD_BYTES {
         return Err(DomainError::ResourceExhausted(format!(
-            "{} is {} bytes; the limit is {} bytes",
-            f("payload"),
+            "payload is {} bytes; the limit is {} bytes",
             req.payload.len(),
             validate::MAX_PAYLOAD_BYTES
         )));
     }
-    let priority = priority_in(&f("priority"), req.priority)?;
+    let priority = priority_in("priority", req.priority)?;
     let routing = match &req.routing {
         None => Routing { pool: DEFAULT_POOL.to_string(), required_labels: BTreeMap::new() },
         Some(r) => Routing {
-            pool: pool_name_in(&f("routing.pool"), &r.pool)?,
-            required_labels: labels_in(&f("routing.required_labels"), &r.required_labels)?,
+            pool: pool_name_in("routing.pool", &r.pool)?,
+            required_labels: labels_in("routing.required_labels", &r.required_labels)?,
         },
     };
     let max_attempts = match req.max_attempts {
         0 => DEFAULT_MAX_ATTEMPTS,
         n if n > validate::MAX_ATTEMPTS => {
-            return Err(DomainError::invalid(f("max_attempts"), format!("must be at most {}", validate::MAX_ATTEMPTS)))
+            return Err(DomainError::invalid("max_attempts", format!("must be at most {}", validate::MAX_ATTEMPTS)))
         }
         n => n,
     };
-    let lease_duration = match duration_in(&f("lease_duration"), req.lease_duration.as_ref())? {
+    let lease_duration = match duration_in("lease_duration", req.lease_duration.as_ref())? {
         None => DEFAULT_LEASE,
         Some(d) if d < validate::MIN_LEASE || d > validate::MAX_LEASE => {
-            return Err(DomainError::invalid(f("lease_duration"), "must be between 1s and 1h"))
+            return Err(DomainError::invalid("lease_duration", "must be between 1s and 1h"))
         }
         Some(d) => d,
     };
-    let timeout = match duration_in(&f("timeout"), req.timeout.as_ref())? {
-        Some(d) if d.is_zero() => return Err(DomainError::invalid(f("timeout"), "must be positive when set")),
+    let timeout = match duration_in("timeout", req.timeout.as_ref())? {
+        Some(d) if d.is_zero() => return Err(DomainError::invalid("timeout", "must be positive when set")),
         other => other,
     };
     let idempotency_key = match req.idempotency_key.as_str() {
         "" => None,
         k if k.len() > validate::MAX_IDEMPOTENCY_KEY => {
             return Err(DomainError::invalid(
-                f("idempotency_key"),
+                "idempotency_key",
                 format!("must be at most {} characters", validate::MAX_IDEMPOTENCY_KEY),
             ))
         }
@@ -219,7 +219,7 @@ pub fn job_spec_in(prefix: &str, req: &pb::EnqueueJobRequest) -> DomainResult<Jo
     let not_before = match &req.not_before {
         None => None,
         Some(ts) => {
-            Some(from_timestamp(ts).ok_or_else(|| DomainError::invalid(f("not_before"), "is not a valid timestamp"))?)
+            Some(from_timestamp(ts).ok_or_else(|| DomainError::invalid("not_before", "is not a valid timestamp"))?)
         }
     };
     Ok(JobSpec {
@@ -448,7 +448,7 @@ mod tests {
     #[test]
     fn enqueue_defaults() {
         let req = pb::EnqueueJobRequest { queue: "q".into(), ..Default::default() };
-        let spec = job_spec_in("", &req).ok();
+        let spec = job_spec_in(&req).ok();
         let spec = spec.as_ref();
         assert_eq!(spec.map(|s| s.max_attempts), Some(DEFAULT_MAX_ATTEMPTS));
         assert_eq!(spec.map(|s| s.lease_duration), Some(DEFAULT_LEASE));
@@ -458,20 +458,20 @@ mod tests {
     #[test]
     fn enqueue_rejects_bad_fields() {
         let empty = pb::EnqueueJobRequest::default();
-        assert!(matches!(job_spec_in("", &empty), Err(DomainError::InvalidArgument { field, .. }) if field == "queue"));
+        assert!(matches!(job_spec_in(&empty), Err(DomainError::InvalidArgument { field, .. }) if field == "queue"));
         let big = pb::EnqueueJobRequest {
             queue: "q".into(),
             payload: vec![0u8; validate::MAX_PAYLOAD_BYTES + 1].into(),
             ..Default::default()
         };
-        assert!(matches!(job_spec_in("", &big), Err(DomainError::ResourceExhausted(m)) if m.contains("payload")));
+        assert!(matches!(job_spec_in(&big), Err(DomainError::ResourceExhausted(m)) if m.contains("payload")));
         let lease = pb::EnqueueJobRequest {
             queue: "q".into(),
             lease_duration: Some(prost_types::Duration { seconds: -5, nanos: 0 }),
             ..Default::default()
         };
         assert!(
-            matches!(job_spec_in("requests[3].", &lease), Err(DomainError::InvalidArgument { field, .. }) if field == "requests[3].lease_duration")
+            matches!(job_spec_in(&lease).map_err(|e| e.under("requests[3].")), Err(DomainError::InvalidArgument { field, .. }) if field == "requests[3].lease_duration")
         );
     }
 }

@@ -48,7 +48,7 @@ impl QueueService for QueueApi {
         &self,
         request: Request<pb::EnqueueJobRequest>,
     ) -> Result<Response<pb::EnqueueJobResponse>, Status> {
-        let spec = convert::job_spec_in("", request.get_ref()).map_err(to_status)?;
+        let spec = convert::job_spec_in(request.get_ref()).map_err(to_status)?;
         let mut jobs = self.engine.enqueue(vec![spec]).await.map_err(to_status)?;
         let (job, created) = jobs.pop().ok_or_else(|| Status::internal("enqueue returned no job"))?;
         Ok(Response::new(pb::EnqueueJobResponse { job: Some(job_out(&job)), created }))
@@ -71,7 +71,7 @@ impl QueueService for QueueApi {
         let specs = requests
             .iter()
             .enumerate()
-            .map(|(i, r)| convert::job_spec_in(&format!("requests[{i}]."), r))
+            .map(|(i, r)| convert::job_spec_in(r).map_err(|e| e.under(&format!("requests[{i}]."))))
             .collect::<Result<Vec<_>, _>>()
             .map_err(to_status)?;
         let jobs = self.engine.enqueue(specs).await.map_err(to_status)?;

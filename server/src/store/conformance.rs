@@ -65,7 +65,11 @@ async fn create_and_get<S: Store>(store: S) {
     assert_eq!(write_one(&store, Write::CreateJob(Box::new(j.clone()))).await, WriteOutcome::Applied);
     assert_eq!(store.get_job("a").await.expect("get"), Some(j.clone()));
     assert_eq!(store.get_job("missing").await.expect("get"), None);
-    assert_eq!(write_one(&store, Write::CreateJob(Box::new(j))).await, WriteOutcome::IdExists);
+    assert_eq!(write_one(&store, Write::CreateJob(Box::new(j.clone()))).await, WriteOutcome::IdExists);
+    // A refused create leaves the stored job as it was.
+    let impostor = job("a", 2, "other", None);
+    assert_eq!(write_one(&store, Write::CreateJob(Box::new(impostor))).await, WriteOutcome::IdExists);
+    assert_eq!(store.get_job("a").await.expect("get"), Some(j));
 }
 
 async fn conditional_updates<S: Store>(store: S) {

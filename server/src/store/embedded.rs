@@ -409,18 +409,24 @@ impl Tables<'_> {
     }
 
     fn create_job(&mut self, job: &Job) -> StoreResult<WriteOutcome> {
-        if self.jobs.get(job.id.as_str()).map_err(io_err)?.is_some() {
+        // Insert first and undo in the (never expected) conflicts: one tree
+        // walk per create instead of a lookup and an insert.
+        encode_into(&mut self.buf, job)?;
+        let previous =
+            self.jobs.insert(job.id.as_str(), self.buf.as_slice()).map_err(io_err)?.map(|old| old.value().to_vec());
+        if let Some(old) = previous {
+            self.jobs.insert(job.id.as_str(), old.as_slice()).map_err(io_err)?;
             return Ok(WriteOutcome::IdExists);
         }
         if let Some(key) = &job.spec.idempotency_key {
             let k = (job.spec.queue.as_str(), key.as_str());
-            if let Some(existing) = self.idempotency.get(k).map_err(io_err)? {
-                return Ok(WriteOutcome::IdempotencyKeyTaken { existing_job_id: existing.value().to_string() });
+            let taken = self.idempotency.get(k).map_err(io_err)?.map(|existing| existing.value().to_string());
+            if let Some(existing_job_id) = taken {
+                self.jobs.remove(job.id.as_str()).map_err(io_err)?;
+                return Ok(WriteOutcome::IdempotencyKeyTaken { existing_job_id });
             }
             self.idempotency.insert(k, job.id.as_str()).map_err(io_err)?;
         }
-        encode_into(&mut self.buf, job)?;
-        self.jobs.insert(job.id.as_str(), self.buf.as_slice()).map_err(io_err)?;
         self.index(job)?;
         self.count(&job.spec.queue, job.state, job.spec.priority, 1);
         self.cache.record(job);
