@@ -560,8 +560,11 @@ impl Engine {
                 };
                 self.reply_after_commit(reply, result);
             }
-            Command::Inbound { agent_id, session_id, message } => {
-                if self.failed.is_none() {
+            Command::Inbound { agent_id, session_id, messages } => {
+                for message in messages {
+                    if self.failed.is_some() {
+                        break;
+                    }
                     self.inbound(&agent_id, session_id, message).await;
                 }
             }

@@ -53,7 +53,8 @@ pub(crate) enum Command {
     Redrive { id: String, reply: Reply<Job> },
     Stats { queue: Option<String>, reply: Reply<QueueStats> },
     Connect { hello: HelloInfo, pushes: mpsc::UnboundedSender<AgentPush>, reply: Reply<WelcomeInfo> },
-    Inbound { agent_id: String, session_id: u64, message: AgentInbound },
+    /// Messages of one session, in the order they arrived.
+    Inbound { agent_id: String, session_id: u64, messages: Vec<AgentInbound> },
     Disconnected { agent_id: String, session_id: u64 },
     RegisterAgent { hello: HelloInfo, reply: Reply<(AgentView, bool)> },
     GetAgent { id: String, reply: Reply<AgentView> },
@@ -165,9 +166,10 @@ impl EngineHandle {
 
     /// Forwards one message of a session. Waits while the engine is busy,
     /// which slows the agent's stream down (backpressure).
-    pub async fn inbound(&self, agent_id: String, session_id: u64, message: AgentInbound) -> DomainResult<()> {
+    /// Hands the engine messages of one session, in order.
+    pub async fn inbound(&self, agent_id: String, session_id: u64, messages: Vec<AgentInbound>) -> DomainResult<()> {
         self.commands
-            .send(Command::Inbound { agent_id, session_id, message })
+            .send(Command::Inbound { agent_id, session_id, messages })
             .await
             .map_err(|_| DomainError::Unavailable("the engine has stopped".into()))
     }

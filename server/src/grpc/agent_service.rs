@@ -196,6 +196,17 @@ fn push_out(push: AgentPush) -> pb::ConnectResponse {
 }
 
 /// Reads the agent's messages until the stream ends or breaks the protocol.
+/// Messages forwarded to the engine in one command at most.
+const INBOUND_BATCH: usize = 64;
+
+/// How reading a session's stream ended.
+enum ReadEnd {
+    /// The agent closed its side or the stream broke.
+    Closed,
+    /// The stream must end with this status.
+    Fatal(Status),
+}
+
 async fn read_session(
     engine: EngineHandle,
     agent_id: String,
@@ -204,33 +215,58 @@ async fn read_session(
     mut inbound: Streaming<pb::ConnectRequest>,
     fatal: oneshot::Sender<Status>,
 ) {
-    loop {
-        match inbound.message().await {
-            Ok(Some(pb::ConnectRequest { message: Some(message) })) => match inbound_in(message, protocol) {
-                Ok(message) => {
-                    if engine.inbound(agent_id.clone(), session_id, message).await.is_err() {
-                        let _ = fatal.send(Status::unavailable("the server is shutting down; reconnect"));
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(agent = %agent_id, error = %e, "closing stream after a protocol violation");
-                    let _ = fatal.send(to_status(e));
-                    break;
-                }
-            },
-            Ok(Some(pb::ConnectRequest { message: None })) => {
-                let _ = fatal.send(Status::invalid_argument("invalid message: a ConnectRequest must set one message"));
-                break;
-            }
-            Ok(None) => break,
-            Err(status) => {
-                tracing::debug!(agent = %agent_id, %status, "agent stream broke");
-                break;
+    let mut batch = Vec::new();
+    let end = loop {
+        // Wait for one message, then take every one already received
+        // (without waiting), so a burst costs the engine one command.
+        let mut end = read_one(&mut inbound, protocol, &agent_id, &mut batch).await;
+        while end.is_none() && batch.len() < INBOUND_BATCH {
+            match futures::FutureExt::now_or_never(read_one(&mut inbound, protocol, &agent_id, &mut batch)) {
+                Some(next) => end = next,
+                None => break,
             }
         }
+        if !batch.is_empty() && engine.inbound(agent_id.clone(), session_id, std::mem::take(&mut batch)).await.is_err()
+        {
+            break ReadEnd::Fatal(Status::unavailable("the server is shutting down; reconnect"));
+        }
+        if let Some(end) = end {
+            break end;
+        }
+    };
+    if let ReadEnd::Fatal(status) = end {
+        let _ = fatal.send(status);
     }
     engine.disconnected(agent_id, session_id).await;
+}
+
+/// Reads one message into `batch`; `Some` once the stream is over.
+async fn read_one(
+    inbound: &mut Streaming<pb::ConnectRequest>,
+    protocol: u32,
+    agent_id: &str,
+    batch: &mut Vec<AgentInbound>,
+) -> Option<ReadEnd> {
+    match inbound.message().await {
+        Ok(Some(pb::ConnectRequest { message: Some(message) })) => match inbound_in(message, protocol) {
+            Ok(message) => {
+                batch.push(message);
+                None
+            }
+            Err(e) => {
+                tracing::warn!(agent = %agent_id, error = %e, "closing stream after a protocol violation");
+                Some(ReadEnd::Fatal(to_status(e)))
+            }
+        },
+        Ok(Some(pb::ConnectRequest { message: None })) => Some(ReadEnd::Fatal(Status::invalid_argument(
+            "invalid message: a ConnectRequest must set one message",
+        ))),
+        Ok(None) => Some(ReadEnd::Closed),
+        Err(status) => {
+            tracing::debug!(agent = %agent_id, %status, "agent stream broke");
+            Some(ReadEnd::Closed)
+        }
+    }
 }
 
 #[tonic::async_trait]
