@@ -312,7 +312,7 @@ impl Engine {
                 let current = self.active.get(&job.job_id).is_some_and(|j| j.is_current(&job));
                 let ack = if current {
                     match outcome {
-                        Outcome::Succeeded => self.complete_attempt(&job, result).map(|_| ()),
+                        Outcome::Succeeded => self.complete_reported(&job, result),
                         Outcome::FailedRetryable => self.fail_reported(&job, error, true).map(|_| ()),
                         Outcome::FailedPermanent => self.fail_reported(&job, error, false).map(|_| ()),
                         Outcome::Cancelled => {

@@ -30,9 +30,9 @@ pub(crate) enum Effect {
 #[derive(Default)]
 pub(crate) struct Pending {
     pub writes: Vec<Write>,
-    /// Index in `writes` of the write of each job, to coalesce transitions
-    /// of one job within a batch into one write.
-    pub by_job: FastMap<String, usize>,
+    /// Index in `writes` of the write of each job (by its unique `seq`), to
+    /// coalesce transitions of one job within a batch into one write.
+    pub by_job: FastMap<u64, usize>,
     pub effects: Vec<Effect>,
     pub max_seq: u64,
     pub max_token: u64,
@@ -109,8 +109,9 @@ pub(crate) struct Engine {
     pub active: FastMap<String, Job>,
     /// (lease end or run deadline, job id) of every active job.
     pub deadlines: BTreeSet<(SystemTime, String)>,
-    /// Jobs per (queue, state, priority).
-    pub counts: FastMap<(String, JobState, Priority), u64>,
+    /// Jobs per queue, then per (state, priority): keyed so a transition
+    /// finds its counters by `&str`, without allocating.
+    pub counts: FastMap<String, FastMap<(JobState, Priority), u64>>,
     pub agents: FastMap<String, AgentEntry>,
     /// Live (not terminated) agents by (pool, name).
     pub agent_names: FastMap<(String, String), String>,
@@ -160,7 +161,7 @@ impl Engine {
         let next_token = store.counter(COUNTER_FENCING).await? + FENCING_GAP;
         let mut counts = FastMap::default();
         for row in store.counts().await? {
-            counts.insert((row.queue, row.state, row.priority), row.count);
+            counts.entry(row.queue).or_insert_with(FastMap::default).insert((row.state, row.priority), row.count);
         }
         let mut ready = ReadySet::default();
         for entry in store.load_queued().await? {
@@ -440,34 +441,53 @@ impl Engine {
     /// Queues the write of a job's new state (coalesced with an earlier write
     /// of the same job in this batch), updates counts and emits its event.
     pub fn persist(&mut self, job: &mut Job, previous: Option<JobState>) {
-        let now = self.clock.now();
-        job.update_time = now;
+        self.stamp(job, previous);
+        self.queue_write(Box::new(job.clone()), previous.is_none());
+    }
+
+    /// Like [`Engine::persist`] for a job the engine lets go of (it
+    /// finished): the write takes the record itself instead of a copy.
+    pub fn persist_last(&mut self, mut job: Job, previous: JobState) {
+        self.stamp(&mut job, Some(previous));
+        self.queue_write(Box::new(job), false);
+    }
+
+    fn stamp(&mut self, job: &mut Job, previous: Option<JobState>) {
+        job.update_time = self.clock.now();
         job.version += 1;
+        let per_queue = match self.counts.get_mut(job.spec.queue.as_str()) {
+            Some(per_queue) => per_queue,
+            None => self.counts.entry(job.spec.queue.clone()).or_default(),
+        };
         if let Some(prev) = previous {
-            if let Some(n) = self.counts.get_mut(&(job.spec.queue.clone(), prev, job.spec.priority)) {
+            if let Some(n) = per_queue.get_mut(&(prev, job.spec.priority)) {
                 *n = n.saturating_sub(1);
             }
         }
-        *self.counts.entry((job.spec.queue.clone(), job.state, job.spec.priority)).or_insert(0) += 1;
+        *per_queue.entry((job.state, job.spec.priority)).or_insert(0) += 1;
         self.pending.max_seq = self.pending.max_seq.max(job.seq);
         self.pending.max_token = self.pending.max_token.max(job.fencing_token);
-        match self.pending.by_job.get(&job.id) {
+        if self.events.receiver_count() > 0 {
+            self.pending.effects.push(Effect::Event(JobEvent { job: Arc::new(job.clone()), previous }));
+        }
+    }
+
+    fn queue_write(&mut self, record: Box<Job>, create: bool) {
+        match self.pending.by_job.get(&record.seq) {
             Some(&i) => match &mut self.pending.writes[i] {
-                Write::CreateJob(stored) | Write::UpdateJob { job: stored, .. } => **stored = job.clone(),
+                Write::CreateJob(stored) | Write::UpdateJob { job: stored, .. } => *stored = record,
                 _ => {}
             },
             None => {
-                let write = if previous.is_none() {
-                    Write::CreateJob(Box::new(job.clone()))
+                self.pending.by_job.insert(record.seq, self.pending.writes.len());
+                let write = if create {
+                    Write::CreateJob(record)
                 } else {
-                    Write::UpdateJob { job: Box::new(job.clone()), expected_version: job.version - 1 }
+                    let expected_version = record.version - 1;
+                    Write::UpdateJob { job: record, expected_version }
                 };
-                self.pending.by_job.insert(job.id.clone(), self.pending.writes.len());
                 self.pending.writes.push(write);
             }
-        }
-        if self.events.receiver_count() > 0 {
-            self.pending.effects.push(Effect::Event(JobEvent { job: Arc::new(job.clone()), previous }));
         }
     }
 

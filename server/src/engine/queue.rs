@@ -216,6 +216,22 @@ impl Engine {
     }
 
     pub fn complete_attempt(&mut self, r: &AttemptRef, result: Bytes) -> DomainResult<Job> {
+        let (mut job, previous) = self.succeed(r, result)?;
+        self.persist(&mut job, Some(previous));
+        Ok(job)
+    }
+
+    /// [`Engine::complete_attempt`] without a copy of the job for a reply
+    /// (the stream path).
+    pub fn complete_reported(&mut self, r: &AttemptRef, result: Bytes) -> DomainResult<()> {
+        let (job, previous) = self.succeed(r, result)?;
+        self.persist_last(job, previous);
+        Ok(())
+    }
+
+    /// Takes the current attempt's job out of the active set, succeeded;
+    /// returns it with its state before.
+    fn succeed(&mut self, r: &AttemptRef, result: Bytes) -> DomainResult<(Job, JobState)> {
         self.current(r)?;
         let Some(mut job) = self.take_active(&r.job_id) else {
             return Err(DomainError::job_not_found(&r.job_id));
@@ -226,8 +242,7 @@ impl Engine {
         job.finish_time = Some(self.clock.now());
         job.lease_expire_time = None;
         job.run_deadline = None;
-        self.persist(&mut job, Some(previous));
-        Ok(job)
+        Ok((job, previous))
     }
 
     pub fn fail_reported(&mut self, r: &AttemptRef, error: String, retryable: bool) -> DomainResult<Job> {
@@ -364,10 +379,12 @@ impl Engine {
         let now = self.clock.now();
         let mut by_state: Vec<(JobState, u64)> = JobState::ALL.iter().map(|s| (*s, 0)).collect();
         let mut by_priority: Vec<(Priority, u64)> = Priority::ALL.iter().map(|p| (*p, 0)).collect();
-        for ((q, state, priority), n) in &self.counts {
-            if queue.is_some_and(|want| want != q) {
-                continue;
-            }
+        let rows = self
+            .counts
+            .iter()
+            .filter(|(q, _)| queue.is_none_or(|want| want == q.as_str()))
+            .flat_map(|(_, per_queue)| per_queue.iter());
+        for ((state, priority), n) in rows {
             if let Some(slot) = by_state.iter_mut().find(|(s, _)| s == state) {
                 slot.1 += n;
             }
