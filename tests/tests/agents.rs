@@ -300,3 +300,34 @@ async fn protocol_v2_answers_only_refused_starts() {
     let ack = v1.next_ack().await;
     assert_eq!((ack.job.as_ref(), ack.accepted), (Some(&r2), true), "{ack:?}");
 }
+
+#[tokio::test]
+async fn a_start_refused_after_a_cancel_frees_the_slot() {
+    let dir = DataDir::new();
+    let server = manual_server(&dir).await;
+    let mut q = server.queue().await;
+    let mut agent = RawAgent::connect(&server, pb::Hello { max_protocol_version: 2, ..hello("slow-starter", 1) })
+        .await
+        .expect("connect");
+    let j1 = q.enqueue_job(job("q", "x")).await.expect("enqueue").into_inner().job.expect("job");
+    let r1 = agent.next_assignment().await.job.expect("job ref");
+    // Cancelled before the agent got to start it.
+    q.cancel_queued_job(pb::CancelQueuedJobRequest { id: j1.id.clone(), reason: "changed my mind".into() })
+        .await
+        .expect("cancel");
+    agent
+        .send(pb::connect_request::Message::AssignmentAck(pb::AssignmentAck {
+            job: Some(r1.clone()),
+            accepted: true,
+            reason: String::new(),
+            started: true,
+        }))
+        .await;
+    let ack = agent.next_ack().await;
+    assert_eq!((ack.job.as_ref(), ack.accepted), (Some(&r1), false), "{ack:?}");
+    // The agent stops the attempt and reports nothing more; its only slot
+    // is free for the next job.
+    let j2 = q.enqueue_job(job("q", "y")).await.expect("enqueue").into_inner().job.expect("job");
+    let r2 = agent.next_assignment().await.job.expect("job ref");
+    assert_eq!(r2.job_id, j2.id);
+}

@@ -271,7 +271,7 @@ impl Engine {
                         f.acked = true;
                     }
                     if started {
-                        self.started(agent_id, job);
+                        self.started(agent_id, job).await;
                     }
                     return;
                 }
@@ -291,7 +291,7 @@ impl Engine {
                     }
                 }
             }
-            AgentInbound::Started { job } => self.started(agent_id, job),
+            AgentInbound::Started { job } => self.started(agent_id, job).await,
             AgentInbound::Progress { job, percent, message } => {
                 tracing::debug!(job = %job.job_id, percent, %message, "job progress");
             }
@@ -361,18 +361,29 @@ impl Engine {
     }
 
     /// An agent reports that an attempt began running.
-    fn started(&mut self, agent_id: &str, job: AttemptRef) {
+    async fn started(&mut self, agent_id: &str, job: AttemptRef) {
         let Some(entry) = self.agents.get(agent_id) else { return };
         let answer_accepted = entry.session.as_ref().is_some_and(|s| s.answer_starts);
-        let result = if entry.in_flight.contains_key(&job.fencing_token) {
+        let held = entry.in_flight.contains_key(&job.fencing_token);
+        let result = if held {
             self.mark_running(&job)
         } else {
             Err(DomainError::FailedPrecondition("the attempt is not assigned to this agent".into()))
         };
+        let refused = result.is_err();
         // The start is still written with the batch; only its answer is
         // skipped, and nothing unanswered was promised durable.
-        if result.is_err() || answer_accepted {
-            self.ack(agent_id, job, result);
+        if refused || answer_accepted {
+            self.ack(agent_id, job.clone(), result);
+        }
+        if refused && held {
+            // The attempt ended before it started (cancelled or expired):
+            // the agent stops it on the refusal and reports nothing more,
+            // so its slot is free now.
+            if let Some(entry) = self.agents.get_mut(agent_id) {
+                entry.in_flight.remove(&job.fencing_token);
+            }
+            self.fill_agent(agent_id).await;
         }
     }
 

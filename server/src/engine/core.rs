@@ -132,7 +132,12 @@ pub(crate) struct Engine {
     /// Assignments of the current command burst, sent when the burst ends:
     /// handed over back to back, a session's stream writes them in one go
     /// instead of one socket write per assignment.
-    outbox: Vec<(mpsc::UnboundedSender<AgentPush>, AgentPush)>,
+    /// Each push names its session, so one replaced or closed during the
+    /// burst (e.g. drained and deregistered) gets nothing after its end.
+    outbox: Vec<(String, u64, AgentPush)>,
+    /// `pending.by_job` of the batch being committed: jobs whose last write
+    /// is not durable yet, which the store cannot tell about.
+    committing_jobs: FastMap<u64, usize>,
     failed: Option<String>,
 }
 
@@ -199,6 +204,7 @@ impl Engine {
             batch_no: 1,
             in_flight_effects: Vec::new(),
             outbox: Vec::new(),
+            committing_jobs: FastMap::default(),
             failed: None,
         };
         let mut after: Option<String> = None;
@@ -338,6 +344,7 @@ impl Engine {
             pending.writes.push(Write::RaiseCounter { name: COUNTER_FENCING, value: pending.max_token });
         }
         self.in_flight_effects = pending.effects;
+        self.committing_jobs = pending.by_job;
         self.batch_no += 1;
         let store = self.store.clone();
         let writes = pending.writes;
@@ -349,6 +356,7 @@ impl Engine {
         let committed = self.batch_no - 1;
         self.uncommitted_keys.retain(|_, (_, batch)| *batch > committed);
         let effects = std::mem::take(&mut self.in_flight_effects);
+        self.committing_jobs.clear();
         let result = match done {
             Ok(outcomes) => match outcomes.iter().find(|o| **o != WriteOutcome::Applied) {
                 None => Ok(()),
@@ -399,14 +407,21 @@ impl Engine {
     /// burst, without waiting for a commit.
     pub fn push_soon(&mut self, agent_id: &str, push: AgentPush) {
         if let Some(session) = self.agents.get(agent_id).and_then(|a| a.session.as_ref()) {
-            self.outbox.push((session.pushes.clone(), push));
+            self.outbox.push((agent_id.to_string(), session.id, push));
         }
     }
 
     fn flush_outbox(&mut self) {
-        for (session, push) in self.outbox.drain(..) {
-            let _ = session.send(push);
+        let outbox = std::mem::take(&mut self.outbox);
+        for (agent_id, session_id, push) in outbox {
+            self.push_now(&agent_id, session_id, push);
         }
+    }
+
+    /// Whether the job with `seq` has a write that is not durable yet: the
+    /// store still holds an older state of it.
+    pub fn write_in_flight(&self, seq: u64) -> bool {
+        self.pending.by_job.contains_key(&seq) || self.committing_jobs.contains_key(&seq)
     }
 
     /// Error for write commands once the store failed.

@@ -53,7 +53,6 @@ pub(crate) enum Command {
     Redrive { id: String, reply: Reply<Job> },
     Stats { queue: Option<String>, reply: Reply<QueueStats> },
     Connect { hello: HelloInfo, pushes: mpsc::UnboundedSender<AgentPush>, reply: Reply<WelcomeInfo> },
-    /// Messages of one session, in the order they arrived.
     Inbound { agent_id: String, session_id: u64, messages: Vec<AgentInbound> },
     Disconnected { agent_id: String, session_id: u64 },
     RegisterAgent { hello: HelloInfo, reply: Reply<(AgentView, bool)> },

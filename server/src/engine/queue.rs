@@ -332,6 +332,9 @@ impl Engine {
         } else {
             match self.store.get_job(&id).await.map_err(super::store_error)? {
                 None => return Err(DomainError::job_not_found(&id)),
+                Some(job) if self.write_in_flight(job.seq) => {
+                    return Err(DomainError::Unavailable(format!("job {id} is changing state; retry")))
+                }
                 Some(job) if job.state == JobState::DeadLettered => job,
                 Some(job) if job.state.is_terminal() => {
                     return Err(DomainError::FailedPrecondition(format!(
@@ -362,6 +365,11 @@ impl Engine {
             .await
             .map_err(super::store_error)?
             .ok_or_else(|| DomainError::job_not_found(&id))?;
+        if self.write_in_flight(job.seq) {
+            // The stored state is stale (e.g. it was redriven and finished
+            // moments ago); writing from it would undo that.
+            return Err(DomainError::Unavailable(format!("job {id} is changing state; retry")));
+        }
         if job.state != JobState::DeadLettered {
             return Err(DomainError::FailedPrecondition(format!("job {id} is {:?}, not dead-lettered", job.state)));
         }

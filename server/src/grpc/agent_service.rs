@@ -258,9 +258,9 @@ async fn read_one(
                 Some(ReadEnd::Fatal(to_status(e)))
             }
         },
-        Ok(Some(pb::ConnectRequest { message: None })) => Some(ReadEnd::Fatal(Status::invalid_argument(
-            "invalid message: a ConnectRequest must set one message",
-        ))),
+        Ok(Some(pb::ConnectRequest { message: None })) => {
+            Some(ReadEnd::Fatal(Status::invalid_argument("invalid message: a ConnectRequest must set one message")))
+        }
         Ok(None) => Some(ReadEnd::Closed),
         Err(status) => {
             tracing::debug!(agent = %agent_id, %status, "agent stream broke");

@@ -402,9 +402,17 @@ impl Tables<'_> {
         }
     }
 
+    /// A queued job's index entry carries what start-up needs to rebuild
+    /// the ready set without reading the job; any other state's carries
+    /// just the job id (see [`index_id`]).
     fn index(&mut self, job: &Job) -> StoreResult<()> {
-        encode_into(&mut self.entry_buf, &QueuedEntry::of(job))?;
-        self.state_index.insert((job.state.code(), job.seq), self.entry_buf.as_slice()).map_err(io_err)?;
+        let value = if job.state == JobState::Queued {
+            encode_into(&mut self.entry_buf, &QueuedEntry::of(job))?;
+            self.entry_buf.as_slice()
+        } else {
+            job.id.as_bytes()
+        };
+        self.state_index.insert((job.state.code(), job.seq), value).map_err(io_err)?;
         Ok(())
     }
 
@@ -464,6 +472,18 @@ impl Tables<'_> {
         self.cache.record(job);
         Ok(WriteOutcome::Applied)
     }
+}
+
+/// The job id of a state-index entry: an encoded [`QueuedEntry`] (starts
+/// with the format byte; every entry written before this layout) or the bare
+/// id (job ids are UUID strings, which never start with that byte).
+fn index_id(value: &[u8]) -> StoreResult<String> {
+    if value.first() == Some(&FORMAT_V1) {
+        return decode::<QueuedEntry>(value).map(|entry| entry.id);
+    }
+    std::str::from_utf8(value)
+        .map(str::to_string)
+        .map_err(|_| StoreError::Corrupt("state index entry is neither a queued entry nor a job id".into()))
 }
 
 fn read_job(jobs: &impl ReadableTable<&'static str, &'static [u8]>, id: &str) -> StoreResult<Option<Job>> {
@@ -538,17 +558,15 @@ impl Store for EmbeddedStore {
                 }
                 let Some((i, seq)) = best else { break };
                 let Some(Ok((_, value))) = ranges[i].next() else { break };
-                let entry: QueuedEntry = decode(value.value())?;
-                if filter.queue.as_ref().is_some_and(|q| *q != entry.queue) {
+                let Some(job) = read_job(&jobs, &index_id(value.value())?)? else { continue };
+                if filter.queue.as_ref().is_some_and(|q| *q != job.spec.queue) {
                     continue;
                 }
                 if items.len() == limit {
                     return Ok(Page { items, next: last_seq });
                 }
-                if let Some(job) = read_job(&jobs, &entry.id)? {
-                    items.push(job);
-                    last_seq = Some(seq);
-                }
+                items.push(job);
+                last_seq = Some(seq);
             }
             Ok(Page { items, next: None })
         })
@@ -572,17 +590,15 @@ impl Store for EmbeddedStore {
             let mut last_seq = None;
             for row in index.range((code, start)..=(code, u64::MAX)).map_err(io_err)? {
                 let (key, value) = row.map_err(io_err)?;
-                let entry: QueuedEntry = decode(value.value())?;
-                if queue.as_ref().is_some_and(|q| *q != entry.queue) {
+                let Some(job) = read_job(&jobs, &index_id(value.value())?)? else { continue };
+                if queue.as_ref().is_some_and(|q| *q != job.spec.queue) {
                     continue;
                 }
                 if items.len() == limit {
                     return Ok(Page { items, next: last_seq });
                 }
-                if let Some(job) = read_job(&jobs, &entry.id)? {
-                    items.push(job);
-                    last_seq = Some(key.value().1);
-                }
+                items.push(job);
+                last_seq = Some(key.value().1);
             }
             Ok(Page { items, next: None })
         })
@@ -614,10 +630,10 @@ impl Store for EmbeddedStore {
                 let code = state.code();
                 for row in index.range((code, 0)..=(code, u64::MAX)).map_err(io_err)? {
                     let (_, value) = row.map_err(io_err)?;
-                    let entry: QueuedEntry = decode(value.value())?;
-                    match read_job(&jobs, &entry.id)? {
+                    let id = index_id(value.value())?;
+                    match read_job(&jobs, &id)? {
                         Some(job) => out.push(job),
-                        None => return Err(StoreError::Corrupt(format!("index names missing job {}", entry.id))),
+                        None => return Err(StoreError::Corrupt(format!("index names missing job {id}"))),
                     }
                 }
             }
@@ -773,6 +789,15 @@ mod tests {
         let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("reopen");
         assert_eq!(store.get_job("a").await.expect("get").map(|j| j.spec.queue), Some("q".into()));
         assert!(store.find_by_idempotency_key("q", "key").await.expect("find").is_some());
+    }
+
+    #[test]
+    fn index_entries_of_both_layouts_name_their_job() {
+        let job = conformance::job("0190-job", 7, "q", None);
+        let queued = encode(&QueuedEntry::of(&job)).expect("encode");
+        assert_eq!(index_id(&queued).expect("queued entry"), "0190-job");
+        assert_eq!(index_id(b"0190-job").expect("bare id"), "0190-job");
+        assert!(matches!(index_id(&[0xff, 0xfe]), Err(StoreError::Corrupt(_))));
     }
 
     #[tokio::test]
