@@ -1,0 +1,155 @@
+//! Operations that read a job from the store while a newer state of it is
+//! still waiting for its commit must not write over that newer state.
+//!
+//! A store whose commits can be held makes the window deterministic.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tether_server::clock::ManualClock;
+use tether_server::domain::{Agent, AttemptRef, DomainError, Job, JobSpec, JobState, Pool, Priority, Routing};
+use tether_server::engine::{ClaimRequest, EngineConfig, EngineHandle};
+use tether_server::store::embedded::{EmbeddedOptions, EmbeddedStore};
+use tether_server::store::{
+    AgentFilter, CountRow, JobFilter, LogChunk, Page, QueuedEntry, Store, StoreResult, Write, WriteOutcome,
+};
+use tokio::sync::Semaphore;
+
+/// Upper bound for any single wait; a test that hits it failed.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The embedded store, with commits that wait while the gate is closed.
+struct GatedStore {
+    inner: EmbeddedStore,
+    gate: Arc<Semaphore>,
+}
+
+impl GatedStore {
+    fn close(&self) {
+        self.gate.forget_permits(usize::MAX >> 4);
+    }
+
+    fn open(&self) {
+        self.gate.add_permits(1 << 20);
+    }
+}
+
+#[async_trait]
+impl Store for GatedStore {
+    async fn write(&self, batch: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
+        drop(self.gate.acquire().await);
+        self.inner.write(batch).await
+    }
+    async fn get_job(&self, id: &str) -> StoreResult<Option<Job>> {
+        self.inner.get_job(id).await
+    }
+    async fn find_by_idempotency_key(&self, queue: &str, key: &str) -> StoreResult<Option<Job>> {
+        self.inner.find_by_idempotency_key(queue, key).await
+    }
+    async fn list_jobs(&self, filter: &JobFilter, before_seq: Option<u64>, limit: usize) -> StoreResult<Page<Job>> {
+        self.inner.list_jobs(filter, before_seq, limit).await
+    }
+    async fn list_dead_letters(
+        &self,
+        queue: Option<&str>,
+        after_seq: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Page<Job>> {
+        self.inner.list_dead_letters(queue, after_seq, limit).await
+    }
+    async fn load_queued(&self) -> StoreResult<Vec<QueuedEntry>> {
+        self.inner.load_queued().await
+    }
+    async fn load_active(&self) -> StoreResult<Vec<Job>> {
+        self.inner.load_active().await
+    }
+    async fn counts(&self) -> StoreResult<Vec<CountRow>> {
+        self.inner.counts().await
+    }
+    async fn logs(&self, job_id: &str, attempt: u32) -> StoreResult<Vec<LogChunk>> {
+        self.inner.logs(job_id, attempt).await
+    }
+    async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>> {
+        self.inner.get_agent(id).await
+    }
+    async fn find_agent_by_name(&self, pool: &str, name: &str) -> StoreResult<Option<Agent>> {
+        self.inner.find_agent_by_name(pool, name).await
+    }
+    async fn list_agents(&self, filter: &AgentFilter, after_id: Option<&str>, limit: usize) -> StoreResult<Vec<Agent>> {
+        self.inner.list_agents(filter, after_id, limit).await
+    }
+    async fn list_pools(&self) -> StoreResult<Vec<Pool>> {
+        self.inner.list_pools().await
+    }
+    async fn counter(&self, name: &'static str) -> StoreResult<u64> {
+        self.inner.counter(name).await
+    }
+}
+
+fn spec() -> JobSpec {
+    JobSpec {
+        queue: "q".into(),
+        payload: Bytes::from_static(b"x"),
+        priority: Priority::Normal,
+        routing: Routing { pool: "default".into(), required_labels: Default::default() },
+        max_attempts: 1,
+        lease_duration: Duration::from_secs(3600),
+        timeout: None,
+        idempotency_key: None,
+        not_before: None,
+    }
+}
+
+/// Polls `fut` once, so its command is queued to the engine (commands are
+/// handled in the order they are sent), and keeps it for its reply later.
+async fn send<F: Future + Unpin>(mut fut: F) -> F {
+    std::future::poll_fn(|cx: &mut Context<'_>| {
+        assert!(Pin::new(&mut fut).poll(cx).is_pending(), "the reply should wait for the held commit");
+        Poll::Ready(())
+    })
+    .await;
+    fut
+}
+
+#[tokio::test]
+async fn a_redrive_does_not_write_over_a_newer_uncommitted_state() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(GatedStore {
+        inner: EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open store"),
+        gate: Arc::new(Semaphore::new(1 << 20)),
+    });
+    let clock = ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+    let (engine, _task) =
+        EngineHandle::start(store.clone() as Arc<dyn Store>, Arc::new(clock), EngineConfig::default())
+            .await
+            .expect("start");
+
+    // A dead-lettered job, committed.
+    let job = engine.enqueue(vec![spec()]).await.expect("enqueue").remove(0).0;
+    let claim = ClaimRequest { worker_id: "w".into(), queue: None, pool: "default".into(), labels: Default::default() };
+    let claimed = engine.claim(claim).await.expect("claim").expect("a job");
+    let r = AttemptRef { job_id: job.id.clone(), attempt: claimed.attempt, fencing_token: claimed.fencing_token };
+    let dead = engine.fail(r, "boom".into(), true).await.expect("fail");
+    assert_eq!(dead.state, JobState::DeadLettered);
+
+    // With commits held: redrive it, then cancel it. The job is now
+    // CANCELLED in memory, the store still says DEAD_LETTERED.
+    store.close();
+    let redriven = send(Box::pin(engine.redrive(job.id.clone()))).await;
+    let cancelled = send(Box::pin(engine.cancel(job.id.clone(), "no".into()))).await;
+    // A second redrive must not requeue it from the stale stored state.
+    let again = tokio::time::timeout(WAIT, engine.redrive(job.id.clone())).await.expect("an answer");
+    assert!(matches!(again, Err(DomainError::Unavailable(_))), "{again:?}");
+
+    store.open();
+    tokio::time::timeout(WAIT, redriven).await.expect("redrive answered").expect("redrive");
+    let cancelled = tokio::time::timeout(WAIT, cancelled).await.expect("cancel answered").expect("cancel");
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    let stored = store.get_job(&job.id).await.expect("get").expect("stored");
+    assert_eq!(stored.state, JobState::Cancelled, "the cancellation stands");
+}
