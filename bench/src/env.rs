@@ -15,13 +15,14 @@ use tether_server::clock::{Clock, SystemClock};
 use tether_server::engine::EngineConfig;
 use tether_server::server::{serve, ServerParts};
 use tether_server::store::embedded::{EmbeddedOptions, EmbeddedStore, SyncMode};
+use tether_server::store::hooked::HookedStore;
 use tether_server::store::Store;
 use tokio::runtime::Runtime;
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::probe::{ns_histogram, ProbeStore, StoreCounters};
+use crate::probe::{ns_histogram, CommitProbe, StoreCounters};
 
 /// The queue every benchmark job goes to.
 pub const QUEUE: &str = "bench";
@@ -150,7 +151,7 @@ impl Env {
         let counters = Arc::new(StoreCounters::default());
         *counters.commit_ns.lock().unwrap_or_else(|e| e.into_inner()) = Some(ns_histogram());
         let store: Arc<dyn Store> = if config.probe_store {
-            Arc::new(ProbeStore { inner: embedded, counters: counters.clone() })
+            Arc::new(HookedStore { inner: embedded, hook: CommitProbe { counters: counters.clone() } })
         } else {
             Arc::new(embedded)
         };

@@ -12,10 +12,8 @@ use std::time::Instant;
 use anyhow::Context as _;
 use async_trait::async_trait;
 use hdrhistogram::Histogram;
-use tether_server::domain::{Agent, Job, Pool};
-use tether_server::store::{
-    AgentFilter, CountRow, JobFilter, LogChunk, Page, QueuedEntry, Store, StoreResult, Write, WriteOutcome,
-};
+use tether_server::store::hooked::WriteHook;
+use tether_server::store::{Store, StoreResult, Write, WriteOutcome};
 
 /// A histogram of durations in nanoseconds, 1 ns to 100 s, 3 significant
 /// digits.
@@ -72,19 +70,20 @@ impl StoreSnapshot {
     }
 }
 
-/// A store that forwards every call to `inner` and counts the writes.
-pub struct ProbeStore<S> {
-    pub inner: S,
+/// Counts and times every commit of a [`HookedStore`].
+///
+/// [`HookedStore`]: tether_server::store::hooked::HookedStore
+pub struct CommitProbe {
     pub counters: Arc<StoreCounters>,
 }
 
 #[async_trait]
-impl<S: Store> Store for ProbeStore<S> {
-    async fn write(&self, batch: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
+impl WriteHook for CommitProbe {
+    async fn write(&self, inner: &dyn Store, batch: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
         let jobs = batch.iter().filter(|w| matches!(w, Write::CreateJob(_) | Write::UpdateJob { .. })).count();
         let n = batch.len();
         let start = Instant::now();
-        let result = self.inner.write(batch).await;
+        let result = inner.write(batch).await;
         let took = start.elapsed().as_nanos() as u64;
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
         self.counters.writes.fetch_add(n as u64, Ordering::Relaxed);
@@ -93,63 +92,6 @@ impl<S: Store> Store for ProbeStore<S> {
             h.saturating_record(took.max(1));
         }
         result
-    }
-
-    async fn get_job(&self, id: &str) -> StoreResult<Option<Job>> {
-        self.inner.get_job(id).await
-    }
-
-    async fn find_by_idempotency_key(&self, queue: &str, key: &str) -> StoreResult<Option<Job>> {
-        self.inner.find_by_idempotency_key(queue, key).await
-    }
-
-    async fn list_jobs(&self, filter: &JobFilter, before_seq: Option<u64>, limit: usize) -> StoreResult<Page<Job>> {
-        self.inner.list_jobs(filter, before_seq, limit).await
-    }
-
-    async fn list_dead_letters(
-        &self,
-        queue: Option<&str>,
-        after_seq: Option<u64>,
-        limit: usize,
-    ) -> StoreResult<Page<Job>> {
-        self.inner.list_dead_letters(queue, after_seq, limit).await
-    }
-
-    async fn load_queued(&self) -> StoreResult<Vec<QueuedEntry>> {
-        self.inner.load_queued().await
-    }
-
-    async fn load_active(&self) -> StoreResult<Vec<Job>> {
-        self.inner.load_active().await
-    }
-
-    async fn counts(&self) -> StoreResult<Vec<CountRow>> {
-        self.inner.counts().await
-    }
-
-    async fn logs(&self, job_id: &str, attempt: u32) -> StoreResult<Vec<LogChunk>> {
-        self.inner.logs(job_id, attempt).await
-    }
-
-    async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>> {
-        self.inner.get_agent(id).await
-    }
-
-    async fn find_agent_by_name(&self, pool: &str, name: &str) -> StoreResult<Option<Agent>> {
-        self.inner.find_agent_by_name(pool, name).await
-    }
-
-    async fn list_agents(&self, filter: &AgentFilter, after_id: Option<&str>, limit: usize) -> StoreResult<Vec<Agent>> {
-        self.inner.list_agents(filter, after_id, limit).await
-    }
-
-    async fn list_pools(&self) -> StoreResult<Vec<Pool>> {
-        self.inner.list_pools().await
-    }
-
-    async fn counter(&self, name: &'static str) -> StoreResult<u64> {
-        self.inner.counter(name).await
     }
 }
 

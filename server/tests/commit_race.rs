@@ -12,82 +12,35 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 use tether_server::clock::ManualClock;
-use tether_server::domain::{Agent, AttemptRef, DomainError, Job, JobSpec, JobState, Pool, Priority, Routing};
+use tether_server::domain::{AttemptRef, DomainError, JobSpec, JobState, Priority, Routing};
 use tether_server::engine::{ClaimRequest, EngineConfig, EngineHandle};
 use tether_server::store::embedded::{EmbeddedOptions, EmbeddedStore};
-use tether_server::store::{
-    AgentFilter, CountRow, JobFilter, LogChunk, Page, QueuedEntry, Store, StoreResult, Write, WriteOutcome,
-};
+use tether_server::store::hooked::{HookedStore, WriteHook};
+use tether_server::store::{Store, StoreResult, Write, WriteOutcome};
 use tokio::sync::Semaphore;
 
 /// Upper bound for any single wait; a test that hits it failed.
 const WAIT: Duration = Duration::from_secs(30);
 
-/// The embedded store, with commits that wait while the gate is closed.
-struct GatedStore {
-    inner: EmbeddedStore,
-    gate: Arc<Semaphore>,
-}
+/// Holds commits while closed.
+#[derive(Clone)]
+struct Gate(Arc<Semaphore>);
 
-impl GatedStore {
+impl Gate {
     fn close(&self) {
-        self.gate.forget_permits(usize::MAX >> 4);
+        self.0.forget_permits(usize::MAX >> 4);
     }
 
     fn open(&self) {
-        self.gate.add_permits(1 << 20);
+        self.0.add_permits(1 << 20);
     }
 }
 
 #[async_trait]
-impl Store for GatedStore {
-    async fn write(&self, batch: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
-        drop(self.gate.acquire().await);
-        self.inner.write(batch).await
-    }
-    async fn get_job(&self, id: &str) -> StoreResult<Option<Job>> {
-        self.inner.get_job(id).await
-    }
-    async fn find_by_idempotency_key(&self, queue: &str, key: &str) -> StoreResult<Option<Job>> {
-        self.inner.find_by_idempotency_key(queue, key).await
-    }
-    async fn list_jobs(&self, filter: &JobFilter, before_seq: Option<u64>, limit: usize) -> StoreResult<Page<Job>> {
-        self.inner.list_jobs(filter, before_seq, limit).await
-    }
-    async fn list_dead_letters(
-        &self,
-        queue: Option<&str>,
-        after_seq: Option<u64>,
-        limit: usize,
-    ) -> StoreResult<Page<Job>> {
-        self.inner.list_dead_letters(queue, after_seq, limit).await
-    }
-    async fn load_queued(&self) -> StoreResult<Vec<QueuedEntry>> {
-        self.inner.load_queued().await
-    }
-    async fn load_active(&self) -> StoreResult<Vec<Job>> {
-        self.inner.load_active().await
-    }
-    async fn counts(&self) -> StoreResult<Vec<CountRow>> {
-        self.inner.counts().await
-    }
-    async fn logs(&self, job_id: &str, attempt: u32) -> StoreResult<Vec<LogChunk>> {
-        self.inner.logs(job_id, attempt).await
-    }
-    async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>> {
-        self.inner.get_agent(id).await
-    }
-    async fn find_agent_by_name(&self, pool: &str, name: &str) -> StoreResult<Option<Agent>> {
-        self.inner.find_agent_by_name(pool, name).await
-    }
-    async fn list_agents(&self, filter: &AgentFilter, after_id: Option<&str>, limit: usize) -> StoreResult<Vec<Agent>> {
-        self.inner.list_agents(filter, after_id, limit).await
-    }
-    async fn list_pools(&self) -> StoreResult<Vec<Pool>> {
-        self.inner.list_pools().await
-    }
-    async fn counter(&self, name: &'static str) -> StoreResult<u64> {
-        self.inner.counter(name).await
+impl WriteHook for Gate {
+    async fn write(&self, inner: &dyn Store, batch: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
+        drop(self.0.acquire().await);
+        inner.write(batch).await
     }
 }
 
@@ -119,9 +72,10 @@ async fn send<F: Future + Unpin>(mut fut: F) -> F {
 #[tokio::test]
 async fn a_redrive_does_not_write_over_a_newer_uncommitted_state() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Arc::new(GatedStore {
+    let gate = Gate(Arc::new(Semaphore::new(1 << 20)));
+    let store = Arc::new(HookedStore {
         inner: EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open store"),
-        gate: Arc::new(Semaphore::new(1 << 20)),
+        hook: gate.clone(),
     });
     let clock = ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
     let (engine, _task) =
@@ -139,14 +93,14 @@ async fn a_redrive_does_not_write_over_a_newer_uncommitted_state() {
 
     // With commits held: redrive it, then cancel it. The job is now
     // CANCELLED in memory, the store still says DEAD_LETTERED.
-    store.close();
+    gate.close();
     let redriven = send(Box::pin(engine.redrive(job.id.clone()))).await;
     let cancelled = send(Box::pin(engine.cancel(job.id.clone(), "no".into()))).await;
     // A second redrive must not requeue it from the stale stored state.
     let again = tokio::time::timeout(WAIT, engine.redrive(job.id.clone())).await.expect("an answer");
     assert!(matches!(again, Err(DomainError::Unavailable(_))), "{again:?}");
 
-    store.open();
+    gate.open();
     tokio::time::timeout(WAIT, redriven).await.expect("redrive answered").expect("redrive");
     let cancelled = tokio::time::timeout(WAIT, cancelled).await.expect("cancel answered").expect("cancel");
     assert_eq!(cancelled.state, JobState::Cancelled);

@@ -19,6 +19,7 @@ use crate::domain::{Agent, Job, JobState, Pool, Priority, Routing};
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod embedded;
+pub mod hooked;
 
 /// A storage failure. Conflicts are not errors: they are outcomes.
 #[derive(Debug, Clone, thiserror::Error)]
