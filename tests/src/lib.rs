@@ -87,6 +87,12 @@ impl TestServer {
         Self::start_at(dir.path().to_path_buf(), options).await
     }
 
+    /// [`TestServer::start`] with a manual clock at [`epoch`] and the test
+    /// engine settings.
+    pub async fn start_manual(dir: &DataDir) -> TestServer {
+        Self::start(dir, Options { clock: Some(ManualClock::new(epoch())), engine: None }).await
+    }
+
     pub async fn start_at(dir: PathBuf, options: Options) -> TestServer {
         Self::start_with(dir, options, Extras::default()).await
     }
@@ -251,6 +257,17 @@ impl RawAgent {
                 return a;
             }
         }
+    }
+
+    /// Accepts and starts an assignment in one message (protocol version 2).
+    pub async fn accept_started(&self, job: &pb::JobRef) {
+        self.send(pb::connect_request::Message::AssignmentAck(pb::AssignmentAck {
+            job: Some(job.clone()),
+            accepted: true,
+            reason: String::new(),
+            started: true,
+        }))
+        .await;
     }
 
     pub async fn accept_and_start(&self, job: &pb::JobRef) {

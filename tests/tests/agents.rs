@@ -10,9 +10,8 @@ use tether::v1 as pb;
 use tether::v1::connect_response::Message as Down;
 use tether_agent_sdk::shell::ShellHandler;
 use tether_agent_sdk::{Agent, AgentConfig, JobContext, JobResult};
-use tether_server::clock::ManualClock;
 use tether_tests::{
-    agent_connected, epoch, hello, job, state, wait_for_event, wait_until, DataDir, Options, RawAgent, TestServer, WAIT,
+    agent_connected, hello, job, state, wait_for_event, wait_until, DataDir, Options, RawAgent, TestServer, WAIT,
 };
 use tokio::sync::{mpsc, Notify};
 
@@ -135,14 +134,10 @@ async fn drain_finishes_running_jobs_and_takes_no_new_ones() {
     assert_eq!(state(&still), pb::QueuedJobState::Queued);
 }
 
-async fn manual_server(dir: &DataDir) -> TestServer {
-    TestServer::start(dir, Options { clock: Some(ManualClock::new(epoch())), engine: None }).await
-}
-
 #[tokio::test]
 async fn a_killed_agents_job_is_requeued_and_its_late_result_refused() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     let mut watch = q.watch_queue(pb::WatchQueueRequest::default()).await.expect("watch").into_inner();
     let mut doomed = RawAgent::connect(&server, hello("doomed", 1)).await.expect("connect");
@@ -182,7 +177,7 @@ async fn a_killed_agents_job_is_requeued_and_its_late_result_refused() {
 #[tokio::test]
 async fn a_reconnect_within_grace_resumes_without_a_rerun() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     let mut watch = q.watch_queue(pb::WatchQueueRequest::default()).await.expect("watch").into_inner();
     let mut agent = RawAgent::connect(&server, hello("flaky-net", 1)).await.expect("connect");
@@ -231,7 +226,7 @@ async fn a_reconnect_within_grace_resumes_without_a_rerun() {
 #[tokio::test]
 async fn the_report_owed_after_a_cancel_is_acknowledged() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     let mut agent = RawAgent::connect(&server, hello("obedient", 1)).await.expect("connect");
     let j = q.enqueue_job(job("q", "x")).await.expect("enqueue").into_inner().job.expect("job");
@@ -254,7 +249,7 @@ async fn the_report_owed_after_a_cancel_is_acknowledged() {
 #[tokio::test]
 async fn protocol_v2_answers_only_refused_starts() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     let mut watch = q.watch_queue(pb::WatchQueueRequest::default()).await.expect("watch").into_inner();
     let mut agent =
@@ -264,14 +259,7 @@ async fn protocol_v2_answers_only_refused_starts() {
     // The start rides on the AssignmentAck and is not answered; the result is.
     let j = q.enqueue_job(job("q", "x")).await.expect("enqueue").into_inner().job.expect("job");
     let r = agent.next_assignment().await.job.expect("job ref");
-    agent
-        .send(pb::connect_request::Message::AssignmentAck(pb::AssignmentAck {
-            job: Some(r.clone()),
-            accepted: true,
-            reason: String::new(),
-            started: true,
-        }))
-        .await;
+    agent.accept_started(&r).await;
     wait_for_event(&mut watch, |e| e.id == j.id && state(e) == pb::QueuedJobState::Running).await;
     agent.finish(&r, pb::JobOutcome::Succeeded, "ok").await;
     match agent.next().await {
@@ -304,7 +292,7 @@ async fn protocol_v2_answers_only_refused_starts() {
 #[tokio::test]
 async fn a_start_refused_after_a_cancel_frees_the_slot() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     let mut agent = RawAgent::connect(&server, pb::Hello { max_protocol_version: 2, ..hello("slow-starter", 1) })
         .await
@@ -315,14 +303,7 @@ async fn a_start_refused_after_a_cancel_frees_the_slot() {
     q.cancel_queued_job(pb::CancelQueuedJobRequest { id: j1.id.clone(), reason: "changed my mind".into() })
         .await
         .expect("cancel");
-    agent
-        .send(pb::connect_request::Message::AssignmentAck(pb::AssignmentAck {
-            job: Some(r1.clone()),
-            accepted: true,
-            reason: String::new(),
-            started: true,
-        }))
-        .await;
+    agent.accept_started(&r1).await;
     let ack = agent.next_ack().await;
     assert_eq!((ack.job.as_ref(), ack.accepted), (Some(&r1), false), "{ack:?}");
     // The agent stops the attempt and reports nothing more; its only slot

@@ -6,8 +6,7 @@ use std::time::Duration;
 use tether::v1 as pb;
 use tether::v1::agent_service_client::AgentServiceClient;
 use tether::v1::connect_request::Message as Up;
-use tether_server::clock::ManualClock;
-use tether_tests::{epoch, hello, job, wait_until, DataDir, Options, RawAgent, TestServer};
+use tether_tests::{epoch, hello, job, wait_until, DataDir, RawAgent, TestServer};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -15,10 +14,6 @@ use tonic::Code;
 // missed 750 ms after the last one, and every 500 ms after that.
 const FIRST_MISS: Duration = Duration::from_millis(800);
 const NEXT_MISS: Duration = Duration::from_millis(500);
-
-async fn manual_server(dir: &DataDir) -> TestServer {
-    TestServer::start(dir, Options { clock: Some(ManualClock::new(epoch())), engine: None }).await
-}
 
 async fn get(agents: &mut AgentServiceClient<Channel>, id: &str) -> pb::Agent {
     agents.get_agent(pb::GetAgentRequest { id: id.into() }).await.expect("get agent").into_inner().agent.expect("agent")
@@ -57,7 +52,7 @@ async fn heartbeat(agent: &RawAgent, memory_share: f64) {
 #[tokio::test]
 async fn health_follows_heartbeats_pressure_and_the_stream() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let agent = RawAgent::connect(&server, hello("h1", 1)).await.expect("connect");
     let id = agent.agent_id.clone();
     assert_eq!(health_of(&server, &id).await, pb::AgentHealth::Registering);
@@ -97,7 +92,7 @@ async fn health_follows_heartbeats_pressure_and_the_stream() {
 #[tokio::test]
 async fn unhealthy_and_cordoned_agents_get_nothing() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut agents = server.agents().await;
     let mut healthy = RawAgent::connect(&server, hello("healthy", 4)).await.expect("connect");
     let silent = RawAgent::connect(&server, hello("silent", 4)).await.expect("connect");
@@ -169,7 +164,7 @@ async fn unhealthy_and_cordoned_agents_get_nothing() {
 #[tokio::test]
 async fn degraded_agents_get_work_only_when_no_healthy_one_matches() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut agents = server.agents().await;
     let mut healthy = RawAgent::connect(&server, hello("plain", 1)).await.expect("connect");
     let gpu_hello = pb::Hello { labels: [("gpu".into(), "yes".into())].into(), ..hello("gpu", 8) };
@@ -201,7 +196,7 @@ async fn degraded_agents_get_work_only_when_no_healthy_one_matches() {
 #[tokio::test]
 async fn unary_heartbeats_keep_leases() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut agents = server.agents().await;
     let registered = agents
         .register_agent(pb::RegisterAgentRequest {
@@ -278,7 +273,7 @@ async fn unary_heartbeats_keep_leases() {
 #[tokio::test]
 async fn metrics_history_is_bounded() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let agent = RawAgent::connect(&server, hello("chatty", 1)).await.expect("connect");
     for i in 0..70 {
         heartbeat(&agent, f64::from(i) / 100.0).await;
@@ -296,7 +291,7 @@ async fn metrics_history_is_bounded() {
 #[tokio::test]
 async fn pools_crud_and_scaling_signals() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut agents = server.agents().await;
     let pool = |name: &str, min: u32, max: u32| pb::AgentPool {
         name: name.into(),
@@ -412,7 +407,7 @@ async fn pools_crud_and_scaling_signals() {
 #[tokio::test]
 async fn bad_agent_input_gets_precise_statuses() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut agents = server.agents().await;
     let zero = agents
         .register_agent(pb::RegisterAgentRequest { name: "a".into(), slots: 0, ..Default::default() })

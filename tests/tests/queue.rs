@@ -7,14 +7,9 @@ use std::time::Duration;
 use tether::time::{to_duration, to_timestamp};
 use tether::v1 as pb;
 use tether::v1::queue_service_client::QueueServiceClient;
-use tether_tests::{epoch, job, state, wait_for_event, DataDir, Options, TestServer};
+use tether_tests::{epoch, job, state, wait_for_event, DataDir, TestServer};
 use tonic::transport::Channel;
 use tonic::Code;
-
-async fn manual_server(dir: &DataDir) -> TestServer {
-    let clock = tether_server::clock::ManualClock::new(epoch());
-    TestServer::start(dir, Options { clock: Some(clock), engine: None }).await
-}
 
 async fn enqueue(q: &mut QueueServiceClient<Channel>, req: pb::EnqueueJobRequest) -> pb::QueuedJob {
     q.enqueue_job(req).await.expect("enqueue").into_inner().job.expect("job")
@@ -43,7 +38,7 @@ fn payload(job: &pb::QueuedJob) -> String {
 #[tokio::test]
 async fn claims_follow_priority_then_fifo() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     use pb::Priority::*;
     for (name, p) in
@@ -61,7 +56,7 @@ async fn claims_follow_priority_then_fifo() {
 #[tokio::test]
 async fn labels_and_pools_route_jobs() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     let gpu = pb::EnqueueJobRequest {
         routing: Some(pb::Routing { pool: String::new(), required_labels: [("gpu".into(), "a100".into())].into() }),
@@ -100,7 +95,7 @@ async fn labels_and_pools_route_jobs() {
 #[tokio::test]
 async fn stale_fencing_tokens_are_refused() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     enqueue(&mut q, job("q", "x")).await;
     let j = claim(&mut q, &[]).await.expect("claimed");
@@ -170,7 +165,7 @@ async fn stale_fencing_tokens_are_refused() {
 #[tokio::test]
 async fn retries_back_off_then_dead_letter_and_redrive() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     let created = enqueue(&mut q, pb::EnqueueJobRequest { max_attempts: 2, ..job("q", "flaky") }).await;
     for attempt in 1..=2 {
@@ -226,7 +221,7 @@ async fn retries_back_off_then_dead_letter_and_redrive() {
 #[tokio::test]
 async fn permanent_failures_do_not_retry() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     enqueue(&mut q, job("q", "bad")).await;
     let j = claim(&mut q, &[]).await.expect("claimed");
@@ -249,7 +244,7 @@ async fn permanent_failures_do_not_retry() {
 #[tokio::test]
 async fn expired_leases_requeue_with_the_next_attempt() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     let mut watch = q.watch_queue(pb::WatchQueueRequest::default()).await.expect("watch").into_inner();
     let req = pb::EnqueueJobRequest { lease_duration: Some(to_duration(Duration::from_secs(5))), ..job("q", "x") };
@@ -279,7 +274,7 @@ async fn expired_leases_requeue_with_the_next_attempt() {
 #[tokio::test]
 async fn timeouts_end_attempts() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     let mut watch = q
         .watch_queue(pb::WatchQueueRequest { queue: "q".into(), ..Default::default() })
@@ -303,7 +298,7 @@ async fn timeouts_end_attempts() {
 #[tokio::test]
 async fn not_before_delays_dispatch() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     let req = pb::EnqueueJobRequest {
         not_before: Some(to_timestamp(epoch() + Duration::from_secs(60))),
@@ -320,7 +315,7 @@ async fn not_before_delays_dispatch() {
 #[tokio::test]
 async fn cancel_queued_jobs() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     let j = enqueue(&mut q, job("q", "x")).await;
     let cancelled = q
@@ -347,7 +342,7 @@ async fn cancel_queued_jobs() {
 #[tokio::test]
 async fn idempotency_keys_deduplicate() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     let req = pb::EnqueueJobRequest { idempotency_key: "build-42".into(), ..job("q", "same") };
     let first = q.enqueue_job(req.clone()).await.expect("first").into_inner();
@@ -379,7 +374,7 @@ async fn idempotency_keys_deduplicate() {
 #[tokio::test]
 async fn stats_and_listing() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     let requests = (0..25)
         .map(|i| with_priority(&format!("j{i}"), if i < 5 { pb::Priority::High } else { pb::Priority::Low }))
@@ -419,7 +414,7 @@ async fn stats_and_listing() {
 #[tokio::test]
 async fn bad_input_gets_precise_statuses() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     let unknown_enum = q.enqueue_job(pb::EnqueueJobRequest { priority: 99, ..job("q", "x") }).await.expect_err("enum");
     assert_eq!(unknown_enum.code(), Code::InvalidArgument);
@@ -475,7 +470,7 @@ async fn bad_input_gets_precise_statuses() {
 #[tokio::test]
 async fn watch_streams_state_changes() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     let mut watch = q
         .watch_queue(pb::WatchQueueRequest { queue: "w".into(), states: vec![pb::QueuedJobState::Succeeded as i32] })
@@ -506,7 +501,7 @@ async fn watch_streams_state_changes() {
 #[tokio::test]
 async fn fencing_tokens_are_never_reused_across_restarts() {
     let dir = DataDir::new();
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     enqueue(&mut q, job("q", "before")).await;
     enqueue(&mut q, job("q", "after")).await;
@@ -514,7 +509,7 @@ async fn fencing_tokens_are_never_reused_across_restarts() {
     server.stop().await;
     // Assignments are pushed before their claim is durable, so a restart
     // skips far past every token that may have been handed out.
-    let server = manual_server(&dir).await;
+    let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     let second = claim(&mut q, &[]).await.expect("claimed after restart");
     assert!(

@@ -371,17 +371,18 @@ impl Engine {
             Err(DomainError::FailedPrecondition("the attempt is not assigned to this agent".into()))
         };
         let refused = result.is_err();
+        let token = job.fencing_token;
         // The start is still written with the batch; only its answer is
         // skipped, and nothing unanswered was promised durable.
         if refused || answer_accepted {
-            self.ack(agent_id, job.clone(), result);
+            self.ack(agent_id, job, result);
         }
         if refused && held {
             // The attempt ended before it started (cancelled or expired):
             // the agent stops it on the refusal and reports nothing more,
             // so its slot is free now.
             if let Some(entry) = self.agents.get_mut(agent_id) {
-                entry.in_flight.remove(&job.fencing_token);
+                entry.in_flight.remove(&token);
             }
             self.fill_agent(agent_id).await;
         }
