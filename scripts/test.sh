@@ -11,14 +11,11 @@ python3 -m pip install --quiet --disable-pip-version-check buf-bin grpcurl-binar
 echo "==> buf lint"
 buf lint
 
-echo "==> buf breaking (against the previous commit)"
-# On CI the clone's main is the commit under test, so compare with its
-# parent; a shallow or single-commit clone has none to compare with.
-if git rev-parse --verify --quiet 'HEAD~1^{commit}' >/dev/null; then
-  buf breaking --against '.git#ref=HEAD~1'
-else
-  echo "note: no previous commit in this clone (shallow or first commit); skipping buf breaking"
-fi
+echo "==> buf breaking (against the released API, api/baseline.binpb)"
+bash scripts/check_api_compat.sh
+
+echo "==> API compatibility check: tests"
+bash scripts/test_api_compat.sh
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
