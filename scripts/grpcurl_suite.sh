@@ -194,12 +194,12 @@ rpc QueueService/CancelQueuedJob '{"id":"'"$JOB2"'","reason":"not needed"}'
 expect "CancelQueuedJob" 'j["job"]["state"] == "QUEUED_JOB_STATE_CANCELLED" and "not needed" in j["job"]["lastError"]'
 
 echo "==> dead letters"
-rpc QueueService/EnqueueJob '{"queue":"ops-dead","payload":"'"$(printf 'exit 1' | base64)"'","maxAttempts":1}'
+rpc QueueService/EnqueueJob '{"queue":"ops-dead","payload":"'"$(printf 'exit 1' | base64)"'","maxAttempts":1,"retryPolicy":{"anyFailure":true}}'
 DEAD=$(field 'j["job"]["id"]' 2>/dev/null || true)
 rpc QueueService/ClaimJob '{"workerId":"grpcurl-worker","queue":"ops-dead"}'
 TOKEN3=$(field 'j["job"]["fencingToken"]' 2>/dev/null || true)
 rpc QueueService/FailJob '{"id":"'"$DEAD"'","attempt":1,"fencingToken":"'"$TOKEN3"'","error":"exit 1","retryable":true}'
-expect "FailJob on the last attempt dead-letters" 'j["job"]["state"] == "QUEUED_JOB_STATE_DEAD_LETTERED"'
+expect "FailJob on the last attempt dead-letters (retry policy: any failure)" 'j["job"]["state"] == "QUEUED_JOB_STATE_DEAD_LETTERED" and j["job"]["retryPolicy"]["anyFailure"]'
 rpc QueueService/ListDeadLetters '{"queue":"ops-dead"}'
 expect "ListDeadLetters" "[x[\"id\"] for x in j[\"jobs\"]] == [\"$DEAD\"]"
 rpc QueueService/RedriveDeadLetter '{"id":"'"$DEAD"'"}'

@@ -6,6 +6,8 @@ pub mod domain;
 pub mod engine;
 pub mod grpc;
 pub mod ids;
+pub mod listener;
+pub mod log_limit;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -61,6 +60,7 @@ pub async fn serve(
     };
     let (engine, engine_task) = EngineHandle::start(parts.store, parts.clock, parts.engine).await?;
     let stopping = CancellationToken::new();
+    let engine_supervisor = EngineSupervisor::watch(engine_task);
     let metrics_stop = CancellationToken::new();
     let mut metrics_tasks = Vec::new();
     if let (Some(listener), Some(handle)) = (parts.ops.metrics_listener, metrics_handle) {
@@ -78,16 +78,23 @@ pub async fn serve(
     health.set_serving::<AgentServiceServer<AgentApi>>().await;
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
     {
-        // Health follows the engine: NOT_SERVING once its store failed.
+        // Health follows the engine: NOT_SERVING once its store failed or
+        // the engine died.
         let mut serving = engine.serving();
         let health = health.clone();
+        let died = engine_supervisor.died.clone();
         tokio::spawn(async move {
-            while serving.changed().await.is_ok() {
-                if !*serving.borrow() {
-                    set_not_serving(&health).await;
-                    break;
+            loop {
+                tokio::select! {
+                    changed = serving.changed() => {
+                        if changed.is_err() || !*serving.borrow() {
+                            break;
+                        }
+                    }
+                    () = died.cancelled() => break,
                 }
             }
+            set_not_serving(&health).await;
         });
     }
 
@@ -126,14 +133,21 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(queue)
         .add_service(agents)
-        .serve_with_incoming_shutdown(incoming(listener), graceful);
-    // Streams that outlive the grace period are cut.
+        .serve_with_incoming_shutdown(crate::listener::incoming(listener), graceful);
+    // Streams that outlive the grace period are cut. An engine that dies
+    // (a panic) ends the server at once with an error, so the process exits
+    // non-zero and its supervisor restarts it, instead of a zombie that
+    // answers UNAVAILABLE forever.
     let result = tokio::select! {
         r = server => r.map_err(anyhow::Error::from),
         () = async { stopping.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Ok(()),
+        () = engine_supervisor.died.cancelled() => {
+            set_not_serving(&health).await;
+            Err(anyhow::anyhow!("the engine stopped unexpectedly: {}", engine_supervisor.cause()))
+        }
     };
     engine.shutdown().await;
-    let _ = engine_task.await;
+    engine_supervisor.finished().await;
     metrics_stop.cancel();
     for task in metrics_tasks {
         task.abort();
@@ -143,15 +157,48 @@ pub async fn serve(
     result
 }
 
-/// Accepted connections with TCP_NODELAY: tonic applies its own nodelay
-/// setting only to listeners it binds itself.
-fn incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    futures::StreamExt::map(TcpListenerStream::new(listener), |conn| {
-        if let Ok(stream) = &conn {
-            let _ = stream.set_nodelay(true);
-        }
-        conn
-    })
+/// Watches the engine task: when it panics, records why and cancels
+/// `died`.
+struct EngineSupervisor {
+    died: CancellationToken,
+    cause: Arc<std::sync::Mutex<String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EngineSupervisor {
+    fn watch(engine: tokio::task::JoinHandle<()>) -> EngineSupervisor {
+        let died = CancellationToken::new();
+        let cause = Arc::new(std::sync::Mutex::new(String::new()));
+        let (died_tx, cause_tx) = (died.clone(), cause.clone());
+        let task = tokio::spawn(async move {
+            if let Err(e) = engine.await {
+                let why = if e.is_panic() { panic_message(e.into_panic()) } else { e.to_string() };
+                tracing::error!(cause = %why, "the engine task died; the server stops");
+                *cause_tx.lock().unwrap_or_else(|p| p.into_inner()) = why;
+                died_tx.cancel();
+            }
+        });
+        EngineSupervisor { died, cause, task }
+    }
+
+    fn cause(&self) -> String {
+        self.cause.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits until the engine task has ended (either way).
+    async fn finished(self) {
+        let _ = self.task.await;
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(s) => format!("panic: {s}"),
+        Err(payload) => match payload.downcast::<&'static str>() {
+            Ok(s) => format!("panic: {s}"),
+            Err(_) => "panic".to_string(),
+        },
+    }
 }
 
 /// CORS for gRPC-Web callers from `origins`; none (no CORS headers at all)

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 use tether_server::clock::ManualClock;
-use tether_server::domain::{AttemptRef, DomainError, JobSpec, JobState, Priority, Routing};
+use tether_server::domain::{AttemptRef, DomainError, Failure, JobSpec, JobState, Priority, RetryPolicy, Routing};
 use tether_server::engine::{ClaimRequest, EngineConfig, EngineHandle};
 use tether_server::store::embedded::{EmbeddedOptions, EmbeddedStore};
 use tether_server::store::hooked::{HookedStore, WriteHook};
@@ -55,6 +55,7 @@ fn spec() -> JobSpec {
         timeout: None,
         idempotency_key: None,
         not_before: None,
+        retry: RetryPolicy::any(),
     }
 }
 
@@ -88,7 +89,8 @@ async fn a_redrive_does_not_write_over_a_newer_uncommitted_state() {
     let claim = ClaimRequest { worker_id: "w".into(), queue: None, pool: "default".into(), labels: Default::default() };
     let claimed = engine.claim(claim).await.expect("claim").expect("a job");
     let r = AttemptRef { job_id: job.id.clone(), attempt: claimed.attempt, fencing_token: claimed.fencing_token };
-    let dead = engine.fail(r, "boom".into(), true).await.expect("fail");
+    let dead =
+        engine.fail(r, "boom".into(), Failure::Reported { retryable: true, exit_code: None }).await.expect("fail");
     assert_eq!(dead.state, JobState::DeadLettered);
 
     // With commits held: redrive it, then cancel it. The job is now

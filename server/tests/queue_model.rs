@@ -22,7 +22,9 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use tether_server::clock::ManualClock;
-use tether_server::domain::{AttemptRef, DomainError, DomainResult, Job, JobSpec, JobState, Priority, Routing};
+use tether_server::domain::{
+    AttemptRef, DomainError, DomainResult, Failure, Job, JobSpec, JobState, Priority, RetryPolicy, Routing,
+};
 use tether_server::engine::{ClaimRequest, EngineConfig, EngineHandle, JobEvent};
 use tether_server::store::embedded::{EmbeddedOptions, EmbeddedStore};
 use tether_server::store::{JobFilter, Store};
@@ -275,20 +277,21 @@ impl Model {
         ev
     }
 
-    /// A failed attempt: requeued with backoff while attempts remain, else
-    /// dead-lettered (retryable) or failed. Returns the event and, when
+    /// A failed attempt: if `retried` (its retry policy retries the failure)
+    /// requeued with backoff while attempts remain, else dead-lettered;
+    /// failed otherwise. Returns the event and, when
     /// requeued, the window the ready time must fall in.
-    fn fail(&mut self, i: usize, retryable: bool, error: &str) -> (Ev, Option<(SystemTime, SystemTime)>) {
+    fn fail(&mut self, i: usize, retried: bool, error: &str) -> (Ev, Option<(SystemTime, SystemTime)>) {
         let j = &self.jobs[i];
         let attempt = j.attempt;
-        if retryable && attempt < j.spec.max_attempts {
+        if retried && attempt < j.spec.max_attempts {
             let (lo, hi) = backoff_bounds(attempt);
             let window = (self.now + lo, self.now + hi);
             let ev = self.transition(i, JobState::Queued);
             self.jobs[i].last_error = error.to_string();
             (ev, Some(window))
         } else {
-            let state = if retryable { JobState::DeadLettered } else { JobState::Failed };
+            let state = if retried { JobState::DeadLettered } else { JobState::Failed };
             let ev = self.transition(i, state);
             self.jobs[i].last_error = error.to_string();
             (ev, None)
@@ -535,6 +538,7 @@ fn spec(
         timeout: None,
         idempotency_key: key.map(|k| format!("key-{k}")),
         not_before,
+        retry: if max_attempts.is_multiple_of(2) { RetryPolicy::any() } else { RetryPolicy::default() },
     }
 }
 
@@ -629,8 +633,12 @@ async fn step(h: &mut Harness, m: &mut Model, step: usize, op: &Op, ctx: &str) -
         Op::Fail { idx, retryable } => {
             let Some(i) = m.pick_active(*idx) else { return Ok(events) };
             let error = format!("error-{step}");
-            let reply = h.engine.fail(m.jobs[i].attempt_ref(), error.clone(), *retryable).await;
-            let (ev, window) = m.fail(i, *retryable, &error);
+            let failure = Failure::Reported { retryable: *retryable, exit_code: None };
+            let reply = h.engine.fail(m.jobs[i].attempt_ref(), error.clone(), failure).await;
+            // Jobs with an even max_attempts retry every failure; the others
+            // (no retry policy) fail at once.
+            let retried = *retryable && m.jobs[i].spec.retry.any_failure;
+            let (ev, window) = m.fail(i, retried, &error);
             events.push(ev);
             if let (Some(window), Ok(job)) = (window, &reply) {
                 adopt_ready_time(m, i, job, window, ctx)?;
@@ -640,8 +648,9 @@ async fn step(h: &mut Harness, m: &mut Model, step: usize, op: &Op, ctx: &str) -
         Op::Renew { idx } => {
             let Some(i) = m.pick_active(*idx) else { return Ok(events) };
             let reply = h.engine.renew(m.jobs[i].attempt_ref(), None).await;
+            // A renewal changes no state, so it publishes no event.
             let state = m.jobs[i].state;
-            events.push(m.transition(i, state));
+            let _ = m.transition(i, state);
             m.jobs[i].lease = Some(m.now + LEASE);
             check_reply(reply, m, i, ctx)?;
         }
@@ -843,7 +852,9 @@ async fn act(h: &Harness, action: Action, r: AttemptRef, step: usize) -> bool {
     match action {
         Action::Start => is_precondition(&h.engine.start_job(r).await),
         Action::Complete => is_precondition(&h.engine.complete(r, Bytes::from(format!("late-{step}"))).await),
-        Action::Fail => is_precondition(&h.engine.fail(r, format!("late-{step}"), true).await),
+        Action::Fail => is_precondition(
+            &h.engine.fail(r, format!("late-{step}"), Failure::Reported { retryable: true, exit_code: None }).await,
+        ),
         Action::Renew => is_precondition(&h.engine.renew(r, Some(Duration::from_secs(60))).await),
     }
 }

@@ -50,10 +50,24 @@ async fn shell_jobs_run_on_the_reference_handler() {
     let done = wait_for_event(&mut watch, |j| j.id == ok.id && state(j) == pb::QueuedJobState::Succeeded).await;
     assert_eq!(String::from_utf8_lossy(&done.result).trim(), "hi");
 
-    let failing = pb::EnqueueJobRequest { max_attempts: 1, ..job("sh", "exit 3") };
-    let bad = q.enqueue_job(failing).await.expect("enqueue").into_inner().job.expect("job");
-    let dead = wait_for_event(&mut watch, |j| j.id == bad.id && state(j) == pb::QueuedJobState::DeadLettered).await;
-    assert!(dead.last_error.contains('3'), "the exit code is reported: {}", dead.last_error);
+    // A command that exits non-zero has failed: FAILED at once, one attempt
+    // of the default three used, the exit code in the error.
+    let bad = q.enqueue_job(job("sh", "ls /nonexistent-dir")).await.expect("enqueue").into_inner().job.expect("job");
+    let failed = wait_for_event(&mut watch, |j| j.id == bad.id && state(j) == pb::QueuedJobState::Failed).await;
+    assert_eq!((failed.attempt, failed.max_attempts), (1, 3));
+    assert!(failed.last_error.contains("code 2"), "the exit code is reported: {}", failed.last_error);
+
+    // A job that asks for retries of exit code 3 gets them, then is
+    // dead-lettered once its attempts are spent; exit code 4 is not retried.
+    let retry_policy = Some(pb::RetryPolicy { any_failure: false, exit_codes: vec![3] });
+    let flaky = pb::EnqueueJobRequest { max_attempts: 2, retry_policy: retry_policy.clone(), ..job("sh", "exit 3") };
+    let flaky = q.enqueue_job(flaky).await.expect("enqueue").into_inner().job.expect("job");
+    let dead = wait_for_event(&mut watch, |j| j.id == flaky.id && state(j) == pb::QueuedJobState::DeadLettered).await;
+    assert_eq!(dead.attempt, 2, "retried once, then dead-lettered");
+    let other = pb::EnqueueJobRequest { max_attempts: 2, retry_policy, ..job("sh", "exit 4") };
+    let other = q.enqueue_job(other).await.expect("enqueue").into_inner().job.expect("job");
+    let failed = wait_for_event(&mut watch, |j| j.id == other.id && state(j) == pb::QueuedJobState::Failed).await;
+    assert_eq!(failed.attempt, 1, "an exit code the policy does not list is not retried");
 }
 
 #[tokio::test]

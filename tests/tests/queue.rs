@@ -152,6 +152,7 @@ async fn stale_fencing_tokens_are_refused() {
             fencing_token: j.fencing_token,
             error: "late".into(),
             retryable: true,
+            exit_code: 0,
         })
         .await
         .expect_err("a finished attempt takes no result");
@@ -167,7 +168,8 @@ async fn retries_back_off_then_dead_letter_and_redrive() {
     let dir = DataDir::new();
     let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
-    let created = enqueue(&mut q, pb::EnqueueJobRequest { max_attempts: 2, ..job("q", "flaky") }).await;
+    let retry_policy = Some(pb::RetryPolicy { any_failure: true, exit_codes: vec![] });
+    let created = enqueue(&mut q, pb::EnqueueJobRequest { max_attempts: 2, retry_policy, ..job("q", "flaky") }).await;
     for attempt in 1..=2 {
         let j = claim(&mut q, &[]).await.expect("claimable");
         assert_eq!((j.id.as_str(), j.attempt), (created.id.as_str(), attempt));
@@ -178,6 +180,7 @@ async fn retries_back_off_then_dead_letter_and_redrive() {
                 fencing_token: j.fencing_token,
                 error: format!("boom {attempt}"),
                 retryable: true,
+                exit_code: 0,
             })
             .await
             .expect("fail")
@@ -232,6 +235,7 @@ async fn permanent_failures_do_not_retry() {
             fencing_token: j.fencing_token,
             error: "bad input".into(),
             retryable: false,
+            exit_code: 0,
         })
         .await
         .expect("fail")
@@ -281,18 +285,28 @@ async fn timeouts_end_attempts() {
         .await
         .expect("watch")
         .into_inner();
-    let req = pb::EnqueueJobRequest {
+    // A timeout is a failure of the attempt: final by default, retried
+    // with a retry policy that retries any failure.
+    let req = |retry_policy| pb::EnqueueJobRequest {
         timeout: Some(to_duration(Duration::from_secs(10))),
         lease_duration: Some(to_duration(Duration::from_secs(60))),
+        retry_policy,
         ..job("q", "slow")
     };
-    let created = enqueue(&mut q, req).await;
+    let plain = enqueue(&mut q, req(None)).await;
+    let retried = enqueue(&mut q, req(Some(pb::RetryPolicy { any_failure: true, exit_codes: vec![] }))).await;
+    claim(&mut q, &[]).await.expect("claimed");
     claim(&mut q, &[]).await.expect("claimed");
     server.advance(Duration::from_secs(11));
-    let requeued =
-        wait_for_event(&mut watch, |j| j.id == created.id && state(j) == pb::QueuedJobState::Queued && j.attempt == 1)
-            .await;
-    assert!(requeued.last_error.contains("timed out"), "{}", requeued.last_error);
+    let mut outcomes = std::collections::HashMap::new();
+    while outcomes.len() < 2 {
+        let j =
+            wait_for_event(&mut watch, |j| (j.id == plain.id || j.id == retried.id) && !j.last_error.is_empty()).await;
+        assert!(j.last_error.contains("timed out"), "{}", j.last_error);
+        outcomes.insert(j.id.clone(), state(&j));
+    }
+    assert_eq!(outcomes[&plain.id], pb::QueuedJobState::Failed);
+    assert_eq!(outcomes[&retried.id], pb::QueuedJobState::Queued);
 }
 
 #[tokio::test]
@@ -426,7 +440,7 @@ async fn bad_input_gets_precise_statuses() {
 
     let big = pb::EnqueueJobRequest { payload: vec![b'x'; 1024 * 1024 + 1].into(), ..job("q", "") };
     let big = q.enqueue_job(big).await.expect_err("oversize");
-    assert_eq!(big.code(), Code::ResourceExhausted);
+    assert_eq!(big.code(), Code::InvalidArgument);
     assert!(big.message().contains("payload"), "{}", big.message());
 
     let batch = q

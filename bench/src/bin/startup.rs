@@ -61,6 +61,7 @@ fn job(seq: u64, state: JobState, now: SystemTime) -> Job {
         timeout: None,
         idempotency_key: None,
         not_before: None,
+        retry: Default::default(),
     };
     let mut job = Job::new(tether_server::ids::new_id(now), seq, spec, now);
     job.state = state;

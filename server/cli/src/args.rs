@@ -162,9 +162,17 @@ pub struct EnqueueArgs {
     #[arg(long = "require-label", value_name = "KEY=VALUE", value_parser = parse::parse_label)]
     pub require_labels: Vec<(String, String)>,
 
-    /// Attempts before the job is dead-lettered (1-100) [default: 3].
+    /// Attempts the job gets in all (1-100): retried failures and lost
+    /// attempts (agent gone, lease expired) count; then it is dead-lettered
+    /// [default: 3].
     #[arg(long)]
     pub max_attempts: Option<u32>,
+
+    /// Retry a failed command: `any` (every failure) or the exit codes to
+    /// retry (`75` or `2,75`) [default: none: a command that exits non-zero
+    /// fails at once; lost attempts are always retried].
+    #[arg(long, value_name = "WHEN", value_parser = parse::parse_retry)]
+    pub retry: Option<tether::v1::RetryPolicy>,
 
     /// How long a claim lasts without renewal, e.g. 30s [default: 30s].
     #[arg(long, value_name = "DURATION", value_parser = parse::parse_duration)]

@@ -312,6 +312,18 @@ pub fn write_jobs_table(out: &mut dyn Write, jobs: &[QueuedJob], now: SystemTime
     write_table(out, t)
 }
 
+/// Which failures a job retries, in words.
+fn format_retry(policy: Option<&tether::v1::RetryPolicy>) -> String {
+    match policy {
+        Some(p) if p.any_failure => "any failure".to_string(),
+        Some(p) if !p.exit_codes.is_empty() => {
+            let codes: Vec<String> = p.exit_codes.iter().map(i32::to_string).collect();
+            format!("exit codes {}", codes.join(", "))
+        }
+        _ => "lost attempts only".to_string(),
+    }
+}
+
 /// Writes every field of one job as a key/value table; optional fields that
 /// are unset are left out.
 pub fn write_job_details(out: &mut dyn Write, j: &QueuedJob, now: SystemTime) -> std::io::Result<()> {
@@ -335,6 +347,7 @@ pub fn write_job_details(out: &mut dyn Write, j: &QueuedJob, now: SystemTime) ->
         rows.push(("Lease", format_duration(d)));
     }
     rows.push(("Timeout", j.timeout.as_ref().map(format_duration).unwrap_or_else(|| "none".into())));
+    rows.push(("Retry", format_retry(j.retry_policy.as_ref())));
     if !j.idempotency_key.is_empty() {
         rows.push(("Idempotency key", j.idempotency_key.clone()));
     }
@@ -568,6 +581,7 @@ mod tests {
             result: bytes::Bytes::new(),
             last_error: String::new(),
             finish_time: None,
+            retry_policy: Some(tether::v1::RetryPolicy { any_failure: false, exit_codes: vec![75] }),
         }
     }
 

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
-use tether::v1::{AgentHealth, Priority, QueuedJobState};
+use tether::v1::{AgentHealth, Priority, QueuedJobState, RetryPolicy};
 
 /// Parses a positive human duration such as `500ms`, `30s`, `5m`, `1h` or
 /// `1h 30m`.
@@ -168,6 +168,27 @@ pub fn parse_priority(s: &str) -> Result<Priority, String> {
     }
 }
 
+/// Parses a retry policy: `any` (every retryable failure) or a
+/// comma-separated list of non-zero exit codes (`75` or `2,75`).
+pub fn parse_retry(s: &str) -> Result<RetryPolicy, String> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("any") {
+        return Ok(RetryPolicy { any_failure: true, exit_codes: Vec::new() });
+    }
+    let mut exit_codes = Vec::new();
+    for part in s.split(',') {
+        let code: i32 = part
+            .trim()
+            .parse()
+            .map_err(|_| format!("invalid retry policy {s:?}; expected `any` or exit codes such as `75` or `2,75`"))?;
+        if code == 0 {
+            return Err("exit code 0 is success; list the failing codes to retry".to_string());
+        }
+        exit_codes.push(code);
+    }
+    Ok(RetryPolicy { any_failure: false, exit_codes })
+}
+
 /// Accepted spellings of [`parse_state`].
 pub const STATE_NAMES: &[&str] = &["queued", "claimed", "running", "succeeded", "failed", "dead-lettered", "cancelled"];
 
@@ -206,6 +227,15 @@ pub fn parse_health(s: &str) -> Result<AgentHealth, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_policies() {
+        assert_eq!(parse_retry("any"), Ok(RetryPolicy { any_failure: true, exit_codes: vec![] }));
+        assert_eq!(parse_retry("2, 75"), Ok(RetryPolicy { any_failure: false, exit_codes: vec![2, 75] }));
+        assert!(parse_retry("0").is_err());
+        assert!(parse_retry("sometimes").is_err());
+        assert!(parse_retry("").is_err());
+    }
     use std::time::UNIX_EPOCH;
 
     #[test]

@@ -108,6 +108,7 @@ pub(crate) async fn build_enqueue_request(args: &EnqueueArgs) -> anyhow::Result<
         timeout: args.timeout.map(to_duration),
         idempotency_key: args.idempotency_key.clone().unwrap_or_default(),
         not_before: args.not_before.map(to_timestamp),
+        retry_policy: args.retry.clone(),
     })
 }
 
@@ -233,6 +234,7 @@ mod tests {
             pool: None,
             require_labels: Vec::new(),
             max_attempts: None,
+            retry: None,
             lease: None,
             timeout: None,
             idempotency_key: None,

@@ -1,6 +1,6 @@
 //! The queued job: its specification, its state machine and its attempts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -80,6 +80,50 @@ impl Routing {
     }
 }
 
+/// Which failures of an attempt get another attempt (while attempts
+/// remain). Attempts that were lost without a result (agent gone, lease
+/// expired) are always retried; see [`Failure`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Retry every failure the worker calls retryable, and timeouts.
+    pub any_failure: bool,
+    /// Retry a command that exited with one of these codes.
+    pub exit_codes: BTreeSet<i32>,
+}
+
+impl RetryPolicy {
+    /// Retry everything retryable: what jobs stored before retry policies
+    /// existed were enqueued under.
+    pub fn any() -> RetryPolicy {
+        RetryPolicy { any_failure: true, exit_codes: BTreeSet::new() }
+    }
+
+    /// Whether `failure` gets another attempt (if attempts remain).
+    pub fn retries(&self, failure: Failure) -> bool {
+        match failure {
+            Failure::Lost => true,
+            Failure::Reported { retryable: false, .. } => false,
+            Failure::Reported { retryable: true, exit_code: Some(code) } => {
+                self.any_failure || self.exit_codes.contains(&code)
+            }
+            Failure::Reported { retryable: true, exit_code: None } | Failure::TimedOut => self.any_failure,
+        }
+    }
+}
+
+/// How an attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The worker reported a failure; `exit_code` is the command's non-zero
+    /// exit code, if the job was a command that ran.
+    Reported { retryable: bool, exit_code: Option<i32> },
+    /// The attempt ran past the job's timeout.
+    TimedOut,
+    /// The attempt ended without a result: its lease expired, its agent was
+    /// lost or deregistered, or the agent gave it up.
+    Lost,
+}
+
 /// What the submitter asked for; never changes after enqueue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobSpec {
@@ -92,6 +136,7 @@ pub struct JobSpec {
     pub timeout: Option<Duration>,
     pub idempotency_key: Option<String>,
     pub not_before: Option<SystemTime>,
+    pub retry: RetryPolicy,
 }
 
 /// Identifies one attempt of one job.
@@ -159,6 +204,39 @@ impl Job {
     /// Whether `r` names the current attempt of this (active) job.
     pub fn is_current(&self, r: &AttemptRef) -> bool {
         self.state.is_active() && self.attempt == r.attempt && self.fencing_token == r.fencing_token
+    }
+
+    /// Ends the job in a terminal (or dead-lettered) state at `now`.
+    pub fn finish(&mut self, state: JobState, now: SystemTime) {
+        self.state = state;
+        self.finish_time = Some(now);
+        self.lease_expire_time = None;
+        self.run_deadline = None;
+    }
+
+    /// Puts the job back in the queue, dispatchable from `ready_time`.
+    pub fn requeue(&mut self, ready_time: SystemTime) {
+        self.state = JobState::Queued;
+        self.ready_time = ready_time;
+        self.lease_expire_time = None;
+        self.run_deadline = None;
+        self.finish_time = None;
+    }
+
+    /// Why the stored job cannot be handled, if it cannot: a spec outside
+    /// today's limits (e.g. written before they were enforced) or a time the
+    /// wire cannot carry. Such a job is quarantined (dead-lettered with this
+    /// reason) instead of being dispatched.
+    pub fn defect(&self) -> Option<String> {
+        if let Err(e) = super::validate::job_spec(&self.spec) {
+            return Some(format!("quarantined: its stored spec is invalid ({e})"));
+        }
+        let latest = tether::time::latest();
+        let times = [Some(self.create_time), Some(self.ready_time), self.lease_expire_time, self.run_deadline];
+        if times.into_iter().flatten().any(|t| t > latest) {
+            return Some("quarantined: it holds a time after 9999-12-31".to_string());
+        }
+        None
     }
 
     /// The earliest time the engine must look at this job again: lease end or

@@ -9,7 +9,7 @@ pub mod validate;
 
 pub use agent::{Agent, Health, Metrics, SchedulingStatus};
 pub use error::{DomainError, DomainResult};
-pub use job::{AttemptRef, Job, JobSpec, JobState, Priority, Routing};
+pub use job::{AttemptRef, Failure, Job, JobSpec, JobState, Priority, RetryPolicy, Routing};
 pub use pool::{Pool, ScalingSignal};
 
 /// The pool used when none is named.

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::error::{DomainError, DomainResult};
+use super::job::JobSpec;
 
 pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 pub const MAX_RESULT_BYTES: usize = 1024 * 1024;
@@ -12,6 +13,10 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 pub const MIN_LEASE: Duration = Duration::from_secs(1);
 pub const MAX_LEASE: Duration = Duration::from_secs(3600);
+/// Longest per-attempt timeout: 30 days.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Most exit codes a retry policy lists.
+pub const MAX_RETRY_EXIT_CODES: usize = 64;
 pub const MAX_IDEMPOTENCY_KEY: usize = 256;
 pub const MAX_NAME: usize = 128;
 pub const MAX_LABELS: usize = 64;
@@ -50,6 +55,53 @@ pub fn labels<'a>(field: &str, labels: impl IntoIterator<Item = (&'a String, &'a
     }
     if count > MAX_LABELS {
         return Err(DomainError::invalid(field, format!("at most {MAX_LABELS} labels")));
+    }
+    Ok(())
+}
+
+/// Every limit of a job spec. Field names are those of the enqueue request;
+/// the gRPC layer checks the wire form first (enums, time ranges) and this
+/// for the rest, and the engine uses it on stored jobs (quarantine).
+pub fn job_spec(spec: &JobSpec) -> DomainResult<()> {
+    name("queue", &spec.queue, MAX_NAME)?;
+    if spec.payload.len() > MAX_PAYLOAD_BYTES {
+        return Err(DomainError::invalid(
+            "payload",
+            format!("is {} bytes; the limit is {MAX_PAYLOAD_BYTES} bytes", spec.payload.len()),
+        ));
+    }
+    name("routing.pool", &spec.routing.pool, MAX_NAME)?;
+    labels("routing.required_labels", spec.routing.required_labels.iter())?;
+    if !(1..=MAX_ATTEMPTS).contains(&spec.max_attempts) {
+        return Err(DomainError::invalid("max_attempts", format!("must be between 1 and {MAX_ATTEMPTS}")));
+    }
+    if spec.lease_duration < MIN_LEASE || spec.lease_duration > MAX_LEASE {
+        return Err(DomainError::invalid("lease_duration", "must be between 1s and 1h"));
+    }
+    if let Some(timeout) = spec.timeout {
+        if timeout.is_zero() || timeout > MAX_TIMEOUT {
+            return Err(DomainError::invalid("timeout", "must be more than 0s and at most 30 days (2592000s)"));
+        }
+    }
+    if let Some(key) = &spec.idempotency_key {
+        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+            return Err(DomainError::invalid(
+                "idempotency_key",
+                format!("must be 1 to {MAX_IDEMPOTENCY_KEY} characters"),
+            ));
+        }
+    }
+    if spec.not_before.is_some_and(|t| t > tether::time::latest()) {
+        return Err(DomainError::invalid("not_before", "must not be after 9999-12-31T23:59:59Z"));
+    }
+    if spec.retry.exit_codes.len() > MAX_RETRY_EXIT_CODES {
+        return Err(DomainError::invalid(
+            "retry_policy.exit_codes",
+            format!("lists {} codes; the limit is {MAX_RETRY_EXIT_CODES}", spec.retry.exit_codes.len()),
+        ));
+    }
+    if spec.retry.exit_codes.contains(&0) {
+        return Err(DomainError::invalid("retry_policy.exit_codes", "0 is success, not a failure to retry"));
     }
     Ok(())
 }

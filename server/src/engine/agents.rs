@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::time::SystemTime;
 
+use tether::time::later;
 use tokio::sync::mpsc;
 
 use super::core::{AgentEntry, Engine, Session};
@@ -11,7 +12,9 @@ use super::types::{
     AgentInbound, AgentPage, AgentPush, AgentView, HeartbeatAnswer, HelloInfo, MetricsSample, Outcome, WelcomeInfo,
 };
 use super::AgentListFilter;
-use crate::domain::{Agent, AttemptRef, DomainError, DomainResult, Health, JobState, Routing, SchedulingStatus};
+use crate::domain::{
+    Agent, AttemptRef, DomainError, DomainResult, Failure, Health, JobState, Routing, SchedulingStatus,
+};
 use crate::store::Write;
 
 impl Engine {
@@ -129,7 +132,7 @@ impl Engine {
             return Err(DomainError::Internal(format!("agent {id} vanished")));
         };
         if let Some(at) = entry.disconnected_at.take() {
-            self.grace.remove(&(at + grace, id.clone()));
+            self.grace.remove(&(later(at, grace), id.clone()));
         }
         entry.agent.labels = hello.labels.clone();
         entry.agent.slots = hello.slots;
@@ -150,13 +153,15 @@ impl Engine {
         let mut resumed = Vec::new();
         let mut abandoned = Vec::new();
         for r in &hello.running {
-            let held = entry.in_flight.get(&r.fencing_token).is_some_and(|f| f.job_id == r.job_id);
+            let held = entry.holds(r);
             let current = self.active.get(&r.job_id).is_some_and(|j| j.is_current(r) && j.worker_id == id);
             if held && current {
                 resumed.push(r.clone());
             } else {
                 abandoned.push(r.clone());
-                entry.in_flight.remove(&r.fencing_token);
+                if held {
+                    entry.in_flight.remove(&r.fencing_token);
+                }
             }
         }
         let mut resend = Vec::new();
@@ -190,7 +195,7 @@ impl Engine {
             self.renew_for_agent(r);
         }
         self.set_health(&id, Health::Registering, "connected; waiting for its first heartbeat".into());
-        let deadline = now + self.config.heartbeat_interval + self.config.heartbeat_interval / 2;
+        let deadline = later(now, self.config.heartbeat_interval.saturating_add(self.config.heartbeat_interval / 2));
         self.arm_heartbeat_check(&id, deadline);
         self.save_agent(&id);
         if draining {
@@ -226,7 +231,7 @@ impl Engine {
         };
         if self.active.get(&f.job_id).is_some_and(|j| j.fencing_token == token) {
             if let Some(job) = self.take_active(&f.job_id) {
-                self.fail_attempt(job, reason, true);
+                self.fail_attempt(job, reason, Failure::Lost);
             }
         }
     }
@@ -252,8 +257,7 @@ impl Engine {
                     changed = true;
                 }
                 let was_accepting = std::mem::replace(&mut entry.accepting, true);
-                let owned: Vec<AttemptRef> =
-                    running.into_iter().filter(|r| entry.in_flight.contains_key(&r.fencing_token)).collect();
+                let owned: Vec<AttemptRef> = running.into_iter().filter(|r| entry.holds(r)).collect();
                 for r in &owned {
                     self.renew_for_agent(r);
                 }
@@ -266,6 +270,12 @@ impl Engine {
                 }
             }
             AgentInbound::AssignmentAck { job, accepted, started, reason } => {
+                if !entry.holds(&job) {
+                    // Not this agent's assignment (stale, or another agent's
+                    // job): it must neither start nor requeue it.
+                    tracing::debug!(agent = %agent_id, job = %job.job_id, "ignoring an ack for an attempt the agent does not hold");
+                    return;
+                }
                 if accepted {
                     if let Some(f) = entry.in_flight.get_mut(&job.fencing_token) {
                         f.acked = true;
@@ -277,26 +287,37 @@ impl Engine {
                 }
                 entry.in_flight.remove(&job.fencing_token);
                 entry.accepting = false;
-                if self.active.get(&job.job_id).is_some_and(|j| j.is_current(&job)) {
+                let claimed_here = self
+                    .active
+                    .get(&job.job_id)
+                    .is_some_and(|j| j.is_current(&job) && j.state == JobState::Claimed && j.worker_id == agent_id);
+                if claimed_here {
                     if let Some(mut claimed) = self.take_active(&job.job_id) {
                         // A rejection does not use up an attempt.
-                        claimed.state = JobState::Queued;
-                        claimed.attempt -= 1;
-                        claimed.lease_expire_time = None;
-                        claimed.run_deadline = None;
-                        claimed.ready_time = now;
+                        claimed.attempt = claimed.attempt.saturating_sub(1);
+                        claimed.requeue(now);
                         claimed.last_error = format!("rejected by agent {agent_id}: {reason}");
                         self.persist(&mut claimed, Some(JobState::Claimed));
                         self.place(claimed).await;
                     }
+                } else if self.active.get(&job.job_id).is_some_and(|j| j.is_current(&job)) {
+                    // Refusing a job it already started is giving it up:
+                    // a lost attempt, retried as such.
+                    if let Some(running) = self.take_active(&job.job_id) {
+                        let error = format!("agent {agent_id} gave the attempt up after starting it: {reason}");
+                        self.fail_attempt(running, error, Failure::Lost);
+                    }
                 }
+                self.fill_agent(agent_id).await;
             }
             AgentInbound::Started { job } => self.started(agent_id, job).await,
             AgentInbound::Progress { job, percent, message } => {
-                tracing::debug!(job = %job.job_id, percent, %message, "job progress");
+                if entry.holds(&job) {
+                    tracing::debug!(job = %job.job_id, percent, %message, "job progress");
+                }
             }
             AgentInbound::Log { job, stderr, data, sequence } => {
-                if entry.in_flight.contains_key(&job.fencing_token) {
+                if entry.holds(&job) {
                     self.persist_other(Write::AppendLog(crate::store::LogChunk {
                         job_id: job.job_id,
                         attempt: job.attempt,
@@ -307,23 +328,30 @@ impl Engine {
                     }));
                 }
             }
-            AgentInbound::Finished { job, outcome, result, error } => {
-                let had_slot = entry.in_flight.remove(&job.fencing_token).is_some();
-                let current = self.active.get(&job.job_id).is_some_and(|j| j.is_current(&job));
+            AgentInbound::Finished { job, outcome, result, error, exit_code } => {
+                let held = entry.holds(&job);
+                if held {
+                    entry.in_flight.remove(&job.fencing_token);
+                }
+                let current = held && self.active.get(&job.job_id).is_some_and(|j| j.is_current(&job));
                 let ack = if current {
                     match outcome {
                         Outcome::Succeeded => self.complete_reported(&job, result),
-                        Outcome::FailedRetryable => self.fail_reported(&job, error, true).map(|_| ()),
-                        Outcome::FailedPermanent => self.fail_reported(&job, error, false).map(|_| ()),
-                        Outcome::Cancelled => {
-                            self.fail_reported(&job, format!("cancelled by the agent: {error}"), true).map(|_| ())
-                        }
+                        Outcome::FailedRetryable => self
+                            .fail_reported(&job, error, Failure::Reported { retryable: true, exit_code })
+                            .map(|_| ()),
+                        Outcome::FailedPermanent => self
+                            .fail_reported(&job, error, Failure::Reported { retryable: false, exit_code })
+                            .map(|_| ()),
+                        Outcome::Cancelled => self
+                            .fail_reported(&job, format!("cancelled by the agent: {error}"), Failure::Lost)
+                            .map(|_| ()),
                     }
                 } else {
-                    self.check_finished_duplicate(&job, outcome).await
+                    self.check_finished_duplicate(agent_id, &job, outcome).await
                 };
                 self.ack(agent_id, job, ack);
-                if had_slot {
+                if held {
                     self.fill_agent(agent_id).await;
                 }
             }
@@ -333,30 +361,31 @@ impl Engine {
     /// A result for an attempt that is no longer active: accepted if it is a
     /// re-send of the success already recorded or the report owed after a
     /// Cancel, refused otherwise.
-    async fn check_finished_duplicate(&self, r: &AttemptRef, outcome: Outcome) -> DomainResult<()> {
-        match self.store.get_job(&r.job_id).await {
-            Ok(Some(job))
-                if job.fencing_token == r.fencing_token
-                    && job.attempt == r.attempt
-                    && outcome == Outcome::Succeeded
-                    && job.state == JobState::Succeeded =>
-            {
-                Ok(())
-            }
+    async fn check_finished_duplicate(&self, agent_id: &str, r: &AttemptRef, outcome: Outcome) -> DomainResult<()> {
+        let job = match self.active.get(&r.job_id) {
+            Some(job) => job.clone(),
+            None => match self.store.get_job(&r.job_id).await {
+                Ok(Some(job)) => job,
+                Ok(None) => return Err(DomainError::job_not_found(&r.job_id)),
+                Err(e) => return Err(super::store_error(e)),
+            },
+        };
+        let same_attempt = job.fencing_token == r.fencing_token && job.attempt == r.attempt;
+        if !same_attempt || job.worker_id != agent_id {
+            return Err(DomainError::FailedPrecondition(format!(
+                "job {} attempt {} (fencing token {}) is not assigned to this agent",
+                r.job_id, r.attempt, r.fencing_token
+            )));
+        }
+        match job.state {
+            // A re-send of the success already recorded.
+            JobState::Succeeded if outcome == Outcome::Succeeded => Ok(()),
             // The report an agent owes after a Cancel: acknowledged, ignored.
-            Ok(Some(job))
-                if job.state == JobState::Cancelled
-                    && job.fencing_token == r.fencing_token
-                    && job.attempt == r.attempt =>
-            {
-                Ok(())
-            }
-            Ok(Some(job)) => Err(DomainError::FailedPrecondition(format!(
-                "attempt {} (fencing token {}) is no longer current: the job is {:?} at attempt {}",
-                r.attempt, r.fencing_token, job.state, job.attempt
+            JobState::Cancelled => Ok(()),
+            state => Err(DomainError::FailedPrecondition(format!(
+                "attempt {} (fencing token {}) is no longer current: the job is {state:?}",
+                r.attempt, r.fencing_token
             ))),
-            Ok(None) => Err(DomainError::job_not_found(&r.job_id)),
-            Err(e) => Err(super::store_error(e)),
         }
     }
 
@@ -364,7 +393,7 @@ impl Engine {
     async fn started(&mut self, agent_id: &str, job: AttemptRef) {
         let Some(entry) = self.agents.get(agent_id) else { return };
         let answer_accepted = entry.session.as_ref().is_some_and(|s| s.answer_starts);
-        let held = entry.in_flight.contains_key(&job.fencing_token);
+        let held = entry.holds(&job);
         let result = if held {
             self.mark_running(&job)
         } else {
@@ -407,7 +436,7 @@ impl Engine {
         entry.disconnected_at = Some(now);
         entry.agent.last_seen_time = now;
         tracing::info!(agent = %agent_id, running = entry.in_flight.len(), "agent stream closed; grace period started");
-        self.grace.insert((now + grace, agent_id.to_string()));
+        self.grace.insert((later(now, grace), agent_id.to_string()));
         self.disarm_heartbeat_check(agent_id);
     }
 
@@ -421,7 +450,7 @@ impl Engine {
             }
             self.grace.remove(&(t, id.clone()));
             let Some(entry) = self.agents.get_mut(&id) else { continue };
-            let expired = entry.session.is_none() && entry.disconnected_at.is_some_and(|d| d + grace <= now);
+            let expired = entry.session.is_none() && entry.disconnected_at.is_some_and(|d| later(d, grace) <= now);
             if !expired {
                 continue;
             }

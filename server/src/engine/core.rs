@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures::future::BoxFuture;
+use tether::time::later;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -73,6 +74,13 @@ pub(crate) struct AgentEntry {
 }
 
 impl AgentEntry {
+    /// Whether `r` names an attempt assigned to this agent and not finished:
+    /// the whole reference must match, so a token (or job id) alone, seen
+    /// through GetQueuedJob, lets no other agent act on the job.
+    pub fn holds(&self, r: &crate::domain::AttemptRef) -> bool {
+        self.in_flight.get(&r.fencing_token).is_some_and(|f| f.job_id == r.job_id && f.attempt == r.attempt)
+    }
+
     pub fn free_slots(&self) -> usize {
         (self.agent.slots as usize).saturating_sub(self.in_flight.len())
     }
@@ -169,7 +177,14 @@ impl Engine {
             counts.entry(row.queue).or_insert_with(FastMap::default).insert((row.state, row.priority), row.count);
         }
         let mut ready = ReadySet::default();
+        // Queued jobs whose ready time no timestamp can carry: quarantined
+        // once the engine exists (they would never be dispatched).
+        let mut unreadable = Vec::new();
         for entry in store.load_queued().await? {
+            if entry.ready_time > tether::time::latest() {
+                unreadable.push(entry.id);
+                continue;
+            }
             ready.insert(ReadyEntry::from_stored(entry), now);
         }
         let mut pools: BTreeMap<String, Pool> =
@@ -221,10 +236,19 @@ impl Engine {
                 engine.agents.insert(agent.id.clone(), AgentEntry::new(agent));
             }
         }
+        for id in unreadable {
+            if let Some(job) = store.get_job(&id).await? {
+                engine.quarantine(job, "quarantined: its ready time is after 9999-12-31".to_string());
+            }
+        }
         // Active jobs keep their leases, extended by the reconnect grace so
         // their agents can come back and resume them after a restart.
         for mut job in store.load_active().await? {
-            let floor = now + engine.config.reconnect_grace;
+            if let Some(reason) = job.defect() {
+                engine.quarantine(job, reason);
+                continue;
+            }
+            let floor = later(now, engine.config.reconnect_grace);
             job.lease_expire_time = Some(job.lease_expire_time.map_or(floor, |t| t.max(floor)));
             if let Some(entry) = engine.agents.get_mut(&job.worker_id) {
                 entry
@@ -232,7 +256,7 @@ impl Engine {
                     .insert(job.fencing_token, InFlight { job_id: job.id.clone(), attempt: job.attempt, acked: true });
                 if entry.disconnected_at.is_none() {
                     entry.disconnected_at = Some(now);
-                    engine.grace.insert((now + engine.config.reconnect_grace, entry.agent.id.clone()));
+                    engine.grace.insert((later(now, engine.config.reconnect_grace), entry.agent.id.clone()));
                 }
             }
             engine.track_deadline(&job, None);
@@ -482,7 +506,9 @@ impl Engine {
         *per_queue.entry((job.state, job.spec.priority)).or_insert(0) += 1;
         self.pending.max_seq = self.pending.max_seq.max(job.seq);
         self.pending.max_token = self.pending.max_token.max(job.fencing_token);
-        if self.events.receiver_count() > 0 {
+        // An event is a state change; a renewal or a coalesced rewrite in the
+        // same state is not one.
+        if self.events.receiver_count() > 0 && previous != Some(job.state) {
             self.pending.effects.push(Effect::Event(JobEvent { job: Arc::new(job.clone()), previous }));
         }
     }
@@ -573,8 +599,8 @@ impl Engine {
                 let result = self.check_writable().and_then(|()| self.complete_attempt(&job, output));
                 self.reply_after_commit(reply, result);
             }
-            Command::Fail { job, error, retryable, reply } => {
-                let result = self.check_writable().and_then(|()| self.fail_reported(&job, error, retryable));
+            Command::Fail { job, error, failure, reply } => {
+                let result = self.check_writable().and_then(|()| self.fail_reported(&job, error, failure));
                 self.reply_after_commit(reply, result);
             }
             Command::Renew { job, lease, reply } => {
@@ -660,6 +686,7 @@ impl Engine {
             Command::Shutdown { reply } => {
                 let _ = reply.send(());
             }
+            Command::Inspect { id } => self.inspect(&id).await,
         }
     }
 
@@ -710,6 +737,10 @@ async fn wait_commit(
     match committing.as_mut() {
         Some(handle) => match handle.await {
             Ok(result) => result,
+            // A panic while committing is the engine's own: carried on here
+            // so the server's supervisor sees the engine die (and exits)
+            // instead of a process that stays up unable to write.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => Err(StoreError::Io(format!("commit task failed: {e}"))),
         },
         None => futures::future::pending().await,

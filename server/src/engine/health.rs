@@ -6,6 +6,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use tether::time::later;
+
 use super::core::Engine;
 use super::types::AgentEvent;
 use crate::domain::{Health, Metrics};
@@ -40,7 +42,7 @@ impl Engine {
     /// The margin after the heartbeat interval before a heartbeat counts as
     /// missed (network jitter).
     fn heartbeat_deadline(&self, from: SystemTime) -> SystemTime {
-        from + self.config.heartbeat_interval + self.config.heartbeat_interval / 2
+        later(from, self.config.heartbeat_interval.saturating_add(self.config.heartbeat_interval / 2))
     }
 
     /// (Re)arms the missed-heartbeat deadline of an agent.
@@ -103,7 +105,7 @@ impl Engine {
                 self.set_health(&id, Health::Unhealthy, reason);
             } else {
                 self.set_health(&id, Health::Degraded, reason);
-                self.arm_heartbeat_check(&id, t + interval);
+                self.arm_heartbeat_check(&id, later(t, interval));
             }
         }
     }

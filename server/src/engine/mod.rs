@@ -31,7 +31,8 @@ pub use types::{
 
 use crate::clock::Clock;
 use crate::domain::{
-    AttemptRef, DomainError, DomainResult, Health, Job, JobSpec, Metrics, Pool, ScalingSignal, SchedulingStatus,
+    AttemptRef, DomainError, DomainResult, Failure, Health, Job, JobSpec, Metrics, Pool, ScalingSignal,
+    SchedulingStatus,
 };
 use crate::store::{JobFilter, Page, Store, StoreError};
 
@@ -43,32 +44,128 @@ pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, ahash::RandomSta
 
 /// A request to the engine task.
 pub(crate) enum Command {
-    Enqueue { specs: Vec<JobSpec>, reply: Reply<Vec<(Job, bool)>> },
-    Cancel { id: String, reason: String, reply: Reply<Job> },
-    Claim { request: ClaimRequest, reply: Reply<Option<Job>> },
-    Start { job: AttemptRef, reply: Reply<Job> },
-    Complete { job: AttemptRef, result: Bytes, reply: Reply<Job> },
-    Fail { job: AttemptRef, error: String, retryable: bool, reply: Reply<Job> },
-    Renew { job: AttemptRef, lease: Option<Duration>, reply: Reply<Job> },
-    Redrive { id: String, reply: Reply<Job> },
-    Stats { queue: Option<String>, reply: Reply<QueueStats> },
-    Connect { hello: HelloInfo, pushes: mpsc::UnboundedSender<AgentPush>, reply: Reply<WelcomeInfo> },
-    Inbound { agent_id: String, session_id: u64, messages: Vec<AgentInbound> },
-    Disconnected { agent_id: String, session_id: u64 },
-    RegisterAgent { hello: HelloInfo, reply: Reply<(AgentView, bool)> },
-    GetAgent { id: String, reply: Reply<AgentView> },
-    ListAgents { filter: AgentListFilter, reply: Reply<AgentPage> },
-    DrainAgent { id: String, reason: String, reply: Reply<AgentView> },
-    DeregisterAgent { id: String, reply: Reply<AgentView> },
-    Heartbeat { agent_id: String, metrics: Metrics, running: Vec<AttemptRef>, reply: Reply<HeartbeatAnswer> },
-    UpdateStatus { id: String, status: SchedulingStatus, reason: String, reply: Reply<AgentView> },
-    CreatePool { pool: Pool, reply: Reply<Pool> },
-    GetPool { name: String, reply: Reply<Pool> },
-    ListPools { after: Option<String>, limit: usize, reply: Reply<(Vec<Pool>, Option<String>)> },
-    UpdatePool { pool: Pool, fields: Vec<PoolField>, reply: Reply<Pool> },
-    DeletePool { name: String, reply: Reply<Pool> },
-    Scaling { name: String, reply: Reply<ScalingSignal> },
-    Shutdown { reply: oneshot::Sender<()> },
+    Enqueue {
+        specs: Vec<JobSpec>,
+        reply: Reply<Vec<(Job, bool)>>,
+    },
+    Cancel {
+        id: String,
+        reason: String,
+        reply: Reply<Job>,
+    },
+    Claim {
+        request: ClaimRequest,
+        reply: Reply<Option<Job>>,
+    },
+    Start {
+        job: AttemptRef,
+        reply: Reply<Job>,
+    },
+    Complete {
+        job: AttemptRef,
+        result: Bytes,
+        reply: Reply<Job>,
+    },
+    Fail {
+        job: AttemptRef,
+        error: String,
+        failure: Failure,
+        reply: Reply<Job>,
+    },
+    Renew {
+        job: AttemptRef,
+        lease: Option<Duration>,
+        reply: Reply<Job>,
+    },
+    Redrive {
+        id: String,
+        reply: Reply<Job>,
+    },
+    Stats {
+        queue: Option<String>,
+        reply: Reply<QueueStats>,
+    },
+    Connect {
+        hello: HelloInfo,
+        pushes: mpsc::UnboundedSender<AgentPush>,
+        reply: Reply<WelcomeInfo>,
+    },
+    Inbound {
+        agent_id: String,
+        session_id: u64,
+        messages: Vec<AgentInbound>,
+    },
+    Disconnected {
+        agent_id: String,
+        session_id: u64,
+    },
+    RegisterAgent {
+        hello: HelloInfo,
+        reply: Reply<(AgentView, bool)>,
+    },
+    GetAgent {
+        id: String,
+        reply: Reply<AgentView>,
+    },
+    ListAgents {
+        filter: AgentListFilter,
+        reply: Reply<AgentPage>,
+    },
+    DrainAgent {
+        id: String,
+        reason: String,
+        reply: Reply<AgentView>,
+    },
+    DeregisterAgent {
+        id: String,
+        reply: Reply<AgentView>,
+    },
+    Heartbeat {
+        agent_id: String,
+        metrics: Metrics,
+        running: Vec<AttemptRef>,
+        reply: Reply<HeartbeatAnswer>,
+    },
+    UpdateStatus {
+        id: String,
+        status: SchedulingStatus,
+        reason: String,
+        reply: Reply<AgentView>,
+    },
+    CreatePool {
+        pool: Pool,
+        reply: Reply<Pool>,
+    },
+    GetPool {
+        name: String,
+        reply: Reply<Pool>,
+    },
+    ListPools {
+        after: Option<String>,
+        limit: usize,
+        reply: Reply<(Vec<Pool>, Option<String>)>,
+    },
+    UpdatePool {
+        pool: Pool,
+        fields: Vec<PoolField>,
+        reply: Reply<Pool>,
+    },
+    DeletePool {
+        name: String,
+        reply: Reply<Pool>,
+    },
+    Scaling {
+        name: String,
+        reply: Reply<ScalingSignal>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+    /// A reader found the stored job defective: quarantine it if the engine
+    /// still holds it queued or active.
+    Inspect {
+        id: String,
+    },
 }
 
 /// Which agents ListAgents returns.
@@ -138,8 +235,8 @@ impl EngineHandle {
         self.call(|reply| Command::Complete { job, result, reply }).await
     }
 
-    pub async fn fail(&self, job: AttemptRef, error: String, retryable: bool) -> DomainResult<Job> {
-        self.call(|reply| Command::Fail { job, error, retryable, reply }).await
+    pub async fn fail(&self, job: AttemptRef, error: String, failure: Failure) -> DomainResult<Job> {
+        self.call(|reply| Command::Fail { job, error, failure, reply }).await
     }
 
     pub async fn renew(&self, job: AttemptRef, lease: Option<Duration>) -> DomainResult<Job> {
@@ -260,7 +357,9 @@ impl EngineHandle {
 
     /// A job as last acknowledged (read from the store).
     pub async fn get_job(&self, id: &str) -> DomainResult<Job> {
-        self.store.get_job(id).await.map_err(store_error)?.ok_or_else(|| DomainError::job_not_found(id))
+        let job = self.store.get_job(id).await.map_err(store_error)?.ok_or_else(|| DomainError::job_not_found(id))?;
+        self.report_defects(std::slice::from_ref(&job));
+        Ok(job)
     }
 
     pub async fn list_jobs(
@@ -269,7 +368,9 @@ impl EngineHandle {
         before_seq: Option<u64>,
         limit: usize,
     ) -> DomainResult<Page<Job>> {
-        self.store.list_jobs(filter, before_seq, limit).await.map_err(store_error)
+        let page = self.store.list_jobs(filter, before_seq, limit).await.map_err(store_error)?;
+        self.report_defects(&page.items);
+        Ok(page)
     }
 
     pub async fn list_dead_letters(
@@ -279,6 +380,18 @@ impl EngineHandle {
         limit: usize,
     ) -> DomainResult<Page<Job>> {
         self.store.list_dead_letters(queue, after_seq, limit).await.map_err(store_error)
+    }
+
+    /// Tells the engine about read jobs it should quarantine (queued or
+    /// active ones that cannot be handled). Best effort: a busy engine
+    /// finds them when it dispatches them anyway.
+    fn report_defects(&self, jobs: &[Job]) {
+        for job in jobs {
+            let live = job.state == crate::domain::JobState::Queued || job.state.is_active();
+            if live && job.defect().is_some() {
+                let _ = self.commands.try_send(Command::Inspect { id: job.id.clone() });
+            }
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

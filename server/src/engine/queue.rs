@@ -10,7 +10,9 @@ use rand::Rng;
 use super::core::Engine;
 use super::ready::ReadyEntry;
 use super::types::{AgentPush, ClaimRequest, QueueStats};
-use crate::domain::{AttemptRef, DomainError, DomainResult, Job, JobSpec, JobState, Priority};
+use tether::time::later;
+
+use crate::domain::{AttemptRef, DomainError, DomainResult, Failure, Job, JobSpec, JobState, Priority};
 
 impl Engine {
     pub async fn enqueue(&mut self, specs: Vec<JobSpec>) -> DomainResult<Vec<(Job, bool)>> {
@@ -108,16 +110,71 @@ impl Engine {
     }
 
     /// Removes a queued job from the ready set and returns its full record.
+    /// A stored job that cannot be handled is quarantined instead
+    /// (dead-lettered with the reason) and reported as an error.
     pub async fn take_ready(&mut self, id: &str) -> DomainResult<Job> {
+        let job = self.take_ready_record(id).await?;
+        match job.defect() {
+            None => Ok(job),
+            Some(reason) => {
+                self.quarantine(job, reason.clone());
+                Err(DomainError::Internal(format!("job {id} {reason}")))
+            }
+        }
+    }
+
+    /// Removes a queued job from the ready set and returns its full record,
+    /// whatever it holds.
+    async fn take_ready_record(&mut self, id: &str) -> DomainResult<Job> {
         let entry = self.ready.remove(id).ok_or_else(|| DomainError::job_not_found(id))?;
-        if let Some(body) = entry.body {
-            return Ok(*body);
+        match entry.body {
+            Some(body) => Ok(*body),
+            None => match self.store.get_job(id).await.map_err(super::store_error)? {
+                Some(job) if job.state == JobState::Queued => Ok(job),
+                Some(job) => {
+                    Err(DomainError::Internal(format!("job {id} was indexed as queued but is {:?}", job.state)))
+                }
+                None => Err(DomainError::Internal(format!("job {id} was indexed as queued but is missing"))),
+            },
         }
-        match self.store.get_job(id).await.map_err(super::store_error)? {
-            Some(job) if job.state == JobState::Queued => Ok(job),
-            Some(job) => Err(DomainError::Internal(format!("job {id} was indexed as queued but is {:?}", job.state))),
-            None => Err(DomainError::Internal(format!("job {id} was indexed as queued but is missing"))),
+    }
+
+    /// Quarantines the queued or active job `id` if it is defective (a
+    /// reader saw it so in the store).
+    pub async fn inspect(&mut self, id: &str) {
+        if self.check_writable().is_err() {
+            return;
         }
+        if self.ready.contains(id) {
+            if let Ok(job) = self.take_ready_record(id).await {
+                match job.defect() {
+                    Some(reason) => self.quarantine(job, reason),
+                    None => {
+                        let now = self.clock.now();
+                        self.ready.insert(ReadyEntry::from_job(job), now);
+                    }
+                }
+            }
+        } else if self.active.get(id).is_some_and(|j| j.defect().is_some()) {
+            if let Some(job) = self.take_active(id) {
+                let reason = job.defect().unwrap_or_default();
+                let attempt = job.attempt_ref();
+                let worker = job.worker_id.clone();
+                self.quarantine(job, reason.clone());
+                self.push_after_commit(&worker, AgentPush::Cancel { job: attempt, reason });
+            }
+        }
+    }
+
+    /// Dead-letters a stored job the engine cannot handle, with the reason,
+    /// so an operator can see it (and fix or cancel it) instead of the
+    /// engine failing on it again and again.
+    pub fn quarantine(&mut self, mut job: Job, reason: String) {
+        tracing::error!(job = %job.id, %reason, "stored job quarantined");
+        let previous = job.state;
+        job.last_error = reason;
+        job.finish(JobState::DeadLettered, self.clock.now());
+        self.persist(&mut job, Some(previous));
     }
 
     /// Leases a queued job to a worker as a new attempt.
@@ -128,8 +185,8 @@ impl Engine {
         job.fencing_token = self.next_token;
         self.next_token += 1;
         job.worker_id = worker_id.to_string();
-        job.lease_expire_time = Some(now + job.spec.lease_duration);
-        job.run_deadline = job.spec.timeout.map(|t| now + t);
+        job.lease_expire_time = Some(later(now, job.spec.lease_duration));
+        job.run_deadline = job.spec.timeout.map(|t| later(now, t));
         self.persist(&mut job, Some(JobState::Queued));
         self.track_deadline(&job, None);
         self.active.insert(job.id.clone(), job.clone());
@@ -169,7 +226,7 @@ impl Engine {
             };
             match self.take_ready(&id).await {
                 Ok(job) => return Ok(Some(self.claim(job, &request.worker_id))),
-                Err(e) => tracing::error!(job = %id, error = %e, "skipping unreadable queued job"),
+                Err(e) => tracing::error!(job = %id, error = %e, "skipping a queued job that cannot be dispatched"),
             }
         }
     }
@@ -237,38 +294,35 @@ impl Engine {
             return Err(DomainError::job_not_found(&r.job_id));
         };
         let previous = job.state;
-        job.state = JobState::Succeeded;
         job.result = result;
-        job.finish_time = Some(self.clock.now());
-        job.lease_expire_time = None;
-        job.run_deadline = None;
+        job.finish(JobState::Succeeded, self.clock.now());
         Ok((job, previous))
     }
 
-    pub fn fail_reported(&mut self, r: &AttemptRef, error: String, retryable: bool) -> DomainResult<Job> {
+    pub fn fail_reported(&mut self, r: &AttemptRef, error: String, failure: Failure) -> DomainResult<Job> {
         self.current(r)?;
         let Some(job) = self.take_active(&r.job_id) else {
             return Err(DomainError::job_not_found(&r.job_id));
         };
-        Ok(self.fail_attempt(job, error, retryable))
+        Ok(self.fail_attempt(job, error, failure))
     }
 
-    /// Ends an attempt that failed: requeues the job after a backoff while
-    /// attempts remain, else dead-letters (retryable) or fails it.
-    pub fn fail_attempt(&mut self, mut job: Job, error: String, retryable: bool) -> Job {
+    /// Ends an attempt that failed. If the job's retry policy retries this
+    /// failure, the job is requeued after a backoff while attempts remain
+    /// and dead-lettered once they are spent; otherwise it is FAILED.
+    pub fn fail_attempt(&mut self, mut job: Job, error: String, failure: Failure) -> Job {
         let now = self.clock.now();
         let previous = job.state;
-        job.lease_expire_time = None;
-        job.run_deadline = None;
         job.last_error = error;
-        if retryable && job.attempt < job.spec.max_attempts {
-            job.state = JobState::Queued;
-            job.ready_time = now + self.backoff(job.attempt);
+        if !job.spec.retry.retries(failure) {
+            job.finish(JobState::Failed, now);
+            self.persist(&mut job, Some(previous));
+        } else if job.attempt < job.spec.max_attempts {
+            job.requeue(later(now, self.backoff(job.attempt)));
             self.persist(&mut job, Some(previous));
             self.ready.insert(ReadyEntry::from_job(job.clone()), now);
         } else {
-            job.state = if retryable { JobState::DeadLettered } else { JobState::Failed };
-            job.finish_time = Some(now);
+            job.finish(JobState::DeadLettered, now);
             self.persist(&mut job, Some(previous));
         }
         job
@@ -290,7 +344,7 @@ impl Engine {
             return Err(DomainError::job_not_found(&r.job_id));
         };
         let state = job.state;
-        job.lease_expire_time = Some(self.clock.now() + lease.unwrap_or(job.spec.lease_duration));
+        job.lease_expire_time = Some(later(self.clock.now(), lease.unwrap_or(job.spec.lease_duration)));
         self.persist(&mut job, Some(state));
         self.track_deadline(&job, None);
         self.active.insert(job.id.clone(), job.clone());
@@ -305,16 +359,19 @@ impl Engine {
             }
             self.deadlines.remove(&(t, id.clone()));
             let Some(job) = self.take_active(&id) else { continue };
-            let reason = match (job.run_deadline, job.spec.timeout) {
+            let (reason, failure) = match (job.run_deadline, job.spec.timeout) {
                 (Some(deadline), Some(timeout)) if deadline <= now => {
-                    format!("attempt {} timed out after {:?}", job.attempt, timeout)
+                    (format!("attempt {} timed out after {:?}", job.attempt, timeout), Failure::TimedOut)
                 }
-                _ => format!("attempt {} lease expired (worker {} stopped renewing it)", job.attempt, job.worker_id),
+                _ => (
+                    format!("attempt {} lease expired (worker {} stopped renewing it)", job.attempt, job.worker_id),
+                    Failure::Lost,
+                ),
             };
             tracing::info!(job = %job.id, %reason, "attempt expired");
             let attempt = job.attempt_ref();
             let worker = job.worker_id.clone();
-            self.fail_attempt(job, reason.clone(), true);
+            self.fail_attempt(job, reason.clone(), failure);
             self.push_after_commit(&worker, AgentPush::Cancel { job: attempt, reason });
         }
     }
@@ -322,7 +379,7 @@ impl Engine {
     pub async fn cancel(&mut self, id: String, reason: String) -> DomainResult<Job> {
         let reason = if reason.is_empty() { "cancelled by operator".to_string() } else { reason };
         let mut job = if self.ready.contains(&id) {
-            self.take_ready(&id).await?
+            self.take_ready_record(&id).await?
         } else if let Some(job) = self.take_active(&id) {
             self.push_after_commit(
                 &job.worker_id.clone(),
@@ -346,11 +403,8 @@ impl Engine {
             }
         };
         let previous = job.state;
-        job.state = JobState::Cancelled;
         job.last_error = reason;
-        job.finish_time = Some(self.clock.now());
-        job.lease_expire_time = None;
-        job.run_deadline = None;
+        job.finish(JobState::Cancelled, self.clock.now());
         self.persist(&mut job, Some(previous));
         Ok(job)
     }
@@ -373,10 +427,13 @@ impl Engine {
         if job.state != JobState::DeadLettered {
             return Err(DomainError::FailedPrecondition(format!("job {id} is {:?}, not dead-lettered", job.state)));
         }
-        job.state = JobState::Queued;
+        if let Some(reason) = job.defect() {
+            return Err(DomainError::FailedPrecondition(format!(
+                "job {id} cannot be redriven: {reason}; cancel it and enqueue a corrected job"
+            )));
+        }
         job.attempt = 0;
-        job.ready_time = self.clock.now();
-        job.finish_time = None;
+        job.requeue(self.clock.now());
         self.persist(&mut job, Some(JobState::DeadLettered));
         let out = job.clone();
         self.place(job).await;

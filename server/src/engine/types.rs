@@ -62,6 +62,8 @@ pub enum AgentInbound {
         outcome: Outcome,
         result: Bytes,
         error: String,
+        /// The command's non-zero exit code, if it ran and exited.
+        exit_code: Option<i32>,
     },
 }
 

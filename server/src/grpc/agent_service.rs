@@ -120,10 +120,10 @@ fn inbound_in(message: connect_request::Message, protocol: u32) -> DomainResult<
                 _ => return Err(DomainError::invalid("job_log.stream", format!("unknown log stream {}", l.stream))),
             };
             if l.data.len() > MAX_LOG_CHUNK {
-                return Err(DomainError::ResourceExhausted(format!(
-                    "job_log.data is {} bytes; the limit is {MAX_LOG_CHUNK}",
-                    l.data.len()
-                )));
+                return Err(DomainError::invalid(
+                    "job_log.data",
+                    format!("is {} bytes; the limit is {MAX_LOG_CHUNK} bytes per message", l.data.len()),
+                ));
             }
             AgentInbound::Log {
                 job: job_ref_in("job_log.job", l.job.as_ref())?,
@@ -143,11 +143,10 @@ fn inbound_in(message: connect_request::Message, protocol: u32) -> DomainResult<
                 }
             };
             if f.result.len() > validate::MAX_RESULT_BYTES {
-                return Err(DomainError::ResourceExhausted(format!(
-                    "job_finished.result is {} bytes; the limit is {}",
-                    f.result.len(),
-                    validate::MAX_RESULT_BYTES
-                )));
+                return Err(DomainError::invalid(
+                    "job_finished.result",
+                    format!("is {} bytes; the limit is {} bytes", f.result.len(), validate::MAX_RESULT_BYTES),
+                ));
             }
             let mut error = truncate(f.error);
             if f.exit_code != 0 && !error.contains("exit") {
@@ -158,6 +157,7 @@ fn inbound_in(message: connect_request::Message, protocol: u32) -> DomainResult<
                 outcome,
                 result: f.result,
                 error,
+                exit_code: (f.exit_code != 0).then_some(f.exit_code),
             }
         }
     })
@@ -262,10 +262,34 @@ async fn read_one(
             Some(ReadEnd::Fatal(Status::invalid_argument("invalid message: a ConnectRequest must set one message")))
         }
         Ok(None) => Some(ReadEnd::Closed),
-        Err(status) => {
-            tracing::debug!(agent = %agent_id, %status, "agent stream broke");
-            Some(ReadEnd::Closed)
-        }
+        Err(status) => match decode_failure(status) {
+            Ok(status) => {
+                tracing::warn!(agent = %agent_id, %status, "closing stream after an undecodable message");
+                Some(ReadEnd::Fatal(status))
+            }
+            Err(status) => {
+                tracing::debug!(agent = %agent_id, %status, "agent stream broke");
+                Some(ReadEnd::Closed)
+            }
+        },
+    }
+}
+
+/// Sorts an error of the inbound stream: `Ok` with the status to end the
+/// stream with when the agent sent something the server cannot take (a
+/// message over the size limit: RESOURCE_EXHAUSTED; a frame that does not
+/// decode: INTERNAL, as gRPC's status table says), `Err` when the transport
+/// broke (nobody is left to tell).
+fn decode_failure(status: Status) -> Result<Status, Status> {
+    match status.code() {
+        // tonic reports an oversize message as OUT_OF_RANGE.
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => Ok(Status::resource_exhausted(format!(
+            "message too large: {}; the limit is {} bytes per message",
+            status.message(),
+            crate::server::MAX_MESSAGE_BYTES
+        ))),
+        tonic::Code::Internal => Ok(Status::internal(format!("undecodable message: {}", status.message()))),
+        _ => Err(status),
     }
 }
 
@@ -283,7 +307,7 @@ impl AgentService for AgentApi {
         let mut inbound = request.into_inner();
         let first = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Err(_) => return Err(Status::deadline_exceeded(format!("no hello within {HELLO_TIMEOUT:?}"))),
-            Ok(Err(status)) => return Err(status),
+            Ok(Err(status)) => return Err(decode_failure(status).unwrap_or_else(|s| s)),
             Ok(Ok(None)) => return Err(Status::cancelled("the stream closed before its hello")),
             Ok(Ok(Some(first))) => first,
         };

@@ -2,15 +2,15 @@
 //! every field that comes from the wire.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use tether::time::{from_duration, from_timestamp, to_duration, to_timestamp};
+use tether::time::{duration_in as wire_duration, timestamp_in, to_duration, to_timestamp, TimeError};
 use tether::v1 as pb;
 
 use crate::domain::validate::{self, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS};
 use crate::domain::{
-    Agent, AttemptRef, DomainError, DomainResult, Health, JobSpec, JobState, Metrics, Pool, Priority, Routing,
-    ScalingSignal, SchedulingStatus, DEFAULT_POOL,
+    Agent, AttemptRef, DomainError, DomainResult, Health, JobSpec, JobState, Metrics, Pool, Priority, RetryPolicy,
+    Routing, ScalingSignal, SchedulingStatus, DEFAULT_POOL,
 };
 use crate::engine::{AgentView, PoolField, QueueStats};
 
@@ -102,13 +102,16 @@ pub fn scheduling_out(s: SchedulingStatus) -> pb::AgentSchedulingStatus {
 
 // ---- small fields ------------------------------------------------------------
 
+/// Longest id accepted in a request.
+pub const MAX_ID: usize = validate::MAX_NAME * 2;
+
 /// A required id field.
 pub fn required(field: &str, value: &str) -> DomainResult<String> {
     if value.is_empty() {
         return Err(DomainError::invalid(field, "is required"));
     }
-    if value.len() > validate::MAX_NAME * 2 {
-        return Err(DomainError::invalid(field, "is too long"));
+    if value.len() > MAX_ID {
+        return Err(DomainError::invalid(field, format!("must be at most {MAX_ID} bytes")));
     }
     Ok(value.to_string())
 }
@@ -134,15 +137,42 @@ pub fn labels_in(
     Ok(labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
 }
 
+/// A duration from the wire: `None` when unset; refused (naming `field`)
+/// when negative, unnormalized or outside protobuf's range.
 pub fn duration_in(field: &str, value: Option<&prost_types::Duration>) -> DomainResult<Option<Duration>> {
     match value {
         None => Ok(None),
-        Some(d) => from_duration(d)
-            .map(Some)
-            .ok_or_else(|| DomainError::invalid(field, "must be a non-negative, normalized duration")),
+        Some(d) => wire_duration(d).map(Some).map_err(|e| DomainError::invalid(field, time_reason(e, "duration"))),
     }
 }
 
+/// A timestamp from the wire: any valid protobuf timestamp; one before 1970
+/// becomes the epoch (callers only take times where the past means "now").
+pub fn timestamp_in_field(field: &str, value: Option<&prost_types::Timestamp>) -> DomainResult<Option<SystemTime>> {
+    match value {
+        None => Ok(None),
+        Some(ts) => match timestamp_in(ts) {
+            Ok(t) => Ok(Some(t)),
+            Err(TimeError::Negative) => Ok(Some(SystemTime::UNIX_EPOCH)),
+            Err(e) => Err(DomainError::invalid(field, time_reason(e, "timestamp"))),
+        },
+    }
+}
+
+fn time_reason(e: TimeError, kind: &str) -> String {
+    match e {
+        TimeError::OutOfRange if kind == "timestamp" => {
+            "is not a valid timestamp: seconds must lie in years 1 to 9999 (-62135596800..=253402300799)".to_string()
+        }
+        TimeError::OutOfRange => {
+            "is not a valid duration: seconds must be at most 315576000000 (10,000 years)".to_string()
+        }
+        TimeError::NanosOutOfRange => format!("is not a valid {kind}: nanos must be between 0 and 999999999"),
+        other => format!("{other}"),
+    }
+}
+
+/// A (job id, attempt, fencing token) of the unary calls.
 pub fn attempt_in(id: &str, attempt: u32, fencing_token: u64) -> DomainResult<AttemptRef> {
     let job_id = required("id", id)?;
     if attempt == 0 {
@@ -154,10 +184,20 @@ pub fn attempt_in(id: &str, attempt: u32, fencing_token: u64) -> DomainResult<At
     Ok(AttemptRef { job_id, attempt, fencing_token })
 }
 
+/// A `JobRef` of the stream: every part is required.
 pub fn job_ref_in(field: &str, r: Option<&pb::JobRef>) -> DomainResult<AttemptRef> {
     let r = r.ok_or_else(|| DomainError::invalid(field, "is required"))?;
     if r.job_id.is_empty() {
         return Err(DomainError::invalid(format!("{field}.job_id"), "is required"));
+    }
+    if r.job_id.len() > MAX_ID {
+        return Err(DomainError::invalid(format!("{field}.job_id"), format!("must be at most {MAX_ID} bytes")));
+    }
+    if r.attempt == 0 {
+        return Err(DomainError::invalid(format!("{field}.attempt"), "is required (attempts count from 1)"));
+    }
+    if r.fencing_token == 0 {
+        return Err(DomainError::invalid(format!("{field}.fencing_token"), "is required"));
     }
     Ok(AttemptRef { job_id: r.job_id.clone(), attempt: r.attempt, fencing_token: r.fencing_token })
 }
@@ -172,66 +212,46 @@ pub fn job_ref_out(r: &AttemptRef) -> pb::JobRef {
 /// prefixes them with [`DomainError::under`] (only on failure: no name is
 /// built per request).
 pub fn job_spec_in(req: &pb::EnqueueJobRequest) -> DomainResult<JobSpec> {
-    validate::name("queue", &req.queue, validate::MAX_NAME)?;
-    if req.payload.len() > validate::MAX_PAYLOAD_BYTES {
-        return Err(DomainError::ResourceExhausted(format!(
-            "payload is {} bytes; the limit is {} bytes",
-            req.payload.len(),
-            validate::MAX_PAYLOAD_BYTES
-        )));
-    }
     let priority = priority_in("priority", req.priority)?;
     let routing = match &req.routing {
         None => Routing { pool: DEFAULT_POOL.to_string(), required_labels: BTreeMap::new() },
         Some(r) => Routing {
-            pool: pool_name_in("routing.pool", &r.pool)?,
-            required_labels: labels_in("routing.required_labels", &r.required_labels)?,
+            pool: if r.pool.is_empty() { DEFAULT_POOL.to_string() } else { r.pool.clone() },
+            required_labels: r.required_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         },
     };
-    let max_attempts = match req.max_attempts {
-        0 => DEFAULT_MAX_ATTEMPTS,
-        n if n > validate::MAX_ATTEMPTS => {
-            return Err(DomainError::invalid("max_attempts", format!("must be at most {}", validate::MAX_ATTEMPTS)))
-        }
-        n => n,
-    };
-    let lease_duration = match duration_in("lease_duration", req.lease_duration.as_ref())? {
-        None => DEFAULT_LEASE,
-        Some(d) if d < validate::MIN_LEASE || d > validate::MAX_LEASE => {
-            return Err(DomainError::invalid("lease_duration", "must be between 1s and 1h"))
-        }
-        Some(d) => d,
-    };
-    let timeout = match duration_in("timeout", req.timeout.as_ref())? {
-        Some(d) if d.is_zero() => return Err(DomainError::invalid("timeout", "must be positive when set")),
-        other => other,
-    };
-    let idempotency_key = match req.idempotency_key.as_str() {
-        "" => None,
-        k if k.len() > validate::MAX_IDEMPOTENCY_KEY => {
-            return Err(DomainError::invalid(
-                "idempotency_key",
-                format!("must be at most {} characters", validate::MAX_IDEMPOTENCY_KEY),
-            ))
-        }
-        k => Some(k.to_string()),
-    };
-    let not_before = match &req.not_before {
-        None => None,
-        Some(ts) => {
-            Some(from_timestamp(ts).ok_or_else(|| DomainError::invalid("not_before", "is not a valid timestamp"))?)
-        }
-    };
-    Ok(JobSpec {
+    let spec = JobSpec {
         queue: req.queue.clone(),
         payload: req.payload.clone(),
         priority,
         routing,
-        max_attempts,
-        lease_duration,
-        timeout,
-        idempotency_key,
-        not_before,
+        max_attempts: if req.max_attempts == 0 { DEFAULT_MAX_ATTEMPTS } else { req.max_attempts },
+        lease_duration: duration_in("lease_duration", req.lease_duration.as_ref())?.unwrap_or(DEFAULT_LEASE),
+        timeout: duration_in("timeout", req.timeout.as_ref())?,
+        idempotency_key: (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone()),
+        not_before: timestamp_in_field("not_before", req.not_before.as_ref())?,
+        retry: retry_policy_in(req.retry_policy.as_ref())?,
+    };
+    validate::job_spec(&spec)?;
+    Ok(spec)
+}
+
+fn retry_policy_in(policy: Option<&pb::RetryPolicy>) -> DomainResult<RetryPolicy> {
+    let Some(p) = policy else { return Ok(RetryPolicy::default()) };
+    if p.exit_codes.len() > validate::MAX_RETRY_EXIT_CODES {
+        // Checked before collecting: the list may be huge.
+        return Err(DomainError::invalid(
+            "retry_policy.exit_codes",
+            format!("lists {} codes; the limit is {}", p.exit_codes.len(), validate::MAX_RETRY_EXIT_CODES),
+        ));
+    }
+    Ok(RetryPolicy { any_failure: p.any_failure, exit_codes: p.exit_codes.iter().copied().collect() })
+}
+
+pub fn retry_policy_out(policy: &RetryPolicy) -> Option<pb::RetryPolicy> {
+    (*policy != RetryPolicy::default()).then(|| pb::RetryPolicy {
+        any_failure: policy.any_failure,
+        exit_codes: policy.exit_codes.iter().copied().collect(),
     })
 }
 
@@ -260,6 +280,7 @@ pub fn job_out(job: &crate::domain::Job) -> pb::QueuedJob {
         result: job.result.clone(),
         last_error: job.last_error.clone(),
         finish_time: job.finish_time.map(to_timestamp),
+        retry_policy: retry_policy_out(&job.spec.retry),
     }
 }
 
@@ -464,7 +485,7 @@ mod tests {
             payload: vec![0u8; validate::MAX_PAYLOAD_BYTES + 1].into(),
             ..Default::default()
         };
-        assert!(matches!(job_spec_in(&big), Err(DomainError::ResourceExhausted(m)) if m.contains("payload")));
+        assert!(matches!(job_spec_in(&big), Err(DomainError::InvalidArgument { field, .. }) if field == "payload"));
         let lease = pb::EnqueueJobRequest {
             queue: "q".into(),
             lease_duration: Some(prost_types::Duration { seconds: -5, nanos: 0 }),

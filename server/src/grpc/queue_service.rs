@@ -14,7 +14,7 @@ use tether::v1::queue_service_server::QueueService;
 
 use super::convert::{self, job_out};
 use super::status::to_status;
-use crate::domain::{validate, DomainError};
+use crate::domain::{validate, DomainError, Failure};
 use crate::engine::{ClaimRequest, EngineHandle};
 use crate::store::JobFilter;
 
@@ -145,11 +145,10 @@ impl QueueService for QueueApi {
         let req = request.into_inner();
         let attempt = convert::attempt_in(&req.id, req.attempt, req.fencing_token).map_err(to_status)?;
         if req.result.len() > validate::MAX_RESULT_BYTES {
-            return Err(to_status(DomainError::ResourceExhausted(format!(
-                "result is {} bytes; the limit is {} bytes",
-                req.result.len(),
-                validate::MAX_RESULT_BYTES
-            ))));
+            return Err(to_status(DomainError::invalid(
+                "result",
+                format!("is {} bytes; the limit is {} bytes", req.result.len(), validate::MAX_RESULT_BYTES),
+            )));
         }
         let job = self.engine.complete(attempt, req.result).await.map_err(to_status)?;
         Ok(Response::new(pb::CompleteJobResponse { job: Some(job_out(&job)) }))
@@ -164,7 +163,9 @@ impl QueueService for QueueApi {
                 format!("must be at most {} bytes", validate::MAX_ERROR_LEN),
             )));
         }
-        let job = self.engine.fail(attempt, req.error, req.retryable).await.map_err(to_status)?;
+        let failure =
+            Failure::Reported { retryable: req.retryable, exit_code: (req.exit_code != 0).then_some(req.exit_code) };
+        let job = self.engine.fail(attempt, req.error, failure).await.map_err(to_status)?;
         Ok(Response::new(pb::FailJobResponse { job: Some(job_out(&job)) }))
     }
 

@@ -25,6 +25,7 @@ pub fn job(id: &str, seq: u64, queue: &str, key: Option<&str>) -> Job {
         timeout: None,
         idempotency_key: key.map(str::to_string),
         not_before: None,
+        retry: crate::domain::RetryPolicy { any_failure: false, exit_codes: [75].into() },
     };
     let mut job = Job::new(id.to_string(), seq, spec, t(seq));
     job.version = 1;

@@ -37,6 +37,9 @@ const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
 
 /// The record encoding's version, the first byte of every stored value.
 const FORMAT_V1: u8 = 1;
+/// Job records since retry policies (format 1 jobs are read through
+/// [`super::legacy`]; other records are still format 1).
+const JOB_FORMAT_V2: u8 = 2;
 
 /// How the store syncs commits to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +105,28 @@ fn encode_into<T: Serialize>(buf: &mut Vec<u8>, value: &T) -> StoreResult<()> {
     out.push(FORMAT_V1);
     *buf = postcard::to_extend(value, out).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))?;
     Ok(())
+}
+
+/// A job record in today's format, into a reused buffer.
+fn encode_job_into(buf: &mut Vec<u8>, job: &Job) -> StoreResult<()> {
+    let mut out = std::mem::take(buf);
+    out.clear();
+    out.push(JOB_FORMAT_V2);
+    *buf = postcard::to_extend(job, out).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))?;
+    Ok(())
+}
+
+/// A job record of any format this release reads.
+fn decode_job(bytes: &[u8]) -> StoreResult<Job> {
+    let corrupt = |e: postcard::Error| StoreError::Corrupt(format!("decode job: {e}"));
+    match bytes.split_first() {
+        Some((&JOB_FORMAT_V2, rest)) => postcard::from_bytes(rest).map_err(corrupt),
+        Some((&FORMAT_V1, rest)) => postcard::from_bytes::<super::legacy::JobV1>(rest).map(Job::from).map_err(corrupt),
+        Some((v, _)) => Err(StoreError::Corrupt(format!(
+            "job record format {v} is newer than this release reads; run a newer tether"
+        ))),
+        None => Err(StoreError::Corrupt("empty job record".into())),
+    }
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
@@ -419,7 +444,7 @@ impl Tables<'_> {
     fn create_job(&mut self, job: &Job) -> StoreResult<WriteOutcome> {
         // Insert first and undo in the (never expected) conflicts: one tree
         // walk per create instead of a lookup and an insert.
-        encode_into(&mut self.buf, job)?;
+        encode_job_into(&mut self.buf, job)?;
         let previous =
             self.jobs.insert(job.id.as_str(), self.buf.as_slice()).map_err(io_err)?.map(|old| old.value().to_vec());
         if let Some(old) = previous {
@@ -451,7 +476,7 @@ impl Tables<'_> {
             }
             None => match self.jobs.get(job.id.as_str()).map_err(io_err)? {
                 Some(bytes) => {
-                    let m = JobMeta::of(&decode::<Job>(bytes.value())?);
+                    let m = JobMeta::of(&decode_job(bytes.value())?);
                     (m.version, m.state, m.seq, m.priority, Some(m.queue))
                 }
                 None => return Ok(WriteOutcome::VersionConflict { current_version: None }),
@@ -461,7 +486,7 @@ impl Tables<'_> {
         if version != expected_version {
             return Ok(WriteOutcome::VersionConflict { current_version: Some(version) });
         }
-        encode_into(&mut self.buf, job)?;
+        encode_job_into(&mut self.buf, job)?;
         self.jobs.insert(job.id.as_str(), self.buf.as_slice()).map_err(io_err)?;
         self.state_index.remove((state.code(), seq)).map_err(io_err)?;
         self.index(job)?;
@@ -488,7 +513,7 @@ fn index_id(value: &[u8]) -> StoreResult<String> {
 
 fn read_job(jobs: &impl ReadableTable<&'static str, &'static [u8]>, id: &str) -> StoreResult<Option<Job>> {
     match jobs.get(id).map_err(io_err)? {
-        Some(bytes) => decode(bytes.value()).map(Some),
+        Some(bytes) => decode_job(bytes.value()).map(Some),
         None => Ok(None),
     }
 }
@@ -802,8 +827,37 @@ mod tests {
 
     #[tokio::test]
     async fn corrupt_records_are_reported_not_panicked_on() {
-        assert!(matches!(decode::<Job>(&[]), Err(StoreError::Corrupt(_))));
-        assert!(matches!(decode::<Job>(&[9, 1, 2]), Err(StoreError::Corrupt(_))));
-        assert!(matches!(decode::<Job>(&[FORMAT_V1, 0xff]), Err(StoreError::Corrupt(_))));
+        assert!(matches!(decode_job(&[]), Err(StoreError::Corrupt(_))));
+        assert!(matches!(decode_job(&[9, 1, 2]), Err(StoreError::Corrupt(m)) if m.contains("newer")));
+        assert!(matches!(decode_job(&[FORMAT_V1, 0xff]), Err(StoreError::Corrupt(_))));
+        assert!(matches!(decode_job(&[JOB_FORMAT_V2, 0xff]), Err(StoreError::Corrupt(_))));
+    }
+
+    #[tokio::test]
+    async fn jobs_stored_by_the_previous_format_are_read_and_keep_retrying_every_failure() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut job = conformance::job("old", 3, "q", None);
+        job.version = 1;
+        {
+            let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open");
+            // Written as the previous release wrote it.
+            let mut record = vec![FORMAT_V1];
+            record.extend(super::super::legacy::fixture::encode_v1(&job));
+            let txn = store.db.begin_write().expect("txn");
+            txn.open_table(JOBS).expect("jobs").insert("old", record.as_slice()).expect("insert");
+            txn.commit().expect("commit");
+        }
+        let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("reopen");
+        let read = store.get_job("old").await.expect("get").expect("present");
+        assert_eq!(read.spec.retry, crate::domain::RetryPolicy::any());
+        let mut expected = job.clone();
+        expected.spec.retry = crate::domain::RetryPolicy::any();
+        assert_eq!(read, expected);
+        // An update rewrites it in today's format.
+        let mut next = read.clone();
+        next.version = 2;
+        let outcome = store.write(vec![Write::UpdateJob { job: Box::new(next), expected_version: 1 }]).await;
+        assert_eq!(outcome.expect("write"), vec![WriteOutcome::Applied]);
+        assert_eq!(store.get_job("old").await.expect("get").map(|j| j.version), Some(2));
     }
 }

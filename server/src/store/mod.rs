@@ -20,6 +20,7 @@ use crate::domain::{Agent, Job, JobState, Pool, Priority, Routing};
 pub mod conformance;
 pub mod embedded;
 pub mod hooked;
+mod legacy;
 
 /// A storage failure. Conflicts are not errors: they are outcomes.
 #[derive(Debug, Clone, thiserror::Error)]

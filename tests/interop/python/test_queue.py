@@ -151,7 +151,9 @@ def test_claim_start_renew_complete_and_stats(clients, unary_pool):
 
 
 def test_retryable_failure_requeues_then_dead_letters_and_redrives(clients, unary_pool):
-    job = enqueue(clients, "py-retry", b"flaky", pool=unary_pool, max_attempts=3)
+    job = enqueue(
+        clients, "py-retry", b"flaky", pool=unary_pool, max_attempts=3, retry_policy=Q.RetryPolicy(any_failure=True)
+    )
     claimed = claim(clients, "py-retry", unary_pool)
     assert claimed.id == job.id
     failed = clients.queue.FailJob(
@@ -167,7 +169,9 @@ def test_retryable_failure_requeues_then_dead_letters_and_redrives(clients, unar
     clients.queue.CancelQueuedJob(Q.CancelQueuedJobRequest(id=job.id), timeout=T)
 
     # With its only attempt spent, the job is dead-lettered; redrive requeues it.
-    once = enqueue(clients, "py-dead", b"doomed", pool=unary_pool, max_attempts=1)
+    once = enqueue(
+        clients, "py-dead", b"doomed", pool=unary_pool, max_attempts=1, retry_policy=Q.RetryPolicy(any_failure=True)
+    )
     c = claim(clients, "py-dead", unary_pool)
     dead = clients.queue.FailJob(
         Q.FailJobRequest(id=once.id, attempt=1, fencing_token=c.fencing_token, error="boom", retryable=True),
@@ -186,6 +190,34 @@ def test_retryable_failure_requeues_then_dead_letters_and_redrives(clients, unar
         timeout=T,
     ).job
     assert final.state == Q.QUEUED_JOB_STATE_FAILED
+
+
+def test_the_retry_policy_decides_from_the_exit_code(clients, unary_pool):
+    def fail_with(job, exit_code):
+        c = claim(clients, "py-policy", unary_pool)
+        assert c.id == job.id
+        return clients.queue.FailJob(
+            Q.FailJobRequest(
+                id=c.id, attempt=c.attempt, fencing_token=c.fencing_token, error="exit", retryable=True, exit_code=exit_code
+            ),
+            timeout=T,
+        ).job
+
+    # No policy: a command that exited non-zero is FAILED at once.
+    plain = enqueue(clients, "py-policy", b"x", pool=unary_pool, max_attempts=3)
+    assert fail_with(plain, 2).state == Q.QUEUED_JOB_STATE_FAILED
+    # A policy listing 75 retries exit code 75, not 2.
+    listed = enqueue(
+        clients, "py-policy", b"y", pool=unary_pool, max_attempts=3, retry_policy=Q.RetryPolicy(exit_codes=[75])
+    )
+    again = fail_with(listed, 75)
+    assert again.state == Q.QUEUED_JOB_STATE_QUEUED
+    assert list(again.retry_policy.exit_codes) == [75]
+    clients.queue.CancelQueuedJob(Q.CancelQueuedJobRequest(id=listed.id), timeout=T)
+    other = enqueue(
+        clients, "py-policy", b"z", pool=unary_pool, max_attempts=3, retry_policy=Q.RetryPolicy(exit_codes=[75])
+    )
+    assert fail_with(other, 2).state == Q.QUEUED_JOB_STATE_FAILED
 
 
 def test_cancel(clients, unary_pool):

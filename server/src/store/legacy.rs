@@ -1,0 +1,156 @@
+//! Record layouts of earlier releases, decoded into today's types. Records
+//! are postcard-encoded (not self-describing) behind a format byte, so a
+//! change of layout gets a new format byte and the old one is read here.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::domain::{Job, JobSpec, JobState, Priority, RetryPolicy, Routing};
+
+/// A job as format 1 stored it: before retry policies.
+#[derive(Deserialize)]
+pub struct JobV1 {
+    id: String,
+    seq: u64,
+    spec: JobSpecV1,
+    state: JobState,
+    attempt: u32,
+    fencing_token: u64,
+    worker_id: String,
+    create_time: SystemTime,
+    update_time: SystemTime,
+    ready_time: SystemTime,
+    lease_expire_time: Option<SystemTime>,
+    run_deadline: Option<SystemTime>,
+    result: Bytes,
+    last_error: String,
+    finish_time: Option<SystemTime>,
+    version: u64,
+}
+
+#[derive(Deserialize)]
+struct JobSpecV1 {
+    queue: String,
+    payload: Bytes,
+    priority: Priority,
+    routing: Routing,
+    max_attempts: u32,
+    lease_duration: Duration,
+    timeout: Option<Duration>,
+    idempotency_key: Option<String>,
+    not_before: Option<SystemTime>,
+}
+
+impl From<JobV1> for Job {
+    /// Jobs of format 1 were enqueued when every retryable failure was
+    /// retried: they keep that behaviour.
+    fn from(v1: JobV1) -> Job {
+        let s = v1.spec;
+        Job {
+            id: v1.id,
+            seq: v1.seq,
+            spec: JobSpec {
+                queue: s.queue,
+                payload: s.payload,
+                priority: s.priority,
+                routing: s.routing,
+                max_attempts: s.max_attempts,
+                lease_duration: s.lease_duration,
+                timeout: s.timeout,
+                idempotency_key: s.idempotency_key,
+                not_before: s.not_before,
+                retry: RetryPolicy::any(),
+            },
+            state: v1.state,
+            attempt: v1.attempt,
+            fencing_token: v1.fencing_token,
+            worker_id: v1.worker_id,
+            create_time: v1.create_time,
+            update_time: v1.update_time,
+            ready_time: v1.ready_time,
+            lease_expire_time: v1.lease_expire_time,
+            run_deadline: v1.run_deadline,
+            result: v1.result,
+            last_error: v1.last_error,
+            finish_time: v1.finish_time,
+            version: v1.version,
+        }
+    }
+}
+
+#[cfg(test)]
+pub mod fixture {
+    //! Encodes a job the way format 1 did, for migration tests.
+    use serde::Serialize;
+
+    use super::*;
+
+    #[derive(Serialize)]
+    struct JobSpecV1Out<'a> {
+        queue: &'a str,
+        payload: &'a Bytes,
+        priority: Priority,
+        routing: &'a Routing,
+        max_attempts: u32,
+        lease_duration: Duration,
+        timeout: Option<Duration>,
+        idempotency_key: &'a Option<String>,
+        not_before: Option<SystemTime>,
+    }
+
+    #[derive(Serialize)]
+    struct JobV1Out<'a> {
+        id: &'a str,
+        seq: u64,
+        spec: JobSpecV1Out<'a>,
+        state: JobState,
+        attempt: u32,
+        fencing_token: u64,
+        worker_id: &'a str,
+        create_time: SystemTime,
+        update_time: SystemTime,
+        ready_time: SystemTime,
+        lease_expire_time: Option<SystemTime>,
+        run_deadline: Option<SystemTime>,
+        result: &'a Bytes,
+        last_error: &'a str,
+        finish_time: Option<SystemTime>,
+        version: u64,
+    }
+
+    /// `job` in format 1's layout (without the format byte).
+    pub fn encode_v1(job: &Job) -> Vec<u8> {
+        let s = &job.spec;
+        let out = JobV1Out {
+            id: &job.id,
+            seq: job.seq,
+            spec: JobSpecV1Out {
+                queue: &s.queue,
+                payload: &s.payload,
+                priority: s.priority,
+                routing: &s.routing,
+                max_attempts: s.max_attempts,
+                lease_duration: s.lease_duration,
+                timeout: s.timeout,
+                idempotency_key: &s.idempotency_key,
+                not_before: s.not_before,
+            },
+            state: job.state,
+            attempt: job.attempt,
+            fencing_token: job.fencing_token,
+            worker_id: &job.worker_id,
+            create_time: job.create_time,
+            update_time: job.update_time,
+            ready_time: job.ready_time,
+            lease_expire_time: job.lease_expire_time,
+            run_deadline: job.run_deadline,
+            result: &job.result,
+            last_error: &job.last_error,
+            finish_time: job.finish_time,
+            version: job.version,
+        };
+        postcard::to_allocvec(&out).unwrap_or_default()
+    }
+}
