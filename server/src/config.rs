@@ -41,9 +41,11 @@ pub struct ServerArgs {
     /// How long a disconnected agent keeps its jobs before they are requeued.
     #[arg(long, env = "TETHER_RECONNECT_GRACE", default_value = "15s", value_parser = parse_duration)]
     pub reconnect_grace: Duration,
-    /// Most agent streams the server holds at once.
-    #[arg(long, env = "TETHER_MAX_AGENT_STREAMS", default_value_t = 10_000)]
-    pub max_agent_streams: usize,
+    /// Most agent streams the server holds at once [default: what the
+    /// open-file limit and a quarter of the memory allow, at ~64 KiB per
+    /// agent].
+    #[arg(long, env = "TETHER_MAX_AGENT_STREAMS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_agent_streams: Option<u64>,
     /// Log format.
     #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: LogFormat,
@@ -87,7 +89,7 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reconnect_grace: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_agent_streams: Option<usize>,
+    pub max_agent_streams: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -161,7 +163,10 @@ impl ServerArgs {
             self.reconnect_grace = value(path, "reconnect-grace", v, parse_duration)?;
         }
         if let (true, Some(v)) = (from_file("max_agent_streams"), file.max_agent_streams) {
-            self.max_agent_streams = v;
+            if v == 0 {
+                anyhow::bail!("config file {}: key `max-agent-streams`: must be at least 1", path.display());
+            }
+            self.max_agent_streams = Some(v);
         }
         if let (true, Some(v)) = (from_file("log_format"), &file.log_format) {
             self.log_format = value(path, "log-format", v, |t| {
@@ -188,7 +193,7 @@ impl ServerArgs {
             unsafe_sync_every: self.unsafe_sync_every,
             heartbeat_interval: Some(format_duration(self.heartbeat_interval)),
             reconnect_grace: Some(format_duration(self.reconnect_grace)),
-            max_agent_streams: Some(self.max_agent_streams),
+            max_agent_streams: self.max_agent_streams,
             log_format: self.log_format.to_possible_value().map(|v| v.get_name().to_string()),
             metrics_listen: self.metrics_listen.map(|a| a.to_string()),
             cors_allow_origins: Some(self.cors_allow_origins.clone()),
@@ -308,7 +313,7 @@ cors-allow-origins = ["https://dash.example.com", "http://localhost:3000"]
         assert_eq!(args.unsafe_sync_every, Some(4));
         assert_eq!(args.heartbeat_interval, Duration::from_secs(2));
         assert_eq!(args.reconnect_grace, Duration::from_secs(60));
-        assert_eq!(args.max_agent_streams, 77);
+        assert_eq!(args.max_agent_streams, Some(77));
         assert_eq!(args.log_format, LogFormat::Json);
         assert_eq!(args.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(args.cors_allow_origins, vec!["https://dash.example.com", "http://localhost:3000"]);
@@ -349,6 +354,7 @@ cors-allow-origins = ["https://dash.example.com", "http://localhost:3000"]
             ("metrics-listen = \"9464\"\n", "metrics-listen"),
             ("max-agent-streams = \"many\"\n", "max-agent-streams"),
             ("max-agent-streams = -1\n", "max-agent-streams"),
+            ("max-agent-streams = 0\n", "max-agent-streams"),
             ("listne = \"127.0.0.1:1\"\n", "listne"),
             ("listen = \n", "listen"),
         ];
@@ -380,9 +386,11 @@ cors-allow-origins = ["https://dash.example.com", "http://localhost:3000"]
         assert!(printed.contains("reconnect-grace = \"1500ms\""), "{printed}");
         // Defaults print every setting that has a value.
         let defaults = load_from(["server"]).expect("defaults").to_toml().expect("toml");
-        for key in ["listen", "data-dir", "heartbeat-interval", "reconnect-grace", "max-agent-streams", "log-format"] {
+        for key in ["listen", "data-dir", "heartbeat-interval", "reconnect-grace", "log-format"] {
             assert!(defaults.contains(&format!("{key} = ")), "{key}: {defaults}");
         }
+        // Unset, the stream cap is sized at start-up from the machine.
+        assert!(!defaults.contains("max-agent-streams"), "{defaults}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use tether_server::capacity;
 use tether_server::clock::SystemClock;
 use tether_server::config::{LogFormat, ServerArgs};
 use tether_server::server::{serve, Operability, ServerParts};
@@ -37,11 +38,29 @@ enum Top {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: piped or collected logs get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// Panics go to the log (JSON when asked), not only to stderr.
+fn install_panic_log() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        let payload = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(%location, panic = %payload, "panic");
+        default(info);
+    }));
 }
 
 async fn shutdown_signal() {
@@ -73,6 +92,24 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     init_logging(args.log_format);
+    install_panic_log();
+    // Every agent holds one connection: take every descriptor allowed.
+    let open_files = match tether_server::listener::raise_fd_limit() {
+        Ok(limit) => Some(limit.soft),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open-file limit");
+            tether_server::listener::fd_limit().map(|l| l.soft)
+        }
+    };
+    let max_agent_streams = match args.max_agent_streams {
+        Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        None => capacity::default_max_agent_streams(open_files, capacity::memory_bytes()),
+    };
+    tracing::info!(
+        open_file_limit = ?open_files,
+        max_agent_streams,
+        "agent capacity (one connection and ~64 KiB each)"
+    );
     let store = EmbeddedStore::open(&args.data_dir, args.store_options())
         .with_context(|| format!("opening the store in {}", args.data_dir.display()))?;
     tracing::info!(path = %store.path().display(), "embedded store open");
@@ -88,7 +125,7 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         store: Arc::new(store),
         clock: Arc::new(SystemClock),
         engine: args.engine_config(),
-        max_agent_streams: args.max_agent_streams,
+        max_agent_streams,
         ops: Operability { metrics_listener, cors_allow_origins: args.cors_allow_origins.clone() },
     };
     serve(listener, parts, shutdown_signal()).await

@@ -36,6 +36,7 @@ pub const QUEUED_JOBS_BY_PRIORITY: &str = "tether_queue_queued_jobs";
 pub const OLDEST_QUEUED_AGE: &str = "tether_queue_oldest_queued_age_seconds";
 pub const AGENTS: &str = "tether_agents";
 pub const SERVING: &str = "tether_serving";
+pub const AGENT_STREAMS_REFUSED: &str = "tether_agent_streams_refused_total";
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
@@ -73,6 +74,14 @@ fn describe() {
     describe_gauge!(OLDEST_QUEUED_AGE, Unit::Seconds, "Age of the oldest queued job.");
     describe_gauge!(AGENTS, "Agents by health and connection, refreshed at scrape time.");
     describe_gauge!(SERVING, "1 while the engine serves, 0 after a store failure or during shutdown.");
+    describe_counter!(
+        AGENT_STREAMS_REFUSED,
+        "Agent Connect streams refused because the server held --max-agent-streams."
+    );
+    describe_counter!(
+        crate::listener::ACCEPT_ERRORS,
+        "Failed accepts of connections, by kind (resources: out of file descriptors or memory; the server backs off)."
+    );
     gauge!(AGENT_STREAMS).increment(0.0); // shown as 0 before the first agent
 }
 

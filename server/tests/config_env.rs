@@ -32,7 +32,7 @@ cors-allow-origins = ["https://file.example"]
     assert_eq!(args.listen, "127.0.0.1:6001".parse().unwrap(), "environment over file");
     assert_eq!(args.heartbeat_interval, Duration::from_secs(4), "flag over environment over file");
     assert_eq!(args.reconnect_grace, Duration::from_secs(60), "file over default");
-    assert_eq!(args.max_agent_streams, 10, "file over default");
+    assert_eq!(args.max_agent_streams, Some(10), "file over default");
     assert_eq!(args.cors_allow_origins, vec!["https://a.example", "https://b.example"], "comma-separated env list");
     assert_eq!(args.metrics_listen, Some("127.0.0.1:9999".parse().unwrap()));
 

@@ -14,6 +14,7 @@ use tether_server::clock::{Clock, ManualClock, SystemClock};
 use tether_server::engine::EngineConfig;
 use tether_server::server::{serve, Operability, ServerParts};
 use tether_server::store::embedded::{EmbeddedOptions, EmbeddedStore};
+use tether_server::store::Store;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -29,6 +30,10 @@ pub struct Options {
     /// Drive time by hand; `None` uses the system clock.
     pub clock: Option<ManualClock>,
     pub engine: Option<EngineConfig>,
+    /// Cap on agent streams (default 1000).
+    pub max_agent_streams: Option<usize>,
+    /// Serve this store instead of an embedded store in the data directory.
+    pub store: Option<Arc<dyn Store>>,
 }
 
 /// Operator extras for a test server (see [`TestServer::start_with`]).
@@ -90,7 +95,7 @@ impl TestServer {
     /// [`TestServer::start`] with a manual clock at [`epoch`] and the test
     /// engine settings.
     pub async fn start_manual(dir: &DataDir) -> TestServer {
-        Self::start(dir, Options { clock: Some(ManualClock::new(epoch())), engine: None }).await
+        Self::start(dir, Options { clock: Some(ManualClock::new(epoch())), ..Options::default() }).await
     }
 
     pub async fn start_at(dir: PathBuf, options: Options) -> TestServer {
@@ -106,16 +111,19 @@ impl TestServer {
         let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr().expect("metrics addr"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let store = EmbeddedStore::open(&dir, EmbeddedOptions::default()).expect("open store");
+        let store: Arc<dyn Store> = match options.store.clone() {
+            Some(store) => store,
+            None => Arc::new(EmbeddedStore::open(&dir, EmbeddedOptions::default()).expect("open store")),
+        };
         let clock: Arc<dyn Clock> = match &options.clock {
             Some(c) => Arc::new(c.clone()),
             None => Arc::new(SystemClock),
         };
         let parts = ServerParts {
-            store: Arc::new(store),
+            store,
             clock,
             engine: options.engine.unwrap_or_else(test_engine_config),
-            max_agent_streams: 1000,
+            max_agent_streams: options.max_agent_streams.unwrap_or(1000),
             ops: Operability { metrics_listener, cors_allow_origins: extras.cors_allow_origins },
         };
         let (shutdown, stop) = oneshot::channel::<()>();
@@ -152,6 +160,13 @@ impl TestServer {
     /// Graceful shutdown; waits until the server has stopped.
     pub async fn stop(mut self) {
         self.stop_inner().await;
+    }
+
+    /// Waits for the server to end on its own (e.g. its engine died) and
+    /// returns how it ended.
+    pub async fn ended(mut self) -> anyhow::Result<()> {
+        let task = self.task.take().expect("the server task");
+        tokio::time::timeout(WAIT, task).await.expect("the server ends in time").expect("join")
     }
 
     /// Starts a graceful shutdown without waiting for it; [`Self::stop`]
@@ -341,4 +356,94 @@ pub async fn agent_connected(server: &TestServer, agent_id: &str) -> bool {
         .await
         .map(|r| r.into_inner().agent.is_some_and(|a| a.connected))
         .unwrap_or(false)
+}
+
+/// One HTTP/1.1 exchange on a fresh connection: the response head and body.
+pub async fn http1(
+    addr: SocketAddr,
+    request: http::Request<http_body_util::Full<bytes::Bytes>>,
+) -> (http::response::Parts, bytes::Bytes) {
+    use http_body_util::BodyExt;
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.expect("handshake");
+        tokio::spawn(conn);
+        let response = sender.send_request(request).await.expect("response");
+        let (parts, body) = response.into_parts();
+        (parts, body.collect().await.expect("body").to_bytes())
+    };
+    tokio::time::timeout(WAIT, exchange).await.expect("an HTTP answer in time")
+}
+
+/// The Prometheus text of the server's `/metrics`.
+pub async fn scrape(server: &TestServer) -> String {
+    let addr = server.metrics_addr.expect("metrics enabled");
+    let request = http::Request::get("/metrics")
+        .header("host", addr.to_string())
+        .body(http_body_util::Full::default())
+        .expect("request");
+    let (parts, body) = http1(addr, request).await;
+    assert_eq!(parts.status, http::StatusCode::OK);
+    let content_type = parts.headers.get("content-type").expect("content type").to_str().expect("ascii");
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    String::from_utf8(body.to_vec()).expect("utf-8")
+}
+
+/// The value of the sample `name_and_labels` (exactly as rendered).
+pub fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (key, value) = line.rsplit_once(' ')?;
+        (key == name_and_labels).then(|| value.parse().expect("a number"))
+    })
+}
+
+/// A codec that sends and receives message bytes as they are: for frames
+/// no generated client would send.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = bytes::Bytes;
+    type Decode = bytes::Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: bytes::Bytes, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        bytes::BufMut::put(dst, item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<bytes::Bytes>, tonic::Status> {
+        let n = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, n)))
+    }
+}
+
+/// The `google.rpc.BadRequest` field names of a status.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default()
 }

@@ -6,11 +6,10 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::Full;
 use prost::Message;
 use tether::v1 as pb;
-use tether_tests::{hello, job, DataDir, Extras, Options, RawAgent, TestServer, WAIT};
+use tether_tests::{hello, http1, job, sample, scrape, DataDir, Extras, Options, RawAgent, TestServer, WAIT};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -19,37 +18,6 @@ const DASH: &str = "https://dash.example.com";
 
 async fn start(dir: &DataDir, extras: Extras) -> TestServer {
     TestServer::start_with(dir.path().to_path_buf(), Options::default(), extras).await
-}
-
-/// One HTTP/1.1 exchange on a fresh connection: the response head and body.
-async fn http1(addr: std::net::SocketAddr, request: Request<Full<Bytes>>) -> (http::response::Parts, Bytes) {
-    let exchange = async {
-        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
-        tokio::spawn(conn);
-        let response = sender.send_request(request).await.expect("response");
-        let (parts, body) = response.into_parts();
-        (parts, body.collect().await.expect("body").to_bytes())
-    };
-    tokio::time::timeout(WAIT, exchange).await.expect("an HTTP answer in time")
-}
-
-async fn scrape(server: &TestServer) -> String {
-    let addr = server.metrics_addr.expect("metrics enabled");
-    let request = Request::get("/metrics").header("host", addr.to_string()).body(Full::default()).expect("request");
-    let (parts, body) = http1(addr, request).await;
-    assert_eq!(parts.status, StatusCode::OK);
-    let content_type = parts.headers.get("content-type").expect("content type").to_str().expect("ascii");
-    assert!(content_type.starts_with("text/plain"), "{content_type}");
-    String::from_utf8(body.to_vec()).expect("utf-8")
-}
-
-/// The value of the sample `name_and_labels` (exactly as rendered).
-fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let (key, value) = line.rsplit_once(' ')?;
-        (key == name_and_labels).then(|| value.parse().expect("a number"))
-    })
 }
 
 /// Scrapes until `sample` equals `want` (bounded by [`WAIT`]); returns the

@@ -33,11 +33,16 @@ pub struct AgentApi {
     engine: EngineHandle,
     /// One permit per open Connect stream.
     streams: Arc<Semaphore>,
+    max_streams: usize,
 }
+
+/// Refused streams are logged at most every 10 s (they come in storms).
+static STREAM_CAP_LOG: crate::log_limit::LogLimit = crate::log_limit::LogLimit::new(Duration::from_secs(10));
 
 impl AgentApi {
     pub fn new(engine: EngineHandle, max_streams: usize) -> Self {
-        AgentApi { engine, streams: Arc::new(Semaphore::new(max_streams)) }
+        let max_streams = max_streams.min(Semaphore::MAX_PERMITS);
+        AgentApi { engine, streams: Arc::new(Semaphore::new(max_streams)), max_streams }
     }
 }
 
@@ -302,7 +307,18 @@ impl AgentService for AgentApi {
         request: Request<Streaming<pb::ConnectRequest>>,
     ) -> Result<Response<ConnectStream>, Status> {
         let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted("the server holds its maximum number of agent streams; retry later")
+            metrics::counter!(crate::telemetry::AGENT_STREAMS_REFUSED).increment(1);
+            if let Some(suppressed) = STREAM_CAP_LOG.check(std::time::Instant::now()) {
+                tracing::warn!(
+                    max_agent_streams = self.max_streams,
+                    suppressed,
+                    "refused an agent stream: the server holds its maximum (raise --max-agent-streams or add a replica)"
+                );
+            }
+            Status::resource_exhausted(format!(
+                "the server holds its maximum of {} agent streams; retry later or connect to another replica",
+                self.max_streams
+            ))
         })?;
         let mut inbound = request.into_inner();
         let first = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
