@@ -13,20 +13,20 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use tether::time::{to_duration, to_timestamp};
+use tether::time::to_duration;
 use tether::v1 as pb;
 use tether::v1::agent_service_server::AgentService;
 use tether::v1::{connect_request, connect_response};
 
 use super::convert::{self, agent_out, job_ref_in, job_ref_out};
 use super::status::to_status;
-use crate::domain::{validate, DomainError, DomainResult};
-use crate::engine::{AgentInbound, AgentListFilter, AgentPush, EngineHandle, HelloInfo, Outcome};
+use super::stream_messages::{hello_in, inbound_in, push_out, truncate};
+use crate::domain::{validate, DomainResult};
+use crate::engine::{AgentInbound, AgentListFilter, EngineHandle, HelloInfo};
 
 /// How long a new stream may take to send its Hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest log chunk an agent may send.
-pub const MAX_LOG_CHUNK: usize = 64 * 1024;
+pub use super::stream_messages::MAX_LOG_CHUNK;
 
 /// The AgentService of one engine.
 pub struct AgentApi {
@@ -48,159 +48,6 @@ impl AgentApi {
 
 type ConnectStream = Pin<Box<dyn Stream<Item = Result<pb::ConnectResponse, Status>> + Send>>;
 
-fn hello_in(hello: &pb::Hello) -> DomainResult<(HelloInfo, u32)> {
-    validate::name("hello.name", &hello.name, validate::MAX_NAME)?;
-    let pool = convert::pool_name_in("hello.pool", &hello.pool)?;
-    let labels = convert::labels_in("hello.labels", &hello.labels)?;
-    let slots = convert::slots_in("hello.slots", hello.slots)?;
-    if hello.max_protocol_version == 0 {
-        return Err(DomainError::invalid("hello.max_protocol_version", "is required"));
-    }
-    if hello.min_protocol_version > hello.max_protocol_version {
-        return Err(DomainError::invalid("hello.min_protocol_version", "must not exceed max_protocol_version"));
-    }
-    let low = hello.min_protocol_version.max(tether::PROTOCOL_VERSION_MIN);
-    let high = hello.max_protocol_version.min(tether::PROTOCOL_VERSION_MAX);
-    if low > high {
-        return Err(DomainError::FailedPrecondition(format!(
-            "no common protocol version: the agent speaks {}..={}, the server {}..={}",
-            hello.min_protocol_version,
-            hello.max_protocol_version,
-            tether::PROTOCOL_VERSION_MIN,
-            tether::PROTOCOL_VERSION_MAX
-        )));
-    }
-    let running = hello
-        .running_jobs
-        .iter()
-        .enumerate()
-        .map(|(i, r)| job_ref_in(&format!("hello.running_jobs[{i}]"), Some(r)))
-        .collect::<DomainResult<Vec<_>>>()?;
-    if hello.version.len() > validate::MAX_NAME {
-        return Err(DomainError::invalid("hello.version", "is too long"));
-    }
-    let info = HelloInfo {
-        name: hello.name.clone(),
-        pool,
-        labels,
-        slots,
-        version: hello.version.clone(),
-        running,
-        answer_starts: high < tether::PROTOCOL_LEAN_STARTS,
-    };
-    Ok((info, high))
-}
-
-/// `protocol`: the version chosen in the Welcome.
-fn inbound_in(message: connect_request::Message, protocol: u32) -> DomainResult<AgentInbound> {
-    use connect_request::Message as M;
-    Ok(match message {
-        M::Hello(_) => return Err(DomainError::invalid("hello", "is only allowed as the first message")),
-        M::Heartbeat(h) => AgentInbound::Heartbeat {
-            metrics: convert::metrics_in(h.metrics.as_ref()),
-            running: h
-                .running_jobs
-                .iter()
-                .enumerate()
-                .map(|(i, r)| job_ref_in(&format!("heartbeat.running_jobs[{i}]"), Some(r)))
-                .collect::<DomainResult<_>>()?,
-            draining: h.draining,
-        },
-        M::AssignmentAck(a) => AgentInbound::AssignmentAck {
-            job: job_ref_in("assignment_ack.job", a.job.as_ref())?,
-            accepted: a.accepted,
-            started: a.accepted && a.started && protocol >= tether::PROTOCOL_LEAN_STARTS,
-            reason: truncate(a.reason),
-        },
-        M::JobStarted(s) => AgentInbound::Started { job: job_ref_in("job_started.job", s.job.as_ref())? },
-        M::JobProgress(p) => AgentInbound::Progress {
-            job: job_ref_in("job_progress.job", p.job.as_ref())?,
-            percent: if p.percent.is_finite() { p.percent.clamp(0.0, 100.0) } else { 0.0 },
-            message: truncate(p.message),
-        },
-        M::JobLog(l) => {
-            let stderr = match pb::LogStream::try_from(l.stream) {
-                Ok(pb::LogStream::Stdout) => false,
-                Ok(pb::LogStream::Stderr) => true,
-                _ => return Err(DomainError::invalid("job_log.stream", format!("unknown log stream {}", l.stream))),
-            };
-            if l.data.len() > MAX_LOG_CHUNK {
-                return Err(DomainError::invalid(
-                    "job_log.data",
-                    format!("is {} bytes; the limit is {MAX_LOG_CHUNK} bytes per message", l.data.len()),
-                ));
-            }
-            AgentInbound::Log {
-                job: job_ref_in("job_log.job", l.job.as_ref())?,
-                stderr,
-                data: l.data,
-                sequence: l.sequence,
-            }
-        }
-        M::JobFinished(f) => {
-            let outcome = match pb::JobOutcome::try_from(f.outcome) {
-                Ok(pb::JobOutcome::Succeeded) => Outcome::Succeeded,
-                Ok(pb::JobOutcome::FailedRetryable) => Outcome::FailedRetryable,
-                Ok(pb::JobOutcome::FailedPermanent) => Outcome::FailedPermanent,
-                Ok(pb::JobOutcome::Cancelled) => Outcome::Cancelled,
-                _ => {
-                    return Err(DomainError::invalid("job_finished.outcome", format!("unknown outcome {}", f.outcome)))
-                }
-            };
-            if f.result.len() > validate::MAX_RESULT_BYTES {
-                return Err(DomainError::invalid(
-                    "job_finished.result",
-                    format!("is {} bytes; the limit is {} bytes", f.result.len(), validate::MAX_RESULT_BYTES),
-                ));
-            }
-            let mut error = truncate(f.error);
-            if f.exit_code != 0 && !error.contains("exit") {
-                error = format!("{error} (exit code {})", f.exit_code).trim().to_string();
-            }
-            AgentInbound::Finished {
-                job: job_ref_in("job_finished.job", f.job.as_ref())?,
-                outcome,
-                result: f.result,
-                error,
-                exit_code: (f.exit_code != 0).then_some(f.exit_code),
-            }
-        }
-    })
-}
-
-fn truncate(mut s: String) -> String {
-    if s.len() > validate::MAX_ERROR_LEN {
-        let mut end = validate::MAX_ERROR_LEN;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
-    s
-}
-
-fn push_out(push: AgentPush) -> pb::ConnectResponse {
-    use connect_response::Message as M;
-    let message = match push {
-        AgentPush::Assign(job) => M::Assignment(pb::Assignment {
-            job: Some(job_ref_out(&job.attempt_ref())),
-            queue: job.spec.queue.clone(),
-            payload: job.spec.payload.clone(),
-            priority: convert::priority_out(job.spec.priority) as i32,
-            lease_expire_time: job.lease_expire_time.map(to_timestamp),
-            timeout: job.spec.timeout.map(to_duration),
-            max_attempts: job.spec.max_attempts,
-        }),
-        AgentPush::Cancel { job, reason } => M::Cancel(pb::Cancel { job: Some(job_ref_out(&job)), reason }),
-        AgentPush::Drain { reason } => M::Drain(pb::Drain { reason }),
-        AgentPush::UpdateAck { job, accepted, reason } => {
-            M::JobUpdateAck(pb::JobUpdateAck { job: Some(job_ref_out(&job)), accepted, reason })
-        }
-    };
-    pb::ConnectResponse { message: Some(message) }
-}
-
-/// Reads the agent's messages until the stream ends or breaks the protocol.
 /// Messages forwarded to the engine in one command at most.
 const INBOUND_BATCH: usize = 64;
 

@@ -5,6 +5,7 @@ pub mod agent_service;
 pub mod convert;
 pub mod queue_service;
 pub mod status;
+pub mod stream_messages;
 
 pub use agent_service::AgentApi;
 pub use queue_service::QueueApi;
