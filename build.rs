@@ -5,13 +5,18 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/tether/v1/queue.proto", "proto/tether/v1/agent.proto"];
+    let files = ["proto/tether/v1/queue.proto", "proto/tether/v1/agent.proto", "proto/tether/v1/rules.proto"];
     for file in &files {
         println!("cargo:rerun-if-changed={file}");
     }
-    let descriptors = protox::compile(files, ["proto"])?;
+    let mut compiler = protox::Compiler::new(["proto"])?;
+    compiler.include_imports(true).open_files(files)?;
+    // Encoded by protox itself: prost's descriptor types would drop the
+    // custom field options (the input rules) that reflection and the rules
+    // test read.
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out_dir.join("tether_descriptor.bin"), prost::Message::encode_to_vec(&descriptors))?;
+    std::fs::write(out_dir.join("tether_descriptor.bin"), compiler.encode_file_descriptor_set())?;
+    let descriptors = compiler.file_descriptor_set();
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

@@ -142,7 +142,8 @@ contains "list QueueService shows EnqueueJob" "tether.v1.QueueService.EnqueueJob
 g "$ADDR" describe tether.v1.QueuedJob
 contains "describe tether.v1.QueuedJob" "uint64 fencing_token = 12;"
 g "$ADDR" describe tether.v1.Hello
-contains "describe tether.v1.Hello" "uint32 max_protocol_version = 8;"
+contains "describe tether.v1.Hello" "uint32 max_protocol_version = 8"
+contains "describe shows the input rules (reflection keeps custom options)" "slots = 5 [(.tether.v1.input) = { min:1 max:1024 }]"
 g "$ADDR" describe tether.v1.AgentService.Connect
 contains "describe tether.v1.AgentService.Connect" "stream .tether.v1.ConnectRequest"
 g "$ADDR" describe tether.v1.QueuedJobState

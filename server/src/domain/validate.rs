@@ -45,10 +45,10 @@ pub fn labels<'a>(field: &str, labels: impl IntoIterator<Item = (&'a String, &'a
     let mut count = 0;
     for (key, value) in labels {
         count += 1;
-        name(&format!("{field}[{key:?}]"), key, MAX_LABEL_LEN)?;
+        name("", key, MAX_LABEL_LEN).map_err(|e| e.under(&entry_field(field, key)))?;
         if value.len() > MAX_LABEL_LEN {
             return Err(DomainError::invalid(
-                format!("{field}[{key:?}]"),
+                entry_field(field, key),
                 format!("value must be at most {MAX_LABEL_LEN} bytes"),
             ));
         }
@@ -104,6 +104,20 @@ pub fn job_spec(spec: &JobSpec) -> DomainResult<()> {
         return Err(DomainError::invalid("retry_policy.exit_codes", "0 is success, not a failure to retry"));
     }
     Ok(())
+}
+
+/// The field name of one map entry, `labels["key"]`; a long key is shown
+/// cut (the name goes into the error message and its headers).
+fn entry_field(field: &str, key: &str) -> String {
+    const SHOWN: usize = 64;
+    if key.len() <= SHOWN {
+        return format!("{field}[{key:?}]");
+    }
+    let mut end = SHOWN;
+    while !key.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{field}[{:?}…]", &key[..end])
 }
 
 /// A page size: 0 means the default.

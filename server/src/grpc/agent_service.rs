@@ -19,8 +19,9 @@ use tether::v1::agent_service_server::AgentService;
 use tether::v1::{connect_request, connect_response};
 
 use super::convert::{self, agent_out, job_ref_in, job_ref_out};
+use super::page_token::{self, Listing};
 use super::status::to_status;
-use super::stream_messages::{hello_in, inbound_in, push_out, truncate};
+use super::stream_messages::{hello_in, inbound_in, push_out};
 use crate::domain::{validate, DomainResult};
 use crate::engine::{AgentInbound, AgentListFilter, EngineHandle, HelloInfo};
 
@@ -249,7 +250,7 @@ impl AgentService for AgentApi {
         let req = request.get_ref();
         let filter = (|| -> DomainResult<AgentListFilter> {
             Ok(AgentListFilter {
-                pool: convert::optional(&req.pool),
+                pool: convert::name_filter("pool", &req.pool)?,
                 health: req
                     .health
                     .iter()
@@ -257,7 +258,7 @@ impl AgentService for AgentApi {
                     .map(|(i, h)| convert::health_in(&format!("health[{i}]"), *h))
                     .collect::<DomainResult<_>>()?,
                 labels: convert::labels_in("labels", &req.labels)?,
-                after_id: convert::optional(&req.page_token),
+                after_id: page_token::decode(Listing::Agents, &req.page_token)?,
                 limit: validate::page_size("page_size", req.page_size)?,
             })
         })()
@@ -265,7 +266,7 @@ impl AgentService for AgentApi {
         let page = self.engine.list_agents(filter).await.map_err(to_status)?;
         Ok(Response::new(pb::ListAgentsResponse {
             agents: page.agents.iter().map(agent_out).collect(),
-            next_page_token: page.next_after.unwrap_or_default(),
+            next_page_token: page_token::encode(Listing::Agents, page.next_after.as_deref()),
         }))
     }
 
@@ -298,7 +299,8 @@ impl AgentService for AgentApi {
         let req = request.into_inner();
         let id = convert::required("id", &req.id).map_err(to_status)?;
         let status = convert::scheduling_in("scheduling_status", req.scheduling_status).map_err(to_status)?;
-        let view = self.engine.update_status(id, status, truncate(req.reason)).await.map_err(to_status)?;
+        let reason = convert::text_in("reason", req.reason).map_err(to_status)?;
+        let view = self.engine.update_status(id, status, reason).await.map_err(to_status)?;
         Ok(Response::new(pb::UpdateAgentStatusResponse { agent: Some(agent_out(&view)) }))
     }
 
@@ -308,7 +310,8 @@ impl AgentService for AgentApi {
     ) -> Result<Response<pb::DrainAgentResponse>, Status> {
         let req = request.into_inner();
         let id = convert::required("id", &req.id).map_err(to_status)?;
-        let view = self.engine.drain_agent(id, truncate(req.reason)).await.map_err(to_status)?;
+        let reason = convert::text_in("reason", req.reason).map_err(to_status)?;
+        let view = self.engine.drain_agent(id, reason).await.map_err(to_status)?;
         Ok(Response::new(pb::DrainAgentResponse { agent: Some(agent_out(&view)) }))
     }
 
@@ -334,7 +337,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<pb::GetAgentPoolRequest>,
     ) -> Result<Response<pb::GetAgentPoolResponse>, Status> {
-        let name = convert::required("name", &request.get_ref().name).map_err(to_status)?;
+        let name = convert::name_in("name", &request.get_ref().name).map_err(to_status)?;
         let pool = self.engine.get_pool(name).await.map_err(to_status)?;
         Ok(Response::new(pb::GetAgentPoolResponse { pool: Some(convert::pool_out(&pool)) }))
     }
@@ -345,11 +348,11 @@ impl AgentService for AgentApi {
     ) -> Result<Response<pb::ListAgentPoolsResponse>, Status> {
         let req = request.get_ref();
         let limit = validate::page_size("page_size", req.page_size).map_err(to_status)?;
-        let (pools, next) =
-            self.engine.list_pools(convert::optional(&req.page_token), limit).await.map_err(to_status)?;
+        let after = page_token::decode(Listing::Pools, &req.page_token).map_err(to_status)?;
+        let (pools, next) = self.engine.list_pools(after, limit).await.map_err(to_status)?;
         Ok(Response::new(pb::ListAgentPoolsResponse {
             pools: pools.iter().map(convert::pool_out).collect(),
-            next_page_token: next.unwrap_or_default(),
+            next_page_token: page_token::encode(Listing::Pools, next.as_deref()),
         }))
     }
 
@@ -368,7 +371,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<pb::DeleteAgentPoolRequest>,
     ) -> Result<Response<pb::DeleteAgentPoolResponse>, Status> {
-        let name = convert::required("name", &request.get_ref().name).map_err(to_status)?;
+        let name = convert::name_in("name", &request.get_ref().name).map_err(to_status)?;
         let pool = self.engine.delete_pool(name).await.map_err(to_status)?;
         Ok(Response::new(pb::DeleteAgentPoolResponse { pool: Some(convert::pool_out(&pool)) }))
     }
@@ -377,7 +380,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<pb::GetPoolScalingSignalRequest>,
     ) -> Result<Response<pb::GetPoolScalingSignalResponse>, Status> {
-        let name = convert::required("name", &request.get_ref().name).map_err(to_status)?;
+        let name = convert::name_in("name", &request.get_ref().name).map_err(to_status)?;
         let signal = self.engine.scaling_signal(name).await.map_err(to_status)?;
         Ok(Response::new(convert::scaling_out(&signal, std::time::SystemTime::now())))
     }

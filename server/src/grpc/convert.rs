@@ -245,6 +245,12 @@ fn retry_policy_in(policy: Option<&pb::RetryPolicy>) -> DomainResult<RetryPolicy
             format!("lists {} codes; the limit is {}", p.exit_codes.len(), validate::MAX_RETRY_EXIT_CODES),
         ));
     }
+    if let Some(i) = p.exit_codes.iter().position(|&c| c == 0) {
+        return Err(DomainError::invalid(
+            format!("retry_policy.exit_codes[{i}]"),
+            "0 is success, not a failure to retry",
+        ));
+    }
     Ok(RetryPolicy { any_failure: p.any_failure, exit_codes: p.exit_codes.iter().copied().collect() })
 }
 
@@ -375,6 +381,20 @@ pub fn scheduling_in(field: &str, value: i32) -> DomainResult<SchedulingStatus> 
 pub fn pool_in(field: &str, pool: Option<&pb::AgentPool>, creating: bool) -> DomainResult<Pool> {
     let p = pool.ok_or_else(|| DomainError::invalid(field, "is required"))?;
     validate::name(&format!("{field}.name"), &p.name, validate::MAX_NAME)?;
+    if p.description.len() > crate::domain::pool::MAX_DESCRIPTION {
+        return Err(DomainError::invalid(
+            format!("{field}.description"),
+            format!("must be at most {} bytes", crate::domain::pool::MAX_DESCRIPTION),
+        ));
+    }
+    for (name, size) in [("min_size", p.min_size), ("max_size", p.max_size), ("desired_size", p.desired_size)] {
+        if size > crate::domain::pool::MAX_POOL_SIZE {
+            return Err(DomainError::invalid(
+                format!("{field}.{name}"),
+                format!("must be at most {}", crate::domain::pool::MAX_POOL_SIZE),
+            ));
+        }
+    }
     let mut max_size = p.max_size;
     if creating && max_size == 0 {
         max_size = crate::domain::pool::MAX_POOL_SIZE;
@@ -443,16 +463,28 @@ pub fn scaling_out(s: &ScalingSignal, now: std::time::SystemTime) -> pb::GetPool
     }
 }
 
-/// Page tokens are the decimal cursor of the store, opaque to clients.
-pub fn page_token_in(token: &str) -> DomainResult<Option<u64>> {
-    if token.is_empty() {
+/// An optional name filter (queue, pool): empty means none; otherwise a
+/// name as [`validate::name`] defines it.
+pub fn name_filter(field: &str, value: &str) -> DomainResult<Option<String>> {
+    if value.is_empty() {
         return Ok(None);
     }
-    token.parse().map(Some).map_err(|_| DomainError::invalid("page_token", "is not a token this server issued"))
+    validate::name(field, value, validate::MAX_NAME)?;
+    Ok(Some(value.to_string()))
 }
 
-pub fn page_token_out(next: Option<u64>) -> String {
-    next.map(|n| n.to_string()).unwrap_or_default()
+/// A required name naming a pool (or other named thing) to look up.
+pub fn name_in(field: &str, value: &str) -> DomainResult<String> {
+    validate::name(field, value, validate::MAX_NAME)?;
+    Ok(value.to_string())
+}
+
+/// Free text with a documented limit (reasons): longer is refused.
+pub fn text_in(field: &str, value: String) -> DomainResult<String> {
+    if value.len() > validate::MAX_ERROR_LEN {
+        return Err(DomainError::invalid(field, format!("must be at most {} bytes", validate::MAX_ERROR_LEN)));
+    }
+    Ok(value)
 }
 
 #[cfg(test)]

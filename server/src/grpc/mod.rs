@@ -3,6 +3,7 @@
 
 pub mod agent_service;
 pub mod convert;
+pub mod page_token;
 pub mod queue_service;
 pub mod status;
 pub mod stream_messages;

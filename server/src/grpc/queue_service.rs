@@ -13,6 +13,7 @@ use tether::v1 as pb;
 use tether::v1::queue_service_server::QueueService;
 
 use super::convert::{self, job_out};
+use super::page_token::{self, Listing};
 use super::status::to_status;
 use crate::domain::{validate, DomainError, Failure};
 use crate::engine::{ClaimRequest, EngineHandle};
@@ -95,13 +96,14 @@ impl QueueService for QueueApi {
         request: Request<pb::ListQueuedJobsRequest>,
     ) -> Result<Response<pb::ListQueuedJobsResponse>, Status> {
         let req = request.get_ref();
-        let filter = JobFilter { queue: convert::optional(&req.queue), states: states_in("states", &req.states)? };
+        let queue = convert::name_filter("queue", &req.queue).map_err(to_status)?;
+        let filter = JobFilter { queue, states: states_in("states", &req.states)? };
         let limit = validate::page_size("page_size", req.page_size).map_err(to_status)?;
-        let before = convert::page_token_in(&req.page_token).map_err(to_status)?;
+        let before = page_token::decode_seq(Listing::Jobs, &req.page_token).map_err(to_status)?;
         let page = self.engine.list_jobs(&filter, before, limit).await.map_err(to_status)?;
         Ok(Response::new(pb::ListQueuedJobsResponse {
             jobs: page.items.iter().map(job_out).collect(),
-            next_page_token: convert::page_token_out(page.next),
+            next_page_token: page_token::encode_seq(Listing::Jobs, page.next),
         }))
     }
 
@@ -111,10 +113,8 @@ impl QueueService for QueueApi {
     ) -> Result<Response<pb::CancelQueuedJobResponse>, Status> {
         let req = request.into_inner();
         let id = convert::required("id", &req.id).map_err(to_status)?;
-        if req.reason.len() > validate::MAX_ERROR_LEN {
-            return Err(to_status(DomainError::invalid("reason", "is too long")));
-        }
-        let job = self.engine.cancel(id, req.reason).await.map_err(to_status)?;
+        let reason = convert::text_in("reason", req.reason).map_err(to_status)?;
+        let job = self.engine.cancel(id, reason).await.map_err(to_status)?;
         Ok(Response::new(pb::CancelQueuedJobResponse { job: Some(job_out(&job)) }))
     }
 
@@ -123,7 +123,7 @@ impl QueueService for QueueApi {
         let worker_id = convert::required("worker_id", &req.worker_id).map_err(to_status)?;
         let claim = ClaimRequest {
             worker_id,
-            queue: convert::optional(&req.queue),
+            queue: convert::name_filter("queue", &req.queue).map_err(to_status)?,
             pool: convert::pool_name_in("pool", &req.pool).map_err(to_status)?,
             labels: convert::labels_in("labels", &req.labels).map_err(to_status)?,
         };
@@ -157,15 +157,10 @@ impl QueueService for QueueApi {
     async fn fail_job(&self, request: Request<pb::FailJobRequest>) -> Result<Response<pb::FailJobResponse>, Status> {
         let req = request.into_inner();
         let attempt = convert::attempt_in(&req.id, req.attempt, req.fencing_token).map_err(to_status)?;
-        if req.error.len() > validate::MAX_ERROR_LEN {
-            return Err(to_status(DomainError::invalid(
-                "error",
-                format!("must be at most {} bytes", validate::MAX_ERROR_LEN),
-            )));
-        }
+        let error = convert::text_in("error", req.error).map_err(to_status)?;
         let failure =
             Failure::Reported { retryable: req.retryable, exit_code: (req.exit_code != 0).then_some(req.exit_code) };
-        let job = self.engine.fail(attempt, req.error, failure).await.map_err(to_status)?;
+        let job = self.engine.fail(attempt, error, failure).await.map_err(to_status)?;
         Ok(Response::new(pb::FailJobResponse { job: Some(job_out(&job)) }))
     }
 
@@ -191,12 +186,12 @@ impl QueueService for QueueApi {
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
         let req = request.get_ref();
         let limit = validate::page_size("page_size", req.page_size).map_err(to_status)?;
-        let after = convert::page_token_in(&req.page_token).map_err(to_status)?;
-        let queue = convert::optional(&req.queue);
+        let after = page_token::decode_seq(Listing::DeadLetters, &req.page_token).map_err(to_status)?;
+        let queue = convert::name_filter("queue", &req.queue).map_err(to_status)?;
         let page = self.engine.list_dead_letters(queue.as_deref(), after, limit).await.map_err(to_status)?;
         Ok(Response::new(pb::ListDeadLettersResponse {
             jobs: page.items.iter().map(job_out).collect(),
-            next_page_token: convert::page_token_out(page.next),
+            next_page_token: page_token::encode_seq(Listing::DeadLetters, page.next),
         }))
     }
 
@@ -213,7 +208,7 @@ impl QueueService for QueueApi {
         &self,
         request: Request<pb::GetQueueStatsRequest>,
     ) -> Result<Response<pb::GetQueueStatsResponse>, Status> {
-        let queue = convert::optional(&request.get_ref().queue);
+        let queue = convert::name_filter("queue", &request.get_ref().queue).map_err(to_status)?;
         let stats = self.engine.stats(queue).await.map_err(to_status)?;
         Ok(Response::new(convert::stats_out(&stats)))
     }
@@ -226,7 +221,7 @@ impl QueueService for QueueApi {
     ) -> Result<Response<Self::WatchQueueStream>, Status> {
         let req = request.into_inner();
         let states = states_in("states", &req.states)?;
-        let queue = convert::optional(&req.queue);
+        let queue = convert::name_filter("queue", &req.queue).map_err(to_status)?;
         let mut dropped = 0u64;
         let stream = BroadcastStream::new(self.engine.subscribe()).filter_map(move |event| match event {
             Ok(event) => {
