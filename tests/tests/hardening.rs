@@ -116,7 +116,11 @@ async fn stored_poison_pills_are_quarantined_and_every_listing_renders() {
         let mut created = stored_job("poison-created", 3, "poison");
         created.create_time = SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 62);
         let good = stored_job("good", 4, "poison");
-        let writes = [timeout, ready, created, good].into_iter().map(|j| Write::CreateJob(Box::new(j))).collect();
+        // Never claimed: found by a listing.
+        let mut listed = stored_job("poison-listed", 5, "listed");
+        listed.spec.lease_duration = Duration::from_secs(u64::MAX / 4);
+        let writes =
+            [timeout, ready, created, good, listed].into_iter().map(|j| Write::CreateJob(Box::new(j))).collect();
         let outcomes = store.write(writes).await.expect("write");
         assert!(outcomes.iter().all(|o| *o == WriteOutcome::Applied));
     }
@@ -137,7 +141,12 @@ async fn stored_poison_pills_are_quarantined_and_every_listing_renders() {
     assert_eq!(redrive.expect_err("still defective").code(), Code::FailedPrecondition);
     // Every listed job has in-range times, so any client can render it.
     let listed = q.list_queued_jobs(pb::ListQueuedJobsRequest::default()).await.expect("list").into_inner().jobs;
-    assert_eq!(listed.len(), 4);
+    assert_eq!(listed.len(), 5);
+    // Reading a defective queued job quarantines it too.
+    tether_tests::wait_until("the listed poison pill is quarantined", || async {
+        state(&get(&server, "poison-listed").await) == pb::QueuedJobState::DeadLettered
+    })
+    .await;
     for j in &listed {
         let times = [&j.create_time, &j.update_time, &j.ready_time, &j.lease_expire_time, &j.finish_time];
         for t in times.into_iter().flatten() {
@@ -470,4 +479,59 @@ async fn renewals_and_heartbeats_of_the_owner_still_work() {
     a.finish(&r, pb::JobOutcome::Succeeded, "ok").await;
     let done = wait_for_event(&mut watch, |j| j.id == r.job_id && state(j) == pb::QueuedJobState::Succeeded).await;
     assert_eq!(done.attempt, 1);
+}
+
+#[tokio::test]
+async fn findings_of_the_rules_probe_stay_fixed() {
+    let dir = DataDir::new();
+    let server = TestServer::start_manual(&dir).await;
+    let mut q = server.queue().await;
+    let mut agents = server.agents().await;
+    // A 1 MiB label key: refused naming the entry, with the key cut so the
+    // status fits in its headers.
+    let labels = [("k".repeat(1 << 20), "v".to_string())].into();
+    let err = q
+        .claim_job(pb::ClaimJobRequest { worker_id: "w".into(), labels, ..Default::default() })
+        .await
+        .expect_err("huge key");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let fields = violated_fields(&err);
+    assert!(fields.len() == 1 && fields[0].starts_with("labels[\"kkk") && fields[0].len() < 100, "{fields:?}");
+    // Page tokens this server did not issue, for every listing.
+    let err = q.list_queued_jobs(pb::ListQueuedJobsRequest { page_token: "12".into(), ..Default::default() }).await;
+    invalid(&err.expect_err("raw cursor"), "page_token");
+    let err = q.list_dead_letters(pb::ListDeadLettersRequest { page_token: "x".into(), ..Default::default() }).await;
+    invalid(&err.expect_err("garbage"), "page_token");
+    let err = agents.list_agents(pb::ListAgentsRequest { page_token: "agent-1".into(), ..Default::default() }).await;
+    invalid(&err.expect_err("raw id"), "page_token");
+    let err = agents.list_agent_pools(pb::ListAgentPoolsRequest { page_token: "default".into(), ..Default::default() });
+    invalid(&err.await.expect_err("raw name"), "page_token");
+    // A token of one listing is not one of another.
+    agents
+        .register_agent(pb::RegisterAgentRequest { name: "a".into(), slots: 1, ..Default::default() })
+        .await
+        .expect("a");
+    agents
+        .register_agent(pb::RegisterAgentRequest { name: "b".into(), slots: 1, ..Default::default() })
+        .await
+        .expect("b");
+    let page = agents.list_agents(pb::ListAgentsRequest { page_size: 1, ..Default::default() }).await.expect("page");
+    let token = page.into_inner().next_page_token;
+    assert!(!token.is_empty());
+    let next = agents.list_agents(pb::ListAgentsRequest { page_token: token.clone(), ..Default::default() }).await;
+    assert_eq!(next.expect("its own listing").into_inner().agents.len(), 1);
+    let err = q.list_queued_jobs(pb::ListQueuedJobsRequest { page_token: token, ..Default::default() }).await;
+    invalid(&err.expect_err("another listing's token"), "page_token");
+    // Filters that cannot be names.
+    let err = q.get_queue_stats(pb::GetQueueStatsRequest { queue: "no such/queue".into() }).await;
+    invalid(&err.expect_err("queue filter"), "queue");
+    let err = agents.get_agent_pool(pb::GetAgentPoolRequest { name: "a b".into() }).await;
+    invalid(&err.expect_err("pool name"), "name");
+    // Exit code 0 in a retry policy, named by its index.
+    let retry_policy = Some(pb::RetryPolicy { any_failure: false, exit_codes: vec![75, 0] });
+    let err = q.enqueue_job(pb::EnqueueJobRequest { retry_policy, ..job("q", "x") }).await;
+    invalid(&err.expect_err("exit code 0"), "retry_policy.exit_codes[1]");
+    // Reasons over 16 KiB are refused, not cut silently.
+    let err = agents.drain_agent(pb::DrainAgentRequest { id: "a".into(), reason: "r".repeat(16 * 1024 + 1) }).await;
+    invalid(&err.expect_err("long reason"), "reason");
 }
