@@ -36,10 +36,10 @@ pub struct ServerArgs {
     #[arg(long, env = "TETHER_UNSAFE_SYNC_EVERY", value_name = "N")]
     pub unsafe_sync_every: Option<u32>,
     /// How often agents must heartbeat.
-    #[arg(long, env = "TETHER_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "TETHER_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_heartbeat_interval)]
     pub heartbeat_interval: Duration,
     /// How long a disconnected agent keeps its jobs before they are requeued.
-    #[arg(long, env = "TETHER_RECONNECT_GRACE", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "TETHER_RECONNECT_GRACE", default_value = "15s", value_parser = parse_reconnect_grace)]
     pub reconnect_grace: Duration,
     /// Most agent streams the server holds at once [default: what the
     /// open-file limit and a quarter of the memory allow, at ~64 KiB per
@@ -157,10 +157,10 @@ impl ServerArgs {
             self.unsafe_sync_every = Some(v);
         }
         if let (true, Some(v)) = (from_file("heartbeat_interval"), &file.heartbeat_interval) {
-            self.heartbeat_interval = value(path, "heartbeat-interval", v, parse_duration)?;
+            self.heartbeat_interval = value(path, "heartbeat-interval", v, parse_heartbeat_interval)?;
         }
         if let (true, Some(v)) = (from_file("reconnect_grace"), &file.reconnect_grace) {
-            self.reconnect_grace = value(path, "reconnect-grace", v, parse_duration)?;
+            self.reconnect_grace = value(path, "reconnect-grace", v, parse_reconnect_grace)?;
         }
         if let (true, Some(v)) = (from_file("max_agent_streams"), file.max_agent_streams) {
             if v == 0 {
@@ -256,6 +256,23 @@ pub fn format_duration(d: Duration) -> String {
     } else {
         format!("{ms}ms")
     }
+}
+
+/// A heartbeat interval: 100 ms to 1 h.
+pub fn parse_heartbeat_interval(text: &str) -> Result<Duration, String> {
+    within(parse_duration(text)?, Duration::from_millis(100), Duration::from_secs(3600), text)
+}
+
+/// A reconnect grace period: 0 to 24 h.
+pub fn parse_reconnect_grace(text: &str) -> Result<Duration, String> {
+    within(parse_duration(text)?, Duration::ZERO, Duration::from_secs(24 * 3600), text)
+}
+
+fn within(d: Duration, min: Duration, max: Duration, text: &str) -> Result<Duration, String> {
+    if d < min || d > max {
+        return Err(format!("{text:?} must be between {} and {}", format_duration(min), format_duration(max)));
+    }
+    Ok(d)
 }
 
 /// Parses `500ms`, `30s`, `5m`, `1h` (or a bare number of seconds).
@@ -355,6 +372,8 @@ cors-allow-origins = ["https://dash.example.com", "http://localhost:3000"]
             ("max-agent-streams = \"many\"\n", "max-agent-streams"),
             ("max-agent-streams = -1\n", "max-agent-streams"),
             ("max-agent-streams = 0\n", "max-agent-streams"),
+            ("heartbeat-interval = \"0s\"\n", "heartbeat-interval"),
+            ("reconnect-grace = \"1000h\"\n", "reconnect-grace"),
             ("listne = \"127.0.0.1:1\"\n", "listne"),
             ("listen = \n", "listen"),
         ];

@@ -279,7 +279,8 @@ impl Engine {
         // makes groups bigger and coalesces more transitions of one job.
         // After a big commit (heavy load) the window widens. Only
         // acknowledgements wait for it; dispatch does not.
-        let mut last_commit = tokio::time::Instant::now() - self.config.commit_interval;
+        let started = tokio::time::Instant::now();
+        let mut last_commit = started.checked_sub(self.config.commit_interval).unwrap_or(started);
         let mut window = self.config.commit_interval;
         // The clock timer is kept while its deadline stays the same, so a
         // burst of commands does not re-arm a timer per loop.
@@ -288,7 +289,7 @@ impl Engine {
             self.flush_outbox();
             let mut linger = None;
             if committing.is_none() {
-                let due = last_commit + window;
+                let due = last_commit.checked_add(window).unwrap_or(last_commit);
                 if self.pending.writes.is_empty() || shutdown.is_some() || tokio::time::Instant::now() >= due {
                     let writes = self.pending.writes.len();
                     committing = self.submit();
