@@ -42,3 +42,6 @@ timeout 300 python3 -m pytest -q tests/interop/python
 
 echo "==> interop: grpcurl suite against a real server"
 timeout 300 bash scripts/grpcurl_suite.sh
+
+echo "==> fuzz (cargo fuzz, 160 s in all)"
+bash scripts/fuzz.sh

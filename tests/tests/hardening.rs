@@ -535,3 +535,49 @@ async fn findings_of_the_rules_probe_stay_fixed() {
     let err = agents.drain_agent(pb::DrainAgentRequest { id: "a".into(), reason: "r".repeat(16 * 1024 + 1) }).await;
     invalid(&err.expect_err("long reason"), "reason");
 }
+
+#[tokio::test]
+async fn findings_of_the_fuzzers_stay_fixed() {
+    let dir = DataDir::new();
+    let server = TestServer::start_manual(&dir).await;
+    let mut agents = server.agents().await;
+    // An unknown field-mask path of 9000 bytes: refused, and the status
+    // does not grow with it (it travels in HTTP/2 trailers).
+    let request = pb::UpdateAgentPoolRequest {
+        pool: Some(pb::AgentPool { name: "default".into(), ..Default::default() }),
+        update_mask: Some(prost_types::FieldMask { paths: vec!["x".repeat(9000)] }),
+    };
+    let err = agents.update_agent_pool(request).await.expect_err("unknown path");
+    invalid(&err, "update_mask.paths[0]");
+    assert!(err.message().len() < 512, "{} bytes: {}", err.message().len(), err.message());
+    assert!(err.details().len() < 1024, "{} bytes of details", err.details().len());
+
+    // An agent's error at the 16 KiB limit plus an exit code is stored
+    // within the limit.
+    let mut agent = RawAgent::connect(&server, hello("long-error", 1)).await.expect("connect");
+    let mut q = server.queue().await;
+    q.enqueue_job(job("q", "x")).await.expect("enqueue");
+    let r = agent.next_assignment().await.job.expect("job ref");
+    agent.accept_and_start(&r).await;
+    agent
+        .send(Up::JobFinished(pb::JobFinished {
+            job: Some(r.clone()),
+            outcome: pb::JobOutcome::FailedRetryable as i32,
+            result: Bytes::new(),
+            error: "e".repeat(16 * 1024),
+            exit_code: 3,
+        }))
+        .await;
+    // The result's acknowledgement follows its commit.
+    loop {
+        if let Down::JobUpdateAck(ack) = agent.next().await {
+            if ack.job.as_ref() == Some(&r) && ack.accepted {
+                break;
+            }
+        }
+    }
+    let failed = get(&server, &r.job_id).await;
+    assert_eq!(state(&failed), pb::QueuedJobState::Failed);
+    assert!(failed.last_error.len() <= 16 * 1024, "{} bytes", failed.last_error.len());
+    assert!(failed.last_error.ends_with("(exit code 3)"), "the exit code is kept");
+}

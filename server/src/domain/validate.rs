@@ -109,15 +109,22 @@ pub fn job_spec(spec: &JobSpec) -> DomainResult<()> {
 /// The field name of one map entry, `labels["key"]`; a long key is shown
 /// cut (the name goes into the error message and its headers).
 fn entry_field(field: &str, key: &str) -> String {
+    format!("{field}[{}]", shown(key))
+}
+
+/// A value from the request as an error message quotes it: debug-quoted
+/// and cut after 64 bytes, so an error never grows with the input (its
+/// status travels in HTTP/2 trailers, which clients cap at a few KiB).
+pub fn shown(value: &str) -> String {
     const SHOWN: usize = 64;
-    if key.len() <= SHOWN {
-        return format!("{field}[{key:?}]");
+    if value.len() <= SHOWN {
+        return format!("{value:?}");
     }
     let mut end = SHOWN;
-    while !key.is_char_boundary(end) {
+    while !value.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{field}[{:?}…]", &key[..end])
+    format!("{:?}… ({} bytes)", &value[..end], value.len())
 }
 
 /// A page size: 0 means the default.

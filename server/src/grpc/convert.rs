@@ -444,7 +444,10 @@ pub fn pool_fields_in(mask: Option<&prost_types::FieldMask>) -> DomainResult<Vec
             "default_labels" | "defaultLabels" => Ok(PoolField::DefaultLabels),
             other => Err(DomainError::invalid(
                 format!("update_mask.paths[{i}]"),
-                format!("{other:?} is not an updatable field (description, min_size, max_size, desired_size, default_labels)"),
+                format!(
+                    "{} is not an updatable field (description, min_size, max_size, desired_size, default_labels)",
+                    validate::shown(other)
+                ),
             )),
         })
         .collect()

@@ -120,10 +120,16 @@ pub fn inbound_in(message: connect_request::Message, protocol: u32) -> DomainRes
                     format!("is {} bytes; the limit is {} bytes", f.result.len(), validate::MAX_RESULT_BYTES),
                 ));
             }
-            let mut error = truncate(f.error);
-            if f.exit_code != 0 && !error.contains("exit") {
-                error = format!("{error} (exit code {})", f.exit_code).trim().to_string();
-            }
+            // The exit code is appended after cutting the agent's text to
+            // leave room for it, so the stored error keeps within the limit
+            // and still names the code.
+            let error = if f.exit_code != 0 && !f.error.contains("exit") {
+                let suffix = format!(" (exit code {})", f.exit_code);
+                let text = truncate_to(f.error, validate::MAX_ERROR_LEN - suffix.len());
+                format!("{text}{suffix}").trim().to_string()
+            } else {
+                truncate(f.error)
+            };
             AgentInbound::Finished {
                 job: job_ref_in("job_finished.job", f.job.as_ref())?,
                 outcome,
@@ -135,9 +141,14 @@ pub fn inbound_in(message: connect_request::Message, protocol: u32) -> DomainRes
     })
 }
 
-pub fn truncate(mut s: String) -> String {
-    if s.len() > validate::MAX_ERROR_LEN {
-        let mut end = validate::MAX_ERROR_LEN;
+pub fn truncate(s: String) -> String {
+    truncate_to(s, validate::MAX_ERROR_LEN)
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn truncate_to(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
         while !s.is_char_boundary(end) {
             end -= 1;
         }
