@@ -93,7 +93,7 @@ expect_fail "a copy with QueueService.EnqueueJob renamed" "$dir" \
 
 echo "==> deleted field"
 dir="$(copy deleted-field)"
-edit "$dir/proto/tether/v1/queue.proto" '/^  string idempotency_key = 8;$/d'
+edit "$dir/proto/tether/v1/queue.proto" '/^  string idempotency_key = 8[ ;]/d'
 expect_fail "a copy with EnqueueJobRequest.idempotency_key deleted" "$dir" \
   'tether/v1/queue\.proto' '"idempotency_key" on message "EnqueueJobRequest" was deleted'
 
