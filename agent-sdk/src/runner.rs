@@ -122,13 +122,16 @@ fn finished_message(job: tether::v1::JobRef, ending: Ending, server_cancelled: b
             fail(&mut f, outcome, error);
             f.exit_code = exit_code.unwrap_or(0);
         }
-        // CANCELLED means "the server sent Cancel"; a handler giving up on
-        // its own must not make the server drop the job for good.
+        // The attempt was given up rather than failed (the agent is
+        // shutting down, or its handler stopped without a result): CANCELLED
+        // makes the server count it as a lost attempt and retry the job,
+        // whatever its retry policy says about failures.
         Ending::Returned(JobResult::Cancelled) => {
-            fail(&mut f, JobOutcome::FailedRetryable, "handler stopped without a cancel request".into())
+            fail(&mut f, JobOutcome::Cancelled, "handler stopped without a cancel request".into())
         }
+        Ending::Unresponsive => fail(&mut f, JobOutcome::Cancelled, "handler ignored cancellation".into()),
+        // A panic is the job's failure; its retry policy decides.
         Ending::Panicked(msg) => fail(&mut f, JobOutcome::FailedRetryable, format!("handler panicked: {msg}")),
-        Ending::Unresponsive => fail(&mut f, JobOutcome::FailedRetryable, "handler ignored cancellation".into()),
     }
     if f.outcome != JobOutcome::Succeeded as i32 {
         f.result = Bytes::new();
@@ -151,7 +154,8 @@ mod tests {
         assert_eq!(outcome(ok(), false).0, JobOutcome::Succeeded);
         assert_eq!(outcome(ok(), true).0, JobOutcome::Cancelled);
         assert_eq!(outcome(Ending::Returned(JobResult::Cancelled), true).0, JobOutcome::Cancelled);
-        assert_eq!(outcome(Ending::Returned(JobResult::Cancelled), false).0, JobOutcome::FailedRetryable);
+        assert_eq!(outcome(Ending::Returned(JobResult::Cancelled), false).0, JobOutcome::Cancelled);
+        assert_eq!(outcome(Ending::Unresponsive, false).0, JobOutcome::Cancelled);
         assert_eq!(outcome(Ending::Returned(JobResult::permanent("no")), false).0, JobOutcome::FailedPermanent);
         let (o, e) = outcome(Ending::TimedOut(Duration::from_secs(2)), true);
         assert_eq!(o, JobOutcome::FailedRetryable);

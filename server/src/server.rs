@@ -147,7 +147,17 @@ pub async fn serve(
         }
     };
     engine.shutdown().await;
+    let died = engine_supervisor.died.clone();
+    let cause = engine_supervisor.cause.clone();
     engine_supervisor.finished().await;
+    // The engine may also die while it flushes after the grace period.
+    let result = match result {
+        Ok(()) if died.is_cancelled() => {
+            let cause = cause.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            Err(anyhow::anyhow!("the engine stopped unexpectedly: {cause}"))
+        }
+        other => other,
+    };
     metrics_stop.cancel();
     for task in metrics_tasks {
         task.abort();

@@ -581,3 +581,74 @@ async fn findings_of_the_fuzzers_stay_fixed() {
     assert!(failed.last_error.len() <= 16 * 1024, "{} bytes", failed.last_error.len());
     assert!(failed.last_error.ends_with("(exit code 3)"), "the exit code is kept");
 }
+
+#[tokio::test]
+async fn findings_of_the_review_stay_fixed() {
+    let dir = DataDir::new();
+    let server = TestServer::start_manual(&dir).await;
+    let mut q = server.queue().await;
+
+    // A reconnect listing a token the agent holds, but under another
+    // attempt: abandoned, and the real (unacknowledged) assignment is sent
+    // again instead of being shielded by the colliding token.
+    let mut agent = RawAgent::connect(&server, hello("collide", 1)).await.expect("connect");
+    q.enqueue_job(job("q", "x")).await.expect("enqueue");
+    let r = agent.next_assignment().await.job.expect("job ref");
+    agent.kill();
+    let forged = pb::JobRef { attempt: r.attempt + 1, ..r.clone() };
+    let mut again_hello = hello("collide", 1);
+    again_hello.running_jobs = vec![forged.clone()];
+    let mut again = RawAgent::connect(&server, again_hello).await.expect("reconnect");
+    assert_eq!(again.welcome.abandoned_jobs, vec![forged]);
+    assert_eq!(again.next_assignment().await.job, Some(r.clone()), "the assignment is sent again");
+
+    // A start riding on an ack for an attempt the agent does not hold is
+    // refused (protocol v2), not silently ignored.
+    let mut v2 = hello("lean", 1);
+    v2.max_protocol_version = 2;
+    let mut lean = RawAgent::connect(&server, v2).await.expect("v2 agent");
+    let foreign = pb::JobRef { job_id: "not-yours".into(), attempt: 1, fencing_token: 99 };
+    lean.accept_started(&foreign).await;
+    loop {
+        if let Down::JobUpdateAck(ack) = lean.next().await {
+            assert_eq!(ack.job, Some(foreign.clone()));
+            assert!(!ack.accepted, "{ack:?}");
+            break;
+        }
+    }
+
+    // Repeated states are read once; more entries than states are refused.
+    let queued = pb::QueuedJobState::Claimed as i32;
+    let listed = q
+        .list_queued_jobs(pb::ListQueuedJobsRequest { states: vec![queued; 7], ..Default::default() })
+        .await
+        .expect("list")
+        .into_inner()
+        .jobs;
+    assert_eq!(listed.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), vec![r.job_id.as_str()], "once each");
+    let err = q.list_queued_jobs(pb::ListQueuedJobsRequest { states: vec![queued; 8], ..Default::default() }).await;
+    invalid(&err.expect_err("eight states"), "states");
+}
+
+#[tokio::test]
+async fn a_stored_pool_with_min_above_max_cannot_stop_the_engine() {
+    let dir = DataDir::new();
+    {
+        let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open");
+        let mut pool = tether_server::domain::Pool::default_pool(epoch());
+        pool.name = "odd".into();
+        pool.min_size = 10;
+        pool.max_size = 2;
+        store.write(vec![Write::PutPool(Box::new(pool))]).await.expect("write");
+    }
+    let server = TestServer::start_manual(&dir).await;
+    let mut agents = server.agents().await;
+    let signal = agents
+        .get_pool_scaling_signal(pb::GetPoolScalingSignalRequest { name: "odd".into() })
+        .await
+        .expect("a signal")
+        .into_inner();
+    assert_eq!(signal.desired_agents, 10, "the larger bound wins");
+    let mut q = server.queue().await;
+    q.enqueue_job(job("q", "still serving")).await.expect("serving");
+}

@@ -257,7 +257,7 @@ impl Api {
                     (rules.required && n == 0)
                         || rules.min.is_some_and(|m| n < i128::from(m))
                         || rules.max.is_some_and(|m| n > i128::from(m))
-                        || sibling.is_some_and(|s| n > s)
+                        || sibling.is_some_and(|s| s != 0 && n > s)
                 }
             },
         };
@@ -808,7 +808,10 @@ fn combined_changes_get_the_verdict_of_the_rules() {
     let cases: Vec<Case> = cases(&api).into_iter().filter(|c| !c.mutations.is_empty()).collect();
     let strategy =
         (0..cases.len()).prop_flat_map(|c| (Just(c), proptest::collection::vec(any::<prop::sample::Index>(), 1..4)));
-    let mut runner_cfg = TestRunner::new(Config { cases: 300, failure_persistence: None, ..Config::default() });
+    // A fixed seed: the same 300 combinations on every run.
+    let config = Config { cases: 300, failure_persistence: None, ..Config::default() };
+    let rng = proptest::test_runner::TestRng::from_seed(proptest::test_runner::RngAlgorithm::ChaCha, &[7; 32]);
+    let mut runner_cfg = TestRunner::new_with_rng(config, rng);
     let result = runner_cfg.run(&strategy, |(c, picks)| {
         let case = &cases[c];
         let mut request = case.baseline.clone();

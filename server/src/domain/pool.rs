@@ -92,7 +92,9 @@ impl ScalingSignal {
         let needed = demand.div_ceil(u64::from(slots_per_agent));
         let needed = u32::try_from(needed).unwrap_or(u32::MAX);
         ScalingSignal {
-            desired_agents: needed.clamp(pool.min_size, pool.max_size),
+            // min then max, not clamp: a stored pool with min > max must
+            // not panic here.
+            desired_agents: needed.max(pool.min_size).min(pool.max_size.max(pool.min_size)),
             current_agents,
             queued_jobs: queued,
             running_jobs: running,

@@ -149,7 +149,6 @@ impl Engine {
         let draining = entry.draining;
 
         // Reconcile what the agent says it runs with what it holds.
-        let listed: HashSet<u64> = hello.running.iter().map(|r| r.fencing_token).collect();
         let mut resumed = Vec::new();
         let mut abandoned = Vec::new();
         for r in &hello.running {
@@ -164,6 +163,9 @@ impl Engine {
                 }
             }
         }
+        // Only what resumed counts as listed: a listed token that named
+        // another job or attempt must not shield the entry it collides with.
+        let listed: HashSet<u64> = resumed.iter().map(|r: &AttemptRef| r.fencing_token).collect();
         let mut resend = Vec::new();
         let mut lost = Vec::new();
         for (token, f) in &entry.in_flight {
@@ -272,8 +274,12 @@ impl Engine {
             AgentInbound::AssignmentAck { job, accepted, started, reason } => {
                 if !entry.holds(&job) {
                     // Not this agent's assignment (stale, or another agent's
-                    // job): it must neither start nor requeue it.
+                    // job): it must neither start nor requeue it. A start
+                    // riding on the ack is refused as any start would be.
                     tracing::debug!(agent = %agent_id, job = %job.job_id, "ignoring an ack for an attempt the agent does not hold");
+                    if accepted && started {
+                        self.started(agent_id, job).await;
+                    }
                     return;
                 }
                 if accepted {

@@ -74,9 +74,10 @@ pub(crate) struct AgentEntry {
 }
 
 impl AgentEntry {
-    /// Whether `r` names an attempt assigned to this agent and not finished:
-    /// the whole reference must match, so a token (or job id) alone, seen
-    /// through GetQueuedJob, lets no other agent act on the job.
+    /// Whether `r` names an attempt assigned to this agent and not finished.
+    /// The whole reference must match, so one agent's session cannot act on
+    /// another agent's attempt. (Who may open a session as which agent is
+    /// the auth layer's to decide.)
     pub fn holds(&self, r: &crate::domain::AttemptRef) -> bool {
         self.in_flight.get(&r.fencing_token).is_some_and(|f| f.job_id == r.job_id && f.attempt == r.attempt)
     }

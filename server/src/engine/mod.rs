@@ -399,6 +399,11 @@ impl EngineHandle {
     }
 }
 
+/// A store failure as the caller sees it: corrupt data is an internal
+/// error (retrying will not help), anything else is worth a retry.
 pub(crate) fn store_error(e: StoreError) -> DomainError {
-    DomainError::Unavailable(e.to_string())
+    match e {
+        StoreError::Corrupt(_) => DomainError::Internal(e.to_string()),
+        _ => DomainError::Unavailable(e.to_string()),
+    }
 }

@@ -127,15 +127,21 @@ impl Engine {
     /// whatever it holds.
     async fn take_ready_record(&mut self, id: &str) -> DomainResult<Job> {
         let entry = self.ready.remove(id).ok_or_else(|| DomainError::job_not_found(id))?;
-        match entry.body {
-            Some(body) => Ok(*body),
-            None => match self.store.get_job(id).await.map_err(super::store_error)? {
-                Some(job) if job.state == JobState::Queued => Ok(job),
-                Some(job) => {
-                    Err(DomainError::Internal(format!("job {id} was indexed as queued but is {:?}", job.state)))
-                }
-                None => Err(DomainError::Internal(format!("job {id} was indexed as queued but is missing"))),
-            },
+        if let Some(body) = entry.body {
+            return Ok(*body);
+        }
+        match self.store.get_job(id).await {
+            Ok(Some(job)) if job.state == JobState::Queued => Ok(job),
+            Ok(Some(job)) => {
+                Err(DomainError::Internal(format!("job {id} was indexed as queued but is {:?}", job.state)))
+            }
+            Ok(None) => Err(DomainError::Internal(format!("job {id} was indexed as queued but is missing"))),
+            Err(e) => {
+                // A failed read leaves the job queued, to be tried again.
+                let now = self.clock.now();
+                self.ready.insert(entry, now);
+                Err(super::store_error(e))
+            }
         }
     }
 

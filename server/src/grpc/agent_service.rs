@@ -134,6 +134,11 @@ async fn read_one(
 /// decode: INTERNAL, as gRPC's status table says), `Err` when the transport
 /// broke (nobody is left to tell).
 fn decode_failure(status: Status) -> Result<Status, Status> {
+    // Transport failures (h2 resets, hyper errors) carry their cause; the
+    // decoder's own statuses do not.
+    if std::error::Error::source(&status).is_some() {
+        return Err(status);
+    }
     match status.code() {
         // tonic reports an oversize message as OUT_OF_RANGE.
         tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => Ok(Status::resource_exhausted(format!(
@@ -251,12 +256,7 @@ impl AgentService for AgentApi {
         let filter = (|| -> DomainResult<AgentListFilter> {
             Ok(AgentListFilter {
                 pool: convert::name_filter("pool", &req.pool)?,
-                health: req
-                    .health
-                    .iter()
-                    .enumerate()
-                    .map(|(i, h)| convert::health_in(&format!("health[{i}]"), *h))
-                    .collect::<DomainResult<_>>()?,
+                health: convert::health_filter_in("health", &req.health)?,
                 labels: convert::labels_in("labels", &req.labels)?,
                 after_id: page_token::decode(Listing::Agents, &req.page_token)?,
                 limit: validate::page_size("page_size", req.page_size)?,

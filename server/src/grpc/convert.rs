@@ -80,6 +80,32 @@ pub fn health_in(field: &str, value: i32) -> DomainResult<Health> {
     }
 }
 
+/// A health filter: each health at most once.
+pub fn health_filter_in(field: &str, values: &[i32]) -> DomainResult<Vec<Health>> {
+    distinct(field, values, 6, health_in)
+}
+
+/// A filter of enum values: at most `max` entries (one per value), each
+/// decoded by `decode` with its index named; repeats are dropped.
+pub fn distinct<T: PartialEq>(
+    field: &str,
+    values: &[i32],
+    max: usize,
+    decode: impl Fn(&str, i32) -> DomainResult<T>,
+) -> DomainResult<Vec<T>> {
+    if values.len() > max {
+        return Err(DomainError::invalid(field, format!("lists {} values; there are only {max}", values.len())));
+    }
+    let mut out = Vec::with_capacity(values.len());
+    for (i, v) in values.iter().enumerate() {
+        let value = decode(&format!("{field}[{i}]"), *v)?;
+        if !out.contains(&value) {
+            out.push(value);
+        }
+    }
+    Ok(out)
+}
+
 pub fn health_out(h: Health) -> pb::AgentHealth {
     match h {
         Health::Registering => pb::AgentHealth::Registering,
@@ -392,6 +418,14 @@ pub fn pool_in(field: &str, pool: Option<&pb::AgentPool>, creating: bool) -> Dom
             return Err(DomainError::invalid(
                 format!("{field}.{name}"),
                 format!("must be at most {}", crate::domain::pool::MAX_POOL_SIZE),
+            ));
+        }
+        // The sizes bound each other where max_size is set (0 on create
+        // means the largest allowed).
+        if name != "max_size" && p.max_size != 0 && size > p.max_size {
+            return Err(DomainError::invalid(
+                format!("{field}.{name}"),
+                format!("{size} exceeds max_size {}", p.max_size),
             ));
         }
     }

@@ -35,12 +35,7 @@ impl QueueApi {
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchQueueResponse, Status>> + Send>>;
 
 fn states_in(field: &str, states: &[i32]) -> Result<Vec<crate::domain::JobState>, Status> {
-    states
-        .iter()
-        .enumerate()
-        .map(|(i, s)| convert::state_in(&format!("{field}[{i}]"), *s))
-        .collect::<Result<_, _>>()
-        .map_err(to_status)
+    convert::distinct(field, states, crate::domain::JobState::ALL.len(), convert::state_in).map_err(to_status)
 }
 
 #[tonic::async_trait]
