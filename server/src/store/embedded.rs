@@ -511,6 +511,32 @@ fn index_id(value: &[u8]) -> StoreResult<String> {
         .map_err(|_| StoreError::Corrupt("state index entry is neither a queued entry nor a job id".into()))
 }
 
+/// `Ok(None)` for a record that does not decode (logged, with `what` it
+/// is), so one bad record cannot stop a start-up or a listing; I/O errors
+/// stay errors.
+fn skip_corrupt<T>(what: impl Display, read: StoreResult<T>) -> StoreResult<Option<T>> {
+    match read {
+        Ok(value) => Ok(Some(value)),
+        Err(StoreError::Corrupt(reason)) => {
+            tracing::error!(record = %what, %reason, "skipping a stored record that does not decode");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The job an index entry names, skipping what does not decode.
+fn read_indexed(
+    jobs: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: (u8, u64),
+    value: &[u8],
+) -> StoreResult<Option<Job>> {
+    let Some(id) = skip_corrupt(format_args!("state index entry {key:?}"), index_id(value))? else {
+        return Ok(None);
+    };
+    Ok(skip_corrupt(format_args!("job {id}"), read_job(jobs, &id))?.flatten())
+}
+
 fn read_job(jobs: &impl ReadableTable<&'static str, &'static [u8]>, id: &str) -> StoreResult<Option<Job>> {
     match jobs.get(id).map_err(io_err)? {
         Some(bytes) => decode_job(bytes.value()).map(Some),
@@ -582,8 +608,8 @@ impl Store for EmbeddedStore {
                     }
                 }
                 let Some((i, seq)) = best else { break };
-                let Some(Ok((_, value))) = ranges[i].next() else { break };
-                let Some(job) = read_job(&jobs, &index_id(value.value())?)? else { continue };
+                let Some(Ok((key, value))) = ranges[i].next() else { break };
+                let Some(job) = read_indexed(&jobs, key.value(), value.value())? else { continue };
                 if filter.queue.as_ref().is_some_and(|q| *q != job.spec.queue) {
                     continue;
                 }
@@ -615,7 +641,7 @@ impl Store for EmbeddedStore {
             let mut last_seq = None;
             for row in index.range((code, start)..=(code, u64::MAX)).map_err(io_err)? {
                 let (key, value) = row.map_err(io_err)?;
-                let Some(job) = read_job(&jobs, &index_id(value.value())?)? else { continue };
+                let Some(job) = read_indexed(&jobs, key.value(), value.value())? else { continue };
                 if queue.as_ref().is_some_and(|q| *q != job.spec.queue) {
                     continue;
                 }
@@ -637,8 +663,11 @@ impl Store for EmbeddedStore {
             let code = JobState::Queued.code();
             let mut out = Vec::new();
             for row in index.range((code, 0)..=(code, u64::MAX)).map_err(io_err)? {
-                let (_, value) = row.map_err(io_err)?;
-                out.push(decode(value.value())?);
+                let (key, value) = row.map_err(io_err)?;
+                let what = format_args!("queued entry {:?}", key.value());
+                if let Some(entry) = skip_corrupt(what, decode(value.value()))? {
+                    out.push(entry);
+                }
             }
             Ok(out)
         })
@@ -654,11 +683,10 @@ impl Store for EmbeddedStore {
             for state in [JobState::Claimed, JobState::Running] {
                 let code = state.code();
                 for row in index.range((code, 0)..=(code, u64::MAX)).map_err(io_err)? {
-                    let (_, value) = row.map_err(io_err)?;
-                    let id = index_id(value.value())?;
-                    match read_job(&jobs, &id)? {
+                    let (key, value) = row.map_err(io_err)?;
+                    match read_indexed(&jobs, key.value(), value.value())? {
                         Some(job) => out.push(job),
-                        None => return Err(StoreError::Corrupt(format!("index names missing job {id}"))),
+                        None => tracing::error!(entry = ?key.value(), "the state index names a job that is missing or unreadable"),
                     }
                 }
             }
@@ -675,12 +703,11 @@ impl Store for EmbeddedStore {
             for row in counts.iter().map_err(io_err)? {
                 let (key, value) = row.map_err(io_err)?;
                 let (queue, state, priority) = key.value();
-                out.push(CountRow {
-                    queue: queue.to_string(),
-                    state: state_from_code(state)?,
-                    priority: priority_from_code(priority)?,
-                    count: value.value(),
-                });
+                let what = format_args!("count row ({queue:?}, {state}, {priority})");
+                let codes = state_from_code(state).and_then(|s| Ok((s, priority_from_code(priority)?)));
+                if let Some((state, priority)) = skip_corrupt(what, codes)? {
+                    out.push(CountRow { queue: queue.to_string(), state, priority, count: value.value() });
+                }
             }
             Ok(out)
         })
@@ -743,8 +770,11 @@ impl Store for EmbeddedStore {
             }
             .map_err(io_err)?;
             for row in rows {
-                let (_, value) = row.map_err(io_err)?;
-                let agent: Agent = decode(value.value())?;
+                let (key, value) = row.map_err(io_err)?;
+                let Some(agent) = skip_corrupt(format_args!("agent {}", key.value()), decode::<Agent>(value.value()))?
+                else {
+                    continue;
+                };
                 if filter.pool.as_ref().is_some_and(|p| *p != agent.pool) {
                     continue;
                 }
@@ -767,8 +797,10 @@ impl Store for EmbeddedStore {
             let pools = txn.open_table(POOLS).map_err(io_err)?;
             let mut out = Vec::new();
             for row in pools.iter().map_err(io_err)? {
-                let (_, value) = row.map_err(io_err)?;
-                out.push(decode(value.value())?);
+                let (key, value) = row.map_err(io_err)?;
+                if let Some(pool) = skip_corrupt(format_args!("pool {}", key.value()), decode(value.value()))? {
+                    out.push(pool);
+                }
             }
             Ok(out)
         })
@@ -831,6 +863,44 @@ mod tests {
         assert!(matches!(decode_job(&[9, 1, 2]), Err(StoreError::Corrupt(m)) if m.contains("newer")));
         assert!(matches!(decode_job(&[FORMAT_V1, 0xff]), Err(StoreError::Corrupt(_))));
         assert!(matches!(decode_job(&[JOB_FORMAT_V2, 0xff]), Err(StoreError::Corrupt(_))));
+    }
+
+    #[tokio::test]
+    async fn records_that_do_not_decode_are_skipped_by_start_up_and_listings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open");
+        let good = conformance::job("good", 1, "q", None);
+        let mut active = conformance::job("active", 2, "q", None);
+        active.state = JobState::Running;
+        let writes = vec![Write::CreateJob(Box::new(good)), Write::CreateJob(Box::new(active))];
+        assert_eq!(store.write(writes).await.expect("write"), vec![WriteOutcome::Applied; 2]);
+        {
+            let txn = store.db.begin_write().expect("txn");
+            {
+                let mut jobs = txn.open_table(JOBS).expect("jobs");
+                jobs.insert("broken", [JOB_FORMAT_V2, 0xff, 0xff].as_slice()).expect("insert");
+                let mut index = txn.open_table(STATE_INDEX).expect("index");
+                // A queued entry that does not decode, an active entry naming
+                // the broken job, one naming a missing job.
+                index.insert((JobState::Queued.code(), 90), [FORMAT_V1, 0xff].as_slice()).expect("insert");
+                index.insert((JobState::Running.code(), 91), b"broken".as_slice()).expect("insert");
+                index.insert((JobState::Running.code(), 92), b"missing".as_slice()).expect("insert");
+                let mut counts = txn.open_table(COUNTS).expect("counts");
+                counts.insert(("q", 99, 1), 5).expect("insert");
+                let mut agents = txn.open_table(AGENTS).expect("agents");
+                agents.insert("garbled", [FORMAT_V1, 0xff].as_slice()).expect("insert");
+            }
+            txn.commit().expect("commit");
+        }
+        let queued = store.load_queued().await.expect("load queued");
+        assert_eq!(queued.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["good"]);
+        let active = store.load_active().await.expect("load active");
+        assert_eq!(active.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), ["active"]);
+        assert!(store.counts().await.expect("counts").iter().all(|r| r.count < 5));
+        assert!(store.list_agents(&AgentFilter::default(), None, 10).await.expect("agents").is_empty());
+        let listed = store.list_jobs(&JobFilter::default(), None, 10).await.expect("list");
+        assert_eq!(listed.items.len(), 2);
+        assert!(matches!(store.get_job("broken").await, Err(StoreError::Corrupt(_))), "a direct read says so");
     }
 
     #[tokio::test]
