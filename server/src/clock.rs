@@ -84,9 +84,11 @@ mod tests {
         let sleeper = clock.sleep_until(SystemTime::UNIX_EPOCH + Duration::from_secs(10));
         let handle = tokio::spawn(sleeper);
         clock.advance(Duration::from_secs(5));
-        assert!(!handle.is_finished());
+        tokio::task::yield_now().await;
+        assert!(!handle.is_finished(), "not before its deadline");
         clock.advance(Duration::from_secs(5));
-        tokio::time::timeout(Duration::from_secs(5), handle).await.ok();
+        // The sleeper must wake: the join fails the test if it does not.
+        tokio::time::timeout(Duration::from_secs(60), handle).await.expect("the sleeper woke").expect("join");
         assert_eq!(clock.now(), SystemTime::UNIX_EPOCH + Duration::from_secs(10));
     }
 }

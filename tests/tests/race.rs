@@ -73,7 +73,8 @@ async fn agents_and_unary_claimers_run_every_job_exactly_once() {
     let counter = ledger.clone();
     let watcher = tokio::spawn(async move {
         let mut seen = std::collections::HashSet::new();
-        while let Ok(Some(event)) = watch.message().await {
+        while seen.len() < JOBS {
+            let Ok(Some(event)) = watch.message().await else { break };
             assert_eq!(event.dropped, 0, "the watch kept up");
             if let Some(job) = event.job {
                 assert!(seen.insert(job.id), "a job succeeded twice");
@@ -152,6 +153,9 @@ async fn agents_and_unary_claimers_run_every_job_exactly_once() {
         count(pb::QueuedJobState::Queued) + count(pb::QueuedJobState::Claimed) + count(pb::QueuedJobState::Running),
         0
     );
+    // The watcher's own assertions count: its task is awaited.
+    let seen =
+        tokio::time::timeout(Duration::from_secs(60), watcher).await.expect("the watcher ends").expect("watcher");
+    assert_eq!(seen.len(), JOBS, "the watch saw every success once");
     println!("claimers completed {by_claimers} of {JOBS} jobs; agents the rest");
-    drop(watcher);
 }
