@@ -37,6 +37,7 @@ pub struct EnvConfig {
     pub slots: u32,
     pub sync_every: Option<u32>,
     pub commit_interval: Option<std::time::Duration>,
+    pub idle_commit_interval: Option<std::time::Duration>,
     pub server_threads: usize,
     pub agent_threads: usize,
     pub probe_store: bool,
@@ -166,6 +167,7 @@ impl Env {
             clock,
             engine: EngineConfig {
                 busy_commit_interval: config.commit_interval.unwrap_or(EngineConfig::default().busy_commit_interval),
+                commit_interval: config.idle_commit_interval.unwrap_or(EngineConfig::default().commit_interval),
                 ..EngineConfig::default()
             },
             max_agent_streams: 1000,

@@ -55,6 +55,10 @@ struct Args {
     /// (EngineConfig.busy_commit_interval; default: the engine's default).
     #[arg(long, value_name = "MS")]
     commit_interval_ms: Option<u64>,
+    /// The engine's commit window after a small commit in milliseconds
+    /// (EngineConfig.commit_interval; default 0: commit at once).
+    #[arg(long, value_name = "MS")]
+    idle_commit_interval_ms: Option<u64>,
     /// Jobs per BatchEnqueueJobs call.
     #[arg(long, default_value_t = 500)]
     batch_size: usize,
@@ -80,7 +84,10 @@ struct Args {
     /// counts commits.
     #[arg(long)]
     no_store_probe: bool,
-    /// Skip measurements: any of batched, unbatched, latency.
+    /// Jobs of the single-client phase: one client awaiting each EnqueueJob.
+    #[arg(long, default_value_t = 3000)]
+    single_jobs: u64,
+    /// Skip measurements: any of batched, unbatched, single, latency.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
 }
@@ -89,6 +96,7 @@ struct Args {
 struct Run {
     batched: Option<(Throughput, Cpu)>,
     unbatched: Option<(Throughput, Cpu)>,
+    single: Option<(Throughput, Cpu)>,
     latency: Option<(Latency, Cpu)>,
     peak_rss_bytes: u64,
 }
@@ -117,6 +125,7 @@ fn main() -> anyhow::Result<()> {
         slots: args.slots,
         sync_every: args.unsafe_sync_every,
         commit_interval: args.commit_interval_ms.map(std::time::Duration::from_millis),
+        idle_commit_interval: args.idle_commit_interval_ms.map(std::time::Duration::from_millis),
         server_threads: args.server_threads.unwrap_or(cpus),
         agent_threads: args.agent_threads.unwrap_or(cpus),
         probe_store: !args.no_store_probe,
@@ -175,6 +184,17 @@ fn main() -> anyhow::Result<()> {
         if let Some((t, cpu)) = &unbatched {
             print_throughput(r, "unbatched", t, cpu);
         }
+        let single = if skip("single") {
+            None
+        } else {
+            let how = Enqueue::Single { clients: 1 };
+            Some(measure(&client_rt, &config, base, |env| {
+                phases::throughput(env, args.single_jobs, how, 1).boxed_local()
+            })?)
+        };
+        if let Some((t, cpu)) = &single {
+            print_throughput(r, "single", t, cpu);
+        }
         let latency = if skip("latency") {
             None
         } else {
@@ -191,7 +211,7 @@ fn main() -> anyhow::Result<()> {
             peak_rss_bytes as f64 / (1024.0 * 1024.0),
             if hwm_reset { "; reset at the start of the run" } else { "; cumulative, reset unsupported" }
         );
-        runs.push(Run { batched, unbatched, latency, peak_rss_bytes });
+        runs.push(Run { batched, unbatched, single, latency, peak_rss_bytes });
     }
     client_rt.shutdown_timeout(std::time::Duration::from_secs(5));
 
@@ -310,12 +330,17 @@ fn summarize(runs: &[Run], args: &Args, fsync_p50_us: f64, fsync_p99_us: f64) ->
     };
     let commits_per_sec =
         |r: &Option<(Throughput, Cpu)>| r.as_ref().map(|(t, _)| t.store.commits as f64 / t.elapsed.as_secs_f64());
+    // One client awaiting each enqueue: acknowledgements per second.
+    let single = |r: &Run| {
+        r.single.as_ref().map(|(t, _)| t.jobs as f64 / t.enqueue_elapsed.as_secs_f64().max(f64::MIN_POSITIVE))
+    };
     let runs_json: Vec<serde_json::Value> = runs
         .iter()
         .map(|r| {
             json!({
                 "jobs_per_sec": round(tp(&r.batched), 0),
                 "unbatched_jobs_per_sec": round(tp(&r.unbatched), 0),
+                "single_client_enqueue_per_sec": round(single(r), 0),
                 "p50_ms": round(lat(r, 0.5), 3),
                 "p99_ms": round(lat(r, 0.99), 3),
                 "p999_ms": round(lat(r, 0.999), 3),
@@ -326,6 +351,8 @@ fn summarize(runs: &[Run], args: &Args, fsync_p50_us: f64, fsync_p99_us: f64) ->
     json!({
         "jobs_per_sec": round(of(&|r| tp(&r.batched)), 0),
         "unbatched_jobs_per_sec": round(of(&|r| tp(&r.unbatched)), 0),
+        "single_client_enqueue_per_sec": round(of(&single), 0),
+        "single_client_ack_mean_us": round(of(&|r| single(r).map(|rate| 1e6 / rate)), 1),
         "p50_ms": round(of(&|r| lat(r, 0.5)), 3),
         "p99_ms": round(of(&|r| lat(r, 0.99)), 3),
         "p999_ms": round(of(&|r| lat(r, 0.999)), 3),

@@ -22,8 +22,10 @@ pub struct EngineConfig {
     pub unhealthy_after_missed: u32,
     /// Memory or disk use (fraction) above which an agent is DEGRADED.
     pub pressure_threshold: f64,
-    /// Least time between the starts of two store commits (group commit
-    /// window). Delays acknowledgements, never dispatch.
+    /// Least time between the starts of two store commits after a small
+    /// one (group commit window). Zero by default: a commit starts at once
+    /// when none is in flight, and what arrives meanwhile forms the next
+    /// group, so a lone client's acknowledgement waits for no timer.
     pub commit_interval: Duration,
     /// The window after a commit of at least `busy_commit_writes` writes:
     /// under heavy load a wider window shares each commit's fixed cost
@@ -44,7 +46,7 @@ impl Default for EngineConfig {
             command_capacity: 65_536,
             unhealthy_after_missed: 3,
             pressure_threshold: 0.95,
-            commit_interval: Duration::from_millis(2),
+            commit_interval: Duration::ZERO,
             busy_commit_interval: Duration::from_millis(4),
             busy_commit_writes: 64,
         }

@@ -275,10 +275,13 @@ impl Engine {
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut committing: Option<JoinHandle<StoreResult<Vec<WriteOutcome>>>> = None;
         let mut shutdown: Option<tokio::sync::oneshot::Sender<()>> = None;
-        // Commits start at most every `window`: a commit costs the writer
-        // ~0.3 ms of CPU plus ~6 us per write here, so spacing them out
-        // makes groups bigger and coalesces more transitions of one job.
-        // After a big commit (heavy load) the window widens. Only
+        // A commit starts as soon as none is in flight (`commit_interval`
+        // is zero by default), so at light load an acknowledgement waits
+        // only for its own fsync; writes arriving meanwhile form the next
+        // group. After a big commit (heavy load) the next one waits
+        // `busy_commit_interval`: a commit costs the writer ~0.3 ms of CPU
+        // plus ~6 us per write, so spacing them out then makes groups
+        // bigger and coalesces more transitions of one job. Only
         // acknowledgements wait for it; dispatch does not.
         let started = tokio::time::Instant::now();
         let mut last_commit = started.checked_sub(self.config.commit_interval).unwrap_or(started);
