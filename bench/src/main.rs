@@ -87,7 +87,10 @@ struct Args {
     /// Jobs of the single-client phase: one client awaiting each EnqueueJob.
     #[arg(long, default_value_t = 3000)]
     single_jobs: u64,
-    /// Skip measurements: any of batched, unbatched, single, latency.
+    /// Jobs of the backlog phase: queued with no agent to take them.
+    #[arg(long, default_value_t = 20_000)]
+    backlog_jobs: u64,
+    /// Skip measurements: any of batched, unbatched, single, backlog, latency.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
 }
@@ -97,6 +100,7 @@ struct Run {
     batched: Option<(Throughput, Cpu)>,
     unbatched: Option<(Throughput, Cpu)>,
     single: Option<(Throughput, Cpu)>,
+    backlog: Option<f64>,
     latency: Option<(Latency, Cpu)>,
     peak_rss_bytes: u64,
 }
@@ -195,6 +199,14 @@ fn main() -> anyhow::Result<()> {
         if let Some((t, cpu)) = &single {
             print_throughput(r, "single", t, cpu);
         }
+        let backlog = if skip("backlog") {
+            None
+        } else {
+            let (bytes, _) =
+                measure(&client_rt, &config, base, |env| phases::backlog(env, args.backlog_jobs).boxed_local())?;
+            println!("run {r}:   backlog: {} queued jobs cost {bytes:.0} bytes of RSS each", args.backlog_jobs);
+            Some(bytes)
+        };
         let latency = if skip("latency") {
             None
         } else {
@@ -211,7 +223,7 @@ fn main() -> anyhow::Result<()> {
             peak_rss_bytes as f64 / (1024.0 * 1024.0),
             if hwm_reset { "; reset at the start of the run" } else { "; cumulative, reset unsupported" }
         );
-        runs.push(Run { batched, unbatched, single, latency, peak_rss_bytes });
+        runs.push(Run { batched, unbatched, single, backlog, latency, peak_rss_bytes });
     }
     client_rt.shutdown_timeout(std::time::Duration::from_secs(5));
 
@@ -353,6 +365,7 @@ fn summarize(runs: &[Run], args: &Args, fsync_p50_us: f64, fsync_p99_us: f64) ->
         "unbatched_jobs_per_sec": round(of(&|r| tp(&r.unbatched)), 0),
         "single_client_enqueue_per_sec": round(of(&single), 0),
         "single_client_ack_mean_us": round(of(&|r| single(r).map(|rate| 1e6 / rate)), 1),
+        "rss_per_queued_job_bytes": round(of(&|r| r.backlog), 0),
         "p50_ms": round(of(&|r| lat(r, 0.5)), 3),
         "p99_ms": round(of(&|r| lat(r, 0.99)), 3),
         "p999_ms": round(of(&|r| lat(r, 0.999)), 3),

@@ -263,3 +263,30 @@ pub async fn latency(env: &Env, rate: u64, secs: u64, warmup: u64, channels: usi
         commit_p99_us: commit.value_at_quantile(0.99) as f64 / 1e3,
     })
 }
+
+/// Enqueues `jobs` jobs that no agent can take (a pool of their own) and
+/// returns the growth of the process's resident set per queued job: what a
+/// backlog costs the server while it is live (not after a restart).
+pub async fn backlog(env: &Env, jobs: u64) -> anyhow::Result<f64> {
+    let mut clients = connect_all(env, 1).await?;
+    let channel = tonic::transport::Endpoint::from_shared(env.url.clone())?.connect().await?;
+    let mut agents = tether::v1::agent_service_client::AgentServiceClient::new(channel);
+    let pool = pb::AgentPool { name: "bench-backlog".into(), ..Default::default() };
+    agents.create_agent_pool(pb::CreateAgentPoolRequest { pool: Some(pool) }).await.context("CreateAgentPool")?;
+    let routing = Some(pb::Routing { pool: "bench-backlog".into(), required_labels: Default::default() });
+    let client = &mut clients[0];
+    // A first batch, so what every server pays once is in the baseline.
+    let batch = |n: u64| pb::BatchEnqueueJobsRequest {
+        requests: (0..n).map(|_| pb::EnqueueJobRequest { routing: routing.clone(), ..job(Bytes::new()) }).collect(),
+    };
+    client.batch_enqueue_jobs(batch(500)).await.context("BatchEnqueueJobs")?;
+    let before = crate::probe::rss_bytes()?;
+    let mut sent = 0;
+    while sent < jobs {
+        let n = (jobs - sent).min(500);
+        client.batch_enqueue_jobs(batch(n)).await.context("BatchEnqueueJobs")?;
+        sent += n;
+    }
+    let after = crate::probe::rss_bytes()?;
+    Ok(after.saturating_sub(before) as f64 / jobs.max(1) as f64)
+}

@@ -141,10 +141,19 @@ pub fn cpu_since(after: &BTreeMap<&'static str, f64>, before: &BTreeMap<&'static
 
 /// VmHWM of this process in bytes (peak resident set).
 pub fn peak_rss_bytes() -> anyhow::Result<u64> {
+    status_bytes("VmHWM:")
+}
+
+/// The resident set of this process now (VmRSS).
+pub fn rss_bytes() -> anyhow::Result<u64> {
+    status_bytes("VmRSS:")
+}
+
+fn status_bytes(key: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status").context("read /proc/self/status")?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM in /proc/self/status")?;
+    let line = status.lines().find(|l| l.starts_with(key)).with_context(|| format!("no {key} in /proc/self/status"))?;
     let kib: u64 = line
-        .trim_start_matches("VmHWM:")
+        .trim_start_matches(key)
         .trim()
         .trim_end_matches("kB")
         .trim()
