@@ -165,7 +165,10 @@ impl EmbeddedStore {
     pub fn open(dir: &Path, options: EmbeddedOptions) -> StoreResult<EmbeddedStore> {
         std::fs::create_dir_all(dir).map_err(|e| io_err(format!("create {}: {e}", dir.display())))?;
         let path = dir.join("tether.redb");
-        let db = Database::create(&path).map_err(|e| io_err(format!("open {}: {e}", path.display())))?;
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(dir.display().to_string()),
+            e => io_err(format!("open {}: {e}", path.display())),
+        })?;
         {
             let txn = db.begin_write().map_err(io_err)?;
             txn.open_table(JOBS).map_err(io_err)?;
@@ -832,6 +835,16 @@ mod tests {
             store
         })
         .await;
+    }
+
+    #[test]
+    fn a_second_owner_of_one_directory_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _first = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open");
+        let second = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).err().expect("refused");
+        assert!(matches!(second, StoreError::InUse(_)), "{second:?}");
+        assert!(second.to_string().contains("in use by another tether server"), "{second}");
+        assert!(!second.is_retryable());
     }
 
     #[tokio::test]

@@ -32,6 +32,17 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store is closed")]
     Closed,
+    /// Another process owns the store (the embedded store is exclusive).
+    #[error("{0} is in use by another tether server (only one process may own a data directory)")]
+    InUse(String),
+}
+
+impl StoreError {
+    /// Whether trying again later may succeed (I/O hiccups); corrupt data,
+    /// a closed store or one owned by another process will not change.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Io(_))
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

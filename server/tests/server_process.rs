@@ -1,7 +1,8 @@
-//! The `tether server` process under a small open-file limit: it raises
-//! its soft limit to the hard one at start-up, and once more clients
+//! The `tether server` process itself: under a small open-file limit it
+//! raises its soft limit to the hard one at start-up, and once more clients
 //! connect than it has descriptors for, it backs off (logging it) instead
-//! of spinning, and serves again as soon as descriptors are free.
+//! of spinning, and serves again as soon as descriptors are free; a second
+//! server on the same data directory is refused with a clear error.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -108,4 +109,29 @@ async fn out_of_descriptors_the_server_backs_off_and_recovers() {
         assert!(tokio::time::Instant::now() < deadline, "the server never recovered");
     }
     assert!(server.0.try_wait().expect("status").is_none(), "the server is still running");
+}
+
+#[test]
+fn a_second_server_on_one_data_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let start = || {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["server", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("TETHER_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tether server")
+    };
+    let mut first = Server(start());
+    let lines = lines_of(&mut first.0);
+    wait_line(&lines, "tether server listening");
+    let second = start().wait_with_output().expect("second server");
+    assert!(!second.status.success(), "the second server must not start");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("is in use by another tether server"), "{stderr}");
+    assert!(first.0.try_wait().expect("status").is_none(), "the first keeps running");
 }
