@@ -326,3 +326,45 @@ async fn a_start_refused_after_a_cancel_frees_the_slot() {
     let r2 = agent.next_assignment().await.job.expect("job ref");
     assert_eq!(r2.job_id, j2.id);
 }
+
+#[tokio::test]
+async fn work_spreads_over_equally_free_agents() {
+    // Three idle one-slot agents and jobs that arrive one at a time: each
+    // agent gets one in turn, not the same agent every time.
+    let dir = DataDir::new();
+    let server = TestServer::start_manual(&dir).await;
+    let mut agents = Vec::new();
+    for name in ["spread-a", "spread-b", "spread-c"] {
+        agents.push(RawAgent::connect(&server, hello(name, 1)).await.expect("connect"));
+    }
+    let mut q = server.queue().await;
+    let mut watch = q
+        .watch_queue(pb::WatchQueueRequest { queue: "spread".into(), states: vec![pb::QueuedJobState::Claimed as i32] })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut takers = Vec::new();
+    for round in 0..6 {
+        let created = q.enqueue_job(job("spread", &format!("job {round}"))).await.expect("enqueue").into_inner();
+        let id = created.job.expect("job").id;
+        // The claim names the agent; that agent runs it to the end.
+        let claimed = wait_for_event(&mut watch, |j| j.id == id).await;
+        let i = agents.iter().position(|a| a.agent_id == claimed.worker_id).expect("one of ours");
+        let r = agents[i].next_assignment().await.job.expect("job ref");
+        agents[i].accept_and_start(&r).await;
+        agents[i].finish(&r, pb::JobOutcome::Succeeded, "ok").await;
+        loop {
+            if let pb::connect_response::Message::JobUpdateAck(ack) = agents[i].next().await {
+                if ack.job.as_ref() == Some(&r) && ack.accepted {
+                    break;
+                }
+            }
+        }
+        takers.push(i);
+    }
+    let mut counts = [0; 3];
+    for i in &takers {
+        counts[*i] += 1;
+    }
+    assert_eq!(counts, [2, 2, 2], "takers in order: {takers:?}");
+}

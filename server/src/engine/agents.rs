@@ -19,13 +19,14 @@ use crate::store::Write;
 
 impl Engine {
     /// The agent that should get a job with `routing` now: one that takes
-    /// work and matches, healthy before degraded, most free slots first.
+    /// work and matches, healthy before degraded, most free slots first,
+    /// then the one that got work least recently.
     pub fn pick_agent(&self, routing: &Routing) -> Option<String> {
         let ids = self.pool_agents.get(&routing.pool)?;
         ids.iter()
             .filter_map(|id| self.agents.get(id))
             .filter(|a| a.takes_work() && routing.matches(&a.agent.pool, &a.agent.labels))
-            .max_by_key(|a| (a.agent.health != Health::Degraded, a.free_slots()))
+            .max_by_key(|a| (a.agent.health != Health::Degraded, a.free_slots(), std::cmp::Reverse(a.last_assigned)))
             .map(|a| a.agent.id.clone())
     }
 

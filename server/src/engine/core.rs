@@ -71,6 +71,10 @@ pub(crate) struct AgentEntry {
     pub next_check: Option<SystemTime>,
     /// Heartbeats missed in a row.
     pub missed: u32,
+    /// When the agent was last given a job (the engine's assignment
+    /// count): ties among equally free agents go to the least recent, so
+    /// work spreads instead of landing on whichever agent is listed last.
+    pub last_assigned: u64,
 }
 
 impl AgentEntry {
@@ -132,6 +136,8 @@ pub(crate) struct Engine {
     pub health_checks: BTreeSet<(SystemTime, String)>,
     pub pools: BTreeMap<String, Pool>,
     pub next_session: u64,
+    /// Assignments made so far (orders agents by when they last got work).
+    pub assignments: u64,
     /// Idempotency keys of created jobs whose batch is not yet committed.
     pub uncommitted_keys: FastMap<(String, String), (Box<Job>, u64)>,
     pub pending: Pending,
@@ -215,6 +221,7 @@ impl Engine {
             health_checks: BTreeSet::new(),
             pools,
             next_session: 1,
+            assignments: 0,
             uncommitted_keys: FastMap::default(),
             pending: Pending::default(),
             batch_no: 1,
@@ -716,6 +723,7 @@ impl AgentEntry {
             history: VecDeque::new(),
             next_check: None,
             missed: 0,
+            last_assigned: 0,
         }
     }
 }

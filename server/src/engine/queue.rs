@@ -210,7 +210,9 @@ impl Engine {
     /// slot turnover.
     pub fn assign(&mut self, job: Job, agent_id: &str) {
         let job = self.claim(job, agent_id);
+        self.assignments += 1;
         if let Some(entry) = self.agents.get_mut(agent_id) {
+            entry.last_assigned = self.assignments;
             entry.in_flight.insert(
                 job.fencing_token,
                 super::core::InFlight { job_id: job.id.clone(), attempt: job.attempt, acked: false },
