@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{Health, JobState, Priority};
-use crate::engine::{AgentListFilter, EngineHandle, JobEvent};
+use crate::engine::{EngineHandle, JobEvent};
 
 pub const JOBS_ENQUEUED: &str = "tether_jobs_enqueued_total";
 pub const JOBS_FINISHED: &str = "tether_jobs_finished_total";
@@ -225,20 +225,13 @@ impl Scraper {
             }
             gauge!(OLDEST_QUEUED_AGE).set(stats.oldest_queued_age.as_secs_f64());
         }
+        // One pass over the agents in the engine, nothing copied: paging
+        // through agent views sorted and cloned every agent per scrape.
+        let Ok(tally) = self.engine.agent_counts().await else { return };
         let mut counts = [[0u64; 2]; HEALTHS.len()];
-        let mut after_id = None;
-        loop {
-            let filter =
-                AgentListFilter { after_id, limit: crate::domain::validate::MAX_PAGE_SIZE, ..Default::default() };
-            let Ok(page) = self.engine.list_agents(filter).await else { return };
-            for view in &page.agents {
-                if let Some(i) = HEALTHS.iter().position(|h| *h == view.agent.health) {
-                    counts[i][usize::from(view.connected)] += 1;
-                }
-            }
-            match page.next_after {
-                Some(next) if !page.agents.is_empty() => after_id = Some(next),
-                _ => break,
+        for (health, connected, n) in tally {
+            if let Some(i) = HEALTHS.iter().position(|h| *h == health) {
+                counts[i][usize::from(connected)] += n;
             }
         }
         for (i, health) in HEALTHS.iter().enumerate() {

@@ -652,6 +652,9 @@ impl Engine {
             Command::ListAgents { filter, reply } => {
                 let _ = reply.send(Ok(self.list_agents(&filter)));
             }
+            Command::AgentCounts { reply } => {
+                let _ = reply.send(Ok(self.agent_counts()));
+            }
             Command::DrainAgent { id, reason, reply } => {
                 let result = self.check_writable().and_then(|()| self.drain(&id, reason));
                 self.reply_after_commit(reply, result);

@@ -111,6 +111,10 @@ pub(crate) enum Command {
         filter: AgentListFilter,
         reply: Reply<AgentPage>,
     },
+    /// Agents tallied by (health, connected), for the metrics gauges.
+    AgentCounts {
+        reply: Reply<Vec<(Health, bool, u64)>>,
+    },
     DrainAgent {
         id: String,
         reason: String,
@@ -285,6 +289,11 @@ impl EngineHandle {
 
     pub async fn list_agents(&self, filter: AgentListFilter) -> DomainResult<AgentPage> {
         self.call(|reply| Command::ListAgents { filter, reply }).await
+    }
+
+    /// Agents per (health, connected) in one pass, without copying any agent.
+    pub async fn agent_counts(&self) -> DomainResult<Vec<(Health, bool, u64)>> {
+        self.call(|reply| Command::AgentCounts { reply }).await
     }
 
     pub async fn drain_agent(&self, id: String, reason: String) -> DomainResult<AgentView> {
