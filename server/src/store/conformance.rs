@@ -1,5 +1,6 @@
-//! The storage conformance suite: every backend must pass [`run_all`].
-//! Each case gets a fresh, empty store from the factory.
+//! The storage conformance suite: every backend runs every case, one test
+//! per case, through [`store_conformance_suite!`](crate::store_conformance_suite).
+//! Each case gets a fresh, empty store.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -45,23 +46,45 @@ async fn write_one<S: Store>(store: &S, write: Write) -> WriteOutcome {
     outcomes.remove(0)
 }
 
-/// Runs every case.
-pub async fn run_all<S: Store, F: FnMut() -> S>(mut fresh: F) {
-    create_and_get(fresh()).await;
-    conditional_updates(fresh()).await;
-    idempotency_keys(fresh()).await;
-    listing_newest_first_with_filters(fresh()).await;
-    dead_letters_oldest_first(fresh()).await;
-    startup_scans(fresh()).await;
-    counts_follow_transitions(fresh()).await;
-    logs_are_deduplicated(fresh()).await;
-    agents(fresh()).await;
-    counters_only_rise(fresh()).await;
-    concurrent_claims_have_one_winner(fresh()).await;
-    pools(fresh()).await;
+/// One `#[tokio::test]` per case for a backend, so a failure names its
+/// case. `$fresh` is called with the case's name and returns a future of
+/// `(store, guard)`: a fresh, empty store and whatever must outlive it.
+///
+/// ```ignore
+/// store_conformance_suite!(|_case| async {
+///     let dir = tempfile::tempdir().unwrap();
+///     (EmbeddedStore::open(dir.path(), Default::default()).unwrap(), dir)
+/// });
+/// ```
+#[macro_export]
+macro_rules! store_conformance_suite {
+    ($fresh:expr) => {
+        $crate::store_conformance_suite!(@cases $fresh;
+            create_and_get,
+            conditional_updates,
+            idempotency_keys,
+            listing_newest_first_with_filters,
+            dead_letters_oldest_first,
+            startup_scans,
+            counts_follow_transitions,
+            logs_are_deduplicated,
+            agents,
+            counters_only_rise,
+            concurrent_claims_have_one_winner,
+            pools);
+    };
+    (@cases $fresh:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let (store, _keep) = ($fresh)(stringify!($case)).await;
+                $crate::store::conformance::$case(store).await;
+            }
+        )*
+    };
 }
 
-async fn create_and_get<S: Store>(store: S) {
+pub async fn create_and_get<S: Store>(store: S) {
     let j = job("a", 1, "q", None);
     assert_eq!(write_one(&store, Write::CreateJob(Box::new(j.clone()))).await, WriteOutcome::Applied);
     assert_eq!(store.get_job("a").await.expect("get"), Some(j.clone()));
@@ -73,7 +96,7 @@ async fn create_and_get<S: Store>(store: S) {
     assert_eq!(store.get_job("a").await.expect("get"), Some(j));
 }
 
-async fn conditional_updates<S: Store>(store: S) {
+pub async fn conditional_updates<S: Store>(store: S) {
     let j = job("a", 1, "q", None);
     write_one(&store, Write::CreateJob(Box::new(j.clone()))).await;
     let claimed = next(&j, JobState::Claimed);
@@ -107,7 +130,7 @@ async fn conditional_updates<S: Store>(store: S) {
     assert_eq!(store.get_job("a").await.expect("get").map(|j| j.version), Some(4));
 }
 
-async fn idempotency_keys<S: Store>(store: S) {
+pub async fn idempotency_keys<S: Store>(store: S) {
     write_one(&store, Write::CreateJob(Box::new(job("a", 1, "q", Some("k"))))).await;
     assert_eq!(
         write_one(&store, Write::CreateJob(Box::new(job("b", 2, "q", Some("k"))))).await,
@@ -123,7 +146,7 @@ async fn idempotency_keys<S: Store>(store: S) {
     assert_eq!(store.get_job("b").await.expect("get"), None);
 }
 
-async fn listing_newest_first_with_filters<S: Store>(store: S) {
+pub async fn listing_newest_first_with_filters<S: Store>(store: S) {
     let mut writes = Vec::new();
     for i in 1..=25u64 {
         let queue = if i % 2 == 0 { "even" } else { "odd" };
@@ -161,7 +184,7 @@ async fn listing_newest_first_with_filters<S: Store>(store: S) {
     assert!(page.items.iter().all(|j| j.spec.queue == "odd" && j.state == JobState::Queued));
 }
 
-async fn dead_letters_oldest_first<S: Store>(store: S) {
+pub async fn dead_letters_oldest_first<S: Store>(store: S) {
     for i in 1..=5u64 {
         let j = job(&format!("d{i}"), i, if i == 3 { "other" } else { "q" }, None);
         write_one(&store, Write::CreateJob(Box::new(j.clone()))).await;
@@ -182,7 +205,7 @@ async fn dead_letters_oldest_first<S: Store>(store: S) {
     assert_eq!(store.list_dead_letters(None, None, 10).await.expect("list").items.len(), 4);
 }
 
-async fn startup_scans<S: Store>(store: S) {
+pub async fn startup_scans<S: Store>(store: S) {
     for i in 1..=4u64 {
         write_one(&store, Write::CreateJob(Box::new(job(&format!("s{i}"), i, "q", None)))).await;
     }
@@ -198,7 +221,7 @@ async fn startup_scans<S: Store>(store: S) {
     assert_eq!(active, ["s2"]);
 }
 
-async fn counts_follow_transitions<S: Store>(store: S) {
+pub async fn counts_follow_transitions<S: Store>(store: S) {
     let a = job("a", 1, "q", None);
     let mut b = job("b", 2, "q", None);
     b.spec.priority = Priority::Critical;
@@ -210,7 +233,7 @@ async fn counts_follow_transitions<S: Store>(store: S) {
     assert_eq!(rows, [("q", JobState::Queued, Priority::Critical, 1), ("q", JobState::Running, Priority::Normal, 1)]);
 }
 
-async fn logs_are_deduplicated<S: Store>(store: S) {
+pub async fn logs_are_deduplicated<S: Store>(store: S) {
     let chunk = |seq: u64, text: &str| LogChunk {
         job_id: "a".into(),
         attempt: 1,
@@ -232,7 +255,7 @@ async fn logs_are_deduplicated<S: Store>(store: S) {
     assert!(store.logs("a", 2).await.expect("logs").is_empty());
 }
 
-async fn agents<S: Store>(store: S) {
+pub async fn agents<S: Store>(store: S) {
     let agent = |id: &str, name: &str, pool: &str| Agent {
         id: id.into(),
         name: name.into(),
@@ -269,14 +292,14 @@ async fn agents<S: Store>(store: S) {
     assert_eq!(ids, ["a2"]);
 }
 
-async fn counters_only_rise<S: Store>(store: S) {
+pub async fn counters_only_rise<S: Store>(store: S) {
     assert_eq!(store.counter(COUNTER_FENCING).await.expect("counter"), 0);
     write_one(&store, Write::RaiseCounter { name: COUNTER_FENCING, value: 10 }).await;
     write_one(&store, Write::RaiseCounter { name: COUNTER_FENCING, value: 7 }).await;
     assert_eq!(store.counter(COUNTER_FENCING).await.expect("counter"), 10);
 }
 
-async fn concurrent_claims_have_one_winner<S: Store>(store: S) {
+pub async fn concurrent_claims_have_one_winner<S: Store>(store: S) {
     let j = job("contended", 1, "q", None);
     write_one(&store, Write::CreateJob(Box::new(j.clone()))).await;
     let store = Arc::new(store);
@@ -299,7 +322,7 @@ async fn concurrent_claims_have_one_winner<S: Store>(store: S) {
     assert_eq!(winners, 1);
 }
 
-async fn pools<S: Store>(store: S) {
+pub async fn pools<S: Store>(store: S) {
     let pool = |name: &str, max: u32| Pool { name: name.into(), max_size: max, ..Pool::default_pool(t(0)) };
     store
         .write(vec![Write::PutPool(Box::new(pool("zeta", 5))), Write::PutPool(Box::new(pool("alpha", 3)))])

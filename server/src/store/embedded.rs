@@ -11,10 +11,12 @@ use std::thread;
 
 use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use tokio::sync::oneshot;
 
+use super::codec::{
+    decode, decode_job, encode, encode_into, encode_job_into, priority_code, priority_from_code, skip_corrupt,
+    state_from_code, FORMAT_V1,
+};
 use super::{
     AgentFilter, CountRow, JobFilter, LogChunk, Page, QueuedEntry, Store, StoreError, StoreResult, Write, WriteOutcome,
 };
@@ -34,12 +36,6 @@ const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 const AGENT_NAMES: TableDefinition<(&str, &str), &str> = TableDefinition::new("agent_names");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
-
-/// The record encoding's version, the first byte of every stored value.
-const FORMAT_V1: u8 = 1;
-/// Job records since retry policies (format 1 jobs are read through
-/// [`super::legacy`]; other records are still format 1).
-const JOB_FORMAT_V2: u8 = 2;
 
 /// How the store syncs commits to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,72 +88,6 @@ impl Drop for EmbeddedStore {
 
 fn io_err(e: impl Display) -> StoreError {
     StoreError::Io(e.to_string())
-}
-
-fn encode<T: Serialize>(value: &T) -> StoreResult<Vec<u8>> {
-    postcard::to_extend(value, vec![FORMAT_V1]).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))
-}
-
-/// Like [`encode`], into a reused buffer.
-fn encode_into<T: Serialize>(buf: &mut Vec<u8>, value: &T) -> StoreResult<()> {
-    let mut out = std::mem::take(buf);
-    out.clear();
-    out.push(FORMAT_V1);
-    *buf = postcard::to_extend(value, out).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))?;
-    Ok(())
-}
-
-/// A job record in today's format, into a reused buffer.
-fn encode_job_into(buf: &mut Vec<u8>, job: &Job) -> StoreResult<()> {
-    let mut out = std::mem::take(buf);
-    out.clear();
-    out.push(JOB_FORMAT_V2);
-    *buf = postcard::to_extend(job, out).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))?;
-    Ok(())
-}
-
-/// A job record of any format this release reads.
-fn decode_job(bytes: &[u8]) -> StoreResult<Job> {
-    let corrupt = |e: postcard::Error| StoreError::Corrupt(format!("decode job: {e}"));
-    match bytes.split_first() {
-        Some((&JOB_FORMAT_V2, rest)) => postcard::from_bytes(rest).map_err(corrupt),
-        Some((&FORMAT_V1, rest)) => postcard::from_bytes::<super::legacy::JobV1>(rest).map(Job::from).map_err(corrupt),
-        Some((v, _)) => Err(StoreError::Corrupt(format!(
-            "job record format {v} is newer than this release reads; run a newer tether"
-        ))),
-        None => Err(StoreError::Corrupt("empty job record".into())),
-    }
-}
-
-fn decode<T: DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
-    match bytes.split_first() {
-        Some((&FORMAT_V1, rest)) => postcard::from_bytes(rest).map_err(|e| StoreError::Corrupt(format!("decode: {e}"))),
-        Some((v, _)) => Err(StoreError::Corrupt(format!("unknown record format {v}"))),
-        None => Err(StoreError::Corrupt("empty record".into())),
-    }
-}
-
-fn priority_code(p: Priority) -> u8 {
-    match p {
-        Priority::Low => 1,
-        Priority::Normal => 2,
-        Priority::High => 3,
-        Priority::Critical => 4,
-    }
-}
-
-fn priority_from_code(c: u8) -> StoreResult<Priority> {
-    Ok(match c {
-        1 => Priority::Low,
-        2 => Priority::Normal,
-        3 => Priority::High,
-        4 => Priority::Critical,
-        _ => return Err(StoreError::Corrupt(format!("priority code {c}"))),
-    })
-}
-
-fn state_from_code(c: u8) -> StoreResult<JobState> {
-    JobState::ALL.into_iter().find(|s| s.code() == c).ok_or_else(|| StoreError::Corrupt(format!("state code {c}")))
 }
 
 impl EmbeddedStore {
@@ -517,17 +447,6 @@ fn index_id(value: &[u8]) -> StoreResult<String> {
 /// `Ok(None)` for a record that does not decode (logged, with `what` it
 /// is), so one bad record cannot stop a start-up or a listing; I/O errors
 /// stay errors.
-fn skip_corrupt<T>(what: impl Display, read: StoreResult<T>) -> StoreResult<Option<T>> {
-    match read {
-        Ok(value) => Ok(Some(value)),
-        Err(StoreError::Corrupt(reason)) => {
-            tracing::error!(record = %what, %reason, "skipping a stored record that does not decode");
-            Ok(None)
-        }
-        Err(e) => Err(e),
-    }
-}
-
 /// The job an index entry names, skipping what does not decode.
 fn read_indexed(
     jobs: &impl ReadableTable<&'static str, &'static [u8]>,
@@ -823,18 +742,17 @@ impl Store for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::codec::JOB_FORMAT_V2;
     use crate::store::conformance;
 
-    #[tokio::test]
-    async fn embedded_store_passes_the_conformance_suite() {
-        let mut dirs = Vec::new();
-        conformance::run_all(|| {
+    mod conformance_suite {
+        use super::*;
+
+        crate::store_conformance_suite!(|_case: &'static str| async {
             let dir = tempfile::tempdir().expect("tempdir");
             let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open");
-            dirs.push(dir);
-            store
-        })
-        .await;
+            (store, dir)
+        });
     }
 
     #[test]

@@ -16,8 +16,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{Agent, Job, JobState, Pool, Priority, Routing};
 
+mod codec;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+pub mod dynamodb;
 pub mod embedded;
 pub mod hooked;
 mod legacy;
@@ -35,13 +37,21 @@ pub enum StoreError {
     /// Another process owns the store (the embedded store is exclusive).
     #[error("{0} is in use by another tether server (only one process may own a data directory)")]
     InUse(String),
+    /// The backend throttled, timed out or failed transiently (after the
+    /// client's own retries).
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    /// The backend refused the request and will refuse it again: a missing
+    /// table, an item over its size limit, a malformed request.
+    #[error("the store refused the request: {0}")]
+    Rejected(String),
 }
 
 impl StoreError {
     /// Whether trying again later may succeed (I/O hiccups); corrupt data,
     /// a closed store or one owned by another process will not change.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Io(_))
+        matches!(self, StoreError::Io(_) | StoreError::Unavailable(_))
     }
 }
 
@@ -159,7 +169,7 @@ pub const COUNTER_SEQ: &str = "job_seq";
 pub const COUNTER_FENCING: &str = "fencing_token";
 
 /// The storage interface. Implementations must pass
-/// [`conformance::run_all`].
+/// the conformance suite (`store_conformance_suite!`).
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Applies each write conditionally, in order; durable on return.

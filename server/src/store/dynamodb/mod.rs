@@ -1,0 +1,284 @@
+//! The DynamoDB store: the same [`Store`] contract as the embedded store,
+//! over six tables (`docs/dynamodb.md`). Every job write is conditional on
+//! the stored version, so the table, not a process, decides which of two
+//! racing writers wins; a failed condition comes back as a
+//! [`WriteOutcome`], never as an error.
+//!
+//! A batch's writes to different items run concurrently; writes to one item
+//! run in batch order, so a batch still applies "in order" for every item.
+
+mod errors;
+mod items;
+#[cfg(any(test, feature = "conformance"))]
+pub mod local;
+mod reads;
+pub mod tables;
+mod writes;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_dynamodb::Client;
+use futures::stream::{self, StreamExt, TryStreamExt};
+
+pub use self::items::MAX_ITEM_BYTES;
+use self::items::{compose, key_of, s};
+use self::reads::{decode_record, Walk};
+pub use self::tables::TableNames;
+use super::{
+    AgentFilter, CountRow, JobFilter, LogChunk, Page, QueuedEntry, Store, StoreError, StoreResult, Write, WriteOutcome,
+};
+use crate::domain::{Agent, Job, JobState, Pool};
+
+/// Items written at once by one batch (DynamoDB Local and on-demand tables
+/// both take this without throttling).
+const WRITE_CONCURRENCY: usize = 32;
+
+/// Where the tables are and how to reach them.
+#[derive(Debug, Clone, Default)]
+pub struct DynamoConfig {
+    /// An endpoint URL (DynamoDB Local); default: the region's endpoint.
+    pub endpoint: Option<String>,
+    /// Prepended to every table name, so several deployments share an account.
+    pub table_prefix: String,
+    /// Default: the standard chain (AWS_REGION, profile, instance metadata).
+    pub region: Option<String>,
+}
+
+/// The DynamoDB store.
+pub struct DynamoStore {
+    client: Client,
+    tables: TableNames,
+}
+
+impl DynamoStore {
+    /// A client from the standard AWS configuration chain (credentials,
+    /// region), with retries of throttling, timeouts and 5xx (jittered
+    /// exponential backoff) and bounded attempt times.
+    pub async fn client(config: &DynamoConfig) -> Client {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(RetryConfig::standard().with_max_attempts(8).with_initial_backoff(Duration::from_millis(20)))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(3))
+                    .operation_attempt_timeout(Duration::from_secs(5))
+                    .operation_timeout(Duration::from_secs(30))
+                    .build(),
+            );
+        if let Some(region) = &config.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(endpoint) = &config.endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        Client::new(&loader.load().await)
+    }
+
+    /// Connects and checks that every table exists (the connectivity check).
+    pub async fn connect(config: &DynamoConfig) -> StoreResult<DynamoStore> {
+        let store = DynamoStore::with_client(Self::client(config).await, &config.table_prefix);
+        store.check().await?;
+        Ok(store)
+    }
+
+    /// A store over an existing client; nothing is checked.
+    pub fn with_client(client: Client, table_prefix: &str) -> DynamoStore {
+        DynamoStore { client, tables: TableNames::new(table_prefix) }
+    }
+
+    /// Whether the tables are reachable and active.
+    pub async fn check(&self) -> StoreResult<()> {
+        tables::check_tables(&self.client, &self.tables).await
+    }
+
+    pub fn tables(&self) -> &TableNames {
+        &self.tables
+    }
+
+    pub fn sdk_client(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// The item a write touches: writes to one item keep their batch order.
+fn item_of(write: &Write) -> String {
+    match write {
+        Write::CreateJob(job) => compose(&["job", &job.id]),
+        Write::UpdateJob { job, .. } => compose(&["job", &job.id]),
+        Write::PutAgent(agent) => compose(&["agent", &agent.id]),
+        Write::PutPool(pool) => compose(&["pool", &pool.name]),
+        Write::DeletePool { name } => compose(&["pool", name]),
+        Write::AppendLog(chunk) => compose(&["log", &chunk.job_id]),
+        Write::RaiseCounter { name, .. } => compose(&["counter", name]),
+    }
+}
+
+#[async_trait]
+impl Store for DynamoStore {
+    async fn write(&self, batch: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
+        // Chains of writes per item, in batch order.
+        let mut chains: Vec<Vec<usize>> = Vec::new();
+        let mut chain_of: HashMap<String, usize> = HashMap::new();
+        for (i, write) in batch.iter().enumerate() {
+            let next = chains.len();
+            let chain = *chain_of.entry(item_of(write)).or_insert(next);
+            if chain == next {
+                chains.push(Vec::new());
+            }
+            chains[chain].push(i);
+        }
+        let batch = &batch;
+        let results: Vec<Vec<(usize, WriteOutcome)>> = stream::iter(chains)
+            .map(|chain| async move {
+                let mut done = Vec::with_capacity(chain.len());
+                for i in chain {
+                    done.push((i, self.apply(&batch[i]).await?));
+                }
+                Ok::<_, StoreError>(done)
+            })
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let mut outcomes = vec![WriteOutcome::Applied; batch.len()];
+        for (i, outcome) in results.into_iter().flatten() {
+            outcomes[i] = outcome;
+        }
+        Ok(outcomes)
+    }
+
+    async fn get_job(&self, id: &str) -> StoreResult<Option<Job>> {
+        self.read_job(id).await
+    }
+
+    async fn find_by_idempotency_key(&self, queue: &str, key: &str) -> StoreResult<Option<Job>> {
+        self.job_by_key(queue, key).await
+    }
+
+    async fn list_jobs(&self, filter: &JobFilter, before_seq: Option<u64>, limit: usize) -> StoreResult<Page<Job>> {
+        let states = if filter.states.is_empty() { JobState::ALL.to_vec() } else { filter.states.clone() };
+        let queue = filter.queue.clone();
+        self.list_by_state(&states, Walk::NewestBefore(before_seq), limit, |job| {
+            queue.as_ref().is_none_or(|q| *q == job.spec.queue)
+        })
+        .await
+    }
+
+    async fn list_dead_letters(
+        &self,
+        queue: Option<&str>,
+        after_seq: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Page<Job>> {
+        self.list_by_state(&[JobState::DeadLettered], Walk::OldestAfter(after_seq), limit, |job| {
+            queue.is_none_or(|q| q == job.spec.queue)
+        })
+        .await
+    }
+
+    async fn load_queued(&self) -> StoreResult<Vec<QueuedEntry>> {
+        Ok(self.all_in_states(&[JobState::Queued]).await?.iter().map(QueuedEntry::of).collect())
+    }
+
+    async fn load_active(&self) -> StoreResult<Vec<Job>> {
+        self.all_in_states(&[JobState::Claimed, JobState::Running]).await
+    }
+
+    async fn counts(&self) -> StoreResult<Vec<CountRow>> {
+        self.sum_counts().await
+    }
+
+    async fn logs(&self, job_id: &str, attempt: u32) -> StoreResult<Vec<LogChunk>> {
+        let items =
+            self.query_partition(&self.tables.logs, "attempt", s(compose(&[job_id, &attempt.to_string()]))).await?;
+        items.iter().map(decode_record).collect()
+    }
+
+    async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>> {
+        match self.get_item(&self.tables.agents, key_of("id", id), "agent").await? {
+            Some(item) => decode_record(&item).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn find_agent_by_name(&self, pool: &str, name: &str) -> StoreResult<Option<Agent>> {
+        let out = self
+            .client
+            .query()
+            .table_name(&self.tables.agents)
+            .index_name(tables::BY_NAME)
+            .key_condition_expression("pool_name = :p")
+            .expression_attribute_values(":p", s(compose(&[pool, name])))
+            .send()
+            .await
+            .map_err(|e| errors::classify("Query agents by_name", e))?;
+        match out.items().first() {
+            Some(item) => decode_record(item).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn list_agents(&self, filter: &AgentFilter, after_id: Option<&str>, limit: usize) -> StoreResult<Vec<Agent>> {
+        let mut agents: Vec<Agent> = Vec::new();
+        for item in self.scan_all(&self.tables.agents).await? {
+            let id = items::get_s(&item, "id").unwrap_or("?").to_string();
+            if let Some(agent) = super::codec::skip_corrupt(format_args!("agent {id}"), decode_record::<Agent>(&item))?
+            {
+                let wanted = after_id.is_none_or(|a| agent.id.as_str() > a)
+                    && filter.pool.as_ref().is_none_or(|p| *p == agent.pool)
+                    && filter.labels.iter().all(|(k, v)| agent.labels.get(k) == Some(v));
+                if wanted {
+                    agents.push(agent);
+                }
+            }
+        }
+        agents.sort_by(|a, b| a.id.cmp(&b.id));
+        agents.truncate(limit);
+        Ok(agents)
+    }
+
+    async fn list_pools(&self) -> StoreResult<Vec<Pool>> {
+        let mut pools = Vec::new();
+        for item in self.scan_all(&self.tables.pools).await? {
+            let name = items::get_s(&item, "name").unwrap_or("?").to_string();
+            if let Some(pool) = super::codec::skip_corrupt(format_args!("pool {name}"), decode_record::<Pool>(&item))? {
+                pools.push(pool);
+            }
+        }
+        pools.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(pools)
+    }
+
+    async fn counter(&self, name: &'static str) -> StoreResult<u64> {
+        let key = HashMap::from([("pk".to_string(), s("counter")), ("sk".to_string(), s(name))]);
+        match self.get_item(&self.tables.meta, key, "counter").await? {
+            Some(item) => items::get_n(&item, "v"),
+            None => Ok(0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    mod conformance_suite {
+        crate::store_conformance_suite!(
+            |case: &'static str| async move { (super::local::fresh_store(case).await, ()) }
+        );
+    }
+
+    #[test]
+    fn writes_to_one_item_share_a_chain_and_others_do_not() {
+        let job = |id: &str| Box::new(crate::store::conformance::job(id, 1, "q", None));
+        assert_eq!(
+            item_of(&Write::CreateJob(job("a"))),
+            item_of(&Write::UpdateJob { job: job("a"), expected_version: 1 })
+        );
+        assert_ne!(item_of(&Write::CreateJob(job("a"))), item_of(&Write::CreateJob(job("b"))));
+        assert_ne!(item_of(&Write::DeletePool { name: "a".into() }), item_of(&Write::CreateJob(job("a"))));
+    }
+}

@@ -1,0 +1,244 @@
+//! Reads. Single items are read strongly; listings merge the shards of the
+//! state index (eventually consistent, as every DynamoDB index is) in `seq`
+//! order, page by page, so a listing reads only what it returns.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use futures::future::try_join_all;
+
+use super::errors::classify;
+use super::items::{
+    check_schema, compose, count_partition, get_b, get_i, get_n, get_s, key_of, n, s, state_partition, Item, SHARDS,
+};
+use super::tables::BY_STATE;
+use super::DynamoStore;
+use crate::domain::{Job, JobState};
+use crate::store::codec::{decode, decode_job, priority_from_code, skip_corrupt, state_from_code};
+use crate::store::{CountRow, Page, StoreError, StoreResult};
+
+/// Which way a listing walks `seq`, and from where (exclusive).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Walk {
+    NewestBefore(Option<u64>),
+    OldestAfter(Option<u64>),
+}
+
+/// One state index partition read page by page.
+struct Cursor {
+    partition: String,
+    items: VecDeque<(u64, Item)>,
+    resume: Option<Item>,
+    exhausted: bool,
+}
+
+pub(super) fn decode_job_item(item: &Item) -> StoreResult<Job> {
+    check_schema(item)?;
+    decode_job(get_b(item, "b")?)
+}
+
+pub(super) fn decode_record<T: serde::de::DeserializeOwned>(item: &Item) -> StoreResult<T> {
+    check_schema(item)?;
+    decode(get_b(item, "b")?)
+}
+
+impl DynamoStore {
+    /// A page of one state index partition.
+    async fn fill(&self, cursor: &mut Cursor, walk: Walk, page: usize) -> StoreResult<()> {
+        // A page may come back empty but not last; read on until one is not.
+        while !cursor.exhausted && cursor.items.is_empty() {
+            self.fill_once(cursor, walk, page).await?;
+        }
+        Ok(())
+    }
+
+    async fn fill_once(&self, cursor: &mut Cursor, walk: Walk, page: usize) -> StoreResult<()> {
+        let mut query = self
+            .client
+            .query()
+            .table_name(&self.tables.jobs)
+            .index_name(BY_STATE)
+            .expression_attribute_values(":p", s(cursor.partition.clone()))
+            .limit(i32::try_from(page.clamp(1, 1000)).unwrap_or(1000))
+            .set_exclusive_start_key(cursor.resume.take());
+        query = match walk {
+            Walk::NewestBefore(None) => query.key_condition_expression("sst = :p").scan_index_forward(false),
+            Walk::NewestBefore(Some(before)) => query
+                .key_condition_expression("sst = :p AND seq < :bound")
+                .expression_attribute_values(":bound", n(before))
+                .scan_index_forward(false),
+            Walk::OldestAfter(None) => query.key_condition_expression("sst = :p"),
+            Walk::OldestAfter(Some(after)) => query
+                .key_condition_expression("sst = :p AND seq > :bound")
+                .expression_attribute_values(":bound", n(after)),
+        };
+        let out = query.send().await.map_err(|e| classify("Query by_state", e))?;
+        for item in out.items() {
+            let seq = get_n(item, "seq")?;
+            cursor.items.push_back((seq, item.clone()));
+        }
+        cursor.resume = out.last_evaluated_key().cloned();
+        cursor.exhausted = cursor.resume.is_none();
+        Ok(())
+    }
+
+    /// Up to `limit` jobs in `states`, in `walk` order, that pass `keep`.
+    pub(super) async fn list_by_state(
+        &self,
+        states: &[JobState],
+        walk: Walk,
+        limit: usize,
+        keep: impl Fn(&Job) -> bool,
+    ) -> StoreResult<Page<Job>> {
+        let mut cursors: Vec<Cursor> = states
+            .iter()
+            .flat_map(|state| (0..SHARDS).map(move |shard| state_partition(*state, shard)))
+            .map(|partition| Cursor { partition, items: VecDeque::new(), resume: None, exhausted: false })
+            .collect();
+        let page = limit.saturating_add(1);
+        let mut items = Vec::new();
+        let mut last_seq = None;
+        loop {
+            // Refill every drained cursor at once: one round trip per round.
+            try_join_all(cursors.iter_mut().map(|c| self.fill(c, walk, page))).await?;
+            let best =
+                cursors.iter().enumerate().filter_map(|(i, c)| c.items.front().map(|(seq, _)| (i, *seq))).reduce(
+                    |a, b| match walk {
+                        Walk::NewestBefore(_) if b.1 > a.1 => b,
+                        Walk::OldestAfter(_) if b.1 < a.1 => b,
+                        _ => a,
+                    },
+                );
+            let Some((i, seq)) = best else { break };
+            let Some((_, item)) = cursors[i].items.pop_front() else { break };
+            let Some(job) = skip_corrupt(format_args!("job at seq {seq}"), decode_job_item(&item))? else { continue };
+            if !keep(&job) {
+                continue;
+            }
+            if items.len() == limit {
+                return Ok(Page { items, next: last_seq });
+            }
+            items.push(job);
+            last_seq = Some(seq);
+        }
+        Ok(Page { items, next: None })
+    }
+
+    /// Every job in `states`, oldest first (start-up scans).
+    pub(super) async fn all_in_states(&self, states: &[JobState]) -> StoreResult<Vec<Job>> {
+        Ok(self.list_by_state(states, Walk::OldestAfter(None), usize::MAX - 1, |_| true).await?.items)
+    }
+
+    pub(super) async fn get_item(&self, table: &str, key: Item, what: &str) -> StoreResult<Option<Item>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(table)
+            .set_key(Some(key))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify(&format!("GetItem {what}"), e))?;
+        Ok(out.item().cloned())
+    }
+
+    pub(super) async fn read_job(&self, id: &str) -> StoreResult<Option<Job>> {
+        match self.get_item(&self.tables.jobs, key_of("id", id), "job").await? {
+            Some(item) => decode_job_item(&item).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    pub(super) async fn job_by_key(&self, queue: &str, key: &str) -> StoreResult<Option<Job>> {
+        let Some(item) = self
+            .get_item(&self.tables.idempotency_keys, key_of("key", compose(&[queue, key])), "idempotency key")
+            .await?
+        else {
+            return Ok(None);
+        };
+        self.read_job(get_s(&item, "job_id")?).await
+    }
+
+    /// Every item of a table, strongly read (agents and pools: small tables
+    /// read at start-up and by operators).
+    pub(super) async fn scan_all(&self, table: &str) -> StoreResult<Vec<Item>> {
+        let mut out = Vec::new();
+        let mut resume = None;
+        loop {
+            let page = self
+                .client
+                .scan()
+                .table_name(table)
+                .consistent_read(true)
+                .set_exclusive_start_key(resume)
+                .send()
+                .await
+                .map_err(|e| classify(&format!("Scan {table}"), e))?;
+            out.extend(page.items().iter().cloned());
+            resume = page.last_evaluated_key().cloned();
+            if resume.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Every item of one partition, strongly read, in sort key order.
+    pub(super) async fn query_partition(
+        &self,
+        table: &str,
+        key: &str,
+        value: AttributeValue,
+    ) -> StoreResult<Vec<Item>> {
+        let mut out = Vec::new();
+        let mut resume = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(table)
+                .key_condition_expression("#k = :v")
+                .expression_attribute_names("#k", key)
+                .expression_attribute_values(":v", value.clone())
+                .consistent_read(true)
+                .set_exclusive_start_key(resume)
+                .send()
+                .await
+                .map_err(|e| classify(&format!("Query {table}"), e))?;
+            out.extend(page.items().iter().cloned());
+            resume = page.last_evaluated_key().cloned();
+            if resume.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// The job counts: every count shard summed.
+    pub(super) async fn sum_counts(&self) -> StoreResult<Vec<CountRow>> {
+        let shards = try_join_all(
+            (0..SHARDS).map(|shard| self.query_partition(&self.tables.meta, "pk", s(count_partition(shard)))),
+        )
+        .await?;
+        let mut totals: BTreeMap<(String, u8, u8), i64> = BTreeMap::new();
+        for item in shards.iter().flatten() {
+            let code = |name: &str| {
+                get_n(item, name).and_then(|v| {
+                    u8::try_from(v).map_err(|_| StoreError::Corrupt(format!("count attribute {name} out of range")))
+                })
+            };
+            let key = (get_s(item, "q")?.to_string(), code("sc")?, code("pc")?);
+            *totals.entry(key).or_default() += get_i(item, "n")?;
+        }
+        let mut rows = Vec::new();
+        for ((queue, state, priority), count) in totals {
+            if let Ok(count @ 1..) = u64::try_from(count) {
+                rows.push(CountRow {
+                    queue,
+                    state: state_from_code(state)?,
+                    priority: priority_from_code(priority)?,
+                    count,
+                });
+            }
+        }
+        Ok(rows)
+    }
+}

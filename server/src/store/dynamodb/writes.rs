@@ -1,0 +1,372 @@
+//! Conditional writes. Each domain write becomes one conditional request (a
+//! transaction when a job count moves with it); a failed condition is an
+//! outcome, and a write whose reply was lost is recognised on retry.
+
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::{Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update};
+use rand::Rng;
+
+use super::errors::{classify, is_conflict_code};
+use super::items::{compose, get_b, get_n, job_item, key_of, n, record_item, s, shard_of, CountKey, Item};
+use super::DynamoStore;
+use crate::domain::Job;
+use crate::store::codec::{encode, priority_code};
+use crate::store::{LogChunk, StoreError, StoreResult, Write, WriteOutcome};
+
+/// Tries of a write that meets another transaction on one of its items.
+const CONFLICT_TRIES: u32 = 12;
+
+/// What one try of a write came to.
+enum Try<T> {
+    Done(T),
+    /// Another transaction held an item: try again after a pause.
+    Conflict,
+}
+
+/// Runs `attempt` until it is not a conflict, with jittered exponential
+/// backoff between tries.
+async fn retry_conflicts<T, F, Fut>(what: &str, mut attempt: F) -> StoreResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = StoreResult<Try<T>>>,
+{
+    for round in 0..CONFLICT_TRIES {
+        match attempt().await? {
+            Try::Done(value) => return Ok(value),
+            Try::Conflict => {
+                let ceiling = 2u64.saturating_pow(round.min(7)).saturating_mul(2);
+                let pause = rand::rng().random_range(1..=ceiling);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+        }
+    }
+    Err(StoreError::Unavailable(format!("{what}: still conflicting after {CONFLICT_TRIES} tries")))
+}
+
+fn build_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Rejected(format!("building a DynamoDB request: {e}"))
+}
+
+fn request_token() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+impl DynamoStore {
+    pub(super) async fn apply(&self, write: &Write) -> StoreResult<WriteOutcome> {
+        match write {
+            Write::CreateJob(job) => self.create_job(job).await,
+            Write::UpdateJob { job, expected_version } => self.update_job(job, *expected_version).await,
+            Write::PutAgent(agent) => {
+                let body = encode(agent.as_ref())?;
+                let keys = [("id", agent.id.clone()), ("pool_name", compose(&[&agent.pool, &agent.name]))];
+                self.put(&self.tables.agents, record_item(&keys, body)).await
+            }
+            Write::PutPool(pool) => {
+                let body = encode(pool.as_ref())?;
+                self.put(&self.tables.pools, record_item(&[("name", pool.name.clone())], body)).await
+            }
+            Write::DeletePool { name } => {
+                self.client
+                    .delete_item()
+                    .table_name(&self.tables.pools)
+                    .set_key(Some(key_of("name", name.clone())))
+                    .send()
+                    .await
+                    .map_err(|e| classify("DeleteItem pool", e))?;
+                Ok(WriteOutcome::Applied)
+            }
+            Write::AppendLog(chunk) => self.append_log(chunk).await,
+            Write::RaiseCounter { name, value } => self.raise_counter(name, *value).await,
+        }
+    }
+
+    async fn put(&self, table: &str, item: Item) -> StoreResult<WriteOutcome> {
+        retry_conflicts("PutItem", || async {
+            match self.client.put_item().table_name(table).set_item(Some(item.clone())).send().await {
+                Ok(_) => Ok(Try::Done(WriteOutcome::Applied)),
+                Err(e) if e.as_service_error().is_some_and(|s| s.is_transaction_conflict_exception()) => {
+                    Ok(Try::Conflict)
+                }
+                Err(e) => Err(classify("PutItem", e)),
+            }
+        })
+        .await
+    }
+
+    async fn append_log(&self, chunk: &LogChunk) -> StoreResult<WriteOutcome> {
+        let mut item =
+            record_item(&[("attempt", compose(&[&chunk.job_id, &chunk.attempt.to_string()]))], encode(chunk)?);
+        item.insert("seq".to_string(), n(chunk.sequence));
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.tables.logs)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(seq)")
+            .send()
+            .await;
+        match result {
+            // A chunk already stored is a retry or a duplicate: ignored.
+            Ok(_) => Ok(WriteOutcome::Applied),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => {
+                Ok(WriteOutcome::Applied)
+            }
+            Err(e) => Err(classify("PutItem log", e)),
+        }
+    }
+
+    async fn raise_counter(&self, name: &str, value: u64) -> StoreResult<WriteOutcome> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.tables.meta)
+            .key("pk", s("counter"))
+            .key("sk", s(name))
+            .update_expression("SET v = :v")
+            .condition_expression("attribute_not_exists(v) OR v < :v")
+            .expression_attribute_values(":v", n(value))
+            .send()
+            .await;
+        match result {
+            // Not higher than the stored mark: nothing to raise.
+            Ok(_) => Ok(WriteOutcome::Applied),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => {
+                Ok(WriteOutcome::Applied)
+            }
+            Err(e) => Err(classify("UpdateItem counter", e)),
+        }
+    }
+
+    fn count_update(&self, key: &CountKey, shard: u32, delta: i64) -> StoreResult<TransactWriteItem> {
+        let update = Update::builder()
+            .table_name(&self.tables.meta)
+            .set_key(Some(key.item_key(shard)))
+            .update_expression("ADD n :d SET q = :q, sc = :sc, pc = :pc")
+            .expression_attribute_values(":d", n(delta))
+            .expression_attribute_values(":q", s(key.queue.clone()))
+            .expression_attribute_values(":sc", n(key.state.code()))
+            .expression_attribute_values(":pc", n(priority_code(key.priority)))
+            .build()
+            .map_err(build_error)?;
+        Ok(TransactWriteItem::builder().update(update).build())
+    }
+
+    /// One transaction: the job (if absent), its idempotency key (if any and
+    /// free) and its count.
+    async fn create_job(&self, job: &Job) -> StoreResult<WriteOutcome> {
+        let (item, _) = job_item(job)?;
+        let shard = shard_of(&job.id);
+        let mut items = vec![TransactWriteItem::builder()
+            .put(
+                Put::builder()
+                    .table_name(&self.tables.jobs)
+                    .set_item(Some(item))
+                    .condition_expression("attribute_not_exists(id)")
+                    .build()
+                    .map_err(build_error)?,
+            )
+            .build()];
+        if let Some(key) = &job.spec.idempotency_key {
+            let key_item = Item::from([
+                ("key".to_string(), s(compose(&[&job.spec.queue, key]))),
+                ("job_id".to_string(), s(job.id.clone())),
+                ("sv".to_string(), n(super::items::SCHEMA_VERSION)),
+            ]);
+            items.push(
+                TransactWriteItem::builder()
+                    .put(
+                        Put::builder()
+                            .table_name(&self.tables.idempotency_keys)
+                            .set_item(Some(key_item))
+                            .condition_expression("attribute_not_exists(#k)")
+                            .expression_attribute_names("#k", "key")
+                            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+                            .build()
+                            .map_err(build_error)?,
+                    )
+                    .build(),
+            );
+        }
+        items.push(self.count_update(&CountKey::of(job), shard, 1)?);
+        retry_conflicts("create job", || async {
+            let sent = self
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(items.clone()))
+                // The SDK's own retries reuse this token: a create whose
+                // reply was lost is not applied twice.
+                .client_request_token(request_token())
+                .send()
+                .await;
+            let e = match sent {
+                Ok(_) => return Ok(Try::Done(WriteOutcome::Applied)),
+                Err(e) => e,
+            };
+            let Some(reasons) =
+                e.as_service_error().filter(|s| s.is_transaction_canceled_exception()).and_then(|s| match s {
+                    aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c) => {
+                        Some(c.cancellation_reasons().to_vec())
+                    }
+                    _ => None,
+                })
+            else {
+                if e.as_service_error().is_some_and(|s| s.is_transaction_in_progress_exception()) {
+                    return Ok(Try::Conflict);
+                }
+                return Err(classify("TransactWriteItems create job", e));
+            };
+            let failed = |i: usize| reasons.get(i).and_then(|r| r.code()) == Some("ConditionalCheckFailed");
+            if failed(0) {
+                return Ok(Try::Done(WriteOutcome::IdExists));
+            }
+            if job.spec.idempotency_key.is_some() && failed(1) {
+                let holder = reasons.get(1).and_then(|r| r.item()).and_then(|item| super::items::get_s(item, "job_id").ok());
+                let existing_job_id = match holder {
+                    Some(id) => id.to_string(),
+                    None => self.idempotency_holder(job).await?.unwrap_or_default(),
+                };
+                return Ok(Try::Done(WriteOutcome::IdempotencyKeyTaken { existing_job_id }));
+            }
+            if reasons.iter().any(|r| is_conflict_code(r.code())) {
+                return Ok(Try::Conflict);
+            }
+            Err(StoreError::Rejected(format!("create job {}: transaction cancelled: {reasons:?}", job.id)))
+        })
+        .await
+    }
+
+    async fn idempotency_holder(&self, job: &Job) -> StoreResult<Option<String>> {
+        let Some(key) = &job.spec.idempotency_key else { return Ok(None) };
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.tables.idempotency_keys)
+            .set_key(Some(key_of("key", compose(&[&job.spec.queue, key]))))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify("GetItem idempotency key", e))?;
+        Ok(out.item().and_then(|item| super::items::get_s(item, "job_id").ok()).map(str::to_string))
+    }
+
+    /// Replaces the job if its stored version is `expected`. When its count
+    /// moves (state, queue or priority changed) the count moves in the same
+    /// transaction.
+    async fn update_job(&self, job: &Job, expected: u64) -> StoreResult<WriteOutcome> {
+        let (item, body) = job_item(job)?;
+        let shard = shard_of(&job.id);
+        let new_key = CountKey::of(job);
+        retry_conflicts("update job", || async {
+            // The stored version and count key, read strongly: the write
+            // below is conditional on that same version, so the count read
+            // here is the one the write replaces.
+            let current = self.job_head(&job.id).await?;
+            let Some((version, old_key)) = current else {
+                return Ok(Try::Done(WriteOutcome::VersionConflict { current_version: None }));
+            };
+            if version != expected {
+                return Ok(Try::Done(self.recognise(job, &body, Some(version), None)));
+            }
+            let put = Put::builder()
+                .table_name(&self.tables.jobs)
+                .set_item(Some(item.clone()))
+                .condition_expression("v = :expected")
+                .expression_attribute_values(":expected", n(expected))
+                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+                .build()
+                .map_err(build_error)?;
+            if old_key == new_key {
+                let sent = self
+                    .client
+                    .put_item()
+                    .table_name(&self.tables.jobs)
+                    .set_item(Some(item.clone()))
+                    .condition_expression("v = :expected")
+                    .expression_attribute_values(":expected", n(expected))
+                    .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+                    .send()
+                    .await;
+                return match sent {
+                    Ok(_) => Ok(Try::Done(WriteOutcome::Applied)),
+                    Err(e) => match e.as_service_error() {
+                        Some(aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(c)) => {
+                            let stored = c.item().cloned();
+                            let version = stored.as_ref().and_then(|i| get_n(i, "v").ok());
+                            Ok(Try::Done(self.recognise(job, &body, version, stored.as_ref())))
+                        }
+                        Some(s) if s.is_transaction_conflict_exception() => Ok(Try::Conflict),
+                        _ => Err(classify("PutItem job", e)),
+                    },
+                };
+            }
+            let items = vec![
+                TransactWriteItem::builder().put(put).build(),
+                self.count_update(&old_key, shard, -1)?,
+                self.count_update(&new_key, shard, 1)?,
+            ];
+            let sent = self
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(items))
+                .client_request_token(request_token())
+                .send()
+                .await;
+            let e = match sent {
+                Ok(_) => return Ok(Try::Done(WriteOutcome::Applied)),
+                Err(e) => e,
+            };
+            match e.as_service_error() {
+                Some(aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c)) => {
+                    let reasons = c.cancellation_reasons();
+                    if reasons.first().and_then(|r| r.code()) == Some("ConditionalCheckFailed") {
+                        let stored = reasons.first().and_then(|r| r.item()).cloned();
+                        let version = stored.as_ref().and_then(|i| get_n(i, "v").ok());
+                        return Ok(Try::Done(self.recognise(job, &body, version, stored.as_ref())));
+                    }
+                    if reasons.iter().any(|r| is_conflict_code(r.code())) {
+                        return Ok(Try::Conflict);
+                    }
+                    Err(StoreError::Rejected(format!("update job {}: transaction cancelled: {reasons:?}", job.id)))
+                }
+                Some(s) if s.is_transaction_in_progress_exception() => Ok(Try::Conflict),
+                _ => Err(classify("TransactWriteItems update job", e)),
+            }
+        })
+        .await
+    }
+
+    /// A failed condition whose stored item is exactly what this write
+    /// stores is this write, applied by an attempt whose reply was lost.
+    fn recognise(&self, job: &Job, body: &[u8], version: Option<u64>, stored: Option<&Item>) -> WriteOutcome {
+        let ours = version == Some(job.version) && stored.and_then(|i| get_b(i, "b").ok()) == Some(body);
+        if ours {
+            WriteOutcome::Applied
+        } else {
+            WriteOutcome::VersionConflict { current_version: version }
+        }
+    }
+
+    /// The stored version and count key of a job, read strongly.
+    async fn job_head(&self, id: &str) -> StoreResult<Option<(u64, CountKey)>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.tables.jobs)
+            .set_key(Some(key_of("id", id)))
+            .consistent_read(true)
+            .projection_expression("v, q, sc, pc")
+            .send()
+            .await
+            .map_err(|e| classify("GetItem job", e))?;
+        let Some(item) = out.item() else { return Ok(None) };
+        let state = crate::store::codec::state_from_code(code(item, "sc")?)?;
+        let priority = crate::store::codec::priority_from_code(code(item, "pc")?)?;
+        let queue = super::items::get_s(item, "q")?.to_string();
+        Ok(Some((get_n(item, "v")?, CountKey { queue, state, priority })))
+    }
+}
+
+fn code(item: &Item, name: &str) -> StoreResult<u8> {
+    u8::try_from(get_n(item, name)?).map_err(|_| StoreError::Corrupt(format!("item attribute {name} out of range")))
+}
