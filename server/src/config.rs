@@ -21,15 +21,77 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the server keeps its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// One file under `--data-dir`, owned by one server process.
+    Embedded,
+    /// DynamoDB tables (`--dynamodb-*`); create them with `tether dynamodb
+    /// create-tables`.
+    Dynamodb,
+}
+
+/// Where the DynamoDB tables are: `tether server --store dynamodb` and
+/// `tether dynamodb …`. Credentials and (unless given here) the region come
+/// from the standard AWS chain (environment, profile, instance role).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DynamoArgs {
+    /// DynamoDB endpoint URL, e.g. http://127.0.0.1:8000 for DynamoDB Local
+    /// [default: the region's endpoint].
+    #[arg(long, env = "TETHER_DYNAMODB_ENDPOINT", value_name = "URL", value_parser = parse_endpoint)]
+    pub dynamodb_endpoint: Option<String>,
+    /// Prefix of every table name, so several deployments share an account.
+    #[arg(long, env = "TETHER_DYNAMODB_TABLE_PREFIX", default_value = "tether-", value_parser = parse_table_prefix)]
+    pub dynamodb_table_prefix: String,
+    /// AWS region [default: the standard chain, e.g. AWS_REGION].
+    #[arg(long, env = "TETHER_DYNAMODB_REGION", value_name = "REGION")]
+    pub dynamodb_region: Option<String>,
+}
+
+impl DynamoArgs {
+    pub fn dynamo_config(&self) -> crate::store::dynamodb::DynamoConfig {
+        crate::store::dynamodb::DynamoConfig {
+            endpoint: self.dynamodb_endpoint.clone(),
+            table_prefix: self.dynamodb_table_prefix.clone(),
+            region: self.dynamodb_region.clone(),
+        }
+    }
+}
+
+/// A DynamoDB endpoint: an http or https URL with a host.
+pub fn parse_endpoint(text: &str) -> Result<String, String> {
+    let uri: http::Uri = text.parse().map_err(|_| format!("{text:?} is not a URL like http://127.0.0.1:8000"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(_)) => Ok(text.to_string()),
+        _ => Err(format!("{text:?} is not an http(s) URL like http://127.0.0.1:8000")),
+    }
+}
+
+/// A table name prefix: DynamoDB's table name characters, short enough to
+/// leave room for the table names.
+pub fn parse_table_prefix(text: &str) -> Result<String, String> {
+    let valid = text.len() <= 200 && text.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if valid {
+        Ok(text.to_string())
+    } else {
+        Err(format!("{text:?} is not a table prefix (at most 200 of a-z, A-Z, 0-9, _, - and .)"))
+    }
+}
+
 /// `tether server` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServerArgs {
     /// Address to listen on.
     #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Where data is kept.
+    #[arg(long, env = "TETHER_STORE", value_enum, default_value = "embedded")]
+    pub store: StoreKind,
     /// Directory of the embedded store.
     #[arg(long, env = "TETHER_DATA_DIR", default_value = "./tether-data")]
     pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub dynamodb: DynamoArgs,
     /// Sync only every Nth commit instead of every commit. Faster, but a
     /// crash or power loss can lose acknowledged writes. Never use it for
     /// data you care about.
@@ -81,7 +143,15 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dynamodb_endpoint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dynamodb_table_prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dynamodb_region: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unsafe_sync_every: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -150,8 +220,22 @@ impl ServerArgs {
                 t.parse().map_err(|_| format!("{t:?} is not an address like 127.0.0.1:50051"))
             })?;
         }
+        if let (true, Some(v)) = (from_file("store"), &file.store) {
+            self.store = value(path, "store", v, |t| {
+                StoreKind::from_str(t, true).map_err(|_| format!("{t:?} is not one of embedded, dynamodb"))
+            })?;
+        }
         if let (true, Some(v)) = (from_file("data_dir"), &file.data_dir) {
             self.data_dir = v.clone();
+        }
+        if let (true, Some(v)) = (from_file("dynamodb_endpoint"), &file.dynamodb_endpoint) {
+            self.dynamodb.dynamodb_endpoint = Some(value(path, "dynamodb-endpoint", v, parse_endpoint)?);
+        }
+        if let (true, Some(v)) = (from_file("dynamodb_table_prefix"), &file.dynamodb_table_prefix) {
+            self.dynamodb.dynamodb_table_prefix = value(path, "dynamodb-table-prefix", v, parse_table_prefix)?;
+        }
+        if let (true, Some(v)) = (from_file("dynamodb_region"), &file.dynamodb_region) {
+            self.dynamodb.dynamodb_region = Some(v.clone());
         }
         if let (true, Some(v)) = (from_file("unsafe_sync_every"), file.unsafe_sync_every) {
             self.unsafe_sync_every = Some(v);
@@ -189,7 +273,11 @@ impl ServerArgs {
     pub fn to_file_config(&self) -> FileConfig {
         FileConfig {
             listen: Some(self.listen.to_string()),
+            store: self.store.to_possible_value().map(|v| v.get_name().to_string()),
             data_dir: Some(self.data_dir.clone()),
+            dynamodb_endpoint: self.dynamodb.dynamodb_endpoint.clone(),
+            dynamodb_table_prefix: Some(self.dynamodb.dynamodb_table_prefix.clone()),
+            dynamodb_region: self.dynamodb.dynamodb_region.clone(),
             unsafe_sync_every: self.unsafe_sync_every,
             heartbeat_interval: Some(format_duration(self.heartbeat_interval)),
             reconnect_grace: Some(format_duration(self.reconnect_grace)),
@@ -319,6 +407,10 @@ max-agent-streams = 77
 log-format = "json"
 metrics-listen = "127.0.0.1:9464"
 cors-allow-origins = ["https://dash.example.com", "http://localhost:3000"]
+store = "dynamodb"
+dynamodb-endpoint = "http://127.0.0.1:8000"
+dynamodb-table-prefix = "prod-"
+dynamodb-region = "eu-west-1"
 "#;
 
     #[test]
@@ -334,6 +426,28 @@ cors-allow-origins = ["https://dash.example.com", "http://localhost:3000"]
         assert_eq!(args.log_format, LogFormat::Json);
         assert_eq!(args.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(args.cors_allow_origins, vec!["https://dash.example.com", "http://localhost:3000"]);
+        assert_eq!(args.store, StoreKind::Dynamodb);
+        assert_eq!(args.dynamodb.dynamodb_endpoint.as_deref(), Some("http://127.0.0.1:8000"));
+        assert_eq!(args.dynamodb.dynamodb_table_prefix, "prod-");
+        assert_eq!(args.dynamodb.dynamodb_region.as_deref(), Some("eu-west-1"));
+    }
+
+    #[test]
+    fn dynamodb_settings_are_checked() {
+        assert!(parse_endpoint("http://127.0.0.1:8000").is_ok());
+        assert!(parse_endpoint("https://dynamodb.eu-west-1.amazonaws.com").is_ok());
+        for bad in ["", "127.0.0.1:8000", "ftp://x", "http://", "not a url"] {
+            assert!(parse_endpoint(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_table_prefix("").is_ok());
+        assert!(parse_table_prefix("tether.prod_1-").is_ok());
+        for bad in ["has space", "slash/", "ünicode", &"x".repeat(201)] {
+            assert!(parse_table_prefix(bad).is_err(), "{bad:?}");
+        }
+        let err = load_with(&write("store = \"postgres\"\n"), &[]).expect_err("refused").to_string();
+        assert!(err.contains("store") && err.contains("embedded, dynamodb"), "{err}");
+        let err = load_with(&write("dynamodb-endpoint = \"localhost\"\n"), &[]).expect_err("refused").to_string();
+        assert!(err.contains("dynamodb-endpoint"), "{err}");
     }
 
     #[test]

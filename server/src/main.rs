@@ -7,10 +7,14 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tether_server::capacity;
+use tether_server::clock::Clock;
 use tether_server::clock::SystemClock;
-use tether_server::config::{LogFormat, ServerArgs};
+use tether_server::config::{DynamoArgs, LogFormat, ServerArgs, StoreKind};
 use tether_server::server::{serve, Operability, ServerParts};
+use tether_server::store::dynamodb::ownership::{self, Acquired};
+use tether_server::store::dynamodb::{tables, DynamoStore};
 use tether_server::store::embedded::EmbeddedStore;
+use tether_server::store::Store;
 
 #[derive(Parser)]
 #[command(name = "tether", version, about = "Tether: run jobs on a fleet of agents")]
@@ -23,8 +27,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Top {
-    /// Run the control plane server on the embedded store.
+    /// Run the control plane server (embedded store by default, or DynamoDB).
     Server(ServerArgs),
+    /// Set up or remove the DynamoDB tables of `tether server --store dynamodb`.
+    Dynamodb {
+        #[command(subcommand)]
+        command: DynamoCommand,
+    },
     /// Print a shell completion script (e.g. `tether completions bash > /etc/bash_completion.d/tether`).
     Completions {
         /// The shell.
@@ -33,6 +42,82 @@ enum Top {
     },
     #[command(flatten)]
     Client(tether_cli::Command),
+}
+
+#[derive(Subcommand)]
+enum DynamoCommand {
+    /// Create every table the server needs (on-demand billing) and wait until
+    /// they are active; tables that exist are left as they are.
+    CreateTables(DynamoArgs),
+    /// Delete every table under the prefix, with all their data.
+    DeleteTables {
+        #[command(flatten)]
+        args: DynamoArgs,
+        /// Confirm: the data cannot be recovered.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+async fn run_dynamodb(command: DynamoCommand) -> anyhow::Result<()> {
+    match command {
+        DynamoCommand::CreateTables(args) => {
+            let client = DynamoStore::client(&args.dynamo_config()).await;
+            let names = tables::TableNames::new(&args.dynamodb_table_prefix);
+            let created = tables::create_tables(&client, &names).await?;
+            for name in &created {
+                println!("created {name}");
+            }
+            if created.is_empty() {
+                println!("every table under prefix {:?} exists already", args.dynamodb_table_prefix);
+            }
+            Ok(())
+        }
+        DynamoCommand::DeleteTables { args, yes } => {
+            if !yes {
+                anyhow::bail!(
+                    "this deletes every table under prefix {:?} and its data; pass --yes",
+                    args.dynamodb_table_prefix
+                );
+            }
+            let client = DynamoStore::client(&args.dynamo_config()).await;
+            tables::delete_tables(&client, &tables::TableNames::new(&args.dynamodb_table_prefix)).await?;
+            println!("deleted the tables under prefix {:?}", args.dynamodb_table_prefix);
+            Ok(())
+        }
+    }
+}
+
+/// The server's store, and for DynamoDB a future that ends if this server
+/// loses its ownership of the tables.
+type OpenedStore = (Arc<dyn Store>, Option<(Arc<DynamoStore>, String)>);
+
+async fn open_store(args: &ServerArgs) -> anyhow::Result<OpenedStore> {
+    match args.store {
+        StoreKind::Embedded => {
+            let store = EmbeddedStore::open(&args.data_dir, args.store_options())
+                .with_context(|| format!("opening the store in {}", args.data_dir.display()))?;
+            tracing::info!(path = %store.path().display(), "embedded store open");
+            Ok((Arc::new(store), None))
+        }
+        StoreKind::Dynamodb => {
+            let config = args.dynamodb.dynamo_config();
+            let store = Arc::new(DynamoStore::connect(&config).await.context("connecting to DynamoDB")?);
+            let owner = uuid::Uuid::now_v7().to_string();
+            match store.acquire(&owner, SystemClock.now(), ownership::LEASE).await? {
+                Acquired::Owned => {}
+                Acquired::HeldBy(holder) => anyhow::bail!(
+                    "the DynamoDB tables under prefix {:?} are in use by another tether server (owner {}, lease \
+                     running for {:?} more); one server owns a set of tables at a time",
+                    config.table_prefix,
+                    holder.owner,
+                    holder.until.duration_since(SystemClock.now()).unwrap_or_default()
+                ),
+            }
+            tracing::info!(prefix = %config.table_prefix, endpoint = ?config.endpoint, %owner, "DynamoDB store open");
+            Ok((store.clone(), Some((store, owner))))
+        }
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -110,9 +195,7 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         max_agent_streams,
         "agent capacity (one connection and ~64 KiB each)"
     );
-    let store = EmbeddedStore::open(&args.data_dir, args.store_options())
-        .with_context(|| format!("opening the store in {}", args.data_dir.display()))?;
-    tracing::info!(path = %store.path().display(), "embedded store open");
+    let (store, owned) = open_store(&args).await?;
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let metrics_listener = match args.metrics_listen {
@@ -122,13 +205,27 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         None => None,
     };
     let parts = ServerParts {
-        store: Arc::new(store),
+        store,
         clock: Arc::new(SystemClock),
         engine: args.engine_config(),
         max_agent_streams,
         ops: Operability { metrics_listener, cors_allow_origins: args.cors_allow_origins.clone() },
     };
-    serve(listener, parts, shutdown_signal()).await
+    let Some((dynamo, owner)) = owned else {
+        return serve(listener, parts, shutdown_signal()).await;
+    };
+    let lost = ownership::keep(dynamo.clone(), owner.clone(), Arc::new(SystemClock));
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            reason = lost => tracing::error!(%reason, "stopping: this server no longer owns its tables"),
+        }
+    };
+    let served = serve(listener, parts, shutdown).await;
+    if let Err(e) = dynamo.release(&owner).await {
+        tracing::warn!(error = %e, "could not release the DynamoDB tables; the next server waits for the lease");
+    }
+    served
 }
 
 // mimalloc: the job path allocates many small objects; glibc malloc's
@@ -157,6 +254,16 @@ async fn main() -> ExitCode {
                         ExitCode::FAILURE
                     }
                 },
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Top::Dynamodb { command } => {
+            init_logging(LogFormat::Human);
+            match run_dynamodb(command).await {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
                     ExitCode::FAILURE

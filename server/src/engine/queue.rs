@@ -16,7 +16,18 @@ use crate::domain::{AttemptRef, DomainError, DomainResult, Failure, Job, JobSpec
 
 impl Engine {
     pub async fn enqueue(&mut self, specs: Vec<JobSpec>) -> DomainResult<Vec<(Job, bool)>> {
+        let limit = self.store.limits().max_payload_bytes;
         for (i, spec) in specs.iter().enumerate() {
+            if spec.payload.len() > limit {
+                let field = if specs.len() == 1 { "payload".to_string() } else { format!("requests[{i}].payload") };
+                return Err(DomainError::invalid(
+                    &field,
+                    format!(
+                        "is {} bytes; this server's store holds payloads of at most {limit} bytes",
+                        spec.payload.len()
+                    ),
+                ));
+            }
             if !self.pools.contains_key(&spec.routing.pool) {
                 let field =
                     if specs.len() == 1 { "routing.pool".to_string() } else { format!("requests[{i}].routing.pool") };
@@ -298,6 +309,13 @@ impl Engine {
     /// returns it with its state before.
     fn succeed(&mut self, r: &AttemptRef, result: Bytes) -> DomainResult<(Job, JobState)> {
         self.current(r)?;
+        let limit = self.store.limits().max_result_bytes;
+        if result.len() > limit {
+            return Err(DomainError::invalid(
+                "result",
+                format!("is {} bytes; this server's store holds results of at most {limit} bytes", result.len()),
+            ));
+        }
         let Some(mut job) = self.take_active(&r.job_id) else {
             return Err(DomainError::job_not_found(&r.job_id));
         };

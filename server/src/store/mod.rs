@@ -164,6 +164,23 @@ pub struct AgentFilter {
     pub labels: BTreeMap<String, String>,
 }
 
+/// What one stored job may hold on this backend; requests beyond it are
+/// refused with a precise error before anything is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreLimits {
+    pub max_payload_bytes: usize,
+    pub max_result_bytes: usize,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        StoreLimits {
+            max_payload_bytes: crate::domain::validate::MAX_PAYLOAD_BYTES,
+            max_result_bytes: crate::domain::validate::MAX_RESULT_BYTES,
+        }
+    }
+}
+
 /// Counter names.
 pub const COUNTER_SEQ: &str = "job_seq";
 pub const COUNTER_FENCING: &str = "fencing_token";
@@ -206,4 +223,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// A high-water mark; 0 if never raised.
     async fn counter(&self, name: &'static str) -> StoreResult<u64>;
+
+    /// The sizes a job record may reach on this backend.
+    fn limits(&self) -> StoreLimits {
+        StoreLimits::default()
+    }
 }

@@ -1,4 +1,4 @@
-//! DynamoDB Local for tests: the endpoint in `TETHER_DYNAMODB_ENDPOINT` if
+//! DynamoDB Local for tests: the endpoint in `TETHER_TEST_DYNAMODB_ENDPOINT` if
 //! set (scripts/test.sh starts one), else one started here from the jar that
 //! `scripts/dynamodb-local.sh install` puts in place. A test that needs it and
 //! finds neither fails with a message saying so; it never skips.
@@ -33,7 +33,7 @@ fn find_jar() -> Result<PathBuf, String> {
     let entries = std::fs::read_dir(&lib).map_err(|e| {
         format!(
             "DynamoDB Local is not installed ({}: {e}); run `scripts/dynamodb-local.sh install` or set \
-             TETHER_DYNAMODB_ENDPOINT",
+             TETHER_TEST_DYNAMODB_ENDPOINT",
             lib.display()
         )
     })?;
@@ -44,7 +44,7 @@ fn find_jar() -> Result<PathBuf, String> {
 }
 
 fn start() -> Result<String, String> {
-    if let Ok(endpoint) = std::env::var("TETHER_DYNAMODB_ENDPOINT") {
+    if let Ok(endpoint) = std::env::var("TETHER_TEST_DYNAMODB_ENDPOINT") {
         return Ok(endpoint);
     }
     let jar = find_jar()?;

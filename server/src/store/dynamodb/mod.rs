@@ -11,6 +11,7 @@ mod errors;
 mod items;
 #[cfg(any(test, feature = "conformance"))]
 pub mod local;
+pub mod ownership;
 mod reads;
 pub mod tables;
 mod writes;
@@ -30,7 +31,8 @@ use self::items::{compose, key_of, s};
 use self::reads::{decode_record, Walk};
 pub use self::tables::TableNames;
 use super::{
-    AgentFilter, CountRow, JobFilter, LogChunk, Page, QueuedEntry, Store, StoreError, StoreResult, Write, WriteOutcome,
+    AgentFilter, CountRow, JobFilter, LogChunk, Page, QueuedEntry, Store, StoreError, StoreLimits, StoreResult, Write,
+    WriteOutcome,
 };
 use crate::domain::{Agent, Job, JobState, Pool};
 
@@ -250,6 +252,12 @@ impl Store for DynamoStore {
         }
         pools.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(pools)
+    }
+
+    /// A job item must stay under DynamoDB's 400 KB with its payload, its
+    /// result and the rest of its record (labels, errors: at most ~60 KB).
+    fn limits(&self) -> StoreLimits {
+        StoreLimits { max_payload_bytes: 192 * 1024, max_result_bytes: 128 * 1024 }
     }
 
     async fn counter(&self, name: &'static str) -> StoreResult<u64> {
