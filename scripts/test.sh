@@ -30,8 +30,11 @@ export TETHER_TEST_DYNAMODB_ENDPOINT
 trap 'kill "$dynamodb_pid" 2>/dev/null || true' EXIT
 echo "    $TETHER_TEST_DYNAMODB_ENDPOINT"
 
-echo "==> cargo test"
+echo "==> cargo test (the store conformance suite runs on both backends)"
 cargo test --workspace --locked
+
+echo "==> end-to-end suites (queue, agents, health) again, on DynamoDB Local"
+TETHER_TEST_STORE=dynamodb cargo test --locked -p tether-tests --test queue --test agents --test health
 
 echo "==> interop: Python client generated from proto/ (PyPI: grpcio, grpcio-tools, pytest)"
 python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-tools grpcio-status pytest 2>&1 | grep -v "WARNING: Running pip as the 'root' user" || true
@@ -44,8 +47,11 @@ python3 -m grpc_tools.protoc -Iproto \
   --python_out=tests/interop/python/gen --grpc_python_out=tests/interop/python/gen --pyi_out=tests/interop/python/gen \
   $(find proto -name '*.proto' | sort)
 
-echo "==> interop: Python suite against a real server"
+echo "==> interop: Python suite against a real server (embedded store)"
 timeout 300 python3 -m pytest -q tests/interop/python
+
+echo "==> interop: Python suite against a real server on DynamoDB Local"
+TETHER_TEST_STORE=dynamodb timeout 300 python3 -m pytest -q tests/interop/python
 
 echo "==> interop: grpcurl suite against a real server"
 timeout 300 bash scripts/grpcurl_suite.sh

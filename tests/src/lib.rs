@@ -13,6 +13,8 @@ use tether::v1::queue_service_client::QueueServiceClient;
 use tether_server::clock::{Clock, ManualClock, SystemClock};
 use tether_server::engine::EngineConfig;
 use tether_server::server::{serve, Operability, ServerParts};
+use tether_server::store::dynamodb::local as dynamodb_local;
+use tether_server::store::dynamodb::{tables, DynamoStore, TableNames};
 use tether_server::store::embedded::{EmbeddedOptions, EmbeddedStore};
 use tether_server::store::Store;
 use tokio::sync::{mpsc, oneshot};
@@ -20,6 +22,38 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Streaming;
+
+/// The store test servers use. `TETHER_TEST_STORE=dynamodb` runs a suite on
+/// DynamoDB Local (started as `tether_server::store::dynamodb::local` says);
+/// anything else, or unset, on the embedded store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Embedded,
+    Dynamodb,
+}
+
+pub fn backend() -> Backend {
+    match std::env::var("TETHER_TEST_STORE").as_deref() {
+        Ok("dynamodb") => Backend::Dynamodb,
+        Ok("embedded") | Err(_) => Backend::Embedded,
+        Ok(other) => panic!("TETHER_TEST_STORE={other:?}: use embedded or dynamodb"),
+    }
+}
+
+/// The DynamoDB tables standing for a data directory: one prefix per
+/// directory, so a restarted server finds what the last one wrote.
+async fn dynamo_store_for(dir: &Path) -> DynamoStore {
+    let name: String = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().chars().filter(|c| c.is_ascii_alphanumeric()).collect())
+        .unwrap_or_default();
+    let prefix = format!("e2e-{name}-");
+    let client = dynamodb_local::client();
+    if let Err(e) = tables::create_tables(&client, &TableNames::new(&prefix)).await {
+        panic!("creating tables on DynamoDB Local: {e}");
+    }
+    DynamoStore::with_client(client, &prefix)
+}
 
 /// Upper bound for any single wait in a test; a test that hits it failed.
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -113,7 +147,10 @@ impl TestServer {
         let addr = listener.local_addr().expect("addr");
         let store: Arc<dyn Store> = match options.store.clone() {
             Some(store) => store,
-            None => Arc::new(EmbeddedStore::open(&dir, EmbeddedOptions::default()).expect("open store")),
+            None => match backend() {
+                Backend::Embedded => Arc::new(EmbeddedStore::open(&dir, EmbeddedOptions::default()).expect("open store")),
+                Backend::Dynamodb => Arc::new(dynamo_store_for(&dir).await),
+            },
         };
         let clock: Arc<dyn Clock> = match &options.clock {
             Some(c) => Arc::new(c.clone()),

@@ -14,6 +14,7 @@ import queue
 import signal
 import subprocess
 import threading
+import uuid
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,27 @@ def server_binary() -> Path:
     return path
 
 
+def store_arguments(env: dict) -> list:
+    """The server's store flags: DynamoDB Local on fresh tables when
+    TETHER_TEST_STORE=dynamodb (the endpoint in TETHER_TEST_DYNAMODB_ENDPOINT,
+    any static credentials), else the embedded store."""
+    backend = os.environ.get("TETHER_TEST_STORE", "embedded")
+    if backend == "embedded":
+        return []
+    if backend != "dynamodb":
+        raise RuntimeError(f"TETHER_TEST_STORE={backend!r}: use embedded or dynamodb")
+    endpoint = os.environ.get("TETHER_TEST_DYNAMODB_ENDPOINT")
+    if not endpoint:
+        raise RuntimeError("TETHER_TEST_STORE=dynamodb needs TETHER_TEST_DYNAMODB_ENDPOINT (scripts/dynamodb-local.sh start)")
+    env.setdefault("AWS_ACCESS_KEY_ID", "local")
+    env.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+    env.setdefault("AWS_REGION", "us-east-1")
+    flags = ["--dynamodb-endpoint", endpoint, "--dynamodb-table-prefix", f"py-{uuid.uuid4().hex}-"]
+    subprocess.run([str(server_binary()), "dynamodb", "create-tables", *flags], env=env, check=True,
+                   stdout=subprocess.DEVNULL, timeout=WAIT)
+    return ["--store", "dynamodb", *flags]
+
+
 class ServerProcess:
     """`tether server --listen 127.0.0.1:0` on a fresh data dir; the bound
     address comes from its JSON log line "tether server listening"."""
@@ -50,6 +72,8 @@ class ServerProcess:
         self.addr: Optional[str] = None
         self.log_lines: list[str] = []
         self._listening = threading.Event()
+        env = {**os.environ, "TETHER_LOG": os.environ.get("TETHER_LOG", "info")}
+        store_args = store_arguments(env)
         self.proc = subprocess.Popen(
             [
                 str(server_binary()),
@@ -60,12 +84,13 @@ class ServerProcess:
                 str(data_dir),
                 "--log-format",
                 "json",
+                *store_args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "TETHER_LOG": os.environ.get("TETHER_LOG", "info")},
+            env=env,
             preexec_fn=_die_with_parent,
         )
         # Keep draining stderr for the whole run so the server never blocks
