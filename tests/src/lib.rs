@@ -148,7 +148,9 @@ impl TestServer {
         let store: Arc<dyn Store> = match options.store.clone() {
             Some(store) => store,
             None => match backend() {
-                Backend::Embedded => Arc::new(EmbeddedStore::open(&dir, EmbeddedOptions::default()).expect("open store")),
+                Backend::Embedded => {
+                    Arc::new(EmbeddedStore::open(&dir, EmbeddedOptions::default()).expect("open store"))
+                }
                 Backend::Dynamodb => Arc::new(dynamo_store_for(&dir).await),
             },
         };

@@ -112,13 +112,21 @@ pub fn endpoint() -> String {
 
 /// A client of DynamoDB Local (any static credentials do).
 pub fn client() -> Client {
-    let config = aws_sdk_dynamodb::Config::builder()
+    Client::from_conf(config().build())
+}
+
+/// The configuration of [`client`], to add a fault layer to.
+pub fn config() -> aws_sdk_dynamodb::config::Builder {
+    aws_sdk_dynamodb::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
         .credentials_provider(Credentials::new("local", "local", None, None, "tether-tests"))
+        .retry_config(
+            aws_sdk_dynamodb::config::retry::RetryConfig::standard()
+                .with_max_attempts(4)
+                .with_initial_backoff(Duration::from_millis(5)),
+        )
         .endpoint_url(endpoint())
-        .build();
-    Client::from_conf(config)
 }
 
 /// A prefix no other test uses.

@@ -8,6 +8,8 @@
 //! run in batch order, so a batch still applies "in order" for every item.
 
 mod errors;
+#[cfg(any(test, feature = "conformance"))]
+pub mod faults;
 mod items;
 #[cfg(any(test, feature = "conformance"))]
 pub mod local;
@@ -15,6 +17,9 @@ pub mod ownership;
 mod reads;
 pub mod tables;
 mod writes;
+
+#[cfg(test)]
+mod tests_on_local;
 
 use std::collections::HashMap;
 use std::time::Duration;

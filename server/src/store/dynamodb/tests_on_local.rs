@@ -1,0 +1,189 @@
+//! The DynamoDB store on DynamoDB Local: the conformance suite, writers on
+//! two handles racing, and faults injected around the SDK client.
+
+use std::sync::Arc;
+
+use super::faults::{Fault, FaultLayer};
+use super::{local, tables, DynamoStore, TableNames};
+use crate::domain::{Job, JobState};
+use crate::store::conformance::job;
+use crate::store::{JobFilter, Store, StoreError, Write, WriteOutcome};
+
+mod conformance_suite {
+    crate::store_conformance_suite!(|case: &'static str| async move { (super::local::fresh_store(case).await, ()) });
+}
+
+fn next(job: &Job, state: JobState, worker: &str) -> Job {
+    let mut n = job.clone();
+    n.state = state;
+    n.version += 1;
+    n.worker_id = worker.to_string();
+    n
+}
+
+async fn one(store: &DynamoStore, write: Write) -> WriteOutcome {
+    let mut outcomes = store.write(vec![write]).await.expect("write");
+    outcomes.remove(0)
+}
+
+/// A second handle on the same tables: another client, as another replica
+/// would hold.
+fn twin(store: &DynamoStore) -> DynamoStore {
+    let prefix = store.tables().jobs.trim_end_matches(tables::JOBS).to_string();
+    DynamoStore::with_client(local::client(), &prefix)
+}
+
+/// The counts agree with the jobs' stored states.
+async fn assert_counts_match(store: &DynamoStore, jobs: usize) {
+    let counts = store.counts().await.expect("counts");
+    let total: u64 = counts.iter().map(|c| c.count).sum();
+    assert_eq!(total, jobs as u64, "{counts:?}");
+    for state in JobState::ALL {
+        let filter = JobFilter { queue: None, states: vec![state] };
+        let listed = store.list_jobs(&filter, None, 1000).await.expect("list").items.len() as u64;
+        let counted: u64 = counts.iter().filter(|c| c.state == state).map(|c| c.count).sum();
+        assert_eq!(listed, counted, "{state:?}: {counts:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_handles_racing_claims_renewals_and_reaps_have_one_winner_each() {
+    let a = Arc::new(local::fresh_store("race").await);
+    let b = Arc::new(twin(&a));
+    let jobs: Vec<Job> = (0..24u64).map(|i| job(&format!("r{i:02}"), i + 1, "q", None)).collect();
+    a.write(jobs.iter().map(|j| Write::CreateJob(Box::new(j.clone()))).collect()).await.expect("create");
+    let mut claims = Vec::new();
+    for j in &jobs {
+        for (store, worker) in [(a.clone(), "a"), (b.clone(), "b")] {
+            let claim = next(j, JobState::Claimed, worker);
+            claims.push(tokio::spawn(async move {
+                let outcome = one(&store, Write::UpdateJob { job: Box::new(claim.clone()), expected_version: 1 }).await;
+                (claim, outcome)
+            }));
+        }
+    }
+    let mut won = Vec::new();
+    for pair in claims.chunks_mut(2) {
+        let mut winners = Vec::new();
+        for task in pair {
+            let (claim, outcome) = task.await.expect("join");
+            match outcome {
+                WriteOutcome::Applied => winners.push(claim),
+                WriteOutcome::VersionConflict { current_version: Some(2) } => {}
+                other => panic!("a lost claim is a version conflict, not {other:?}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "exactly one claim of each job wins");
+        won.push(winners.remove(0));
+    }
+    for claim in &won {
+        let stored = a.get_job(&claim.id).await.expect("get").expect("stored");
+        assert_eq!(stored.worker_id, claim.worker_id, "the stored claimer is the winner");
+    }
+    // The claimer renews (same state) while the other replica reaps
+    // (back to QUEUED), both from version 2: one of the two wins.
+    let mut races = Vec::new();
+    for claim in won {
+        let renewal = next(&claim, JobState::Claimed, &claim.worker_id);
+        let reap = next(&claim, JobState::Queued, "");
+        let (renewer, reaper) = if claim.worker_id == "a" { (a.clone(), b.clone()) } else { (b.clone(), a.clone()) };
+        races.push(tokio::spawn(async move {
+            let r = tokio::spawn(async move {
+                one(&renewer, Write::UpdateJob { job: Box::new(renewal), expected_version: 2 }).await
+            });
+            let p = one(&reaper, Write::UpdateJob { job: Box::new(reap), expected_version: 2 }).await;
+            (r.await.expect("join"), p)
+        }));
+    }
+    for race in races {
+        let (renewed, reaped) = race.await.expect("join");
+        let wins = [&renewed, &reaped].iter().filter(|o| ***o == WriteOutcome::Applied).count();
+        assert_eq!(wins, 1, "renewal {renewed:?}, reap {reaped:?}");
+    }
+    assert_counts_match(&a, jobs.len()).await;
+}
+
+/// A store whose client loses the reply of the next `operation` call.
+fn faulty(store: &DynamoStore, operation: &'static str, fault: Fault) -> (DynamoStore, FaultLayer) {
+    let layer = FaultLayer::new(operation, fault, 0);
+    let client = aws_sdk_dynamodb::Client::from_conf(local::config().interceptor(layer.clone()).build());
+    let prefix = store.tables().jobs.trim_end_matches(tables::JOBS).to_string();
+    (DynamoStore::with_client(client, &prefix), layer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_whose_replies_were_lost_or_throttled_are_recognised_on_retry() {
+    let clean = local::fresh_store("faults").await;
+    let j = job("f", 1, "q", None);
+    assert_eq!(one(&clean, Write::CreateJob(Box::new(j.clone()))).await, WriteOutcome::Applied);
+
+    // A claim (state changes: a transaction with the count) applied, reply lost.
+    let (store, layer) = faulty(&clean, "TransactWriteItems", Fault::LostReply);
+    layer.arm(1);
+    let claimed = next(&j, JobState::Claimed, "w");
+    let outcome = one(&store, Write::UpdateJob { job: Box::new(claimed.clone()), expected_version: 1 }).await;
+    assert_eq!(layer.injected(), 1);
+    assert_eq!(outcome, WriteOutcome::Applied, "the retried claim is recognised as this claim");
+    assert_eq!(clean.get_job("f").await.expect("get"), Some(claimed.clone()));
+
+    // A renewal (same state: one conditional put), applied, reply lost and
+    // then throttled.
+    for (fault, worker) in [(Fault::LostReply, "w"), (Fault::Throttled, "w")] {
+        let (store, layer) = faulty(&clean, "PutItem", fault);
+        layer.arm(1);
+        let current = clean.get_job("f").await.expect("get").expect("stored");
+        let renewed = next(&current, JobState::Claimed, worker);
+        let outcome =
+            one(&store, Write::UpdateJob { job: Box::new(renewed.clone()), expected_version: current.version }).await;
+        assert_eq!(layer.injected(), 1, "{fault:?}");
+        assert_eq!(outcome, WriteOutcome::Applied, "{fault:?}");
+        assert_eq!(clean.get_job("f").await.expect("get"), Some(renewed));
+    }
+    // A different write from the same version is still a conflict.
+    let stale = next(&claimed, JobState::Queued, "");
+    assert!(matches!(
+        one(&clean, Write::UpdateJob { job: Box::new(stale), expected_version: 1 }).await,
+        WriteOutcome::VersionConflict { current_version: Some(4) }
+    ));
+
+    // A create whose reply was lost: applied once, counted once.
+    let (store, layer) = faulty(&clean, "TransactWriteItems", Fault::LostReply);
+    layer.arm(1);
+    let fresh = job("g", 2, "q", Some("key-g"));
+    let outcome = one(&store, Write::CreateJob(Box::new(fresh.clone()))).await;
+    assert_eq!(layer.injected(), 1);
+    assert_eq!(outcome, WriteOutcome::Applied, "the SDK's retry carries the same request token");
+    assert_eq!(clean.find_by_idempotency_key("q", "key-g").await.expect("find").map(|j| j.id), Some("g".into()));
+    assert_counts_match(&clean, 2).await;
+}
+
+#[tokio::test]
+async fn an_item_over_dynamodbs_limit_is_refused_precisely() {
+    let store = local::fresh_store("oversize").await;
+    let mut big = job("big", 1, "q", None);
+    big.spec.payload = vec![7u8; 400 * 1024].into();
+    let err = store.write(vec![Write::CreateJob(Box::new(big))]).await.expect_err("refused");
+    assert!(matches!(&err, StoreError::Rejected(m) if m.contains("job big") && m.contains("at most")), "{err}");
+    assert!(!err.is_retryable());
+    assert_eq!(store.get_job("big").await.expect("get"), None);
+    // At the store's payload limit a job still fits.
+    let mut fits = job("fits", 2, "q", None);
+    fits.spec.payload = vec![7u8; store.limits().max_payload_bytes].into();
+    fits.result = vec![8u8; store.limits().max_result_bytes].into();
+    assert_eq!(one(&store, Write::CreateJob(Box::new(fits))).await, WriteOutcome::Applied);
+}
+
+#[tokio::test]
+async fn missing_tables_are_a_clear_terminal_error() {
+    let client = local::client();
+    let store = DynamoStore::with_client(client.clone(), &local::unique_prefix("missing"));
+    let err = store.check().await.expect_err("no tables");
+    assert!(matches!(&err, StoreError::Rejected(m) if m.contains("tether dynamodb create-tables")), "{err}");
+    let names = TableNames::new(store.tables().jobs.trim_end_matches(tables::JOBS));
+    tables::create_tables(&client, &names).await.expect("create");
+    store.check().await.expect("the tables exist now");
+    // Creating again leaves them be.
+    assert!(tables::create_tables(&client, &names).await.expect("again").is_empty());
+    tables::delete_tables(&client, &names).await.expect("delete");
+    assert!(store.check().await.is_err());
+}
