@@ -12,8 +12,10 @@ use tether::v1 as pb;
 use tether::v1::queue_service_client::QueueServiceClient;
 use tether_agent_sdk::{Agent, AgentConfig, AgentError, AgentHandle, JobContext, JobResult};
 use tether_server::clock::{Clock, SystemClock};
+use tether_server::config::StoreKind;
 use tether_server::engine::EngineConfig;
 use tether_server::server::{serve, ServerParts};
+use tether_server::store::dynamodb::{tables, DynamoConfig, DynamoStore, TableNames};
 use tether_server::store::embedded::{EmbeddedOptions, EmbeddedStore, SyncMode};
 use tether_server::store::hooked::HookedStore;
 use tether_server::store::Store;
@@ -41,6 +43,28 @@ pub struct EnvConfig {
     pub server_threads: usize,
     pub agent_threads: usize,
     pub probe_store: bool,
+    /// Where the server keeps its data; DynamoDB gets fresh tables per run.
+    pub store: StoreKind,
+    pub dynamodb_endpoint: Option<String>,
+}
+
+/// The measured store, wrapped in the commit probe when asked.
+fn probed<S: Store>(store: S, probe: bool, counters: &Arc<StoreCounters>) -> Arc<dyn Store> {
+    if probe {
+        Arc::new(HookedStore { inner: store, hook: CommitProbe { counters: counters.clone() } })
+    } else {
+        Arc::new(store)
+    }
+}
+
+/// Fresh, empty tables for one run.
+async fn fresh_dynamo(endpoint: Option<String>) -> anyhow::Result<DynamoStore> {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let prefix = format!("bench-{}-{nanos}-", std::process::id());
+    let config = DynamoConfig { endpoint, table_prefix: prefix.clone(), region: None };
+    let client = DynamoStore::client(&config).await;
+    tables::create_tables(&client, &TableNames::new(&prefix)).await.map_err(|e| anyhow!("create tables: {e}"))?;
+    Ok(DynamoStore::with_client(client, &prefix))
 }
 
 /// Where agents report what they ran. Shared by every handler of a world.
@@ -148,13 +172,16 @@ impl Env {
             },
             ..EmbeddedOptions::default()
         };
-        let embedded = EmbeddedStore::open(dir.path(), options).map_err(|e| anyhow!("open store: {e}"))?;
         let counters = Arc::new(StoreCounters::default());
         *counters.commit_ns.lock().unwrap_or_else(|e| e.into_inner()) = Some(ns_histogram());
-        let store: Arc<dyn Store> = if config.probe_store {
-            Arc::new(HookedStore { inner: embedded, hook: CommitProbe { counters: counters.clone() } })
-        } else {
-            Arc::new(embedded)
+        let store = match config.store {
+            StoreKind::Embedded => {
+                let embedded = EmbeddedStore::open(dir.path(), options).map_err(|e| anyhow!("open store: {e}"))?;
+                probed(embedded, config.probe_store, &counters)
+            }
+            StoreKind::Dynamodb => {
+                probed(fresh_dynamo(config.dynamodb_endpoint.clone()).await?, config.probe_store, &counters)
+            }
         };
 
         // Bound here so the address is known before the server runs.

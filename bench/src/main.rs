@@ -90,6 +90,15 @@ struct Args {
     /// Jobs of the backlog phase: queued with no agent to take them.
     #[arg(long, default_value_t = 20_000)]
     backlog_jobs: u64,
+    /// Store of the measured server. `dynamodb` makes fresh tables per run
+    /// at --dynamodb-endpoint (credentials from the AWS chain: for DynamoDB
+    /// Local any, e.g. AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local
+    /// AWS_REGION=us-east-1).
+    #[arg(long, value_enum, default_value = "embedded")]
+    store: tether_server::config::StoreKind,
+    /// DynamoDB endpoint for --store dynamodb (e.g. DynamoDB Local's).
+    #[arg(long, value_name = "URL")]
+    dynamodb_endpoint: Option<String>,
     /// Skip measurements: any of batched, unbatched, single, backlog, latency.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
@@ -133,6 +142,8 @@ fn main() -> anyhow::Result<()> {
         server_threads: args.server_threads.unwrap_or(cpus),
         agent_threads: args.agent_threads.unwrap_or(cpus),
         probe_store: !args.no_store_probe,
+        store: args.store,
+        dynamodb_endpoint: args.dynamodb_endpoint.clone(),
     };
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.client_threads.unwrap_or(cpus))
@@ -340,6 +351,9 @@ fn summarize(runs: &[Run], args: &Args, fsync_p50_us: f64, fsync_p99_us: f64) ->
     let per_commit = |r: &Option<(Throughput, Cpu)>| {
         r.as_ref().map(|(t, _)| t.store.job_writes as f64 / t.store.commits.max(1) as f64)
     };
+    // Store writes (each a conditional request or transaction on DynamoDB)
+    // per job run to the end.
+    let per_job = |r: &Option<(Throughput, Cpu)>| r.as_ref().map(|(t, _)| t.store.writes as f64 / t.jobs.max(1) as f64);
     let commits_per_sec =
         |r: &Option<(Throughput, Cpu)>| r.as_ref().map(|(t, _)| t.store.commits as f64 / t.elapsed.as_secs_f64());
     // One client awaiting each enqueue: acknowledgements per second.
@@ -375,6 +389,7 @@ fn summarize(runs: &[Run], args: &Args, fsync_p50_us: f64, fsync_p99_us: f64) ->
         "enqueue_ack_p99_ms": round(of(&|r| r.latency.as_ref().map(|(l, _)| ms(&l.ack, 0.99))), 3),
         "batched_commits_per_sec": round(of(&|r| commits_per_sec(&r.batched)), 0),
         "batched_job_writes_per_commit": round(of(&|r| per_commit(&r.batched)), 1),
+        "batched_store_writes_per_job": round(of(&|r| per_job(&r.batched)), 2),
         "unbatched_commits_per_sec": round(of(&|r| commits_per_sec(&r.unbatched)), 0),
         "unbatched_job_writes_per_commit": round(of(&|r| per_commit(&r.unbatched)), 1),
         "fsync_p50_us": round(Some(fsync_p50_us), 0),
@@ -384,6 +399,7 @@ fn summarize(runs: &[Run], args: &Args, fsync_p50_us: f64, fsync_p99_us: f64) ->
         "slots": args.slots,
         "rate": args.rate,
         "latency_secs": args.latency_secs,
+        "store": format!("{:?}", args.store).to_lowercase(),
         "sync": match args.unsafe_sync_every { Some(n) => format!("every_{n}"), None => "always".into() },
         "runs": runs_json,
     })

@@ -50,7 +50,7 @@ async fn write_one<S: Store>(store: &S, write: Write) -> WriteOutcome {
 /// case. `$fresh` is called with the case's name and returns a future of
 /// `(store, guard)`: a fresh, empty store and whatever must outlive it.
 ///
-/// ```ignore
+/// ```text
 /// store_conformance_suite!(|_case| async {
 ///     let dir = tempfile::tempdir().unwrap();
 ///     (EmbeddedStore::open(dir.path(), Default::default()).unwrap(), dir)
