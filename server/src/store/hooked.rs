@@ -4,7 +4,9 @@
 
 use async_trait::async_trait;
 
-use super::{AgentFilter, CountRow, JobFilter, LogChunk, Page, QueuedEntry, Store, StoreResult, Write, WriteOutcome};
+use super::{
+    AgentFilter, CountRow, JobFilter, LogChunk, Page, QueuedEntry, Store, StoreLimits, StoreResult, Write, WriteOutcome,
+};
 use crate::domain::{Agent, Job, Pool};
 
 /// What a [`HookedStore`] does around every commit.
@@ -81,5 +83,9 @@ impl<S: Store, H: WriteHook> Store for HookedStore<S, H> {
 
     async fn counter(&self, name: &'static str) -> StoreResult<u64> {
         self.inner.counter(name).await
+    }
+
+    fn limits(&self) -> StoreLimits {
+        self.inner.limits()
     }
 }

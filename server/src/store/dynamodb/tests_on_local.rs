@@ -173,6 +173,25 @@ async fn an_item_over_dynamodbs_limit_is_refused_precisely() {
     assert_eq!(one(&store, Write::CreateJob(Box::new(fits))).await, WriteOutcome::Applied);
 }
 
+/// Passes every write through unchanged.
+struct PassThrough;
+
+#[async_trait::async_trait]
+impl crate::store::hooked::WriteHook for PassThrough {
+    async fn write(&self, inner: &dyn Store, batch: Vec<Write>) -> crate::store::StoreResult<Vec<WriteOutcome>> {
+        inner.write(batch).await
+    }
+}
+
+#[tokio::test]
+async fn a_hooked_store_keeps_the_limits_of_the_store_it_wraps() {
+    let store = local::fresh_store("hooked").await;
+    let limits = store.limits();
+    assert!(limits.max_payload_bytes < crate::domain::validate::MAX_PAYLOAD_BYTES);
+    let hooked = crate::store::hooked::HookedStore { inner: store, hook: PassThrough };
+    assert_eq!(hooked.limits(), limits);
+}
+
 #[tokio::test]
 async fn missing_tables_are_a_clear_terminal_error() {
     let client = local::client();
