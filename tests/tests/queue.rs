@@ -533,3 +533,50 @@ async fn fencing_tokens_are_never_reused_across_restarts() {
         second.fencing_token
     );
 }
+
+/// The store's limits (DynamoDB's are below the wire limits) hold before
+/// anything is written: an oversize payload or result is INVALID_ARGUMENT
+/// naming the field, and the job is unchanged.
+#[tokio::test]
+async fn payloads_and_results_beyond_the_stores_limits_are_refused() {
+    use tether_server::store::Store as _;
+    let store = tether_server::store::dynamodb::local::fresh_store("limits").await;
+    let limits = store.limits();
+    let dir = DataDir::new();
+    let options = tether_tests::Options {
+        clock: Some(tether_server::clock::ManualClock::new(epoch())),
+        store: Some(std::sync::Arc::new(store)),
+        ..Default::default()
+    };
+    let server = TestServer::start(&dir, options).await;
+    let mut q = server.queue().await;
+    let sized = |n: usize| pb::EnqueueJobRequest { payload: vec![b'x'; n].into(), ..job("limits", "") };
+
+    let err = q.enqueue_job(sized(limits.max_payload_bytes + 1)).await.expect_err("too large for the store");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("payload") && err.message().contains("store"), "{}", err.message());
+    let batch = pb::BatchEnqueueJobsRequest { requests: vec![sized(1), sized(limits.max_payload_bytes + 1)] };
+    let err = q.batch_enqueue_jobs(batch).await.expect_err("one oversize request refuses the batch");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("requests[1].payload"), "{}", err.message());
+    assert!(claim(&mut q, &[]).await.is_none(), "nothing of the refused batch was enqueued");
+
+    enqueue(&mut q, sized(limits.max_payload_bytes)).await;
+    let j = claim(&mut q, &[]).await.expect("the job at the limit");
+    let complete = |result: Vec<u8>| pb::CompleteJobRequest {
+        id: j.id.clone(),
+        attempt: j.attempt,
+        fencing_token: j.fencing_token,
+        result: result.into(),
+    };
+    let err = q.complete_job(complete(vec![b'r'; limits.max_result_bytes + 1])).await.expect_err("result too large");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("result") && err.message().contains("store"), "{}", err.message());
+    let get = pb::GetQueuedJobRequest { id: j.id.clone() };
+    let stored = q.get_queued_job(get.clone()).await.expect("get").into_inner().job.expect("job");
+    assert_eq!(state(&stored), pb::QueuedJobState::Claimed, "the refused result changed nothing");
+    q.complete_job(complete(vec![b'r'; limits.max_result_bytes])).await.expect("a result at the limit");
+    let stored = q.get_queued_job(get).await.expect("get").into_inner().job.expect("job");
+    assert_eq!(state(&stored), pb::QueuedJobState::Succeeded);
+    assert_eq!(stored.result.len(), limits.max_result_bytes);
+}

@@ -53,3 +53,9 @@ where
 pub fn is_conflict_code(code: Option<&str>) -> bool {
     matches!(code, Some("TransactionConflict" | "ThrottlingError" | "ProvisionedThroughputExceeded"))
 }
+
+/// Whether a conditional request failed its condition (an outcome, not an
+/// error, for the caller to interpret).
+pub fn condition_failed<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> bool {
+    err.as_service_error().and_then(ProvideErrorMetadata::code) == Some("ConditionalCheckFailedException")
+}

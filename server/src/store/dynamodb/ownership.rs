@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::errors::classify;
+use super::errors::{classify, condition_failed};
 use super::items::{get_n, get_s, n, s};
 use super::DynamoStore;
 use crate::clock::Clock;
@@ -98,7 +98,7 @@ impl DynamoStore {
             .await;
         match result {
             Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => Ok(false),
+            Err(e) if condition_failed(&e) => Ok(false),
             Err(e) => Err(classify("UpdateItem owner", e)),
         }
     }
@@ -118,7 +118,7 @@ impl DynamoStore {
             .await;
         match result {
             Ok(_) => Ok(()),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => Ok(()),
+            Err(e) if condition_failed(&e) => Ok(()),
             Err(e) => Err(classify("DeleteItem owner", e)),
         }
     }

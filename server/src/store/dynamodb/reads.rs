@@ -100,7 +100,9 @@ impl DynamoStore {
         let mut last_seq = None;
         loop {
             // Refill every drained cursor at once: one round trip per round.
-            try_join_all(cursors.iter_mut().map(|c| self.fill(c, walk, page))).await?;
+            if cursors.iter().any(|c| c.items.is_empty() && !c.exhausted) {
+                try_join_all(cursors.iter_mut().map(|c| self.fill(c, walk, page))).await?;
+            }
             let best =
                 cursors.iter().enumerate().filter_map(|(i, c)| c.items.front().map(|(seq, _)| (i, *seq))).reduce(
                     |a, b| match walk {
@@ -162,24 +164,16 @@ impl DynamoStore {
     /// Every item of a table, strongly read (agents and pools: small tables
     /// read at start-up and by operators).
     pub(super) async fn scan_all(&self, table: &str) -> StoreResult<Vec<Item>> {
-        let mut out = Vec::new();
-        let mut resume = None;
-        loop {
-            let page = self
-                .client
-                .scan()
-                .table_name(table)
-                .consistent_read(true)
-                .set_exclusive_start_key(resume)
-                .send()
-                .await
-                .map_err(|e| classify(&format!("Scan {table}"), e))?;
-            out.extend(page.items().iter().cloned());
-            resume = page.last_evaluated_key().cloned();
-            if resume.is_none() {
-                return Ok(out);
-            }
-        }
+        self.client
+            .scan()
+            .table_name(table)
+            .consistent_read(true)
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| classify(&format!("Scan {table}"), e))
     }
 
     /// Every item of one partition, strongly read, in sort key order.
@@ -189,27 +183,19 @@ impl DynamoStore {
         key: &str,
         value: AttributeValue,
     ) -> StoreResult<Vec<Item>> {
-        let mut out = Vec::new();
-        let mut resume = None;
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(table)
-                .key_condition_expression("#k = :v")
-                .expression_attribute_names("#k", key)
-                .expression_attribute_values(":v", value.clone())
-                .consistent_read(true)
-                .set_exclusive_start_key(resume)
-                .send()
-                .await
-                .map_err(|e| classify(&format!("Query {table}"), e))?;
-            out.extend(page.items().iter().cloned());
-            resume = page.last_evaluated_key().cloned();
-            if resume.is_none() {
-                return Ok(out);
-            }
-        }
+        self.client
+            .query()
+            .table_name(table)
+            .key_condition_expression("#k = :v")
+            .expression_attribute_names("#k", key)
+            .expression_attribute_values(":v", value)
+            .consistent_read(true)
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| classify(&format!("Query {table}"), e))
     }
 
     /// The job counts: every count shard summed.

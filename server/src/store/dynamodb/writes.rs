@@ -7,7 +7,9 @@ use std::time::Duration;
 use aws_sdk_dynamodb::types::{Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update};
 use rand::Rng;
 
-use super::errors::{classify, is_conflict_code};
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+
+use super::errors::{classify, condition_failed, is_conflict_code};
 use super::items::{compose, get_b, get_n, job_item, key_of, n, record_item, s, shard_of, CountKey, Item};
 use super::DynamoStore;
 use crate::domain::Job;
@@ -42,6 +44,18 @@ where
         }
     }
     Err(StoreError::Unavailable(format!("{what}: still conflicting after {CONFLICT_TRIES} tries")))
+}
+
+/// For writes whose failed condition means there is nothing left to do.
+fn done_unless_error<T, E, R>(op: &str, result: Result<T, SdkError<E, R>>) -> StoreResult<WriteOutcome>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    match result {
+        Err(e) if !condition_failed(&e) => Err(classify(op, e)),
+        _ => Ok(WriteOutcome::Applied),
+    }
 }
 
 fn build_error(e: impl std::fmt::Display) -> StoreError {
@@ -106,14 +120,8 @@ impl DynamoStore {
             .condition_expression("attribute_not_exists(seq)")
             .send()
             .await;
-        match result {
-            // A chunk already stored is a retry or a duplicate: ignored.
-            Ok(_) => Ok(WriteOutcome::Applied),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => {
-                Ok(WriteOutcome::Applied)
-            }
-            Err(e) => Err(classify("PutItem log", e)),
-        }
+        // A chunk already stored is a retry or a duplicate: ignored.
+        done_unless_error("PutItem log", result)
     }
 
     async fn raise_counter(&self, name: &str, value: u64) -> StoreResult<WriteOutcome> {
@@ -128,14 +136,8 @@ impl DynamoStore {
             .expression_attribute_values(":v", n(value))
             .send()
             .await;
-        match result {
-            // Not higher than the stored mark: nothing to raise.
-            Ok(_) => Ok(WriteOutcome::Applied),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => {
-                Ok(WriteOutcome::Applied)
-            }
-            Err(e) => Err(classify("UpdateItem counter", e)),
-        }
+        // Not higher than the stored mark: nothing to raise.
+        done_unless_error("UpdateItem counter", result)
     }
 
     fn count_update(&self, key: &CountKey, shard: u32, delta: i64) -> StoreResult<TransactWriteItem> {
@@ -238,16 +240,9 @@ impl DynamoStore {
 
     async fn idempotency_holder(&self, job: &Job) -> StoreResult<Option<String>> {
         let Some(key) = &job.spec.idempotency_key else { return Ok(None) };
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.tables.idempotency_keys)
-            .set_key(Some(key_of("key", compose(&[&job.spec.queue, key]))))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| classify("GetItem idempotency key", e))?;
-        Ok(out.item().and_then(|item| super::items::get_s(item, "job_id").ok()).map(str::to_string))
+        let key = key_of("key", compose(&[&job.spec.queue, key]));
+        let stored = self.get_item(&self.tables.idempotency_keys, key, "idempotency key").await?;
+        Ok(stored.as_ref().and_then(|item| super::items::get_s(item, "job_id").ok()).map(str::to_string))
     }
 
     /// Replaces the job if its stored version is `expected`. When its count
@@ -258,24 +253,17 @@ impl DynamoStore {
         let shard = shard_of(&job.id);
         let new_key = CountKey::of(job);
         retry_conflicts("update job", || async {
-            // The stored version and count key, read strongly: the write
-            // below is conditional on that same version, so the count read
-            // here is the one the write replaces.
-            let current = self.job_head(&job.id).await?;
-            let Some((version, old_key)) = current else {
+            // The stored item, read strongly: the write below is conditional
+            // on its version, so the count read here is the one replaced.
+            // (A projection would not read fewer units.)
+            let Some(stored) = self.get_item(&self.tables.jobs, key_of("id", job.id.clone()), "job").await? else {
                 return Ok(Try::Done(WriteOutcome::VersionConflict { current_version: None }));
             };
-            if version != expected {
-                return Ok(Try::Done(self.recognise(job, &body, Some(version), None)));
+            if get_n(&stored, "v")? != expected {
+                // Possibly this very write, applied by a try whose reply was lost.
+                return Ok(Try::Done(recognise(job, &body, Some(&stored))));
             }
-            let put = Put::builder()
-                .table_name(&self.tables.jobs)
-                .set_item(Some(item.clone()))
-                .condition_expression("v = :expected")
-                .expression_attribute_values(":expected", n(expected))
-                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-                .build()
-                .map_err(build_error)?;
+            let old_key = count_key_of(&stored)?;
             if old_key == new_key {
                 let sent = self
                     .client
@@ -291,15 +279,21 @@ impl DynamoStore {
                     Ok(_) => Ok(Try::Done(WriteOutcome::Applied)),
                     Err(e) => match e.as_service_error() {
                         Some(aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(c)) => {
-                            let stored = c.item().cloned();
-                            let version = stored.as_ref().and_then(|i| get_n(i, "v").ok());
-                            Ok(Try::Done(self.recognise(job, &body, version, stored.as_ref())))
+                            Ok(Try::Done(recognise(job, &body, c.item())))
                         }
                         Some(s) if s.is_transaction_conflict_exception() => Ok(Try::Conflict),
                         _ => Err(classify("PutItem job", e)),
                     },
                 };
             }
+            let put = Put::builder()
+                .table_name(&self.tables.jobs)
+                .set_item(Some(item.clone()))
+                .condition_expression("v = :expected")
+                .expression_attribute_values(":expected", n(expected))
+                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+                .build()
+                .map_err(build_error)?;
             let items = vec![
                 TransactWriteItem::builder().put(put).build(),
                 self.count_update(&old_key, shard, -1)?,
@@ -320,9 +314,7 @@ impl DynamoStore {
                 Some(aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c)) => {
                     let reasons = c.cancellation_reasons();
                     if reasons.first().and_then(|r| r.code()) == Some("ConditionalCheckFailed") {
-                        let stored = reasons.first().and_then(|r| r.item()).cloned();
-                        let version = stored.as_ref().and_then(|i| get_n(i, "v").ok());
-                        return Ok(Try::Done(self.recognise(job, &body, version, stored.as_ref())));
+                        return Ok(Try::Done(recognise(job, &body, reasons.first().and_then(|r| r.item()))));
                     }
                     if reasons.iter().any(|r| is_conflict_code(r.code())) {
                         return Ok(Try::Conflict);
@@ -335,36 +327,27 @@ impl DynamoStore {
         })
         .await
     }
+}
 
-    /// A failed condition whose stored item is exactly what this write
-    /// stores is this write, applied by an attempt whose reply was lost.
-    fn recognise(&self, job: &Job, body: &[u8], version: Option<u64>, stored: Option<&Item>) -> WriteOutcome {
-        let ours = version == Some(job.version) && stored.and_then(|i| get_b(i, "b").ok()) == Some(body);
-        if ours {
-            WriteOutcome::Applied
-        } else {
-            WriteOutcome::VersionConflict { current_version: version }
-        }
+/// A failed condition whose stored item is exactly what this write stores
+/// is this write, applied by an attempt whose reply was lost.
+fn recognise(job: &Job, body: &[u8], stored: Option<&Item>) -> WriteOutcome {
+    let version = stored.and_then(|i| get_n(i, "v").ok());
+    let ours = version == Some(job.version) && stored.and_then(|i| get_b(i, "b").ok()) == Some(body);
+    if ours {
+        WriteOutcome::Applied
+    } else {
+        WriteOutcome::VersionConflict { current_version: version }
     }
+}
 
-    /// The stored version and count key of a job, read strongly.
-    async fn job_head(&self, id: &str) -> StoreResult<Option<(u64, CountKey)>> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.tables.jobs)
-            .set_key(Some(key_of("id", id)))
-            .consistent_read(true)
-            .projection_expression("v, q, sc, pc")
-            .send()
-            .await
-            .map_err(|e| classify("GetItem job", e))?;
-        let Some(item) = out.item() else { return Ok(None) };
-        let state = crate::store::codec::state_from_code(code(item, "sc")?)?;
-        let priority = crate::store::codec::priority_from_code(code(item, "pc")?)?;
-        let queue = super::items::get_s(item, "q")?.to_string();
-        Ok(Some((get_n(item, "v")?, CountKey { queue, state, priority })))
-    }
+/// Where a stored job item is counted.
+fn count_key_of(item: &Item) -> StoreResult<CountKey> {
+    Ok(CountKey {
+        queue: super::items::get_s(item, "q")?.to_string(),
+        state: crate::store::codec::state_from_code(code(item, "sc")?)?,
+        priority: crate::store::codec::priority_from_code(code(item, "pc")?)?,
+    })
 }
 
 fn code(item: &Item, name: &str) -> StoreResult<u8> {
