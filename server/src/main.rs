@@ -88,8 +88,8 @@ async fn run_dynamodb(command: DynamoCommand) -> anyhow::Result<()> {
     }
 }
 
-/// The server's store, and for DynamoDB a future that ends if this server
-/// loses its ownership of the tables.
+/// The server's store, and for DynamoDB the store again with this server's
+/// owner id, to keep and finally release its lease on the tables.
 type OpenedStore = (Arc<dyn Store>, Option<(Arc<DynamoStore>, String)>);
 
 async fn open_store(args: &ServerArgs) -> anyhow::Result<OpenedStore> {
