@@ -24,6 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `connect` constructor; clients use `XClient::new(channel)`.
         .build_transport(false)
         .bytes(".")
+        // Small per-call buffers (src/codec.rs): agents hold streams for days.
+        .codec_path("crate::codec::LeanCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

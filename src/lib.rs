@@ -19,4 +19,5 @@ pub const PROTOCOL_VERSION_MAX: u32 = 2;
 /// an AssignmentAck may carry the start (rule 7 of `AgentService.Connect`).
 pub const PROTOCOL_LEAN_STARTS: u32 = 2;
 
+pub mod codec;
 pub mod time;

@@ -2,6 +2,7 @@
 //! credit-based dispatch, heartbeats, reports, drain and deregistration.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use tether::time::later;
@@ -21,13 +22,9 @@ impl Engine {
     /// The agent that should get a job with `routing` now: one that takes
     /// work and matches, healthy before degraded, most free slots first,
     /// then the one that got work least recently.
-    pub fn pick_agent(&self, routing: &Routing) -> Option<String> {
-        let ids = self.pool_agents.get(&routing.pool)?;
-        ids.iter()
-            .filter_map(|id| self.agents.get(id))
-            .filter(|a| a.takes_work() && routing.matches(&a.agent.pool, &a.agent.labels))
-            .max_by_key(|a| (a.agent.health != Health::Degraded, a.free_slots(), std::cmp::Reverse(a.last_assigned)))
-            .map(|a| a.agent.id.clone())
+    /// Found in the free-agent index, not by scanning the pool.
+    pub fn pick_agent(&self, routing: &Routing) -> Option<Arc<str>> {
+        self.agents.pick(routing)
     }
 
     /// Gives an agent ready jobs until its slots are full.
@@ -50,8 +47,7 @@ impl Engine {
 
     /// Offers a pool's ready jobs to its agents.
     pub async fn dispatch_pool(&mut self, pool: &str) {
-        let ids = self.pool_agents.get(pool).cloned().unwrap_or_default();
-        for id in ids {
+        for id in self.agents.free_in_pool(pool) {
             if self.ready.ready_in_pool(pool) == 0 {
                 return;
             }
@@ -78,7 +74,7 @@ impl Engine {
         let id = agent.id.clone();
         self.agent_names.insert((agent.pool.clone(), agent.name.clone()), id.clone());
         self.pool_agents.entry(agent.pool.clone()).or_default().push(id.clone());
-        self.agents.insert(id.clone(), AgentEntry::new(agent));
+        self.agents.insert(AgentEntry::new(agent));
         id
     }
 
@@ -129,7 +125,7 @@ impl Engine {
         let session_id = self.next_session;
         self.next_session += 1;
         let grace = self.config.reconnect_grace;
-        let Some(entry) = self.agents.get_mut(&id) else {
+        let Some(mut entry) = self.agents.get_mut(&id) else {
             return Err(DomainError::Internal(format!("agent {id} vanished")));
         };
         if let Some(at) = entry.disconnected_at.take() {
@@ -186,6 +182,7 @@ impl Engine {
                 f.acked = true;
             }
         }
+        drop(entry);
         for token in lost {
             self.release(&id, token, "the agent reconnected without this job".into());
         }
@@ -229,7 +226,7 @@ impl Engine {
     /// Frees an agent's slot for an attempt it no longer runs; a still
     /// current attempt fails (retryably).
     fn release(&mut self, agent_id: &str, token: u64, reason: String) {
-        let Some(f) = self.agents.get_mut(agent_id).and_then(|a| a.in_flight.remove(&token)) else {
+        let Some(f) = self.agents.get_mut(agent_id).and_then(|mut a| a.in_flight.remove(&token)) else {
             return;
         };
         if self.active.get(&f.job_id).is_some_and(|j| j.fencing_token == token) {
@@ -240,7 +237,7 @@ impl Engine {
     }
 
     pub async fn inbound(&mut self, agent_id: &str, session_id: u64, message: AgentInbound) {
-        let Some(entry) = self.agents.get_mut(agent_id) else { return };
+        let Some(mut entry) = self.agents.get_mut(agent_id) else { return };
         if entry.session.as_ref().map(|s| s.id) != Some(session_id) {
             return; // a message from a replaced session
         }
@@ -261,6 +258,7 @@ impl Engine {
                 }
                 let was_accepting = std::mem::replace(&mut entry.accepting, true);
                 let owned: Vec<AttemptRef> = running.into_iter().filter(|r| entry.holds(r)).collect();
+                drop(entry);
                 for r in &owned {
                     self.renew_for_agent(r);
                 }
@@ -274,6 +272,7 @@ impl Engine {
             }
             AgentInbound::AssignmentAck { job, accepted, started, reason } => {
                 if !entry.holds(&job) {
+                    drop(entry);
                     // Not this agent's assignment (stale, or another agent's
                     // job): it must neither start nor requeue it. A start
                     // riding on the ack is refused as any start would be.
@@ -287,6 +286,7 @@ impl Engine {
                     if let Some(f) = entry.in_flight.get_mut(&job.fencing_token) {
                         f.acked = true;
                     }
+                    drop(entry);
                     if started {
                         self.started(agent_id, job).await;
                     }
@@ -294,6 +294,7 @@ impl Engine {
                 }
                 entry.in_flight.remove(&job.fencing_token);
                 entry.accepting = false;
+                drop(entry);
                 let claimed_here = self
                     .active
                     .get(&job.job_id)
@@ -317,7 +318,10 @@ impl Engine {
                 }
                 self.fill_agent(agent_id).await;
             }
-            AgentInbound::Started { job } => self.started(agent_id, job).await,
+            AgentInbound::Started { job } => {
+                drop(entry);
+                self.started(agent_id, job).await
+            }
             AgentInbound::Progress { job, percent, message } => {
                 if entry.holds(&job) {
                     tracing::debug!(job = %job.job_id, percent, %message, "job progress");
@@ -325,6 +329,7 @@ impl Engine {
             }
             AgentInbound::Log { job, stderr, data, sequence } => {
                 if entry.holds(&job) {
+                    drop(entry);
                     self.persist_other(Write::AppendLog(crate::store::LogChunk {
                         job_id: job.job_id,
                         attempt: job.attempt,
@@ -340,6 +345,7 @@ impl Engine {
                 if held {
                     entry.in_flight.remove(&job.fencing_token);
                 }
+                drop(entry);
                 let current = held && self.active.get(&job.job_id).is_some_and(|j| j.is_current(&job));
                 let ack = if current {
                     match outcome {
@@ -417,7 +423,7 @@ impl Engine {
             // The attempt ended before it started (cancelled or expired):
             // the agent stops it on the refusal and reports nothing more,
             // so its slot is free now.
-            if let Some(entry) = self.agents.get_mut(agent_id) {
+            if let Some(mut entry) = self.agents.get_mut(agent_id) {
                 entry.in_flight.remove(&token);
             }
             self.fill_agent(agent_id).await;
@@ -435,7 +441,7 @@ impl Engine {
     pub fn disconnected(&mut self, agent_id: &str, session_id: u64) {
         let now = self.clock.now();
         let grace = self.config.reconnect_grace;
-        let Some(entry) = self.agents.get_mut(agent_id) else { return };
+        let Some(mut entry) = self.agents.get_mut(agent_id) else { return };
         if entry.session.as_ref().map(|s| s.id) != Some(session_id) {
             return;
         }
@@ -443,6 +449,7 @@ impl Engine {
         entry.disconnected_at = Some(now);
         entry.agent.last_seen_time = now;
         tracing::info!(agent = %agent_id, running = entry.in_flight.len(), "agent stream closed; grace period started");
+        drop(entry);
         self.grace.insert((later(now, grace), agent_id.to_string()));
         self.disarm_heartbeat_check(agent_id);
     }
@@ -456,7 +463,7 @@ impl Engine {
                 break;
             }
             self.grace.remove(&(t, id.clone()));
-            let Some(entry) = self.agents.get_mut(&id) else { continue };
+            let Some(mut entry) = self.agents.get_mut(&id) else { continue };
             let expired = entry.session.is_none() && entry.disconnected_at.is_some_and(|d| later(d, grace) <= now);
             if !expired {
                 continue;
@@ -465,6 +472,7 @@ impl Engine {
             let terminated = entry.agent.health == Health::Terminated;
             let tokens: Vec<u64> = entry.in_flight.keys().copied().collect();
             let name = entry.agent.name.clone();
+            drop(entry);
             for token in tokens {
                 self.release(
                     &id,
@@ -473,7 +481,7 @@ impl Engine {
                 );
             }
             if !terminated {
-                self.set_health(&id, Health::Offline, format!("stream closed and not back within {grace:?}"));
+                self.set_health(&id, Health::Offline, format!("stream closed and not back within {grace:?}").into());
             }
             self.save_agent(&id);
         }
@@ -488,7 +496,7 @@ impl Engine {
         running: Vec<AttemptRef>,
     ) -> DomainResult<HeartbeatAnswer> {
         let now = self.clock.now();
-        let entry = self.agents.get_mut(agent_id).ok_or_else(|| DomainError::agent_not_found(agent_id))?;
+        let mut entry = self.agents.get_mut(agent_id).ok_or_else(|| DomainError::agent_not_found(agent_id))?;
         if entry.agent.health == Health::Terminated {
             return Err(DomainError::FailedPrecondition(format!("agent {agent_id} is deregistered")));
         }
@@ -499,6 +507,7 @@ impl Engine {
             entry.history.pop_front();
         }
         let drain = entry.agent.scheduling == SchedulingStatus::Draining;
+        drop(entry);
         let mut abandoned = Vec::new();
         for r in running {
             let owned = self.active.get(&r.job_id).is_some_and(|j| j.is_current(&r) && j.worker_id == agent_id);
@@ -522,13 +531,14 @@ impl Engine {
         if status == SchedulingStatus::Draining {
             return self.drain(id, reason);
         }
-        let entry = self.agents.get_mut(id).ok_or_else(|| DomainError::agent_not_found(id))?;
+        let mut entry = self.agents.get_mut(id).ok_or_else(|| DomainError::agent_not_found(id))?;
         if entry.agent.health == Health::Terminated {
             return Err(DomainError::FailedPrecondition(format!("agent {id} is deregistered")));
         }
         tracing::info!(agent = %id, from = ?entry.agent.scheduling, to = ?status, %reason, "agent scheduling status changed");
         entry.agent.scheduling = status;
         entry.draining = false;
+        drop(entry);
         self.save_agent(id);
         if status == SchedulingStatus::Active {
             self.fill_agent(id).await;
@@ -587,12 +597,13 @@ impl Engine {
     }
 
     pub fn drain(&mut self, id: &str, reason: String) -> DomainResult<AgentView> {
-        let entry = self.agents.get_mut(id).ok_or_else(|| DomainError::agent_not_found(id))?;
+        let mut entry = self.agents.get_mut(id).ok_or_else(|| DomainError::agent_not_found(id))?;
         if entry.agent.health == Health::Terminated {
             return Err(DomainError::FailedPrecondition(format!("agent {id} is deregistered")));
         }
         entry.agent.scheduling = SchedulingStatus::Draining;
         entry.draining = true;
+        drop(entry);
         let reason = if reason.is_empty() { "drained by operator".to_string() } else { reason };
         self.save_agent(id);
         self.push_after_commit(id, AgentPush::Drain { reason });
@@ -600,8 +611,9 @@ impl Engine {
     }
 
     pub fn deregister(&mut self, id: &str) -> DomainResult<AgentView> {
-        let entry = self.agents.get_mut(id).ok_or_else(|| DomainError::agent_not_found(id))?;
+        let mut entry = self.agents.get_mut(id).ok_or_else(|| DomainError::agent_not_found(id))?;
         if entry.agent.health == Health::Terminated {
+            drop(entry);
             return self.agent_view(id);
         }
         entry.draining = true;
@@ -610,6 +622,7 @@ impl Engine {
         }
         let (pool, name) = (entry.agent.pool.clone(), entry.agent.name.clone());
         let tokens: Vec<u64> = entry.in_flight.keys().copied().collect();
+        drop(entry);
         for token in tokens {
             self.release(id, token, "the agent was deregistered".into());
         }

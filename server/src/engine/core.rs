@@ -12,6 +12,7 @@ use tether::time::later;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::agent_table::{AgentTable, Filed};
 use super::config::EngineConfig;
 use super::ready::{ReadyEntry, ReadySet};
 use super::types::{AgentEvent, AgentPush, JobEvent, MetricsSample};
@@ -69,12 +70,19 @@ pub(crate) struct AgentEntry {
     pub history: VecDeque<MetricsSample>,
     /// When the next heartbeat is due at the latest.
     pub next_check: Option<SystemTime>,
+    /// The check queued in `health_checks` for this agent: never after
+    /// `next_check` (a later deadline requeues it when it fires).
+    pub queued_check: Option<SystemTime>,
     /// Heartbeats missed in a row.
     pub missed: u32,
     /// When the agent was last given a job (the engine's assignment
     /// count): ties among equally free agents go to the least recent, so
     /// work spreads instead of landing on whichever agent is listed last.
     pub last_assigned: u64,
+    /// The id, shared with the free-agent index.
+    pub key: Arc<str>,
+    /// Where the free-agent index holds this entry, if it takes work.
+    pub filed: Option<Filed>,
 }
 
 impl AgentEntry {
@@ -125,7 +133,7 @@ pub(crate) struct Engine {
     /// Jobs per queue, then per (state, priority): keyed so a transition
     /// finds its counters by `&str`, without allocating.
     pub counts: FastMap<String, FastMap<(JobState, Priority), u64>>,
-    pub agents: FastMap<String, AgentEntry>,
+    pub agents: AgentTable,
     /// Live (not terminated) agents by (pool, name).
     pub agent_names: FastMap<(String, String), String>,
     /// Live agent ids per pool.
@@ -214,7 +222,7 @@ impl Engine {
             active: FastMap::default(),
             deadlines: BTreeSet::new(),
             counts,
-            agents: FastMap::default(),
+            agents: AgentTable::default(),
             agent_names: FastMap::default(),
             pool_agents: FastMap::default(),
             grace: BTreeSet::new(),
@@ -241,7 +249,7 @@ impl Engine {
                     engine.agent_names.insert((agent.pool.clone(), agent.name.clone()), agent.id.clone());
                     engine.pool_agents.entry(agent.pool.clone()).or_default().push(agent.id.clone());
                 }
-                engine.agents.insert(agent.id.clone(), AgentEntry::new(agent));
+                engine.agents.insert(AgentEntry::new(agent));
             }
         }
         for id in unreadable {
@@ -258,7 +266,7 @@ impl Engine {
             }
             let floor = later(now, engine.config.reconnect_grace);
             job.lease_expire_time = Some(job.lease_expire_time.map_or(floor, |t| t.max(floor)));
-            if let Some(entry) = engine.agents.get_mut(&job.worker_id) {
+            if let Some(mut entry) = engine.agents.get_mut(&job.worker_id) {
                 entry
                     .in_flight
                     .insert(job.fencing_token, InFlight { job_id: job.id.clone(), attempt: job.attempt, acked: true });
@@ -717,14 +725,17 @@ impl Engine {
 impl AgentEntry {
     pub fn new(agent: Agent) -> AgentEntry {
         AgentEntry {
-            agent,
             session: None,
             in_flight: FastMap::default(),
             draining: false,
             accepting: true,
             disconnected_at: None,
+            key: Arc::from(agent.id.as_str()),
+            agent,
+            filed: None,
             history: VecDeque::new(),
             next_check: None,
+            queued_check: None,
             missed: 0,
             last_assigned: 0,
         }

@@ -4,6 +4,7 @@
 //! grace (see `agents.rs`); TERMINATED on deregistration. Missed heartbeats
 //! are found by a per-agent deadline, not by polling.
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
 use tether::time::later;
@@ -14,15 +15,18 @@ use crate::domain::{Health, Metrics};
 
 impl Engine {
     /// Sets an agent's health and why; records and publishes the change.
-    pub fn set_health(&mut self, agent_id: &str, health: Health, reason: String) -> bool {
+    /// The reason is a `Cow` so that the common case, a heartbeat that
+    /// changes nothing, allocates nothing.
+    pub fn set_health(&mut self, agent_id: &str, health: Health, reason: Cow<'static, str>) -> bool {
         let now = self.clock.now();
-        let Some(entry) = self.agents.get_mut(agent_id) else { return false };
+        let Some(mut entry) = self.agents.get_mut(agent_id) else { return false };
         let from = entry.agent.health;
         if from == health && entry.agent.health_reason == reason {
             return false;
         }
         entry.agent.health = health;
-        entry.agent.health_reason = reason.clone();
+        entry.agent.health_reason = reason.to_string();
+        drop(entry);
         if from != health {
             tracing::info!(agent = %agent_id, ?from, to = ?health, %reason, "agent health changed");
             if self.agent_events.receiver_count() > 0 {
@@ -30,7 +34,7 @@ impl Engine {
                     agent_id: agent_id.to_string(),
                     from,
                     to: health,
-                    reason,
+                    reason: reason.into_owned(),
                     time: now,
                 });
             }
@@ -46,18 +50,32 @@ impl Engine {
     }
 
     /// (Re)arms the missed-heartbeat deadline of an agent.
+    ///
+    /// A heartbeat only moves the deadline later, so while a check is
+    /// queued at or before the new deadline only the entry changes: the
+    /// queued check finds the later deadline and requeues itself (see
+    /// `check_heartbeats`). A beat costs no allocation and no set operation.
     pub fn arm_heartbeat_check(&mut self, agent_id: &str, at: SystemTime) {
-        let Some(entry) = self.agents.get_mut(agent_id) else { return };
-        if let Some(old) = entry.next_check.take() {
-            self.health_checks.remove(&(old, agent_id.to_string()));
-        }
+        let Some(mut entry) = self.agents.get_mut(agent_id) else { return };
         entry.next_check = Some(at);
-        self.health_checks.insert((at, agent_id.to_string()));
+        match entry.queued_check {
+            Some(queued) if queued <= at => {}
+            queued => {
+                entry.queued_check = Some(at);
+                drop(entry);
+                if let Some(old) = queued {
+                    self.health_checks.remove(&(old, agent_id.to_string()));
+                }
+                self.health_checks.insert((at, agent_id.to_string()));
+            }
+        }
     }
 
     pub fn disarm_heartbeat_check(&mut self, agent_id: &str) {
-        if let Some(entry) = self.agents.get_mut(agent_id) {
-            if let Some(old) = entry.next_check.take() {
+        if let Some(mut entry) = self.agents.get_mut(agent_id) {
+            entry.next_check = None;
+            if let Some(old) = entry.queued_check.take() {
+                drop(entry);
                 self.health_checks.remove(&(old, agent_id.to_string()));
             }
         }
@@ -67,16 +85,17 @@ impl Engine {
     pub async fn observe_heartbeat(&mut self, agent_id: &str, metrics: Metrics) {
         let now = self.clock.now();
         let threshold = self.config.pressure_threshold;
-        let Some(entry) = self.agents.get_mut(agent_id) else { return };
+        let Some(mut entry) = self.agents.get_mut(agent_id) else { return };
         if entry.agent.health == Health::Terminated {
             return;
         }
         entry.missed = 0;
         let (health, reason) = match pressure(&metrics, threshold) {
-            Some(reason) => (Health::Degraded, reason),
-            None => (Health::Healthy, "heartbeating on time".to_string()),
+            Some(reason) => (Health::Degraded, Cow::Owned(reason)),
+            None => (Health::Healthy, Cow::Borrowed("heartbeating on time")),
         };
         let was = entry.agent.health;
+        drop(entry);
         self.set_health(agent_id, health, reason);
         self.arm_heartbeat_check(agent_id, self.heartbeat_deadline(now));
         if was != Health::Healthy && health == Health::Healthy || was == Health::Unhealthy {
@@ -88,24 +107,34 @@ impl Engine {
     pub fn check_heartbeats(&mut self, now: SystemTime) {
         let unhealthy_after = self.config.unhealthy_after_missed.max(1);
         let interval = self.config.heartbeat_interval.max(Duration::from_millis(1));
-        while let Some((t, id)) = self.health_checks.first().cloned() {
-            if t > now {
-                break;
+        while self.health_checks.first().is_some_and(|(t, _)| *t <= now) {
+            let Some((t, id)) = self.health_checks.pop_first() else { break };
+            let Some(mut entry) = self.agents.get_mut(&id) else { continue };
+            if entry.queued_check != Some(t) {
+                continue; // superseded by an earlier deadline
             }
-            self.health_checks.remove(&(t, id.clone()));
-            let Some(entry) = self.agents.get_mut(&id) else { continue };
-            if entry.next_check != Some(t) {
-                continue;
-            }
+            entry.queued_check = None;
+            let deadline = match entry.next_check {
+                None => continue,
+                Some(deadline) if deadline > now => {
+                    // Heartbeats moved the deadline on: check again then.
+                    entry.queued_check = Some(deadline);
+                    drop(entry);
+                    self.health_checks.insert((deadline, id));
+                    continue;
+                }
+                Some(deadline) => deadline,
+            };
             entry.next_check = None;
             entry.missed += 1;
             let missed = entry.missed;
+            drop(entry);
             let reason = format!("missed {missed} heartbeat{}", if missed == 1 { "" } else { "s" });
             if missed >= unhealthy_after {
-                self.set_health(&id, Health::Unhealthy, reason);
+                self.set_health(&id, Health::Unhealthy, reason.into());
             } else {
-                self.set_health(&id, Health::Degraded, reason);
-                self.arm_heartbeat_check(&id, later(t, interval));
+                self.set_health(&id, Health::Degraded, reason.into());
+                self.arm_heartbeat_check(&id, later(deadline, interval));
             }
         }
     }

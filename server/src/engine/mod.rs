@@ -5,6 +5,7 @@
 //! effects of a batch (replies, pushes to agents, watch events) run only once
 //! the batch is durable.
 
+mod agent_table;
 mod agents;
 mod config;
 mod core;

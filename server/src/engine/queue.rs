@@ -222,7 +222,7 @@ impl Engine {
     pub fn assign(&mut self, job: Job, agent_id: &str) {
         let job = self.claim(job, agent_id);
         self.assignments += 1;
-        if let Some(entry) = self.agents.get_mut(agent_id) {
+        if let Some(mut entry) = self.agents.get_mut(agent_id) {
             entry.last_assigned = self.assignments;
             entry.in_flight.insert(
                 job.fencing_token,
