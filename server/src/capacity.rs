@@ -1,8 +1,10 @@
 //! How many agent streams a server holds by default, from what one costs:
 //! each connected agent holds one TCP connection (one file descriptor) and
-//! about 61 KiB of server memory when idle (median of three runs of
-//! `tether-agent-memory-bench --agents 2000` on the 2-core CI machine; HTTP/2
-//! connection buffers, the stream's tasks and the engine's agent entry).
+//! about 49 KiB of server memory when idle (`tether-swarm-bench --agents
+//! 10000 --connections 0` on the 2-core CI machine: HTTP/2 connection
+//! buffers, the stream's tasks and the engine's agent entry; 12 KiB when
+//! agents share 64 connections). 64 KiB per stream leaves headroom for
+//! streams that carry traffic.
 //! The default cap is what both the open-file limit and a quarter of the
 //! memory allow, so a full fleet neither runs the process out of
 //! descriptors (see `listener`) nor crowds out the job data it holds.

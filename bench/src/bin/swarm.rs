@@ -11,7 +11,9 @@
 //! - the share of those jobs the busiest agent took,
 //! - dispatch latency p50/p99 (enqueue sent → assignment received) under a
 //!   steady flow of single enqueues,
-//! - how long a `/metrics` scrape takes (the engine answers it in one pass).
+//! - how long a `/metrics` scrape takes (the engine answers it in one pass),
+//! - with `--backlog N`, server memory per queued job (N jobs no agent can
+//!   take, queued last).
 //!
 //! Prints one JSON object per run, then one with the medians.
 //!
@@ -55,6 +57,10 @@ struct Args {
     /// Length of the steady-flow measurement in seconds.
     #[arg(long, default_value_t = 5)]
     steady_secs: u64,
+    /// Jobs queued before the agents connect, on a label no agent has, to
+    /// measure the server's memory per queued job (0: skip).
+    #[arg(long, default_value_t = 0)]
+    backlog: usize,
     /// Runs, each on a fresh server; the last line has the medians.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -245,6 +251,28 @@ async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
+/// Queues `n` jobs of 100-byte payloads that no agent can take.
+async fn enqueue_backlog(queue: &mut QueueServiceClient<Channel>, n: usize) -> anyhow::Result<()> {
+    let mut left = n;
+    while left > 0 {
+        let count = left.min(BATCH);
+        let requests = (0..count)
+            .map(|_| pb::EnqueueJobRequest {
+                queue: "backlog".into(),
+                payload: bytes::Bytes::from_static(&[7u8; 100]),
+                routing: Some(pb::Routing {
+                    pool: "default".into(),
+                    required_labels: [("backlog".to_string(), "nobody".to_string())].into(),
+                }),
+                ..Default::default()
+            })
+            .collect();
+        queue.batch_enqueue_jobs(pb::BatchEnqueueJobsRequest { requests }).await?;
+        left -= count;
+    }
+    Ok(())
+}
+
 fn job(payload: bytes::Bytes) -> pb::EnqueueJobRequest {
     pb::EnqueueJobRequest { queue: "swarm".into(), payload, ..Default::default() }
 }
@@ -330,12 +358,28 @@ async fn run(bin: &PathBuf, args: &Args) -> anyhow::Result<serde_json::Value> {
         scrapes.push(scrape(server.metrics).await?.as_secs_f64() * 1000.0);
     }
     scrapes.sort_by(f64::total_cmp);
+    // Last, so unplaceable jobs do not sit in the ready set while the
+    // dispatcher is measured.
+    let backlog_bytes_per_job = if args.backlog > 0 {
+        // Warm the enqueue path first, so the baseline holds what any
+        // process pays once (buffers, the queue's counters, store caches).
+        enqueue_backlog(&mut queue, BATCH).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = rss_bytes(pid)?;
+        enqueue_backlog(&mut queue, args.backlog).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Some(rss_bytes(pid)?.saturating_sub(before) / args.backlog as u64)
+    } else {
+        None
+    };
     Ok(json!({
         "agents": args.agents,
         "connections": if args.connections == 0 { args.agents } else { args.connections },
         "rss_before": before,
         "rss_after": after,
         "bytes_per_agent": per_agent_bytes,
+        "backlog_jobs": args.backlog,
+        "rss_per_queued_job_bytes": backlog_bytes_per_job,
         "placed_per_sec": placed_per_sec.round(),
         "busiest_agent_share": busiest as f64 / total as f64,
         "agents_used": agents_used,
@@ -370,6 +414,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let keys = [
         "bytes_per_agent",
+        "rss_per_queued_job_bytes",
         "placed_per_sec",
         "busiest_agent_share",
         "dispatch_p50_ms",

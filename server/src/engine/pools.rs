@@ -80,7 +80,7 @@ impl Engine {
             return Err(DomainError::FailedPrecondition("the default pool cannot be deleted".into()));
         }
         let live = self.pool_agents.get(name).map_or(0, |ids| {
-            ids.iter().filter(|id| self.agents.get(*id).is_some_and(|a| a.agent.health != Health::Terminated)).count()
+            ids.iter().filter(|id| self.agents.get(id).is_some_and(|a| a.agent.health != Health::Terminated)).count()
         });
         if live > 0 {
             return Err(DomainError::FailedPrecondition(format!(

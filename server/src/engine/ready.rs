@@ -1,6 +1,12 @@
 //! The queued jobs the engine knows: dispatchable ones per pool in dispatch
 //! order (priority, then FIFO), and delayed ones (not-before or backoff) by
 //! the time they become dispatchable.
+//!
+//! Within a pool, jobs are grouped by the labels they require: finding the
+//! first job an agent may run looks at the head of each group whose labels
+//! the agent has, instead of walking past every job waiting for a label it
+//! lacks (20,000 jobs waiting for a GPU must not slow every CPU agent's
+//! slot turnover).
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
@@ -63,14 +69,24 @@ impl ReadyEntry {
 
 #[derive(Debug, Clone)]
 enum Location {
-    Ready(String, ReadyKey),
+    /// Pool, required labels, key.
+    Ready(String, Labels, ReadyKey),
     Delayed((SystemTime, u64)),
+}
+
+type Labels = BTreeMap<String, String>;
+
+/// A pool's dispatchable jobs, grouped by the labels they require.
+#[derive(Debug, Default)]
+struct PoolReady {
+    by_labels: BTreeMap<Labels, BTreeMap<ReadyKey, ReadyEntry>>,
+    len: usize,
 }
 
 /// Every queued job the engine tracks.
 #[derive(Debug, Default)]
 pub struct ReadySet {
-    pools: FastMap<String, BTreeMap<ReadyKey, ReadyEntry>>,
+    pools: FastMap<String, PoolReady>,
     delayed: BTreeMap<(SystemTime, u64), ReadyEntry>,
     locations: FastMap<String, Location>,
 }
@@ -87,8 +103,12 @@ impl ReadySet {
         } else {
             let key = entry.key();
             let pool = entry.routing.pool.clone();
-            self.locations.insert(entry.id.clone(), Location::Ready(pool.clone(), key));
-            self.pools.entry(pool).or_default().insert(key, entry);
+            let labels = entry.routing.required_labels.clone();
+            self.locations.insert(entry.id.clone(), Location::Ready(pool.clone(), labels.clone(), key));
+            let ready = self.pools.entry(pool).or_default();
+            if ready.by_labels.entry(labels).or_default().insert(key, entry).is_none() {
+                ready.len += 1;
+            }
             true
         }
     }
@@ -99,17 +119,24 @@ impl ReadySet {
 
     pub fn get(&self, id: &str) -> Option<&ReadyEntry> {
         match self.locations.get(id)? {
-            Location::Ready(pool, key) => self.pools.get(pool)?.get(key),
+            Location::Ready(pool, labels, key) => self.pools.get(pool)?.by_labels.get(labels)?.get(key),
             Location::Delayed(key) => self.delayed.get(key),
         }
     }
 
     pub fn remove(&mut self, id: &str) -> Option<ReadyEntry> {
         match self.locations.remove(id)? {
-            Location::Ready(pool, key) => {
-                let map = self.pools.get_mut(&pool)?;
-                let entry = map.remove(&key);
-                if map.is_empty() {
+            Location::Ready(pool, labels, key) => {
+                let ready = self.pools.get_mut(&pool)?;
+                let jobs = ready.by_labels.get_mut(&labels)?;
+                let entry = jobs.remove(&key);
+                if entry.is_some() {
+                    ready.len -= 1;
+                }
+                if jobs.is_empty() {
+                    ready.by_labels.remove(&labels);
+                }
+                if ready.by_labels.is_empty() {
                     self.pools.remove(&pool);
                 }
                 entry
@@ -148,15 +175,19 @@ impl ReadySet {
         labels: &BTreeMap<String, String>,
         queue: Option<&str>,
     ) -> Option<&ReadyEntry> {
-        self.pools.get(pool)?.values().find(|e| {
-            e.routing.required_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
-                && queue.is_none_or(|q| q == e.queue)
-        })
+        // The head of each group whose required labels the agent has.
+        self.pools
+            .get(pool)?
+            .by_labels
+            .iter()
+            .filter(|(required, _)| required.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            .filter_map(|(_, jobs)| jobs.values().find(|e| queue.is_none_or(|q| q == e.queue)))
+            .min_by_key(|e| e.key())
     }
 
     /// Dispatchable jobs of `pool`.
     pub fn ready_in_pool(&self, pool: &str) -> usize {
-        self.pools.get(pool).map_or(0, BTreeMap::len)
+        self.pools.get(pool).map_or(0, |p| p.len)
     }
 
     /// Create time of the oldest dispatchable job (of `queue`, if given).
@@ -168,6 +199,7 @@ impl ReadySet {
         }
         self.pools
             .values()
+            .flat_map(|p| p.by_labels.values())
             .flat_map(|map| {
                 Priority::ALL.into_iter().filter_map(move |p| {
                     map.range((Reverse(p), 0)..=(Reverse(p), u64::MAX))
@@ -238,6 +270,34 @@ mod tests {
         assert!(set.promote_due(now + Duration::from_secs(9)).is_empty());
         assert_eq!(set.promote_due(now + Duration::from_secs(10)), vec!["p".to_string()]);
         assert_eq!(set.first_match("p", &BTreeMap::new(), None).map(|e| e.id.as_str()), Some("a"));
+    }
+
+    #[test]
+    fn jobs_waiting_for_a_label_do_not_hide_later_jobs_or_reorder_them() {
+        let now = SystemTime::UNIX_EPOCH;
+        let mut set = ReadySet::default();
+        for i in 0..1000 {
+            set.insert(entry(&format!("gpu{i}"), i, Priority::Normal, 0, &[("gpu", "true")]), now);
+        }
+        set.insert(entry("plain", 1000, Priority::Normal, 0, &[]), now);
+        set.insert(entry("linux", 1001, Priority::High, 0, &[("os", "linux")]), now);
+        assert_eq!(set.ready_in_pool("p"), 1002);
+        let plain = BTreeMap::new();
+        let all: BTreeMap<String, String> =
+            [("gpu".to_string(), "true".to_string()), ("os".to_string(), "linux".to_string())].into();
+        assert_eq!(set.first_match("p", &plain, None).map(|e| e.id.as_str()), Some("plain"));
+        // Priority first, then enqueue order, across label groups.
+        assert_eq!(set.first_match("p", &all, None).map(|e| e.id.as_str()), Some("linux"));
+        set.remove("linux");
+        assert_eq!(set.first_match("p", &all, None).map(|e| e.id.as_str()), Some("gpu0"));
+        set.remove("plain");
+        assert_eq!(set.first_match("p", &plain, None).map(|e| e.id.as_str()), None);
+        assert_eq!(set.ready_in_pool("p"), 1000);
+        for i in 0..1000 {
+            assert!(set.remove(&format!("gpu{i}")).is_some());
+        }
+        assert!(set.is_empty());
+        assert!(set.pools.is_empty(), "no empty groups left behind");
     }
 
     #[test]
