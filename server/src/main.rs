@@ -7,11 +7,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tether_server::capacity;
-use tether_server::clock::Clock;
 use tether_server::clock::SystemClock;
 use tether_server::config::{DynamoArgs, LogFormat, ServerArgs, StoreKind};
 use tether_server::server::{serve, Operability, ServerParts};
-use tether_server::store::dynamodb::ownership::{self, Acquired};
 use tether_server::store::dynamodb::{tables, DynamoStore};
 use tether_server::store::embedded::EmbeddedStore;
 use tether_server::store::Store;
@@ -88,34 +86,20 @@ async fn run_dynamodb(command: DynamoCommand) -> anyhow::Result<()> {
     }
 }
 
-/// The server's store, and for DynamoDB the store again with this server's
-/// owner id, to keep and finally release its lease on the tables.
-type OpenedStore = (Arc<dyn Store>, Option<(Arc<DynamoStore>, String)>);
-
-async fn open_store(args: &ServerArgs) -> anyhow::Result<OpenedStore> {
+async fn open_store(args: &ServerArgs) -> anyhow::Result<Arc<dyn Store>> {
     match args.store {
         StoreKind::Embedded => {
             let store = EmbeddedStore::open(&args.data_dir, args.store_options())
                 .with_context(|| format!("opening the store in {}", args.data_dir.display()))?;
             tracing::info!(path = %store.path().display(), "embedded store open");
-            Ok((Arc::new(store), None))
+            Ok(Arc::new(store))
         }
         StoreKind::Dynamodb => {
             let config = args.dynamodb.dynamo_config();
-            let store = Arc::new(DynamoStore::connect(&config).await.context("connecting to DynamoDB")?);
-            let owner = uuid::Uuid::now_v7().to_string();
-            match store.acquire(&owner, SystemClock.now(), ownership::LEASE).await? {
-                Acquired::Owned => {}
-                Acquired::HeldBy(holder) => anyhow::bail!(
-                    "the DynamoDB tables under prefix {:?} are in use by another tether server (owner {}, lease \
-                     running for {:?} more); one server owns a set of tables at a time",
-                    config.table_prefix,
-                    holder.owner,
-                    holder.until.duration_since(SystemClock.now()).unwrap_or_default()
-                ),
-            }
-            tracing::info!(prefix = %config.table_prefix, endpoint = ?config.endpoint, %owner, "DynamoDB store open");
-            Ok((store.clone(), Some((store, owner))))
+            let store = DynamoStore::connect(&config).await.context("connecting to DynamoDB")?;
+            // Shared: any number of replicas may serve from these tables.
+            tracing::info!(prefix = %config.table_prefix, endpoint = ?config.endpoint, "DynamoDB store open (shared by replicas)");
+            Ok(Arc::new(store))
         }
     }
 }
@@ -195,7 +179,7 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         max_agent_streams,
         "agent capacity (one connection and ~64 KiB each)"
     );
-    let (store, owned) = open_store(&args).await?;
+    let store = open_store(&args).await?;
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let metrics_listener = match args.metrics_listen {
@@ -211,21 +195,7 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         max_agent_streams,
         ops: Operability { metrics_listener, cors_allow_origins: args.cors_allow_origins.clone() },
     };
-    let Some((dynamo, owner)) = owned else {
-        return serve(listener, parts, shutdown_signal()).await;
-    };
-    let lost = ownership::keep(dynamo.clone(), owner.clone(), Arc::new(SystemClock));
-    let shutdown = async move {
-        tokio::select! {
-            () = shutdown_signal() => {}
-            reason = lost => tracing::error!(%reason, "stopping: this server no longer owns its tables"),
-        }
-    };
-    let served = serve(listener, parts, shutdown).await;
-    if let Err(e) = dynamo.release(&owner).await {
-        tracing::warn!(error = %e, "could not release the DynamoDB tables; the next server waits for the lease");
-    }
-    served
+    serve(listener, parts, shutdown_signal()).await
 }
 
 // mimalloc: the job path allocates many small objects; glibc malloc's

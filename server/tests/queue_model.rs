@@ -198,10 +198,14 @@ struct Model {
     /// In seq order.
     jobs: Vec<MJob>,
     next_seq: u64,
-    /// The next fencing token, or after a (re)start the least it may be:
-    /// the engine may skip ahead at start-up, never back.
-    next_token: u64,
-    next_token_exact: bool,
+    /// Fencing tokens are per job: a claim takes the job's token plus one,
+    /// but never less than a floor that jumps at every (re)start past every
+    /// token issued before. The floor is learned from the first claim after
+    /// a start (`floor_exact`); until then it is only known to exceed
+    /// `max_issued`.
+    floor: u64,
+    floor_exact: bool,
+    max_issued: u64,
     keys: HashMap<(usize, u8), usize>,
     /// References of attempts that are over.
     old_attempts: Vec<AttemptRef>,
@@ -213,8 +217,9 @@ impl Model {
             now,
             jobs: Vec::new(),
             next_seq: 1,
-            next_token: 1,
-            next_token_exact: false,
+            floor: 1,
+            floor_exact: false,
+            max_issued: 0,
             keys: HashMap::new(),
             old_attempts: Vec::new(),
         }
@@ -266,8 +271,8 @@ impl Model {
 
     fn claim(&mut self, i: usize, worker: &str) -> Ev {
         let now = self.now;
-        let token = self.next_token;
-        self.next_token += 1;
+        let token = (self.jobs[i].token + 1).max(self.floor);
+        self.max_issued = self.max_issued.max(token);
         let ev = self.transition(i, JobState::Claimed);
         let j = &mut self.jobs[i];
         j.attempt += 1;
@@ -598,16 +603,16 @@ async fn step(h: &mut Harness, m: &mut Model, step: usize, op: &Op, ctx: &str) -
                         job.spec.priority,
                         m.jobs[i].spec.priority
                     );
-                    if !m.next_token_exact {
+                    if !m.floor_exact {
                         prop_assert!(
-                            job.fencing_token >= m.next_token,
-                            "{}: fencing token {} was issued before the restart (next was {})",
+                            job.fencing_token > m.max_issued,
+                            "{}: fencing token {} is not above every token issued before the start ({})",
                             ctx,
                             job.fencing_token,
-                            m.next_token
+                            m.max_issued
                         );
-                        m.next_token = job.fencing_token;
-                        m.next_token_exact = true;
+                        m.floor = job.fencing_token;
+                        m.floor_exact = true;
                     }
                     events.push(m.claim(i, &worker));
                     check_job(&job, &m.jobs[i], ctx)?;
@@ -757,7 +762,7 @@ async fn step(h: &mut Harness, m: &mut Model, step: usize, op: &Op, ctx: &str) -
         }
         Op::Restart => {
             // Done by run_case, which owns the harness; the model's part:
-            m.next_token_exact = false;
+            m.floor_exact = false;
             let now = m.now;
             for j in &mut m.jobs {
                 j.surely_ready = j.state == JobState::Queued && j.ready_time <= now;

@@ -20,6 +20,10 @@ pub enum DomainError {
     /// fencing token, or cancelling a finished job).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Another replica changed the same thing first (a lost race on a
+    /// shared store); reading it again and retrying may succeed.
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// A limit was reached.
     #[error("{0}")]
     ResourceExhausted(String),

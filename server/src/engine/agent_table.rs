@@ -293,7 +293,7 @@ mod tests {
     }
 
     fn occupy(entry: &mut AgentEntry, token: u64) {
-        entry.in_flight.insert(token, InFlight { job_id: format!("j{token}"), attempt: 1, acked: false });
+        entry.in_flight.insert(format!("j{token}"), InFlight { attempt: 1, token, acked: false });
     }
 
     #[test]
@@ -398,7 +398,7 @@ mod tests {
                     }
                     Change::Free(i) => {
                         let mut a = table.get_mut(&id(i)).expect("agent");
-                        if let Some(t) = a.in_flight.keys().next().copied() {
+                        if let Some(t) = a.in_flight.keys().next().cloned() {
                             a.in_flight.remove(&t);
                         }
                     }

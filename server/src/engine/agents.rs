@@ -120,7 +120,10 @@ impl Engine {
         hello.labels = self.labels_with_pool_defaults("hello.pool", &hello.pool, hello.labels)?;
         let id = match self.agent_names.get(&(hello.pool.clone(), hello.name.clone())) {
             Some(id) => id.clone(),
-            None => self.new_agent(&hello),
+            None => match self.stored_agent(&hello.pool, &hello.name).await? {
+                Some(id) => id,
+                None => self.new_agent(&hello),
+            },
         };
         let session_id = self.next_session;
         self.next_session += 1;
@@ -148,43 +151,47 @@ impl Engine {
         // Reconcile what the agent says it runs with what it holds.
         let mut resumed = Vec::new();
         let mut abandoned = Vec::new();
+        // Attempts another replica gave this agent (it reconnected here).
+        let mut elsewhere = Vec::new();
         for r in &hello.running {
             let held = entry.holds(r);
             let current = self.active.get(&r.job_id).is_some_and(|j| j.is_current(r) && j.worker_id == id);
             if held && current {
                 resumed.push(r.clone());
+            } else if self.shared && !held && !self.active.contains_key(&r.job_id) {
+                elsewhere.push(r.clone());
             } else {
                 abandoned.push(r.clone());
                 if held {
-                    entry.in_flight.remove(&r.fencing_token);
+                    entry.in_flight.remove(&r.job_id);
                 }
             }
         }
-        // Only what resumed counts as listed: a listed token that named
-        // another job or attempt must not shield the entry it collides with.
-        let listed: HashSet<u64> = resumed.iter().map(|r: &AttemptRef| r.fencing_token).collect();
+        // Only what resumed counts as listed: a listed reference that named
+        // another attempt must not shield the entry it collides with.
+        let listed: HashSet<&str> = resumed.iter().map(|r: &AttemptRef| r.job_id.as_str()).collect();
         let mut resend = Vec::new();
         let mut lost = Vec::new();
-        for (token, f) in &entry.in_flight {
-            if listed.contains(token) {
+        for (job_id, f) in &entry.in_flight {
+            if listed.contains(job_id.as_str()) {
                 continue;
             }
             let claimed =
-                self.active.get(&f.job_id).is_some_and(|j| j.fencing_token == *token && j.state == JobState::Claimed);
+                self.active.get(job_id).is_some_and(|j| j.fencing_token == f.token && j.state == JobState::Claimed);
             if !f.acked && claimed {
-                resend.push(f.job_id.clone());
+                resend.push(job_id.clone());
             } else {
-                lost.push(*token);
+                lost.push(job_id.clone());
             }
         }
-        for token in &resumed {
-            if let Some(f) = entry.in_flight.get_mut(&token.fencing_token) {
+        for r in &resumed {
+            if let Some(f) = entry.in_flight.get_mut(&r.job_id) {
                 f.acked = true;
             }
         }
         drop(entry);
-        for token in lost {
-            self.release(&id, token, "the agent reconnected without this job".into());
+        for job_id in lost {
+            self.release(&id, &job_id, "the agent reconnected without this job".into());
         }
         for job_id in resend {
             if let Some(job) = self.active.get(&job_id).cloned() {
@@ -194,6 +201,13 @@ impl Engine {
         for r in &resumed {
             self.renew_for_agent(r);
         }
+        for r in elsewhere {
+            if self.take_over(&id, &r).await {
+                resumed.push(r);
+            } else {
+                abandoned.push(r);
+            }
+        }
         self.set_health(&id, Health::Registering, "connected; waiting for its first heartbeat".into());
         let deadline = later(now, self.config.heartbeat_interval.saturating_add(self.config.heartbeat_interval / 2));
         self.arm_heartbeat_check(&id, deadline);
@@ -201,7 +215,11 @@ impl Engine {
         if draining {
             self.push_after_commit(&id, AgentPush::Drain { reason: "the agent is draining".into() });
         }
+        // The Welcome depends on the take-overs above, not on the claims
+        // of the first assignments.
+        let touched = std::mem::take(&mut self.touched);
         self.fill_agent(&id).await;
+        self.touched = touched;
         tracing::info!(agent = %id, name = %hello.name, pool = %hello.pool, resumed = resumed.len(), abandoned = abandoned.len(), "agent connected");
         Ok(WelcomeInfo {
             agent_id: id,
@@ -214,8 +232,71 @@ impl Engine {
         })
     }
 
+    /// On a shared store: the id of an agent another replica registered
+    /// (the engine then tracks it too), if it exists and is not terminated.
+    async fn stored_agent(&mut self, pool: &str, name: &str) -> DomainResult<Option<String>> {
+        if !self.shared {
+            return Ok(None);
+        }
+        let Some(agent) = self.store.find_agent_by_name(pool, name).await.map_err(super::store_error)? else {
+            return Ok(None);
+        };
+        if agent.health == Health::Terminated {
+            return Ok(None);
+        }
+        let id = agent.id.clone();
+        self.agent_names.insert((agent.pool.clone(), agent.name.clone()), id.clone());
+        self.pool_agents.entry(agent.pool.clone()).or_default().push(id.clone());
+        self.agents.insert(AgentEntry::new(agent));
+        Ok(Some(id))
+    }
+
+    /// On a shared store: takes over an attempt another replica assigned to
+    /// this agent, which reconnected here (that replica stopped, or the
+    /// agent's connection moved). Conditional on the job's version, so the
+    /// old replica's late writes lose; true if the attempt is current.
+    async fn take_over(&mut self, agent_id: &str, r: &AttemptRef) -> bool {
+        let job = match self.store.get_job(&r.job_id).await {
+            Ok(Some(job)) => job,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::warn!(job = %r.job_id, error = %e, "could not read a job to resume it");
+                return false;
+            }
+        };
+        if !job.is_current(r) || !job.state.is_active() || job.worker_id != agent_id || self.write_in_flight(job.seq) {
+            return false;
+        }
+        let mut job = job;
+        let state = job.state;
+        job.lease_expire_time = Some(later(self.clock.now(), job.spec.lease_duration));
+        self.persist(&mut job, Some(state));
+        self.track_deadline(&job, None);
+        if let Some(mut entry) = self.agents.get_mut(agent_id) {
+            entry.in_flight.insert(
+                job.id.clone(),
+                super::core::InFlight { attempt: job.attempt, token: job.fencing_token, acked: true },
+            );
+        }
+        tracing::info!(job = %job.id, agent = %agent_id, attempt = job.attempt, "attempt resumed from another replica");
+        self.active.insert(job.id.clone(), job);
+        true
+    }
+
     /// Renews the lease of a current attempt the agent reports running.
+    /// On a shared store a renewal is a store write, so it is written only
+    /// once half the lease has passed, not on every heartbeat.
     fn renew_for_agent(&mut self, r: &AttemptRef) {
+        if self.shared {
+            let now = self.clock.now();
+            let fresh = self
+                .active
+                .get(&r.job_id)
+                .is_some_and(|j| j.lease_expire_time.is_some_and(|end| end > later(now, j.spec.lease_duration / 2)));
+            if fresh {
+                return;
+            }
+        }
         if self.active.get(&r.job_id).is_some_and(|j| j.is_current(r)) {
             if let Err(e) = self.renew(r, None) {
                 tracing::debug!(job = %r.job_id, error = %e, "lease not renewed");
@@ -225,12 +306,12 @@ impl Engine {
 
     /// Frees an agent's slot for an attempt it no longer runs; a still
     /// current attempt fails (retryably).
-    fn release(&mut self, agent_id: &str, token: u64, reason: String) {
-        let Some(f) = self.agents.get_mut(agent_id).and_then(|mut a| a.in_flight.remove(&token)) else {
+    fn release(&mut self, agent_id: &str, job_id: &str, reason: String) {
+        let Some(f) = self.agents.get_mut(agent_id).and_then(|mut a| a.in_flight.remove(job_id)) else {
             return;
         };
-        if self.active.get(&f.job_id).is_some_and(|j| j.fencing_token == token) {
-            if let Some(job) = self.take_active(&f.job_id) {
+        if self.active.get(job_id).is_some_and(|j| j.fencing_token == f.token && j.attempt == f.attempt) {
+            if let Some(job) = self.take_active(job_id) {
                 self.fail_attempt(job, reason, Failure::Lost);
             }
         }
@@ -283,7 +364,7 @@ impl Engine {
                     return;
                 }
                 if accepted {
-                    if let Some(f) = entry.in_flight.get_mut(&job.fencing_token) {
+                    if let Some(f) = entry.in_flight.get_mut(&job.job_id) {
                         f.acked = true;
                     }
                     drop(entry);
@@ -292,7 +373,7 @@ impl Engine {
                     }
                     return;
                 }
-                entry.in_flight.remove(&job.fencing_token);
+                entry.in_flight.remove(&job.job_id);
                 entry.accepting = false;
                 drop(entry);
                 let claimed_here = self
@@ -343,7 +424,7 @@ impl Engine {
             AgentInbound::Finished { job, outcome, result, error, exit_code } => {
                 let held = entry.holds(&job);
                 if held {
-                    entry.in_flight.remove(&job.fencing_token);
+                    entry.in_flight.remove(&job.job_id);
                 }
                 drop(entry);
                 let current = held && self.active.get(&job.job_id).is_some_and(|j| j.is_current(&job));
@@ -413,7 +494,7 @@ impl Engine {
             Err(DomainError::FailedPrecondition("the attempt is not assigned to this agent".into()))
         };
         let refused = result.is_err();
-        let token = job.fencing_token;
+        let job_id = job.job_id.clone();
         // The start is still written with the batch; only its answer is
         // skipped, and nothing unanswered was promised durable.
         if refused || answer_accepted {
@@ -424,7 +505,7 @@ impl Engine {
             // the agent stops it on the refusal and reports nothing more,
             // so its slot is free now.
             if let Some(mut entry) = self.agents.get_mut(agent_id) {
-                entry.in_flight.remove(&token);
+                entry.in_flight.remove(&job_id);
             }
             self.fill_agent(agent_id).await;
         }
@@ -470,13 +551,13 @@ impl Engine {
             }
             entry.disconnected_at = None;
             let terminated = entry.agent.health == Health::Terminated;
-            let tokens: Vec<u64> = entry.in_flight.keys().copied().collect();
+            let jobs: Vec<String> = entry.in_flight.keys().cloned().collect();
             let name = entry.agent.name.clone();
             drop(entry);
-            for token in tokens {
+            for job_id in jobs {
                 self.release(
                     &id,
-                    token,
+                    &job_id,
                     format!("agent {name} lost: its stream closed and it did not return within {grace:?}"),
                 );
             }
@@ -551,7 +632,7 @@ impl Engine {
         let mut running: Vec<AttemptRef> = entry
             .in_flight
             .iter()
-            .map(|(token, f)| AttemptRef { job_id: f.job_id.clone(), attempt: f.attempt, fencing_token: *token })
+            .map(|(job_id, f)| AttemptRef { job_id: job_id.clone(), attempt: f.attempt, fencing_token: f.token })
             .collect();
         running.sort();
         Ok(AgentView {
@@ -621,10 +702,10 @@ impl Engine {
             let _ = session.pushes.send(AgentPush::Drain { reason: "the agent was deregistered".into() });
         }
         let (pool, name) = (entry.agent.pool.clone(), entry.agent.name.clone());
-        let tokens: Vec<u64> = entry.in_flight.keys().copied().collect();
+        let jobs: Vec<String> = entry.in_flight.keys().cloned().collect();
         drop(entry);
-        for token in tokens {
-            self.release(id, token, "the agent was deregistered".into());
+        for job_id in jobs {
+            self.release(id, &job_id, "the agent was deregistered".into());
         }
         self.agent_names.remove(&(pool.clone(), name));
         self.disarm_heartbeat_check(id);

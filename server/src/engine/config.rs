@@ -33,6 +33,13 @@ pub struct EngineConfig {
     pub busy_commit_interval: Duration,
     /// Writes in a commit that make the next window `busy_commit_interval`.
     pub busy_commit_writes: usize,
+    /// On a shared store: how often the store is swept for queued jobs
+    /// (enqueued through other replicas, or whose wake-up was lost) and for
+    /// active jobs whose lease ran out (their replica died). Jittered ±25%.
+    pub sweep_interval: Duration,
+    /// On a shared store: how far replicas' clocks may disagree. A replica
+    /// reaps another's job only this long after its lease ended.
+    pub clock_skew_tolerance: Duration,
 }
 
 impl Default for EngineConfig {
@@ -49,6 +56,8 @@ impl Default for EngineConfig {
             commit_interval: Duration::ZERO,
             busy_commit_interval: Duration::from_millis(4),
             busy_commit_writes: 64,
+            sweep_interval: Duration::from_secs(1),
+            clock_skew_tolerance: Duration::from_secs(2),
         }
     }
 }

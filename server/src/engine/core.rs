@@ -19,14 +19,26 @@ use super::types::{AgentEvent, AgentPush, JobEvent, MetricsSample};
 use super::Command;
 use crate::clock::Clock;
 use crate::domain::{Agent, DomainError, DomainResult, Health, Job, JobState, Pool, Priority};
-use crate::store::{Store, StoreError, StoreResult, Write, WriteOutcome, COUNTER_FENCING, COUNTER_SEQ};
+use crate::store::{Ownership, Store, StoreError, StoreResult, Write, WriteOutcome, COUNTER_FENCING, COUNTER_SEQ};
 
 /// Something to do once the batch it belongs to is durable.
 pub(crate) enum Effect {
-    Reply(Box<dyn FnOnce(DomainResult<()>) + Send + Sync>),
-    Push { agent_id: String, session_id: u64, push: AgentPush },
+    Reply(Box<dyn FnOnce(DomainResult<()>) + Send + Sync>, Needs),
+    Push {
+        agent_id: String,
+        session_id: u64,
+        push: AgentPush,
+        needs: Needs,
+    },
+    /// Depends on the write of its own job.
     Event(JobEvent),
 }
+
+/// The `seq`s of the job writes an effect depends on: on a shared store, if
+/// one of them did not apply (another replica changed the job first), a
+/// reply answers the conflict and a push is dropped. Always empty on an
+/// exclusive store, where a write that does not apply stops the engine.
+pub(crate) type Needs = Vec<u64>;
 
 /// Writes not yet handed to the store, and their effects.
 #[derive(Default)]
@@ -37,7 +49,6 @@ pub(crate) struct Pending {
     pub by_job: FastMap<u64, usize>,
     pub effects: Vec<Effect>,
     pub max_seq: u64,
-    pub max_token: u64,
 }
 
 /// An agent session: the sender of its pushes.
@@ -51,8 +62,8 @@ pub(crate) struct Session {
 /// An attempt assigned to an agent and not yet reported finished.
 #[derive(Debug, Clone)]
 pub(crate) struct InFlight {
-    pub job_id: String,
     pub attempt: u32,
+    pub token: u64,
     pub acked: bool,
 }
 
@@ -60,8 +71,10 @@ pub(crate) struct InFlight {
 pub(crate) struct AgentEntry {
     pub agent: Agent,
     pub session: Option<Session>,
-    /// Fencing token -> attempt, for every attempt that holds a slot.
-    pub in_flight: FastMap<u64, InFlight>,
+    /// Job id -> attempt, for every attempt that holds a slot. Keyed by job
+    /// (a job has at most one attempt at a time): fencing tokens are per
+    /// job, so two jobs may carry the same token.
+    pub in_flight: FastMap<String, InFlight>,
     /// Draining (operator order or the agent's own): no new work.
     pub draining: bool,
     /// False after the agent rejected an assignment, until its next heartbeat.
@@ -91,7 +104,7 @@ impl AgentEntry {
     /// another agent's attempt. (Who may open a session as which agent is
     /// the auth layer's to decide.)
     pub fn holds(&self, r: &crate::domain::AttemptRef) -> bool {
-        self.in_flight.get(&r.fencing_token).is_some_and(|f| f.job_id == r.job_id && f.attempt == r.attempt)
+        self.in_flight.get(&r.job_id).is_some_and(|f| f.token == r.fencing_token && f.attempt == r.attempt)
     }
 
     pub fn free_slots(&self) -> usize {
@@ -124,7 +137,24 @@ pub(crate) struct Engine {
     pub agent_events: broadcast::Sender<AgentEvent>,
     serving: watch::Sender<bool>,
     pub next_seq: u64,
-    pub next_token: u64,
+    /// Whether replicas share the store (see [`Ownership`]).
+    pub shared: bool,
+    /// The low bits of every `seq` this replica issues on a shared store,
+    /// so two replicas issuing in the same microsecond differ.
+    seq_nonce: u64,
+    /// No fencing token issued by this process is below it (exclusive
+    /// store: raised by `FENCING_GAP` at every start, see `load`).
+    pub token_floor: u64,
+    /// `seq`s of the jobs written by the operation being handled: its
+    /// replies and acknowledgements depend on them (shared store only).
+    pub touched: Vec<u64>,
+    /// (write index, seq, job id) of the job writes being committed (shared
+    /// store only), to find what a conflict was about.
+    committing_ids: Vec<(usize, u64, String)>,
+    /// Agents whose slot a conflict freed: offered work after the commit.
+    refill: Vec<String>,
+    /// A way back into the engine's own queue, for store reads run as tasks.
+    pub commands: mpsc::WeakSender<Command>,
     pub ready: ReadySet,
     /// Claimed and running jobs, full records.
     pub active: FastMap<String, Job>,
@@ -169,6 +199,11 @@ const FENCING_GAP: u64 = 1 << 32;
 
 type CommitFuture = BoxFuture<'static, StoreResult<Vec<WriteOutcome>>>;
 
+/// Bits of a shared-store `seq` below the microsecond clock: 12 bits of
+/// replica nonce (`seq` = microseconds since the epoch × 4096 + nonce, so
+/// it orders by enqueue time across replicas and fits a u64 until 2112).
+const SEQ_NONCE_BITS: u32 = 12;
+
 impl Engine {
     /// Rebuilds the engine's state from the store, without reading terminal
     /// jobs or the payloads of queued ones.
@@ -179,14 +214,27 @@ impl Engine {
         events: broadcast::Sender<JobEvent>,
         agent_events: broadcast::Sender<AgentEvent>,
         serving: watch::Sender<bool>,
+        commands: mpsc::WeakSender<Command>,
     ) -> Result<Engine, StoreError> {
         let now = clock.now();
+        let shared = store.ownership() == Ownership::Shared;
         let next_seq = store.counter(COUNTER_SEQ).await? + 1;
-        // Assignments are pushed before their claim is durable, so tokens
-        // issued just before a crash may be missing from the store. Skipping
-        // far ahead guarantees they are never issued again: far fewer than
-        // FENCING_GAP claims can be in flight between two commits.
-        let next_token = store.counter(COUNTER_FENCING).await? + FENCING_GAP;
+        // Fencing tokens are per job: a claim takes the job's token plus
+        // one. On an exclusive store an assignment is pushed before its
+        // claim is durable, so a token issued just before a crash may be
+        // missing from the store and would be issued again to the next
+        // attempt. So every token issued by this process is at least a floor
+        // that jumps far ahead at every start (and is stored first): fewer
+        // than FENCING_GAP claims of one job happen in one run. On a shared
+        // store claims are durable before their push; the job's token alone
+        // decides.
+        let token_floor = if shared {
+            0
+        } else {
+            let floor = store.counter(COUNTER_FENCING).await?.saturating_add(FENCING_GAP);
+            store.write(vec![Write::RaiseCounter { name: COUNTER_FENCING, value: floor }]).await?;
+            floor
+        };
         let mut counts = FastMap::default();
         for row in store.counts().await? {
             counts.entry(row.queue).or_insert_with(FastMap::default).insert((row.state, row.priority), row.count);
@@ -217,7 +265,13 @@ impl Engine {
             agent_events,
             serving,
             next_seq,
-            next_token,
+            shared,
+            seq_nonce: rand::random::<u64>() & ((1 << SEQ_NONCE_BITS) - 1),
+            token_floor,
+            touched: Vec::new(),
+            committing_ids: Vec::new(),
+            refill: Vec::new(),
+            commands,
             ready,
             active: FastMap::default(),
             deadlines: BTreeSet::new(),
@@ -269,7 +323,7 @@ impl Engine {
             if let Some(mut entry) = engine.agents.get_mut(&job.worker_id) {
                 entry
                     .in_flight
-                    .insert(job.fencing_token, InFlight { job_id: job.id.clone(), attempt: job.attempt, acked: true });
+                    .insert(job.id.clone(), InFlight { attempt: job.attempt, token: job.fencing_token, acked: true });
                 if entry.disconnected_at.is_none() {
                     entry.disconnected_at = Some(now);
                     engine.grace.insert((later(now, engine.config.reconnect_grace), entry.agent.id.clone()));
@@ -341,6 +395,7 @@ impl Engine {
                 done = wait_commit(&mut committing) => {
                     committing = None;
                     self.finish_commit(done);
+                    self.refill_agents().await;
                 }
                 command = commands.recv(), if shutdown.is_none() => {
                     let Some(command) = command else { shutdown = Some(tokio::sync::oneshot::channel().0); continue };
@@ -381,11 +436,19 @@ impl Engine {
             return None;
         }
         let mut pending = std::mem::take(&mut self.pending);
-        if pending.max_seq > 0 {
+        if self.shared {
+            // Shared stores take seqs from the clock, not from a counter.
+            self.committing_ids = pending
+                .writes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, w)| match w {
+                    Write::CreateJob(job) | Write::UpdateJob { job, .. } => Some((i, job.seq, job.id.clone())),
+                    _ => None,
+                })
+                .collect();
+        } else if pending.max_seq > 0 {
             pending.writes.push(Write::RaiseCounter { name: COUNTER_SEQ, value: pending.max_seq });
-        }
-        if pending.max_token > 0 {
-            pending.writes.push(Write::RaiseCounter { name: COUNTER_FENCING, value: pending.max_token });
         }
         self.in_flight_effects = pending.effects;
         self.committing_jobs = pending.by_job;
@@ -401,6 +464,11 @@ impl Engine {
         self.uncommitted_keys.retain(|_, (_, batch)| *batch > committed);
         let effects = std::mem::take(&mut self.in_flight_effects);
         self.committing_jobs.clear();
+        let committing_ids = std::mem::take(&mut self.committing_ids);
+        if self.shared {
+            self.finish_shared_commit(done, effects, committing_ids);
+            return;
+        }
         let result = match done {
             Ok(outcomes) => match outcomes.iter().find(|o| **o != WriteOutcome::Applied) {
                 None => Ok(()),
@@ -424,8 +492,8 @@ impl Engine {
     fn run_effects(&mut self, effects: Vec<Effect>, result: DomainResult<()>) {
         for effect in effects {
             match effect {
-                Effect::Reply(reply) => reply(result.clone()),
-                Effect::Push { agent_id, session_id, push } => {
+                Effect::Reply(reply, _) => reply(result.clone()),
+                Effect::Push { agent_id, session_id, push, .. } => {
                     if result.is_ok() {
                         self.push_now(&agent_id, session_id, push);
                     }
@@ -436,6 +504,148 @@ impl Engine {
                     }
                 }
             }
+        }
+    }
+
+    /// The end of a commit on a shared store. A job write that did not
+    /// apply lost a race to another replica; after a store error nobody
+    /// knows which applied. Either way the engine's state of those jobs is
+    /// stale, but the store is still the truth, so the engine goes on: what
+    /// depended on those writes is answered (ABORTED, or UNAVAILABLE after a
+    /// store error) or dropped, and the jobs are read again.
+    fn finish_shared_commit(
+        &mut self,
+        done: StoreResult<Vec<WriteOutcome>>,
+        effects: Vec<Effect>,
+        committing_ids: Vec<(usize, u64, String)>,
+    ) {
+        let (failed_ids, error): (Vec<(u64, String)>, Option<StoreError>) = match done {
+            Ok(outcomes) => {
+                let failed = committing_ids
+                    .into_iter()
+                    .filter(|(i, _, id)| {
+                        let outcome = outcomes.get(*i);
+                        let applied = outcome == Some(&WriteOutcome::Applied);
+                        if !applied {
+                            tracing::debug!(job = %id, ?outcome, "a job write lost to another replica");
+                            metrics::counter!("tether_store_conflicts_total").increment(1);
+                        }
+                        !applied
+                    })
+                    .map(|(_, seq, id)| (seq, id))
+                    .collect();
+                (failed, None)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, writes = committing_ids.len(), "a commit to the shared store failed; its jobs are read again");
+                metrics::counter!("tether_store_commit_failures_total").increment(1);
+                (committing_ids.into_iter().map(|(_, seq, id)| (seq, id)).collect(), Some(e))
+            }
+        };
+        let failed: FastMap<u64, &str> = failed_ids.iter().map(|(seq, id)| (*seq, id.as_str())).collect();
+        self.run_effects_shared(effects, &failed, error.as_ref());
+        for (_, id) in &failed_ids {
+            self.on_conflict(id);
+        }
+    }
+
+    /// Runs a committed batch's effects on a shared store, where some job
+    /// writes (by seq, in `failed`) may not have applied; after a store
+    /// `error` no effect is certain and replies carry it.
+    fn run_effects_shared(&mut self, effects: Vec<Effect>, failed: &FastMap<u64, &str>, error: Option<&StoreError>) {
+        let conflict = |needs: &[u64]| {
+            if let Some(e) = error {
+                return Some(DomainError::Unavailable(format!("the store failed; the outcome is unknown: {e}")));
+            }
+            needs.iter().find_map(|seq| failed.get(seq)).map(|id| {
+                DomainError::Conflict(format!(
+                    "job {id} was changed by another replica at the same time; read it again and retry"
+                ))
+            })
+        };
+        for effect in effects {
+            match effect {
+                Effect::Reply(reply, needs) => reply(conflict(&needs).map_or(Ok(()), Err)),
+                Effect::Push { agent_id, session_id, push, needs } => {
+                    if conflict(&needs).is_none() {
+                        self.push_now(&agent_id, session_id, push);
+                    }
+                }
+                Effect::Event(event) => {
+                    if error.is_none() && !failed.contains_key(&event.job.seq) {
+                        let _ = self.events.send(event);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets the stale local state of a job another replica changed: a
+    /// local agent holding an attempt of it is told to stop and its slot is
+    /// freed; the job is then read again from the store.
+    fn on_conflict(&mut self, id: &str) {
+        self.ready.remove(id);
+        if let Some(job) = self.take_active(id) {
+            let worker = job.worker_id.clone();
+            let held = self.agents.get_mut(&worker).and_then(|mut a| a.in_flight.remove(id));
+            if let Some(f) = held {
+                let attempt =
+                    crate::domain::AttemptRef { job_id: id.to_string(), attempt: f.attempt, fencing_token: f.token };
+                self.push_soon(
+                    &worker,
+                    AgentPush::Cancel { job: attempt, reason: "the job was changed by another replica".into() },
+                );
+                self.refill.push(worker);
+            }
+        }
+        self.refresh(id.to_string());
+    }
+
+    /// Reads a job from the store in a task and hands it back to the engine
+    /// (`Command::Refreshed`): the engine's loop does not wait for it.
+    pub fn refresh(&self, id: String) {
+        let Some(commands) = self.commands.upgrade() else { return };
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            match store.get_job(&id).await {
+                Ok(Some(job)) => {
+                    let _ = commands.send(Command::Refreshed { job: Box::new(job) }).await;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(job = %id, error = %e, "could not read a job after a conflict"),
+            }
+        });
+    }
+
+    /// A job read again (after a conflict, or because a sweep no longer
+    /// saw it active): an attempt held here that another replica changed
+    /// (cancelled, reaped) is let go; a queued job nothing here holds is
+    /// tracked again.
+    pub async fn refreshed(&mut self, job: Job) {
+        if self.write_in_flight(job.seq) {
+            return; // a newer local write will conflict or apply; it decides
+        }
+        if let Some(local) = self.active.get(&job.id) {
+            if local.version != job.version {
+                self.on_conflict(&job.id);
+                self.refill_agents().await;
+            }
+            return;
+        }
+        if self.ready.contains(&job.id) {
+            return;
+        }
+        if job.state == JobState::Queued && job.defect().is_none() {
+            let pool = job.spec.routing.pool.clone();
+            self.ready.insert(ReadyEntry::from_job(job), self.clock.now());
+            self.dispatch_pool(&pool).await;
+        }
+    }
+
+    /// Offers work to agents whose slots conflicts freed.
+    async fn refill_agents(&mut self) {
+        for agent in std::mem::take(&mut self.refill) {
+            self.fill_agent(&agent).await;
         }
     }
 
@@ -484,17 +694,56 @@ impl Engine {
             Err(e) => {
                 let _ = reply.send(Err(e));
             }
-            Ok(value) => self.pending.effects.push(Effect::Reply(Box::new(move |result| {
-                let _ = reply.send(result.map(|()| value));
-            }))),
+            Ok(value) => {
+                let needs = self.needs();
+                self.pending.effects.push(Effect::Reply(
+                    Box::new(move |result| {
+                        let _ = reply.send(result.map(|()| value));
+                    }),
+                    needs,
+                ))
+            }
+        }
+    }
+
+    /// What an effect made now depends on: the writes of the operation so far.
+    fn needs(&self) -> Needs {
+        if self.shared {
+            self.touched.clone()
+        } else {
+            Vec::new()
         }
     }
 
     /// Pushes to an agent session once the current batch is durable.
     pub fn push_after_commit(&mut self, agent_id: &str, push: AgentPush) {
+        let needs = self.needs();
+        self.push_after_commit_needing(agent_id, push, needs);
+    }
+
+    /// Like [`Engine::push_after_commit`], dropped unless the writes of
+    /// these seqs applied.
+    pub fn push_after_commit_needing(&mut self, agent_id: &str, push: AgentPush, needs: Needs) {
         if let Some(session) = self.agents.get(agent_id).and_then(|a| a.session.as_ref()) {
-            self.pending.effects.push(Effect::Push { agent_id: agent_id.to_string(), session_id: session.id, push });
+            let session_id = session.id;
+            self.pending.effects.push(Effect::Push { agent_id: agent_id.to_string(), session_id, push, needs });
         }
+    }
+
+    /// A new job's `seq`: a counter on an exclusive store; on a shared one
+    /// the enqueue time in microseconds with this replica's nonce below it,
+    /// so replicas never need a shared counter and order stays FIFO by time.
+    pub fn new_seq(&mut self, now: SystemTime) -> u64 {
+        if !self.shared {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            return seq;
+        }
+        let micros = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
+        let clock = u64::try_from(micros).unwrap_or(u64::MAX >> SEQ_NONCE_BITS);
+        let seq = (clock.min(u64::MAX >> SEQ_NONCE_BITS) << SEQ_NONCE_BITS | self.seq_nonce).max(self.next_seq);
+        self.next_seq = seq.saturating_add(1 << SEQ_NONCE_BITS);
+        seq
     }
 
     /// Queues the write of a job's new state (coalesced with an earlier write
@@ -525,7 +774,9 @@ impl Engine {
         }
         *per_queue.entry((job.state, job.spec.priority)).or_insert(0) += 1;
         self.pending.max_seq = self.pending.max_seq.max(job.seq);
-        self.pending.max_token = self.pending.max_token.max(job.fencing_token);
+        if self.shared && !self.touched.contains(&job.seq) {
+            self.touched.push(job.seq);
+        }
         // An event is a state change; a renewal or a coalesced rewrite in the
         // same state is not one.
         if self.events.receiver_count() > 0 && previous != Some(job.state) {
@@ -595,6 +846,7 @@ impl Engine {
     }
 
     async fn handle(&mut self, command: Command) {
+        self.touched.clear();
         match command {
             Command::Enqueue { specs, reply } => {
                 let result = match self.check_writable() {
@@ -631,8 +883,8 @@ impl Engine {
                 let result = self.guarded(|e| Box::pin(e.redrive(id))).await;
                 self.reply_after_commit(reply, result);
             }
-            Command::Stats { queue, reply } => {
-                let _ = reply.send(Ok(self.stats(queue.as_deref())));
+            Command::Stats { queue, rows, reply } => {
+                let _ = reply.send(Ok(self.stats(queue.as_deref(), rows)));
             }
             Command::Connect { hello, pushes, reply } => {
                 let result = match self.check_writable() {
@@ -646,6 +898,7 @@ impl Engine {
                     if self.failed.is_some() {
                         break;
                     }
+                    self.touched.clear();
                     self.inbound(&agent_id, session_id, message).await;
                 }
             }
@@ -710,6 +963,8 @@ impl Engine {
                 let _ = reply.send(());
             }
             Command::Inspect { id } => self.inspect(&id).await,
+            Command::Refreshed { job } => self.refreshed(*job).await,
+            Command::Sweep { queued, active } => self.sweep(queued, active).await,
         }
     }
 

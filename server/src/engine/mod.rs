@@ -13,6 +13,7 @@ mod health;
 mod pools;
 mod queue;
 mod ready;
+mod sweep;
 mod types;
 
 use std::collections::BTreeMap;
@@ -35,7 +36,7 @@ use crate::domain::{
     AttemptRef, DomainError, DomainResult, Failure, Health, Job, JobSpec, Metrics, Pool, ScalingSignal,
     SchedulingStatus,
 };
-use crate::store::{JobFilter, Page, Store, StoreError};
+use crate::store::{CountRow, JobFilter, Ownership, Page, QueuedEntry, Store, StoreError};
 
 type Reply<T> = oneshot::Sender<DomainResult<T>>;
 
@@ -84,6 +85,8 @@ pub(crate) enum Command {
     },
     Stats {
         queue: Option<String>,
+        /// Counts read from a shared store, instead of the engine's own.
+        rows: Option<Vec<CountRow>>,
         reply: Reply<QueueStats>,
     },
     Connect {
@@ -171,6 +174,16 @@ pub(crate) enum Command {
     Inspect {
         id: String,
     },
+    /// A job read again from a shared store after a conflict.
+    Refreshed {
+        job: Box<Job>,
+    },
+    /// What a sweep of a shared store found: queued jobs (some enqueued
+    /// through other replicas) and active ones (some whose replica died).
+    Sweep {
+        queued: Vec<QueuedEntry>,
+        active: Vec<Job>,
+    },
 }
 
 /// Which agents ListAgents returns.
@@ -208,8 +221,20 @@ impl EngineHandle {
         let (events, _) = broadcast::channel(8192);
         let (agent_events, _) = broadcast::channel(1024);
         let (serving_tx, serving) = watch::channel(true);
-        let engine =
-            core::Engine::load(store.clone(), clock, config, events.clone(), agent_events.clone(), serving_tx).await?;
+        let sweep_interval = config.sweep_interval;
+        let engine = core::Engine::load(
+            store.clone(),
+            clock.clone(),
+            config,
+            events.clone(),
+            agent_events.clone(),
+            serving_tx,
+            commands.downgrade(),
+        )
+        .await?;
+        if store.ownership() == Ownership::Shared {
+            tokio::spawn(sweep::run(store.clone(), clock, sweep_interval, commands.downgrade()));
+        }
         let task = tokio::spawn(engine.run(receiver));
         Ok((EngineHandle { commands, events, agent_events, store, serving }, task))
     }
@@ -253,7 +278,13 @@ impl EngineHandle {
     }
 
     pub async fn stats(&self, queue: Option<String>) -> DomainResult<QueueStats> {
-        self.call(|reply| Command::Stats { queue, reply }).await
+        // On a shared store the engine counts only its own writes; the
+        // store's counts are everyone's.
+        let rows = match self.store.ownership() {
+            Ownership::Shared => Some(self.store.counts().await.map_err(store_error)?),
+            Ownership::Exclusive => None,
+        };
+        self.call(|reply| Command::Stats { queue, rows, reply }).await
     }
 
     /// Opens an agent session; pushes for it arrive on `pushes`.

@@ -75,8 +75,7 @@ impl Engine {
                     out.push((job, false));
                 }
                 Planned::New => {
-                    let seq = self.next_seq;
-                    self.next_seq += 1;
+                    let seq = self.new_seq(now);
                     let mut job = Job::new(crate::ids::new_id(now), seq, spec, now);
                     self.persist(&mut job, None);
                     if let Some(key) = &job.spec.idempotency_key {
@@ -143,6 +142,11 @@ impl Engine {
         }
         match self.store.get_job(id).await {
             Ok(Some(job)) if job.state == JobState::Queued => Ok(job),
+            Ok(Some(job)) if self.shared => {
+                // Another replica took it since this one last looked.
+                Err(DomainError::Conflict(format!("job {id} is {:?} now (changed by another replica)", job.state)))
+            }
+            Ok(None) if self.shared => Err(DomainError::Conflict(format!("job {id} is gone"))),
             Ok(Some(job)) => {
                 Err(DomainError::Internal(format!("job {id} was indexed as queued but is {:?}", job.state)))
             }
@@ -199,8 +203,8 @@ impl Engine {
         let now = self.clock.now();
         job.state = JobState::Claimed;
         job.attempt += 1;
-        job.fencing_token = self.next_token;
-        self.next_token += 1;
+        // Per job, increasing with every claim (see `Engine::load`).
+        job.fencing_token = job.fencing_token.saturating_add(1).max(self.token_floor);
         job.worker_id = worker_id.to_string();
         job.lease_expire_time = Some(later(now, job.spec.lease_duration));
         job.run_deadline = job.spec.timeout.map(|t| later(now, t));
@@ -220,16 +224,30 @@ impl Engine {
     /// the sync here would put a disk flush into every dispatch and every
     /// slot turnover.
     pub fn assign(&mut self, job: Job, agent_id: &str) {
+        // The dispatcher's claim is no part of the operation that freed the
+        // slot or made the job ready: if it loses a race, that operation's
+        // answer stands.
+        let touched = self.touched.len();
         let job = self.claim(job, agent_id);
+        if self.touched.len() > touched && self.touched.last() == Some(&job.seq) {
+            self.touched.pop();
+        }
         self.assignments += 1;
         if let Some(mut entry) = self.agents.get_mut(agent_id) {
             entry.last_assigned = self.assignments;
             entry.in_flight.insert(
-                job.fencing_token,
-                super::core::InFlight { job_id: job.id.clone(), attempt: job.attempt, acked: false },
+                job.id.clone(),
+                super::core::InFlight { attempt: job.attempt, token: job.fencing_token, acked: false },
             );
         }
-        self.push_soon(agent_id, AgentPush::Assign(Box::new(job)));
+        if self.shared {
+            // Only a claim that applied may reach the agent: another
+            // replica may have claimed the job first.
+            let needs = vec![job.seq];
+            self.push_after_commit_needing(agent_id, AgentPush::Assign(Box::new(job)), needs);
+        } else {
+            self.push_soon(agent_id, AgentPush::Assign(Box::new(job)));
+        }
     }
 
     pub async fn claim_unary(&mut self, request: ClaimRequest) -> DomainResult<Option<Job>> {
@@ -402,6 +420,72 @@ impl Engine {
         }
     }
 
+    /// Takes in what a sweep of a shared store found: queued jobs this
+    /// replica did not know are offered to its agents; active jobs of
+    /// other replicas whose lease or timeout ended more than the clock skew
+    /// tolerance ago are failed as lost (conditionally: a replica that
+    /// renewed meanwhile wins).
+    pub async fn sweep(&mut self, queued: Vec<crate::store::QueuedEntry>, active: Vec<Job>) {
+        if self.check_writable().is_err() {
+            return;
+        }
+        let now = self.clock.now();
+        let mut pools: Vec<String> = Vec::new();
+        for entry in queued {
+            let known = self.ready.contains(&entry.id) || self.active.contains_key(&entry.id);
+            if known || self.write_in_flight(entry.seq) || entry.ready_time > tether::time::latest() {
+                continue;
+            }
+            if !pools.contains(&entry.routing.pool) {
+                pools.push(entry.routing.pool.clone());
+            }
+            self.ready.insert(ReadyEntry::from_stored(entry), now);
+        }
+        let horizon = now.checked_sub(self.config.clock_skew_tolerance).unwrap_or(std::time::UNIX_EPOCH);
+        // Attempts held here that the store no longer lists as active may
+        // have been cancelled or reaped through another replica: read them.
+        let listed: std::collections::HashSet<&str> = active.iter().map(|j| j.id.as_str()).collect();
+        let gone: Vec<String> = self
+            .active
+            .values()
+            .filter(|j| !listed.contains(j.id.as_str()) && !self.write_in_flight(j.seq))
+            .map(|j| j.id.clone())
+            .collect();
+        for id in gone {
+            self.refresh(id);
+        }
+        for job in active {
+            if self.active.contains_key(&job.id) || self.write_in_flight(job.seq) {
+                continue;
+            }
+            let Some(deadline) = job.next_deadline() else { continue };
+            if deadline > horizon {
+                continue;
+            }
+            self.touched.clear();
+            let (reason, failure) = match (job.run_deadline, job.spec.timeout) {
+                (Some(end), Some(timeout)) if end <= horizon => {
+                    (format!("attempt {} timed out after {:?}", job.attempt, timeout), Failure::TimedOut)
+                }
+                _ => (
+                    format!(
+                        "attempt {} lease expired (worker {} stopped renewing it; reaped by another replica)",
+                        job.attempt, job.worker_id
+                    ),
+                    Failure::Lost,
+                ),
+            };
+            tracing::info!(job = %job.id, %reason, "attempt of another replica reaped");
+            let requeued = self.fail_attempt(job, reason, failure);
+            if requeued.state == JobState::Queued && !pools.contains(&requeued.spec.routing.pool) {
+                pools.push(requeued.spec.routing.pool.clone());
+            }
+        }
+        for pool in pools {
+            self.dispatch_pool(&pool).await;
+        }
+    }
+
     pub async fn cancel(&mut self, id: String, reason: String) -> DomainResult<Job> {
         let reason = if reason.is_empty() { "cancelled by operator".to_string() } else { reason };
         let mut job = if self.ready.contains(&id) {
@@ -419,6 +503,10 @@ impl Engine {
                     return Err(DomainError::Unavailable(format!("job {id} is changing state; retry")))
                 }
                 Some(job) if job.state == JobState::DeadLettered => job,
+                // Queued or held by another replica: cancelled
+                // conditionally; a replica holding it learns it from its
+                // next write or sweep and tells its agent to stop.
+                Some(job) if self.shared && (job.state.is_active() || job.state == JobState::Queued) => job,
                 Some(job) if job.state.is_terminal() => {
                     return Err(DomainError::FailedPrecondition(format!(
                         "job {id} already finished ({:?}); only queued, claimed, running or dead-lettered jobs can be cancelled",
@@ -466,16 +554,26 @@ impl Engine {
         Ok(out)
     }
 
-    pub fn stats(&self, queue: Option<&str>) -> QueueStats {
+    /// Job counts by state and by priority, from the engine's counts or,
+    /// on a shared store, from the store's (`rows`).
+    pub fn stats(&self, queue: Option<&str>, rows: Option<Vec<crate::store::CountRow>>) -> QueueStats {
         let now = self.clock.now();
         let mut by_state: Vec<(JobState, u64)> = JobState::ALL.iter().map(|s| (*s, 0)).collect();
         let mut by_priority: Vec<(Priority, u64)> = Priority::ALL.iter().map(|p| (*p, 0)).collect();
-        let rows = self
-            .counts
-            .iter()
-            .filter(|(q, _)| queue.is_none_or(|want| want == q.as_str()))
-            .flat_map(|(_, per_queue)| per_queue.iter());
-        for ((state, priority), n) in rows {
+        let counted: Vec<((JobState, Priority), u64)> = match rows {
+            Some(rows) => rows
+                .into_iter()
+                .filter(|r| queue.is_none_or(|want| want == r.queue))
+                .map(|r| ((r.state, r.priority), r.count))
+                .collect(),
+            None => self
+                .counts
+                .iter()
+                .filter(|(q, _)| queue.is_none_or(|want| want == q.as_str()))
+                .flat_map(|(_, per_queue)| per_queue.iter().map(|(k, n)| (*k, *n)))
+                .collect(),
+        };
+        for ((state, priority), n) in &counted {
             if let Some(slot) = by_state.iter_mut().find(|(s, _)| s == state) {
                 slot.1 += n;
             }

@@ -29,6 +29,7 @@ pub fn to_status(error: DomainError) -> Status {
         DomainError::Missing(_) => (Code::NotFound, "REFERENCE_NOT_FOUND", ErrorDetails::new()),
         DomainError::AlreadyExists(_) => (Code::AlreadyExists, "ALREADY_EXISTS", ErrorDetails::new()),
         DomainError::FailedPrecondition(_) => (Code::FailedPrecondition, "FAILED_PRECONDITION", ErrorDetails::new()),
+        DomainError::Conflict(_) => (Code::Aborted, "CONFLICT", ErrorDetails::new()),
         DomainError::ResourceExhausted(_) => (Code::ResourceExhausted, "LIMIT_EXCEEDED", ErrorDetails::new()),
         DomainError::Unavailable(_) => (Code::Unavailable, "UNAVAILABLE", ErrorDetails::new()),
         DomainError::Internal(_) => (Code::Internal, "INTERNAL", ErrorDetails::new()),

@@ -5,7 +5,8 @@
 use async_trait::async_trait;
 
 use super::{
-    AgentFilter, CountRow, JobFilter, LogChunk, Page, QueuedEntry, Store, StoreLimits, StoreResult, Write, WriteOutcome,
+    AgentFilter, CountRow, JobFilter, LogChunk, Ownership, Page, QueuedEntry, Store, StoreLimits, StoreResult, Write,
+    WriteOutcome,
 };
 use crate::domain::{Agent, Job, Pool};
 
@@ -85,7 +86,15 @@ impl<S: Store, H: WriteHook> Store for HookedStore<S, H> {
         self.inner.counter(name).await
     }
 
+    async fn oldest_queued(&self, limit: usize) -> StoreResult<Vec<QueuedEntry>> {
+        self.inner.oldest_queued(limit).await
+    }
+
     fn limits(&self) -> StoreLimits {
         self.inner.limits()
+    }
+
+    fn ownership(&self) -> Ownership {
+        self.inner.ownership()
     }
 }

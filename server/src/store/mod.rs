@@ -181,6 +181,21 @@ impl Default for StoreLimits {
     }
 }
 
+/// Who holds the authoritative state of a store's data: decided by the
+/// backend, it sets how the engine uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ownership {
+    /// One process owns the store (a file lock): its memory is
+    /// authoritative and the store is its journal, so an assignment may be
+    /// pushed before its claim is durable and a failed condition is a bug.
+    Exclusive,
+    /// Several replicas share the store: its conditional writes are the only
+    /// arbiter, an assignment is pushed only after its claim applied, and a
+    /// failed condition is a normal outcome (another replica got there
+    /// first) returned to the operation that caused it.
+    Shared,
+}
+
 /// Counter names.
 pub const COUNTER_SEQ: &str = "job_seq";
 pub const COUNTER_FENCING: &str = "fencing_token";
@@ -206,8 +221,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Page<Job>>;
     /// Every queued job in compact form (start-up).
     async fn load_queued(&self) -> StoreResult<Vec<QueuedEntry>>;
-    /// Every claimed or running job (start-up).
+    /// Every claimed or running job (start-up, and sweeps of shared stores).
     async fn load_active(&self) -> StoreResult<Vec<Job>>;
+    /// The oldest queued jobs, at most about `limit` (a sweep's bounded
+    /// look at the ready index: it costs the same however long the queue).
+    async fn oldest_queued(&self, limit: usize) -> StoreResult<Vec<QueuedEntry>> {
+        let mut queued = self.load_queued().await?;
+        queued.sort_by_key(|e| e.seq);
+        queued.truncate(limit);
+        Ok(queued)
+    }
     /// Counts of every (queue, state, priority) with a non-zero count.
     async fn counts(&self) -> StoreResult<Vec<CountRow>>;
     /// The log chunks of one attempt, in sequence order.
@@ -227,5 +250,10 @@ pub trait Store: Send + Sync + 'static {
     /// The sizes a job record may reach on this backend.
     fn limits(&self) -> StoreLimits {
         StoreLimits::default()
+    }
+
+    /// Whether one process owns the data or several replicas share it.
+    fn ownership(&self) -> Ownership {
+        Ownership::Exclusive
     }
 }

@@ -32,12 +32,12 @@ use aws_sdk_dynamodb::Client;
 use futures::stream::{self, StreamExt, TryStreamExt};
 
 pub use self::items::MAX_ITEM_BYTES;
-use self::items::{compose, key_of, s};
+use self::items::{compose, key_of, s, SHARDS};
 use self::reads::{decode_record, Walk};
 pub use self::tables::TableNames;
 use super::{
-    AgentFilter, CountRow, JobFilter, LogChunk, Page, QueuedEntry, Store, StoreError, StoreLimits, StoreResult, Write,
-    WriteOutcome,
+    AgentFilter, CountRow, JobFilter, LogChunk, Ownership, Page, QueuedEntry, Store, StoreError, StoreLimits,
+    StoreResult, Write, WriteOutcome,
 };
 use crate::domain::{Agent, Job, JobState, Pool};
 
@@ -194,6 +194,15 @@ impl Store for DynamoStore {
         self.all_in_states(&[JobState::Claimed, JobState::Running]).await
     }
 
+    async fn oldest_queued(&self, limit: usize) -> StoreResult<Vec<QueuedEntry>> {
+        Ok(self
+            .oldest_per_shard(JobState::Queued, limit.div_ceil(SHARDS as usize))
+            .await?
+            .iter()
+            .map(QueuedEntry::of)
+            .collect())
+    }
+
     async fn counts(&self) -> StoreResult<Vec<CountRow>> {
         self.sum_counts().await
     }
@@ -263,6 +272,11 @@ impl Store for DynamoStore {
     /// result and the rest of its record (labels, errors: at most ~60 KB).
     fn limits(&self) -> StoreLimits {
         StoreLimits { max_payload_bytes: 192 * 1024, max_result_bytes: 128 * 1024 }
+    }
+
+    /// Replicas share the tables; conditional writes arbitrate.
+    fn ownership(&self) -> Ownership {
+        Ownership::Shared
     }
 
     async fn counter(&self, name: &'static str) -> StoreResult<u64> {

@@ -126,6 +126,27 @@ impl DynamoStore {
         Ok(Page { items, next: None })
     }
 
+    /// The `per_shard` oldest jobs of each shard of `state`: one query per
+    /// shard, all at once (eventually consistent: a proposal, never proof).
+    pub(super) async fn oldest_per_shard(&self, state: JobState, per_shard: usize) -> StoreResult<Vec<Job>> {
+        let mut cursors: Vec<Cursor> = (0..SHARDS)
+            .map(|shard| Cursor {
+                partition: state_partition(state, shard),
+                items: VecDeque::new(),
+                resume: None,
+                exhausted: false,
+            })
+            .collect();
+        try_join_all(cursors.iter_mut().map(|c| self.fill_once(c, Walk::OldestAfter(None), per_shard))).await?;
+        let mut jobs = Vec::new();
+        for (seq, item) in cursors.into_iter().flat_map(|c| c.items) {
+            if let Some(job) = skip_corrupt(format_args!("job at seq {seq}"), decode_job_item(&item))? {
+                jobs.push(job);
+            }
+        }
+        Ok(jobs)
+    }
+
     /// Every job in `states`, oldest first (start-up scans).
     pub(super) async fn all_in_states(&self, states: &[JobState]) -> StoreResult<Vec<Job>> {
         Ok(self.list_by_state(states, Walk::OldestAfter(None), usize::MAX - 1, |_| true).await?.items)

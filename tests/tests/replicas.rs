@@ -1,0 +1,303 @@
+//! Several server replicas sharing one set of DynamoDB tables (on DynamoDB
+//! Local, started by the test command): the store's conditional writes are
+//! the only arbiter. Jobs enqueued through one replica reach agents of
+//! another; every attempt runs on exactly one agent; an agent whose replica
+//! stopped resumes its attempt on another without a rerun; a lease left by a
+//! stopped replica is reaped by another.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tether::v1 as pb;
+use tether_agent_sdk::{Agent, AgentConfig, JobContext, JobResult};
+use tether_server::engine::EngineConfig;
+use tether_server::store::dynamodb::local as dynamodb_local;
+use tether_server::store::dynamodb::{tables, DynamoStore, TableNames};
+use tether_tests::{
+    hello, job, state, test_engine_config, wait_for_event, DataDir, Options, RawAgent, TestServer, WAIT,
+};
+use tokio::sync::Notify;
+
+/// Sweeps every 100 ms (a lost wake-up costs at most that), and reaps
+/// another replica's expired lease 200 ms after it ended.
+fn replica_config() -> EngineConfig {
+    EngineConfig {
+        sweep_interval: Duration::from_millis(100),
+        clock_skew_tolerance: Duration::from_millis(200),
+        ..test_engine_config()
+    }
+}
+
+/// Fresh tables, and a way to start replicas over them.
+struct Cluster {
+    prefix: String,
+    _dirs: Vec<DataDir>,
+}
+
+impl Cluster {
+    async fn new(what: &str) -> Cluster {
+        let prefix = dynamodb_local::unique_prefix(what);
+        if let Err(e) = tables::create_tables(&dynamodb_local::client(), &TableNames::new(&prefix)).await {
+            panic!("creating tables on DynamoDB Local: {e}");
+        }
+        Cluster { prefix, _dirs: Vec::new() }
+    }
+
+    /// A replica with its own DynamoDB client over the shared tables.
+    async fn replica(&mut self) -> TestServer {
+        let store = Arc::new(DynamoStore::with_client(dynamodb_local::client(), &self.prefix));
+        let dir = DataDir::new();
+        let path = dir.path().to_path_buf();
+        self._dirs.push(dir);
+        TestServer::start_at(path, Options { store: Some(store), engine: Some(replica_config()), ..Options::default() })
+            .await
+    }
+}
+
+async fn watch_succeeded(server: &TestServer, queue: &str) -> tonic::Streaming<pb::WatchQueueResponse> {
+    let mut q = server.queue().await;
+    q.watch_queue(pb::WatchQueueRequest { queue: queue.into(), states: vec![pb::QueuedJobState::Succeeded as i32] })
+        .await
+        .expect("watch")
+        .into_inner()
+}
+
+async fn get(server: &TestServer, id: &str) -> pb::QueuedJob {
+    let mut q = server.queue().await;
+    q.get_queued_job(pb::GetQueuedJobRequest { id: id.into() }).await.expect("get").into_inner().job.expect("job")
+}
+
+fn count(stats: &pb::GetQueueStatsResponse, s: pb::QueuedJobState) -> u64 {
+    stats.by_state.iter().find(|c| c.state == s as i32).map_or(0, |c| c.count)
+}
+
+#[derive(Default)]
+struct Ledger {
+    /// (job id, attempt) -> the (agent, fencing token) of every run.
+    runs: Mutex<HashMap<(String, u32), Vec<(usize, u64)>>>,
+    succeeded: Mutex<HashMap<String, usize>>,
+    done: AtomicUsize,
+    all_done: Notify,
+}
+
+async fn every_job_runs_exactly_once_on(replica_count: usize) {
+    const JOBS: usize = 2_000;
+    const AGENTS: usize = 8;
+    const QUEUE: &str = "replicas";
+    let mut cluster = Cluster::new(&format!("x{replica_count}")).await;
+    let mut replicas = Vec::new();
+    for _ in 0..replica_count {
+        replicas.push(cluster.replica().await);
+    }
+    let ledger = Arc::new(Ledger::default());
+
+    // Every SUCCEEDED transition is written, and so watched, by the replica
+    // holding the agent that ran the job: together the watches see each once.
+    let mut watchers = Vec::new();
+    for server in &replicas {
+        let mut watch = watch_succeeded(server, QUEUE).await;
+        let ledger = ledger.clone();
+        watchers.push(tokio::spawn(async move {
+            while let Ok(Some(event)) = watch.message().await {
+                assert_eq!(event.dropped, 0, "the watch kept up");
+                let Some(job) = event.job else { continue };
+                let seen = {
+                    let mut succeeded = ledger.succeeded.lock().unwrap_or_else(|e| e.into_inner());
+                    let n = succeeded.entry(job.id).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                if seen == 1 && ledger.done.fetch_add(1, Ordering::SeqCst) + 1 == JOBS {
+                    ledger.all_done.notify_waiters();
+                }
+            }
+        }));
+    }
+
+    let mut agents = Vec::new();
+    for i in 0..AGENTS {
+        let ledger = ledger.clone();
+        let handler = move |ctx: JobContext| {
+            let ledger = ledger.clone();
+            async move {
+                let key = (ctx.job_id().to_string(), ctx.attempt());
+                ledger
+                    .runs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(key)
+                    .or_default()
+                    .push((i, ctx.fencing_token()));
+                JobResult::success("")
+            }
+        };
+        let url = replicas[i % replica_count].url.clone();
+        let agent = Agent::new(AgentConfig::new(url, format!("agent-{i}")).with_slots(2), handler);
+        agents.push(agent.handle());
+        tokio::spawn(agent.run(futures::future::pending()));
+    }
+    for a in &agents {
+        tokio::time::timeout(WAIT, a.wait_connected()).await.expect("in time").expect("connected");
+    }
+
+    let done = ledger.all_done.notified();
+    tokio::pin!(done);
+    done.as_mut().enable();
+    // Everything is enqueued through the first replica.
+    let mut q = replicas[0].queue().await;
+    for chunk in 0..JOBS / 200 {
+        let requests = (0..200).map(|i| job(QUEUE, &format!("{}", chunk * 200 + i))).collect();
+        q.batch_enqueue_jobs(pb::BatchEnqueueJobsRequest { requests }).await.expect("enqueue");
+    }
+    if ledger.done.load(Ordering::SeqCst) < JOBS {
+        tokio::time::timeout(Duration::from_secs(600), done).await.expect("every job succeeded");
+    }
+
+    let runs = ledger.runs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let twice: Vec<_> = runs.iter().filter(|(_, r)| r.len() > 1).collect();
+    assert!(twice.is_empty(), "attempts run more than once: {twice:?}");
+    let jobs: HashSet<&String> = runs.keys().map(|(id, _)| id).collect();
+    assert_eq!(jobs.len(), JOBS, "every job ran");
+    assert!(runs.keys().all(|(_, attempt)| *attempt == 1), "no attempt was lost and run again");
+    let succeeded = ledger.succeeded.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert!(succeeded.values().all(|n| *n == 1), "a job succeeded twice");
+    // Jobs enqueued on the first replica reached agents of the others.
+    let elsewhere = runs.values().flatten().filter(|(agent, _)| agent % replica_count != 0).count();
+    assert!(elsewhere > 0, "no job enqueued on one replica ran on an agent of another");
+    println!(
+        "{replica_count} replicas: {elsewhere} of {JOBS} jobs ran on agents of replicas other than the enqueuing one"
+    );
+
+    // Every replica reads the same counts from the store.
+    for server in &replicas {
+        let mut q = server.queue().await;
+        let stats =
+            q.get_queue_stats(pb::GetQueueStatsRequest { queue: QUEUE.into() }).await.expect("stats").into_inner();
+        assert_eq!(count(&stats, pb::QueuedJobState::Succeeded), JOBS as u64);
+        let unfinished = count(&stats, pb::QueuedJobState::Queued)
+            + count(&stats, pb::QueuedJobState::Claimed)
+            + count(&stats, pb::QueuedJobState::Running);
+        assert_eq!(unfinished, 0);
+    }
+    for w in watchers {
+        w.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_run_every_job_exactly_once() {
+    every_job_runs_exactly_once_on(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_run_every_job_exactly_once() {
+    every_job_runs_exactly_once_on(3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_enqueued_on_one_replica_reaches_an_idle_agent_on_another() {
+    let mut cluster = Cluster::new("reach").await;
+    let a = cluster.replica().await;
+    let b = cluster.replica().await;
+    let mut agent = RawAgent::connect(&b, hello("on-b", 1)).await.expect("connect to b");
+    let mut watch = watch_succeeded(&b, "reach").await;
+
+    let mut q = a.queue().await;
+    let enqueued = q.enqueue_job(job("reach", "hello")).await.expect("enqueue on a").into_inner().job.expect("job");
+    let assignment = agent.next_assignment().await;
+    let r = assignment.job.clone().expect("job ref");
+    assert_eq!(r.job_id, enqueued.id);
+    assert_eq!(r.attempt, 1);
+    agent.accept_and_start(&r).await;
+    agent.finish(&r, pb::JobOutcome::Succeeded, "done").await;
+    let done = wait_for_event(&mut watch, |j| j.id == enqueued.id).await;
+    assert_eq!(state(&done), pb::QueuedJobState::Succeeded);
+    // Replica A reads the outcome from the shared store.
+    let seen_on_a = get(&a, &enqueued.id).await;
+    assert_eq!(state(&seen_on_a), pb::QueuedJobState::Succeeded);
+    assert_eq!(seen_on_a.result.as_ref(), b"done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_resumes_its_attempt_on_another_replica_without_a_rerun() {
+    let mut cluster = Cluster::new("resume").await;
+    let a = cluster.replica().await;
+    let b = cluster.replica().await;
+    let mut on_a = RawAgent::connect(&a, hello("mover", 1)).await.expect("connect to a");
+    let mut q = a.queue().await;
+    let enqueued = q.enqueue_job(job("resume", "work")).await.expect("enqueue").into_inner().job.expect("job");
+    let r = on_a.next_assignment().await.job.expect("job ref");
+    on_a.accept_and_start(&r).await;
+    // The start is durable once its answer (protocol 1) arrives.
+    let ack = on_a.next_ack().await;
+    assert!(ack.accepted, "{ack:?}");
+    let agent_id = on_a.agent_id.clone();
+
+    // Replica A goes away; the agent reconnects to B, still running the job.
+    a.stop().await;
+    drop(on_a);
+    let mut moved = hello("mover", 1);
+    moved.running_jobs = vec![r.clone()];
+    let mut on_b = RawAgent::connect(&b, moved).await.expect("connect to b");
+    assert_eq!(on_b.agent_id, agent_id, "the same agent, found by its pool and name");
+    assert_eq!(on_b.welcome.resumed_jobs, vec![r.clone()], "{:?}", on_b.welcome);
+    assert!(on_b.welcome.abandoned_jobs.is_empty());
+
+    let mut watch = watch_succeeded(&b, "resume").await;
+    on_b.finish(&r, pb::JobOutcome::Succeeded, "finished after the move").await;
+    let ack = on_b.next_ack().await;
+    assert!(ack.accepted, "{ack:?}");
+    let done = wait_for_event(&mut watch, |j| j.id == enqueued.id).await;
+    assert_eq!(state(&done), pb::QueuedJobState::Succeeded);
+    assert_eq!(done.attempt, 1, "the attempt was not run again");
+    assert_eq!(done.fencing_token, r.fencing_token);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_left_by_a_stopped_replica_is_reaped_by_another() {
+    let mut cluster = Cluster::new("reap").await;
+    let a = cluster.replica().await;
+    let b = cluster.replica().await;
+    let mut on_a = RawAgent::connect(&a, hello("doomed", 1)).await.expect("connect to a");
+    let mut q = a.queue().await;
+    let request = pb::EnqueueJobRequest {
+        lease_duration: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+        max_attempts: 3,
+        ..job("reap", "work")
+    };
+    let enqueued = q.enqueue_job(request).await.expect("enqueue").into_inner().job.expect("job");
+    let first = on_a.next_assignment().await.job.expect("job ref");
+    on_a.accept_and_start(&first).await;
+    assert!(on_a.next_ack().await.accepted);
+    a.stop().await;
+    drop(on_a);
+
+    // Nobody renews the lease: B reaps it and gives the job, as attempt 2
+    // with a higher fencing token, to its own agent.
+    let mut on_b = RawAgent::connect(&b, hello("rescuer", 1)).await.expect("connect to b");
+    let second = on_b.next_assignment().await.job.expect("job ref");
+    assert_eq!(second.job_id, enqueued.id);
+    assert_eq!(second.attempt, 2);
+    assert!(second.fencing_token > first.fencing_token);
+    let reaped = get(&b, &enqueued.id).await;
+    assert!(reaped.last_error.contains("lease expired"), "{}", reaped.last_error);
+
+    // The first attempt's report is refused everywhere now.
+    let mut late = hello("doomed", 1);
+    late.running_jobs = vec![first.clone()];
+    let zombie = RawAgent::connect(&b, late).await.expect("connect");
+    assert_eq!(zombie.welcome.abandoned_jobs, vec![first.clone()]);
+    let mut q = b.queue().await;
+    let refused = q
+        .complete_job(pb::CompleteJobRequest {
+            id: first.job_id.clone(),
+            attempt: first.attempt,
+            fencing_token: first.fencing_token,
+            result: Default::default(),
+        })
+        .await
+        .expect_err("a stale attempt is refused");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+}
