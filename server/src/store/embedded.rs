@@ -22,6 +22,9 @@ use super::{
 };
 use crate::domain::{Agent, Job, JobState, Pool, Priority};
 
+mod schema;
+pub use schema::{StoredSchema, RELEASE, SCHEMA_VERSION, UNVERSIONED};
+
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 /// (state code, seq) -> QueuedEntry of the job in that state.
 const STATE_INDEX: TableDefinition<(u8, u64), &[u8]> = TableDefinition::new("jobs_by_state");
@@ -91,7 +94,9 @@ fn io_err(e: impl Display) -> StoreError {
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) the store under `dir`.
+    /// Opens (or creates) the store under `dir`. A store of a newer schema
+    /// version than [`SCHEMA_VERSION`] is refused before anything else is
+    /// read ([`StoreError::NewerSchema`]); an older one is migrated first.
     pub fn open(dir: &Path, options: EmbeddedOptions) -> StoreResult<EmbeddedStore> {
         std::fs::create_dir_all(dir).map_err(|e| io_err(format!("create {}: {e}", dir.display())))?;
         let path = dir.join("tether.redb");
@@ -99,8 +104,12 @@ impl EmbeddedStore {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(dir.display().to_string()),
             e => io_err(format!("open {}: {e}", path.display())),
         })?;
+        schema::check_and_migrate(&db, &path.display().to_string())?;
         {
             let txn = db.begin_write().map_err(io_err)?;
+            // Creates the tables of a new store and records this release as
+            // the last writer.
+            schema::stamp(&txn, SCHEMA_VERSION)?;
             txn.open_table(JOBS).map_err(io_err)?;
             txn.open_table(STATE_INDEX).map_err(io_err)?;
             txn.open_table(IDEMPOTENCY).map_err(io_err)?;

@@ -45,6 +45,13 @@ pub enum StoreError {
     /// table, an item over its size limit, a malformed request.
     #[error("the store refused the request: {0}")]
     Rejected(String),
+    /// The store was written by a newer release, in a schema version this
+    /// one does not know; nothing of it was read.
+    #[error(
+        "{location} holds store schema version {found} (last written by {written_by}); this release reads \
+         store schema versions up to {supported}: run a newer tether (stores are not downgraded)"
+    )]
+    NewerSchema { location: String, found: u64, supported: u64, written_by: String },
 }
 
 impl StoreError {
