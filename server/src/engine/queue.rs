@@ -104,7 +104,7 @@ impl Engine {
         if let Some(job) = self.active.get(id) {
             return Some(job.clone());
         }
-        self.ready.get(id).and_then(|e| e.body.as_deref().cloned())
+        self.ready.job(id)
     }
 
     /// Dispatches a queued job to a free agent at once, or keeps it ready.

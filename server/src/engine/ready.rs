@@ -9,20 +9,22 @@
 //! slot turnover).
 
 use std::cmp::Reverse;
-use std::collections::BTreeMap;
-
-use super::FastMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::SystemTime;
 
+use super::FastMap;
 use crate::domain::{Job, Priority, Routing};
+use crate::store::codec::{decode_job, encode_job_into};
 use crate::store::QueuedEntry;
 
 /// Dispatch order within a pool: higher priority first, then lower seq.
 pub type ReadyKey = (Reverse<Priority>, u64);
 
-/// A queued job. `body` is the full record when the engine has it in memory
-/// (jobs enqueued or requeued since start-up); jobs loaded at start-up carry
-/// only their routing and are read from the store when dispatched.
+/// A queued job, as handed to and taken from the set. `body` is the full
+/// record when the engine has it in memory (jobs enqueued or requeued since
+/// start-up); jobs loaded at start-up carry only their routing and are read
+/// from the store when dispatched.
 #[derive(Debug, Clone)]
 pub struct ReadyEntry {
     pub id: String,
@@ -61,55 +63,188 @@ impl ReadyEntry {
             body: None,
         }
     }
+}
 
-    fn key(&self) -> ReadyKey {
-        (Reverse(self.priority), self.seq)
+/// A queued job as the set keeps it: what dispatch order and the queue
+/// filter need, and the record packed. Its pool and labels are its group's,
+/// its priority and seq its key's, so a backlog costs no copy of them per
+/// job (a job's `Job` is ~0.5 KiB in memory before its strings, its stored
+/// encoding ~130 bytes plus the payload).
+#[derive(Debug)]
+pub struct Queued {
+    pub id: String,
+    queue: Arc<str>,
+    create_time: SystemTime,
+    ready_time: SystemTime,
+    body: Option<Body>,
+}
+
+/// A job's full record.
+#[derive(Debug)]
+enum Body {
+    /// The record in the store's encoding.
+    Packed(Box<[u8]>),
+    /// The record itself, if it did not encode (never expected).
+    Full(Box<Job>),
+}
+
+impl Body {
+    /// Encodes `job` through `scratch`, into an allocation of its exact size.
+    fn pack(job: Box<Job>, scratch: &mut Vec<u8>) -> Body {
+        match encode_job_into(scratch, &job) {
+            Ok(()) => Body::Packed(Box::from(scratch.as_slice())),
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %e, "queued job kept unpacked");
+                Body::Full(job)
+            }
+        }
+    }
+
+    /// The record, or `None` (then it is read from the store) if it does
+    /// not decode (never expected: the set encoded it).
+    fn unpack(self, id: &str) -> Option<Box<Job>> {
+        match self {
+            Body::Full(job) => Some(job),
+            Body::Packed(bytes) => match decode_job(&bytes) {
+                Ok(job) => Some(Box::new(job)),
+                Err(e) => {
+                    tracing::error!(job = %id, error = %e, "queued job's packed record does not decode");
+                    None
+                }
+            },
+        }
+    }
+
+    fn job(&self, id: &str) -> Option<Job> {
+        match self {
+            Body::Full(job) => Some(Job::clone(job)),
+            Body::Packed(bytes) => decode_job(bytes)
+                .inspect_err(|e| tracing::error!(job = %id, error = %e, "queued job's packed record does not decode"))
+                .ok(),
+        }
     }
 }
 
+/// Largest encode buffer kept between jobs.
+const SCRATCH_KEPT: usize = 64 << 10;
+
 #[derive(Debug, Clone)]
 enum Location {
-    /// Pool, required labels, key.
-    Ready(String, Labels, ReadyKey),
+    /// Group, key.
+    Ready(u64, ReadyKey),
     Delayed((SystemTime, u64)),
 }
 
 type Labels = BTreeMap<String, String>;
 
-/// A pool's dispatchable jobs, grouped by the labels they require.
+/// The dispatchable jobs of one pool that require the same labels.
+#[derive(Debug)]
+struct Group {
+    pool: String,
+    labels: Labels,
+    jobs: BTreeMap<ReadyKey, Queued>,
+}
+
+/// A pool's groups, by the labels their jobs require.
 #[derive(Debug, Default)]
 struct PoolReady {
-    by_labels: BTreeMap<Labels, BTreeMap<ReadyKey, ReadyEntry>>,
+    by_labels: BTreeMap<Labels, u64>,
     len: usize,
+}
+
+/// A job waiting for its ready time.
+#[derive(Debug)]
+struct DelayedJob {
+    priority: Priority,
+    routing: Routing,
+    job: Queued,
 }
 
 /// Every queued job the engine tracks.
 #[derive(Debug, Default)]
 pub struct ReadySet {
+    groups: FastMap<u64, Group>,
+    next_group: u64,
     pools: FastMap<String, PoolReady>,
-    delayed: BTreeMap<(SystemTime, u64), ReadyEntry>,
+    delayed: BTreeMap<(SystemTime, u64), DelayedJob>,
     locations: FastMap<String, Location>,
+    /// One shared copy of each queue name jobs of the set are in.
+    queues: HashSet<Arc<str>, ahash::RandomState>,
+    /// Reused encode buffer.
+    scratch: Vec<u8>,
 }
 
 impl ReadySet {
     /// Adds a job; it is dispatchable at once if its ready time has come.
     /// Returns true if it is dispatchable now.
     pub fn insert(&mut self, entry: ReadyEntry, now: SystemTime) -> bool {
-        if entry.ready_time > now {
-            let key = (entry.ready_time, entry.seq);
-            self.locations.insert(entry.id.clone(), Location::Delayed(key));
-            self.delayed.insert(key, entry);
+        let ReadyEntry { id, seq, queue, priority, routing, create_time, ready_time, body } = entry;
+        let queue = self.intern(queue);
+        let body = body.map(|job| Body::pack(job, &mut self.scratch));
+        if self.scratch.capacity() > SCRATCH_KEPT {
+            // A large payload passed through: do not hold its size.
+            self.scratch = Vec::new();
+        }
+        let job = Queued { id, queue, create_time, ready_time, body };
+        if ready_time > now {
+            let key = (ready_time, seq);
+            self.locations.insert(job.id.clone(), Location::Delayed(key));
+            if let Some(old) = self.delayed.insert(key, DelayedJob { priority, routing, job }) {
+                self.release(old.job);
+            }
             false
         } else {
-            let key = entry.key();
-            let pool = entry.routing.pool.clone();
-            let labels = entry.routing.required_labels.clone();
-            self.locations.insert(entry.id.clone(), Location::Ready(pool.clone(), labels.clone(), key));
-            let ready = self.pools.entry(pool).or_default();
-            if ready.by_labels.entry(labels).or_default().insert(key, entry).is_none() {
-                ready.len += 1;
-            }
+            self.insert_ready(job, seq, priority, routing);
             true
+        }
+    }
+
+    fn intern(&mut self, queue: String) -> Arc<str> {
+        match self.queues.get(queue.as_str()) {
+            Some(shared) => shared.clone(),
+            None => {
+                let shared: Arc<str> = queue.into();
+                self.queues.insert(shared.clone());
+                shared
+            }
+        }
+    }
+
+    /// Drops a job the set no longer holds, and its queue name with the
+    /// queue's last job.
+    fn release(&mut self, job: Queued) -> (String, Arc<str>, SystemTime, SystemTime, Option<Body>) {
+        let Queued { id, queue, create_time, ready_time, body } = job;
+        // This one and the set's own.
+        if Arc::strong_count(&queue) <= 2 {
+            self.queues.remove(&*queue);
+        }
+        (id, queue, create_time, ready_time, body)
+    }
+
+    fn insert_ready(&mut self, job: Queued, seq: u64, priority: Priority, routing: Routing) {
+        let key = (Reverse(priority), seq);
+        if !self.pools.contains_key(&routing.pool) {
+            self.pools.insert(routing.pool.clone(), PoolReady::default());
+        }
+        let Some(ready) = self.pools.get_mut(&routing.pool) else { return };
+        let group = match ready.by_labels.get(&routing.required_labels) {
+            Some(&group) => group,
+            None => {
+                let group = self.next_group;
+                self.next_group += 1;
+                ready.by_labels.insert(routing.required_labels.clone(), group);
+                let Routing { pool, required_labels } = routing;
+                self.groups.insert(group, Group { pool, labels: required_labels, jobs: BTreeMap::new() });
+                group
+            }
+        };
+        self.locations.insert(job.id.clone(), Location::Ready(group, key));
+        let Some(jobs) = self.groups.get_mut(&group).map(|g| &mut g.jobs) else { return };
+        match jobs.insert(key, job) {
+            None => ready.len += 1,
+            Some(old) => {
+                self.release(old);
+            }
         }
     }
 
@@ -117,32 +252,44 @@ impl ReadySet {
         self.locations.contains_key(id)
     }
 
-    pub fn get(&self, id: &str) -> Option<&ReadyEntry> {
-        match self.locations.get(id)? {
-            Location::Ready(pool, labels, key) => self.pools.get(pool)?.by_labels.get(labels)?.get(key),
-            Location::Delayed(key) => self.delayed.get(key),
-        }
+    /// The job's full record, if the set holds it (not for jobs loaded at
+    /// start-up).
+    pub fn job(&self, id: &str) -> Option<Job> {
+        let queued = match self.locations.get(id)? {
+            Location::Ready(group, key) => self.groups.get(group)?.jobs.get(key)?,
+            Location::Delayed(key) => &self.delayed.get(key)?.job,
+        };
+        queued.body.as_ref()?.job(id)
     }
 
     pub fn remove(&mut self, id: &str) -> Option<ReadyEntry> {
-        match self.locations.remove(id)? {
-            Location::Ready(pool, labels, key) => {
-                let ready = self.pools.get_mut(&pool)?;
-                let jobs = ready.by_labels.get_mut(&labels)?;
-                let entry = jobs.remove(&key);
-                if entry.is_some() {
+        let (job, seq, priority, routing) = match self.locations.remove(id)? {
+            Location::Ready(group_no, key) => {
+                let group = self.groups.get_mut(&group_no)?;
+                let job = group.jobs.remove(&key)?;
+                let routing = Routing { pool: group.pool.clone(), required_labels: group.labels.clone() };
+                if group.jobs.is_empty() {
+                    self.groups.remove(&group_no);
+                    if let Some(ready) = self.pools.get_mut(&routing.pool) {
+                        ready.by_labels.remove(&routing.required_labels);
+                        if ready.by_labels.is_empty() {
+                            self.pools.remove(&routing.pool);
+                        }
+                    }
+                }
+                if let Some(ready) = self.pools.get_mut(&routing.pool) {
                     ready.len -= 1;
                 }
-                if jobs.is_empty() {
-                    ready.by_labels.remove(&labels);
-                }
-                if ready.by_labels.is_empty() {
-                    self.pools.remove(&pool);
-                }
-                entry
+                (job, key.1, key.0 .0, routing)
             }
-            Location::Delayed(key) => self.delayed.remove(&key),
-        }
+            Location::Delayed(key) => {
+                let DelayedJob { priority, routing, job } = self.delayed.remove(&key)?;
+                (job, key.1, priority, routing)
+            }
+        };
+        let (id, queue, create_time, ready_time, body) = self.release(job);
+        let body = body.and_then(|b| b.unpack(&id));
+        Some(ReadyEntry { id, seq, queue: queue.to_string(), priority, routing, create_time, ready_time, body })
     }
 
     /// Moves every delayed job whose time has come into its pool; returns
@@ -153,11 +300,12 @@ impl ReadySet {
             if entry.key().0 > now {
                 break;
             }
-            let entry = entry.remove();
-            if !pools.contains(&entry.routing.pool) {
-                pools.push(entry.routing.pool.clone());
+            let seq = entry.key().1;
+            let DelayedJob { priority, routing, job } = entry.remove();
+            if !pools.contains(&routing.pool) {
+                pools.push(routing.pool.clone());
             }
-            self.insert(entry, now);
+            self.insert_ready(job, seq, priority, routing);
         }
         pools
     }
@@ -169,20 +317,17 @@ impl ReadySet {
 
     /// The first dispatchable job of `pool` that an agent with `labels` may
     /// run (and, if given, of `queue`), in dispatch order.
-    pub fn first_match(
-        &self,
-        pool: &str,
-        labels: &BTreeMap<String, String>,
-        queue: Option<&str>,
-    ) -> Option<&ReadyEntry> {
+    pub fn first_match(&self, pool: &str, labels: &BTreeMap<String, String>, queue: Option<&str>) -> Option<&Queued> {
         // The head of each group whose required labels the agent has.
         self.pools
             .get(pool)?
             .by_labels
             .iter()
             .filter(|(required, _)| required.iter().all(|(k, v)| labels.get(k) == Some(v)))
-            .filter_map(|(_, jobs)| jobs.values().find(|e| queue.is_none_or(|q| q == e.queue)))
-            .min_by_key(|e| e.key())
+            .filter_map(|(_, group)| self.groups.get(group))
+            .filter_map(|group| group.jobs.iter().find(|(_, e)| queue.is_none_or(|q| q == &*e.queue)))
+            .min_by_key(|(key, _)| **key)
+            .map(|(_, e)| e)
     }
 
     /// Dispatchable jobs of `pool`.
@@ -197,14 +342,15 @@ impl ReadySet {
         if self.is_empty() {
             return None;
         }
-        self.pools
+        self.groups
             .values()
-            .flat_map(|p| p.by_labels.values())
-            .flat_map(|map| {
+            .flat_map(|group| {
                 Priority::ALL.into_iter().filter_map(move |p| {
-                    map.range((Reverse(p), 0)..=(Reverse(p), u64::MAX))
+                    group
+                        .jobs
+                        .range((Reverse(p), 0)..=(Reverse(p), u64::MAX))
                         .map(|(_, e)| e)
-                        .find(|e| queue.is_none_or(|q| q == e.queue))
+                        .find(|e| queue.is_none_or(|q| q == &*e.queue))
                         .map(|e| e.create_time)
                 })
             })
@@ -240,6 +386,52 @@ mod tests {
             ready_time: t0 + Duration::from_secs(ready_in),
             body: None,
         }
+    }
+
+    #[test]
+    fn full_records_come_back_whole() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let mut set = ReadySet::default();
+        let ready = crate::store::conformance::job("ready", 1, "q", Some("key"));
+        let mut delayed = crate::store::conformance::job("delayed", 2, "q", None);
+        delayed.ready_time = now + Duration::from_secs(5);
+        set.insert(ReadyEntry::from_job(ready.clone()), now);
+        set.insert(ReadyEntry::from_job(delayed.clone()), now);
+        assert_eq!(set.job("ready"), Some(ready.clone()));
+        assert_eq!(set.job("delayed"), Some(delayed.clone()));
+        assert!(matches!(set.remove("ready"), Some(ReadyEntry { body: Some(b), .. }) if *b == ready));
+        set.promote_due(now + Duration::from_secs(5));
+        let back = set.remove("delayed");
+        assert!(matches!(back, Some(ReadyEntry { body: Some(ref b), .. }) if **b == delayed));
+        assert_eq!(back.map(|e| e.routing), Some(delayed.spec.routing));
+        // Jobs loaded at start-up have no record in memory.
+        set.insert(ReadyEntry::from_stored(QueuedEntry::of(&ready)), now);
+        assert_eq!(set.job("ready"), None);
+    }
+
+    #[test]
+    fn a_backlog_keeps_one_copy_of_its_routing_and_queue_name() {
+        let now = SystemTime::UNIX_EPOCH;
+        let mut set = ReadySet::default();
+        for i in 0..100 {
+            set.insert(entry(&format!("j{i}"), i, Priority::Normal, 0, &[("gpu", "true")]), now);
+        }
+        assert_eq!(set.groups.len(), 1, "one group per pool and labels");
+        assert_eq!(set.queues.len(), 1);
+        let queue = set.queues.iter().next().cloned();
+        assert_eq!(queue.as_ref().map(Arc::strong_count), Some(102), "every job shares the set's copy");
+        drop(queue);
+        let removed = set.remove("j0");
+        assert_eq!(
+            removed.map(|e| (e.queue, e.routing.pool, e.routing.required_labels.len())),
+            Some(("q".into(), "p".into(), 1))
+        );
+        for i in 1..100 {
+            assert!(set.remove(&format!("j{i}")).is_some());
+        }
+        assert!(set.is_empty());
+        assert!(set.groups.is_empty() && set.pools.is_empty(), "no empty groups left behind");
+        assert!(set.queues.is_empty(), "no queue name kept without jobs");
     }
 
     #[test]

@@ -40,6 +40,12 @@ const AGENT_NAMES: TableDefinition<(&str, &str), &str> = TableDefinition::new("a
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
 
+/// redb's page cache (read cache and write buffer). redb's default, 1 GiB,
+/// let a live server keep every page it wrote (~330 bytes per queued job);
+/// the pages a commit touches are few and recent, and the OS caches the
+/// file besides.
+const CACHE_BYTES: usize = 32 << 20;
+
 /// How the store syncs commits to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncMode {
@@ -100,7 +106,7 @@ impl EmbeddedStore {
     pub fn open(dir: &Path, options: EmbeddedOptions) -> StoreResult<EmbeddedStore> {
         std::fs::create_dir_all(dir).map_err(|e| io_err(format!("create {}: {e}", dir.display())))?;
         let path = dir.join("tether.redb");
-        let db = Database::create(&path).map_err(|e| match e {
+        let db = redb::Builder::new().set_cache_size(CACHE_BYTES).create(&path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(dir.display().to_string()),
             e => io_err(format!("open {}: {e}", path.display())),
         })?;
@@ -286,8 +292,9 @@ struct MetaCache {
     jobs: ahash::AHashMap<String, JobMeta>,
 }
 
-/// Entries kept at most (about 100 bytes each).
-const META_CACHE_LIMIT: usize = 200_000;
+/// Entries kept at most (~130 bytes each, so at most ~8 MiB): enough for
+/// every job in flight; a deeper backlog's jobs are read when dispatched.
+const META_CACHE_LIMIT: usize = 65_536;
 
 impl MetaCache {
     fn get(&self, id: &str) -> Option<&JobMeta> {
@@ -786,6 +793,21 @@ mod tests {
         let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("reopen");
         assert_eq!(store.get_job("a").await.expect("get").map(|j| j.spec.queue), Some("q".into()));
         assert!(store.find_by_idempotency_key("q", "key").await.expect("find").is_some());
+    }
+
+    #[test]
+    fn the_meta_cache_is_bounded_and_forgets_finished_jobs() {
+        let mut cache = MetaCache::default();
+        let mut job = crate::store::conformance::job("j", 1, "q", None);
+        for i in 0..=META_CACHE_LIMIT {
+            job.id = format!("j{i}");
+            cache.record(&job);
+        }
+        assert!(cache.jobs.len() <= META_CACHE_LIMIT);
+        assert!(cache.get(&job.id).is_some());
+        job.state = JobState::Succeeded;
+        cache.record(&job);
+        assert!(cache.get(&job.id).is_none());
     }
 
     #[test]

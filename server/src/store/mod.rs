@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{Agent, Job, JobState, Pool, Priority, Routing};
 
-mod codec;
+pub(crate) mod codec;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod dynamodb;
