@@ -73,10 +73,12 @@ fn count(stats: &pb::GetQueueStatsResponse, s: pb::QueuedJobState) -> u64 {
     stats.by_state.iter().find(|c| c.state == s as i32).map_or(0, |c| c.count)
 }
 
+/// (job id, attempt) -> the (agent, fencing token) of every run of it.
+type Runs = HashMap<(String, u32), Vec<(usize, u64)>>;
+
 #[derive(Default)]
 struct Ledger {
-    /// (job id, attempt) -> the (agent, fencing token) of every run.
-    runs: Mutex<HashMap<(String, u32), Vec<(usize, u64)>>>,
+    runs: Mutex<Runs>,
     succeeded: Mutex<HashMap<String, usize>>,
     done: AtomicUsize,
     all_done: Notify,
