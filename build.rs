@@ -5,7 +5,12 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/tether/v1/queue.proto", "proto/tether/v1/agent.proto", "proto/tether/v1/rules.proto"];
+    let files = [
+        "proto/tether/v1/queue.proto",
+        "proto/tether/v1/agent.proto",
+        "proto/tether/v1/replica.proto",
+        "proto/tether/v1/rules.proto",
+    ];
     for file in &files {
         println!("cargo:rerun-if-changed={file}");
     }

@@ -126,6 +126,11 @@ pub struct ServerArgs {
         value_parser = parse_origin
     )]
     pub cors_allow_origins: Vec<String>,
+    /// Where other replicas reach this one's gRPC port (`http://host:port`),
+    /// for wake-ups between replicas sharing a DynamoDB store [default: the
+    /// listen address, unless it is a wildcard such as 0.0.0.0].
+    #[arg(long, env = "TETHER_ADVERTISE_ADDRESS", value_name = "URL", value_parser = parse_origin)]
+    pub advertise_address: Option<String>,
     /// Read settings from this TOML file; the environment and flags
     /// override it.
     #[arg(long, env = "TETHER_CONFIG", value_name = "PATH")]
@@ -166,6 +171,8 @@ pub struct FileConfig {
     pub metrics_listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cors_allow_origins: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_address: Option<String>,
 }
 
 /// Parses `tether server`'s flags from `argv` (the first item is the
@@ -266,6 +273,9 @@ impl ServerArgs {
             self.cors_allow_origins =
                 v.iter().map(|o| value(path, "cors-allow-origins", o, parse_origin)).collect::<anyhow::Result<_>>()?;
         }
+        if let (true, Some(v)) = (from_file("advertise_address"), &file.advertise_address) {
+            self.advertise_address = Some(value(path, "advertise-address", v, parse_origin)?);
+        }
         Ok(self)
     }
 
@@ -285,12 +295,28 @@ impl ServerArgs {
             log_format: self.log_format.to_possible_value().map(|v| v.get_name().to_string()),
             metrics_listen: self.metrics_listen.map(|a| a.to_string()),
             cors_allow_origins: Some(self.cors_allow_origins.clone()),
+            advertise_address: self.advertise_address.clone(),
         }
     }
 
     /// The effective settings as a TOML configuration file.
     pub fn to_toml(&self) -> anyhow::Result<String> {
         toml::to_string(&self.to_file_config()).context("printing the configuration")
+    }
+
+    /// Where peers reach this replica: `--advertise-address`, else the
+    /// listen address when it names one host.
+    pub fn advertise(&self) -> anyhow::Result<String> {
+        match &self.advertise_address {
+            Some(url) => Ok(url.clone()),
+            None if self.listen.ip().is_unspecified() => anyhow::bail!(
+                "--listen {} is a wildcard address: set --advertise-address (e.g. http://10.0.1.5:{}) so other \
+                 replicas can reach this one",
+                self.listen,
+                self.listen.port()
+            ),
+            None => Ok(format!("http://{}", self.listen)),
+        }
     }
 
     pub fn engine_config(&self) -> EngineConfig {

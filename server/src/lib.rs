@@ -2,6 +2,7 @@
 
 pub mod capacity;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod engine;

@@ -8,10 +8,12 @@ use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tether_server::capacity;
 use tether_server::clock::SystemClock;
+use tether_server::cluster::ClusterConfig;
 use tether_server::config::{DynamoArgs, LogFormat, ServerArgs, StoreKind};
 use tether_server::server::{serve, Operability, ServerParts};
 use tether_server::store::dynamodb::{tables, DynamoStore};
 use tether_server::store::embedded::EmbeddedStore;
+use tether_server::store::membership::Membership;
 use tether_server::store::Store;
 
 #[derive(Parser)]
@@ -86,20 +88,24 @@ async fn run_dynamodb(command: DynamoCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn open_store(args: &ServerArgs) -> anyhow::Result<Arc<dyn Store>> {
+/// The server's store and, for a store replicas share, their membership.
+type OpenedStore = (Arc<dyn Store>, Option<Arc<dyn Membership>>);
+
+async fn open_store(args: &ServerArgs) -> anyhow::Result<OpenedStore> {
     match args.store {
         StoreKind::Embedded => {
             let store = EmbeddedStore::open(&args.data_dir, args.store_options())
                 .with_context(|| format!("opening the store in {}", args.data_dir.display()))?;
             tracing::info!(path = %store.path().display(), "embedded store open");
-            Ok(Arc::new(store))
+            Ok((Arc::new(store), None))
         }
         StoreKind::Dynamodb => {
             let config = args.dynamodb.dynamo_config();
             let store = DynamoStore::connect(&config).await.context("connecting to DynamoDB")?;
             // Shared: any number of replicas may serve from these tables.
             tracing::info!(prefix = %config.table_prefix, endpoint = ?config.endpoint, "DynamoDB store open (shared by replicas)");
-            Ok(Arc::new(store))
+            let store = Arc::new(store);
+            Ok((store.clone(), Some(store)))
         }
     }
 }
@@ -179,7 +185,11 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         max_agent_streams,
         "agent capacity (one connection and ~64 KiB each)"
     );
-    let store = open_store(&args).await?;
+    let (store, membership) = open_store(&args).await?;
+    let cluster = match membership {
+        Some(membership) => Some(ClusterConfig::new(membership, args.advertise()?)),
+        None => None,
+    };
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let metrics_listener = match args.metrics_listen {
@@ -194,6 +204,7 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         engine: args.engine_config(),
         max_agent_streams,
         ops: Operability { metrics_listener, cors_allow_origins: args.cors_allow_origins.clone() },
+        cluster,
     };
     serve(listener, parts, shutdown_signal()).await
 }

@@ -13,10 +13,11 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use tether::v1::agent_service_server::AgentServiceServer;
 use tether::v1::queue_service_server::QueueServiceServer;
+use tether::v1::replica_service_server::ReplicaServiceServer;
 
 use crate::clock::Clock;
 use crate::engine::{EngineConfig, EngineHandle};
-use crate::grpc::{AgentApi, QueueApi};
+use crate::grpc::{AgentApi, QueueApi, ReplicaApi};
 use crate::store::Store;
 
 /// Largest message the server decodes or encodes.
@@ -32,6 +33,8 @@ pub struct ServerParts {
     pub max_agent_streams: usize,
     /// Metrics endpoint and browser access.
     pub ops: Operability,
+    /// Membership and wake-ups, for a replica sharing its store with peers.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// Operator-facing extras; all off by default.
@@ -58,7 +61,23 @@ pub async fn serve(
         Some(_) => Some(crate::telemetry::install()?),
         None => None,
     };
-    let (engine, engine_task) = EngineHandle::start(parts.store, parts.clock, parts.engine).await?;
+    let (wakes, woken) = match parts.cluster {
+        Some(_) => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
+    let (engine, engine_task) =
+        EngineHandle::start_with_peers(parts.store, parts.clock.clone(), parts.engine, wakes).await?;
+    let cluster_stop = CancellationToken::new();
+    let cluster_task = match (parts.cluster, woken) {
+        (Some(cluster), Some(woken)) => {
+            tracing::info!(replica = %cluster.replica_id, advertise = %cluster.advertise, "joining the cluster");
+            Some(crate::cluster::spawn(cluster, parts.clock.clone(), woken, cluster_stop.clone()))
+        }
+        _ => None,
+    };
     let stopping = CancellationToken::new();
     let engine_supervisor = EngineSupervisor::watch(engine_task);
     let metrics_stop = CancellationToken::new();
@@ -76,6 +95,7 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<QueueServiceServer<QueueApi>>().await;
     health.set_serving::<AgentServiceServer<AgentApi>>().await;
+    health.set_serving::<ReplicaServiceServer<ReplicaApi>>().await;
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
     {
         // Health follows the engine: NOT_SERVING once its store failed or
@@ -108,6 +128,10 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
+    let replicas = ReplicaServiceServer::new(ReplicaApi::new(engine.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
     let drain_engine = engine.clone();
     let drain_health = health.clone();
     let drain_stopping = stopping.clone();
@@ -133,6 +157,7 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(queue)
         .add_service(agents)
+        .add_service(replicas)
         .serve_with_incoming_shutdown(crate::listener::incoming(listener), graceful);
     // Streams that outlive the grace period are cut. An engine that dies
     // (a panic) ends the server at once with an error, so the process exits
@@ -158,6 +183,10 @@ pub async fn serve(
         }
         other => other,
     };
+    cluster_stop.cancel();
+    if let Some(task) = cluster_task {
+        let _ = task.await;
+    }
     metrics_stop.cancel();
     for task in metrics_tasks {
         task.abort();

@@ -11,11 +11,13 @@ use tether::v1 as pb;
 use tether::v1::agent_service_client::AgentServiceClient;
 use tether::v1::queue_service_client::QueueServiceClient;
 use tether_server::clock::{Clock, ManualClock, SystemClock};
+use tether_server::cluster::ClusterConfig;
 use tether_server::engine::EngineConfig;
 use tether_server::server::{serve, Operability, ServerParts};
 use tether_server::store::dynamodb::local as dynamodb_local;
 use tether_server::store::dynamodb::{tables, DynamoStore, TableNames};
 use tether_server::store::embedded::{EmbeddedOptions, EmbeddedStore};
+use tether_server::store::membership::Membership;
 use tether_server::store::Store;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -68,6 +70,8 @@ pub struct Options {
     pub max_agent_streams: Option<usize>,
     /// Serve this store instead of an embedded store in the data directory.
     pub store: Option<Arc<dyn Store>>,
+    /// Join the replicas announced here (wake-ups between replicas).
+    pub membership: Option<Arc<dyn Membership>>,
 }
 
 /// Operator extras for a test server (see [`TestServer::start_with`]).
@@ -164,6 +168,11 @@ impl TestServer {
             engine: options.engine.unwrap_or_else(test_engine_config),
             max_agent_streams: options.max_agent_streams.unwrap_or(1000),
             ops: Operability { metrics_listener, cors_allow_origins: extras.cors_allow_origins },
+            // Peers learn of each other within a fifth of a second.
+            cluster: options.membership.clone().map(|m| ClusterConfig {
+                heartbeat: Duration::from_millis(200),
+                ..ClusterConfig::new(m, format!("http://{addr}"))
+            }),
         };
         let (shutdown, stop) = oneshot::channel::<()>();
         let task = tokio::spawn(serve(listener, parts, async move {

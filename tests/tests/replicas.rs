@@ -15,8 +15,9 @@ use tether_agent_sdk::{Agent, AgentConfig, JobContext, JobResult};
 use tether_server::engine::EngineConfig;
 use tether_server::store::dynamodb::local as dynamodb_local;
 use tether_server::store::dynamodb::{tables, DynamoStore, TableNames};
+use tether_server::store::membership::Membership;
 use tether_tests::{
-    hello, job, state, test_engine_config, wait_for_event, DataDir, Options, RawAgent, TestServer, WAIT,
+    hello, job, state, test_engine_config, wait_for_event, wait_until, DataDir, Options, RawAgent, TestServer, WAIT,
 };
 use tokio::sync::Notify;
 
@@ -45,14 +46,30 @@ impl Cluster {
         Cluster { prefix, _dirs: Vec::new() }
     }
 
-    /// A replica with its own DynamoDB client over the shared tables.
+    /// A replica with its own DynamoDB client over the shared tables, in the
+    /// cluster's membership.
     async fn replica(&mut self) -> TestServer {
+        self.replica_with(replica_config()).await
+    }
+
+    async fn replica_with(&mut self, engine: EngineConfig) -> TestServer {
         let store = Arc::new(DynamoStore::with_client(dynamodb_local::client(), &self.prefix));
         let dir = DataDir::new();
         let path = dir.path().to_path_buf();
         self._dirs.push(dir);
-        TestServer::start_at(path, Options { store: Some(store), engine: Some(replica_config()), ..Options::default() })
-            .await
+        let options =
+            Options { store: Some(store.clone()), membership: Some(store), engine: Some(engine), ..Options::default() };
+        TestServer::start_at(path, options).await
+    }
+
+    /// Waits until `count` replicas are announced. A replica announces itself
+    /// after reading its peers, so each listed one knows those before it.
+    async fn wait_for_members(&self, count: usize) {
+        let store = DynamoStore::with_client(dynamodb_local::client(), &self.prefix);
+        wait_until("the replicas to announce themselves", || async {
+            store.replicas().await.map(|r| r.len() >= count).unwrap_or(false)
+        })
+        .await;
     }
 }
 
@@ -220,6 +237,29 @@ async fn a_job_enqueued_on_one_replica_reaches_an_idle_agent_on_another() {
     let seen_on_a = get(&a, &enqueued.id).await;
     assert_eq!(state(&seen_on_a), pb::QueuedJobState::Succeeded);
     assert_eq!(seen_on_a.result.as_ref(), b"done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_up_carries_a_job_to_an_idle_agent_on_another_replica_without_a_sweep() {
+    // No sweep runs during the test: only a wake-up can move the job.
+    let quiet = EngineConfig { sweep_interval: Duration::from_secs(3600), ..replica_config() };
+    let mut cluster = Cluster::new("wake").await;
+    let b = cluster.replica_with(quiet.clone()).await;
+    cluster.wait_for_members(1).await;
+    let a = cluster.replica_with(quiet).await;
+    cluster.wait_for_members(2).await;
+    let mut agent = RawAgent::connect(&b, hello("idle-on-b", 1)).await.expect("connect to b");
+
+    let mut q = a.queue().await;
+    for n in 0..3 {
+        let enqueued =
+            q.enqueue_job(job("wake", &format!("{n}"))).await.expect("enqueue on a").into_inner().job.expect("job");
+        let r = agent.next_assignment().await.job.expect("job ref");
+        assert_eq!(r.job_id, enqueued.id, "job {n} reached the agent on b");
+        agent.accept_and_start(&r).await;
+        agent.finish(&r, pb::JobOutcome::Succeeded, "").await;
+        assert!(agent.next_ack().await.accepted);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

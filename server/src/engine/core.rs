@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use super::agent_table::{AgentTable, Filed};
 use super::config::EngineConfig;
 use super::ready::{ReadyEntry, ReadySet};
-use super::types::{AgentEvent, AgentPush, JobEvent, MetricsSample};
+use super::types::{AgentEvent, AgentPush, JobEvent, MetricsSample, WakeJob};
 use super::Command;
 use crate::clock::Clock;
 use crate::domain::{Agent, DomainError, DomainResult, Health, Job, JobState, Pool, Priority};
@@ -32,6 +32,12 @@ pub(crate) enum Effect {
     },
     /// Depends on the write of its own job.
     Event(JobEvent),
+    /// A job became ready and no agent here took it: peers are told (shared
+    /// store only), once its write applied.
+    Wake {
+        seq: u64,
+        job: WakeJob,
+    },
 }
 
 /// The `seq`s of the job writes an effect depends on: on a shared store, if
@@ -155,6 +161,9 @@ pub(crate) struct Engine {
     refill: Vec<String>,
     /// A way back into the engine's own queue, for store reads run as tasks.
     pub commands: mpsc::WeakSender<Command>,
+    /// Where jobs that peers should hear about go (shared store with
+    /// peers only).
+    wakes: Option<mpsc::UnboundedSender<WakeJob>>,
     pub ready: ReadySet,
     /// Claimed and running jobs, full records.
     pub active: FastMap<String, Job>,
@@ -204,6 +213,15 @@ type CommitFuture = BoxFuture<'static, StoreResult<Vec<WriteOutcome>>>;
 /// it orders by enqueue time across replicas and fits a u64 until 2112).
 const SEQ_NONCE_BITS: u32 = 12;
 
+/// The channels between the engine task and the rest of the server.
+pub(crate) struct Channels {
+    pub events: broadcast::Sender<JobEvent>,
+    pub agent_events: broadcast::Sender<AgentEvent>,
+    pub serving: watch::Sender<bool>,
+    pub commands: mpsc::WeakSender<Command>,
+    pub wakes: Option<mpsc::UnboundedSender<WakeJob>>,
+}
+
 impl Engine {
     /// Rebuilds the engine's state from the store, without reading terminal
     /// jobs or the payloads of queued ones.
@@ -211,11 +229,9 @@ impl Engine {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         config: EngineConfig,
-        events: broadcast::Sender<JobEvent>,
-        agent_events: broadcast::Sender<AgentEvent>,
-        serving: watch::Sender<bool>,
-        commands: mpsc::WeakSender<Command>,
+        channels: Channels,
     ) -> Result<Engine, StoreError> {
+        let Channels { events, agent_events, serving, commands, wakes } = channels;
         let now = clock.now();
         let shared = store.ownership() == Ownership::Shared;
         let next_seq = store.counter(COUNTER_SEQ).await? + 1;
@@ -272,6 +288,7 @@ impl Engine {
             committing_ids: Vec::new(),
             refill: Vec::new(),
             commands,
+            wakes,
             ready,
             active: FastMap::default(),
             deadlines: BTreeSet::new(),
@@ -503,6 +520,11 @@ impl Engine {
                         let _ = self.events.send(event);
                     }
                 }
+                Effect::Wake { job, .. } => {
+                    if let (Ok(()), Some(wakes)) = (&result, &self.wakes) {
+                        let _ = wakes.send(job);
+                    }
+                }
             }
         }
     }
@@ -576,6 +598,11 @@ impl Engine {
                         let _ = self.events.send(event);
                     }
                 }
+                Effect::Wake { seq, job } => {
+                    if let (None, false, Some(wakes)) = (error, failed.contains_key(&seq), &self.wakes) {
+                        let _ = wakes.send(job);
+                    }
+                }
             }
         }
     }
@@ -640,6 +667,30 @@ impl Engine {
             self.ready.insert(ReadyEntry::from_job(job), self.clock.now());
             self.dispatch_pool(&pool).await;
         }
+    }
+
+    /// Tells peers about a job that is ready but no agent here took, once
+    /// its write applied.
+    pub fn wake_peers_after_commit(&mut self, job: &Job) {
+        if self.wakes.is_some() {
+            let wake = WakeJob { id: job.id.clone(), pool: job.spec.routing.pool.clone() };
+            self.pending.effects.push(Effect::Wake { seq: job.seq, job: wake });
+        }
+    }
+
+    /// A peer's wake-up: jobs it made ready. Each one a free agent here
+    /// could run is read from the store (as a task) and offered to the
+    /// agents; returns how many.
+    pub fn woken(&mut self, jobs: Vec<WakeJob>) -> u32 {
+        let mut accepted = 0;
+        for job in jobs {
+            let known = self.ready.contains(&job.id) || self.active.contains_key(&job.id);
+            if !known && self.agents.has_free_in_pool(&job.pool) {
+                accepted += 1;
+                self.refresh(job.id);
+            }
+        }
+        accepted
     }
 
     /// Offers work to agents whose slots conflicts freed.
@@ -964,6 +1015,9 @@ impl Engine {
             }
             Command::Inspect { id } => self.inspect(&id).await,
             Command::Refreshed { job } => self.refreshed(*job).await,
+            Command::Wake { jobs, reply } => {
+                let _ = reply.send(Ok(self.woken(jobs)));
+            }
             Command::Sweep { queued, active } => self.sweep(queued, active).await,
         }
     }

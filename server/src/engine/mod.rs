@@ -28,7 +28,7 @@ pub use config::EngineConfig;
 pub use pools::PoolField;
 pub use types::{
     AgentEvent, AgentInbound, AgentPage, AgentPush, AgentView, ClaimRequest, HeartbeatAnswer, HelloInfo, JobEvent,
-    MetricsSample, Outcome, QueueStats, WelcomeInfo,
+    MetricsSample, Outcome, QueueStats, WakeJob, WelcomeInfo,
 };
 
 use crate::clock::Clock;
@@ -174,6 +174,11 @@ pub(crate) enum Command {
     Inspect {
         id: String,
     },
+    /// A peer's wake-up: jobs that became ready there.
+    Wake {
+        jobs: Vec<WakeJob>,
+        reply: Reply<u32>,
+    },
     /// A job read again from a shared store after a conflict.
     Refreshed {
         job: Box<Job>,
@@ -217,21 +222,30 @@ impl EngineHandle {
         clock: Arc<dyn Clock>,
         config: EngineConfig,
     ) -> Result<(EngineHandle, JoinHandle<()>), StoreError> {
+        Self::start_with_peers(store, clock, config, None).await
+    }
+
+    /// [`EngineHandle::start`] for a replica with peers: jobs that become
+    /// ready with no free agent here are sent to `wakes` once durable.
+    pub async fn start_with_peers(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: EngineConfig,
+        wakes: Option<mpsc::UnboundedSender<WakeJob>>,
+    ) -> Result<(EngineHandle, JoinHandle<()>), StoreError> {
         let (commands, receiver) = mpsc::channel(config.command_capacity);
         let (events, _) = broadcast::channel(8192);
         let (agent_events, _) = broadcast::channel(1024);
         let (serving_tx, serving) = watch::channel(true);
         let sweep_interval = config.sweep_interval;
-        let engine = core::Engine::load(
-            store.clone(),
-            clock.clone(),
-            config,
-            events.clone(),
-            agent_events.clone(),
-            serving_tx,
-            commands.downgrade(),
-        )
-        .await?;
+        let channels = core::Channels {
+            events: events.clone(),
+            agent_events: agent_events.clone(),
+            serving: serving_tx,
+            commands: commands.downgrade(),
+            wakes,
+        };
+        let engine = core::Engine::load(store.clone(), clock.clone(), config, channels).await?;
         if store.ownership() == Ownership::Shared {
             tokio::spawn(sweep::run(store.clone(), clock, sweep_interval, commands.downgrade()));
         }
@@ -271,6 +285,11 @@ impl EngineHandle {
 
     pub async fn renew(&self, job: AttemptRef, lease: Option<Duration>) -> DomainResult<Job> {
         self.call(|reply| Command::Renew { job, lease, reply }).await
+    }
+
+    /// Hands the engine a peer's wake-up; returns how many jobs it will try.
+    pub async fn wake(&self, jobs: Vec<WakeJob>) -> DomainResult<u32> {
+        self.call(|reply| Command::Wake { jobs, reply }).await
     }
 
     pub async fn redrive(&self, id: String) -> DomainResult<Job> {

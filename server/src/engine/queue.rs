@@ -107,7 +107,8 @@ impl Engine {
         self.ready.job(id)
     }
 
-    /// Dispatches a queued job to a free agent at once, or keeps it ready.
+    /// Dispatches a queued job to a free agent at once, or keeps it ready
+    /// (and, on a shared store, tells peers that may have a free agent).
     pub async fn place(&mut self, job: Job) {
         let now = self.clock.now();
         if job.ready_time <= now {
@@ -115,6 +116,7 @@ impl Engine {
                 self.assign(job, &agent_id);
                 return;
             }
+            self.wake_peers_after_commit(&job);
         }
         self.ready.insert(ReadyEntry::from_job(job), now);
     }

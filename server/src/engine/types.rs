@@ -158,3 +158,10 @@ pub struct HeartbeatAnswer {
     pub abandoned: Vec<AttemptRef>,
     pub drain: bool,
 }
+
+/// A job that became ready on one replica, for its peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WakeJob {
+    pub id: String,
+    pub pool: String,
+}

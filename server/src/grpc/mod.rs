@@ -5,8 +5,10 @@ pub mod agent_service;
 pub mod convert;
 pub mod page_token;
 pub mod queue_service;
+pub mod replica_service;
 pub mod status;
 pub mod stream_messages;
 
 pub use agent_service::AgentApi;
 pub use queue_service::QueueApi;
+pub use replica_service::ReplicaApi;

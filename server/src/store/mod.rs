@@ -23,6 +23,7 @@ pub mod dynamodb;
 pub mod embedded;
 pub mod hooked;
 mod legacy;
+pub mod membership;
 
 /// A storage failure. Conflicts are not errors: they are outcomes.
 #[derive(Debug, Clone, thiserror::Error)]

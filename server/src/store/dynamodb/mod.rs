@@ -13,7 +13,7 @@ pub mod faults;
 mod items;
 #[cfg(any(test, feature = "conformance"))]
 pub mod local;
-pub mod ownership;
+pub mod membership;
 mod reads;
 pub mod tables;
 mod writes;
