@@ -5,11 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tether::v1::agent_service_client::AgentServiceClient;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::backoff::Backoff;
 use crate::config::AgentConfig;
 use crate::connection::{Session, SessionEnd};
+use crate::endpoints::{Pause, Rotation};
 use crate::error::AgentError;
 use crate::handle::AgentHandle;
 use crate::handler::JobHandler;
@@ -21,8 +22,9 @@ use crate::state::Shared;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A Tether agent: holds one Connect stream (reconnecting with backoff),
-/// runs assigned jobs with its [`JobHandler`], and drains on request.
+/// A Tether agent: holds one Connect stream (reconnecting with backoff,
+/// failing over between servers if it has several), runs assigned jobs with
+/// its [`JobHandler`], and drains on request.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), tether_agent_sdk::AgentError> {
@@ -62,21 +64,51 @@ impl Agent {
     /// Transient failures reconnect with backoff; a refusal no retry can fix
     /// returns [`AgentError::Rejected`]. Dropping the future stops at once
     /// (running jobs are cancelled and their results lost).
+    ///
+    /// # Several servers: failover
+    ///
+    /// With [fallback servers](AgentConfig::fallback_servers) (replicas of
+    /// one deployment), every reconnect goes to the *next* endpoint, round
+    /// robin, whether the stream broke or the connect failed. Its Hello lists
+    /// the jobs still running and the results not yet acknowledged, so that
+    /// server resumes them, exactly as on a reconnect to the same server.
+    ///
+    /// The [backoff](AgentConfig::reconnect) applies per *round*, one attempt
+    /// at every endpoint starting after the one that failed:
+    ///
+    /// - at start, and after a failed connect or handshake, the next
+    ///   endpoint of the round is tried at once, so a dead endpoint costs one
+    ///   failed connect (at most [`AgentConfig::handshake_timeout`] for one
+    ///   that does not answer at all), never a backoff delay;
+    /// - once every endpoint of the round has failed, the agent waits the
+    ///   backoff delay, which grows per failed round: no endpoint is tried
+    ///   twice without a delay in between;
+    /// - when a welcomed stream breaks, the backoff restarts and the agent
+    ///   waits its first (short, jittered) delay before the next endpoint,
+    ///   so the agents of a dead server do not all land on the next one in
+    ///   lockstep.
+    ///
+    /// With a single server every round is one attempt, so this is the
+    /// plain backoff between reconnects. A refusal no retry can fix (see
+    /// [`is_retryable`](crate::is_retryable)) ends the agent whichever
+    /// endpoint sent it: replicas share one store and would refuse alike.
+    /// There is no preference for the first endpoint: the agent stays where
+    /// it connected until that stream breaks.
     pub async fn run<F>(self, shutdown: F) -> Result<(), AgentError>
     where
         F: Future<Output = ()>,
     {
         let _stopped = StopGuard(&self.shared);
         self.config.validate()?;
-        let endpoint = Endpoint::from_shared(self.config.server.clone())?
-            .tcp_nodelay(true)
-            .connect_timeout(self.config.handshake_timeout)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
-        // One connection for the agent's life; tonic re-dials it underneath
-        // when it breaks.
-        let client = AgentServiceClient::new(endpoint.connect_lazy());
+        // One lazy connection per endpoint for the agent's life; tonic
+        // re-dials it underneath when it breaks.
+        let clients = self
+            .config
+            .servers()
+            .map(|url| Ok((url, client(url, self.config.handshake_timeout)?)))
+            .collect::<Result<Vec<_>, AgentError>>()?;
+        let mut rotation =
+            Rotation::new(clients).ok_or_else(|| AgentError::InvalidConfig("no server configured".into()))?;
         let _sampler = AbortOnDrop(start_sampler(self.shared.clone()).await);
 
         let session = Session { shared: &self.shared, handler: &self.handler, config: &self.config };
@@ -84,8 +116,9 @@ impl Agent {
         tokio::pin!(shutdown);
         let mut shutdown_seen = false;
         loop {
+            let (server, client) = rotation.current();
             let end = {
-                let stream = session.run(client.clone());
+                let stream = session.run(server, client.clone());
                 tokio::pin!(stream);
                 loop {
                     tokio::select! {
@@ -97,25 +130,30 @@ impl Agent {
                     }
                 }
             };
-            let reason = match end {
+            let (welcomed, reason) = match end {
                 SessionEnd::Drained => return Ok(()),
                 SessionEnd::Fatal(e) => {
-                    tracing::error!(error = %e, "giving up");
+                    tracing::error!(error = %e, %server, "giving up");
                     return Err(e);
                 }
-                SessionEnd::Retry { welcomed, reason } => {
-                    if welcomed {
-                        backoff.reset();
-                    }
-                    reason
-                }
+                SessionEnd::Retry { welcomed, reason } => (welcomed, reason),
             };
+            if welcomed {
+                backoff.reset();
+            }
             // Nothing left to report: a draining agent need not come back.
             if self.shared.drain.is_cancelled() && self.shared.is_idle() {
                 return Ok(());
             }
+            let failed = *server;
+            let pause = rotation.advance(welcomed);
+            let next = rotation.current().0;
+            if pause == Pause::None {
+                tracing::warn!(%reason, server = %failed, %next, "stream ended; trying the next server");
+                continue;
+            }
             let delay = backoff.next_delay();
-            tracing::warn!(%reason, ?delay, "stream ended; reconnecting");
+            tracing::warn!(%reason, server = %failed, %next, ?delay, "stream ended; reconnecting");
             let sleep = tokio::time::sleep(delay);
             tokio::pin!(sleep);
             loop {
@@ -132,6 +170,18 @@ impl Agent {
             }
         }
     }
+}
+
+/// A client of `url` over a lazy channel (nothing is dialled until the
+/// first call).
+fn client(url: &str, connect_timeout: Duration) -> Result<AgentServiceClient<Channel>, AgentError> {
+    let endpoint = Endpoint::from_shared(url.to_owned())?
+        .tcp_nodelay(true)
+        .connect_timeout(connect_timeout)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+    Ok(AgentServiceClient::new(endpoint.connect_lazy()))
 }
 
 /// Marks the agent stopped and cancels whatever still runs, however `run`

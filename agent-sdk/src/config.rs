@@ -1,6 +1,6 @@
 //! What an agent is and where it connects.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::backoff::ReconnectPolicy;
@@ -12,8 +12,13 @@ use crate::error::AgentError;
 /// struct literal over `..AgentConfig::default()`.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    /// The server's URL, `http://host:port`.
+    /// The server's URL, `http://host:port`: the first endpoint tried.
     pub server: String,
+    /// More endpoints of the same Tether deployment (replicas sharing one
+    /// store), tried after [`server`](Self::server) when a stream breaks or
+    /// a connect fails, round robin. Empty for a single server. See
+    /// [`Agent::run`](crate::Agent::run) for the failover policy.
+    pub fallback_servers: Vec<String>,
     /// Join token or agent token, sent in Hello.
     pub credential: Option<String>,
     /// The agent's name, unique within its pool (1-128 characters). Reused
@@ -40,6 +45,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             server: "http://127.0.0.1:50051".into(),
+            fallback_servers: Vec::new(),
             credential: None,
             name: String::new(),
             pool: "default".into(),
@@ -57,6 +63,41 @@ impl AgentConfig {
     /// A configuration for `server` and agent `name`, defaults elsewhere.
     pub fn new(server: impl Into<String>, name: impl Into<String>) -> Self {
         Self { server: server.into(), name: name.into(), ..Self::default() }
+    }
+
+    /// Sets every endpoint at once, in failover order: the first becomes
+    /// [`server`](Self::server), the rest
+    /// [`fallback_servers`](Self::fallback_servers). An empty list leaves no
+    /// server, which [`validate`](Self::validate) refuses.
+    ///
+    /// ```
+    /// use tether_agent_sdk::AgentConfig;
+    ///
+    /// let c = AgentConfig::new("http://unused:1", "worker-1")
+    ///     .with_servers(["http://replica-a:50051", "http://replica-b:50051"]);
+    /// assert_eq!(c.servers().collect::<Vec<_>>(), ["http://replica-a:50051", "http://replica-b:50051"]);
+    /// ```
+    pub fn with_servers<I, S>(mut self, servers: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let mut servers = servers.into_iter().map(Into::into);
+        self.server = servers.next().unwrap_or_default();
+        self.fallback_servers = servers.collect();
+        self
+    }
+
+    /// Adds one endpoint after those already configured.
+    pub fn with_fallback_server(mut self, server: impl Into<String>) -> Self {
+        self.fallback_servers.push(server.into());
+        self
+    }
+
+    /// Every endpoint in failover order: [`server`](Self::server), then
+    /// [`fallback_servers`](Self::fallback_servers).
+    pub fn servers(&self) -> impl Iterator<Item = &str> + '_ {
+        std::iter::once(self.server.as_str()).chain(self.fallback_servers.iter().map(String::as_str))
     }
 
     /// Sets the credential.
@@ -105,11 +146,20 @@ impl AgentConfig {
     /// instead of looping on reconnects.
     pub fn validate(&self) -> Result<(), AgentError> {
         let bad = |m: String| Err(AgentError::InvalidConfig(m));
-        if !(self.server.starts_with("http://") || self.server.starts_with("https://")) {
-            return bad(format!("server {:?} must be an http:// or https:// URL", self.server));
+        if self.server.is_empty() {
+            return bad("no server configured".into());
         }
-        if self.server.parse::<tonic::transport::Uri>().is_err() {
-            return bad(format!("server {:?} is not a valid URL", self.server));
+        let mut seen = BTreeSet::new();
+        for server in self.servers() {
+            if !(server.starts_with("http://") || server.starts_with("https://")) {
+                return bad(format!("server {server:?} must be an http:// or https:// URL"));
+            }
+            if server.parse::<tonic::transport::Uri>().is_err() {
+                return bad(format!("server {server:?} is not a valid URL"));
+            }
+            if !seen.insert(server) {
+                return bad(format!("server {server:?} is listed twice"));
+            }
         }
         let name_len = self.name.chars().count();
         if !(1..=128).contains(&name_len) {
@@ -138,5 +188,28 @@ mod tests {
         assert!(AgentConfig::new("http://127.0.0.1:1", "").validate().is_err());
         assert!(AgentConfig::new("http://127.0.0.1:1", "a").with_slots(0).validate().is_err());
         assert!(AgentConfig::new("http://127.0.0.1:1", "a").with_slots(1025).validate().is_err());
+    }
+
+    #[test]
+    fn several_servers() {
+        let one = AgentConfig::new("http://a:1", "n");
+        assert_eq!(one.servers().collect::<Vec<_>>(), ["http://a:1"]);
+
+        let c = one.clone().with_fallback_server("http://b:1").with_fallback_server("https://c:1");
+        assert_eq!(c.servers().collect::<Vec<_>>(), ["http://a:1", "http://b:1", "https://c:1"]);
+        assert!(c.validate().is_ok());
+
+        let c =
+            AgentConfig::new("http://x:1", "n").with_servers(vec!["http://b:1".to_owned(), "http://c:1".to_owned()]);
+        assert_eq!((c.server.as_str(), c.fallback_servers.as_slice()), ("http://b:1", &["http://c:1".to_owned()][..]));
+        assert!(c.validate().is_ok());
+
+        let err = |c: AgentConfig| match c.validate() {
+            Err(AgentError::InvalidConfig(m)) => m,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        };
+        assert_eq!(err(one.clone().with_servers(Vec::<String>::new())), "no server configured");
+        assert!(err(one.clone().with_fallback_server("b:1")).contains("\"b:1\""));
+        assert!(err(one.clone().with_fallback_server("http://a:1")).contains("listed twice"));
     }
 }

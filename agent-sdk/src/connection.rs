@@ -61,8 +61,8 @@ impl Drop for Connected<'_> {
 }
 
 impl Session<'_> {
-    /// Runs one stream to its end.
-    pub(crate) async fn run(&self, mut client: AgentServiceClient<Channel>) -> SessionEnd {
+    /// Runs one stream to `server` (the URL `client` dials) to its end.
+    pub(crate) async fn run(&self, server: &str, mut client: AgentServiceClient<Channel>) -> SessionEnd {
         let (tx, rx) = mpsc::unbounded_channel::<Outbound>();
         let hello = self.hello();
         let running = hello.running_jobs.len();
@@ -107,8 +107,9 @@ impl Session<'_> {
         // Version 2: starts ride on the AssignmentAck and only refused ones
         // are answered.
         let lean = welcome.protocol_version >= tether::PROTOCOL_LEAN_STARTS;
-        let _connected = self.install(&welcome, tx);
+        let _connected = self.install(server, &welcome, tx);
         tracing::info!(
+            %server,
             agent_id = %welcome.agent_id,
             ?heartbeat_every,
             held_jobs = running,
@@ -135,7 +136,7 @@ impl Session<'_> {
     }
 
     /// Applies the Welcome and makes this stream the one job tasks write to.
-    fn install(&self, welcome: &Welcome, tx: mpsc::UnboundedSender<Outbound>) -> Connected<'_> {
+    fn install(&self, server: &str, welcome: &Welcome, tx: mpsc::UnboundedSender<Outbound>) -> Connected<'_> {
         let shared = self.shared.as_ref();
         {
             let mut core = shared.core();
@@ -156,6 +157,7 @@ impl Session<'_> {
         shared.state.send_modify(|s| {
             s.connected = true;
             s.agent_id = Some(welcome.agent_id.clone());
+            s.server = Some(server.to_owned());
             s.sessions += 1;
         });
         Connected(shared)

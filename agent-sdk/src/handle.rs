@@ -15,6 +15,9 @@ pub struct AgentState {
     pub connected: bool,
     /// The id from the latest Welcome.
     pub agent_id: Option<String>,
+    /// The URL of the server that sent the latest Welcome (one of
+    /// [`AgentConfig::servers`](crate::AgentConfig::servers)).
+    pub server: Option<String>,
     /// How many Welcomes the agent has had (1 after the first connect,
     /// 2 after the first reconnect, ...).
     pub sessions: u64,
@@ -51,6 +54,11 @@ impl AgentHandle {
     /// The agent id of the latest Welcome.
     pub fn agent_id(&self) -> Option<String> {
         self.shared.state.borrow().agent_id.clone()
+    }
+
+    /// The URL of the server that sent the latest Welcome.
+    pub fn server(&self) -> Option<String> {
+        self.shared.state.borrow().server.clone()
     }
 
     /// Jobs running now.

@@ -3,7 +3,8 @@
 //! An agent holds one Connect stream to the Tether server and runs the jobs
 //! the server assigns with a [`JobHandler`]. The SDK does the protocol:
 //! Hello/Welcome, heartbeats with resource metrics, acks, job status
-//! reports, cancellation, timeouts, reconnecting with jittered backoff,
+//! reports, cancellation, timeouts, reconnecting with jittered backoff
+//! (failing over between several server replicas, see [`Agent::run`]),
 //! resuming running jobs and re-sending unacknowledged results after a
 //! reconnect, and draining.
 //!
@@ -30,6 +31,7 @@ mod agent;
 mod backoff;
 mod config;
 mod connection;
+mod endpoints;
 mod error;
 mod handle;
 mod handler;

@@ -21,9 +21,19 @@ enum LogFormat {
 #[derive(Debug, Parser)]
 #[command(name = "tether-agent", version)]
 struct Args {
-    /// The Tether server.
-    #[arg(long, env = "TETHER_SERVER", default_value = "http://127.0.0.1:50051")]
-    server: String,
+    /// The Tether server's URL. Give several replicas of one deployment
+    /// (repeat the flag, or separate URLs with commas, also in the
+    /// environment variable) to fail over between them: each reconnect goes
+    /// to the next one, round robin, and running jobs resume there.
+    #[arg(
+        long = "server",
+        value_name = "URL",
+        env = "TETHER_SERVER",
+        value_delimiter = ',',
+        value_parser = parse_server,
+        default_value = "http://127.0.0.1:50051"
+    )]
+    servers: Vec<String>,
     /// The agent's name, unique within its pool [default: the host name].
     #[arg(long, env = "TETHER_AGENT_NAME")]
     name: Option<String>,
@@ -42,6 +52,13 @@ struct Args {
     /// Log output format.
     #[arg(long, value_enum, default_value = "human")]
     log_format: LogFormat,
+}
+
+fn parse_server(s: &str) -> Result<String, String> {
+    match s.trim() {
+        "" => Err("empty server URL".to_owned()),
+        url => Ok(url.to_owned()),
+    }
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -73,7 +90,6 @@ async fn main() -> ExitCode {
 
     let name = args.name.or_else(sysinfo::System::host_name).unwrap_or_else(|| "tether-agent".to_owned());
     let config = AgentConfig {
-        server: args.server,
         credential: args.credential,
         name,
         pool: args.pool,
@@ -81,7 +97,8 @@ async fn main() -> ExitCode {
         slots: args.slots,
         version: concat!("tether-agent/", env!("CARGO_PKG_VERSION")).to_owned(),
         ..AgentConfig::default()
-    };
+    }
+    .with_servers(args.servers);
     let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(t), Ok(i)) => (t, i),
         (Err(e), _) | (_, Err(e)) => {
@@ -129,5 +146,16 @@ mod tests {
         assert_eq!(args.slots, 1);
         assert_eq!(args.pool, "default");
         assert!(Args::try_parse_from(["tether-agent", "--label", "novalue"]).is_err());
+    }
+
+    #[test]
+    fn servers_repeat_and_split_on_commas() {
+        let parse = |argv: &[&str]| Args::try_parse_from(argv).map(|a| a.servers);
+        assert_eq!(parse(&["tether-agent"]).expect("default"), ["http://127.0.0.1:50051"]);
+        assert_eq!(
+            parse(&["tether-agent", "--server", "http://a:1, http://b:1", "--server", "http://c:1"]).expect("list"),
+            ["http://a:1", "http://b:1", "http://c:1"]
+        );
+        assert!(parse(&["tether-agent", "--server", "http://a:1,,http://b:1"]).is_err());
     }
 }

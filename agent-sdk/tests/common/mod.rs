@@ -174,6 +174,7 @@ pub struct ScriptedServer {
     pub addr: SocketAddr,
     sessions: mpsc::UnboundedReceiver<ServerSession>,
     refusals: Arc<Mutex<VecDeque<Status>>>,
+    connects: watch::Receiver<usize>,
     _server: JoinHandle<()>,
 }
 
@@ -183,7 +184,8 @@ impl ScriptedServer {
         let addr = listener.local_addr().expect("local addr");
         let (tx, sessions) = mpsc::unbounded_channel();
         let refusals = Arc::new(Mutex::new(VecDeque::new()));
-        let svc = Svc { sessions: tx, refusals: refusals.clone() };
+        let (connects_tx, connects) = watch::channel(0);
+        let svc = Svc { sessions: tx, refusals: refusals.clone(), connects: connects_tx };
         // serve_with_incoming skips the server's own nodelay setting.
         let incoming = TcpListenerStream::new(listener).map(|conn| {
             conn.inspect(|c| {
@@ -196,7 +198,7 @@ impl ScriptedServer {
                 .serve_with_incoming(incoming)
                 .await;
         });
-        Self { addr, sessions, refusals, _server: server }
+        Self { addr, sessions, refusals, connects, _server: server }
     }
 
     pub fn url(&self) -> String {
@@ -212,11 +214,32 @@ impl ScriptedServer {
         self.refusals.lock().expect("lock").len()
     }
 
+    /// Connects received so far, refused ones included.
+    pub fn connects(&self) -> usize {
+        *self.connects.borrow()
+    }
+
+    /// Waits until `n` Connects (refused ones included) have arrived.
+    pub async fn wait_connects(&self, n: usize) {
+        let mut rx = self.connects.clone();
+        tokio::time::timeout(WAIT, rx.wait_for(|&c| c >= n))
+            .await
+            .expect("too few Connects within the wait")
+            .expect("server gone");
+    }
+
     pub async fn accept(&mut self) -> ServerSession {
         tokio::time::timeout(WAIT, self.sessions.recv())
             .await
             .expect("no Connect within the wait")
             .expect("server gone")
+    }
+
+    /// Whether a Connect arrived that no [`accept`](Self::accept) took yet.
+    /// Connects are sequential, so once the agent is connected elsewhere
+    /// any earlier attempt here has already been queued.
+    pub fn has_pending_connect(&mut self) -> bool {
+        self.sessions.try_recv().is_ok()
     }
 
     /// Accepts a stream, checks its Hello, welcomes it.
@@ -231,6 +254,7 @@ impl ScriptedServer {
 struct Svc {
     sessions: mpsc::UnboundedSender<ServerSession>,
     refusals: Arc<Mutex<VecDeque<Status>>>,
+    connects: watch::Sender<usize>,
 }
 
 type ConnectStream = Pin<Box<dyn Stream<Item = Result<ConnectResponse, Status>> + Send>>;
@@ -240,6 +264,7 @@ impl AgentService for Svc {
     type ConnectStream = ConnectStream;
 
     async fn connect(&self, request: Request<Streaming<ConnectRequest>>) -> Result<Response<ConnectStream>, Status> {
+        self.connects.send_modify(|c| *c += 1);
         if let Some(status) = self.refusals.lock().expect("lock").pop_front() {
             return Err(status);
         }
@@ -310,6 +335,67 @@ impl AgentService for Svc {
         _: Request<GetPoolScalingSignalRequest>,
     ) -> Result<Response<GetPoolScalingSignalResponse>, Status> {
         Err(Status::unimplemented("scripted"))
+    }
+}
+
+/// A URL nothing listens on: connects to it are refused at once.
+pub async fn unreachable_url() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    drop(listener);
+    format!("http://{addr}")
+}
+
+/// A reconnect policy whose first delay alone outlasts any test's [`WAIT`]:
+/// a test that waits one fails instead of passing slowly.
+pub fn glacial_backoff() -> ReconnectPolicy {
+    ReconnectPolicy {
+        initial_backoff: Duration::from_secs(3600),
+        max_backoff: Duration::from_secs(3600),
+        multiplier: 2.0,
+        jitter: 0.0,
+    }
+}
+
+/// The SDK's log events on this thread, each flattened to one line of
+/// `name=value` fields, so a test can wait for what the agent decided.
+/// (`#[tokio::test]` runs the agent's tasks on the test's thread.)
+pub struct LogCapture {
+    lines: mpsc::UnboundedReceiver<String>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl LogCapture {
+    pub fn start() -> Self {
+        use tracing_subscriber::layer::SubscriberExt;
+        let (tx, lines) = mpsc::unbounded_channel();
+        let subscriber = tracing_subscriber::registry().with(CaptureLayer(tx));
+        Self { lines, _guard: tracing::subscriber::set_default(subscriber) }
+    }
+
+    /// The next line containing `needle`, skipping the others.
+    pub async fn wait_for(&mut self, needle: &str) -> String {
+        loop {
+            let line = tokio::time::timeout(WAIT, self.lines.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no log line with {needle:?} within {WAIT:?}"))
+                .expect("capture gone");
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+}
+
+struct CaptureLayer(mpsc::UnboundedSender<String>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CaptureLayer {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let mut line = String::new();
+        event.record(&mut |field: &tracing::field::Field, value: &dyn std::fmt::Debug| {
+            line.push_str(&format!("{}={:?} ", field.name(), value));
+        });
+        let _ = self.0.send(line);
     }
 }
 
