@@ -53,12 +53,21 @@ impl Cluster {
     }
 
     async fn replica_with(&mut self, engine: EngineConfig) -> TestServer {
+        self.start(engine, true).await
+    }
+
+    /// A replica that sends and gets no wake-ups: only sweeps move work.
+    async fn loner(&mut self) -> TestServer {
+        self.start(replica_config(), false).await
+    }
+
+    async fn start(&mut self, engine: EngineConfig, member: bool) -> TestServer {
         let store = Arc::new(DynamoStore::with_client(dynamodb_local::client(), &self.prefix));
         let dir = DataDir::new();
         let path = dir.path().to_path_buf();
         self._dirs.push(dir);
-        let options =
-            Options { store: Some(store.clone()), membership: Some(store), engine: Some(engine), ..Options::default() };
+        let membership: Option<Arc<dyn Membership>> = if member { Some(store.clone()) } else { None };
+        let options = Options { store: Some(store), membership, engine: Some(engine), ..Options::default() };
         TestServer::start_at(path, options).await
     }
 
@@ -260,6 +269,25 @@ async fn a_wake_up_carries_a_job_to_an_idle_agent_on_another_replica_without_a_s
         agent.finish(&r, pb::JobOutcome::Succeeded, "").await;
         assert!(agent.next_ack().await.accepted);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweeps_find_a_ready_job_behind_a_thousand_delayed_ones() {
+    // Sweeps read a bounded window of the queue (64 jobs per shard); each
+    // resumes where the last stopped, so jobs behind it are found too.
+    let mut cluster = Cluster::new("window").await;
+    let a = cluster.loner().await;
+    let b = cluster.loner().await;
+    let mut q = a.queue().await;
+    let later = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let requests = (0..1000)
+        .map(|i| pb::EnqueueJobRequest { not_before: Some(later.into()), ..job("window", &format!("{i}")) })
+        .collect();
+    q.batch_enqueue_jobs(pb::BatchEnqueueJobsRequest { requests }).await.expect("enqueue delayed jobs");
+    let ready = q.enqueue_job(job("window", "now")).await.expect("enqueue").into_inner().job.expect("job");
+    let mut agent = RawAgent::connect(&b, hello("behind", 1)).await.expect("connect to b");
+    let r = agent.next_assignment().await.job.expect("job ref");
+    assert_eq!(r.job_id, ready.id, "the ready job, not a delayed one");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,6 +40,14 @@ impl Engine {
             };
             match self.take_ready(&id).await {
                 Ok(job) => self.assign(job, agent_id),
+                // Taken by another replica since it was seen: a normal race.
+                Err(DomainError::Conflict(reason)) => tracing::debug!(job = %id, %reason, "queued job gone"),
+                // The store failed to answer (the job stays queued): trying
+                // the next job now would fail the same way.
+                Err(e @ (DomainError::Unavailable(_) | DomainError::NotFound { .. })) => {
+                    tracing::warn!(job = %id, error = %e, "could not dispatch a queued job; trying again later");
+                    return;
+                }
                 Err(e) => tracing::error!(job = %id, error = %e, "skipping unreadable queued job"),
             }
         }
@@ -195,12 +203,17 @@ impl Engine {
         }
         for job_id in resend {
             if let Some(job) = self.active.get(&job_id).cloned() {
-                self.push_after_commit(&id, AgentPush::Assign(Box::new(job)));
+                // Only if the claim applied (it may still be committing).
+                let needs = if self.shared { vec![job.seq] } else { Vec::new() };
+                self.push_after_commit_needing(&id, AgentPush::Assign(Box::new(job)), needs);
             }
         }
         for r in &resumed {
             self.renew_for_agent(r);
         }
+        // The Welcome depends on the take-overs alone: a release or renewal
+        // above that lost a race is settled by its own conflict.
+        self.touched.clear();
         for r in elsewhere {
             if self.take_over(&id, &r).await {
                 resumed.push(r);
@@ -267,6 +280,8 @@ impl Engine {
         if !job.is_current(r) || !job.state.is_active() || job.worker_id != agent_id || self.write_in_flight(job.seq) {
             return false;
         }
+        // A stale entry from when it was queued must not be dispatched again.
+        self.ready.remove(&job.id);
         let mut job = job;
         let state = job.state;
         job.lease_expire_time = Some(later(self.clock.now(), job.spec.lease_duration));

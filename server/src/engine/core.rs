@@ -159,6 +159,13 @@ pub(crate) struct Engine {
     committing_ids: Vec<(usize, u64, String)>,
     /// Agents whose slot a conflict freed: offered work after the commit.
     refill: Vec<String>,
+    /// Pending writes (by seq, with the job id) of jobs that lost a race:
+    /// built on a version another replica replaced, they are never sent
+    /// (one could otherwise apply over a different write of the same
+    /// version number), and what depends on them fails.
+    doomed: FastMap<u64, String>,
+    /// `doomed` of the batch being committed.
+    committing_doomed: FastMap<u64, String>,
     /// A way back into the engine's own queue, for store reads run as tasks.
     pub commands: mpsc::WeakSender<Command>,
     /// Where jobs that peers should hear about go (shared store with
@@ -287,6 +294,8 @@ impl Engine {
             touched: Vec::new(),
             committing_ids: Vec::new(),
             refill: Vec::new(),
+            doomed: FastMap::default(),
+            committing_doomed: FastMap::default(),
             commands,
             wakes,
             ready,
@@ -329,8 +338,12 @@ impl Engine {
             }
         }
         // Active jobs keep their leases, extended by the reconnect grace so
-        // their agents can come back and resume them after a restart.
-        for mut job in store.load_active().await? {
+        // their agents can come back and resume them after a restart. On a
+        // shared store they belong to whichever replica their agent is
+        // connected to: an agent that connects here takes its attempts over
+        // (`take_over`), and the sweep reaps leases nobody renews.
+        let active = if shared { Vec::new() } else { store.load_active().await? };
+        for mut job in active {
             if let Some(reason) = job.defect() {
                 engine.quarantine(job, reason);
                 continue;
@@ -454,6 +467,14 @@ impl Engine {
         }
         let mut pending = std::mem::take(&mut self.pending);
         if self.shared {
+            if !self.doomed.is_empty() {
+                let doomed = &self.doomed;
+                pending.writes.retain(|w| match w {
+                    Write::CreateJob(job) | Write::UpdateJob { job, .. } => !doomed.contains_key(&job.seq),
+                    _ => true,
+                });
+            }
+            self.committing_doomed = std::mem::take(&mut self.doomed);
             // Shared stores take seqs from the clock, not from a counter.
             self.committing_ids = pending
                 .writes
@@ -564,10 +585,15 @@ impl Engine {
                 (committing_ids.into_iter().map(|(_, seq, id)| (seq, id)).collect(), Some(e))
             }
         };
-        let failed: FastMap<u64, &str> = failed_ids.iter().map(|(seq, id)| (*seq, id.as_str())).collect();
+        let doomed = std::mem::take(&mut self.committing_doomed);
+        let failed: FastMap<u64, &str> = failed_ids
+            .iter()
+            .map(|(seq, id)| (*seq, id.as_str()))
+            .chain(doomed.iter().map(|(seq, id)| (*seq, id.as_str())))
+            .collect();
         self.run_effects_shared(effects, &failed, error.as_ref());
-        for (_, id) in &failed_ids {
-            self.on_conflict(id);
+        for (seq, id) in &failed_ids {
+            self.on_conflict(id, *seq);
         }
     }
 
@@ -577,7 +603,8 @@ impl Engine {
     fn run_effects_shared(&mut self, effects: Vec<Effect>, failed: &FastMap<u64, &str>, error: Option<&StoreError>) {
         let conflict = |needs: &[u64]| {
             if let Some(e) = error {
-                return Some(DomainError::Unavailable(format!("the store failed; the outcome is unknown: {e}")));
+                return (!needs.is_empty())
+                    .then(|| DomainError::Unavailable(format!("the store failed; the outcome is unknown: {e}")));
             }
             needs.iter().find_map(|seq| failed.get(seq)).map(|id| {
                 DomainError::Conflict(format!(
@@ -610,7 +637,10 @@ impl Engine {
     /// Forgets the stale local state of a job another replica changed: a
     /// local agent holding an attempt of it is told to stop and its slot is
     /// freed; the job is then read again from the store.
-    fn on_conflict(&mut self, id: &str) {
+    fn on_conflict(&mut self, id: &str, seq: u64) {
+        if self.pending.by_job.contains_key(&seq) {
+            self.doomed.insert(seq, id.to_string());
+        }
         self.ready.remove(id);
         if let Some(job) = self.take_active(id) {
             let worker = job.worker_id.clone();
@@ -653,8 +683,9 @@ impl Engine {
             return; // a newer local write will conflict or apply; it decides
         }
         if let Some(local) = self.active.get(&job.id) {
-            if local.version != job.version {
-                self.on_conflict(&job.id);
+            // An older stored version is a read from before a local write.
+            if job.version > local.version {
+                self.on_conflict(&job.id, job.seq);
                 self.refill_agents().await;
             }
             return;
@@ -695,6 +726,7 @@ impl Engine {
 
     /// Offers work to agents whose slots conflicts freed.
     async fn refill_agents(&mut self) {
+        self.touched.clear();
         for agent in std::mem::take(&mut self.refill) {
             self.fill_agent(&agent).await;
         }
@@ -884,6 +916,7 @@ impl Engine {
     }
 
     async fn on_timer(&mut self) {
+        self.touched.clear();
         let now = self.clock.now();
         if self.failed.is_some() {
             return;

@@ -417,8 +417,10 @@ impl Engine {
             tracing::info!(job = %job.id, %reason, "attempt expired");
             let attempt = job.attempt_ref();
             let worker = job.worker_id.clone();
+            let seq = job.seq;
             self.fail_attempt(job, reason.clone(), failure);
-            self.push_after_commit(&worker, AgentPush::Cancel { job: attempt, reason });
+            let needs = if self.shared { vec![seq] } else { Vec::new() };
+            self.push_after_commit_needing(&worker, AgentPush::Cancel { job: attempt, reason }, needs);
         }
     }
 

@@ -178,6 +178,11 @@ impl ReadySet {
     /// Adds a job; it is dispatchable at once if its ready time has come.
     /// Returns true if it is dispatchable now.
     pub fn insert(&mut self, entry: ReadyEntry, now: SystemTime) -> bool {
+        // A job is held once: a newer state of it replaces the older one
+        // (an entry left behind would be found again and again).
+        if self.locations.contains_key(entry.id.as_str()) {
+            self.remove(&entry.id);
+        }
         let ReadyEntry { id, seq, queue, priority, routing, create_time, ready_time, body } = entry;
         let queue = self.intern(queue);
         let body = body.map(|job| Body::pack(job, &mut self.scratch));

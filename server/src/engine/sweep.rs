@@ -15,8 +15,10 @@ use super::Command;
 use crate::clock::Clock;
 use crate::store::Store;
 
-/// How many of the oldest queued jobs a sweep reads: its cost is bounded
-/// however long the queue. (Newer jobs are found as older ones leave.)
+/// How many queued jobs a sweep reads: its cost is bounded however long
+/// the queue. Each sweep resumes where the last one stopped and starts over
+/// at the end, so every queued job is seen within a few sweeps even behind
+/// thousands of jobs no agent here can run yet.
 const SWEEP_QUEUED: usize = 512;
 
 pub(crate) async fn run(
@@ -25,14 +27,21 @@ pub(crate) async fn run(
     interval: Duration,
     commands: mpsc::WeakSender<Command>,
 ) {
+    let mut cursor = 0;
     loop {
         let wait = jittered(interval);
         clock.sleep_until(tether::time::later(clock.now(), wait)).await;
         let swept = async {
-            Ok::<_, crate::store::StoreError>((store.oldest_queued(SWEEP_QUEUED).await?, store.load_active().await?))
+            Ok::<_, crate::store::StoreError>((
+                store.queued_after(cursor, SWEEP_QUEUED).await?,
+                store.load_active().await?,
+            ))
         };
         let (queued, active) = match swept.await {
-            Ok(found) => found,
+            Ok(((queued, next), active)) => {
+                cursor = next.unwrap_or(0);
+                (queued, active)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "sweep of the shared store failed; trying again");
                 continue;

@@ -86,8 +86,8 @@ impl<S: Store, H: WriteHook> Store for HookedStore<S, H> {
         self.inner.counter(name).await
     }
 
-    async fn oldest_queued(&self, limit: usize) -> StoreResult<Vec<QueuedEntry>> {
-        self.inner.oldest_queued(limit).await
+    async fn queued_after(&self, after_seq: u64, limit: usize) -> StoreResult<(Vec<QueuedEntry>, Option<u64>)> {
+        self.inner.queued_after(after_seq, limit).await
     }
 
     fn limits(&self) -> StoreLimits {

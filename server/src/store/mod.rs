@@ -231,13 +231,18 @@ pub trait Store: Send + Sync + 'static {
     async fn load_queued(&self) -> StoreResult<Vec<QueuedEntry>>;
     /// Every claimed or running job (start-up, and sweeps of shared stores).
     async fn load_active(&self) -> StoreResult<Vec<Job>>;
-    /// The oldest queued jobs, at most about `limit` (a sweep's bounded
-    /// look at the ready index: it costs the same however long the queue).
-    async fn oldest_queued(&self, limit: usize) -> StoreResult<Vec<QueuedEntry>> {
-        let mut queued = self.load_queued().await?;
+    /// Queued jobs after `after_seq` in seq order, at most about `limit`
+    /// (a sweep's bounded look at the ready index: it costs the same
+    /// however long the queue), and where the next look resumes (`None`:
+    /// nothing beyond them, start over).
+    async fn queued_after(&self, after_seq: u64, limit: usize) -> StoreResult<(Vec<QueuedEntry>, Option<u64>)> {
+        let mut queued: Vec<QueuedEntry> =
+            self.load_queued().await?.into_iter().filter(|e| e.seq > after_seq).collect();
         queued.sort_by_key(|e| e.seq);
+        let more = queued.len() > limit;
         queued.truncate(limit);
-        Ok(queued)
+        let next = if more { queued.last().map(|e| e.seq) } else { None };
+        Ok((queued, next))
     }
     /// Counts of every (queue, state, priority) with a non-zero count.
     async fn counts(&self) -> StoreResult<Vec<CountRow>>;

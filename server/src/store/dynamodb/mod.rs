@@ -194,13 +194,10 @@ impl Store for DynamoStore {
         self.all_in_states(&[JobState::Claimed, JobState::Running]).await
     }
 
-    async fn oldest_queued(&self, limit: usize) -> StoreResult<Vec<QueuedEntry>> {
-        Ok(self
-            .oldest_per_shard(JobState::Queued, limit.div_ceil(SHARDS as usize))
-            .await?
-            .iter()
-            .map(QueuedEntry::of)
-            .collect())
+    async fn queued_after(&self, after_seq: u64, limit: usize) -> StoreResult<(Vec<QueuedEntry>, Option<u64>)> {
+        let per_shard = limit.div_ceil(SHARDS as usize);
+        let (jobs, next) = self.oldest_per_shard(JobState::Queued, after_seq, per_shard).await?;
+        Ok((jobs.iter().map(QueuedEntry::of).collect(), next))
     }
 
     async fn counts(&self) -> StoreResult<Vec<CountRow>> {

@@ -126,9 +126,18 @@ impl DynamoStore {
         Ok(Page { items, next: None })
     }
 
-    /// The `per_shard` oldest jobs of each shard of `state`: one query per
-    /// shard, all at once (eventually consistent: a proposal, never proof).
-    pub(super) async fn oldest_per_shard(&self, state: JobState, per_shard: usize) -> StoreResult<Vec<Job>> {
+    /// The `per_shard` oldest jobs after `after_seq` of each shard of
+    /// `state`: one query per shard, all at once (eventually consistent: a
+    /// proposal, never proof). Also where to resume: the least last seq of
+    /// the shards that have more (everything up to it was seen in every
+    /// shard), or `None` when none has.
+    pub(super) async fn oldest_per_shard(
+        &self,
+        state: JobState,
+        after_seq: u64,
+        per_shard: usize,
+    ) -> StoreResult<(Vec<Job>, Option<u64>)> {
+        let walk = if after_seq == 0 { Walk::OldestAfter(None) } else { Walk::OldestAfter(Some(after_seq)) };
         let mut cursors: Vec<Cursor> = (0..SHARDS)
             .map(|shard| Cursor {
                 partition: state_partition(state, shard),
@@ -137,14 +146,19 @@ impl DynamoStore {
                 exhausted: false,
             })
             .collect();
-        try_join_all(cursors.iter_mut().map(|c| self.fill_once(c, Walk::OldestAfter(None), per_shard))).await?;
+        try_join_all(cursors.iter_mut().map(|c| self.fill_once(c, walk, per_shard))).await?;
+        let next = cursors
+            .iter()
+            .filter(|c| !c.exhausted && c.items.len() >= per_shard)
+            .filter_map(|c| c.items.back().map(|(seq, _)| *seq))
+            .min();
         let mut jobs = Vec::new();
         for (seq, item) in cursors.into_iter().flat_map(|c| c.items) {
             if let Some(job) = skip_corrupt(format_args!("job at seq {seq}"), decode_job_item(&item))? {
                 jobs.push(job);
             }
         }
-        Ok(jobs)
+        Ok((jobs, next))
     }
 
     /// Every job in `states`, oldest first (start-up scans).
