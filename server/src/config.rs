@@ -305,17 +305,18 @@ impl ServerArgs {
     }
 
     /// Where peers reach this replica: `--advertise-address`, else the
-    /// listen address when it names one host.
-    pub fn advertise(&self) -> anyhow::Result<String> {
+    /// address it listens on (`bound`: the port the OS chose for port 0)
+    /// when that names one host.
+    pub fn advertise(&self, bound: SocketAddr) -> anyhow::Result<String> {
         match &self.advertise_address {
             Some(url) => Ok(url.clone()),
-            None if self.listen.ip().is_unspecified() => anyhow::bail!(
+            None if bound.ip().is_unspecified() => anyhow::bail!(
                 "--listen {} is a wildcard address: set --advertise-address (e.g. http://10.0.1.5:{}) so other \
                  replicas can reach this one",
                 self.listen,
-                self.listen.port()
+                bound.port()
             ),
-            None => Ok(format!("http://{}", self.listen)),
+            None => Ok(format!("http://{bound}")),
         }
     }
 
@@ -581,4 +582,19 @@ dynamodb-region = "eu-west-1"
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
     }
+
+    #[test]
+    fn replicas_advertise_the_bound_address_unless_told() {
+        let args = load_from(["server", "--listen", "127.0.0.1:0"]).expect("valid");
+        let bound: SocketAddr = "127.0.0.1:40123".parse().expect("valid");
+        assert_eq!(args.advertise(bound).expect("valid"), "http://127.0.0.1:40123");
+        let wildcard = load_from(["server", "--listen", "0.0.0.0:50051"]).expect("valid");
+        let err = wildcard.advertise("0.0.0.0:50051".parse().expect("valid")).expect_err("wildcard").to_string();
+        assert!(err.contains("--advertise-address"), "{err}");
+        let told = load_from(["server", "--listen", "0.0.0.0:50051", "--advertise-address", "http://10.0.1.5:50051"])
+            .expect("valid");
+        assert_eq!(told.advertise("0.0.0.0:50051".parse().expect("valid")).expect("valid"), "http://10.0.1.5:50051");
+        assert!(load_from(["server", "--advertise-address", "10.0.1.5:50051"]).is_err(), "a URL is required");
+    }
+
 }

@@ -186,16 +186,16 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         "agent capacity (one connection and ~64 KiB each)"
     );
     let (store, membership) = open_store(&args).await?;
-    let cluster = match membership {
-        Some(membership) => Some(ClusterConfig::new(membership, args.advertise()?)),
-        None => None,
-    };
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let metrics_listener = match args.metrics_listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening for metrics on {addr}"))?,
         ),
+        None => None,
+    };
+    let cluster = match membership {
+        Some(membership) => Some(ClusterConfig::new(membership, args.advertise(listener.local_addr()?)?)),
         None => None,
     };
     let parts = ServerParts {

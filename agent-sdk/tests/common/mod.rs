@@ -357,47 +357,6 @@ pub fn glacial_backoff() -> ReconnectPolicy {
     }
 }
 
-/// The SDK's log events on this thread, each flattened to one line of
-/// `name=value` fields, so a test can wait for what the agent decided.
-/// (`#[tokio::test]` runs the agent's tasks on the test's thread.)
-pub struct LogCapture {
-    lines: mpsc::UnboundedReceiver<String>,
-    _guard: tracing::subscriber::DefaultGuard,
-}
-
-impl LogCapture {
-    pub fn start() -> Self {
-        use tracing_subscriber::layer::SubscriberExt;
-        let (tx, lines) = mpsc::unbounded_channel();
-        let subscriber = tracing_subscriber::registry().with(CaptureLayer(tx));
-        Self { lines, _guard: tracing::subscriber::set_default(subscriber) }
-    }
-
-    /// The next line containing `needle`, skipping the others.
-    pub async fn wait_for(&mut self, needle: &str) -> String {
-        loop {
-            let line = tokio::time::timeout(WAIT, self.lines.recv())
-                .await
-                .unwrap_or_else(|_| panic!("no log line with {needle:?} within {WAIT:?}"))
-                .expect("capture gone");
-            if line.contains(needle) {
-                return line;
-            }
-        }
-    }
-}
-
-struct CaptureLayer(mpsc::UnboundedSender<String>);
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CaptureLayer {
-    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        let mut line = String::new();
-        event.record(&mut |field: &tracing::field::Field, value: &dyn std::fmt::Debug| {
-            line.push_str(&format!("{}={:?} ", field.name(), value));
-        });
-        let _ = self.0.send(line);
-    }
-}
 
 /// What the test handler tells the test.
 #[derive(Clone, Debug, PartialEq, Eq)]
