@@ -596,5 +596,4 @@ dynamodb-region = "eu-west-1"
         assert_eq!(told.advertise("0.0.0.0:50051".parse().expect("valid")).expect("valid"), "http://10.0.1.5:50051");
         assert!(load_from(["server", "--advertise-address", "10.0.1.5:50051"]).is_err(), "a URL is required");
     }
-
 }

@@ -11,7 +11,6 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tether::v1 as pb;
 use tether::v1::queue_service_client::QueueServiceClient;
@@ -125,7 +124,11 @@ async fn agents_of_a_killed_replica_resume_their_jobs_on_another_and_nothing_rer
         let handler = move |ctx: JobContext| {
             let (runs, running, all_busy, mut gate) = (runs.clone(), running.clone(), all_busy.clone(), gate.clone());
             async move {
-                *runs.lock().unwrap_or_else(|e| e.into_inner()).entry((ctx.job_id().to_string(), ctx.attempt())).or_insert(0) += 1;
+                *runs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry((ctx.job_id().to_string(), ctx.attempt()))
+                    .or_insert(0) += 1;
                 if running.fetch_add(1, Ordering::SeqCst) + 1 == AGENTS * SLOTS as usize {
                     all_busy.notify_one();
                 }

@@ -357,7 +357,6 @@ pub fn glacial_backoff() -> ReconnectPolicy {
     }
 }
 
-
 /// What the test handler tells the test.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
