@@ -732,11 +732,13 @@ impl Engine {
         }
     }
 
-    pub fn push_now(&self, agent_id: &str, session_id: u64, push: AgentPush) {
-        if let Some(session) = self.agents.get(agent_id).and_then(|a| a.session.as_ref()) {
-            if session.id == session_id {
-                let _ = session.pushes.send(push);
-            }
+    pub fn push_now(&mut self, agent_id: &str, session_id: u64, push: AgentPush) {
+        let Some(session) = self.agents.get(agent_id).and_then(|a| a.session.as_ref()) else { return };
+        if session.id == session_id && session.pushes.send(push).is_err() {
+            // Nobody reads the session any more (its Connect failed after
+            // the engine opened it, e.g. its Welcome lost a race): it ends
+            // here as a broken stream would, and its grace period starts.
+            self.disconnected(agent_id, session_id);
         }
     }
 

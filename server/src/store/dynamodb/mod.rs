@@ -56,7 +56,8 @@ pub struct DynamoConfig {
     pub region: Option<String>,
 }
 
-/// The DynamoDB store.
+/// The DynamoDB store (cheap to clone: the SDK client is shared).
+#[derive(Clone)]
 pub struct DynamoStore {
     client: Client,
     tables: TableNames,
