@@ -79,7 +79,10 @@ async fn replica(client: aws_sdk_dynamodb::Client, prefix: &str, writes: Arc<Ato
         engine: EngineConfig::default(),
         max_agent_streams: 1000,
         ops: Default::default(),
-        cluster: Some(ClusterConfig { heartbeat: Duration::from_millis(500), ..ClusterConfig::new(membership, url.clone()) }),
+        cluster: Some(ClusterConfig {
+            heartbeat: Duration::from_millis(500),
+            ..ClusterConfig::new(membership, url.clone())
+        }),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(serve(listener, parts, async move {
