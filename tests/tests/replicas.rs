@@ -291,6 +291,31 @@ async fn sweeps_find_a_ready_job_behind_a_thousand_delayed_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_created_on_one_replica_is_known_to_another_at_once() {
+    let mut cluster = Cluster::new("pools").await;
+    let a = cluster.replica().await;
+    let b = cluster.replica().await;
+    let mut agents_a = a.agents().await;
+    agents_a
+        .create_agent_pool(pb::CreateAgentPoolRequest {
+            pool: Some(pb::AgentPool { name: "gpu".into(), max_size: 4, ..Default::default() }),
+        })
+        .await
+        .expect("create the pool on a");
+    // B learns it when a request names it, before any sweep.
+    let mut q = b.queue().await;
+    let request = pb::EnqueueJobRequest {
+        routing: Some(pb::Routing { pool: "gpu".into(), ..Default::default() }),
+        ..job("pools", "on gpu")
+    };
+    let enqueued = q.enqueue_job(request).await.expect("enqueue on b into a's pool").into_inner().job.expect("job");
+    let mut gpu = hello("gpu-agent", 1);
+    gpu.pool = "gpu".into();
+    let mut agent = RawAgent::connect(&b, gpu).await.expect("an agent of a's pool connects to b");
+    assert_eq!(agent.next_assignment().await.job.expect("job ref").job_id, enqueued.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_resumes_its_attempt_on_another_replica_without_a_rerun() {
     let mut cluster = Cluster::new("resume").await;
     let a = cluster.replica().await;

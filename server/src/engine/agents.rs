@@ -125,6 +125,7 @@ impl Engine {
     ) -> DomainResult<WelcomeInfo> {
         let now = self.clock.now();
         let mut hello = hello;
+        self.know_pool(&hello.pool).await;
         hello.labels = self.labels_with_pool_defaults("hello.pool", &hello.pool, hello.labels)?;
         let id = match self.agent_names.get(&(hello.pool.clone(), hello.name.clone())) {
             Some(id) => id.clone(),

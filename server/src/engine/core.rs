@@ -1053,7 +1053,7 @@ impl Engine {
             Command::Wake { jobs, reply } => {
                 let _ = reply.send(Ok(self.woken(jobs)));
             }
-            Command::Sweep { queued, active } => self.sweep(queued, active).await,
+            Command::Sweep { queued, active, pools } => self.sweep(queued, active, pools).await,
         }
     }
 

@@ -188,6 +188,7 @@ pub(crate) enum Command {
     Sweep {
         queued: Vec<QueuedEntry>,
         active: Vec<Job>,
+        pools: Vec<Pool>,
     },
 }
 

@@ -22,6 +22,26 @@ impl Engine {
         })
     }
 
+    /// On a shared store, a pool this replica does not know may have been
+    /// created through another one: the pools are read again before the
+    /// name is refused.
+    pub async fn know_pool(&mut self, name: &str) {
+        if self.shared && !self.pools.contains_key(name) {
+            match self.store.list_pools().await {
+                Ok(pools) => self.learn_pools(pools),
+                Err(e) => tracing::warn!(pool = %name, error = %e, "could not read the pools"),
+            }
+        }
+    }
+
+    /// The pools as the store holds them (shared store: every replica
+    /// changes them).
+    pub fn learn_pools(&mut self, pools: Vec<Pool>) {
+        if !pools.is_empty() {
+            self.pools = pools.into_iter().map(|p| (p.name.clone(), p)).collect();
+        }
+    }
+
     pub fn create_pool(&mut self, mut pool: Pool) -> DomainResult<Pool> {
         if self.pools.contains_key(&pool.name) {
             return Err(DomainError::AlreadyExists(format!("pool {:?} already exists", pool.name)));

@@ -17,6 +17,9 @@ use crate::domain::{AttemptRef, DomainError, DomainResult, Failure, Job, JobSpec
 impl Engine {
     pub async fn enqueue(&mut self, specs: Vec<JobSpec>) -> DomainResult<Vec<(Job, bool)>> {
         let limit = self.store.limits().max_payload_bytes;
+        for spec in &specs {
+            self.know_pool(&spec.routing.pool).await;
+        }
         for (i, spec) in specs.iter().enumerate() {
             if spec.payload.len() > limit {
                 let field = if specs.len() == 1 { "payload".to_string() } else { format!("requests[{i}].payload") };
@@ -253,6 +256,7 @@ impl Engine {
     }
 
     pub async fn claim_unary(&mut self, request: ClaimRequest) -> DomainResult<Option<Job>> {
+        self.know_pool(&request.pool).await;
         self.require_pool("pool", &request.pool)?;
         // Jobs whose time came but whose timer has not run yet are due too.
         let now = self.clock.now();
@@ -429,10 +433,16 @@ impl Engine {
     /// other replicas whose lease or timeout ended more than the clock skew
     /// tolerance ago are failed as lost (conditionally: a replica that
     /// renewed meanwhile wins).
-    pub async fn sweep(&mut self, queued: Vec<crate::store::QueuedEntry>, active: Vec<Job>) {
+    pub async fn sweep(
+        &mut self,
+        queued: Vec<crate::store::QueuedEntry>,
+        active: Vec<Job>,
+        pools: Vec<crate::domain::Pool>,
+    ) {
         if self.check_writable().is_err() {
             return;
         }
+        self.learn_pools(pools);
         let now = self.clock.now();
         let mut pools: Vec<String> = Vec::new();
         for entry in queued {

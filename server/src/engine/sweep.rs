@@ -32,15 +32,13 @@ pub(crate) async fn run(
         let wait = jittered(interval);
         clock.sleep_until(tether::time::later(clock.now(), wait)).await;
         let swept = async {
-            Ok::<_, crate::store::StoreError>((
-                store.queued_after(cursor, SWEEP_QUEUED).await?,
-                store.load_active().await?,
-            ))
+            let queued = store.queued_after(cursor, SWEEP_QUEUED).await?;
+            Ok::<_, crate::store::StoreError>((queued, store.load_active().await?, store.list_pools().await?))
         };
-        let (queued, active) = match swept.await {
-            Ok(((queued, next), active)) => {
+        let (queued, active, pools) = match swept.await {
+            Ok(((queued, next), active, pools)) => {
                 cursor = next.unwrap_or(0);
-                (queued, active)
+                (queued, active, pools)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "sweep of the shared store failed; trying again");
@@ -49,7 +47,7 @@ pub(crate) async fn run(
         };
         // The engine has stopped when its queue is gone.
         let Some(commands) = commands.upgrade() else { return };
-        if commands.send(Command::Sweep { queued, active }).await.is_err() {
+        if commands.send(Command::Sweep { queued, active, pools }).await.is_err() {
             return;
         }
     }
