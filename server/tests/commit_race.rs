@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tether_server::clock::ManualClock;
 use tether_server::domain::{AttemptRef, DomainError, Failure, JobSpec, JobState, Priority, RetryPolicy, Routing};
-use tether_server::engine::{ClaimRequest, EngineConfig, EngineHandle};
+use tether_server::engine::{ClaimRequest, EngineConfig, EngineHandle, HelloInfo};
 use tether_server::store::embedded::{EmbeddedOptions, EmbeddedStore};
 use tether_server::store::hooked::{HookedStore, WriteHook};
 use tether_server::store::{Store, StoreResult, Write, WriteOutcome};
@@ -108,4 +108,34 @@ async fn a_redrive_does_not_write_over_a_newer_uncommitted_state() {
     assert_eq!(cancelled.state, JobState::Cancelled);
     let stored = store.get_job(&job.id).await.expect("get").expect("stored");
     assert_eq!(stored.state, JobState::Cancelled, "the cancellation stands");
+}
+
+/// A session whose reader is gone (its Connect failed after the engine
+/// opened it) ends at the first push it cannot take, as a broken stream
+/// would: the agent is no longer shown connected, and the job pushed to it
+/// is not stranded on it past the grace period.
+#[tokio::test]
+async fn a_session_nobody_reads_ends_at_its_first_push() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open store"));
+    let clock = ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+    let (engine, _task) =
+        EngineHandle::start(store as Arc<dyn Store>, Arc::new(clock), EngineConfig::default()).await.expect("start");
+    let (pushes, unread) = tokio::sync::mpsc::unbounded_channel();
+    let hello = HelloInfo {
+        name: "ghost".into(),
+        pool: "default".into(),
+        labels: Default::default(),
+        slots: 1,
+        version: "test".into(),
+        running: Vec::new(),
+        answer_starts: false,
+    };
+    let welcome = engine.connect(hello, pushes).await.expect("connect");
+    assert!(engine.get_agent(welcome.agent_id.clone()).await.expect("agent").connected);
+    drop(unread);
+    // The job is assigned to the only agent; its push finds no reader.
+    engine.enqueue(vec![spec()]).await.expect("enqueue");
+    let view = engine.get_agent(welcome.agent_id.clone()).await.expect("agent");
+    assert!(!view.connected, "the unread session ended");
 }

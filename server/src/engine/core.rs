@@ -220,6 +220,34 @@ type CommitFuture = BoxFuture<'static, StoreResult<Vec<WriteOutcome>>>;
 /// it orders by enqueue time across replicas and fits a u64 until 2112).
 const SEQ_NONCE_BITS: u32 = 12;
 
+/// What a commit came to, for the effects that depend on its writes.
+enum Verdict<'a> {
+    /// Every write applied.
+    Applied,
+    /// The commit failed on an exclusive store: nothing it held is certain.
+    Failed(DomainError),
+    /// A shared store: the job writes of these seqs did not apply (another
+    /// replica won); after a store `error` no job write is certain.
+    Partial { failed: &'a FastMap<u64, &'a str>, error: Option<&'a StoreError> },
+}
+
+impl Verdict<'_> {
+    /// The error of an effect that needs the writes of `needs`, if any.
+    fn of(&self, needs: &[u64]) -> Option<DomainError> {
+        match self {
+            Verdict::Applied => None,
+            Verdict::Failed(e) => Some(e.clone()),
+            Verdict::Partial { error: Some(e), .. } => (!needs.is_empty())
+                .then(|| DomainError::Unavailable(format!("the store failed; the outcome is unknown: {e}"))),
+            Verdict::Partial { failed, error: None } => needs.iter().find_map(|seq| failed.get(seq)).map(|id| {
+                DomainError::Conflict(format!(
+                    "job {id} was changed by another replica at the same time; read it again and retry"
+                ))
+            }),
+        }
+    }
+}
+
 /// The channels between the engine task and the rest of the server.
 pub(crate) struct Channels {
     pub events: broadcast::Sender<JobEvent>,
@@ -462,7 +490,7 @@ impl Engine {
     fn submit(&mut self) -> Option<JoinHandle<StoreResult<Vec<WriteOutcome>>>> {
         if self.pending.writes.is_empty() {
             let effects = std::mem::take(&mut self.pending.effects);
-            self.run_effects(effects, Ok(()));
+            self.run_effects(effects, &Verdict::Applied);
             return None;
         }
         let mut pending = std::mem::take(&mut self.pending);
@@ -515,34 +543,36 @@ impl Engine {
             Err(e) => Err(e.to_string()),
         };
         match result {
-            Ok(()) => self.run_effects(effects, Ok(())),
+            Ok(()) => self.run_effects(effects, &Verdict::Applied),
             Err(reason) => {
                 // The in-memory state is now ahead of the store; refuse all
                 // further writes rather than acknowledge anything unsafe.
                 tracing::error!(%reason, "store commit failed; the engine stops serving writes");
                 let _ = self.serving.send(false);
                 self.failed = Some(reason.clone());
-                self.run_effects(effects, Err(DomainError::Unavailable(reason)));
+                self.run_effects(effects, &Verdict::Failed(DomainError::Unavailable(reason)));
             }
         }
     }
 
-    fn run_effects(&mut self, effects: Vec<Effect>, result: DomainResult<()>) {
+    /// Runs a batch's effects: each one whose writes the verdict does not
+    /// clear is answered with its error (replies) or dropped.
+    fn run_effects(&mut self, effects: Vec<Effect>, verdict: &Verdict<'_>) {
         for effect in effects {
             match effect {
-                Effect::Reply(reply, _) => reply(result.clone()),
-                Effect::Push { agent_id, session_id, push, .. } => {
-                    if result.is_ok() {
+                Effect::Reply(reply, needs) => reply(verdict.of(&needs).map_or(Ok(()), Err)),
+                Effect::Push { agent_id, session_id, push, needs } => {
+                    if verdict.of(&needs).is_none() {
                         self.push_now(&agent_id, session_id, push);
                     }
                 }
                 Effect::Event(event) => {
-                    if result.is_ok() {
+                    if verdict.of(&[event.job.seq]).is_none() {
                         let _ = self.events.send(event);
                     }
                 }
-                Effect::Wake { job, .. } => {
-                    if let (Ok(()), Some(wakes)) = (&result, &self.wakes) {
+                Effect::Wake { seq, job } => {
+                    if let (None, Some(wakes)) = (verdict.of(&[seq]), &self.wakes) {
                         let _ = wakes.send(job);
                     }
                 }
@@ -591,46 +621,9 @@ impl Engine {
             .map(|(seq, id)| (*seq, id.as_str()))
             .chain(doomed.iter().map(|(seq, id)| (*seq, id.as_str())))
             .collect();
-        self.run_effects_shared(effects, &failed, error.as_ref());
+        self.run_effects(effects, &Verdict::Partial { failed: &failed, error: error.as_ref() });
         for (seq, id) in &failed_ids {
             self.on_conflict(id, *seq);
-        }
-    }
-
-    /// Runs a committed batch's effects on a shared store, where some job
-    /// writes (by seq, in `failed`) may not have applied; after a store
-    /// `error` no effect is certain and replies carry it.
-    fn run_effects_shared(&mut self, effects: Vec<Effect>, failed: &FastMap<u64, &str>, error: Option<&StoreError>) {
-        let conflict = |needs: &[u64]| {
-            if let Some(e) = error {
-                return (!needs.is_empty())
-                    .then(|| DomainError::Unavailable(format!("the store failed; the outcome is unknown: {e}")));
-            }
-            needs.iter().find_map(|seq| failed.get(seq)).map(|id| {
-                DomainError::Conflict(format!(
-                    "job {id} was changed by another replica at the same time; read it again and retry"
-                ))
-            })
-        };
-        for effect in effects {
-            match effect {
-                Effect::Reply(reply, needs) => reply(conflict(&needs).map_or(Ok(()), Err)),
-                Effect::Push { agent_id, session_id, push, needs } => {
-                    if conflict(&needs).is_none() {
-                        self.push_now(&agent_id, session_id, push);
-                    }
-                }
-                Effect::Event(event) => {
-                    if error.is_none() && !failed.contains_key(&event.job.seq) {
-                        let _ = self.events.send(event);
-                    }
-                }
-                Effect::Wake { seq, job } => {
-                    if let (None, false, Some(wakes)) = (error, failed.contains_key(&seq), &self.wakes) {
-                        let _ = wakes.send(job);
-                    }
-                }
-            }
         }
     }
 
