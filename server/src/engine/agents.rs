@@ -79,11 +79,7 @@ impl Engine {
             last_seen_time: now,
             metrics: Default::default(),
         };
-        let id = agent.id.clone();
-        self.agent_names.insert((agent.pool.clone(), agent.name.clone()), id.clone());
-        self.pool_agents.entry(agent.pool.clone()).or_default().push(id.clone());
-        self.agents.insert(AgentEntry::new(agent));
-        id
+        self.track_agent(agent)
     }
 
     pub(crate) fn save_agent(&mut self, id: &str) {
@@ -205,7 +201,7 @@ impl Engine {
         for job_id in resend {
             if let Some(job) = self.active.get(&job_id).cloned() {
                 // Only if the claim applied (it may still be committing).
-                let needs = if self.shared { vec![job.seq] } else { Vec::new() };
+                let needs = vec![job.seq];
                 self.push_after_commit_needing(&id, AgentPush::Assign(Box::new(job)), needs);
             }
         }
@@ -258,11 +254,16 @@ impl Engine {
         if agent.health == Health::Terminated {
             return Ok(None);
         }
+        Ok(Some(self.track_agent(agent)))
+    }
+
+    /// Starts tracking a live agent: by id, by (pool, name) and in its pool.
+    fn track_agent(&mut self, agent: Agent) -> String {
         let id = agent.id.clone();
         self.agent_names.insert((agent.pool.clone(), agent.name.clone()), id.clone());
         self.pool_agents.entry(agent.pool.clone()).or_default().push(id.clone());
         self.agents.insert(AgentEntry::new(agent));
-        Ok(Some(id))
+        id
     }
 
     /// On a shared store: takes over an attempt another replica assigned to

@@ -234,9 +234,7 @@ impl Engine {
         // answer stands.
         let touched = self.touched.len();
         let job = self.claim(job, agent_id);
-        if self.touched.len() > touched && self.touched.last() == Some(&job.seq) {
-            self.touched.pop();
-        }
+        self.touched.truncate(touched);
         self.assignments += 1;
         if let Some(mut entry) = self.agents.get_mut(agent_id) {
             entry.last_assigned = self.assignments;
@@ -409,22 +407,13 @@ impl Engine {
             }
             self.deadlines.remove(&(t, id.clone()));
             let Some(job) = self.take_active(&id) else { continue };
-            let (reason, failure) = match (job.run_deadline, job.spec.timeout) {
-                (Some(deadline), Some(timeout)) if deadline <= now => {
-                    (format!("attempt {} timed out after {:?}", job.attempt, timeout), Failure::TimedOut)
-                }
-                _ => (
-                    format!("attempt {} lease expired (worker {} stopped renewing it)", job.attempt, job.worker_id),
-                    Failure::Lost,
-                ),
-            };
+            let (reason, failure) = expiry(&job, now);
             tracing::info!(job = %job.id, %reason, "attempt expired");
             let attempt = job.attempt_ref();
             let worker = job.worker_id.clone();
             let seq = job.seq;
             self.fail_attempt(job, reason.clone(), failure);
-            let needs = if self.shared { vec![seq] } else { Vec::new() };
-            self.push_after_commit_needing(&worker, AgentPush::Cancel { job: attempt, reason }, needs);
+            self.push_after_commit_needing(&worker, AgentPush::Cancel { job: attempt, reason }, vec![seq]);
         }
     }
 
@@ -477,18 +466,7 @@ impl Engine {
                 continue;
             }
             self.touched.clear();
-            let (reason, failure) = match (job.run_deadline, job.spec.timeout) {
-                (Some(end), Some(timeout)) if end <= horizon => {
-                    (format!("attempt {} timed out after {:?}", job.attempt, timeout), Failure::TimedOut)
-                }
-                _ => (
-                    format!(
-                        "attempt {} lease expired (worker {} stopped renewing it; reaped by another replica)",
-                        job.attempt, job.worker_id
-                    ),
-                    Failure::Lost,
-                ),
-            };
+            let (reason, failure) = expiry(&job, horizon);
             tracing::info!(job = %job.id, %reason, "attempt of another replica reaped");
             let requeued = self.fail_attempt(job, reason, failure);
             if requeued.state == JobState::Queued && !pools.contains(&requeued.spec.routing.pool) {
@@ -609,6 +587,20 @@ enum Planned {
     Existing(Box<Job>),
     /// The same key and request as an earlier entry of the batch.
     SameAs(usize),
+}
+
+/// Why an attempt whose deadline passed by `at` ends: its run timed out,
+/// or its lease ran out.
+fn expiry(job: &Job, at: SystemTime) -> (String, Failure) {
+    match (job.run_deadline, job.spec.timeout) {
+        (Some(deadline), Some(timeout)) if deadline <= at => {
+            (format!("attempt {} timed out after {:?}", job.attempt, timeout), Failure::TimedOut)
+        }
+        _ => (
+            format!("attempt {} lease expired (worker {} stopped renewing it)", job.attempt, job.worker_id),
+            Failure::Lost,
+        ),
+    }
 }
 
 fn stale(r: &AttemptRef, job: &Job) -> DomainError {
