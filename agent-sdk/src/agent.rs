@@ -130,13 +130,14 @@ impl Agent {
                     }
                 }
             };
-            let (welcomed, reason) = match end {
+            let (welcomed, moved, reason) = match end {
                 SessionEnd::Drained => return Ok(()),
                 SessionEnd::Fatal(e) => {
                     tracing::error!(error = %e, %server, "giving up");
                     return Err(e);
                 }
-                SessionEnd::Retry { welcomed, reason } => (welcomed, reason),
+                SessionEnd::Retry { welcomed, reason } => (welcomed, false, reason),
+                SessionEnd::Moved { reason } => (true, true, reason),
             };
             if welcomed {
                 backoff.reset();
@@ -146,7 +147,7 @@ impl Agent {
                 return Ok(());
             }
             let failed = *server;
-            let pause = rotation.advance(welcomed);
+            let pause = if moved { rotation.moved() } else { rotation.advance(welcomed) };
             let next = rotation.current().0;
             if pause == Pause::None {
                 tracing::warn!(%reason, server = %failed, %next, "stream ended; trying the next server");

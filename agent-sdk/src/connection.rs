@@ -38,6 +38,9 @@ pub(crate) enum SessionEnd {
     Drained,
     /// The stream broke; reconnect. `welcomed` resets the backoff.
     Retry { welcomed: bool, reason: String },
+    /// The server asked the agent to reconnect elsewhere (it is going
+    /// away): move to the next server at once, jobs still running.
+    Moved { reason: String },
     /// Give up with this error.
     Fatal(AgentError),
 }
@@ -195,11 +198,14 @@ impl Session<'_> {
                     }
                 }
                 msg = inbound.next() => match msg {
-                    Some(Ok(m)) => {
-                        if let Some(m) = m.message {
-                            self.on_message(m, lean);
+                    Some(Ok(m)) => match m.message {
+                        Some(In::Reconnect(r)) => {
+                            tracing::info!(reason = %r.reason, "server asked to reconnect elsewhere");
+                            return SessionEnd::Moved { reason: r.reason };
                         }
-                    }
+                        Some(m) => self.on_message(m, lean),
+                        None => {}
+                    },
                     Some(Err(status)) => return status_end(status, true),
                     None if shared.drain.is_cancelled() && shared.is_idle() => return SessionEnd::Drained,
                     None => return retry(true, "server closed the stream"),
@@ -230,6 +236,8 @@ impl Session<'_> {
             }
             In::JobUpdateAck(ack) => self.on_ack(ack),
             In::Welcome(_) => tracing::warn!("ignoring a second Welcome"),
+            // Handled by the stream loop, which ends the stream.
+            In::Reconnect(_) => {}
         }
     }
 

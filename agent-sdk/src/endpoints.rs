@@ -61,6 +61,19 @@ impl<T> Rotation<T> {
             Pause::None
         }
     }
+
+    /// Records that the server at [`current`](Self::current) asked the
+    /// agent to reconnect elsewhere: a fresh round at the next endpoint, at
+    /// once when there is another one to go to.
+    pub(crate) fn moved(&mut self) -> Pause {
+        self.current = (self.current + 1) % self.endpoints.len();
+        self.failed_in_round = 0;
+        if self.endpoints.len() > 1 {
+            Pause::None
+        } else {
+            Pause::Backoff
+        }
+    }
 }
 
 #[cfg(test)]
@@ -78,6 +91,18 @@ mod tests {
                 (at, r.advance(welcomed))
             })
             .collect()
+    }
+
+    #[test]
+    fn a_move_goes_to_the_next_endpoint_at_once() {
+        let mut r = Rotation::new(vec!["a", "b"]).expect("endpoints");
+        assert_eq!(r.moved(), Pause::None);
+        assert_eq!(*r.current(), "b");
+        // The round restarts: a failure at b tries a without backoff.
+        assert_eq!(r.advance(false), Pause::None);
+        assert_eq!(*r.current(), "a");
+        let mut single = Rotation::new(vec!["a"]).expect("endpoint");
+        assert_eq!(single.moved(), Pause::Backoff, "back to the same server only after the backoff");
     }
 
     #[test]

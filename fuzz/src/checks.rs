@@ -218,7 +218,7 @@ pub fn push(push: AgentPush) -> Option<tether_server::domain::AttemptRef> {
         }
         Some(M::Cancel(c)) => wire_job_ref("cancel.job", c.job.as_ref()),
         Some(M::JobUpdateAck(a)) => wire_job_ref("job_update_ack.job", a.job.as_ref()),
-        Some(M::Drain(_)) => {}
+        Some(M::Drain(_)) | Some(M::Reconnect(_)) => {}
         Some(M::Welcome(_)) | None => panic!("push_out rendered no push message"),
     }
     assigned_ref

@@ -313,6 +313,7 @@ impl Run {
             version: String::new(),
             running: Vec::new(),
             answer_starts: true,
+            reconnects: false,
         };
         if let Err(e) = self.f.engine.register_agent(hello).await {
             panic!("the engine refused a registration it always takes: {e}");

@@ -82,6 +82,18 @@ fn describe() {
         crate::listener::ACCEPT_ERRORS,
         "Failed accepts of connections, by kind (resources: out of file descriptors or memory; the server backs off)."
     );
+    describe_counter!(
+        crate::store::dynamodb::request_metrics::REQUESTS,
+        "DynamoDB requests by operation (each may take several attempts)."
+    );
+    describe_counter!(
+        crate::store::dynamodb::request_metrics::ATTEMPTS,
+        "DynamoDB attempts by operation and result (ok, throttled, condition_failed, conflict, transaction_cancelled, client_error, server_error, no_response); attempts minus requests are retries."
+    );
+    describe_counter!(
+        "tether_store_conflicts_total",
+        "Job writes that lost a race with another replica's write of the same job (claims included)."
+    );
     gauge!(AGENT_STREAMS).increment(0.0); // shown as 0 before the first agent
 }
 

@@ -130,6 +130,7 @@ async fn a_session_nobody_reads_ends_at_its_first_push() {
         version: "test".into(),
         running: Vec::new(),
         answer_starts: false,
+        reconnects: false,
     };
     let welcome = engine.connect(hello, pushes).await.expect("connect");
     assert!(engine.get_agent(welcome.agent_id.clone()).await.expect("agent").connected);

@@ -304,6 +304,13 @@ impl RawAgent {
         message.message.expect("message set")
     }
 
+    /// The next message from the server, or `None` once the stream has
+    /// ended (either way; panics after [`WAIT`]).
+    pub async fn next_or_end(&mut self) -> Option<pb::connect_response::Message> {
+        let message = tokio::time::timeout(WAIT, self.inbound.message()).await.expect("a server message in time");
+        message.ok().flatten().map(|m| m.message.expect("message set"))
+    }
+
     /// Waits for the next assignment, skipping other messages.
     pub async fn next_assignment(&mut self) -> pb::Assignment {
         loop {

@@ -368,3 +368,33 @@ async fn work_spreads_over_equally_free_agents() {
     }
     assert_eq!(counts, [2, 2, 2], "takers in order: {takers:?}");
 }
+
+#[tokio::test]
+async fn a_stopping_server_asks_protocol_3_agents_to_reconnect_and_turns_new_streams_away() {
+    let dir = DataDir::new();
+    let mut server = TestServer::start(&dir, Options::default()).await;
+    let mut v3 = RawAgent::connect(&server, pb::Hello { max_protocol_version: 3, ..hello("current", 1) })
+        .await
+        .expect("protocol 3");
+    assert_eq!(v3.welcome.protocol_version, 3);
+    let mut v2 = RawAgent::connect(&server, pb::Hello { max_protocol_version: 2, ..hello("older", 1) })
+        .await
+        .expect("protocol 2");
+    assert_eq!(v2.welcome.protocol_version, 2);
+
+    server.begin_stop();
+    match v3.next().await {
+        Down::Reconnect(r) => assert!(r.reason.contains("stopping"), "{r:?}"),
+        other => panic!("expected a Reconnect, got {other:?}"),
+    }
+    // While its agents move away, the server turns new streams away.
+    let late = RawAgent::connect(&server, pb::Hello { max_protocol_version: 3, ..hello("late", 1) }).await;
+    let refused = late.err().expect("a new stream is refused while the server stops");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("stopping"), "{refused:?}");
+    // The moved agent closes its stream; the server then drains. The older
+    // agent is never sent a Reconnect: its stream just ends.
+    drop(v3);
+    assert_eq!(v2.next_or_end().await, None, "protocol 2 gets no Reconnect");
+    server.stop().await;
+}

@@ -428,7 +428,7 @@ async fn bad_agent_input_gets_precise_statuses() {
     let hello_pool = RawAgent::connect(&server, pb::Hello { pool: "nope".into(), ..hello("x", 1) }).await.err();
     assert_eq!(hello_pool.map(|s| s.code()), Some(Code::NotFound));
     let versions =
-        RawAgent::connect(&server, pb::Hello { min_protocol_version: 3, max_protocol_version: 4, ..hello("x", 1) })
+        RawAgent::connect(&server, pb::Hello { min_protocol_version: 9, max_protocol_version: 10, ..hello("x", 1) })
             .await
             .err();
     assert_eq!(versions.map(|s| s.code()), Some(Code::FailedPrecondition));

@@ -11,13 +11,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tether::v1 as pb;
-use tether_agent_sdk::{Agent, AgentConfig, JobContext, JobResult};
+use tether_agent_sdk::{Agent, AgentConfig, JobContext, JobResult, ReconnectPolicy};
 use tether_server::engine::EngineConfig;
+use tether_server::store::dynamodb::faults::{Fault, FaultLayer};
 use tether_server::store::dynamodb::local as dynamodb_local;
 use tether_server::store::dynamodb::{tables, DynamoStore, TableNames};
 use tether_server::store::membership::Membership;
 use tether_tests::{
-    hello, job, state, test_engine_config, wait_for_event, wait_until, DataDir, Options, RawAgent, TestServer, WAIT,
+    hello, job, sample, scrape, state, test_engine_config, wait_for_event, wait_until, DataDir, Extras, Options,
+    RawAgent, TestServer, WAIT,
 };
 use tokio::sync::Notify;
 
@@ -395,4 +397,93 @@ async fn a_lease_left_by_a_stopped_replica_is_reaped_by_another() {
         .await
         .expect_err("a stale attempt is refused");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_replica_moves_its_agents_to_another_before_it_drains() {
+    let mut cluster = Cluster::new("move").await;
+    let mut a = cluster.replica().await;
+    let b = cluster.replica().await;
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let release = Arc::new(Notify::new());
+    let handler = {
+        let (runs, release) = (runs.clone(), release.clone());
+        move |ctx: JobContext| {
+            let (runs, release) = (runs.clone(), release.clone());
+            async move {
+                runs.lock().unwrap_or_else(|e| e.into_inner()).push((ctx.attempt(), ctx.fencing_token()));
+                release.notified().await;
+                JobResult::success("moved")
+            }
+        }
+    };
+    // A backoff of an hour: only a Reconnect (which moves at once to the
+    // other server) gets this agent to B within the test.
+    let hour = Duration::from_secs(3600);
+    let patient = ReconnectPolicy { initial_backoff: hour, max_backoff: hour, ..ReconnectPolicy::default() };
+    let config = AgentConfig::new(a.url.clone(), "mover")
+        .with_fallback_server(b.url.clone())
+        .with_slots(1)
+        .with_reconnect(patient);
+    let agent = Agent::new(config, handler);
+    let handle = agent.handle();
+    tokio::spawn(agent.run(futures::future::pending()));
+    tokio::time::timeout(WAIT, handle.wait_connected()).await.expect("in time").expect("connected");
+    assert_eq!(handle.server(), Some(a.url.clone()));
+
+    let mut q = a.queue().await;
+    let enqueued = q.enqueue_job(job("move", "work")).await.expect("enqueue").into_inner().job.expect("job");
+    wait_until("the job to start", || async { !runs.lock().unwrap_or_else(|e| e.into_inner()).is_empty() }).await;
+
+    // A is told to stop while the job runs: the agent moves to B at once and
+    // takes its running attempt with it.
+    a.begin_stop();
+    tokio::time::timeout(WAIT, handle.wait_sessions(2)).await.expect("moved in time").expect("moved");
+    assert_eq!(handle.server(), Some(b.url.clone()));
+    a.stop().await;
+
+    let mut watch = watch_succeeded(&b, "move").await;
+    release.notify_one();
+    let done = wait_for_event(&mut watch, |j| j.id == enqueued.id).await;
+    assert_eq!(state(&done), pb::QueuedJobState::Succeeded);
+    let runs = runs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert_eq!(runs, vec![(1, done.fencing_token)], "one run, as attempt 1, under the token B finished it with");
+    assert_eq!(done.attempt, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_requests_and_retries_are_counted_by_operation_and_result() {
+    let prefix = dynamodb_local::unique_prefix("counted");
+    if let Err(e) = tables::create_tables(&dynamodb_local::client(), &TableNames::new(&prefix)).await {
+        panic!("creating tables on DynamoDB Local: {e}");
+    }
+    // Every create is a transaction; the next two are throttled after they
+    // applied, so the SDK retries them (and the store recognises them).
+    let throttle = FaultLayer::new("TransactWriteItems", Fault::Throttled, 0);
+    let client = dynamodb_local::client_with_faults(throttle.clone());
+    let store = Arc::new(DynamoStore::with_client(client, &prefix));
+    let dir = DataDir::new();
+    let options = Options { store: Some(store), engine: Some(replica_config()), ..Options::default() };
+    let server =
+        TestServer::start_with(dir.path().to_path_buf(), options, Extras { metrics: true, ..Extras::default() }).await;
+    throttle.arm(2);
+    let mut q = server.queue().await;
+    for i in 0..3 {
+        q.enqueue_job(job("counted", &format!("job {i}"))).await.expect("enqueue");
+    }
+    assert_eq!(throttle.injected(), 2);
+    // The recorder is process-wide: other tests' requests may add to these.
+    let text = scrape(&server).await;
+    let of = |result: &str| {
+        sample(
+            &text,
+            &format!("tether_dynamodb_attempts_total{{operation=\"TransactWriteItems\",result=\"{result}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(of("throttled") >= 2.0, "{text}");
+    assert!(of("ok") >= 1.0, "{text}");
+    let requests = sample(&text, "tether_dynamodb_requests_total{operation=\"TransactWriteItems\"}").expect(&text);
+    assert!(requests >= 3.0, "{text}");
+    server.stop().await;
 }

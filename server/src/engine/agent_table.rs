@@ -278,7 +278,7 @@ mod tests {
         };
         let mut entry = AgentEntry::new(agent);
         let (pushes, _) = tokio::sync::mpsc::unbounded_channel();
-        entry.session = Some(Session { id: 1, pushes, answer_starts: false });
+        entry.session = Some(Session { id: 1, pushes, answer_starts: false, reconnects: false, moving: false });
         entry
     }
 
@@ -418,7 +418,7 @@ mod tests {
                         let mut a = table.get_mut(&id(i)).expect("agent");
                         a.session = c.then(|| {
                             let (pushes, _) = tokio::sync::mpsc::unbounded_channel();
-                            Session { id: 1, pushes, answer_starts: false }
+                            Session { id: 1, pushes, answer_starts: false, reconnects: false, moving: false }
                         });
                     }
                     Change::Labels(i, l) => table.get_mut(&id(i)).expect("agent").agent.labels = labels(l),

@@ -119,6 +119,11 @@ impl Engine {
         hello: HelloInfo,
         pushes: mpsc::UnboundedSender<AgentPush>,
     ) -> DomainResult<WelcomeInfo> {
+        if self.leaving.is_some() {
+            // Its agents are moving away; a new one would be told to move at
+            // once (or, on an older protocol, cut off soon).
+            return Err(DomainError::Unavailable("this server is stopping; connect to another one".into()));
+        }
         let now = self.clock.now();
         let mut hello = hello;
         self.know_pool(&hello.pool).await;
@@ -144,7 +149,14 @@ impl Engine {
         entry.agent.version = hello.version.clone();
         entry.agent.last_seen_time = now;
         entry.missed = 0;
-        entry.session = Some(Session { id: session_id, pushes, answer_starts: hello.answer_starts });
+        let replaced_mover = entry.session.as_ref().is_some_and(|s| s.moving && s.reconnects);
+        entry.session = Some(Session {
+            id: session_id,
+            pushes,
+            answer_starts: hello.answer_starts,
+            reconnects: hello.reconnects,
+            moving: false,
+        });
         entry.accepting = true;
         if entry.agent.scheduling == SchedulingStatus::Draining && hello.running.is_empty() {
             // A drained agent that comes back with nothing running starts over.
@@ -224,6 +236,9 @@ impl Engine {
         self.save_agent(&id);
         if draining {
             self.push_after_commit(&id, AgentPush::Drain { reason: "the agent is draining".into() });
+        }
+        if replaced_mover {
+            self.mover_left();
         }
         // The Welcome depends on the take-overs above, not on the claims
         // of the first assignments.
@@ -543,13 +558,16 @@ impl Engine {
         if entry.session.as_ref().map(|s| s.id) != Some(session_id) {
             return;
         }
-        entry.session = None;
+        let was_moving = entry.session.take().is_some_and(|s| s.moving && s.reconnects);
         entry.disconnected_at = Some(now);
         entry.agent.last_seen_time = now;
         tracing::info!(agent = %agent_id, running = entry.in_flight.len(), "agent stream closed; grace period started");
         drop(entry);
         self.grace.insert((later(now, grace), agent_id.to_string()));
         self.disarm_heartbeat_check(agent_id);
+        if was_moving {
+            self.mover_left();
+        }
     }
 
     /// Agents gone longer than the grace period lose their jobs and go
@@ -715,7 +733,9 @@ impl Engine {
             return self.agent_view(id);
         }
         entry.draining = true;
+        let mut was_moving = false;
         if let Some(session) = entry.session.take() {
+            was_moving = session.moving && session.reconnects;
             let _ = session.pushes.send(AgentPush::Drain { reason: "the agent was deregistered".into() });
         }
         let (pool, name) = (entry.agent.pool.clone(), entry.agent.name.clone());
@@ -726,6 +746,9 @@ impl Engine {
         }
         self.agent_names.remove(&(pool.clone(), name));
         self.disarm_heartbeat_check(id);
+        if was_moving {
+            self.mover_left();
+        }
         self.set_health(id, Health::Terminated, "deregistered".into());
         if let Some(ids) = self.pool_agents.get_mut(&pool) {
             ids.retain(|a| a != id);

@@ -63,6 +63,10 @@ pub(crate) struct Session {
     pub pushes: mpsc::UnboundedSender<AgentPush>,
     /// Answer accepted starts too (older protocol), not only refused ones.
     pub answer_starts: bool,
+    /// The agent understands Reconnect (protocol 3 and later).
+    pub reconnects: bool,
+    /// Told to reconnect elsewhere: gets no new work on this stream.
+    pub moving: bool,
 }
 
 /// An attempt assigned to an agent and not yet reported finished.
@@ -119,7 +123,7 @@ impl AgentEntry {
 
     /// Whether the dispatcher may give it new work now.
     pub fn takes_work(&self) -> bool {
-        self.session.is_some()
+        self.session.as_ref().is_some_and(|s| !s.moving)
             && self.accepting
             && !self.draining
             && self.agent.scheduling == crate::domain::SchedulingStatus::Active
@@ -157,6 +161,9 @@ pub(crate) struct Engine {
     /// (write index, seq, job id) of the job writes being committed (shared
     /// store only), to find what a conflict was about.
     committing_ids: Vec<(usize, u64, String)>,
+    /// Set once the replica is going away (see `leaving.rs`): how many
+    /// sessions told to reconnect elsewhere are still open.
+    pub leaving: Option<watch::Sender<usize>>,
     /// Agents whose slot a conflict freed: offered work after the commit.
     refill: Vec<String>,
     /// Pending writes (by seq, with the job id) of jobs that lost a race:
@@ -321,6 +328,7 @@ impl Engine {
             token_floor,
             touched: Vec::new(),
             committing_ids: Vec::new(),
+            leaving: None,
             refill: Vec::new(),
             doomed: FastMap::default(),
             committing_doomed: FastMap::default(),
@@ -693,8 +701,9 @@ impl Engine {
         }
     }
 
-    /// Tells peers about a job that is ready but no agent here took, once
-    /// its write applied.
+    /// Tells peers about a job, once its write applied: one that is ready
+    /// but no agent here took, or one another replica's agent holds and
+    /// that changed here (cancelled).
     pub fn wake_peers_after_commit(&mut self, job: &Job) {
         if self.wakes.is_some() {
             let wake = WakeJob { id: job.id.clone(), pool: job.spec.routing.pool.clone() };
@@ -702,12 +711,18 @@ impl Engine {
         }
     }
 
-    /// A peer's wake-up: jobs it made ready. Each one a free agent here
-    /// could run is read from the store (as a task) and offered to the
-    /// agents; returns how many.
+    /// A peer's wake-up: jobs it made ready, or changed while an agent here
+    /// holds them. Each one a free agent here could run is read from the
+    /// store (as a task) and offered to the agents; returns how many. A
+    /// held one is read again too: if a peer cancelled it, its agent is
+    /// told to stop (see `refreshed`).
     pub fn woken(&mut self, jobs: Vec<WakeJob>) -> u32 {
         let mut accepted = 0;
         for job in jobs {
+            if self.active.contains_key(&job.id) {
+                self.refresh(job.id);
+                continue;
+            }
             let known = self.ready.contains(&job.id) || self.active.contains_key(&job.id);
             if !known && self.agents.has_free_in_pool(&job.pool) {
                 accepted += 1;
@@ -1040,6 +1055,9 @@ impl Engine {
             }
             Command::Shutdown { reply } => {
                 let _ = reply.send(());
+            }
+            Command::Leave { reply } => {
+                let _ = reply.send(self.leave());
             }
             Command::Inspect { id } => self.inspect(&id).await,
             Command::Refreshed { job } => self.refreshed(*job).await,

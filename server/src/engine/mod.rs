@@ -10,6 +10,7 @@ mod agents;
 mod config;
 mod core;
 mod health;
+mod leaving;
 mod pools;
 mod queue;
 mod ready;
@@ -168,6 +169,10 @@ pub(crate) enum Command {
     },
     Shutdown {
         reply: oneshot::Sender<()>,
+    },
+    /// The replica is going away: see `Engine::leave`.
+    Leave {
+        reply: oneshot::Sender<watch::Receiver<usize>>,
     },
     /// A reader found the stored job defective: quarantine it if the engine
     /// still holds it queued or active.
@@ -404,6 +409,21 @@ impl EngineHandle {
         if self.commands.send(Command::Shutdown { reply }).await.is_ok() {
             let _ = done.await;
         }
+    }
+
+    /// Stops giving this replica's agents work and, once what is pending
+    /// is durable, tells those that understand it to reconnect elsewhere.
+    /// Returns once every such stream has closed or `within` has passed;
+    /// the number still open is returned.
+    pub async fn leave(&self, within: Duration) -> usize {
+        let (reply, told) = oneshot::channel();
+        if self.commands.send(Command::Leave { reply }).await.is_err() {
+            return 0;
+        }
+        let Ok(mut open) = told.await else { return 0 };
+        let _ = tokio::time::timeout(within, open.wait_for(|n| *n == 0)).await;
+        let left = *open.borrow();
+        left
     }
 
     /// Every job state change from now on.

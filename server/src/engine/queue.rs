@@ -480,6 +480,8 @@ impl Engine {
 
     pub async fn cancel(&mut self, id: String, reason: String) -> DomainResult<Job> {
         let reason = if reason.is_empty() { "cancelled by operator".to_string() } else { reason };
+        // Held by another replica's agent: that replica is told at once.
+        let mut held_elsewhere = false;
         let mut job = if self.ready.contains(&id) {
             self.take_ready_record(&id).await?
         } else if let Some(job) = self.take_active(&id) {
@@ -496,9 +498,13 @@ impl Engine {
                 }
                 Some(job) if job.state == JobState::DeadLettered => job,
                 // Queued or held by another replica: cancelled
-                // conditionally; a replica holding it learns it from its
-                // next write or sweep and tells its agent to stop.
-                Some(job) if self.shared && (job.state.is_active() || job.state == JobState::Queued) => job,
+                // conditionally; a replica holding it learns it from a
+                // wake-up sent once the cancel is durable (or, if that is
+                // lost, its next write or sweep) and tells its agent to stop.
+                Some(job) if self.shared && (job.state.is_active() || job.state == JobState::Queued) => {
+                    held_elsewhere = job.state.is_active();
+                    job
+                }
                 Some(job) if job.state.is_terminal() => {
                     return Err(DomainError::FailedPrecondition(format!(
                         "job {id} already finished ({:?}); only queued, claimed, running or dead-lettered jobs can be cancelled",
@@ -512,6 +518,9 @@ impl Engine {
         job.last_error = reason;
         job.finish(JobState::Cancelled, self.clock.now());
         self.persist(&mut job, Some(previous));
+        if held_elsewhere {
+            self.wake_peers_after_commit(&job);
+        }
         Ok(job)
     }
 

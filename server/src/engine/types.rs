@@ -13,9 +13,22 @@ use crate::domain::{Agent, AttemptRef, Health, Job, JobState, Metrics, Priority}
 #[derive(Debug, Clone)]
 pub enum AgentPush {
     Assign(Box<Job>),
-    Cancel { job: AttemptRef, reason: String },
-    Drain { reason: String },
-    UpdateAck { job: AttemptRef, accepted: bool, reason: String },
+    Cancel {
+        job: AttemptRef,
+        reason: String,
+    },
+    Drain {
+        reason: String,
+    },
+    /// Move the stream to another replica (protocol 3 and later).
+    Reconnect {
+        reason: String,
+    },
+    UpdateAck {
+        job: AttemptRef,
+        accepted: bool,
+        reason: String,
+    },
 }
 
 /// How an attempt ended, as the agent reports it.
@@ -79,6 +92,8 @@ pub struct HelloInfo {
     /// Whether the agent wants every accepted start answered (older
     /// protocol); otherwise only refused starts are.
     pub answer_starts: bool,
+    /// Whether the agent understands Reconnect (protocol 3 and later).
+    pub reconnects: bool,
 }
 
 /// The engine's answer to a Hello.

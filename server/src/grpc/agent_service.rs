@@ -10,7 +10,6 @@ use futures::{Stream, StreamExt};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use tether::time::to_duration;
@@ -48,6 +47,33 @@ impl AgentApi {
 }
 
 type ConnectStream = Pin<Box<dyn Stream<Item = Result<pb::ConnectResponse, Status>> + Send>>;
+
+/// The engine's pushes to one session, ending when the engine drops the
+/// session or, with its status, when the reader finds a protocol violation.
+fn session_pushes(
+    pushed: mpsc::UnboundedReceiver<crate::engine::AgentPush>,
+    fatal: oneshot::Receiver<Status>,
+) -> impl Stream<Item = Result<pb::ConnectResponse, Status>> {
+    // The state is `None` once the fatal status was sent: nothing follows
+    // it. The reader's channel is dropped once the reader ended without a
+    // violation; pushes then go on until the engine drops the session.
+    futures::stream::unfold(Some((pushed, Some(fatal))), |state| async move {
+        let (mut pushed, mut fatal) = state?;
+        loop {
+            let Some(reader) = fatal.as_mut() else {
+                return pushed.recv().await.map(|p| (Ok(push_out(p)), Some((pushed, None))));
+            };
+            tokio::select! {
+                biased;
+                status = reader => match status {
+                    Ok(status) => return Some((Err(status), None)),
+                    Err(_) => fatal = None,
+                },
+                push = pushed.recv() => return push.map(|p| (Ok(push_out(p)), Some((pushed, fatal)))),
+            }
+        }
+    })
+}
 
 /// Messages forwarded to the engine in one command at most.
 const INBOUND_BATCH: usize = 64;
@@ -208,15 +234,16 @@ impl AgentService for AgentApi {
             })),
         };
         // The welcome goes first; then the engine's pushes, until the engine
-        // drops the session or the reader reports a protocol violation
-        // (which ends the stream with that status).
+        // drops the session (the stream then ends cleanly: e.g. the server
+        // stopped) or the reader reports a protocol violation (which ends
+        // the stream with that status).
         let counted = crate::telemetry::AgentStreamGuard::open();
-        let pushes = UnboundedReceiverStream::new(pushed).map(move |p| {
-            let _held = (&permit, &counted); // released when the stream is dropped
-            Ok(push_out(p))
+        let held = (permit, counted); // released when the stream is dropped
+        let pushes = session_pushes(pushed, fatal_rx).map(move |p| {
+            let _held = &held;
+            p
         });
-        let fatal = futures::stream::once(fatal_rx).filter_map(|r| async move { r.ok().map(Err) });
-        let stream = futures::stream::once(async { Ok(welcome) }).chain(futures::stream::select(pushes, fatal));
+        let stream = futures::stream::once(async { Ok(welcome) }).chain(pushes);
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -235,6 +262,7 @@ impl AgentService for AgentApi {
                 version: String::new(),
                 running: Vec::new(),
                 answer_starts: true,
+                reconnects: false,
             })
         })()
         .map_err(to_status)?;

@@ -54,6 +54,7 @@ pub fn hello_in(hello: &pb::Hello) -> DomainResult<(HelloInfo, u32)> {
         version: hello.version.clone(),
         running,
         answer_starts: high < tether::PROTOCOL_LEAN_STARTS,
+        reconnects: high >= tether::PROTOCOL_RECONNECT,
     };
     Ok((info, high))
 }
@@ -171,6 +172,7 @@ pub fn push_out(push: AgentPush) -> pb::ConnectResponse {
         }),
         AgentPush::Cancel { job, reason } => M::Cancel(pb::Cancel { job: Some(job_ref_out(&job)), reason }),
         AgentPush::Drain { reason } => M::Drain(pb::Drain { reason }),
+        AgentPush::Reconnect { reason } => M::Reconnect(pb::Reconnect { reason }),
         AgentPush::UpdateAck { job, accepted, reason } => {
             M::JobUpdateAck(pb::JobUpdateAck { job: Some(job_ref_out(&job)), accepted, reason })
         }

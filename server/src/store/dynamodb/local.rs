@@ -115,6 +115,11 @@ pub fn client() -> Client {
     Client::from_conf(config().build())
 }
 
+/// A client of DynamoDB Local whose replies pass through `faults`.
+pub fn client_with_faults(faults: super::faults::FaultLayer) -> Client {
+    Client::from_conf(config().interceptor(faults).build())
+}
+
 /// The configuration of [`client`], to add a fault layer to.
 pub fn config() -> aws_sdk_dynamodb::config::Builder {
     aws_sdk_dynamodb::Config::builder()

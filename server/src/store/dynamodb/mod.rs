@@ -15,6 +15,7 @@ mod items;
 pub mod local;
 pub mod membership;
 mod reads;
+pub mod request_metrics;
 pub mod tables;
 mod writes;
 
@@ -93,9 +94,11 @@ impl DynamoStore {
         Ok(store)
     }
 
-    /// A store over an existing client; nothing is checked.
+    /// A store over an existing client (its requests counted, see
+    /// `request_metrics`); nothing is checked.
     pub fn with_client(client: Client, table_prefix: &str) -> DynamoStore {
-        DynamoStore { client, tables: TableNames::new(table_prefix) }
+        let counted = client.config().to_builder().interceptor(request_metrics::RequestMetrics).build();
+        DynamoStore { client: Client::from_conf(counted), tables: TableNames::new(table_prefix) }
     }
 
     /// Whether the tables are reachable and active.
