@@ -274,6 +274,47 @@ async fn a_wake_up_carries_a_job_to_an_idle_agent_on_another_replica_without_a_s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_through_one_replica_reaches_the_agent_on_another_without_a_sweep() {
+    // No sweep runs during the test: only the wake-up the cancel sends can
+    // tell replica B.
+    let quiet = EngineConfig { sweep_interval: Duration::from_secs(3600), ..replica_config() };
+    let mut cluster = Cluster::new("cancel").await;
+    let b = cluster.replica_with(quiet.clone()).await;
+    cluster.wait_for_members(1).await;
+    let a = cluster.replica_with(quiet).await;
+    cluster.wait_for_members(2).await;
+    let mut agent = RawAgent::connect(&b, hello("busy-on-b", 1)).await.expect("connect to b");
+    let mut on_b = b.queue().await;
+    let enqueued = on_b.enqueue_job(job("cancel", "long")).await.expect("enqueue").into_inner().job.expect("job");
+    let r = agent.next_assignment().await.job.expect("job ref");
+    agent.accept_and_start(&r).await;
+    assert!(agent.next_ack().await.accepted, "the start is durable");
+
+    let mut on_a = a.queue().await;
+    let cancelled = on_a
+        .cancel_queued_job(pb::CancelQueuedJobRequest { id: enqueued.id.clone(), reason: "stop it".into() })
+        .await
+        .expect("cancel through a")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(state(&cancelled), pb::QueuedJobState::Cancelled);
+    loop {
+        match agent.next().await {
+            pb::connect_response::Message::Cancel(c) => {
+                assert_eq!(c.job.as_ref(), Some(&r), "{c:?}");
+                break;
+            }
+            pb::connect_response::Message::Assignment(a) => panic!("unexpected assignment {a:?}"),
+            _ => {}
+        }
+    }
+    agent.finish(&r, pb::JobOutcome::Cancelled, "").await;
+    assert!(agent.next_ack().await.accepted, "the cancelled attempt's report is taken");
+    assert_eq!(state(&get(&b, &enqueued.id).await), pb::QueuedJobState::Cancelled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweeps_find_a_ready_job_behind_a_thousand_delayed_ones() {
     // Sweeps read a bounded window of the queue (64 jobs per shard); each
     // resumes where the last stopped, so jobs behind it are found too.
