@@ -18,7 +18,7 @@ use tether::v1 as pb;
 use tether::v1::replica_service_client::ReplicaServiceClient;
 
 use crate::clock::Clock;
-use crate::engine::WakeJob;
+use crate::engine::PeerNotice;
 use crate::store::membership::{Membership, Replica};
 
 /// How a replica joins its cluster.
@@ -62,7 +62,7 @@ const WAKE_TIMEOUT: Duration = Duration::from_secs(2);
 pub fn spawn(
     config: ClusterConfig,
     clock: Arc<dyn Clock>,
-    wakes: mpsc::UnboundedReceiver<WakeJob>,
+    wakes: mpsc::UnboundedReceiver<PeerNotice>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     let peers: Arc<RwLock<Vec<Peer>>> = Arc::default();
@@ -139,25 +139,29 @@ fn connect(replica: &Replica) -> Option<Peer> {
 async fn send_wakes(
     me: String,
     peers: Arc<RwLock<Vec<Peer>>>,
-    mut wakes: mpsc::UnboundedReceiver<WakeJob>,
+    mut wakes: mpsc::UnboundedReceiver<PeerNotice>,
     stop: CancellationToken,
 ) {
     loop {
         let first = tokio::select! {
             () = stop.cancelled() => return,
-            job = wakes.recv() => match job { Some(job) => job, None => return },
+            notice = wakes.recv() => match notice { Some(notice) => notice, None => return },
         };
         // Everything already waiting goes in the same request.
-        let mut jobs = vec![pb::WakeJob { id: first.id, pool: first.pool }];
-        while jobs.len() < WAKE_BATCH {
-            match wakes.try_recv() {
-                Ok(job) => jobs.push(pb::WakeJob { id: job.id, pool: job.pool }),
-                Err(_) => break,
+        let (mut jobs, mut agents) = (Vec::new(), Vec::new());
+        let mut next = Some(first);
+        while let Some(notice) = next.take() {
+            match notice {
+                PeerNotice::Job(job) => jobs.push(pb::WakeJob { id: job.id, pool: job.pool }),
+                PeerNotice::Agent(id) => agents.push(id),
+            }
+            if jobs.len() < WAKE_BATCH && agents.len() < WAKE_BATCH {
+                next = wakes.try_recv().ok();
             }
         }
         let targets = peers.read().unwrap_or_else(|e| e.into_inner()).clone();
         for peer in targets {
-            let request = pb::WakeRequest { replica_id: me.clone(), jobs: jobs.clone() };
+            let request = pb::WakeRequest { replica_id: me.clone(), jobs: jobs.clone(), agents: agents.clone() };
             let mut client = peer.client.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(WAKE_TIMEOUT, client.wake(request)).await {

@@ -315,6 +315,53 @@ async fn a_cancel_through_one_replica_reaches_the_agent_on_another_without_a_swe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_and_deregister_through_one_replica_reach_the_agent_on_another() {
+    let quiet = EngineConfig { sweep_interval: Duration::from_secs(3600), ..replica_config() };
+    let mut cluster = Cluster::new("drain").await;
+    let b = cluster.replica_with(quiet.clone()).await;
+    cluster.wait_for_members(1).await;
+    let a = cluster.replica_with(quiet).await;
+    cluster.wait_for_members(2).await;
+    // The agent registers on B after A started: A knows it only from the store.
+    let mut agent = RawAgent::connect(&b, hello("held-by-b", 1)).await.expect("connect to b");
+    let id = agent.agent_id.clone();
+    let mut on_a = a.agents().await;
+    let seen = on_a.get_agent(pb::GetAgentRequest { id: id.clone() }).await.expect("get through a").into_inner();
+    assert_eq!(seen.agent.as_ref().map(|a| a.name.as_str()), Some("held-by-b"));
+
+    let drained = on_a
+        .drain_agent(pb::DrainAgentRequest { id: id.clone(), reason: "maintenance".into() })
+        .await
+        .expect("drain through a")
+        .into_inner()
+        .agent
+        .expect("agent");
+    assert_eq!(drained.scheduling_status, pb::AgentSchedulingStatus::Draining as i32);
+    // Replica B pushes the Drain, told by A's notice alone (no sweeps run).
+    loop {
+        match agent.next().await {
+            pb::connect_response::Message::Drain(_) => break,
+            pb::connect_response::Message::Assignment(a) => panic!("unexpected assignment {a:?}"),
+            _ => {}
+        }
+    }
+
+    on_a.deregister_agent(pb::DeregisterAgentRequest { id: id.clone() }).await.expect("deregister through a");
+    let mut on_b = b.agents().await;
+    wait_until("replica b to see the agent deregistered", || {
+        let (mut on_b, id) = (on_b.clone(), id.clone());
+        async move {
+            on_b.get_agent(pb::GetAgentRequest { id })
+                .await
+                .is_ok_and(|r| r.into_inner().agent.is_some_and(|a| a.health == pb::AgentHealth::Terminated as i32))
+        }
+    })
+    .await;
+    let stored = on_b.get_agent(pb::GetAgentRequest { id }).await.expect("get through b").into_inner();
+    assert!(!stored.agent.is_some_and(|a| a.connected), "b let the deregistered agent's stream go");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweeps_find_a_ready_job_behind_a_thousand_delayed_ones() {
     // Sweeps read a bounded window of the queue (64 jobs per shard); each
     // resumes where the last stopped, so jobs behind it are found too.

@@ -273,7 +273,7 @@ impl Engine {
     }
 
     /// Starts tracking a live agent: by id, by (pool, name) and in its pool.
-    fn track_agent(&mut self, agent: Agent) -> String {
+    pub(super) fn track_agent(&mut self, agent: Agent) -> String {
         let id = agent.id.clone();
         self.agent_names.insert((agent.pool.clone(), agent.name.clone()), id.clone());
         self.pool_agents.entry(agent.pool.clone()).or_default().push(id.clone());

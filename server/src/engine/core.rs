@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use super::agent_table::{AgentTable, Filed};
 use super::config::EngineConfig;
 use super::ready::{ReadyEntry, ReadySet};
-use super::types::{AgentEvent, AgentPush, JobEvent, MetricsSample, WakeJob};
+use super::types::{AgentEvent, AgentPush, JobEvent, MetricsSample, PeerNotice, WakeJob};
 use super::Command;
 use crate::clock::Clock;
 use crate::domain::{Agent, DomainError, DomainResult, Health, Job, JobState, Pool, Priority};
@@ -37,6 +37,11 @@ pub(crate) enum Effect {
     Wake {
         seq: u64,
         job: WakeJob,
+    },
+    /// An operator changed an agent another replica may hold: peers are
+    /// told once the agent's record is written.
+    AgentChanged {
+        id: String,
     },
 }
 
@@ -177,7 +182,7 @@ pub(crate) struct Engine {
     pub commands: mpsc::WeakSender<Command>,
     /// Where jobs that peers should hear about go (shared store with
     /// peers only).
-    wakes: Option<mpsc::UnboundedSender<WakeJob>>,
+    wakes: Option<mpsc::UnboundedSender<PeerNotice>>,
     pub ready: ReadySet,
     /// Claimed and running jobs, full records.
     pub active: FastMap<String, Job>,
@@ -261,7 +266,7 @@ pub(crate) struct Channels {
     pub agent_events: broadcast::Sender<AgentEvent>,
     pub serving: watch::Sender<bool>,
     pub commands: mpsc::WeakSender<Command>,
-    pub wakes: Option<mpsc::UnboundedSender<WakeJob>>,
+    pub wakes: Option<mpsc::UnboundedSender<PeerNotice>>,
 }
 
 impl Engine {
@@ -581,7 +586,12 @@ impl Engine {
                 }
                 Effect::Wake { seq, job } => {
                     if let (None, Some(wakes)) = (verdict.of(&[seq]), &self.wakes) {
-                        let _ = wakes.send(job);
+                        let _ = wakes.send(PeerNotice::Job(job));
+                    }
+                }
+                Effect::AgentChanged { id } => {
+                    if let (None, Some(wakes)) = (verdict.of(&[]), &self.wakes) {
+                        let _ = wakes.send(PeerNotice::Agent(id));
                     }
                 }
             }
@@ -699,6 +709,11 @@ impl Engine {
             self.ready.insert(ReadyEntry::from_job(job), self.clock.now());
             self.dispatch_pool(&pool).await;
         }
+    }
+
+    /// Whether this replica tells peers about its changes (it has some).
+    pub fn wakes_peers(&self) -> bool {
+        self.wakes.is_some()
     }
 
     /// Tells peers about a job, once its write applied: one that is ready
@@ -1002,6 +1017,7 @@ impl Engine {
                 self.reply_after_commit(reply, result);
             }
             Command::GetAgent { id, reply } => {
+                self.read_agent_held_elsewhere(&id).await;
                 let _ = reply.send(self.agent_view(&id));
             }
             Command::ListAgents { filter, reply } => {
@@ -1011,11 +1027,15 @@ impl Engine {
                 let _ = reply.send(Ok(self.agent_counts()));
             }
             Command::DrainAgent { id, reason, reply } => {
+                let elsewhere = self.read_agent_held_elsewhere(&id).await;
                 let result = self.check_writable().and_then(|()| self.drain(&id, reason));
+                self.tell_holder(elsewhere, &id, &result);
                 self.reply_after_commit(reply, result);
             }
             Command::DeregisterAgent { id, reply } => {
+                let elsewhere = self.read_agent_held_elsewhere(&id).await;
                 let result = self.check_writable().and_then(|()| self.deregister(&id));
+                self.tell_holder(elsewhere, &id, &result);
                 self.reply_after_commit(reply, result);
             }
             Command::Heartbeat { agent_id, metrics, running, reply } => {
@@ -1026,10 +1046,12 @@ impl Engine {
                 self.reply_after_commit(reply, result);
             }
             Command::UpdateStatus { id, status, reason, reply } => {
+                let elsewhere = self.read_agent_held_elsewhere(&id).await;
                 let result = match self.check_writable() {
                     Ok(()) => self.update_status(&id, status, reason).await,
                     Err(e) => Err(e),
                 };
+                self.tell_holder(elsewhere, &id, &result);
                 self.reply_after_commit(reply, result);
             }
             Command::CreatePool { pool, reply } => {
@@ -1061,9 +1083,12 @@ impl Engine {
             }
             Command::Inspect { id } => self.inspect(&id).await,
             Command::Refreshed { job } => self.refreshed(*job).await,
-            Command::Wake { jobs, reply } => {
-                let _ = reply.send(Ok(self.woken(jobs)));
+            Command::Wake { jobs, agents, reply } => {
+                let accepted = self.woken(jobs);
+                self.agents_changed_elsewhere(agents);
+                let _ = reply.send(Ok(accepted));
             }
+            Command::AgentRefreshed { agent } => self.agent_refreshed(*agent).await,
             Command::Sweep { queued, active, pools } => self.sweep(queued, active, pools).await,
         }
     }

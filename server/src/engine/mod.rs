@@ -5,6 +5,7 @@
 //! effects of a batch (replies, pushes to agents, watch events) run only once
 //! the batch is durable.
 
+mod agent_sync;
 mod agent_table;
 mod agents;
 mod config;
@@ -29,7 +30,7 @@ pub use config::EngineConfig;
 pub use pools::PoolField;
 pub use types::{
     AgentEvent, AgentInbound, AgentPage, AgentPush, AgentView, ClaimRequest, HeartbeatAnswer, HelloInfo, JobEvent,
-    MetricsSample, Outcome, QueueStats, WakeJob, WelcomeInfo,
+    MetricsSample, Outcome, PeerNotice, QueueStats, WakeJob, WelcomeInfo,
 };
 
 use crate::clock::Clock;
@@ -182,7 +183,12 @@ pub(crate) enum Command {
     /// A peer's wake-up: jobs that became ready there.
     Wake {
         jobs: Vec<WakeJob>,
+        agents: Vec<String>,
         reply: Reply<u32>,
+    },
+    /// An agent read again after a peer said an operator changed it.
+    AgentRefreshed {
+        agent: Box<crate::domain::Agent>,
     },
     /// A job read again from a shared store after a conflict.
     Refreshed {
@@ -237,7 +243,7 @@ impl EngineHandle {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         config: EngineConfig,
-        wakes: Option<mpsc::UnboundedSender<WakeJob>>,
+        wakes: Option<mpsc::UnboundedSender<PeerNotice>>,
     ) -> Result<(EngineHandle, JoinHandle<()>), StoreError> {
         let (commands, receiver) = mpsc::channel(config.command_capacity);
         let (events, _) = broadcast::channel(8192);
@@ -294,8 +300,10 @@ impl EngineHandle {
     }
 
     /// Hands the engine a peer's wake-up; returns how many jobs it will try.
-    pub async fn wake(&self, jobs: Vec<WakeJob>) -> DomainResult<u32> {
-        self.call(|reply| Command::Wake { jobs, reply }).await
+    /// A peer's notice: jobs that became ready or changed there, and
+    /// agents whose stored record an operator changed there.
+    pub async fn wake(&self, jobs: Vec<WakeJob>, agents: Vec<String>) -> DomainResult<u32> {
+        self.call(|reply| Command::Wake { jobs, agents, reply }).await
     }
 
     pub async fn redrive(&self, id: String) -> DomainResult<Job> {

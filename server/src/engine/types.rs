@@ -174,6 +174,17 @@ pub struct HeartbeatAnswer {
     pub drain: bool,
 }
 
+/// What a replica tells its peers once the write behind it applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerNotice {
+    /// A job became ready, or changed while another replica's agent may
+    /// hold it (e.g. it was cancelled).
+    Job(WakeJob),
+    /// An operator changed an agent's stored record (drain, cordon,
+    /// deregister): the replica holding its stream applies it.
+    Agent(String),
+}
+
 /// A job that became ready on one replica, for its peers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WakeJob {

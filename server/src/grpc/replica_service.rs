@@ -51,11 +51,28 @@ fn wake_jobs_in(request: &pb::WakeRequest) -> Result<Vec<WakeJob>, DomainError> 
         .collect()
 }
 
+/// The agents of a wake-up, checked by the documented input rules.
+fn wake_agents_in(request: &pb::WakeRequest) -> Result<Vec<String>, DomainError> {
+    if request.agents.len() > validate::MAX_BATCH {
+        return Err(DomainError::invalid("agents", format!("at most {} agents", validate::MAX_BATCH)));
+    }
+    for (i, id) in request.agents.iter().enumerate() {
+        if id.is_empty() {
+            return Err(DomainError::invalid(format!("agents[{i}]"), "must not be empty"));
+        }
+        if id.len() > validate::MAX_IDEMPOTENCY_KEY {
+            return Err(DomainError::invalid(format!("agents[{i}]"), "must be at most 256 bytes"));
+        }
+    }
+    Ok(request.agents.clone())
+}
+
 #[tonic::async_trait]
 impl ReplicaService for ReplicaApi {
     async fn wake(&self, request: Request<pb::WakeRequest>) -> Result<Response<pb::WakeResponse>, Status> {
         let jobs = wake_jobs_in(request.get_ref()).map_err(to_status)?;
-        let accepted = self.engine.wake(jobs).await.map_err(to_status)?;
+        let agents = wake_agents_in(request.get_ref()).map_err(to_status)?;
+        let accepted = self.engine.wake(jobs, agents).await.map_err(to_status)?;
         Ok(Response::new(pb::WakeResponse { accepted }))
     }
 }
