@@ -328,6 +328,15 @@ async fn drain_and_deregister_through_one_replica_reach_the_agent_on_another() {
     let mut on_a = a.agents().await;
     let seen = on_a.get_agent(pb::GetAgentRequest { id: id.clone() }).await.expect("get through a").into_inner();
     assert_eq!(seen.agent.as_ref().map(|a| a.name.as_str()), Some("held-by-b"));
+    // Both replicas list it: connected to B, not to A.
+    let listed = |list: pb::ListAgentsResponse| {
+        list.agents.iter().find(|a| a.id == id).map(|a| a.connected).expect("the agent is listed")
+    };
+    let through_a = on_a.list_agents(pb::ListAgentsRequest::default()).await.expect("list through a").into_inner();
+    assert!(!listed(through_a), "a holds no stream of it");
+    let through_b =
+        b.agents().await.list_agents(pb::ListAgentsRequest::default()).await.expect("list through b").into_inner();
+    assert!(listed(through_b), "b holds its stream");
 
     let drained = on_a
         .drain_agent(pb::DrainAgentRequest { id: id.clone(), reason: "maintenance".into() })

@@ -11,20 +11,22 @@
 //! overwritten; the operator then sees the old status and repeats it.
 
 use super::core::{AgentEntry, Effect, Engine};
-use super::types::AgentView;
-use super::Command;
+use super::types::{AgentPage, AgentView};
+use super::{AgentListFilter, Command};
 use crate::domain::{Agent, DomainResult, Health, SchedulingStatus};
+use crate::store::AgentFilter;
 
 impl Engine {
-    /// On a shared store, re-reads an agent this replica does not hold a
-    /// stream of (nor any attempt of), so a command works on its current
-    /// record. Returns whether it is such an agent.
+    /// On a shared store, re-reads an agent this replica has not held the
+    /// stream of since it started, so a command works on its current
+    /// record (this replica's copy is only a cache of it). Returns whether
+    /// it is such an agent.
     pub(super) async fn read_agent_held_elsewhere(&mut self, id: &str) -> bool {
         if !self.shared {
             return false;
         }
         let local = self.agents.get(id);
-        if local.is_some_and(|e| e.session.is_some() || !e.in_flight.is_empty()) {
+        if local.is_some_and(|e| e.held_here || !e.in_flight.is_empty()) || self.agent_write_pending(id) {
             return false;
         }
         match self.store.get_agent(id).await {
@@ -99,5 +101,43 @@ impl Engine {
             Ok(()) => tracing::info!(agent = %id, "applied an agent change made through another replica"),
             Err(e) => tracing::warn!(agent = %id, error = %e, "could not apply an agent change made elsewhere"),
         }
+    }
+
+    /// ListAgents on a shared store: every replica lists the same agents,
+    /// from the store, each as this replica sees it when it holds the
+    /// agent's stream (connected, running attempts, metrics history) and as
+    /// stored otherwise. Pages by agent id like the local listing.
+    pub(super) async fn list_agents_shared(&self, filter: &AgentListFilter) -> DomainResult<AgentPage> {
+        let stored_filter = AgentFilter { pool: filter.pool.clone(), labels: filter.labels.clone() };
+        // One read: the DynamoDB listing scans the (small) agents table
+        // whatever the limit, and health is filtered here.
+        let stored = self
+            .store
+            .list_agents(&stored_filter, filter.after_id.as_deref(), usize::MAX)
+            .await
+            .map_err(super::store_error)?;
+        let mut agents = Vec::new();
+        for agent in stored {
+            let view = match self.agents.get(&agent.id) {
+                Some(e) if e.held_here => self.agent_view(&agent.id)?,
+                _ => AgentView { agent, connected: false, running: Vec::new(), metrics_history: Vec::new() },
+            };
+            if filter.health.is_empty() || filter.health.contains(&view.agent.health) {
+                agents.push(view);
+                if agents.len() > filter.limit {
+                    break;
+                }
+            }
+        }
+        let more = agents.len() > filter.limit;
+        agents.truncate(filter.limit);
+        let next_after = if more { agents.last().map(|a| a.agent.id.clone()) } else { None };
+        Ok(AgentPage { agents, next_after })
+    }
+
+    /// Whether a write of this agent is waiting for the next commit (the
+    /// stored record is then older than this replica's copy).
+    fn agent_write_pending(&self, id: &str) -> bool {
+        self.pending.writes.iter().any(|w| matches!(w, crate::store::Write::PutAgent(a) if a.id == id))
     }
 }

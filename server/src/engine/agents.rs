@@ -158,6 +158,7 @@ impl Engine {
             moving: false,
         });
         entry.accepting = true;
+        entry.held_here = true;
         if entry.agent.scheduling == SchedulingStatus::Draining && hello.running.is_empty() {
             // A drained agent that comes back with nothing running starts over.
             entry.agent.scheduling = SchedulingStatus::Active;

@@ -107,6 +107,10 @@ pub(crate) struct AgentEntry {
     /// count): ties among equally free agents go to the least recent, so
     /// work spreads instead of landing on whichever agent is listed last.
     pub last_assigned: u64,
+    /// This replica has held the agent's stream since it started: its copy
+    /// is then the agent's truth here, not a cache of another replica's
+    /// writes (see `agent_sync.rs`).
+    pub held_here: bool,
     /// The id, shared with the free-agent index.
     pub key: Arc<str>,
     /// Where the free-agent index holds this entry, if it takes work.
@@ -1021,7 +1025,9 @@ impl Engine {
                 let _ = reply.send(self.agent_view(&id));
             }
             Command::ListAgents { filter, reply } => {
-                let _ = reply.send(Ok(self.list_agents(&filter)));
+                let page =
+                    if self.shared { self.list_agents_shared(&filter).await } else { Ok(self.list_agents(&filter)) };
+                let _ = reply.send(page);
             }
             Command::AgentCounts { reply } => {
                 let _ = reply.send(Ok(self.agent_counts()));
@@ -1109,6 +1115,7 @@ impl AgentEntry {
             in_flight: FastMap::default(),
             draining: false,
             accepting: true,
+            held_here: false,
             disconnected_at: None,
             key: Arc::from(agent.id.as_str()),
             agent,
