@@ -151,7 +151,7 @@ pub(crate) async fn wait_for_job(clients: &Clients, job: QueuedJob, progress: bo
 /// is finished (`current` then holds it) or the stream ends.
 async fn watch_once(clients: &Clients, current: &mut QueuedJob, spinner: &Spinner) -> Result<WatchEnd, Status> {
     let id = current.id.clone();
-    let watch = WatchQueueRequest { queue: current.queue.clone(), states: Vec::new() };
+    let watch = WatchQueueRequest { queue: current.queue.clone(), ..Default::default() };
     let mut stream = clients.queue.clone().watch_queue(clients.req(watch)).await?.into_inner();
     *current = get_job(clients, &id).await?;
     spinner.show(current);
@@ -168,7 +168,9 @@ async fn watch_once(clients: &Clients, current: &mut QueuedJob, spinner: &Spinne
                 progressed = true;
                 if let Some(job) = event.job {
                     if job.id == id && is_not_older(&job, current) {
-                        *current = job;
+                        // Watch events carry no payload or result: a
+                        // finished job is read whole.
+                        *current = if is_finished(job.state) { get_job(clients, &id).await? } else { job };
                     }
                 }
                 // The server skipped events for this slow watcher; one of

@@ -13,6 +13,7 @@ mod health;
 mod pools;
 mod queue;
 mod ready;
+mod retention;
 mod sweep;
 mod types;
 
@@ -24,7 +25,7 @@ use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-pub use config::EngineConfig;
+pub use config::{EngineConfig, DEFAULT_EVENT_RETENTION, MAX_EVENT_RETENTION, MIN_EVENT_RETENTION};
 pub use pools::PoolField;
 pub use types::{
     AgentEvent, AgentInbound, AgentPage, AgentPush, AgentView, ClaimRequest, HeartbeatAnswer, HelloInfo, JobEvent,
@@ -36,7 +37,9 @@ use crate::domain::{
     AttemptRef, DomainError, DomainResult, Failure, Health, Job, JobSpec, Metrics, Pool, ScalingSignal,
     SchedulingStatus,
 };
-use crate::store::{CountRow, JobFilter, Ownership, Page, QueuedEntry, Store, StoreError};
+use crate::store::{
+    CountRow, Event, EventCursor, EventRead, JobFilter, Ownership, Page, QueuedEntry, Store, StoreError,
+};
 
 type Reply<T> = oneshot::Sender<DomainResult<T>>;
 
@@ -214,6 +217,17 @@ pub struct EngineHandle {
     agent_events: broadcast::Sender<AgentEvent>,
     store: Arc<dyn Store>,
     serving: Serving,
+    watch: WatchSettings,
+}
+
+/// What a watcher of the event log needs to know.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchSettings {
+    /// How long events are kept.
+    pub retention: std::time::Duration,
+    /// How often an idle watcher reads the log: only on a shared store,
+    /// where other replicas' changes do not wake it.
+    pub poll: Option<std::time::Duration>,
 }
 
 impl EngineHandle {
@@ -239,6 +253,11 @@ impl EngineHandle {
         let (agent_events, _) = broadcast::channel(1024);
         let (serving_tx, serving) = watch::channel(true);
         let sweep_interval = config.sweep_interval;
+        let (retention, trim_interval) = (config.event_retention, config.event_trim_interval);
+        let watch = WatchSettings {
+            retention,
+            poll: (store.ownership() == Ownership::Shared).then_some(config.event_poll_interval),
+        };
         let channels = core::Channels {
             events: events.clone(),
             agent_events: agent_events.clone(),
@@ -247,11 +266,12 @@ impl EngineHandle {
             wakes,
         };
         let engine = core::Engine::load(store.clone(), clock.clone(), config, channels).await?;
+        tokio::spawn(retention::run(store.clone(), clock.clone(), retention, trim_interval, commands.downgrade()));
         if store.ownership() == Ownership::Shared {
             tokio::spawn(sweep::run(store.clone(), clock, sweep_interval, commands.downgrade()));
         }
         let task = tokio::spawn(engine.run(receiver));
-        Ok((EngineHandle { commands, events, agent_events, store, serving }, task))
+        Ok((EngineHandle { commands, events, agent_events, store, serving, watch }, task))
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> DomainResult<T> {
@@ -457,6 +477,38 @@ impl EngineHandle {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    pub fn watch_settings(&self) -> WatchSettings {
+        self.watch
+    }
+
+    /// The event log's shard count (a cursor names a position in each).
+    pub fn event_shards(&self) -> u32 {
+        self.store.event_shards()
+    }
+
+    /// The cursor of the present.
+    pub async fn event_heads(&self) -> DomainResult<EventCursor> {
+        self.store.event_heads().await.map_err(store_error)
+    }
+
+    /// Events after `cursor`. A cursor this store did not issue is
+    /// INVALID_ARGUMENT naming `field`; one older than the retention is
+    /// [`DomainError::Expired`].
+    pub async fn read_events(&self, field: &str, cursor: &EventCursor, limit: usize) -> DomainResult<(Vec<Event>, EventCursor)> {
+        cursor
+            .check_shards(self.store.event_shards())
+            .map_err(|_| DomainError::invalid(field, "was issued by a server with another store; watch without a cursor"))?;
+        match self.store.read_events(cursor, limit).await.map_err(store_error)? {
+            EventRead::Events { events, next } => Ok((events, next)),
+            EventRead::Unknown => Err(DomainError::invalid(field, "is ahead of this server's event log: it was not issued by this server")),
+            EventRead::Expired => Err(DomainError::Expired(format!(
+                "{field} is older than the event retention ({}): the events after it were trimmed; watch again \
+                 without a cursor (from now) and read the current state with ListQueuedJobs",
+                crate::config::format_duration(self.watch.retention)
+            ))),
+        }
     }
 }
 

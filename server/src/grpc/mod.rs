@@ -3,10 +3,12 @@
 
 pub mod agent_service;
 pub mod convert;
+pub mod event_cursor;
 pub mod page_token;
 pub mod queue_service;
 pub mod replica_service;
 pub mod status;
+mod watch;
 pub mod stream_messages;
 
 pub use agent_service::AgentApi;

@@ -5,9 +5,12 @@
 //! [`WriteOutcome`], never as an error.
 //!
 //! A batch's writes to different items run concurrently; writes to one item
-//! run in batch order, so a batch still applies "in order" for every item.
+//! run in batch order, so a batch still applies "in order" for every item,
+//! and a handle's writes that log events run one at a time per event shard
+//! (`events.rs`).
 
 mod errors;
+mod events;
 #[cfg(any(test, feature = "conformance"))]
 pub mod faults;
 mod items;
@@ -31,13 +34,14 @@ use aws_config::{BehaviorVersion, Region};
 use aws_sdk_dynamodb::Client;
 use futures::stream::{self, StreamExt, TryStreamExt};
 
+pub use self::events::TTL_GRACE as EVENT_TTL_GRACE;
 pub use self::items::MAX_ITEM_BYTES;
 use self::items::{compose, key_of, s, SHARDS};
 use self::reads::{decode_record, Walk};
 pub use self::tables::TableNames;
 use super::{
-    AgentFilter, CountRow, JobFilter, LogChunk, Ownership, Page, QueuedEntry, Store, StoreError, StoreLimits,
-    StoreResult, Write, WriteOutcome,
+    AgentFilter, CountRow, EventCursor, EventRead, JobFilter, LogChunk, Ownership, Page, QueuedEntry, Store,
+    StoreError, StoreLimits, StoreResult, Trimmed, Write, WriteOutcome,
 };
 use crate::domain::{Agent, Job, JobState, Pool};
 
@@ -61,6 +65,12 @@ pub struct DynamoConfig {
 pub struct DynamoStore {
     client: Client,
     tables: TableNames,
+    /// The event shards' heads as this handle last saw them (clones share
+    /// them; another handle is another replica).
+    heads: std::sync::Arc<events::Heads>,
+    /// How long event items are kept before DynamoDB's TTL may delete them
+    /// (the retention; [`EVENT_TTL_GRACE`] is added).
+    event_ttl: Duration,
 }
 
 impl DynamoStore {
@@ -95,7 +105,19 @@ impl DynamoStore {
 
     /// A store over an existing client; nothing is checked.
     pub fn with_client(client: Client, table_prefix: &str) -> DynamoStore {
-        DynamoStore { client, tables: TableNames::new(table_prefix) }
+        DynamoStore {
+            client,
+            tables: TableNames::new(table_prefix),
+            heads: events::shared_heads(),
+            event_ttl: crate::engine::DEFAULT_EVENT_RETENTION,
+        }
+    }
+
+    /// Sets the event retention the TTL of new event items follows (the
+    /// server's `--event-retention`).
+    pub fn with_event_retention(mut self, retention: Duration) -> DynamoStore {
+        self.event_ttl = retention;
+        self
     }
 
     /// Whether the tables are reachable and active.
@@ -115,7 +137,7 @@ impl DynamoStore {
 /// The item a write touches: writes to one item keep their batch order.
 fn item_of(write: &Write) -> String {
     match write {
-        Write::CreateJob(job) => compose(&["job", &job.id]),
+        Write::CreateJob { job, .. } => compose(&["job", &job.id]),
         Write::UpdateJob { job, .. } => compose(&["job", &job.id]),
         Write::PutAgent(agent) => compose(&["agent", &agent.id]),
         Write::PutPool(pool) => compose(&["pool", &pool.name]),
@@ -266,6 +288,22 @@ impl Store for DynamoStore {
         Ok(pools)
     }
 
+    fn event_shards(&self) -> u32 {
+        SHARDS
+    }
+
+    async fn event_heads(&self) -> StoreResult<EventCursor> {
+        self.heads().await
+    }
+
+    async fn read_events(&self, after: &EventCursor, limit: usize) -> StoreResult<EventRead> {
+        self.events_after(after, limit).await
+    }
+
+    async fn trim_events(&self, before: std::time::SystemTime, limit: usize) -> StoreResult<Trimmed> {
+        self.trim_shards(before, limit).await
+    }
+
     /// A job item must stay under DynamoDB's 400 KB with its payload, its
     /// result and the rest of its record (labels, errors: at most ~60 KB).
     fn limits(&self) -> StoreLimits {
@@ -298,12 +336,9 @@ mod tests {
 
     #[test]
     fn writes_to_one_item_share_a_chain_and_others_do_not() {
-        let job = |id: &str| Box::new(crate::store::conformance::job(id, 1, "q", None));
-        assert_eq!(
-            item_of(&Write::CreateJob(job("a"))),
-            item_of(&Write::UpdateJob { job: job("a"), expected_version: 1 })
-        );
-        assert_ne!(item_of(&Write::CreateJob(job("a"))), item_of(&Write::CreateJob(job("b"))));
-        assert_ne!(item_of(&Write::DeletePool { name: "a".into() }), item_of(&Write::CreateJob(job("a"))));
+        let job = |id: &str| crate::store::conformance::job(id, 1, "q", None);
+        assert_eq!(item_of(&Write::create(job("a"))), item_of(&Write::update(job("a"), 1)));
+        assert_ne!(item_of(&Write::create(job("a"))), item_of(&Write::create(job("b"))));
+        assert_ne!(item_of(&Write::DeletePool { name: "a".into() }), item_of(&Write::create(job("a"))));
     }
 }

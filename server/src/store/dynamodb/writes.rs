@@ -12,9 +12,10 @@ use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use super::errors::{classify, condition_failed, is_conflict_code};
 use super::items::{compose, get_b, get_n, job_item, key_of, n, record_item, s, shard_of, CountKey, Item};
 use super::DynamoStore;
+use super::events::head_in;
 use crate::domain::Job;
 use crate::store::codec::{encode, priority_code};
-use crate::store::{LogChunk, StoreError, StoreResult, Write, WriteOutcome};
+use crate::store::{LogChunk, StoreError, StoreResult, Transition, Write, WriteOutcome};
 
 /// Tries of a write that meets another transaction on one of its items.
 const CONFLICT_TRIES: u32 = 12;
@@ -24,6 +25,9 @@ enum Try<T> {
     Done(T),
     /// Another transaction held an item: try again after a pause.
     Conflict,
+    /// The event shard's head had moved (another replica logged events in
+    /// it); the cache now holds the real head: try again at once.
+    StaleHead,
 }
 
 /// Runs `attempt` until it is not a conflict, with jittered exponential
@@ -36,6 +40,7 @@ where
     for round in 0..CONFLICT_TRIES {
         match attempt().await? {
             Try::Done(value) => return Ok(value),
+            Try::StaleHead => {}
             Try::Conflict => {
                 let ceiling = 2u64.saturating_pow(round.min(7)).saturating_mul(2);
                 let pause = rand::rng().random_range(1..=ceiling);
@@ -69,8 +74,10 @@ fn request_token() -> String {
 impl DynamoStore {
     pub(super) async fn apply(&self, write: &Write) -> StoreResult<WriteOutcome> {
         match write {
-            Write::CreateJob(job) => self.create_job(job).await,
-            Write::UpdateJob { job, expected_version } => self.update_job(job, *expected_version).await,
+            Write::CreateJob { job, events } => self.create_job(job, events).await,
+            Write::UpdateJob { job, expected_version, events } => {
+                self.update_job(job, *expected_version, events).await
+            }
             Write::PutAgent(agent) => {
                 let body = encode(agent.as_ref())?;
                 let keys = [("id", agent.id.clone()), ("pool_name", compose(&[&agent.pool, &agent.name]))];
@@ -155,8 +162,8 @@ impl DynamoStore {
     }
 
     /// One transaction: the job (if absent), its idempotency key (if any and
-    /// free) and its count.
-    async fn create_job(&self, job: &Job) -> StoreResult<WriteOutcome> {
+    /// free), its count, and its events with their shard's head.
+    async fn create_job(&self, job: &Job, events: &[Transition]) -> StoreResult<WriteOutcome> {
         let (item, _) = job_item(job)?;
         let shard = shard_of(&job.id);
         let mut items = vec![TransactWriteItem::builder()
@@ -191,18 +198,36 @@ impl DynamoStore {
             );
         }
         items.push(self.count_update(&CountKey::of(job), shard, 1)?);
+        let head_index = items.len() + 1;
         retry_conflicts("create job", || async {
+            // Held until the transaction is answered: this handle's event
+            // writes of one shard must not race on its head.
+            let mut head = self.heads.shard(shard).lock().await;
+            let mut items = items.clone();
+            let mut new_head = None;
+            if !events.is_empty() {
+                let known = self.known_head(shard, &mut head).await?;
+                if let Some(append) = self.append_items(job, events, shard, known)? {
+                    items.extend(append.items);
+                    new_head = Some(append.new_head);
+                }
+            }
             let sent = self
                 .client
                 .transact_write_items()
-                .set_transact_items(Some(items.clone()))
+                .set_transact_items(Some(items))
                 // The SDK's own retries reuse this token: a create whose
                 // reply was lost is not applied twice.
                 .client_request_token(request_token())
                 .send()
                 .await;
             let e = match sent {
-                Ok(_) => return Ok(Try::Done(WriteOutcome::Applied)),
+                Ok(_) => {
+                    if new_head.is_some() {
+                        *head = new_head;
+                    }
+                    return Ok(Try::Done(WriteOutcome::Applied));
+                }
                 Err(e) => e,
             };
             let Some(reasons) =
@@ -230,6 +255,10 @@ impl DynamoStore {
                 };
                 return Ok(Try::Done(WriteOutcome::IdempotencyKeyTaken { existing_job_id }));
             }
+            if new_head.is_some() && failed(head_index) {
+                *head = head_in(reasons.get(head_index).and_then(|r| r.item()));
+                return Ok(Try::StaleHead);
+            }
             if reasons.iter().any(|r| is_conflict_code(r.code())) {
                 return Ok(Try::Conflict);
             }
@@ -247,8 +276,8 @@ impl DynamoStore {
 
     /// Replaces the job if its stored version is `expected`. When its count
     /// moves (state, queue or priority changed) the count moves in the same
-    /// transaction.
-    async fn update_job(&self, job: &Job, expected: u64) -> StoreResult<WriteOutcome> {
+    /// transaction, and so do its events, with their shard's head.
+    async fn update_job(&self, job: &Job, expected: u64, events: &[Transition]) -> StoreResult<WriteOutcome> {
         let (item, body) = job_item(job)?;
         let shard = shard_of(&job.id);
         let new_key = CountKey::of(job);
@@ -264,7 +293,7 @@ impl DynamoStore {
                 return Ok(Try::Done(recognise(job, &body, Some(&stored))));
             }
             let old_key = count_key_of(&stored)?;
-            if old_key == new_key {
+            if old_key == new_key && events.is_empty() {
                 let sent = self
                     .client
                     .put_item()
@@ -294,11 +323,22 @@ impl DynamoStore {
                 .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
                 .build()
                 .map_err(build_error)?;
-            let items = vec![
-                TransactWriteItem::builder().put(put).build(),
-                self.count_update(&old_key, shard, -1)?,
-                self.count_update(&new_key, shard, 1)?,
-            ];
+            let mut items = vec![TransactWriteItem::builder().put(put).build()];
+            if old_key != new_key {
+                items.push(self.count_update(&old_key, shard, -1)?);
+                items.push(self.count_update(&new_key, shard, 1)?);
+            }
+            let head_index = items.len() + 1;
+            // Held until the transaction is answered (see create_job).
+            let mut head = self.heads.shard(shard).lock().await;
+            let mut new_head = None;
+            if !events.is_empty() {
+                let known = self.known_head(shard, &mut head).await?;
+                if let Some(append) = self.append_items(job, events, shard, known)? {
+                    items.extend(append.items);
+                    new_head = Some(append.new_head);
+                }
+            }
             let sent = self
                 .client
                 .transact_write_items()
@@ -307,14 +347,26 @@ impl DynamoStore {
                 .send()
                 .await;
             let e = match sent {
-                Ok(_) => return Ok(Try::Done(WriteOutcome::Applied)),
+                Ok(_) => {
+                    if new_head.is_some() {
+                        *head = new_head;
+                    }
+                    return Ok(Try::Done(WriteOutcome::Applied));
+                }
                 Err(e) => e,
             };
             match e.as_service_error() {
                 Some(aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c)) => {
                     let reasons = c.cancellation_reasons();
+                    // The job's condition decides first: a lost race is the
+                    // job's conflict even if the head had moved too.
                     if reasons.first().and_then(|r| r.code()) == Some("ConditionalCheckFailed") {
                         return Ok(Try::Done(recognise(job, &body, reasons.first().and_then(|r| r.item()))));
+                    }
+                    let head_failed = reasons.get(head_index).and_then(|r| r.code()) == Some("ConditionalCheckFailed");
+                    if new_head.is_some() && head_failed {
+                        *head = head_in(reasons.get(head_index).and_then(|r| r.item()));
+                        return Ok(Try::StaleHead);
                     }
                     if reasons.iter().any(|r| is_conflict_code(r.code())) {
                         return Ok(Try::Conflict);
