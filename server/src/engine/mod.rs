@@ -266,7 +266,7 @@ impl EngineHandle {
             wakes,
         };
         let engine = core::Engine::load(store.clone(), clock.clone(), config, channels).await?;
-        tokio::spawn(retention::run(store.clone(), clock.clone(), retention, trim_interval, commands.downgrade()));
+        tokio::spawn(retention::run(Arc::downgrade(&store), clock.clone(), retention, trim_interval, serving.clone()));
         if store.ownership() == Ownership::Shared {
             tokio::spawn(sweep::run(store.clone(), clock, sweep_interval, commands.downgrade()));
         }

@@ -5,12 +5,11 @@
 //! TTL (see `store/dynamodb/events.rs`). Any replica may trim: trims only
 //! ever raise the marks, so two at once do no harm.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 
-use super::Command;
 use crate::clock::Clock;
 use crate::store::Store;
 
@@ -19,21 +18,29 @@ use crate::store::Store;
 /// more remain.
 const TRIM_BATCH: usize = 4096;
 
+/// Trims every `interval` until the engine is gone (its `serving` sender
+/// dropped). Between trims it holds the store only weakly, so a stopped
+/// engine's store closes at once.
 pub(crate) async fn run(
-    store: Arc<dyn Store>,
+    store: Weak<dyn Store>,
     clock: Arc<dyn Clock>,
     retention: Duration,
     interval: Duration,
-    commands: mpsc::WeakSender<Command>,
+    mut serving: watch::Receiver<bool>,
 ) {
     loop {
-        // The engine has stopped when its queue is gone.
-        if commands.upgrade().is_none() {
-            return;
+        tokio::select! {
+            () = clock.sleep_until(tether::time::later(clock.now(), interval)) => {}
+            () = gone(&mut serving) => return,
         }
+        let Some(store) = store.upgrade() else { return };
         trim_once(store.as_ref(), clock.now(), retention).await;
-        clock.sleep_until(tether::time::later(clock.now(), interval)).await;
     }
+}
+
+/// Resolves when the engine has dropped its end of `serving`.
+async fn gone(serving: &mut watch::Receiver<bool>) {
+    while serving.changed().await.is_ok() {}
 }
 
 /// Trims everything older than `now - retention`; returns the groups

@@ -19,6 +19,11 @@ use crate::store::{LogChunk, StoreError, StoreResult, Transition, Write, WriteOu
 
 /// Tries of a write that meets another transaction on one of its items.
 const CONFLICT_TRIES: u32 = 12;
+/// Tries of a write whose event shard's head another replica keeps moving:
+/// each failed try learns the real head, so it only loses to writes that
+/// committed meanwhile; the pauses are short and jittered so two replicas
+/// writing one shard do not retry in lockstep.
+const HEAD_TRIES: u32 = 100;
 
 /// What one try of a write came to.
 enum Try<T> {
@@ -26,7 +31,8 @@ enum Try<T> {
     /// Another transaction held an item: try again after a pause.
     Conflict,
     /// The event shard's head had moved (another replica logged events in
-    /// it); the cache now holds the real head: try again at once.
+    /// it) or was being moved by another transaction; the cache now holds
+    /// the real head (or nothing, to read it): try again soon.
     StaleHead,
 }
 
@@ -37,18 +43,29 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = StoreResult<Try<T>>>,
 {
-    for round in 0..CONFLICT_TRIES {
+    let (mut round, mut head_rounds) = (0, 0);
+    while round < CONFLICT_TRIES && head_rounds < HEAD_TRIES {
         match attempt().await? {
             Try::Done(value) => return Ok(value),
-            Try::StaleHead => {}
+            Try::StaleHead => {
+                head_rounds += 1;
+                metrics::counter!("tether_store_event_head_retries_total").increment(1);
+                if head_rounds > 1 {
+                    let pause = rand::rng().random_range(0..=u64::from(head_rounds.min(16)) * 500);
+                    tokio::time::sleep(Duration::from_micros(pause)).await;
+                }
+            }
             Try::Conflict => {
                 let ceiling = 2u64.saturating_pow(round.min(7)).saturating_mul(2);
+                round += 1;
                 let pause = rand::rng().random_range(1..=ceiling);
                 tokio::time::sleep(Duration::from_millis(pause)).await;
             }
         }
     }
-    Err(StoreError::Unavailable(format!("{what}: still conflicting after {CONFLICT_TRIES} tries")))
+    Err(StoreError::Unavailable(format!(
+        "{what}: still conflicting after {round} tries ({head_rounds} on a moving event head)"
+    )))
 }
 
 /// For writes whose failed condition means there is nothing left to do.
@@ -259,6 +276,10 @@ impl DynamoStore {
                 *head = head_in(reasons.get(head_index).and_then(|r| r.item()));
                 return Ok(Try::StaleHead);
             }
+            if new_head.is_some() && head_busy(&reasons, head_index) {
+                *head = None;
+                return Ok(Try::StaleHead);
+            }
             if reasons.iter().any(|r| is_conflict_code(r.code())) {
                 return Ok(Try::Conflict);
             }
@@ -368,6 +389,10 @@ impl DynamoStore {
                         *head = head_in(reasons.get(head_index).and_then(|r| r.item()));
                         return Ok(Try::StaleHead);
                     }
+                    if new_head.is_some() && head_busy(reasons, head_index) {
+                        *head = None;
+                        return Ok(Try::StaleHead);
+                    }
                     if reasons.iter().any(|r| is_conflict_code(r.code())) {
                         return Ok(Try::Conflict);
                     }
@@ -379,6 +404,14 @@ impl DynamoStore {
         })
         .await
     }
+}
+
+/// Whether a transaction was cancelled only because another transaction
+/// held its event shard's head (another replica logging in that shard):
+/// head contention, not a conflict of the job.
+fn head_busy(reasons: &[aws_sdk_dynamodb::types::CancellationReason], head_index: usize) -> bool {
+    reasons.get(head_index).is_some_and(|r| is_conflict_code(r.code()))
+        && reasons.iter().enumerate().all(|(i, r)| i == head_index || matches!(r.code(), None | Some("None")))
 }
 
 /// A failed condition whose stored item is exactly what this write stores
