@@ -649,7 +649,16 @@ async fn watch_resumes_from_a_cursor_after_a_disconnect_missing_nothing_and_repe
     // Read two changes, keep the second's cursor, go away.
     let one = next_change(&mut watch).await;
     let two = next_change(&mut watch).await;
-    assert!(one.job.as_ref().is_some_and(|j| j.payload.is_empty()), "changes carry no payload");
+    assert_eq!(one.job.as_ref().map(|j| &j.payload[..]), Some(&b"0"[..]), "the payload is read back");
+    let mut bare = q
+        .watch_queue(pb::WatchQueueRequest { queue: "r".into(), cursor: one.cursor.clone(), skip_payload: true, ..Default::default() })
+        .await
+        .expect("watch")
+        .into_inner();
+    let bare_two = next_change(&mut bare).await;
+    assert_eq!(bare_two.cursor, two.cursor, "one position, one cursor, whichever watch");
+    assert!(bare_two.job.as_ref().is_some_and(|j| j.payload.is_empty()), "skip_payload leaves it out");
+    drop(bare);
     assert_eq!(one.dropped, 0);
     assert!(!two.cursor.is_empty() && two.cursor != one.cursor);
     let read: Vec<_> = [&one, &two].iter().map(|c| c.job.as_ref().expect("job").id.clone()).collect();

@@ -168,9 +168,7 @@ async fn watch_once(clients: &Clients, current: &mut QueuedJob, spinner: &Spinne
                 progressed = true;
                 if let Some(job) = event.job {
                     if job.id == id && is_not_older(&job, current) {
-                        // Watch events carry no payload or result: a
-                        // finished job is read whole.
-                        *current = if is_finished(job.state) { get_job(clients, &id).await? } else { job };
+                        *current = job;
                     }
                 }
                 // The server skipped events for this slow watcher; one of

@@ -219,7 +219,7 @@ impl QueueService for QueueApi {
         let cursor = event_cursor::decode("cursor", &req.cursor).map_err(to_status)?;
         let start = watch::start(&self.engine, cursor).await.map_err(to_status)?;
         let responses =
-            watch::spawn(self.engine.clone(), watch::Filter { queue, states }, start, self.stopping.clone());
+            watch::spawn(self.engine.clone(), watch::Filter { queue, states, skip_payload: req.skip_payload }, start, self.stopping.clone());
         Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
     }
 }

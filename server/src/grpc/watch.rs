@@ -30,6 +30,8 @@ const BUFFER: usize = 64;
 pub struct Filter {
     pub queue: Option<String>,
     pub states: Vec<JobState>,
+    /// Leave payload and result out (else each is read from the job).
+    pub skip_payload: bool,
 }
 
 impl Filter {
@@ -89,10 +91,16 @@ async fn run(
     let poll = engine.watch_settings().poll;
     loop {
         let full = events.len() >= READ_BATCH;
-        for event in in_time_order(std::mem::take(&mut events)) {
+        for mut event in in_time_order(std::mem::take(&mut events)) {
             cursor.advance(&event);
             if !filter.matches(&event) {
                 continue;
+            }
+            if !filter.skip_payload {
+                if let Err(e) = fill_payload(engine, &mut event).await {
+                    let _ = tx.send(Err(to_status(e))).await;
+                    return;
+                }
             }
             let response = pb::WatchQueueResponse {
                 job: Some(job_out(&event.job)),
@@ -115,6 +123,23 @@ async fn run(
             }
         }
     }
+}
+
+/// Puts back what the log leaves out: the payload (it never changes) and,
+/// for a success, the result (final once the job succeeded), from the
+/// job's record.
+async fn fill_payload(engine: &EngineHandle, event: &mut Event) -> DomainResult<()> {
+    let job = match engine.get_job(&event.job.id).await {
+        Ok(job) => job,
+        // Never deleted today; if it were, the change is still worth sending.
+        Err(crate::domain::DomainError::NotFound { .. }) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    event.job.spec.payload = job.spec.payload;
+    if event.job.state == JobState::Succeeded {
+        event.job.result = job.result;
+    }
+    Ok(())
 }
 
 /// Waits for a wake-up: a local commit's event, or the poll interval on a
