@@ -591,6 +591,20 @@ dynamodb-region = "eu-west-1"
     }
 
     #[test]
+    fn event_retention_is_bounded_and_set_by_flag_or_file() {
+        assert_eq!(parse_event_retention("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_event_retention("1m"), Ok(Duration::from_secs(60)));
+        for refused in ["59s", "0", "8761h", "", "forever", "-1h"] {
+            assert!(parse_event_retention(refused).is_err(), "{refused:?} accepted");
+        }
+        let args = load_from(["server", "--event-retention", "2h"]).expect("flag");
+        assert_eq!(args.engine_config().event_retention, Duration::from_secs(7200));
+        let default = load_from(["server"]).expect("default");
+        assert_eq!(default.engine_config().event_retention, crate::engine::DEFAULT_EVENT_RETENTION);
+        assert_eq!(default.to_file_config().event_retention.as_deref(), Some("24h"));
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));

@@ -219,6 +219,27 @@ mod tests {
         assert!(t.last_error.chars().all(|c| c == 'é'));
     }
 
+    /// The write cost in docs/dynamodb.md: a group of a typical job (UUID
+    /// ids, a label, a worker) with its one or two transitions stays within
+    /// one DynamoDB write unit (1 KB, with the item's other attributes).
+    #[test]
+    fn a_typical_group_fits_one_write_unit() {
+        let mut job = crate::store::conformance::job("0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b", 1, "builds", None);
+        job.spec.payload = bytes::Bytes::from(vec![7u8; 4096]);
+        let created = Transition::of(&job, None);
+        job.state = JobState::Claimed;
+        job.version = 2;
+        job.attempt = 1;
+        job.fencing_token = 1 << 33;
+        job.worker_id = "0193a1b2-c3d4-7e5f-8a9b-aaaaaaaaaaaa".into();
+        job.lease_expire_time = Some(job.update_time);
+        let claimed = Transition::of(&job, Some(JobState::Queued));
+        let one = crate::store::codec::encode(&EventGroup::of(&job, &[claimed.clone()], 1).expect("group")).expect("encode");
+        let two = crate::store::codec::encode(&EventGroup::of(&job, &[created, claimed], 1).expect("group")).expect("encode");
+        // Item attributes besides the body: names and numbers, under 100 bytes.
+        assert!(one.len() + 100 <= 1024 && two.len() + 100 <= 1024, "{} / {} bytes", one.len(), two.len());
+    }
+
     #[test]
     fn a_group_strips_payload_and_result_and_numbers_its_events() {
         let mut job = crate::store::conformance::job("j", 1, "q", None);
