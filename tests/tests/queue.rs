@@ -613,7 +613,11 @@ async fn next_change(watch: &mut tonic::Streaming<pb::WatchQueueResponse>) -> pb
         .expect("watch open")
 }
 
-async fn watch_from(q: &mut QueueServiceClient<Channel>, queue: &str, cursor: &str) -> tonic::Streaming<pb::WatchQueueResponse> {
+async fn watch_from(
+    q: &mut QueueServiceClient<Channel>,
+    queue: &str,
+    cursor: &str,
+) -> tonic::Streaming<pb::WatchQueueResponse> {
     q.watch_queue(pb::WatchQueueRequest { queue: queue.into(), cursor: cursor.into(), ..Default::default() })
         .await
         .expect("watch")
@@ -629,9 +633,14 @@ async fn run_one(q: &mut QueueServiceClient<Channel>, queue: &str) -> String {
         .into_inner()
         .job
         .expect("a job");
-    q.complete_job(pb::CompleteJobRequest { id: j.id.clone(), attempt: j.attempt, fencing_token: j.fencing_token, ..Default::default() })
-        .await
-        .expect("complete");
+    q.complete_job(pb::CompleteJobRequest {
+        id: j.id.clone(),
+        attempt: j.attempt,
+        fencing_token: j.fencing_token,
+        ..Default::default()
+    })
+    .await
+    .expect("complete");
     j.id
 }
 
@@ -651,7 +660,12 @@ async fn watch_resumes_from_a_cursor_after_a_disconnect_missing_nothing_and_repe
     let two = next_change(&mut watch).await;
     assert_eq!(one.job.as_ref().map(|j| &j.payload[..]), Some(&b"0"[..]), "the payload is read back");
     let mut bare = q
-        .watch_queue(pb::WatchQueueRequest { queue: "r".into(), cursor: one.cursor.clone(), skip_payload: true, ..Default::default() })
+        .watch_queue(pb::WatchQueueRequest {
+            queue: "r".into(),
+            cursor: one.cursor.clone(),
+            skip_payload: true,
+            ..Default::default()
+        })
         .await
         .expect("watch")
         .into_inner();

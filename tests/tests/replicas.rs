@@ -89,9 +89,9 @@ async fn watch_succeeded(server: &TestServer, queue: &str) -> tonic::Streaming<p
         states: vec![pb::QueuedJobState::Succeeded as i32],
         ..Default::default()
     })
-        .await
-        .expect("watch")
-        .into_inner()
+    .await
+    .expect("watch")
+    .into_inner()
 }
 
 async fn get(server: &TestServer, id: &str) -> pb::QueuedJob {

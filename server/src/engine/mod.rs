@@ -496,13 +496,21 @@ impl EngineHandle {
     /// Events after `cursor`. A cursor this store did not issue is
     /// INVALID_ARGUMENT naming `field`; one older than the retention is
     /// [`DomainError::Expired`].
-    pub async fn read_events(&self, field: &str, cursor: &EventCursor, limit: usize) -> DomainResult<(Vec<Event>, EventCursor)> {
-        cursor
-            .check_shards(self.store.event_shards())
-            .map_err(|_| DomainError::invalid(field, "was issued by a server with another store; watch without a cursor"))?;
+    pub async fn read_events(
+        &self,
+        field: &str,
+        cursor: &EventCursor,
+        limit: usize,
+    ) -> DomainResult<(Vec<Event>, EventCursor)> {
+        cursor.check_shards(self.store.event_shards()).map_err(|_| {
+            DomainError::invalid(field, "was issued by a server with another store; watch without a cursor")
+        })?;
         match self.store.read_events(cursor, limit).await.map_err(store_error)? {
             EventRead::Events { events, next } => Ok((events, next)),
-            EventRead::Unknown => Err(DomainError::invalid(field, "is ahead of this server's event log: it was not issued by this server")),
+            EventRead::Unknown => Err(DomainError::invalid(
+                field,
+                "is ahead of this server's event log: it was not issued by this server",
+            )),
             EventRead::Expired => Err(DomainError::Expired(format!(
                 "{field} is older than the event retention ({}): the events after it were trimmed; watch again \
                  without a cursor (from now) and read the current state with ListQueuedJobs",

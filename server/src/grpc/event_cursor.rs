@@ -52,7 +52,10 @@ pub fn decode(field: &str, text: &str) -> DomainResult<Option<EventCursor>> {
     let rest = bytes.strip_prefix(TAG).ok_or_else(foreign)?;
     let (&format, rest) = rest.split_first().ok_or_else(foreign)?;
     if format != FORMAT {
-        return Err(DomainError::invalid(field, format!("is a watch cursor of format {format}, which this server does not read")));
+        return Err(DomainError::invalid(
+            field,
+            format!("is a watch cursor of format {format}, which this server does not read"),
+        ));
     }
     let (&shards, mut rest) = rest.split_first().ok_or_else(foreign)?;
     let shards = usize::from(shards);
@@ -124,12 +127,12 @@ mod tests {
             "@@@".into(),
             spell(b"ev"),
             spell(b"xx\x01\x01\x00"),
-            spell(&raw[..raw.len() - 1]),      // truncated varint
-            spell(&raw[..4]),                  // truncated: no positions
-            spell(&extra),                     // trailing bytes
-            spell(b"ev\x01\x00"),              // no shards
-            spell(b"ev\x01\x41"),              // more shards than any layout
-            spell(b"ev\x01\x01\x80\x00"),      // non-minimal varint
+            spell(&raw[..raw.len() - 1]), // truncated varint
+            spell(&raw[..4]),             // truncated: no positions
+            spell(&extra),                // trailing bytes
+            spell(b"ev\x01\x00"),         // no shards
+            spell(b"ev\x01\x41"),         // more shards than any layout
+            spell(b"ev\x01\x01\x80\x00"), // non-minimal varint
             spell(&[b'e', b'v', 1, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]), // > u64
             "A".repeat(MAX_CURSOR + 1),
             crate::grpc::page_token::encode(crate::grpc::page_token::Listing::Jobs, Some("5")),

@@ -8,8 +8,8 @@ pub mod page_token;
 pub mod queue_service;
 pub mod replica_service;
 pub mod status;
-mod watch;
 pub mod stream_messages;
+mod watch;
 
 pub use agent_service::AgentApi;
 pub use queue_service::QueueApi;

@@ -11,9 +11,9 @@ use tether::v1 as pb;
 use tether::v1::queue_service_server::QueueService;
 
 use super::convert::{self, job_out};
-use super::{event_cursor, watch};
 use super::page_token::{self, Listing};
 use super::status::to_status;
+use super::{event_cursor, watch};
 use crate::domain::{validate, DomainError, Failure};
 use crate::engine::{ClaimRequest, EngineHandle};
 use crate::store::JobFilter;
@@ -218,8 +218,12 @@ impl QueueService for QueueApi {
         let queue = convert::name_filter("queue", &req.queue).map_err(to_status)?;
         let cursor = event_cursor::decode("cursor", &req.cursor).map_err(to_status)?;
         let start = watch::start(&self.engine, cursor).await.map_err(to_status)?;
-        let responses =
-            watch::spawn(self.engine.clone(), watch::Filter { queue, states, skip_payload: req.skip_payload }, start, self.stopping.clone());
+        let responses = watch::spawn(
+            self.engine.clone(),
+            watch::Filter { queue, states, skip_payload: req.skip_payload },
+            start,
+            self.stopping.clone(),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
     }
 }

@@ -77,6 +77,7 @@ macro_rules! store_conformance_suite {
             pools,
             events_are_logged_with_state_changes_only,
             failed_job_writes_log_no_events,
+            a_batch_logs_the_events_of_exactly_its_applied_writes,
             reading_from_a_cursor_returns_exactly_the_later_events,
             event_cursors_of_another_layout_or_ahead_are_refused,
             trimmed_events_answer_expired_never_a_skip);
@@ -108,10 +109,7 @@ pub async fn conditional_updates<S: Store>(store: S) {
     let j = job("a", 1, "q", None);
     write_one(&store, Write::create(j.clone())).await;
     let claimed = next(&j, JobState::Claimed);
-    assert_eq!(
-        write_one(&store, Write::update(claimed.clone(), 1)).await,
-        WriteOutcome::Applied
-    );
+    assert_eq!(write_one(&store, Write::update(claimed.clone(), 1)).await, WriteOutcome::Applied);
     // A second writer holding the old version loses.
     let stale = next(&j, JobState::Cancelled);
     assert_eq!(
@@ -127,13 +125,7 @@ pub async fn conditional_updates<S: Store>(store: S) {
     // Writes in one batch apply in order.
     let running = next(&claimed, JobState::Running);
     let done = next(&running, JobState::Succeeded);
-    let outcomes = store
-        .write(vec![
-            Write::update(running, 2),
-            Write::update(done, 3),
-        ])
-        .await
-        .expect("batch");
+    let outcomes = store.write(vec![Write::update(running, 2), Write::update(done, 3)]).await.expect("batch");
     assert_eq!(outcomes, vec![WriteOutcome::Applied, WriteOutcome::Applied]);
     assert_eq!(store.get_job("a").await.expect("get").map(|j| j.version), Some(4));
 }
@@ -145,10 +137,7 @@ pub async fn idempotency_keys<S: Store>(store: S) {
         WriteOutcome::IdempotencyKeyTaken { existing_job_id: "a".into() }
     );
     // Keys are scoped to their queue.
-    assert_eq!(
-        write_one(&store, Write::create(job("c", 3, "other", Some("k")))).await,
-        WriteOutcome::Applied
-    );
+    assert_eq!(write_one(&store, Write::create(job("c", 3, "other", Some("k")))).await, WriteOutcome::Applied);
     assert_eq!(store.find_by_idempotency_key("q", "k").await.expect("find").map(|j| j.id), Some("a".into()));
     assert_eq!(store.find_by_idempotency_key("q", "nope").await.expect("find"), None);
     assert_eq!(store.get_job("b").await.expect("get"), None);
@@ -197,11 +186,7 @@ pub async fn dead_letters_oldest_first<S: Store>(store: S) {
         let j = job(&format!("d{i}"), i, if i == 3 { "other" } else { "q" }, None);
         write_one(&store, Write::create(j.clone())).await;
         if i != 4 {
-            write_one(
-                &store,
-                Write::update(next(&j, JobState::DeadLettered), 1),
-            )
-            .await;
+            write_one(&store, Write::update(next(&j, JobState::DeadLettered), 1)).await;
         }
     }
     let page = store.list_dead_letters(Some("q"), None, 2).await.expect("list");
@@ -316,9 +301,7 @@ pub async fn concurrent_claims_have_one_winner<S: Store>(store: S) {
         let store = store.clone();
         let mut claim = next(&j, JobState::Claimed);
         claim.worker_id = format!("w{worker}");
-        tasks.push(tokio::spawn(async move {
-            store.write(vec![Write::update(claim, 1)]).await
-        }));
+        tasks.push(tokio::spawn(async move { store.write(vec![Write::update(claim, 1)]).await }));
     }
     let mut winners = 0;
     for task in tasks {
@@ -362,7 +345,11 @@ pub fn logged_move(job: &Job, state: JobState, at: SystemTime) -> (Job, Write) {
 
 /// Every event after `cursor`, read `limit` at a time, and the cursor after
 /// them.
-pub async fn read_all<S: Store + ?Sized>(store: &S, mut cursor: EventCursor, limit: usize) -> (Vec<Event>, EventCursor) {
+pub async fn read_all<S: Store + ?Sized>(
+    store: &S,
+    mut cursor: EventCursor,
+    limit: usize,
+) -> (Vec<Event>, EventCursor) {
     let mut all = Vec::new();
     loop {
         match store.read_events(&cursor, limit).await.expect("read events") {
@@ -405,7 +392,8 @@ pub async fn events_are_logged_with_state_changes_only<S: Store>(store: S) {
     let (running, _) = logged_move(&renewed, JobState::Running, t(12));
     let (mut done, _) = logged_move(&running, JobState::Succeeded, t(13));
     done.result = Bytes::from_static(b"result bytes");
-    let events = vec![Transition::of(&running, Some(JobState::Claimed)), Transition::of(&done, Some(JobState::Running))];
+    let events =
+        vec![Transition::of(&running, Some(JobState::Claimed)), Transition::of(&done, Some(JobState::Running))];
     let w = Write::UpdateJob { job: Box::new(done.clone()), expected_version: renewed.version, events };
     assert_eq!(write_one(&store, w).await, WriteOutcome::Applied);
 
@@ -515,11 +503,13 @@ pub async fn trimmed_events_answer_expired_never_a_skip<S: Store>(store: S) {
     let old: Vec<Job> = (0..6u64).map(|i| job(&format!("o{i}"), i + 1, "q", None)).collect();
     store.write(old.iter().map(logged_create).collect()).await.expect("create");
     let after_old = store.event_heads().await.expect("heads");
-    let young: Vec<Job> = (0..6u64).map(|i| {
-        let mut j = job(&format!("y{i}"), 1000 + i, "q", None);
-        j.update_time = t(1000 + i);
-        j
-    }).collect();
+    let young: Vec<Job> = (0..6u64)
+        .map(|i| {
+            let mut j = job(&format!("y{i}"), 1000 + i, "q", None);
+            j.update_time = t(1000 + i);
+            j
+        })
+        .collect();
     store.write(young.iter().map(logged_create).collect()).await.expect("create");
     let (before_trim, _) = read_all(&store, start.clone(), 100).await;
     assert_eq!(before_trim.len(), 12);
@@ -544,4 +534,64 @@ pub async fn trimmed_events_answer_expired_never_a_skip<S: Store>(store: S) {
     assert_eq!(store.trim_events(t(500), 100).await.expect("trim").groups, 0);
     let heads = store.event_heads().await.expect("heads");
     assert!(read_all(&store, heads, 100).await.0.is_empty());
+}
+
+pub async fn a_batch_logs_the_events_of_exactly_its_applied_writes<S: Store>(store: S) {
+    let jobs: Vec<Job> = (0..16u64).map(|i| job(&format!("b{i:02}"), i + 1, "q", None)).collect();
+    store.write(jobs.iter().map(logged_create).collect()).await.expect("create");
+    let after_creates = store.event_heads().await.expect("heads");
+    // One batch: claims of the even jobs, stale claims of the odd ones, a
+    // create of an existing id, new jobs two of which share a key.
+    let mut writes = Vec::new();
+    let mut expected = Vec::new();
+    for (i, j) in jobs.iter().enumerate() {
+        if i % 2 == 0 {
+            let (n, w) = logged_move(j, JobState::Claimed, t(50));
+            writes.push(w);
+            expected.push(WriteOutcome::Applied);
+            let _ = n;
+        } else {
+            let mut stale = j.clone();
+            stale.version = 5;
+            let (_, w) = logged_move(&stale, JobState::Claimed, t(50));
+            writes.push(w);
+            expected.push(WriteOutcome::VersionConflict { current_version: Some(1) });
+        }
+    }
+    writes.push(logged_create(&job("b00", 99, "q", None)));
+    expected.push(WriteOutcome::IdExists);
+    for i in 0..6u64 {
+        let key = if i < 2 { Some("shared") } else { None };
+        writes.push(logged_create(&job(&format!("n{i}"), 100 + i, "q", key)));
+        expected.push(WriteOutcome::Applied);
+    }
+    // n0 and n1 share a key: one of them gets it (writes to different
+    // items of one batch may apply in any order), the other is told whose.
+    let mut outcomes = store.write(writes).await.expect("batch");
+    let n1 = outcomes.len() - 5;
+    let (winner, loser) = match &outcomes[n1 - 1..=n1] {
+        [WriteOutcome::Applied, WriteOutcome::IdempotencyKeyTaken { existing_job_id }] if existing_job_id == "n0" => {
+            ("n0", n1)
+        }
+        [WriteOutcome::IdempotencyKeyTaken { existing_job_id }, WriteOutcome::Applied] if existing_job_id == "n1" => {
+            ("n1", n1 - 1)
+        }
+        other => panic!("two creates of one key: {other:?}"),
+    };
+    outcomes[loser] = WriteOutcome::Applied;
+    assert_eq!(outcomes, expected);
+    let (events, _) = read_all(&store, after_creates, 100).await;
+    let mut got: Vec<_> = events.iter().map(|e| (e.job.id.clone(), e.previous, e.job.state)).collect();
+    got.sort();
+    let mut want: Vec<_> = (0..16)
+        .filter(|i| i % 2 == 0)
+        .map(|i| (format!("b{i:02}"), Some(JobState::Queued), JobState::Claimed))
+        .chain([winner, "n2", "n3", "n4", "n5"].map(|id| (id.to_string(), None, JobState::Queued)))
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
+    // The counts moved with exactly the applied writes.
+    let counts = store.counts().await.expect("counts");
+    let count = |state| counts.iter().filter(|c| c.state == state).map(|c| c.count).sum::<u64>();
+    assert_eq!((count(JobState::Queued), count(JobState::Claimed)), (8 + 5, 8));
 }

@@ -78,9 +78,16 @@ impl Default for EmbeddedOptions {
 }
 
 enum WriteRequest {
-    Batch { batch: Vec<Write>, reply: oneshot::Sender<StoreResult<Vec<WriteOutcome>>> },
+    Batch {
+        batch: Vec<Write>,
+        reply: oneshot::Sender<StoreResult<Vec<WriteOutcome>>>,
+    },
     /// The retention task's trim: on the writer thread, the only writer.
-    Trim { before: std::time::SystemTime, limit: usize, reply: oneshot::Sender<StoreResult<Trimmed>> },
+    Trim {
+        before: std::time::SystemTime,
+        limit: usize,
+        reply: oneshot::Sender<StoreResult<Trimmed>>,
+    },
 }
 
 /// The embedded, single-file store.

@@ -122,7 +122,20 @@ impl DynamoStore {
         shard: u32,
         head: u64,
     ) -> StoreResult<Option<Append>> {
-        let Some(group) = EventGroup::of(job, events, head + 1) else { return Ok(None) };
+        let Some((put, new_head)) = self.group_put(job, events, shard, head + 1)? else { return Ok(None) };
+        Ok(Some(Append { items: [put, self.head_advance(shard, head, new_head)?], new_head }))
+    }
+
+    /// The put of a job write's event group numbered from `first_seq`, and
+    /// its last number (`None` without events).
+    pub(super) fn group_put(
+        &self,
+        job: &Job,
+        events: &[Transition],
+        shard: u32,
+        first_seq: u64,
+    ) -> StoreResult<Option<(TransactWriteItem, u64)>> {
+        let Some(group) = EventGroup::of(job, events, first_seq) else { return Ok(None) };
         let body = encode(&group)?;
         if body.len() > super::MAX_ITEM_BYTES {
             return Err(StoreError::Rejected(format!(
@@ -132,7 +145,7 @@ impl DynamoStore {
                 super::MAX_ITEM_BYTES
             )));
         }
-        let new_head = group.last_seq();
+        let last = group.last_seq();
         // From the later of the group's time and now: a replica whose clock
         // runs behind (or a test's manual clock) never writes an item that
         // DynamoDB may delete before the low-water mark passes it.
@@ -140,7 +153,7 @@ impl DynamoStore {
         let expires = written + (self.event_ttl + TTL_GRACE).as_secs();
         let item = HashMap::from([
             ("shard".to_string(), n(shard)),
-            ("seq".to_string(), n(new_head)),
+            ("seq".to_string(), n(last)),
             ("first".to_string(), n(group.first_seq)),
             ("gt".to_string(), n(millis(group.time()))),
             ("ttl".to_string(), n(expires)),
@@ -153,6 +166,12 @@ impl DynamoStore {
             .condition_expression("attribute_not_exists(seq)")
             .build()
             .map_err(build_error)?;
+        Ok(Some((TransactWriteItem::builder().put(put).build(), last)))
+    }
+
+    /// Moves the shard's head from `head` to `new_head`, on condition that it
+    /// is still `head` (returning the item when it is not).
+    pub(super) fn head_advance(&self, shard: u32, head: u64, new_head: u64) -> StoreResult<TransactWriteItem> {
         let condition = if head == 0 { "attribute_not_exists(head) OR head = :old" } else { "head = :old" };
         let advance = Update::builder()
             .table_name(&self.tables.events)
@@ -164,10 +183,7 @@ impl DynamoStore {
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .build()
             .map_err(build_error)?;
-        Ok(Some(Append {
-            items: [TransactWriteItem::builder().put(put).build(), TransactWriteItem::builder().update(advance).build()],
-            new_head,
-        }))
+        Ok(TransactWriteItem::builder().update(advance).build())
     }
 
     pub(super) async fn heads(&self) -> StoreResult<EventCursor> {
@@ -257,7 +273,9 @@ impl DynamoStore {
     pub(super) async fn trim_shards(&self, before: SystemTime, limit: usize) -> StoreResult<Trimmed> {
         let per_shard = limit.div_ceil(SHARDS as usize).max(1);
         let trims = try_join_all((0..SHARDS).map(|shard| self.trim_shard(shard, before, per_shard))).await?;
-        Ok(trims.into_iter().fold(Trimmed::default(), |a, b| Trimmed { groups: a.groups + b.groups, more: a.more || b.more }))
+        Ok(trims
+            .into_iter()
+            .fold(Trimmed::default(), |a, b| Trimmed { groups: a.groups + b.groups, more: a.more || b.more }))
     }
 
     async fn trim_shard(&self, shard: u32, before: SystemTime, limit: usize) -> StoreResult<Trimmed> {

@@ -18,6 +18,7 @@ mod items;
 pub mod local;
 pub mod membership;
 mod reads;
+mod shard_batch;
 pub mod tables;
 mod writes;
 
@@ -32,6 +33,7 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_dynamodb::Client;
+use futures::future::try_join_all;
 use futures::stream::{self, StreamExt, TryStreamExt};
 
 pub use self::events::TTL_GRACE as EVENT_TTL_GRACE;
@@ -150,10 +152,39 @@ fn item_of(write: &Write) -> String {
 #[async_trait]
 impl Store for DynamoStore {
     async fn write(&self, batch: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
+        // Job writes that log events go by event shard, several per
+        // transaction (`shard_batch.rs`), when they are their job's only
+        // write in the batch (the engine's always are: it coalesces them).
+        let mut writes_per_job: HashMap<&str, usize> = HashMap::new();
+        for write in &batch {
+            if let Write::CreateJob { job, .. } | Write::UpdateJob { job, .. } = write {
+                *writes_per_job.entry(job.id.as_str()).or_default() += 1;
+            }
+        }
+        let mut by_shard: Vec<Vec<(usize, &Write)>> = vec![Vec::new(); SHARDS as usize];
+        let mut alone = Vec::with_capacity(batch.len());
+        for (i, write) in batch.iter().enumerate() {
+            match write {
+                Write::CreateJob { job, events } | Write::UpdateJob { job, events, .. }
+                    if !events.is_empty() && writes_per_job.get(job.id.as_str()) == Some(&1) =>
+                {
+                    by_shard[items::shard_of(&job.id) as usize].push((i, write));
+                }
+                _ => alone.push(i),
+            }
+        }
+        let sharded = try_join_all(
+            by_shard
+                .into_iter()
+                .enumerate()
+                .filter(|(_, writes)| !writes.is_empty())
+                .map(|(shard, writes)| self.apply_shard(shard as u32, writes)),
+        );
         // Chains of writes per item, in batch order.
         let mut chains: Vec<Vec<usize>> = Vec::new();
         let mut chain_of: HashMap<String, usize> = HashMap::new();
-        for (i, write) in batch.iter().enumerate() {
+        for i in alone {
+            let write = &batch[i];
             let next = chains.len();
             let chain = *chain_of.entry(item_of(write)).or_insert(next);
             if chain == next {
@@ -162,7 +193,7 @@ impl Store for DynamoStore {
             chains[chain].push(i);
         }
         let batch = &batch;
-        let results: Vec<Vec<(usize, WriteOutcome)>> = stream::iter(chains)
+        let chained = stream::iter(chains)
             .map(|chain| async move {
                 let mut done = Vec::with_capacity(chain.len());
                 for i in chain {
@@ -171,10 +202,10 @@ impl Store for DynamoStore {
                 Ok::<_, StoreError>(done)
             })
             .buffer_unordered(WRITE_CONCURRENCY)
-            .try_collect()
-            .await?;
+            .try_collect::<Vec<Vec<(usize, WriteOutcome)>>>();
+        let (sharded, chained) = futures::future::try_join(sharded, chained).await?;
         let mut outcomes = vec![WriteOutcome::Applied; batch.len()];
-        for (i, outcome) in results.into_iter().flatten() {
+        for (i, outcome) in sharded.into_iter().chain(chained).flatten() {
             outcomes[i] = outcome;
         }
         Ok(outcomes)

@@ -88,9 +88,7 @@ async fn two_handles_racing_claims_renewals_and_reaps_have_one_winner_each() {
         let reap = next(&claim, JobState::Queued, "");
         let (renewer, reaper) = if claim.worker_id == "a" { (a.clone(), b.clone()) } else { (b.clone(), a.clone()) };
         races.push(tokio::spawn(async move {
-            let r = tokio::spawn(async move {
-                one(&renewer, Write::update(renewal, 2)).await
-            });
+            let r = tokio::spawn(async move { one(&renewer, Write::update(renewal, 2)).await });
             let p = one(&reaper, Write::update(reap, 2)).await;
             (r.await.expect("join"), p)
         }));
@@ -133,8 +131,7 @@ async fn writes_whose_replies_were_lost_or_throttled_are_recognised_on_retry() {
         layer.arm(1);
         let current = clean.get_job("f").await.expect("get").expect("stored");
         let renewed = next(&current, JobState::Claimed, worker);
-        let outcome =
-            one(&store, Write::update(renewed.clone(), current.version)).await;
+        let outcome = one(&store, Write::update(renewed.clone(), current.version)).await;
         assert_eq!(layer.injected(), 1, "{fault:?}");
         assert_eq!(outcome, WriteOutcome::Applied, "{fault:?}");
         assert_eq!(clean.get_job("f").await.expect("get"), Some(renewed));

@@ -10,20 +10,20 @@ use rand::Rng;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 
 use super::errors::{classify, condition_failed, is_conflict_code};
+use super::events::head_in;
 use super::items::{compose, get_b, get_n, job_item, key_of, n, record_item, s, shard_of, CountKey, Item};
 use super::DynamoStore;
-use super::events::head_in;
 use crate::domain::Job;
 use crate::store::codec::{encode, priority_code};
 use crate::store::{LogChunk, StoreError, StoreResult, Transition, Write, WriteOutcome};
 
 /// Tries of a write that meets another transaction on one of its items.
-const CONFLICT_TRIES: u32 = 12;
+pub(super) const CONFLICT_TRIES: u32 = 12;
 /// Tries of a write whose event shard's head another replica keeps moving:
 /// each failed try learns the real head, so it only loses to writes that
 /// committed meanwhile; the pauses are short and jittered so two replicas
 /// writing one shard do not retry in lockstep.
-const HEAD_TRIES: u32 = 100;
+pub(super) const HEAD_TRIES: u32 = 100;
 
 /// What one try of a write came to.
 enum Try<T> {
@@ -80,11 +80,11 @@ where
     }
 }
 
-fn build_error(e: impl std::fmt::Display) -> StoreError {
+pub(super) fn build_error(e: impl std::fmt::Display) -> StoreError {
     StoreError::Rejected(format!("building a DynamoDB request: {e}"))
 }
 
-fn request_token() -> String {
+pub(super) fn request_token() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
@@ -92,9 +92,7 @@ impl DynamoStore {
     pub(super) async fn apply(&self, write: &Write) -> StoreResult<WriteOutcome> {
         match write {
             Write::CreateJob { job, events } => self.create_job(job, events).await,
-            Write::UpdateJob { job, expected_version, events } => {
-                self.update_job(job, *expected_version, events).await
-            }
+            Write::UpdateJob { job, expected_version, events } => self.update_job(job, *expected_version, events).await,
             Write::PutAgent(agent) => {
                 let body = encode(agent.as_ref())?;
                 let keys = [("id", agent.id.clone()), ("pool_name", compose(&[&agent.pool, &agent.name]))];
@@ -164,7 +162,7 @@ impl DynamoStore {
         done_unless_error("UpdateItem counter", result)
     }
 
-    fn count_update(&self, key: &CountKey, shard: u32, delta: i64) -> StoreResult<TransactWriteItem> {
+    pub(super) fn count_update(&self, key: &CountKey, shard: u32, delta: i64) -> StoreResult<TransactWriteItem> {
         let update = Update::builder()
             .table_name(&self.tables.meta)
             .set_key(Some(key.item_key(shard)))
@@ -288,7 +286,7 @@ impl DynamoStore {
         .await
     }
 
-    async fn idempotency_holder(&self, job: &Job) -> StoreResult<Option<String>> {
+    pub(super) async fn idempotency_holder(&self, job: &Job) -> StoreResult<Option<String>> {
         let Some(key) = &job.spec.idempotency_key else { return Ok(None) };
         let key = key_of("key", compose(&[&job.spec.queue, key]));
         let stored = self.get_item(&self.tables.idempotency_keys, key, "idempotency key").await?;
@@ -416,7 +414,7 @@ fn head_busy(reasons: &[aws_sdk_dynamodb::types::CancellationReason], head_index
 
 /// A failed condition whose stored item is exactly what this write stores
 /// is this write, applied by an attempt whose reply was lost.
-fn recognise(job: &Job, body: &[u8], stored: Option<&Item>) -> WriteOutcome {
+pub(super) fn recognise(job: &Job, body: &[u8], stored: Option<&Item>) -> WriteOutcome {
     let version = stored.and_then(|i| get_n(i, "v").ok());
     let ours = version == Some(job.version) && stored.and_then(|i| get_b(i, "b").ok()) == Some(body);
     if ours {
@@ -427,7 +425,7 @@ fn recognise(job: &Job, body: &[u8], stored: Option<&Item>) -> WriteOutcome {
 }
 
 /// Where a stored job item is counted.
-fn count_key_of(item: &Item) -> StoreResult<CountKey> {
+pub(super) fn count_key_of(item: &Item) -> StoreResult<CountKey> {
     Ok(CountKey {
         queue: super::items::get_s(item, "q")?.to_string(),
         state: crate::store::codec::state_from_code(code(item, "sc")?)?,

@@ -191,10 +191,7 @@ mod tests {
         {
             let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open");
             let job = conformance::job("a", 1, "q", Some("key"));
-            assert_eq!(
-                store.write(vec![Write::create(job)]).await.expect("write"),
-                [WriteOutcome::Applied]
-            );
+            assert_eq!(store.write(vec![Write::create(job)]).await.expect("write"), [WriteOutcome::Applied]);
             // As releases before schema versions left it.
             let txn = store.db.begin_write().expect("txn");
             assert!(txn.delete_table(META).expect("delete"));
