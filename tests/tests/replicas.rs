@@ -87,6 +87,8 @@ async fn watch_succeeded(server: &TestServer, queue: &str) -> tonic::Streaming<p
     q.watch_queue(pb::WatchQueueRequest {
         queue: queue.into(),
         states: vec![pb::QueuedJobState::Succeeded as i32],
+        // The job's id and state are all these watchers need.
+        skip_payload: true,
         ..Default::default()
     })
     .await

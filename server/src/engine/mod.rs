@@ -228,7 +228,14 @@ pub struct WatchSettings {
     /// How often an idle watcher reads the log: only on a shared store,
     /// where other replicas' changes do not wake it.
     pub poll: Option<std::time::Duration>,
+    /// The least time between two reads of a watcher that has caught up
+    /// (shared store: a busy replica commits every few ms, and each read
+    /// is 8 requests or more; the embedded store reads locally).
+    pub min_read_interval: Option<std::time::Duration>,
 }
+
+/// [`WatchSettings::min_read_interval`] on a shared store.
+const SHARED_WATCH_READ_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl EngineHandle {
     /// Loads the engine's state from `store` and starts its task.
@@ -254,9 +261,11 @@ impl EngineHandle {
         let (serving_tx, serving) = watch::channel(true);
         let sweep_interval = config.sweep_interval;
         let (retention, trim_interval) = (config.event_retention, config.event_trim_interval);
+        let shared = store.ownership() == Ownership::Shared;
         let watch = WatchSettings {
             retention,
-            poll: (store.ownership() == Ownership::Shared).then_some(config.event_poll_interval),
+            poll: shared.then_some(config.event_poll_interval),
+            min_read_interval: shared.then_some(SHARED_WATCH_READ_INTERVAL),
         };
         let channels = core::Channels {
             events: events.clone(),

@@ -88,7 +88,8 @@ async fn run(
     tx: &mpsc::Sender<Result<pb::WatchQueueResponse, Status>>,
 ) {
     let Start { mut events, mut cursor, mut wake } = start;
-    let poll = engine.watch_settings().poll;
+    let settings = engine.watch_settings();
+    let mut last_read = tokio::time::Instant::now();
     loop {
         let full = events.len() >= READ_BATCH;
         for mut event in in_time_order(std::mem::take(&mut events)) {
@@ -112,9 +113,15 @@ async fn run(
                 return;
             }
         }
-        if !full && !wait(&mut wake, poll).await {
-            return;
+        if !full {
+            if !wait(&mut wake, settings.poll).await {
+                return;
+            }
+            if let Some(least) = settings.min_read_interval {
+                tokio::time::sleep_until(last_read + least).await;
+            }
         }
+        last_read = tokio::time::Instant::now();
         match engine.read_events("cursor", &cursor, READ_BATCH).await {
             Ok((read, _)) => events = read,
             Err(e) => {

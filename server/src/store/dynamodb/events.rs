@@ -3,10 +3,11 @@
 //! One partition per job shard ([`shard_of`](super::items::shard_of): all
 //! events of a job are in one shard). Each shard has a *head item*
 //! (`seq` = 0) holding `head`, the last sequence number used, and `lw`, the
-//! low-water mark. A job write that carries events is one transaction: the
-//! job item, its counts, one event item (the group, keyed by its last
+//! low-water mark. Job writes that carry events commit in a transaction
+//! with their event items (one group per job write, keyed by its last
 //! sequence number) and the head, advanced on condition that it is still
-//! what this replica believes. So a shard's head passes a group only when
+//! what this replica believes (`shard_batch.rs` puts up to 24 job writes of
+//! one shard in one such transaction; `writes.rs` sends a lone one). So a shard's head passes a group only when
 //! the group commits, sequence order is commit order, and a strongly
 //! consistent query after a cursor never misses a group committed later
 //! with a lower number.
@@ -222,6 +223,11 @@ impl DynamoStore {
         }
         if after < low_water {
             return Ok(ShardRead::Expired);
+        }
+        if after == head {
+            // Nothing new in this shard: no query (an idle watcher's read
+            // costs the heads only).
+            return Ok(ShardRead::Events(Vec::new(), after));
         }
         let mut events = Vec::new();
         let mut position = after;
