@@ -3,8 +3,8 @@
 //!
 //! Layout (both backends): the log is split into shards (one on the
 //! embedded store, [`super::dynamodb`]'s job shards on DynamoDB: all events
-//! of one job are in one shard). Each shard numbers its events densely from
-//! 1. One job write that carries events stores one *group*: the written job
+//! of one job are in one shard). Each shard numbers its events densely,
+//! from one. One job write that carries events stores one *group*: the job
 //! (without payload and result) and its transitions, which take the
 //! consecutive sequence numbers `first..=last`; the group is keyed by
 //! `last`, so "every group after position p" is a range read from `p + 1`.
@@ -235,7 +235,7 @@ mod tests {
         job.lease_expire_time = Some(job.update_time);
         let claimed = Transition::of(&job, Some(JobState::Queued));
         let one =
-            crate::store::codec::encode(&EventGroup::of(&job, &[claimed.clone()], 1).expect("group")).expect("encode");
+            crate::store::codec::encode(&EventGroup::of(&job, std::slice::from_ref(&claimed), 1).expect("group")).expect("encode");
         let two =
             crate::store::codec::encode(&EventGroup::of(&job, &[created, claimed], 1).expect("group")).expect("encode");
         // Item attributes besides the body: names and numbers, under 100 bytes.
