@@ -234,8 +234,8 @@ mod tests {
         job.worker_id = "0193a1b2-c3d4-7e5f-8a9b-aaaaaaaaaaaa".into();
         job.lease_expire_time = Some(job.update_time);
         let claimed = Transition::of(&job, Some(JobState::Queued));
-        let one =
-            crate::store::codec::encode(&EventGroup::of(&job, std::slice::from_ref(&claimed), 1).expect("group")).expect("encode");
+        let one = crate::store::codec::encode(&EventGroup::of(&job, std::slice::from_ref(&claimed), 1).expect("group"))
+            .expect("encode");
         let two =
             crate::store::codec::encode(&EventGroup::of(&job, &[created, claimed], 1).expect("group")).expect("encode");
         // Item attributes besides the body: names and numbers, under 100 bytes.
