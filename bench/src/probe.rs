@@ -80,7 +80,7 @@ pub struct CommitProbe {
 #[async_trait]
 impl WriteHook for CommitProbe {
     async fn write(&self, inner: &dyn Store, batch: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
-        let jobs = batch.iter().filter(|w| matches!(w, Write::CreateJob(_) | Write::UpdateJob { .. })).count();
+        let jobs = batch.iter().filter(|w| matches!(w, Write::CreateJob { .. } | Write::UpdateJob { .. })).count();
         let n = batch.len();
         let start = Instant::now();
         let result = inner.write(batch).await;

@@ -120,6 +120,7 @@ pub fn run(data: &[u8]) {
         Kind::WatchQueue => decode(body).iter().for_each(|r: &pb::WatchQueueRequest| {
             let _ = checked(states("states", &r.states), false);
             name_filter("queue", &r.queue);
+            watch_cursor(&r.cursor);
         }),
         Kind::RegisterAgent => decode(body).iter().for_each(register),
         Kind::GetAgent => decode(body).iter().for_each(|r: &pb::GetAgentRequest| id("id", &r.id)),
@@ -193,6 +194,16 @@ fn page_token(listing: Listing, token: &str) {
         }
     }
     assert_eq!(page_token::encode(listing, None), "");
+}
+
+/// A watch cursor: one that is accepted is exactly what the server would
+/// encode for it (one spelling per position), within the length limit.
+fn watch_cursor(text: &str) {
+    use tether_server::grpc::event_cursor;
+    if let Some(Some(cursor)) = checked(event_cursor::decode("cursor", text), false) {
+        assert!(text.len() <= event_cursor::MAX_CURSOR);
+        assert_eq!(event_cursor::encode(&cursor), text, "a second spelling of a cursor was accepted");
+    }
 }
 
 /// An optional name filter: empty is none, anything else a valid name.

@@ -103,6 +103,10 @@ pub struct ServerArgs {
     /// How long a disconnected agent keeps its jobs before they are requeued.
     #[arg(long, env = "TETHER_RECONNECT_GRACE", default_value = "15s", value_parser = parse_reconnect_grace)]
     pub reconnect_grace: Duration,
+    /// How long job events are kept for WatchQueue cursors (1m to 8760h); a
+    /// cursor older than that is answered OUT_OF_RANGE.
+    #[arg(long, env = "TETHER_EVENT_RETENTION", default_value = "24h", value_parser = parse_event_retention)]
+    pub event_retention: Duration,
     /// Most agent streams the server holds at once [default: what the
     /// open-file limit and a quarter of the memory allow, at ~64 KiB per
     /// agent].
@@ -163,6 +167,8 @@ pub struct FileConfig {
     pub heartbeat_interval: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reconnect_grace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_retention: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_agent_streams: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -253,6 +259,9 @@ impl ServerArgs {
         if let (true, Some(v)) = (from_file("reconnect_grace"), &file.reconnect_grace) {
             self.reconnect_grace = value(path, "reconnect-grace", v, parse_reconnect_grace)?;
         }
+        if let (true, Some(v)) = (from_file("event_retention"), &file.event_retention) {
+            self.event_retention = value(path, "event-retention", v, parse_event_retention)?;
+        }
         if let (true, Some(v)) = (from_file("max_agent_streams"), file.max_agent_streams) {
             if v == 0 {
                 anyhow::bail!("config file {}: key `max-agent-streams`: must be at least 1", path.display());
@@ -291,6 +300,7 @@ impl ServerArgs {
             unsafe_sync_every: self.unsafe_sync_every,
             heartbeat_interval: Some(format_duration(self.heartbeat_interval)),
             reconnect_grace: Some(format_duration(self.reconnect_grace)),
+            event_retention: Some(format_duration(self.event_retention)),
             max_agent_streams: self.max_agent_streams,
             log_format: self.log_format.to_possible_value().map(|v| v.get_name().to_string()),
             metrics_listen: self.metrics_listen.map(|a| a.to_string()),
@@ -324,6 +334,7 @@ impl ServerArgs {
         EngineConfig {
             heartbeat_interval: self.heartbeat_interval,
             reconnect_grace: self.reconnect_grace,
+            event_retention: self.event_retention,
             ..EngineConfig::default()
         }
     }
@@ -381,6 +392,11 @@ pub fn parse_heartbeat_interval(text: &str) -> Result<Duration, String> {
 /// A reconnect grace period: 0 to 24 h.
 pub fn parse_reconnect_grace(text: &str) -> Result<Duration, String> {
     within(parse_duration(text)?, Duration::ZERO, Duration::from_secs(24 * 3600), text)
+}
+
+pub fn parse_event_retention(text: &str) -> Result<Duration, String> {
+    use crate::engine::{MAX_EVENT_RETENTION, MIN_EVENT_RETENTION};
+    within(parse_duration(text)?, MIN_EVENT_RETENTION, MAX_EVENT_RETENTION, text)
 }
 
 fn within(d: Duration, min: Duration, max: Duration, text: &str) -> Result<Duration, String> {
@@ -572,6 +588,20 @@ dynamodb-region = "eu-west-1"
         assert_eq!(format_duration(Duration::from_secs(300)), "5m");
         let odd = Duration::from_nanos(1_500_000_001);
         assert_eq!(parse_duration(&format_duration(odd)), Ok(odd));
+    }
+
+    #[test]
+    fn event_retention_is_bounded_and_set_by_flag_or_file() {
+        assert_eq!(parse_event_retention("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_event_retention("1m"), Ok(Duration::from_secs(60)));
+        for refused in ["59s", "0", "8761h", "", "forever", "-1h"] {
+            assert!(parse_event_retention(refused).is_err(), "{refused:?} accepted");
+        }
+        let args = load_from(["server", "--event-retention", "2h"]).expect("flag");
+        assert_eq!(args.engine_config().event_retention, Duration::from_secs(7200));
+        let default = load_from(["server"]).expect("default");
+        assert_eq!(default.engine_config().event_retention, crate::engine::DEFAULT_EVENT_RETENTION);
+        assert_eq!(default.to_file_config().event_retention.as_deref(), Some("24h"));
     }
 
     #[test]

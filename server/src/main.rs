@@ -101,7 +101,10 @@ async fn open_store(args: &ServerArgs) -> anyhow::Result<OpenedStore> {
         }
         StoreKind::Dynamodb => {
             let config = args.dynamodb.dynamo_config();
-            let store = DynamoStore::connect(&config).await.context("connecting to DynamoDB")?;
+            let store = DynamoStore::connect(&config)
+                .await
+                .context("connecting to DynamoDB")?
+                .with_event_retention(args.event_retention);
             // Shared: any number of replicas may serve from these tables.
             tracing::info!(prefix = %config.table_prefix, endpoint = ?config.endpoint, "DynamoDB store open (shared by replicas)");
             let store = Arc::new(store);

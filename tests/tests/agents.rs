@@ -339,7 +339,11 @@ async fn work_spreads_over_equally_free_agents() {
     }
     let mut q = server.queue().await;
     let mut watch = q
-        .watch_queue(pb::WatchQueueRequest { queue: "spread".into(), states: vec![pb::QueuedJobState::Claimed as i32] })
+        .watch_queue(pb::WatchQueueRequest {
+            queue: "spread".into(),
+            states: vec![pb::QueuedJobState::Claimed as i32],
+            ..Default::default()
+        })
         .await
         .expect("watch")
         .into_inner();

@@ -119,8 +119,7 @@ async fn stored_poison_pills_are_quarantined_and_every_listing_renders() {
         // Never claimed: found by a listing.
         let mut listed = stored_job("poison-listed", 5, "listed");
         listed.spec.lease_duration = Duration::from_secs(u64::MAX / 4);
-        let writes =
-            [timeout, ready, created, good, listed].into_iter().map(|j| Write::CreateJob(Box::new(j))).collect();
+        let writes = [timeout, ready, created, good, listed].into_iter().map(Write::create).collect();
         let outcomes = store.write(writes).await.expect("write");
         assert!(outcomes.iter().all(|o| *o == WriteOutcome::Applied));
     }

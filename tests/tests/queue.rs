@@ -487,7 +487,11 @@ async fn watch_streams_state_changes() {
     let server = TestServer::start_manual(&dir).await;
     let mut q = server.queue().await;
     let mut watch = q
-        .watch_queue(pb::WatchQueueRequest { queue: "w".into(), states: vec![pb::QueuedJobState::Succeeded as i32] })
+        .watch_queue(pb::WatchQueueRequest {
+            queue: "w".into(),
+            states: vec![pb::QueuedJobState::Succeeded as i32],
+            ..Default::default()
+        })
         .await
         .expect("watch")
         .into_inner();
@@ -598,4 +602,195 @@ async fn payloads_and_results_beyond_the_stores_limits_are_refused() {
     let stored = q.get_queued_job(get).await.expect("get").into_inner().job.expect("job");
     assert_eq!(state(&stored), pb::QueuedJobState::Succeeded);
     assert_eq!(stored.result.len(), limits.max_result_bytes);
+}
+
+/// The next watch message, failing the test after the usual wait.
+async fn next_change(watch: &mut tonic::Streaming<pb::WatchQueueResponse>) -> pb::WatchQueueResponse {
+    tokio::time::timeout(tether_tests::WAIT, watch.message())
+        .await
+        .expect("a change in time")
+        .expect("watch ok")
+        .expect("watch open")
+}
+
+async fn watch_from(
+    q: &mut QueueServiceClient<Channel>,
+    queue: &str,
+    cursor: &str,
+) -> tonic::Streaming<pb::WatchQueueResponse> {
+    q.watch_queue(pb::WatchQueueRequest { queue: queue.into(), cursor: cursor.into(), ..Default::default() })
+        .await
+        .expect("watch")
+        .into_inner()
+}
+
+/// Claims and completes one job of queue `queue` through the unary path.
+async fn run_one(q: &mut QueueServiceClient<Channel>, queue: &str) -> String {
+    let j = q
+        .claim_job(pb::ClaimJobRequest { worker_id: "w".into(), queue: queue.into(), ..Default::default() })
+        .await
+        .expect("claim")
+        .into_inner()
+        .job
+        .expect("a job");
+    q.complete_job(pb::CompleteJobRequest {
+        id: j.id.clone(),
+        attempt: j.attempt,
+        fencing_token: j.fencing_token,
+        ..Default::default()
+    })
+    .await
+    .expect("complete");
+    j.id
+}
+
+#[tokio::test]
+async fn watch_resumes_from_a_cursor_after_a_disconnect_missing_nothing_and_repeating_nothing() {
+    use pb::QueuedJobState::{Claimed, Queued, Succeeded};
+    let dir = DataDir::new();
+    let server = TestServer::start_manual(&dir).await;
+    let mut q = server.queue().await;
+    let mut watch = watch_from(&mut q, "r", "").await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(enqueue(&mut q, job("r", &format!("{i}"))).await.id);
+    }
+    // Read two changes, keep the second's cursor, go away.
+    let one = next_change(&mut watch).await;
+    let two = next_change(&mut watch).await;
+    // Changes of different jobs have no order between them (on DynamoDB they
+    // are in different shards): which job came first does not matter.
+    let first = one.job.as_ref().expect("job");
+    let i = ids.iter().position(|id| *id == first.id).expect("one of ours");
+    assert_eq!(first.payload, i.to_string().into_bytes(), "the payload is read back");
+    let mut bare = q
+        .watch_queue(pb::WatchQueueRequest {
+            queue: "r".into(),
+            cursor: one.cursor.clone(),
+            skip_payload: true,
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let bare_two = next_change(&mut bare).await;
+    assert!(bare_two.job.as_ref().is_some_and(|j| j.payload.is_empty()), "skip_payload leaves it out");
+    drop(bare);
+    assert_eq!(one.dropped, 0);
+    assert!(!two.cursor.is_empty() && two.cursor != one.cursor);
+    let read: Vec<_> = [&one, &two].iter().map(|c| c.job.as_ref().expect("job").id.clone()).collect();
+    drop(watch);
+
+    // While nobody watches: two jobs run, another queue's job and two more
+    // of this queue are enqueued.
+    let ran = [run_one(&mut q, "r").await, run_one(&mut q, "r").await];
+    enqueue(&mut q, job("other", "not watched")).await;
+    for i in 3..5 {
+        ids.push(enqueue(&mut q, job("r", &format!("{i}"))).await.id);
+    }
+    let mut expected: std::collections::BTreeMap<String, Vec<pb::QueuedJobState>> = Default::default();
+    for id in &ids {
+        if !read.contains(id) {
+            expected.entry(id.clone()).or_default().push(Queued);
+        }
+    }
+    for id in &ran {
+        expected.entry(id.clone()).or_default().extend([Claimed, Succeeded]);
+    }
+    let total: usize = expected.values().map(Vec::len).sum();
+
+    let mut resumed = watch_from(&mut q, "r", &two.cursor).await;
+    let mut got: std::collections::BTreeMap<String, Vec<pb::QueuedJobState>> = Default::default();
+    let mut cursors = std::collections::HashSet::new();
+    for _ in 0..total {
+        let change = next_change(&mut resumed).await;
+        let job = change.job.expect("job");
+        assert_eq!(job.queue, "r", "the queue filter holds");
+        assert!(cursors.insert(change.cursor), "each change has its own cursor");
+        got.entry(job.id.clone()).or_default().push(state(&job));
+    }
+    // Exactly the changes after the cursor, each job's in order.
+    assert_eq!(got, expected);
+    // Nothing twice or extra: the next change is a new one.
+    let later = enqueue(&mut q, job("r", "later")).await;
+    assert_eq!(next_change(&mut resumed).await.job.expect("job").id, later.id);
+}
+
+#[tokio::test]
+async fn watch_cursors_that_were_not_issued_here_are_invalid_argument() {
+    use tether_server::grpc::event_cursor;
+    use tether_server::store::EventCursor;
+    let dir = DataDir::new();
+    let server = TestServer::start_manual(&dir).await;
+    let mut q = server.queue().await;
+    let mut watch = watch_from(&mut q, "", "").await;
+    enqueue(&mut q, job("a", "x")).await;
+    let good = next_change(&mut watch).await.cursor;
+    let shards = match tether_tests::backend() {
+        tether_tests::Backend::Embedded => 1,
+        tether_tests::Backend::Dynamodb => 8,
+    };
+    let other_backend = event_cursor::encode(&EventCursor { positions: vec![0; 9 - shards] });
+    let ahead = event_cursor::encode(&EventCursor { positions: vec![1 << 40; shards] });
+    let cases = [
+        ("garbage", "not a cursor!".to_string()),
+        ("truncated", good[..good.len() - 2].to_string()),
+        ("huge", "A".repeat(1 << 20)),
+        ("just too long", "A".repeat(513)),
+        ("another backend's", other_backend),
+        ("ahead of the log", ahead),
+        ("a page token", "am9iczo1".into()),
+    ];
+    for (what, cursor) in cases {
+        let status = q
+            .watch_queue(pb::WatchQueueRequest { cursor, ..Default::default() })
+            .await
+            .expect_err(&format!("a {what} cursor is refused"));
+        assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+        assert_eq!(tether_tests::violated_fields(&status), ["cursor"], "{what}: {status:?}");
+    }
+    // The good one still works.
+    watch_from(&mut q, "", &good).await;
+}
+
+#[tokio::test]
+async fn a_watch_cursor_older_than_the_retention_is_out_of_range_not_skipped() {
+    let dir = DataDir::new();
+    let clock = tether_server::clock::ManualClock::new(epoch());
+    let engine = tether_server::engine::EngineConfig {
+        event_retention: Duration::from_secs(60),
+        event_trim_interval: Duration::from_secs(1),
+        ..tether_tests::test_engine_config()
+    };
+    let options = tether_tests::Options { clock: Some(clock.clone()), engine: Some(engine), ..Default::default() };
+    let server = TestServer::start(&dir, options).await;
+    let mut q = server.queue().await;
+    let mut watch = watch_from(&mut q, "old", "").await;
+    enqueue(&mut q, job("old", "1")).await;
+    enqueue(&mut q, job("old", "2")).await;
+    let after_first = next_change(&mut watch).await.cursor;
+    let after_second = next_change(&mut watch).await.cursor;
+    drop(watch);
+    // Past the retention the retention task trims both; the cursor between
+    // them is then answered OUT_OF_RANGE, never with a silent skip.
+    clock.advance(Duration::from_secs(120));
+    let deadline = tokio::time::Instant::now() + tether_tests::WAIT;
+    let status = loop {
+        let request = pb::WatchQueueRequest { cursor: after_first.clone(), ..Default::default() };
+        match q.watch_queue(request).await {
+            Err(status) => break status,
+            Ok(_) => {
+                assert!(tokio::time::Instant::now() < deadline, "the events were never trimmed");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("retention"), "{status:?}");
+    let details = tonic_types::StatusExt::get_error_details(&status);
+    assert_eq!(details.error_info().map(|i| i.reason.as_str()), Some("CURSOR_EXPIRED"));
+    // A cursor at the present is not: it waits for the next change.
+    let mut fresh = watch_from(&mut q, "old", &after_second).await;
+    let third = enqueue(&mut q, job("old", "3")).await;
+    assert_eq!(next_change(&mut fresh).await.job.expect("job").id, third.id);
 }

@@ -66,7 +66,11 @@ async fn agents_and_unary_claimers_run_every_job_exactly_once() {
     // sees every SUCCEEDED transition.
     let mut q = server.queue().await;
     let mut watch = q
-        .watch_queue(pb::WatchQueueRequest { queue: "race".into(), states: vec![pb::QueuedJobState::Succeeded as i32] })
+        .watch_queue(pb::WatchQueueRequest {
+            queue: "race".into(),
+            states: vec![pb::QueuedJobState::Succeeded as i32],
+            ..Default::default()
+        })
         .await
         .expect("watch")
         .into_inner();

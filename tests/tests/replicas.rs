@@ -86,10 +86,16 @@ impl Cluster {
 
 async fn watch_succeeded(server: &TestServer, queue: &str) -> tonic::Streaming<pb::WatchQueueResponse> {
     let mut q = server.queue().await;
-    q.watch_queue(pb::WatchQueueRequest { queue: queue.into(), states: vec![pb::QueuedJobState::Succeeded as i32] })
-        .await
-        .expect("watch")
-        .into_inner()
+    q.watch_queue(pb::WatchQueueRequest {
+        queue: queue.into(),
+        states: vec![pb::QueuedJobState::Succeeded as i32],
+        // The job's id and state are all these watchers need.
+        skip_payload: true,
+        ..Default::default()
+    })
+    .await
+    .expect("watch")
+    .into_inner()
 }
 
 async fn get(server: &TestServer, id: &str) -> pb::QueuedJob {
@@ -107,7 +113,8 @@ type Runs = HashMap<(String, u32), Vec<(usize, u64)>>;
 #[derive(Default)]
 struct Ledger {
     runs: Mutex<Runs>,
-    succeeded: Mutex<HashMap<String, usize>>,
+    /// (watching replica, job id) -> SUCCEEDED events seen.
+    succeeded: Mutex<HashMap<(usize, String), usize>>,
     done: AtomicUsize,
     all_done: Notify,
 }
@@ -123,10 +130,11 @@ async fn every_job_runs_exactly_once_on(replica_count: usize) {
     }
     let ledger = Arc::new(Ledger::default());
 
-    // Every SUCCEEDED transition is written, and so watched, by the replica
-    // holding the agent that ran the job: together the watches see each once.
+    // Every SUCCEEDED transition is logged with its write, whichever replica
+    // wrote it, and every replica's watch reads the shared log: each watch
+    // sees each job succeed exactly once.
     let mut watchers = Vec::new();
-    for server in &replicas {
+    for (r, server) in replicas.iter().enumerate() {
         let mut watch = watch_succeeded(server, QUEUE).await;
         let ledger = ledger.clone();
         watchers.push(tokio::spawn(async move {
@@ -135,11 +143,11 @@ async fn every_job_runs_exactly_once_on(replica_count: usize) {
                 let Some(job) = event.job else { continue };
                 let seen = {
                     let mut succeeded = ledger.succeeded.lock().unwrap_or_else(|e| e.into_inner());
-                    let n = succeeded.entry(job.id).or_insert(0);
+                    let n = succeeded.entry((r, job.id)).or_insert(0);
                     *n += 1;
                     *n
                 };
-                if seen == 1 && ledger.done.fetch_add(1, Ordering::SeqCst) + 1 == JOBS {
+                if seen == 1 && ledger.done.fetch_add(1, Ordering::SeqCst) + 1 == JOBS * replica_count {
                     ledger.all_done.notify_waiters();
                 }
             }
@@ -181,8 +189,8 @@ async fn every_job_runs_exactly_once_on(replica_count: usize) {
         let requests = (0..200).map(|i| job(QUEUE, &format!("{}", chunk * 200 + i))).collect();
         q.batch_enqueue_jobs(pb::BatchEnqueueJobsRequest { requests }).await.expect("enqueue");
     }
-    if ledger.done.load(Ordering::SeqCst) < JOBS {
-        tokio::time::timeout(Duration::from_secs(600), done).await.expect("every job succeeded");
+    if ledger.done.load(Ordering::SeqCst) < JOBS * replica_count {
+        tokio::time::timeout(Duration::from_secs(600), done).await.expect("every job succeeded, seen by every watch");
     }
 
     let runs = ledger.runs.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -192,7 +200,8 @@ async fn every_job_runs_exactly_once_on(replica_count: usize) {
     assert_eq!(jobs.len(), JOBS, "every job ran");
     assert!(runs.keys().all(|(_, attempt)| *attempt == 1), "no attempt was lost and run again");
     let succeeded = ledger.succeeded.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    assert!(succeeded.values().all(|n| *n == 1), "a job succeeded twice");
+    assert_eq!(succeeded.len(), JOBS * replica_count, "every watch saw every job succeed");
+    assert!(succeeded.values().all(|n| *n == 1), "a watch saw a job succeed twice");
     // Jobs enqueued on the first replica reached agents of the others.
     let elsewhere = runs.values().flatten().filter(|(agent, _)| agent % replica_count != 0).count();
     assert!(elsewhere > 0, "no job enqueued on one replica ran on an agent of another");
@@ -583,4 +592,58 @@ async fn dynamodb_requests_and_retries_are_counted_by_operation_and_result() {
     let requests = sample(&text, "tether_dynamodb_requests_total{operation=\"TransactWriteItems\"}").expect(&text);
     assert!(requests >= 3.0, "{text}");
     server.stop().await;
+}
+
+/// The event log is the store's: a watcher on replica B sees every change
+/// of a job enqueued through and run on replica A, in order, and resumes on
+/// A from a cursor B sent, missing nothing and repeating nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_on_one_replica_sees_jobs_enqueued_and_run_on_another() {
+    let mut cluster = Cluster::new("watch").await;
+    let a = cluster.replica().await;
+    let b = cluster.replica().await;
+    let mut agent = RawAgent::connect(&a, hello("on-a", 1)).await.expect("connect to a");
+    let mut on_b = b.queue().await;
+    let mut watch = on_b
+        .watch_queue(pb::WatchQueueRequest { queue: "cross".into(), ..Default::default() })
+        .await
+        .expect("watch on b")
+        .into_inner();
+
+    let mut q = a.queue().await;
+    let enqueued = q.enqueue_job(job("cross", "hello")).await.expect("enqueue on a").into_inner().job.expect("job");
+    let r = agent.next_assignment().await.job.expect("job ref");
+    agent.accept_and_start(&r).await;
+    agent.finish(&r, pb::JobOutcome::Succeeded, "done").await;
+
+    use pb::QueuedJobState::{Claimed, Queued, Running, Succeeded, Unspecified};
+    let mut seen = Vec::new();
+    while seen.last().map(|(s, _, _)| *s) != Some(Succeeded) {
+        let event = tokio::time::timeout(WAIT, watch.message()).await.expect("in time").expect("ok").expect("open");
+        let job = event.job.expect("job");
+        assert_eq!(job.id, enqueued.id);
+        let previous = pb::QueuedJobState::try_from(event.previous_state).expect("state");
+        seen.push((state(&job), previous, event.cursor));
+    }
+    let states: Vec<_> = seen.iter().map(|(s, p, _)| (*s, *p)).collect();
+    assert_eq!(
+        states,
+        [(Queued, Unspecified), (Claimed, Queued), (Running, Claimed), (Succeeded, Running)],
+        "every change, in order"
+    );
+    // A cursor B sent resumes on A: after the claim, exactly the rest.
+    let mut on_a = a.queue().await;
+    let mut resumed = on_a
+        .watch_queue(pb::WatchQueueRequest { queue: "cross".into(), cursor: seen[1].2.clone(), ..Default::default() })
+        .await
+        .expect("resume on a")
+        .into_inner();
+    for expected in [Running, Succeeded] {
+        let event = tokio::time::timeout(WAIT, resumed.message()).await.expect("in time").expect("ok").expect("open");
+        assert_eq!(state(&event.job.expect("job")), expected);
+    }
+    // Nothing twice: the next change seen is a new job's creation.
+    let next = q.enqueue_job(job("cross", "again")).await.expect("enqueue").into_inner().job.expect("job");
+    let event = tokio::time::timeout(WAIT, resumed.message()).await.expect("in time").expect("ok").expect("open");
+    assert_eq!(event.job.expect("job").id, next.id);
 }

@@ -101,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
                 } else {
                     JobState::Succeeded
                 };
-                writes.push(Write::CreateJob(Box::new(job(s, state, now))));
+                writes.push(Write::create(job(s, state, now)));
             }
             writes.push(Write::RaiseCounter { name: COUNTER_SEQ, value: end - 1 });
             let outcomes = store.write(writes).await?;

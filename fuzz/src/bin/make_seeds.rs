@@ -336,7 +336,7 @@ fn request_seeds() -> BTreeMap<String, Vec<u8>> {
     );
     add("redrive", input(K::RedriveDeadLetter, &pb::RedriveDeadLetterRequest { id: "j".into() }));
     add("stats", input(K::GetQueueStats, &pb::GetQueueStatsRequest { queue: "q".into() }));
-    add("watch", input(K::WatchQueue, &pb::WatchQueueRequest { queue: "q".into(), states: vec![4, 5, 0] }));
+    add("watch", input(K::WatchQueue, &pb::WatchQueueRequest { queue: "q".into(), states: vec![4, 5, 0], cursor: "ZXYBAQA".into() }));
 
     // AgentService unary requests.
     add(

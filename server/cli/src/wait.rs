@@ -151,7 +151,7 @@ pub(crate) async fn wait_for_job(clients: &Clients, job: QueuedJob, progress: bo
 /// is finished (`current` then holds it) or the stream ends.
 async fn watch_once(clients: &Clients, current: &mut QueuedJob, spinner: &Spinner) -> Result<WatchEnd, Status> {
     let id = current.id.clone();
-    let watch = WatchQueueRequest { queue: current.queue.clone(), states: Vec::new() };
+    let watch = WatchQueueRequest { queue: current.queue.clone(), ..Default::default() };
     let mut stream = clients.queue.clone().watch_queue(clients.req(watch)).await?.into_inner();
     *current = get_job(clients, &id).await?;
     spinner.show(current);

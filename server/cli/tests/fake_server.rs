@@ -72,7 +72,7 @@ impl Fake {
             job.state = state as i32;
             job.attempt = job.attempt.max(1);
             job.worker_id = "agent-1".into();
-            let event = WatchQueueResponse { job: Some(job.clone()), previous_state, dropped: 0 };
+            let event = WatchQueueResponse { job: Some(job.clone()), previous_state, ..Default::default() };
             (event, s.watchers.clone())
         };
         for w in watchers {

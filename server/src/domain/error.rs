@@ -27,6 +27,10 @@ pub enum DomainError {
     /// A limit was reached.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A position the server no longer holds: a watch cursor older than the
+    /// event retention. The client starts again from the present.
+    #[error("{0}")]
+    Expired(String),
     /// The store failed or the server is shutting down; retry later.
     #[error("unavailable: {0}")]
     Unavailable(String),

@@ -40,7 +40,22 @@ pub struct EngineConfig {
     /// On a shared store: how far replicas' clocks may disagree. A replica
     /// reaps another's job only this long after its lease ended.
     pub clock_skew_tolerance: Duration,
+    /// How long job events are kept (then trimmed; a watch cursor older
+    /// than that is answered with a reset).
+    pub event_retention: Duration,
+    /// How often the retention task trims the event log.
+    pub event_trim_interval: Duration,
+    /// On a shared store: how often an idle watcher reads the event log for
+    /// changes made through other replicas (its own replica's changes wake
+    /// it at once).
+    pub event_poll_interval: Duration,
 }
+
+/// The default event retention.
+pub const DEFAULT_EVENT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// The shortest and longest event retention accepted.
+pub const MIN_EVENT_RETENTION: Duration = Duration::from_secs(60);
+pub const MAX_EVENT_RETENTION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -58,6 +73,9 @@ impl Default for EngineConfig {
             busy_commit_writes: 64,
             sweep_interval: Duration::from_secs(1),
             clock_skew_tolerance: Duration::from_secs(2),
+            event_retention: DEFAULT_EVENT_RETENTION,
+            event_trim_interval: Duration::from_secs(60),
+            event_poll_interval: Duration::from_secs(1),
         }
     }
 }

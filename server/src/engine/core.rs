@@ -19,7 +19,9 @@ use super::types::{AgentEvent, AgentPush, JobEvent, MetricsSample, PeerNotice, W
 use super::Command;
 use crate::clock::Clock;
 use crate::domain::{Agent, DomainError, DomainResult, Health, Job, JobState, Pool, Priority};
-use crate::store::{Ownership, Store, StoreError, StoreResult, Write, WriteOutcome, COUNTER_FENCING, COUNTER_SEQ};
+use crate::store::{
+    Ownership, Store, StoreError, StoreResult, Transition, Write, WriteOutcome, COUNTER_FENCING, COUNTER_SEQ,
+};
 
 /// Something to do once the batch it belongs to is durable.
 pub(crate) enum Effect {
@@ -515,7 +517,7 @@ impl Engine {
             if !self.doomed.is_empty() {
                 let doomed = &self.doomed;
                 pending.writes.retain(|w| match w {
-                    Write::CreateJob(job) | Write::UpdateJob { job, .. } => !doomed.contains_key(&job.seq),
+                    Write::CreateJob { job, .. } | Write::UpdateJob { job, .. } => !doomed.contains_key(&job.seq),
                     _ => true,
                 });
             }
@@ -526,7 +528,7 @@ impl Engine {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, w)| match w {
-                    Write::CreateJob(job) | Write::UpdateJob { job, .. } => Some((i, job.seq, job.id.clone())),
+                    Write::CreateJob { job, .. } | Write::UpdateJob { job, .. } => Some((i, job.seq, job.id.clone())),
                     _ => None,
                 })
                 .collect();
@@ -861,18 +863,20 @@ impl Engine {
     /// Queues the write of a job's new state (coalesced with an earlier write
     /// of the same job in this batch), updates counts and emits its event.
     pub fn persist(&mut self, job: &mut Job, previous: Option<JobState>) {
-        self.stamp(job, previous);
-        self.queue_write(Box::new(job.clone()), previous.is_none());
+        let transition = self.stamp(job, previous);
+        self.queue_write(Box::new(job.clone()), previous.is_none(), transition);
     }
 
     /// Like [`Engine::persist`] for a job the engine lets go of (it
     /// finished): the write takes the record itself instead of a copy.
     pub fn persist_last(&mut self, mut job: Job, previous: JobState) {
-        self.stamp(&mut job, Some(previous));
-        self.queue_write(Box::new(job), false);
+        let transition = self.stamp(&mut job, Some(previous));
+        self.queue_write(Box::new(job), false, transition);
     }
 
-    fn stamp(&mut self, job: &mut Job, previous: Option<JobState>) {
+    /// Bumps the job's version and counts; returns its state change for the
+    /// event log, if it changed state.
+    fn stamp(&mut self, job: &mut Job, previous: Option<JobState>) -> Option<Transition> {
         job.update_time = self.clock.now();
         job.version += 1;
         let per_queue = match self.counts.get_mut(job.spec.queue.as_str()) {
@@ -890,25 +894,34 @@ impl Engine {
             self.touched.push(job.seq);
         }
         // An event is a state change; a renewal or a coalesced rewrite in the
-        // same state is not one.
-        if self.events.receiver_count() > 0 && previous != Some(job.state) {
+        // same state is not one. It is logged with the job's write; the
+        // broadcast after the commit only wakes watchers (and feeds metrics).
+        if previous == Some(job.state) {
+            return None;
+        }
+        if self.events.receiver_count() > 0 {
             self.pending.effects.push(Effect::Event(JobEvent { job: Arc::new(job.clone()), previous }));
         }
+        Some(Transition::of(job, previous))
     }
 
-    fn queue_write(&mut self, record: Box<Job>, create: bool) {
+    fn queue_write(&mut self, record: Box<Job>, create: bool, transition: Option<Transition>) {
         match self.pending.by_job.get(&record.seq) {
             Some(&i) => match &mut self.pending.writes[i] {
-                Write::CreateJob(stored) | Write::UpdateJob { job: stored, .. } => *stored = record,
+                Write::CreateJob { job: stored, events } | Write::UpdateJob { job: stored, events, .. } => {
+                    *stored = record;
+                    events.extend(transition);
+                }
                 _ => {}
             },
             None => {
                 self.pending.by_job.insert(record.seq, self.pending.writes.len());
+                let events = transition.into_iter().collect();
                 let write = if create {
-                    Write::CreateJob(record)
+                    Write::CreateJob { job: record, events }
                 } else {
                     let expected_version = record.version - 1;
-                    Write::UpdateJob { job: record, expected_version }
+                    Write::UpdateJob { job: record, expected_version, events }
                 };
                 self.pending.writes.push(write);
             }

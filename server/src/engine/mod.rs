@@ -15,6 +15,7 @@ mod leaving;
 mod pools;
 mod queue;
 mod ready;
+mod retention;
 mod sweep;
 mod types;
 
@@ -26,7 +27,7 @@ use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-pub use config::EngineConfig;
+pub use config::{EngineConfig, DEFAULT_EVENT_RETENTION, MAX_EVENT_RETENTION, MIN_EVENT_RETENTION};
 pub use pools::PoolField;
 pub use types::{
     AgentEvent, AgentInbound, AgentPage, AgentPush, AgentView, ClaimRequest, HeartbeatAnswer, HelloInfo, JobEvent,
@@ -38,7 +39,9 @@ use crate::domain::{
     AttemptRef, DomainError, DomainResult, Failure, Health, Job, JobSpec, Metrics, Pool, ScalingSignal,
     SchedulingStatus,
 };
-use crate::store::{CountRow, JobFilter, Ownership, Page, QueuedEntry, Store, StoreError};
+use crate::store::{
+    CountRow, Event, EventCursor, EventRead, JobFilter, Ownership, Page, QueuedEntry, Store, StoreError,
+};
 
 type Reply<T> = oneshot::Sender<DomainResult<T>>;
 
@@ -225,7 +228,25 @@ pub struct EngineHandle {
     agent_events: broadcast::Sender<AgentEvent>,
     store: Arc<dyn Store>,
     serving: Serving,
+    watch: WatchSettings,
 }
+
+/// What a watcher of the event log needs to know.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchSettings {
+    /// How long events are kept.
+    pub retention: std::time::Duration,
+    /// How often an idle watcher reads the log: only on a shared store,
+    /// where other replicas' changes do not wake it.
+    pub poll: Option<std::time::Duration>,
+    /// The least time between two reads of a watcher that has caught up
+    /// (shared store: a busy replica commits every few ms, and each read
+    /// is 8 requests or more; the embedded store reads locally).
+    pub min_read_interval: Option<std::time::Duration>,
+}
+
+/// [`WatchSettings::min_read_interval`] on a shared store.
+const SHARED_WATCH_READ_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl EngineHandle {
     /// Loads the engine's state from `store` and starts its task.
@@ -250,6 +271,13 @@ impl EngineHandle {
         let (agent_events, _) = broadcast::channel(1024);
         let (serving_tx, serving) = watch::channel(true);
         let sweep_interval = config.sweep_interval;
+        let (retention, trim_interval) = (config.event_retention, config.event_trim_interval);
+        let shared = store.ownership() == Ownership::Shared;
+        let watch = WatchSettings {
+            retention,
+            poll: shared.then_some(config.event_poll_interval),
+            min_read_interval: shared.then_some(SHARED_WATCH_READ_INTERVAL),
+        };
         let channels = core::Channels {
             events: events.clone(),
             agent_events: agent_events.clone(),
@@ -258,11 +286,12 @@ impl EngineHandle {
             wakes,
         };
         let engine = core::Engine::load(store.clone(), clock.clone(), config, channels).await?;
+        tokio::spawn(retention::run(Arc::downgrade(&store), clock.clone(), retention, trim_interval, serving.clone()));
         if store.ownership() == Ownership::Shared {
             tokio::spawn(sweep::run(store.clone(), clock, sweep_interval, commands.downgrade()));
         }
         let task = tokio::spawn(engine.run(receiver));
-        Ok((EngineHandle { commands, events, agent_events, store, serving }, task))
+        Ok((EngineHandle { commands, events, agent_events, store, serving, watch }, task))
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> DomainResult<T> {
@@ -485,6 +514,46 @@ impl EngineHandle {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    pub fn watch_settings(&self) -> WatchSettings {
+        self.watch
+    }
+
+    /// The event log's shard count (a cursor names a position in each).
+    pub fn event_shards(&self) -> u32 {
+        self.store.event_shards()
+    }
+
+    /// The cursor of the present.
+    pub async fn event_heads(&self) -> DomainResult<EventCursor> {
+        self.store.event_heads().await.map_err(store_error)
+    }
+
+    /// Events after `cursor`. A cursor this store did not issue is
+    /// INVALID_ARGUMENT naming `field`; one older than the retention is
+    /// [`DomainError::Expired`].
+    pub async fn read_events(
+        &self,
+        field: &str,
+        cursor: &EventCursor,
+        limit: usize,
+    ) -> DomainResult<(Vec<Event>, EventCursor)> {
+        cursor.check_shards(self.store.event_shards()).map_err(|_| {
+            DomainError::invalid(field, "was issued by a server with another store; watch without a cursor")
+        })?;
+        match self.store.read_events(cursor, limit).await.map_err(store_error)? {
+            EventRead::Events { events, next } => Ok((events, next)),
+            EventRead::Unknown => Err(DomainError::invalid(
+                field,
+                "is ahead of this server's event log: it was not issued by this server",
+            )),
+            EventRead::Expired => Err(DomainError::Expired(format!(
+                "{field} is older than the event retention ({}): the events after it were trimmed; watch again \
+                 without a cursor (from now) and read the current state with ListQueuedJobs",
+                crate::config::format_duration(self.watch.retention)
+            ))),
+        }
     }
 }
 

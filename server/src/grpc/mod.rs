@@ -3,11 +3,13 @@
 
 pub mod agent_service;
 pub mod convert;
+pub mod event_cursor;
 pub mod page_token;
 pub mod queue_service;
 pub mod replica_service;
 pub mod status;
 pub mod stream_messages;
+mod watch;
 
 pub use agent_service::AgentApi;
 pub use queue_service::QueueApi;

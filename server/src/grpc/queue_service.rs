@@ -3,9 +3,7 @@
 use std::pin::Pin;
 
 use futures::Stream;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tokio_stream::wrappers::BroadcastStream;
-use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -15,6 +13,7 @@ use tether::v1::queue_service_server::QueueService;
 use super::convert::{self, job_out};
 use super::page_token::{self, Listing};
 use super::status::to_status;
+use super::{event_cursor, watch};
 use crate::domain::{validate, DomainError, Failure};
 use crate::engine::{ClaimRequest, EngineHandle};
 use crate::store::JobFilter;
@@ -217,28 +216,14 @@ impl QueueService for QueueApi {
         let req = request.into_inner();
         let states = states_in("states", &req.states)?;
         let queue = convert::name_filter("queue", &req.queue).map_err(to_status)?;
-        let mut dropped = 0u64;
-        let stream = BroadcastStream::new(self.engine.subscribe()).filter_map(move |event| match event {
-            Ok(event) => {
-                if queue.as_ref().is_some_and(|q| *q != event.job.spec.queue)
-                    || (!states.is_empty() && !states.contains(&event.job.state))
-                {
-                    return None;
-                }
-                let response = pb::WatchQueueResponse {
-                    job: Some(job_out(&event.job)),
-                    previous_state: event.previous.map_or(0, |s| convert::state_out(s) as i32),
-                    dropped: std::mem::take(&mut dropped),
-                };
-                Some(Ok(response))
-            }
-            Err(BroadcastStreamRecvError::Lagged(n)) => {
-                dropped += n;
-                None
-            }
-        });
-        let stopping = self.stopping.clone();
-        let stream = futures::StreamExt::take_until(stream, async move { stopping.cancelled().await });
-        Ok(Response::new(Box::pin(stream)))
+        let cursor = event_cursor::decode("cursor", &req.cursor).map_err(to_status)?;
+        let start = watch::start(&self.engine, cursor).await.map_err(to_status)?;
+        let responses = watch::spawn(
+            self.engine.clone(),
+            watch::Filter { queue, states, skip_payload: req.skip_payload },
+            start,
+            self.stopping.clone(),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
     }
 }

@@ -31,6 +31,7 @@ pub fn to_status(error: DomainError) -> Status {
         DomainError::FailedPrecondition(_) => (Code::FailedPrecondition, "FAILED_PRECONDITION", ErrorDetails::new()),
         DomainError::Conflict(_) => (Code::Aborted, "CONFLICT", ErrorDetails::new()),
         DomainError::ResourceExhausted(_) => (Code::ResourceExhausted, "LIMIT_EXCEEDED", ErrorDetails::new()),
+        DomainError::Expired(_) => (Code::OutOfRange, "CURSOR_EXPIRED", ErrorDetails::new()),
         DomainError::Unavailable(_) => (Code::Unavailable, "UNAVAILABLE", ErrorDetails::new()),
         DomainError::Internal(_) => (Code::Internal, "INTERNAL", ErrorDetails::new()),
         // Non-exhaustive: a new kind is an internal error until mapped.

@@ -7,7 +7,10 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use super::{AgentFilter, JobFilter, LogChunk, Store, Write, WriteOutcome, COUNTER_FENCING};
+use super::{
+    AgentFilter, Event, EventCursor, EventRead, JobFilter, LogChunk, Store, Transition, Write, WriteOutcome,
+    COUNTER_FENCING,
+};
 use crate::domain::{Agent, Health, Job, JobSpec, JobState, Pool, Priority, Routing, SchedulingStatus};
 
 fn t(secs: u64) -> SystemTime {
@@ -71,7 +74,13 @@ macro_rules! store_conformance_suite {
             agents,
             counters_only_rise,
             concurrent_claims_have_one_winner,
-            pools);
+            pools,
+            events_are_logged_with_state_changes_only,
+            failed_job_writes_log_no_events,
+            a_batch_logs_the_events_of_exactly_its_applied_writes,
+            reading_from_a_cursor_returns_exactly_the_later_events,
+            event_cursors_of_another_layout_or_ahead_are_refused,
+            trimmed_events_answer_expired_never_a_skip);
     };
     (@cases $fresh:expr; $($case:ident),* $(,)?) => {
         $(
@@ -86,61 +95,49 @@ macro_rules! store_conformance_suite {
 
 pub async fn create_and_get<S: Store>(store: S) {
     let j = job("a", 1, "q", None);
-    assert_eq!(write_one(&store, Write::CreateJob(Box::new(j.clone()))).await, WriteOutcome::Applied);
+    assert_eq!(write_one(&store, Write::create(j.clone())).await, WriteOutcome::Applied);
     assert_eq!(store.get_job("a").await.expect("get"), Some(j.clone()));
     assert_eq!(store.get_job("missing").await.expect("get"), None);
-    assert_eq!(write_one(&store, Write::CreateJob(Box::new(j.clone()))).await, WriteOutcome::IdExists);
+    assert_eq!(write_one(&store, Write::create(j.clone())).await, WriteOutcome::IdExists);
     // A refused create leaves the stored job as it was.
     let impostor = job("a", 2, "other", None);
-    assert_eq!(write_one(&store, Write::CreateJob(Box::new(impostor))).await, WriteOutcome::IdExists);
+    assert_eq!(write_one(&store, Write::create(impostor)).await, WriteOutcome::IdExists);
     assert_eq!(store.get_job("a").await.expect("get"), Some(j));
 }
 
 pub async fn conditional_updates<S: Store>(store: S) {
     let j = job("a", 1, "q", None);
-    write_one(&store, Write::CreateJob(Box::new(j.clone()))).await;
+    write_one(&store, Write::create(j.clone())).await;
     let claimed = next(&j, JobState::Claimed);
-    assert_eq!(
-        write_one(&store, Write::UpdateJob { job: Box::new(claimed.clone()), expected_version: 1 }).await,
-        WriteOutcome::Applied
-    );
+    assert_eq!(write_one(&store, Write::update(claimed.clone(), 1)).await, WriteOutcome::Applied);
     // A second writer holding the old version loses.
     let stale = next(&j, JobState::Cancelled);
     assert_eq!(
-        write_one(&store, Write::UpdateJob { job: Box::new(stale), expected_version: 1 }).await,
+        write_one(&store, Write::update(stale, 1)).await,
         WriteOutcome::VersionConflict { current_version: Some(2) }
     );
     let ghost = job("ghost", 9, "q", None);
     assert_eq!(
-        write_one(&store, Write::UpdateJob { job: Box::new(ghost), expected_version: 1 }).await,
+        write_one(&store, Write::update(ghost, 1)).await,
         WriteOutcome::VersionConflict { current_version: None }
     );
     assert_eq!(store.get_job("a").await.expect("get").map(|j| j.state), Some(JobState::Claimed));
     // Writes in one batch apply in order.
     let running = next(&claimed, JobState::Running);
     let done = next(&running, JobState::Succeeded);
-    let outcomes = store
-        .write(vec![
-            Write::UpdateJob { job: Box::new(running), expected_version: 2 },
-            Write::UpdateJob { job: Box::new(done), expected_version: 3 },
-        ])
-        .await
-        .expect("batch");
+    let outcomes = store.write(vec![Write::update(running, 2), Write::update(done, 3)]).await.expect("batch");
     assert_eq!(outcomes, vec![WriteOutcome::Applied, WriteOutcome::Applied]);
     assert_eq!(store.get_job("a").await.expect("get").map(|j| j.version), Some(4));
 }
 
 pub async fn idempotency_keys<S: Store>(store: S) {
-    write_one(&store, Write::CreateJob(Box::new(job("a", 1, "q", Some("k"))))).await;
+    write_one(&store, Write::create(job("a", 1, "q", Some("k")))).await;
     assert_eq!(
-        write_one(&store, Write::CreateJob(Box::new(job("b", 2, "q", Some("k"))))).await,
+        write_one(&store, Write::create(job("b", 2, "q", Some("k")))).await,
         WriteOutcome::IdempotencyKeyTaken { existing_job_id: "a".into() }
     );
     // Keys are scoped to their queue.
-    assert_eq!(
-        write_one(&store, Write::CreateJob(Box::new(job("c", 3, "other", Some("k"))))).await,
-        WriteOutcome::Applied
-    );
+    assert_eq!(write_one(&store, Write::create(job("c", 3, "other", Some("k")))).await, WriteOutcome::Applied);
     assert_eq!(store.find_by_idempotency_key("q", "k").await.expect("find").map(|j| j.id), Some("a".into()));
     assert_eq!(store.find_by_idempotency_key("q", "nope").await.expect("find"), None);
     assert_eq!(store.get_job("b").await.expect("get"), None);
@@ -150,14 +147,14 @@ pub async fn listing_newest_first_with_filters<S: Store>(store: S) {
     let mut writes = Vec::new();
     for i in 1..=25u64 {
         let queue = if i % 2 == 0 { "even" } else { "odd" };
-        writes.push(Write::CreateJob(Box::new(job(&format!("j{i:02}"), i, queue, None))));
+        writes.push(Write::create(job(&format!("j{i:02}"), i, queue, None)));
     }
     store.write(writes).await.expect("create");
     // Move j05 and j10 to running.
     for (id, seq) in [("j05", 5), ("j10", 10)] {
         let j = store.get_job(id).await.expect("get").expect("exists");
         assert_eq!(seq, j.seq);
-        write_one(&store, Write::UpdateJob { job: Box::new(next(&j, JobState::Running)), expected_version: 1 }).await;
+        write_one(&store, Write::update(next(&j, JobState::Running), 1)).await;
     }
     let all = JobFilter::default();
     let page = store.list_jobs(&all, None, 10).await.expect("list");
@@ -187,13 +184,9 @@ pub async fn listing_newest_first_with_filters<S: Store>(store: S) {
 pub async fn dead_letters_oldest_first<S: Store>(store: S) {
     for i in 1..=5u64 {
         let j = job(&format!("d{i}"), i, if i == 3 { "other" } else { "q" }, None);
-        write_one(&store, Write::CreateJob(Box::new(j.clone()))).await;
+        write_one(&store, Write::create(j.clone())).await;
         if i != 4 {
-            write_one(
-                &store,
-                Write::UpdateJob { job: Box::new(next(&j, JobState::DeadLettered)), expected_version: 1 },
-            )
-            .await;
+            write_one(&store, Write::update(next(&j, JobState::DeadLettered), 1)).await;
         }
     }
     let page = store.list_dead_letters(Some("q"), None, 2).await.expect("list");
@@ -207,12 +200,12 @@ pub async fn dead_letters_oldest_first<S: Store>(store: S) {
 
 pub async fn startup_scans<S: Store>(store: S) {
     for i in 1..=4u64 {
-        write_one(&store, Write::CreateJob(Box::new(job(&format!("s{i}"), i, "q", None)))).await;
+        write_one(&store, Write::create(job(&format!("s{i}"), i, "q", None))).await;
     }
     let s2 = store.get_job("s2").await.expect("get").expect("exists");
-    write_one(&store, Write::UpdateJob { job: Box::new(next(&s2, JobState::Claimed)), expected_version: 1 }).await;
+    write_one(&store, Write::update(next(&s2, JobState::Claimed), 1)).await;
     let s3 = store.get_job("s3").await.expect("get").expect("exists");
-    write_one(&store, Write::UpdateJob { job: Box::new(next(&s3, JobState::Succeeded)), expected_version: 1 }).await;
+    write_one(&store, Write::update(next(&s3, JobState::Succeeded), 1)).await;
     let queued: Vec<_> = store.load_queued().await.expect("queued").into_iter().map(|e| e.id).collect();
     assert_eq!(queued, ["s1", "s4"]);
     let queued = store.load_queued().await.expect("queued");
@@ -225,8 +218,8 @@ pub async fn counts_follow_transitions<S: Store>(store: S) {
     let a = job("a", 1, "q", None);
     let mut b = job("b", 2, "q", None);
     b.spec.priority = Priority::Critical;
-    store.write(vec![Write::CreateJob(Box::new(a.clone())), Write::CreateJob(Box::new(b))]).await.expect("create");
-    write_one(&store, Write::UpdateJob { job: Box::new(next(&a, JobState::Running)), expected_version: 1 }).await;
+    store.write(vec![Write::create(a.clone()), Write::create(b)]).await.expect("create");
+    write_one(&store, Write::update(next(&a, JobState::Running), 1)).await;
     let mut counts = store.counts().await.expect("counts");
     counts.sort_by_key(|c| (c.state, c.priority));
     let rows: Vec<_> = counts.iter().map(|c| (c.queue.as_str(), c.state, c.priority, c.count)).collect();
@@ -301,16 +294,14 @@ pub async fn counters_only_rise<S: Store>(store: S) {
 
 pub async fn concurrent_claims_have_one_winner<S: Store>(store: S) {
     let j = job("contended", 1, "q", None);
-    write_one(&store, Write::CreateJob(Box::new(j.clone()))).await;
+    write_one(&store, Write::create(j.clone())).await;
     let store = Arc::new(store);
     let mut tasks = Vec::new();
     for worker in 0..16 {
         let store = store.clone();
         let mut claim = next(&j, JobState::Claimed);
         claim.worker_id = format!("w{worker}");
-        tasks.push(tokio::spawn(async move {
-            store.write(vec![Write::UpdateJob { job: Box::new(claim), expected_version: 1 }]).await
-        }));
+        tasks.push(tokio::spawn(async move { store.write(vec![Write::update(claim, 1)]).await }));
     }
     let mut winners = 0;
     for task in tasks {
@@ -336,4 +327,271 @@ pub async fn pools<S: Store>(store: S) {
     write_one(&store, Write::DeletePool { name: "missing".into() }).await;
     let names: Vec<_> = store.list_pools().await.expect("list").into_iter().map(|p| p.name).collect();
     assert_eq!(names, ["zeta"]);
+}
+
+/// A create that logs its event.
+pub fn logged_create(job: &Job) -> Write {
+    Write::CreateJob { job: Box::new(job.clone()), events: vec![Transition::of(job, None)] }
+}
+
+/// `job` moved to `state` at `at`, with the write that logs it.
+pub fn logged_move(job: &Job, state: JobState, at: SystemTime) -> (Job, Write) {
+    let mut n = next(job, state);
+    n.update_time = at;
+    let events = if state == job.state { Vec::new() } else { vec![Transition::of(&n, Some(job.state))] };
+    let write = Write::UpdateJob { job: Box::new(n.clone()), expected_version: job.version, events };
+    (n, write)
+}
+
+/// Every event after `cursor`, read `limit` at a time, and the cursor after
+/// them.
+pub async fn read_all<S: Store + ?Sized>(
+    store: &S,
+    mut cursor: EventCursor,
+    limit: usize,
+) -> (Vec<Event>, EventCursor) {
+    let mut all = Vec::new();
+    loop {
+        match store.read_events(&cursor, limit).await.expect("read events") {
+            EventRead::Events { events, next } => {
+                if events.is_empty() {
+                    assert_eq!(next, cursor, "an empty read leaves the cursor");
+                    return (all, cursor);
+                }
+                for e in &events {
+                    assert!(e.seq > cursor.positions[e.shard as usize], "an event at or before the cursor came back");
+                }
+                all.extend(events);
+                cursor = next;
+            }
+            other => panic!("reading from {cursor:?}: {other:?}"),
+        }
+    }
+}
+
+/// (job id, previous, state) of each event, per job in log order.
+fn per_job(events: &[Event]) -> std::collections::BTreeMap<String, Vec<(Option<JobState>, JobState)>> {
+    let mut out: std::collections::BTreeMap<String, Vec<(Option<JobState>, JobState)>> = Default::default();
+    for e in events {
+        out.entry(e.job.id.clone()).or_default().push((e.previous, e.job.state));
+    }
+    out
+}
+
+pub async fn events_are_logged_with_state_changes_only<S: Store>(store: S) {
+    let start = store.event_heads().await.expect("heads");
+    assert_eq!(start, EventCursor::start(store.event_shards()), "a new log is empty");
+    let a = job("a", 1, "q", None);
+    assert_eq!(write_one(&store, logged_create(&a)).await, WriteOutcome::Applied);
+    let (claimed, w) = logged_move(&a, JobState::Claimed, t(10));
+    assert_eq!(write_one(&store, w).await, WriteOutcome::Applied);
+    // A renewal (same state) logs nothing.
+    let (renewed, w) = logged_move(&claimed, JobState::Claimed, t(11));
+    assert_eq!(write_one(&store, w).await, WriteOutcome::Applied);
+    // Coalesced transitions of one write: running then succeeded.
+    let (running, _) = logged_move(&renewed, JobState::Running, t(12));
+    let (mut done, _) = logged_move(&running, JobState::Succeeded, t(13));
+    done.result = Bytes::from_static(b"result bytes");
+    let events =
+        vec![Transition::of(&running, Some(JobState::Claimed)), Transition::of(&done, Some(JobState::Running))];
+    let w = Write::UpdateJob { job: Box::new(done.clone()), expected_version: renewed.version, events };
+    assert_eq!(write_one(&store, w).await, WriteOutcome::Applied);
+
+    let (events, end) = read_all(&store, start.clone(), 100).await;
+    let states: Vec<_> = events.iter().map(|e| (e.previous, e.job.state, e.job.version)).collect();
+    assert_eq!(
+        states,
+        [
+            (None, JobState::Queued, 1),
+            (Some(JobState::Queued), JobState::Claimed, 2),
+            (Some(JobState::Claimed), JobState::Running, 4),
+            (Some(JobState::Running), JobState::Succeeded, 5),
+        ]
+    );
+    // Dense numbers in one shard, the job's own shard.
+    let seqs: Vec<_> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [1, 2, 3, 4]);
+    assert!(events.iter().all(|e| e.shard == events[0].shard));
+    // No payload or result in the log; the rest of the job is there.
+    assert!(events.iter().all(|e| e.job.spec.payload.is_empty() && e.job.result.is_empty()));
+    assert_eq!(events[3].job.update_time, t(13));
+    assert_eq!(events[1].job.spec.routing, a.spec.routing);
+    assert_eq!(store.event_heads().await.expect("heads"), end, "the heads are the cursor after the last event");
+    assert_eq!(read_all(&store, end, 100).await.0, Vec::new());
+}
+
+pub async fn failed_job_writes_log_no_events<S: Store>(store: S) {
+    let start = store.event_heads().await.expect("heads");
+    let a = job("a", 1, "q", Some("k"));
+    write_one(&store, logged_create(&a)).await;
+    // An existing id, a taken key, a stale version: no event.
+    assert_eq!(write_one(&store, logged_create(&job("a", 2, "q", None))).await, WriteOutcome::IdExists);
+    assert!(matches!(
+        write_one(&store, logged_create(&job("b", 3, "q", Some("k")))).await,
+        WriteOutcome::IdempotencyKeyTaken { .. }
+    ));
+    let (claimed, w) = logged_move(&a, JobState::Claimed, t(5));
+    write_one(&store, w).await;
+    let (_, stale) = logged_move(&a, JobState::Cancelled, t(6));
+    assert_eq!(write_one(&store, stale).await, WriteOutcome::VersionConflict { current_version: Some(2) });
+    let (_, ghost) = logged_move(&job("ghost", 9, "q", None), JobState::Claimed, t(6));
+    assert_eq!(write_one(&store, ghost).await, WriteOutcome::VersionConflict { current_version: None });
+    let (events, _) = read_all(&store, start, 100).await;
+    let got: Vec<_> = events.iter().map(|e| (e.job.id.as_str(), e.job.state)).collect();
+    assert_eq!(got, [("a", JobState::Queued), ("a", JobState::Claimed)]);
+    assert_eq!(store.get_job("a").await.expect("get"), Some(claimed));
+}
+
+pub async fn reading_from_a_cursor_returns_exactly_the_later_events<S: Store>(store: S) {
+    let start = store.event_heads().await.expect("heads");
+    let mut jobs: Vec<Job> = (0..12u64).map(|i| job(&format!("c{i:02}"), i + 1, "q", None)).collect();
+    store.write(jobs.iter().map(logged_create).collect()).await.expect("create");
+    let middle = store.event_heads().await.expect("heads");
+    let mut expected_later = Vec::new();
+    for (round, state) in [JobState::Claimed, JobState::Running, JobState::Succeeded].into_iter().enumerate() {
+        let mut writes = Vec::new();
+        for j in jobs.iter_mut() {
+            let (n, w) = logged_move(j, state, t(100 + round as u64));
+            expected_later.push((n.id.clone(), state));
+            *j = n;
+            writes.push(w);
+        }
+        assert!(store.write(writes).await.expect("write").iter().all(|o| *o == WriteOutcome::Applied));
+    }
+    // From the start, in small pages: every event once, per job in order.
+    let (all, end) = read_all(&store, start, 5).await;
+    assert_eq!(all.len(), 48);
+    let lifecycle = vec![
+        (None, JobState::Queued),
+        (Some(JobState::Queued), JobState::Claimed),
+        (Some(JobState::Claimed), JobState::Running),
+        (Some(JobState::Running), JobState::Succeeded),
+    ];
+    let by_job = per_job(&all);
+    assert_eq!(by_job.len(), 12);
+    assert!(by_job.values().all(|v| *v == lifecycle), "{by_job:?}");
+    let mut positions = std::collections::BTreeSet::new();
+    assert!(all.iter().all(|e| positions.insert((e.shard, e.seq))), "no event twice");
+    // From the middle: exactly the later ones.
+    let (later, end_again) = read_all(&store, middle, 7).await;
+    assert_eq!(end_again, end);
+    let mut got: Vec<_> = later.iter().map(|e| (e.job.id.clone(), e.job.state)).collect();
+    got.sort();
+    expected_later.sort();
+    assert_eq!(got, expected_later);
+    // And nothing after the end.
+    assert!(read_all(&store, end, 5).await.0.is_empty());
+}
+
+pub async fn event_cursors_of_another_layout_or_ahead_are_refused<S: Store>(store: S) {
+    let shards = store.event_shards();
+    write_one(&store, logged_create(&job("a", 1, "q", None))).await;
+    let other = EventCursor::start(if shards == 1 { 8 } else { 1 });
+    assert!(store.read_events(&other, 10).await.is_err(), "a cursor of another shard count is refused");
+    let empty = EventCursor { positions: Vec::new() };
+    assert!(store.read_events(&empty, 10).await.is_err());
+    let mut ahead = store.event_heads().await.expect("heads");
+    for p in &mut ahead.positions {
+        *p += 1000;
+    }
+    assert_eq!(store.read_events(&ahead, 10).await.expect("read"), EventRead::Unknown);
+}
+
+pub async fn trimmed_events_answer_expired_never_a_skip<S: Store>(store: S) {
+    let start = store.event_heads().await.expect("heads");
+    // Old events (times t(0..10)) and young ones (t(1000..)).
+    let old: Vec<Job> = (0..6u64).map(|i| job(&format!("o{i}"), i + 1, "q", None)).collect();
+    store.write(old.iter().map(logged_create).collect()).await.expect("create");
+    let after_old = store.event_heads().await.expect("heads");
+    let young: Vec<Job> = (0..6u64)
+        .map(|i| {
+            let mut j = job(&format!("y{i}"), 1000 + i, "q", None);
+            j.update_time = t(1000 + i);
+            j
+        })
+        .collect();
+    store.write(young.iter().map(logged_create).collect()).await.expect("create");
+    let (before_trim, _) = read_all(&store, start.clone(), 100).await;
+    assert_eq!(before_trim.len(), 12);
+
+    let mut trimmed = 0;
+    loop {
+        let pass = store.trim_events(t(500), 2).await.expect("trim");
+        trimmed += pass.groups;
+        if !pass.more {
+            break;
+        }
+    }
+    assert_eq!(trimmed, 6, "the old groups, and only those");
+    // A cursor before the low-water mark is told so: never a silent skip.
+    assert_eq!(store.read_events(&start, 100).await.expect("read"), EventRead::Expired);
+    // From after the trimmed events, everything younger is still there.
+    let (rest, _) = read_all(&store, after_old, 100).await;
+    let mut ids: Vec<_> = rest.iter().map(|e| e.job.id.clone()).collect();
+    ids.sort();
+    assert_eq!(ids, ["y0", "y1", "y2", "y3", "y4", "y5"]);
+    // A second trim finds nothing more; the present still reads.
+    assert_eq!(store.trim_events(t(500), 100).await.expect("trim").groups, 0);
+    let heads = store.event_heads().await.expect("heads");
+    assert!(read_all(&store, heads, 100).await.0.is_empty());
+}
+
+pub async fn a_batch_logs_the_events_of_exactly_its_applied_writes<S: Store>(store: S) {
+    let jobs: Vec<Job> = (0..16u64).map(|i| job(&format!("b{i:02}"), i + 1, "q", None)).collect();
+    store.write(jobs.iter().map(logged_create).collect()).await.expect("create");
+    let after_creates = store.event_heads().await.expect("heads");
+    // One batch: claims of the even jobs, stale claims of the odd ones, a
+    // create of an existing id, new jobs two of which share a key.
+    let mut writes = Vec::new();
+    let mut expected = Vec::new();
+    for (i, j) in jobs.iter().enumerate() {
+        if i % 2 == 0 {
+            let (n, w) = logged_move(j, JobState::Claimed, t(50));
+            writes.push(w);
+            expected.push(WriteOutcome::Applied);
+            let _ = n;
+        } else {
+            let mut stale = j.clone();
+            stale.version = 5;
+            let (_, w) = logged_move(&stale, JobState::Claimed, t(50));
+            writes.push(w);
+            expected.push(WriteOutcome::VersionConflict { current_version: Some(1) });
+        }
+    }
+    writes.push(logged_create(&job("b00", 99, "q", None)));
+    expected.push(WriteOutcome::IdExists);
+    for i in 0..6u64 {
+        let key = if i < 2 { Some("shared") } else { None };
+        writes.push(logged_create(&job(&format!("n{i}"), 100 + i, "q", key)));
+        expected.push(WriteOutcome::Applied);
+    }
+    // n0 and n1 share a key: one of them gets it (writes to different
+    // items of one batch may apply in any order), the other is told whose.
+    let mut outcomes = store.write(writes).await.expect("batch");
+    let n1 = outcomes.len() - 5;
+    let (winner, loser) = match &outcomes[n1 - 1..=n1] {
+        [WriteOutcome::Applied, WriteOutcome::IdempotencyKeyTaken { existing_job_id }] if existing_job_id == "n0" => {
+            ("n0", n1)
+        }
+        [WriteOutcome::IdempotencyKeyTaken { existing_job_id }, WriteOutcome::Applied] if existing_job_id == "n1" => {
+            ("n1", n1 - 1)
+        }
+        other => panic!("two creates of one key: {other:?}"),
+    };
+    outcomes[loser] = WriteOutcome::Applied;
+    assert_eq!(outcomes, expected);
+    let (events, _) = read_all(&store, after_creates, 100).await;
+    let mut got: Vec<_> = events.iter().map(|e| (e.job.id.clone(), e.previous, e.job.state)).collect();
+    got.sort();
+    let mut want: Vec<_> = (0..16)
+        .filter(|i| i % 2 == 0)
+        .map(|i| (format!("b{i:02}"), Some(JobState::Queued), JobState::Claimed))
+        .chain([winner, "n2", "n3", "n4", "n5"].map(|id| (id.to_string(), None, JobState::Queued)))
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
+    // The counts moved with exactly the applied writes.
+    let counts = store.counts().await.expect("counts");
+    let count = |state| counts.iter().filter(|c| c.state == state).map(|c| c.count).sum::<u64>();
+    assert_eq!((count(JobState::Queued), count(JobState::Claimed)), (8 + 5, 8));
 }

@@ -17,8 +17,10 @@ use super::codec::{
     decode, decode_job, encode, encode_into, encode_job_into, priority_code, priority_from_code, skip_corrupt,
     state_from_code, FORMAT_V1,
 };
+use super::events::EventGroup;
 use super::{
-    AgentFilter, CountRow, JobFilter, LogChunk, Page, QueuedEntry, Store, StoreError, StoreResult, Write, WriteOutcome,
+    AgentFilter, CountRow, Event, EventCursor, EventRead, JobFilter, LogChunk, Page, QueuedEntry, Store, StoreError,
+    StoreResult, Transition, Trimmed, Write, WriteOutcome,
 };
 use crate::domain::{Agent, Job, JobState, Pool, Priority};
 
@@ -39,6 +41,11 @@ const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 const AGENT_NAMES: TableDefinition<(&str, &str), &str> = TableDefinition::new("agent_names");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
+/// The job event log, one shard: last seq of a group -> EventGroup.
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("job_events");
+/// Counters of the event log: the last seq written, and the last trimmed.
+const EVENT_HEAD: &str = "event_head";
+const EVENT_LOW_WATER: &str = "event_low_water";
 
 /// redb's page cache (read cache and write buffer). redb's default, 1 GiB,
 /// let a live server keep every page it wrote (~330 bytes per queued job);
@@ -70,9 +77,17 @@ impl Default for EmbeddedOptions {
     }
 }
 
-struct WriteRequest {
-    batch: Vec<Write>,
-    reply: oneshot::Sender<StoreResult<Vec<WriteOutcome>>>,
+enum WriteRequest {
+    Batch {
+        batch: Vec<Write>,
+        reply: oneshot::Sender<StoreResult<Vec<WriteOutcome>>>,
+    },
+    /// The retention task's trim: on the writer thread, the only writer.
+    Trim {
+        before: std::time::SystemTime,
+        limit: usize,
+        reply: oneshot::Sender<StoreResult<Trimmed>>,
+    },
 }
 
 /// The embedded, single-file store.
@@ -125,6 +140,7 @@ impl EmbeddedStore {
             txn.open_table(AGENT_NAMES).map_err(io_err)?;
             txn.open_table(COUNTERS).map_err(io_err)?;
             txn.open_table(POOLS).map_err(io_err)?;
+            txn.open_table(EVENTS).map_err(io_err)?;
             txn.commit().map_err(io_err)?;
         }
         let db = Arc::new(db);
@@ -156,12 +172,26 @@ fn writer_loop(db: &Database, requests: &std_mpsc::Receiver<WriteRequest>, optio
     let mut commits: u64 = 0;
     let mut cache = MetaCache::default();
     while let Ok(first) = requests.recv() {
-        let mut group = vec![first];
-        while group.len() < options.max_group {
-            match requests.try_recv() {
-                Ok(next) => group.push(next),
-                Err(_) => break,
+        let mut group = Vec::new();
+        let mut next = Some(first);
+        while let Some(request) = next.take() {
+            match request {
+                WriteRequest::Batch { batch, reply } => group.push(BatchRequest { batch, reply }),
+                WriteRequest::Trim { before, limit, reply } => {
+                    // Rare (the retention task): in a transaction of its own.
+                    let trimmed = trim_events(db, before, limit);
+                    if let Err(e) = &trimmed {
+                        tracing::error!(error = %e, "trimming the event log failed");
+                    }
+                    let _ = reply.send(trimmed);
+                }
             }
+            if group.len() < options.max_group {
+                next = requests.try_recv().ok();
+            }
+        }
+        if group.is_empty() {
+            continue;
         }
         commits += 1;
         let durable = match options.sync {
@@ -191,9 +221,56 @@ fn writer_loop(db: &Database, requests: &std_mpsc::Receiver<WriteRequest>, optio
     }
 }
 
+struct BatchRequest {
+    batch: Vec<Write>,
+    reply: oneshot::Sender<StoreResult<Vec<WriteOutcome>>>,
+}
+
+/// Deletes the groups older than `before` from the front of the log (at
+/// most `limit`) and raises the low-water mark past them, in one
+/// transaction.
+fn trim_events(db: &Database, before: std::time::SystemTime, limit: usize) -> StoreResult<Trimmed> {
+    let txn = db.begin_write().map_err(io_err)?;
+    let mut trimmed = Trimmed::default();
+    {
+        let mut events = txn.open_table(EVENTS).map_err(io_err)?;
+        let mut counters = txn.open_table(COUNTERS).map_err(io_err)?;
+        let mut low_water = None;
+        let mut old = Vec::new();
+        for row in events.iter().map_err(io_err)? {
+            let (key, value) = row.map_err(io_err)?;
+            if old.len() >= limit {
+                trimmed.more = true;
+                break;
+            }
+            // A group that does not decode is trimmed by its position: the
+            // groups after it are younger only if it was.
+            let young = match decode::<EventGroup>(value.value()) {
+                Ok(group) => group.time() >= before,
+                Err(_) => false,
+            };
+            if young {
+                break;
+            }
+            old.push(key.value());
+        }
+        for seq in &old {
+            events.remove(*seq).map_err(io_err)?;
+            low_water = Some(*seq);
+        }
+        if let Some(seq) = low_water {
+            let current = counters.get(EVENT_LOW_WATER).map_err(io_err)?.map(|v| v.value()).unwrap_or(0);
+            counters.insert(EVENT_LOW_WATER, seq.max(current)).map_err(io_err)?;
+        }
+        trimmed.groups = old.len() as u64;
+    }
+    txn.commit().map_err(io_err)?;
+    Ok(trimmed)
+}
+
 fn apply_group(
     db: &Database,
-    group: &[WriteRequest],
+    group: &[BatchRequest],
     durable: bool,
     cache: &mut MetaCache,
 ) -> StoreResult<Vec<Vec<WriteOutcome>>> {
@@ -212,6 +289,8 @@ fn apply_group(
             agent_names: txn.open_table(AGENT_NAMES).map_err(io_err)?,
             counters: txn.open_table(COUNTERS).map_err(io_err)?,
             pools: txn.open_table(POOLS).map_err(io_err)?,
+            events: txn.open_table(EVENTS).map_err(io_err)?,
+            event_head: None,
             count_deltas: Vec::new(),
             buf: Vec::new(),
             entry_buf: Vec::new(),
@@ -223,6 +302,9 @@ fn apply_group(
                 batch_outcomes.push(tables.apply(write)?);
             }
             outcomes.push(batch_outcomes);
+        }
+        if let Some(head) = tables.event_head {
+            tables.counters.insert(EVENT_HEAD, head).map_err(io_err)?;
         }
         let mut counts = txn.open_table(COUNTS).map_err(io_err)?;
         for (queue, state, priority, delta) in tables.count_deltas.drain(..) {
@@ -252,6 +334,10 @@ struct Tables<'txn> {
     agent_names: redb::Table<'txn, (&'static str, &'static str), &'static str>,
     counters: redb::Table<'txn, &'static str, u64>,
     pools: redb::Table<'txn, &'static str, &'static [u8]>,
+    events: redb::Table<'txn, u64, &'static [u8]>,
+    /// The event log's head in this transaction, once read (one read per
+    /// transaction that logs anything; stored when it commits).
+    event_head: Option<u64>,
     /// Count changes of this transaction: few distinct keys (queues x
     /// states x priorities touched), so a list beats hashing a string per
     /// transition.
@@ -331,8 +417,16 @@ impl MetaCache {
 impl Tables<'_> {
     fn apply(&mut self, write: &Write) -> StoreResult<WriteOutcome> {
         match write {
-            Write::CreateJob(job) => self.create_job(job),
-            Write::UpdateJob { job, expected_version } => self.update_job(job, *expected_version),
+            Write::CreateJob { job, events } => {
+                let outcome = self.create_job(job)?;
+                self.log_if_applied(&outcome, job, events)?;
+                Ok(outcome)
+            }
+            Write::UpdateJob { job, expected_version, events } => {
+                let outcome = self.update_job(job, *expected_version)?;
+                self.log_if_applied(&outcome, job, events)?;
+                Ok(outcome)
+            }
             Write::PutAgent(agent) => {
                 let bytes = encode(agent.as_ref())?;
                 self.agents.insert(agent.id.as_str(), bytes.as_slice()).map_err(io_err)?;
@@ -366,6 +460,23 @@ impl Tables<'_> {
                 Ok(WriteOutcome::Applied)
             }
         }
+    }
+
+    /// Appends a job write's events to the log, in the job write's
+    /// transaction: only if the job write applied.
+    fn log_if_applied(&mut self, outcome: &WriteOutcome, job: &Job, events: &[Transition]) -> StoreResult<()> {
+        if *outcome != WriteOutcome::Applied || events.is_empty() {
+            return Ok(());
+        }
+        let head = match self.event_head {
+            Some(head) => head,
+            None => self.counters.get(EVENT_HEAD).map_err(io_err)?.map(|v| v.value()).unwrap_or(0),
+        };
+        let Some(group) = EventGroup::of(job, events, head + 1) else { return Ok(()) };
+        encode_into(&mut self.entry_buf, &group)?;
+        self.events.insert(group.last_seq(), self.entry_buf.as_slice()).map_err(io_err)?;
+        self.event_head = Some(group.last_seq());
+        Ok(())
     }
 
     fn count(&mut self, queue: &str, state: JobState, priority: Priority, delta: i64) {
@@ -490,7 +601,60 @@ impl Store for EmbeddedStore {
         }
         let (reply, outcome) = oneshot::channel();
         let writer = self.writer.as_ref().ok_or(StoreError::Closed)?;
-        writer.send(WriteRequest { batch, reply }).map_err(|_| StoreError::Closed)?;
+        writer.send(WriteRequest::Batch { batch, reply }).map_err(|_| StoreError::Closed)?;
+        outcome.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn event_heads(&self) -> StoreResult<EventCursor> {
+        self.read(|db| {
+            let txn = db.begin_read().map_err(io_err)?;
+            let counters = txn.open_table(COUNTERS).map_err(io_err)?;
+            let head = counters.get(EVENT_HEAD).map_err(io_err)?.map(|v| v.value()).unwrap_or(0);
+            Ok(EventCursor { positions: vec![head] })
+        })
+        .await
+    }
+
+    async fn read_events(&self, after: &EventCursor, limit: usize) -> StoreResult<EventRead> {
+        after.check_shards(1)?;
+        let after = after.positions[0];
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(io_err)?;
+            let counters = txn.open_table(COUNTERS).map_err(io_err)?;
+            let head = counters.get(EVENT_HEAD).map_err(io_err)?.map(|v| v.value()).unwrap_or(0);
+            let low_water = counters.get(EVENT_LOW_WATER).map_err(io_err)?.map(|v| v.value()).unwrap_or(0);
+            if after > head {
+                return Ok(EventRead::Unknown);
+            }
+            if after < low_water {
+                return Ok(EventRead::Expired);
+            }
+            let events_table = txn.open_table(EVENTS).map_err(io_err)?;
+            let mut events: Vec<Event> = Vec::new();
+            let mut position = after;
+            for row in events_table.range(after.saturating_add(1)..).map_err(io_err)? {
+                if events.len() >= limit.max(1) {
+                    break;
+                }
+                let (key, value) = row.map_err(io_err)?;
+                let group: EventGroup = decode(value.value())
+                    .map_err(|e| StoreError::Corrupt(format!("event group {}: {e}", key.value())))?;
+                // Sequence numbers are dense: a hole is a trimmed group.
+                if group.first_seq > position + 1 {
+                    return Ok(EventRead::Expired);
+                }
+                group.events_after(0, position, &mut events);
+                position = key.value();
+            }
+            Ok(EventRead::Events { events, next: EventCursor { positions: vec![position] } })
+        })
+        .await
+    }
+
+    async fn trim_events(&self, before: std::time::SystemTime, limit: usize) -> StoreResult<Trimmed> {
+        let (reply, outcome) = oneshot::channel();
+        let writer = self.writer.as_ref().ok_or(StoreError::Closed)?;
+        writer.send(WriteRequest::Trim { before, limit, reply }).map_err(|_| StoreError::Closed)?;
         outcome.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -787,7 +951,7 @@ mod tests {
         {
             let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open");
             let job = conformance::job("a", 1, "q", Some("key"));
-            let outcomes = store.write(vec![Write::CreateJob(Box::new(job))]).await.expect("write");
+            let outcomes = store.write(vec![Write::create(job)]).await.expect("write");
             assert_eq!(outcomes, vec![WriteOutcome::Applied]);
         }
         let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("reopen");
@@ -834,7 +998,7 @@ mod tests {
         let good = conformance::job("good", 1, "q", None);
         let mut active = conformance::job("active", 2, "q", None);
         active.state = JobState::Running;
-        let writes = vec![Write::CreateJob(Box::new(good)), Write::CreateJob(Box::new(active))];
+        let writes = vec![Write::create(good), Write::create(active)];
         assert_eq!(store.write(writes).await.expect("write"), vec![WriteOutcome::Applied; 2]);
         {
             let txn = store.db.begin_write().expect("txn");
@@ -888,7 +1052,7 @@ mod tests {
         // An update rewrites it in today's format.
         let mut next = read.clone();
         next.version = 2;
-        let outcome = store.write(vec![Write::UpdateJob { job: Box::new(next), expected_version: 1 }]).await;
+        let outcome = store.write(vec![Write::update(next, 1)]).await;
         assert_eq!(outcome.expect("write"), vec![WriteOutcome::Applied]);
         assert_eq!(store.get_job("old").await.expect("get").map(|j| j.version), Some(2));
     }

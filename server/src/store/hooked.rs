@@ -90,6 +90,22 @@ impl<S: Store, H: WriteHook> Store for HookedStore<S, H> {
         self.inner.queued_after(after_seq, limit).await
     }
 
+    fn event_shards(&self) -> u32 {
+        self.inner.event_shards()
+    }
+
+    async fn event_heads(&self) -> StoreResult<super::EventCursor> {
+        self.inner.event_heads().await
+    }
+
+    async fn read_events(&self, after: &super::EventCursor, limit: usize) -> StoreResult<super::EventRead> {
+        self.inner.read_events(after, limit).await
+    }
+
+    async fn trim_events(&self, before: std::time::SystemTime, limit: usize) -> StoreResult<super::Trimmed> {
+        self.inner.trim_events(before, limit).await
+    }
+
     fn limits(&self) -> StoreLimits {
         self.inner.limits()
     }

@@ -15,12 +15,14 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{Agent, Job, JobState, Pool, Priority, Routing};
+pub use events::{Event, EventCursor, EventRead, Transition, Trimmed};
 
 pub(crate) mod codec;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod dynamodb;
 pub mod embedded;
+pub mod events;
 pub mod hooked;
 mod legacy;
 pub mod membership;
@@ -69,11 +71,16 @@ pub type StoreResult<T> = Result<T, StoreError>;
 #[derive(Debug, Clone)]
 pub enum Write {
     /// Inserts a new job (its `version` must be 1). Refused if the id exists
-    /// or if its queue's idempotency key is already taken.
-    CreateJob(Box<Job>),
+    /// or if its queue's idempotency key is already taken. Its `events`
+    /// (state changes, oldest first) are appended to the event log in the
+    /// same commit, or not at all.
+    CreateJob { job: Box<Job>, events: Vec<Transition> },
     /// Replaces a job if its stored version is `expected_version`. The new
-    /// record's version must be `expected_version + 1`.
-    UpdateJob { job: Box<Job>, expected_version: u64 },
+    /// record's version is at least `expected_version + 1` (several
+    /// transitions of one batch coalesce into one write). Its `events` are
+    /// appended to the event log in the same commit, or not at all; a write
+    /// without a state change carries none.
+    UpdateJob { job: Box<Job>, expected_version: u64, events: Vec<Transition> },
     /// Inserts or replaces an agent.
     PutAgent(Box<Agent>),
     /// Inserts or replaces a pool.
@@ -84,6 +91,18 @@ pub enum Write {
     AppendLog(LogChunk),
     /// Raises a named high-water mark (never lowers it).
     RaiseCounter { name: &'static str, value: u64 },
+}
+
+impl Write {
+    /// A create without events (tests, tools).
+    pub fn create(job: Job) -> Write {
+        Write::CreateJob { job: Box::new(job), events: Vec::new() }
+    }
+
+    /// An update without events (tests, tools).
+    pub fn update(job: Job, expected_version: u64) -> Write {
+        Write::UpdateJob { job: Box::new(job), expected_version, events: Vec::new() }
+    }
 }
 
 /// What happened to one write.
@@ -259,6 +278,20 @@ pub trait Store: Send + Sync + 'static {
 
     /// A high-water mark; 0 if never raised.
     async fn counter(&self, name: &'static str) -> StoreResult<u64>;
+
+    /// Shards of the event log: a cursor names a position in each.
+    fn event_shards(&self) -> u32 {
+        1
+    }
+    /// The cursor of the present: every shard's last event.
+    async fn event_heads(&self) -> StoreResult<EventCursor>;
+    /// Up to about `limit` events after `after` per shard (whole groups).
+    /// A cursor of another shard count is refused (`Rejected`).
+    async fn read_events(&self, after: &EventCursor, limit: usize) -> StoreResult<EventRead>;
+    /// Trims events whose group is older than `before` from the front of
+    /// every shard, at most about `limit` groups per call, and raises the
+    /// low-water marks past them.
+    async fn trim_events(&self, before: SystemTime, limit: usize) -> StoreResult<Trimmed>;
 
     /// The sizes a job record may reach on this backend.
     fn limits(&self) -> StoreLimits {

@@ -105,7 +105,7 @@ pub fn check_schema(item: &Item) -> StoreResult<()> {
 }
 
 /// Where a job is counted: its count item's key within its shard.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CountKey {
     pub queue: String,
     pub state: JobState,

@@ -5,9 +5,12 @@
 //! [`WriteOutcome`], never as an error.
 //!
 //! A batch's writes to different items run concurrently; writes to one item
-//! run in batch order, so a batch still applies "in order" for every item.
+//! run in batch order, so a batch still applies "in order" for every item,
+//! and a handle's writes that log events run one at a time per event shard
+//! (`events.rs`).
 
 mod errors;
+mod events;
 #[cfg(any(test, feature = "conformance"))]
 pub mod faults;
 mod items;
@@ -16,6 +19,7 @@ pub mod local;
 pub mod membership;
 mod reads;
 pub mod request_metrics;
+mod shard_batch;
 pub mod tables;
 mod writes;
 
@@ -30,15 +34,17 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_dynamodb::Client;
+use futures::future::try_join_all;
 use futures::stream::{self, StreamExt, TryStreamExt};
 
+pub use self::events::TTL_GRACE as EVENT_TTL_GRACE;
 pub use self::items::MAX_ITEM_BYTES;
 use self::items::{compose, key_of, s, SHARDS};
 use self::reads::{decode_record, Walk};
 pub use self::tables::TableNames;
 use super::{
-    AgentFilter, CountRow, JobFilter, LogChunk, Ownership, Page, QueuedEntry, Store, StoreError, StoreLimits,
-    StoreResult, Write, WriteOutcome,
+    AgentFilter, CountRow, EventCursor, EventRead, JobFilter, LogChunk, Ownership, Page, QueuedEntry, Store,
+    StoreError, StoreLimits, StoreResult, Trimmed, Write, WriteOutcome,
 };
 use crate::domain::{Agent, Job, JobState, Pool};
 
@@ -62,6 +68,12 @@ pub struct DynamoConfig {
 pub struct DynamoStore {
     client: Client,
     tables: TableNames,
+    /// The event shards' heads as this handle last saw them (clones share
+    /// them; another handle is another replica).
+    heads: std::sync::Arc<events::Heads>,
+    /// How long event items are kept before DynamoDB's TTL may delete them
+    /// (the retention; [`EVENT_TTL_GRACE`] is added).
+    event_ttl: Duration,
 }
 
 impl DynamoStore {
@@ -98,7 +110,19 @@ impl DynamoStore {
     /// `request_metrics`); nothing is checked.
     pub fn with_client(client: Client, table_prefix: &str) -> DynamoStore {
         let counted = client.config().to_builder().interceptor(request_metrics::RequestMetrics).build();
-        DynamoStore { client: Client::from_conf(counted), tables: TableNames::new(table_prefix) }
+        DynamoStore {
+            client: Client::from_conf(counted),
+            tables: TableNames::new(table_prefix),
+            heads: events::shared_heads(),
+            event_ttl: crate::engine::DEFAULT_EVENT_RETENTION,
+        }
+    }
+
+    /// Sets the event retention the TTL of new event items follows (the
+    /// server's `--event-retention`).
+    pub fn with_event_retention(mut self, retention: Duration) -> DynamoStore {
+        self.event_ttl = retention;
+        self
     }
 
     /// Whether the tables are reachable and active.
@@ -118,7 +142,7 @@ impl DynamoStore {
 /// The item a write touches: writes to one item keep their batch order.
 fn item_of(write: &Write) -> String {
     match write {
-        Write::CreateJob(job) => compose(&["job", &job.id]),
+        Write::CreateJob { job, .. } => compose(&["job", &job.id]),
         Write::UpdateJob { job, .. } => compose(&["job", &job.id]),
         Write::PutAgent(agent) => compose(&["agent", &agent.id]),
         Write::PutPool(pool) => compose(&["pool", &pool.name]),
@@ -131,10 +155,39 @@ fn item_of(write: &Write) -> String {
 #[async_trait]
 impl Store for DynamoStore {
     async fn write(&self, batch: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
+        // Job writes that log events go by event shard, several per
+        // transaction (`shard_batch.rs`), when they are their job's only
+        // write in the batch (the engine's always are: it coalesces them).
+        let mut writes_per_job: HashMap<&str, usize> = HashMap::new();
+        for write in &batch {
+            if let Write::CreateJob { job, .. } | Write::UpdateJob { job, .. } = write {
+                *writes_per_job.entry(job.id.as_str()).or_default() += 1;
+            }
+        }
+        let mut by_shard: Vec<Vec<(usize, &Write)>> = vec![Vec::new(); SHARDS as usize];
+        let mut alone = Vec::with_capacity(batch.len());
+        for (i, write) in batch.iter().enumerate() {
+            match write {
+                Write::CreateJob { job, events } | Write::UpdateJob { job, events, .. }
+                    if !events.is_empty() && writes_per_job.get(job.id.as_str()) == Some(&1) =>
+                {
+                    by_shard[items::shard_of(&job.id) as usize].push((i, write));
+                }
+                _ => alone.push(i),
+            }
+        }
+        let sharded = try_join_all(
+            by_shard
+                .into_iter()
+                .enumerate()
+                .filter(|(_, writes)| !writes.is_empty())
+                .map(|(shard, writes)| self.apply_shard(shard as u32, writes)),
+        );
         // Chains of writes per item, in batch order.
         let mut chains: Vec<Vec<usize>> = Vec::new();
         let mut chain_of: HashMap<String, usize> = HashMap::new();
-        for (i, write) in batch.iter().enumerate() {
+        for i in alone {
+            let write = &batch[i];
             let next = chains.len();
             let chain = *chain_of.entry(item_of(write)).or_insert(next);
             if chain == next {
@@ -143,7 +196,7 @@ impl Store for DynamoStore {
             chains[chain].push(i);
         }
         let batch = &batch;
-        let results: Vec<Vec<(usize, WriteOutcome)>> = stream::iter(chains)
+        let chained = stream::iter(chains)
             .map(|chain| async move {
                 let mut done = Vec::with_capacity(chain.len());
                 for i in chain {
@@ -152,10 +205,10 @@ impl Store for DynamoStore {
                 Ok::<_, StoreError>(done)
             })
             .buffer_unordered(WRITE_CONCURRENCY)
-            .try_collect()
-            .await?;
+            .try_collect::<Vec<Vec<(usize, WriteOutcome)>>>();
+        let (sharded, chained) = futures::future::try_join(sharded, chained).await?;
         let mut outcomes = vec![WriteOutcome::Applied; batch.len()];
-        for (i, outcome) in results.into_iter().flatten() {
+        for (i, outcome) in sharded.into_iter().chain(chained).flatten() {
             outcomes[i] = outcome;
         }
         Ok(outcomes)
@@ -269,6 +322,22 @@ impl Store for DynamoStore {
         Ok(pools)
     }
 
+    fn event_shards(&self) -> u32 {
+        SHARDS
+    }
+
+    async fn event_heads(&self) -> StoreResult<EventCursor> {
+        self.heads().await
+    }
+
+    async fn read_events(&self, after: &EventCursor, limit: usize) -> StoreResult<EventRead> {
+        self.events_after(after, limit).await
+    }
+
+    async fn trim_events(&self, before: std::time::SystemTime, limit: usize) -> StoreResult<Trimmed> {
+        self.trim_shards(before, limit).await
+    }
+
     /// A job item must stay under DynamoDB's 400 KB with its payload, its
     /// result and the rest of its record (labels, errors: at most ~60 KB).
     fn limits(&self) -> StoreLimits {
@@ -301,12 +370,9 @@ mod tests {
 
     #[test]
     fn writes_to_one_item_share_a_chain_and_others_do_not() {
-        let job = |id: &str| Box::new(crate::store::conformance::job(id, 1, "q", None));
-        assert_eq!(
-            item_of(&Write::CreateJob(job("a"))),
-            item_of(&Write::UpdateJob { job: job("a"), expected_version: 1 })
-        );
-        assert_ne!(item_of(&Write::CreateJob(job("a"))), item_of(&Write::CreateJob(job("b"))));
-        assert_ne!(item_of(&Write::DeletePool { name: "a".into() }), item_of(&Write::CreateJob(job("a"))));
+        let job = |id: &str| crate::store::conformance::job(id, 1, "q", None);
+        assert_eq!(item_of(&Write::create(job("a"))), item_of(&Write::update(job("a"), 1)));
+        assert_ne!(item_of(&Write::create(job("a"))), item_of(&Write::create(job("b"))));
+        assert_ne!(item_of(&Write::DeletePool { name: "a".into() }), item_of(&Write::create(job("a"))));
     }
 }

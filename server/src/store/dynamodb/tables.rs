@@ -26,6 +26,10 @@ pub const POOLS: &str = "pools";
 pub const LOGS: &str = "logs";
 /// High-water counters and the sharded job counts.
 pub const META: &str = "meta";
+/// The job event log: (shard, seq) -> event group; seq 0 is the shard's head.
+pub const EVENTS: &str = "events";
+/// The event items' TTL attribute (epoch seconds).
+pub const EVENTS_TTL: &str = "ttl";
 
 /// Every table's full name under one prefix.
 #[derive(Debug, Clone)]
@@ -36,6 +40,7 @@ pub struct TableNames {
     pub pools: String,
     pub logs: String,
     pub meta: String,
+    pub events: String,
 }
 
 impl TableNames {
@@ -48,11 +53,12 @@ impl TableNames {
             pools: name(POOLS),
             logs: name(LOGS),
             meta: name(META),
+            events: name(EVENTS),
         }
     }
 
-    fn all(&self) -> [&str; 6] {
-        [&self.jobs, &self.idempotency_keys, &self.agents, &self.pools, &self.logs, &self.meta]
+    fn all(&self) -> [&str; 7] {
+        [&self.jobs, &self.idempotency_keys, &self.agents, &self.pools, &self.logs, &self.meta, &self.events]
     }
 }
 
@@ -107,6 +113,11 @@ fn specs(names: &TableNames) -> Vec<TableSpec> {
             keys: vec![("pk", S, KeyType::Hash), ("sk", S, KeyType::Range)],
             index: None,
         },
+        TableSpec {
+            name: names.events.clone(),
+            keys: vec![("shard", N, KeyType::Hash), ("seq", N, KeyType::Range)],
+            index: None,
+        },
     ]
 }
 
@@ -150,6 +161,9 @@ pub async fn create_tables(client: &Client, names: &TableNames) -> StoreResult<V
     for name in names.all() {
         wait_active(client, name).await?;
     }
+    if created.contains(&names.events) {
+        enable_ttl(client, &names.events).await?;
+    }
     Ok(created)
 }
 
@@ -164,6 +178,21 @@ pub async fn delete_tables(client: &Client, names: &TableNames) -> StoreResult<(
         }
     }
     Ok(())
+}
+
+/// DynamoDB deletes event items once their TTL attribute has passed (lazily;
+/// readers go by the low-water mark, see `events.rs`).
+async fn enable_ttl(client: &Client, table: &str) -> StoreResult<()> {
+    let spec = aws_sdk_dynamodb::types::TimeToLiveSpecification::builder()
+        .attribute_name(EVENTS_TTL)
+        .enabled(true)
+        .build()
+        .map_err(build_error)?;
+    match client.update_time_to_live().table_name(table).time_to_live_specification(spec).send().await {
+        Ok(_) => Ok(()),
+        Err(e) if format!("{e:?}").contains("already enabled") => Ok(()),
+        Err(e) => Err(classify(&format!("UpdateTimeToLive {table}"), e)),
+    }
 }
 
 async fn wait_active(client: &Client, name: &str) -> StoreResult<()> {

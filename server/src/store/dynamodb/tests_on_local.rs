@@ -51,13 +51,13 @@ async fn two_handles_racing_claims_renewals_and_reaps_have_one_winner_each() {
     let a = Arc::new(local::fresh_store("race").await);
     let b = Arc::new(twin(&a));
     let jobs: Vec<Job> = (0..24u64).map(|i| job(&format!("r{i:02}"), i + 1, "q", None)).collect();
-    a.write(jobs.iter().map(|j| Write::CreateJob(Box::new(j.clone()))).collect()).await.expect("create");
+    a.write(jobs.iter().map(|j| Write::create(j.clone())).collect()).await.expect("create");
     let mut claims = Vec::new();
     for j in &jobs {
         for (store, worker) in [(a.clone(), "a"), (b.clone(), "b")] {
             let claim = next(j, JobState::Claimed, worker);
             claims.push(tokio::spawn(async move {
-                let outcome = one(&store, Write::UpdateJob { job: Box::new(claim.clone()), expected_version: 1 }).await;
+                let outcome = one(&store, Write::update(claim.clone(), 1)).await;
                 (claim, outcome)
             }));
         }
@@ -88,10 +88,8 @@ async fn two_handles_racing_claims_renewals_and_reaps_have_one_winner_each() {
         let reap = next(&claim, JobState::Queued, "");
         let (renewer, reaper) = if claim.worker_id == "a" { (a.clone(), b.clone()) } else { (b.clone(), a.clone()) };
         races.push(tokio::spawn(async move {
-            let r = tokio::spawn(async move {
-                one(&renewer, Write::UpdateJob { job: Box::new(renewal), expected_version: 2 }).await
-            });
-            let p = one(&reaper, Write::UpdateJob { job: Box::new(reap), expected_version: 2 }).await;
+            let r = tokio::spawn(async move { one(&renewer, Write::update(renewal, 2)).await });
+            let p = one(&reaper, Write::update(reap, 2)).await;
             (r.await.expect("join"), p)
         }));
     }
@@ -115,13 +113,13 @@ fn faulty(store: &DynamoStore, operation: &'static str, fault: Fault) -> (Dynamo
 async fn writes_whose_replies_were_lost_or_throttled_are_recognised_on_retry() {
     let clean = local::fresh_store("faults").await;
     let j = job("f", 1, "q", None);
-    assert_eq!(one(&clean, Write::CreateJob(Box::new(j.clone()))).await, WriteOutcome::Applied);
+    assert_eq!(one(&clean, Write::create(j.clone())).await, WriteOutcome::Applied);
 
     // A claim (state changes: a transaction with the count) applied, reply lost.
     let (store, layer) = faulty(&clean, "TransactWriteItems", Fault::LostReply);
     layer.arm(1);
     let claimed = next(&j, JobState::Claimed, "w");
-    let outcome = one(&store, Write::UpdateJob { job: Box::new(claimed.clone()), expected_version: 1 }).await;
+    let outcome = one(&store, Write::update(claimed.clone(), 1)).await;
     assert_eq!(layer.injected(), 1);
     assert_eq!(outcome, WriteOutcome::Applied, "the retried claim is recognised as this claim");
     assert_eq!(clean.get_job("f").await.expect("get"), Some(claimed.clone()));
@@ -133,8 +131,7 @@ async fn writes_whose_replies_were_lost_or_throttled_are_recognised_on_retry() {
         layer.arm(1);
         let current = clean.get_job("f").await.expect("get").expect("stored");
         let renewed = next(&current, JobState::Claimed, worker);
-        let outcome =
-            one(&store, Write::UpdateJob { job: Box::new(renewed.clone()), expected_version: current.version }).await;
+        let outcome = one(&store, Write::update(renewed.clone(), current.version)).await;
         assert_eq!(layer.injected(), 1, "{fault:?}");
         assert_eq!(outcome, WriteOutcome::Applied, "{fault:?}");
         assert_eq!(clean.get_job("f").await.expect("get"), Some(renewed));
@@ -142,7 +139,7 @@ async fn writes_whose_replies_were_lost_or_throttled_are_recognised_on_retry() {
     // A different write from the same version is still a conflict.
     let stale = next(&claimed, JobState::Queued, "");
     assert!(matches!(
-        one(&clean, Write::UpdateJob { job: Box::new(stale), expected_version: 1 }).await,
+        one(&clean, Write::update(stale, 1)).await,
         WriteOutcome::VersionConflict { current_version: Some(4) }
     ));
 
@@ -150,7 +147,7 @@ async fn writes_whose_replies_were_lost_or_throttled_are_recognised_on_retry() {
     let (store, layer) = faulty(&clean, "TransactWriteItems", Fault::LostReply);
     layer.arm(1);
     let fresh = job("g", 2, "q", Some("key-g"));
-    let outcome = one(&store, Write::CreateJob(Box::new(fresh.clone()))).await;
+    let outcome = one(&store, Write::create(fresh.clone())).await;
     assert_eq!(layer.injected(), 1);
     assert_eq!(outcome, WriteOutcome::Applied, "the SDK's retry carries the same request token");
     assert_eq!(clean.find_by_idempotency_key("q", "key-g").await.expect("find").map(|j| j.id), Some("g".into()));
@@ -162,7 +159,7 @@ async fn an_item_over_dynamodbs_limit_is_refused_precisely() {
     let store = local::fresh_store("oversize").await;
     let mut big = job("big", 1, "q", None);
     big.spec.payload = vec![7u8; 400 * 1024].into();
-    let err = store.write(vec![Write::CreateJob(Box::new(big))]).await.expect_err("refused");
+    let err = store.write(vec![Write::create(big)]).await.expect_err("refused");
     assert!(matches!(&err, StoreError::Rejected(m) if m.contains("job big") && m.contains("at most")), "{err}");
     assert!(!err.is_retryable());
     assert_eq!(store.get_job("big").await.expect("get"), None);
@@ -170,7 +167,7 @@ async fn an_item_over_dynamodbs_limit_is_refused_precisely() {
     let mut fits = job("fits", 2, "q", None);
     fits.spec.payload = vec![7u8; store.limits().max_payload_bytes].into();
     fits.result = vec![8u8; store.limits().max_result_bytes].into();
-    assert_eq!(one(&store, Write::CreateJob(Box::new(fits))).await, WriteOutcome::Applied);
+    assert_eq!(one(&store, Write::create(fits)).await, WriteOutcome::Applied);
 }
 
 /// Passes every write through unchanged.
@@ -205,4 +202,97 @@ async fn missing_tables_are_a_clear_terminal_error() {
     assert!(tables::create_tables(&client, &names).await.expect("again").is_empty());
     tables::delete_tables(&client, &names).await.expect("delete");
     assert!(store.check().await.is_err());
+}
+
+/// Two handles (two replicas' clients) log events into the same shards at
+/// once while a reader follows with cursors: the reader sees every event
+/// exactly once, none missed, each job's in order. Racing claims with
+/// events have one winner, and only the winner's event is logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_handles_logging_events_at_once_lose_none_and_a_follower_sees_each_once() {
+    use crate::store::conformance::{logged_create, logged_move};
+    use crate::store::{EventCursor, EventRead};
+    use std::collections::BTreeMap;
+
+    let a = Arc::new(local::fresh_store("events_race").await);
+    let b = Arc::new(twin(&a));
+    let start = a.event_heads().await.expect("heads");
+
+    // One job claimed by both handles at once: one claim and one event.
+    let contended = job("contended", 1, "q", None);
+    assert_eq!(one(&a, logged_create(&contended)).await, WriteOutcome::Applied);
+    let (_, claim_a) = logged_move(&contended, JobState::Claimed, std::time::SystemTime::now());
+    let (_, claim_b) = logged_move(&contended, JobState::Claimed, std::time::SystemTime::now());
+    let (ra, rb) = tokio::join!(one(&a, claim_a), one(&b, claim_b));
+    let mut outcomes = [ra, rb];
+    outcomes.sort_by_key(|o| format!("{o:?}"));
+    assert_eq!(outcomes, [WriteOutcome::Applied, WriteOutcome::VersionConflict { current_version: Some(2) }]);
+
+    // 20 jobs per handle, 10 transitions each: 2 x 200 transitions.
+    const JOBS: usize = 20;
+    const MOVES: usize = 10;
+    let writers: Vec<_> = [(a.clone(), "a"), (b.clone(), "b")]
+        .into_iter()
+        .flat_map(|(store, name)| {
+            (0..JOBS).map(move |i| {
+                let store = store.clone();
+                let mut j = job(&format!("{name}{i:02}"), i as u64 + 10, "q", None);
+                tokio::spawn(async move {
+                    assert_eq!(one(&store, logged_create(&j)).await, WriteOutcome::Applied);
+                    for m in 0..MOVES {
+                        let state = if m % 2 == 0 { JobState::Claimed } else { JobState::Queued };
+                        let (n, w) = logged_move(&j, state, std::time::SystemTime::now());
+                        assert_eq!(one(&store, w).await, WriteOutcome::Applied, "{} move {m}", n.id);
+                        j = n;
+                    }
+                })
+            })
+        })
+        .collect();
+
+    // The follower reads while the writers write.
+    let follower = {
+        let reader = twin(&a);
+        let mut cursor: EventCursor = start.clone();
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut quiet_after_done = 0;
+            let expected = 2 + 2 * JOBS * (MOVES + 1);
+            while seen.len() < expected || quiet_after_done < 1 {
+                match reader.read_events(&cursor, 16).await.expect("read") {
+                    EventRead::Events { events, next } => {
+                        if events.is_empty() && seen.len() >= expected {
+                            quiet_after_done += 1;
+                        }
+                        seen.extend(events);
+                        cursor = next;
+                    }
+                    other => panic!("{other:?}"),
+                }
+                // A polling follower, as a watcher on another replica is.
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            (seen, cursor)
+        })
+    };
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let (seen, end) = tokio::time::timeout(std::time::Duration::from_secs(120), follower)
+        .await
+        .expect("the follower caught up")
+        .expect("follower");
+    assert_eq!(seen.len(), 2 + 2 * JOBS * (MOVES + 1), "every event, once");
+    let mut versions: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for e in &seen {
+        versions.entry(e.job.id.clone()).or_default().push(e.job.version);
+    }
+    assert_eq!(versions.remove("contended"), Some(vec![1, 2]), "one claim logged");
+    assert_eq!(versions.len(), 2 * JOBS);
+    for (id, v) in &versions {
+        assert_eq!(*v, (1..=(MOVES as u64 + 1)).collect::<Vec<_>>(), "{id}: in order, none missed, none twice");
+    }
+    // The cursor the follower ended on is the present, on both handles.
+    assert_eq!(a.event_heads().await.expect("heads"), end);
+    assert_eq!(b.event_heads().await.expect("heads"), end);
 }

@@ -10,20 +10,30 @@ use rand::Rng;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 
 use super::errors::{classify, condition_failed, is_conflict_code};
+use super::events::head_in;
 use super::items::{compose, get_b, get_n, job_item, key_of, n, record_item, s, shard_of, CountKey, Item};
 use super::DynamoStore;
 use crate::domain::Job;
 use crate::store::codec::{encode, priority_code};
-use crate::store::{LogChunk, StoreError, StoreResult, Write, WriteOutcome};
+use crate::store::{LogChunk, StoreError, StoreResult, Transition, Write, WriteOutcome};
 
 /// Tries of a write that meets another transaction on one of its items.
-const CONFLICT_TRIES: u32 = 12;
+pub(super) const CONFLICT_TRIES: u32 = 12;
+/// Tries of a write whose event shard's head another replica keeps moving:
+/// each failed try learns the real head, so it only loses to writes that
+/// committed meanwhile; the pauses are short and jittered so two replicas
+/// writing one shard do not retry in lockstep.
+pub(super) const HEAD_TRIES: u32 = 100;
 
 /// What one try of a write came to.
 enum Try<T> {
     Done(T),
     /// Another transaction held an item: try again after a pause.
     Conflict,
+    /// The event shard's head had moved (another replica logged events in
+    /// it) or was being moved by another transaction; the cache now holds
+    /// the real head (or nothing, to read it): try again soon.
+    StaleHead,
 }
 
 /// Runs `attempt` until it is not a conflict, with jittered exponential
@@ -33,17 +43,29 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = StoreResult<Try<T>>>,
 {
-    for round in 0..CONFLICT_TRIES {
+    let (mut round, mut head_rounds) = (0, 0);
+    while round < CONFLICT_TRIES && head_rounds < HEAD_TRIES {
         match attempt().await? {
             Try::Done(value) => return Ok(value),
+            Try::StaleHead => {
+                head_rounds += 1;
+                metrics::counter!("tether_store_event_head_retries_total").increment(1);
+                if head_rounds > 1 {
+                    let pause = rand::rng().random_range(0..=u64::from(head_rounds.min(16)) * 500);
+                    tokio::time::sleep(Duration::from_micros(pause)).await;
+                }
+            }
             Try::Conflict => {
                 let ceiling = 2u64.saturating_pow(round.min(7)).saturating_mul(2);
+                round += 1;
                 let pause = rand::rng().random_range(1..=ceiling);
                 tokio::time::sleep(Duration::from_millis(pause)).await;
             }
         }
     }
-    Err(StoreError::Unavailable(format!("{what}: still conflicting after {CONFLICT_TRIES} tries")))
+    Err(StoreError::Unavailable(format!(
+        "{what}: still conflicting after {round} tries ({head_rounds} on a moving event head)"
+    )))
 }
 
 /// For writes whose failed condition means there is nothing left to do.
@@ -58,19 +80,19 @@ where
     }
 }
 
-fn build_error(e: impl std::fmt::Display) -> StoreError {
+pub(super) fn build_error(e: impl std::fmt::Display) -> StoreError {
     StoreError::Rejected(format!("building a DynamoDB request: {e}"))
 }
 
-fn request_token() -> String {
+pub(super) fn request_token() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
 impl DynamoStore {
     pub(super) async fn apply(&self, write: &Write) -> StoreResult<WriteOutcome> {
         match write {
-            Write::CreateJob(job) => self.create_job(job).await,
-            Write::UpdateJob { job, expected_version } => self.update_job(job, *expected_version).await,
+            Write::CreateJob { job, events } => self.create_job(job, events).await,
+            Write::UpdateJob { job, expected_version, events } => self.update_job(job, *expected_version, events).await,
             Write::PutAgent(agent) => {
                 let body = encode(agent.as_ref())?;
                 let keys = [("id", agent.id.clone()), ("pool_name", compose(&[&agent.pool, &agent.name]))];
@@ -140,7 +162,7 @@ impl DynamoStore {
         done_unless_error("UpdateItem counter", result)
     }
 
-    fn count_update(&self, key: &CountKey, shard: u32, delta: i64) -> StoreResult<TransactWriteItem> {
+    pub(super) fn count_update(&self, key: &CountKey, shard: u32, delta: i64) -> StoreResult<TransactWriteItem> {
         let update = Update::builder()
             .table_name(&self.tables.meta)
             .set_key(Some(key.item_key(shard)))
@@ -155,8 +177,8 @@ impl DynamoStore {
     }
 
     /// One transaction: the job (if absent), its idempotency key (if any and
-    /// free) and its count.
-    async fn create_job(&self, job: &Job) -> StoreResult<WriteOutcome> {
+    /// free), its count, and its events with their shard's head.
+    async fn create_job(&self, job: &Job, events: &[Transition]) -> StoreResult<WriteOutcome> {
         let (item, _) = job_item(job)?;
         let shard = shard_of(&job.id);
         let mut items = vec![TransactWriteItem::builder()
@@ -191,18 +213,36 @@ impl DynamoStore {
             );
         }
         items.push(self.count_update(&CountKey::of(job), shard, 1)?);
+        let head_index = items.len() + 1;
         retry_conflicts("create job", || async {
+            // Held until the transaction is answered: this handle's event
+            // writes of one shard must not race on its head.
+            let mut head = self.heads.shard(shard).lock().await;
+            let mut items = items.clone();
+            let mut new_head = None;
+            if !events.is_empty() {
+                let known = self.known_head(shard, &mut head).await?;
+                if let Some(append) = self.append_items(job, events, shard, known)? {
+                    items.extend(append.items);
+                    new_head = Some(append.new_head);
+                }
+            }
             let sent = self
                 .client
                 .transact_write_items()
-                .set_transact_items(Some(items.clone()))
+                .set_transact_items(Some(items))
                 // The SDK's own retries reuse this token: a create whose
                 // reply was lost is not applied twice.
                 .client_request_token(request_token())
                 .send()
                 .await;
             let e = match sent {
-                Ok(_) => return Ok(Try::Done(WriteOutcome::Applied)),
+                Ok(_) => {
+                    if new_head.is_some() {
+                        *head = new_head;
+                    }
+                    return Ok(Try::Done(WriteOutcome::Applied));
+                }
                 Err(e) => e,
             };
             let Some(reasons) =
@@ -230,6 +270,14 @@ impl DynamoStore {
                 };
                 return Ok(Try::Done(WriteOutcome::IdempotencyKeyTaken { existing_job_id }));
             }
+            if new_head.is_some() && failed(head_index) {
+                *head = head_in(reasons.get(head_index).and_then(|r| r.item()));
+                return Ok(Try::StaleHead);
+            }
+            if new_head.is_some() && head_busy(&reasons, head_index) {
+                *head = None;
+                return Ok(Try::StaleHead);
+            }
             if reasons.iter().any(|r| is_conflict_code(r.code())) {
                 return Ok(Try::Conflict);
             }
@@ -238,7 +286,7 @@ impl DynamoStore {
         .await
     }
 
-    async fn idempotency_holder(&self, job: &Job) -> StoreResult<Option<String>> {
+    pub(super) async fn idempotency_holder(&self, job: &Job) -> StoreResult<Option<String>> {
         let Some(key) = &job.spec.idempotency_key else { return Ok(None) };
         let key = key_of("key", compose(&[&job.spec.queue, key]));
         let stored = self.get_item(&self.tables.idempotency_keys, key, "idempotency key").await?;
@@ -247,8 +295,8 @@ impl DynamoStore {
 
     /// Replaces the job if its stored version is `expected`. When its count
     /// moves (state, queue or priority changed) the count moves in the same
-    /// transaction.
-    async fn update_job(&self, job: &Job, expected: u64) -> StoreResult<WriteOutcome> {
+    /// transaction, and so do its events, with their shard's head.
+    async fn update_job(&self, job: &Job, expected: u64, events: &[Transition]) -> StoreResult<WriteOutcome> {
         let (item, body) = job_item(job)?;
         let shard = shard_of(&job.id);
         let new_key = CountKey::of(job);
@@ -264,7 +312,7 @@ impl DynamoStore {
                 return Ok(Try::Done(recognise(job, &body, Some(&stored))));
             }
             let old_key = count_key_of(&stored)?;
-            if old_key == new_key {
+            if old_key == new_key && events.is_empty() {
                 let sent = self
                     .client
                     .put_item()
@@ -294,11 +342,22 @@ impl DynamoStore {
                 .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
                 .build()
                 .map_err(build_error)?;
-            let items = vec![
-                TransactWriteItem::builder().put(put).build(),
-                self.count_update(&old_key, shard, -1)?,
-                self.count_update(&new_key, shard, 1)?,
-            ];
+            let mut items = vec![TransactWriteItem::builder().put(put).build()];
+            if old_key != new_key {
+                items.push(self.count_update(&old_key, shard, -1)?);
+                items.push(self.count_update(&new_key, shard, 1)?);
+            }
+            let head_index = items.len() + 1;
+            // Held until the transaction is answered (see create_job).
+            let mut head = self.heads.shard(shard).lock().await;
+            let mut new_head = None;
+            if !events.is_empty() {
+                let known = self.known_head(shard, &mut head).await?;
+                if let Some(append) = self.append_items(job, events, shard, known)? {
+                    items.extend(append.items);
+                    new_head = Some(append.new_head);
+                }
+            }
             let sent = self
                 .client
                 .transact_write_items()
@@ -307,14 +366,30 @@ impl DynamoStore {
                 .send()
                 .await;
             let e = match sent {
-                Ok(_) => return Ok(Try::Done(WriteOutcome::Applied)),
+                Ok(_) => {
+                    if new_head.is_some() {
+                        *head = new_head;
+                    }
+                    return Ok(Try::Done(WriteOutcome::Applied));
+                }
                 Err(e) => e,
             };
             match e.as_service_error() {
                 Some(aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c)) => {
                     let reasons = c.cancellation_reasons();
+                    // The job's condition decides first: a lost race is the
+                    // job's conflict even if the head had moved too.
                     if reasons.first().and_then(|r| r.code()) == Some("ConditionalCheckFailed") {
                         return Ok(Try::Done(recognise(job, &body, reasons.first().and_then(|r| r.item()))));
+                    }
+                    let head_failed = reasons.get(head_index).and_then(|r| r.code()) == Some("ConditionalCheckFailed");
+                    if new_head.is_some() && head_failed {
+                        *head = head_in(reasons.get(head_index).and_then(|r| r.item()));
+                        return Ok(Try::StaleHead);
+                    }
+                    if new_head.is_some() && head_busy(reasons, head_index) {
+                        *head = None;
+                        return Ok(Try::StaleHead);
                     }
                     if reasons.iter().any(|r| is_conflict_code(r.code())) {
                         return Ok(Try::Conflict);
@@ -329,9 +404,17 @@ impl DynamoStore {
     }
 }
 
+/// Whether a transaction was cancelled only because another transaction
+/// held its event shard's head (another replica logging in that shard):
+/// head contention, not a conflict of the job.
+fn head_busy(reasons: &[aws_sdk_dynamodb::types::CancellationReason], head_index: usize) -> bool {
+    reasons.get(head_index).is_some_and(|r| is_conflict_code(r.code()))
+        && reasons.iter().enumerate().all(|(i, r)| i == head_index || matches!(r.code(), None | Some("None")))
+}
+
 /// A failed condition whose stored item is exactly what this write stores
 /// is this write, applied by an attempt whose reply was lost.
-fn recognise(job: &Job, body: &[u8], stored: Option<&Item>) -> WriteOutcome {
+pub(super) fn recognise(job: &Job, body: &[u8], stored: Option<&Item>) -> WriteOutcome {
     let version = stored.and_then(|i| get_n(i, "v").ok());
     let ours = version == Some(job.version) && stored.and_then(|i| get_b(i, "b").ok()) == Some(body);
     if ours {
@@ -342,7 +425,7 @@ fn recognise(job: &Job, body: &[u8], stored: Option<&Item>) -> WriteOutcome {
 }
 
 /// Where a stored job item is counted.
-fn count_key_of(item: &Item) -> StoreResult<CountKey> {
+pub(super) fn count_key_of(item: &Item) -> StoreResult<CountKey> {
     Ok(CountKey {
         queue: super::items::get_s(item, "q")?.to_string(),
         state: crate::store::codec::state_from_code(code(item, "sc")?)?,

@@ -28,7 +28,7 @@ const KEY_SCHEMA_VERSION: &str = "schema_version";
 const KEY_WRITTEN_BY: &str = "written_by";
 
 /// The schema version this release writes, and the newest it opens.
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 
 /// The version of a store without `store_meta`: written by a release before
 /// schema versions (up to commit 23acfb8).
@@ -48,8 +48,14 @@ pub(super) struct Migration {
 /// Every step, in order; the last one reaches [`SCHEMA_VERSION`]. A change of
 /// tables or records that an older release would misread adds a step here
 /// and raises [`SCHEMA_VERSION`].
-pub(super) const MIGRATIONS: &[Migration] =
-    &[Migration { to: 2, what: "record the store's schema version (tables and records unchanged)", apply: |_| Ok(()) }];
+pub(super) const MIGRATIONS: &[Migration] = &[
+    Migration { to: 2, what: "record the store's schema version (tables and records unchanged)", apply: |_| Ok(()) },
+    // The log's table is created when the store opens. The version rises so
+    // that an older release, which would change jobs without logging them
+    // (a watcher resuming from a cursor would miss those changes), refuses
+    // the store instead.
+    Migration { to: 3, what: "add the job event log (job_events)", apply: |_| Ok(()) },
+];
 
 /// What `store_meta` says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,10 +191,7 @@ mod tests {
         {
             let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open");
             let job = conformance::job("a", 1, "q", Some("key"));
-            assert_eq!(
-                store.write(vec![Write::CreateJob(Box::new(job))]).await.expect("write"),
-                [WriteOutcome::Applied]
-            );
+            assert_eq!(store.write(vec![Write::create(job)]).await.expect("write"), [WriteOutcome::Applied]);
             // As releases before schema versions left it.
             let txn = store.db.begin_write().expect("txn");
             assert!(txn.delete_table(META).expect("delete"));
