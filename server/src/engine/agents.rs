@@ -79,7 +79,12 @@ impl Engine {
             last_seen_time: now,
             metrics: Default::default(),
         };
-        self.track_agent(agent)
+        let id = self.track_agent(agent);
+        // Registered here: this replica's copy is its truth (see agent_sync.rs).
+        if let Some(mut entry) = self.agents.get_mut(&id) {
+            entry.held_here = true;
+        }
+        id
     }
 
     pub(crate) fn save_agent(&mut self, id: &str) {
@@ -619,6 +624,9 @@ impl Engine {
         }
         entry.agent.last_seen_time = now;
         entry.agent.metrics = metrics;
+        // A unary heartbeat makes this replica the agent's holder, as a
+        // stream would.
+        entry.held_here = true;
         entry.history.push_back(MetricsSample { time: now, metrics });
         while entry.history.len() > self.config.metrics_history {
             entry.history.pop_front();
