@@ -116,6 +116,27 @@ impl DynamoStore {
         Ok(head)
     }
 
+    /// Adds the items that log `events` behind the shard's head (read into
+    /// `cached` if unknown) to a job write's transaction; returns the head
+    /// it moves to, or `None` when there is nothing to log.
+    pub(super) async fn append_events(
+        &self,
+        items: &mut Vec<TransactWriteItem>,
+        job: &Job,
+        events: &[Transition],
+        shard: u32,
+        cached: &mut Option<u64>,
+    ) -> StoreResult<Option<u64>> {
+        if events.is_empty() {
+            return Ok(None);
+        }
+        let known = self.known_head(shard, cached).await?;
+        Ok(self.append_items(job, events, shard, known)?.map(|append| {
+            items.extend(append.items);
+            append.new_head
+        }))
+    }
+
     pub(super) fn append_items(
         &self,
         job: &Job,

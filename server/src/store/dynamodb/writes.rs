@@ -219,14 +219,7 @@ impl DynamoStore {
             // writes of one shard must not race on its head.
             let mut head = self.heads.shard(shard).lock().await;
             let mut items = items.clone();
-            let mut new_head = None;
-            if !events.is_empty() {
-                let known = self.known_head(shard, &mut head).await?;
-                if let Some(append) = self.append_items(job, events, shard, known)? {
-                    items.extend(append.items);
-                    new_head = Some(append.new_head);
-                }
-            }
+            let new_head = self.append_events(&mut items, job, events, shard, &mut head).await?;
             let sent = self
                 .client
                 .transact_write_items()
@@ -350,14 +343,7 @@ impl DynamoStore {
             let head_index = items.len() + 1;
             // Held until the transaction is answered (see create_job).
             let mut head = self.heads.shard(shard).lock().await;
-            let mut new_head = None;
-            if !events.is_empty() {
-                let known = self.known_head(shard, &mut head).await?;
-                if let Some(append) = self.append_items(job, events, shard, known)? {
-                    items.extend(append.items);
-                    new_head = Some(append.new_head);
-                }
-            }
+            let new_head = self.append_events(&mut items, job, events, shard, &mut head).await?;
             let sent = self
                 .client
                 .transact_write_items()
