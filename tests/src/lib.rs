@@ -57,6 +57,17 @@ async fn dynamo_store_for(dir: &Path) -> DynamoStore {
     DynamoStore::with_client(client, &prefix)
 }
 
+/// `TETHER_TEST_LOG=<filter>` (e.g. `tether_server=info`) prints the
+/// servers' logs with the test's output, to see why a test failed.
+fn init_log() {
+    if let Ok(filter) = std::env::var("TETHER_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// Upper bound for any single wait in a test; a test that hits it failed.
 pub const WAIT: Duration = Duration::from_secs(60);
 
@@ -142,6 +153,7 @@ impl TestServer {
 
     /// Starts a server with a metrics endpoint and/or CORS.
     pub async fn start_with(dir: PathBuf, options: Options, extras: Extras) -> TestServer {
+        init_log();
         let metrics_listener = match extras.metrics {
             true => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind metrics")),
             false => None,

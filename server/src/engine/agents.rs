@@ -9,12 +9,13 @@ use tether::time::later;
 use tokio::sync::mpsc;
 
 use super::core::{AgentEntry, Engine, Session};
+use super::ready::ReadyEntry;
 use super::types::{
     AgentInbound, AgentPage, AgentPush, AgentView, HeartbeatAnswer, HelloInfo, MetricsSample, Outcome, WelcomeInfo,
 };
 use super::AgentListFilter;
 use crate::domain::{
-    Agent, AttemptRef, DomainError, DomainResult, Failure, Health, JobState, Routing, SchedulingStatus,
+    Agent, AttemptRef, DomainError, DomainResult, Failure, Health, Job, JobState, Routing, SchedulingStatus,
 };
 use crate::store::Write;
 
@@ -27,17 +28,24 @@ impl Engine {
         self.agents.pick(routing)
     }
 
-    /// Gives an agent ready jobs until its slots are full.
+    /// Gives an agent ready jobs until its slots are full. On a shared
+    /// store, queued jobs whose records are not in memory are read for it
+    /// in one task (`fetch.rs`) and offered when they come back.
     pub async fn fill_agent(&mut self, agent_id: &str) {
-        loop {
-            let Some(entry) = self.agents.get(agent_id) else { return };
-            if !entry.takes_work() {
-                return;
+        let mut to_read = Vec::new();
+        while let Some(entry) = self.agents.get(agent_id) {
+            if !entry.takes_work() || entry.free_slots() <= self.fetches.reserved(agent_id) {
+                break;
             }
-            let Some(id) = self.ready.first_match(&entry.agent.pool, &entry.agent.labels, None).map(|e| e.id.clone())
-            else {
-                return;
-            };
+            let Some(next) = self.ready.first_match(&entry.agent.pool, &entry.agent.labels, None) else { break };
+            let id = next.id.clone();
+            if self.shared && !next.has_body() {
+                if let Some(entry) = self.ready.remove(&id) {
+                    self.fetches.start(entry, agent_id);
+                    to_read.push(id);
+                }
+                continue;
+            }
             match self.take_ready(&id).await {
                 Ok(job) => self.assign(job, agent_id),
                 // Taken by another replica since it was seen: a normal race.
@@ -46,10 +54,60 @@ impl Engine {
                 // the next job now would fail the same way.
                 Err(e @ (DomainError::Unavailable(_) | DomainError::NotFound { .. })) => {
                     tracing::warn!(job = %id, error = %e, "could not dispatch a queued job; trying again later");
-                    return;
+                    break;
                 }
                 Err(e) => tracing::error!(job = %id, error = %e, "skipping unreadable queued job"),
             }
+        }
+        if !to_read.is_empty() {
+            super::fetch::spawn(self.store.clone(), &self.commands, to_read);
+        }
+    }
+
+    /// Records read for the dispatcher (see `fetch.rs`): a job still queued
+    /// goes back into the ready set with its record and is offered first
+    /// to the agent it was read for; one claimed, finished or deleted
+    /// meanwhile (through another replica) is dropped. After a failed read
+    /// the entries go back as they were and are read again at the next
+    /// dispatch (at the latest the next sweep's), not at once: a failing
+    /// store would be asked in a loop.
+    pub async fn fetched(&mut self, ids: Vec<String>, jobs: crate::store::StoreResult<Vec<Job>>) {
+        let now = self.clock.now();
+        let mut found: super::FastMap<String, Job> = match jobs {
+            Ok(jobs) => jobs.into_iter().map(|j| (j.id.clone(), j)).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, jobs = ids.len(), "could not read queued jobs to dispatch; trying again later");
+                for id in &ids {
+                    if let Some((entry, _)) = self.fetches.finish(id) {
+                        self.ready.insert(entry, now);
+                    }
+                }
+                return;
+            }
+        };
+        let (mut agents, mut pools): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+        for id in ids {
+            let Some((_, agent)) = self.fetches.finish(&id) else { continue };
+            if !agents.contains(&agent) {
+                agents.push(agent);
+            }
+            let known = self.active.contains_key(&id) || self.ready.contains(&id);
+            match found.remove(&id) {
+                Some(job) if job.state == JobState::Queued && !known && !self.write_in_flight(job.seq) => {
+                    if !pools.contains(&job.spec.routing.pool) {
+                        pools.push(job.spec.routing.pool.clone());
+                    }
+                    self.ready.insert(ReadyEntry::from_job(job), now);
+                }
+                Some(job) => tracing::debug!(job = %id, state = ?job.state, "queued job gone"),
+                None => tracing::debug!(job = %id, "queued job gone"),
+            }
+        }
+        for agent in agents {
+            self.fill_agent(&agent).await;
+        }
+        for pool in pools {
+            self.dispatch_pool(&pool).await;
         }
     }
 

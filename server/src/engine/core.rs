@@ -190,6 +190,9 @@ pub(crate) struct Engine {
     /// peers only).
     wakes: Option<mpsc::UnboundedSender<PeerNotice>>,
     pub ready: ReadySet,
+    /// Queued jobs taken from `ready` while their records are read for an
+    /// agent (shared store only, see `fetch.rs`).
+    pub fetches: super::fetch::Fetches,
     /// Claimed and running jobs, full records.
     pub active: FastMap<String, Job>,
     /// (lease end or run deadline, job id) of every active job.
@@ -346,6 +349,7 @@ impl Engine {
             commands,
             wakes,
             ready,
+            fetches: Default::default(),
             active: FastMap::default(),
             deadlines: BTreeSet::new(),
             counts,
@@ -583,6 +587,8 @@ impl Engine {
                 Effect::Push { agent_id, session_id, push, needs } => {
                     if verdict.of(&needs).is_none() {
                         self.push_now(&agent_id, session_id, push);
+                    } else if let AgentPush::Assign(job) = &push {
+                        tracing::debug!(job = %job.id, agent = %agent_id, "claim did not apply; assignment withdrawn");
                     }
                 }
                 Effect::Event(event) => {
@@ -655,6 +661,7 @@ impl Engine {
     /// local agent holding an attempt of it is told to stop and its slot is
     /// freed; the job is then read again from the store.
     fn on_conflict(&mut self, id: &str, seq: u64) {
+        tracing::debug!(job = %id, pending = self.pending.by_job.contains_key(&seq), active = self.active.contains_key(id), "job changed elsewhere; reading it again");
         if self.pending.by_job.contains_key(&seq) {
             self.doomed.insert(seq, id.to_string());
         }
@@ -696,6 +703,7 @@ impl Engine {
     /// (cancelled, reaped) is let go; a queued job nothing here holds is
     /// tracked again.
     pub async fn refreshed(&mut self, job: Job) {
+        tracing::debug!(job = %job.id, state = ?job.state, version = job.version, worker = %job.worker_id, in_flight = self.write_in_flight(job.seq), local = ?self.active.get(&job.id).map(|j| j.version), "job read again");
         if self.write_in_flight(job.seq) {
             return; // a newer local write will conflict or apply; it decides
         }
@@ -707,7 +715,7 @@ impl Engine {
             }
             return;
         }
-        if self.ready.contains(&job.id) {
+        if self.ready.contains(&job.id) || self.fetches.contains(&job.id) {
             return;
         }
         if job.state == JobState::Queued && job.defect().is_none() {
@@ -744,7 +752,7 @@ impl Engine {
                 self.refresh(job.id);
                 continue;
             }
-            let known = self.ready.contains(&job.id) || self.active.contains_key(&job.id);
+            let known = self.ready.contains(&job.id) || self.fetches.contains(&job.id);
             if !known && self.agents.has_free_in_pool(&job.pool) {
                 accepted += 1;
                 self.refresh(job.id);
@@ -762,7 +770,16 @@ impl Engine {
     }
 
     pub fn push_now(&mut self, agent_id: &str, session_id: u64, push: AgentPush) {
-        let Some(session) = self.agents.get(agent_id).and_then(|a| a.session.as_ref()) else { return };
+        let Some(session) = self.agents.get(agent_id).and_then(|a| a.session.as_ref()) else {
+            tracing::debug!(agent = %agent_id, "push to an agent with no session dropped");
+            return;
+        };
+        if session.id != session_id {
+            tracing::debug!(agent = %agent_id, "push to an agent's earlier session dropped");
+        }
+        if let AgentPush::Assign(job) = &push {
+            tracing::debug!(job = %job.id, agent = %agent_id, attempt = job.attempt, "assigned");
+        }
         if session.id == session_id && session.pushes.send(push).is_err() {
             // Nobody reads the session any more (its Connect failed after
             // the engine opened it, e.g. its Welcome lost a race): it ends
@@ -1108,7 +1125,8 @@ impl Engine {
                 let _ = reply.send(Ok(accepted));
             }
             Command::AgentRefreshed { agent } => self.agent_refreshed(*agent).await,
-            Command::Sweep { queued, active, pools } => self.sweep(queued, active, pools).await,
+            Command::Fetched { ids, jobs } => self.fetched(ids, jobs).await,
+            Command::Sweep { queued, active, pools, read_at } => self.sweep(queued, active, pools, read_at).await,
         }
     }
 

@@ -10,6 +10,7 @@ mod agent_table;
 mod agents;
 mod config;
 mod core;
+mod fetch;
 mod health;
 mod leaving;
 mod pools;
@@ -197,12 +198,20 @@ pub(crate) enum Command {
     Refreshed {
         job: Box<Job>,
     },
+    /// Records of queued jobs the dispatcher read for its agents (shared
+    /// store, see `fetch.rs`).
+    Fetched {
+        ids: Vec<String>,
+        jobs: crate::store::StoreResult<Vec<Job>>,
+    },
     /// What a sweep of a shared store found: queued jobs (some enqueued
-    /// through other replicas) and active ones (some whose replica died).
+    /// through other replicas) and active ones (some whose replica died),
+    /// as the store held them at `read_at` or later.
     Sweep {
         queued: Vec<QueuedEntry>,
         active: Vec<Job>,
         pools: Vec<Pool>,
+        read_at: std::time::SystemTime,
     },
 }
 

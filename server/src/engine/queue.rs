@@ -419,14 +419,20 @@ impl Engine {
 
     /// Takes in what a sweep of a shared store found: queued jobs this
     /// replica did not know are offered to its agents; active jobs of
-    /// other replicas whose lease or timeout ended more than the clock skew
-    /// tolerance ago are failed as lost (conditionally: a replica that
-    /// renewed meanwhile wins).
+    /// other replicas whose lease or timeout had ended more than the clock
+    /// skew tolerance before the sweep read them are failed as lost
+    /// (conditionally: a replica that renewed meanwhile wins).
+    ///
+    /// The age is judged at `read_at`, not now: a sweep handled late (a
+    /// busy loop) holds an old snapshot, and judging it by the present
+    /// would reap a lease that was alive when read and may have been
+    /// renewed since by a holder that is just as busy.
     pub async fn sweep(
         &mut self,
         queued: Vec<crate::store::QueuedEntry>,
         active: Vec<Job>,
         pools: Vec<crate::domain::Pool>,
+        read_at: std::time::SystemTime,
     ) {
         if self.check_writable().is_err() {
             return;
@@ -435,7 +441,9 @@ impl Engine {
         let now = self.clock.now();
         let mut pools: Vec<String> = Vec::new();
         for entry in queued {
-            let known = self.ready.contains(&entry.id) || self.active.contains_key(&entry.id);
+            let known = self.ready.contains(&entry.id)
+                || self.active.contains_key(&entry.id)
+                || self.fetches.contains(&entry.id);
             if known || self.write_in_flight(entry.seq) || entry.ready_time > tether::time::latest() {
                 continue;
             }
@@ -444,7 +452,7 @@ impl Engine {
             }
             self.ready.insert(ReadyEntry::from_stored(entry), now);
         }
-        let horizon = now.checked_sub(self.config.clock_skew_tolerance).unwrap_or(std::time::UNIX_EPOCH);
+        let horizon = read_at.min(now).checked_sub(self.config.clock_skew_tolerance).unwrap_or(std::time::UNIX_EPOCH);
         // Attempts held here that the store no longer lists as active may
         // have been cancelled or reaped through another replica: read them.
         let listed: std::collections::HashSet<&str> = active.iter().map(|j| j.id.as_str()).collect();
@@ -471,6 +479,13 @@ impl Engine {
             let requeued = self.fail_attempt(job, reason, failure);
             if requeued.state == JobState::Queued && !pools.contains(&requeued.spec.routing.pool) {
                 pools.push(requeued.spec.routing.pool.clone());
+            }
+        }
+        // Every pool with ready jobs, not only those that gained some: a
+        // job whose read for dispatch failed waits for this.
+        for pool in self.ready.pools() {
+            if !pools.contains(&pool) {
+                pools.push(pool);
             }
         }
         for pool in pools {
@@ -525,7 +540,7 @@ impl Engine {
     }
 
     pub async fn redrive(&mut self, id: String) -> DomainResult<Job> {
-        if self.ready.contains(&id) || self.active.contains_key(&id) {
+        if self.ready.contains(&id) || self.active.contains_key(&id) || self.fetches.contains(&id) {
             return Err(DomainError::FailedPrecondition(format!("job {id} is not dead-lettered")));
         }
         let mut job = self

@@ -79,6 +79,14 @@ pub struct Queued {
     body: Option<Body>,
 }
 
+impl Queued {
+    /// Whether the set holds the job's full record (else it must be read
+    /// from the store before dispatch).
+    pub fn has_body(&self) -> bool {
+        self.body.is_some()
+    }
+}
+
 /// A job's full record.
 #[derive(Debug)]
 enum Body {
@@ -333,6 +341,11 @@ impl ReadySet {
             .filter_map(|group| group.jobs.iter().find(|(_, e)| queue.is_none_or(|q| q == &*e.queue)))
             .min_by_key(|(key, _)| **key)
             .map(|(_, e)| e)
+    }
+
+    /// The pools with dispatchable jobs.
+    pub fn pools(&self) -> Vec<String> {
+        self.pools.keys().cloned().collect()
     }
 
     /// Dispatchable jobs of `pool`.

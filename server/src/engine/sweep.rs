@@ -31,6 +31,8 @@ pub(crate) async fn run(
     loop {
         let wait = jittered(interval);
         clock.sleep_until(tether::time::later(clock.now(), wait)).await;
+        // What the reads return is at least this recent.
+        let read_at = clock.now();
         let swept = async {
             let queued = store.queued_after(cursor, SWEEP_QUEUED).await?;
             Ok::<_, crate::store::StoreError>((queued, store.load_active().await?, store.list_pools().await?))
@@ -47,7 +49,7 @@ pub(crate) async fn run(
         };
         // The engine has stopped when its queue is gone.
         let Some(commands) = commands.upgrade() else { return };
-        if commands.send(Command::Sweep { queued, active, pools }).await.is_err() {
+        if commands.send(Command::Sweep { queued, active, pools, read_at }).await.is_err() {
             return;
         }
     }

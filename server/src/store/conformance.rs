@@ -64,6 +64,7 @@ macro_rules! store_conformance_suite {
     ($fresh:expr) => {
         $crate::store_conformance_suite!(@cases $fresh;
             create_and_get,
+            jobs_read_in_a_batch,
             conditional_updates,
             idempotency_keys,
             listing_newest_first_with_filters,
@@ -103,6 +104,21 @@ pub async fn create_and_get<S: Store>(store: S) {
     let impostor = job("a", 2, "other", None);
     assert_eq!(write_one(&store, Write::create(impostor)).await, WriteOutcome::IdExists);
     assert_eq!(store.get_job("a").await.expect("get"), Some(j));
+}
+
+pub async fn jobs_read_in_a_batch<S: Store>(store: S) {
+    // More than one BatchGetItem request holds, with a repeated and a
+    // missing id.
+    let jobs: Vec<Job> = (0..130).map(|i| job(&format!("j{i:03}"), i + 1, "q", None)).collect();
+    let outcomes = store.write(jobs.iter().cloned().map(Write::create).collect()).await.expect("create");
+    assert!(outcomes.iter().all(|o| *o == WriteOutcome::Applied));
+    let mut ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+    ids.push("j000".into());
+    ids.push("missing".into());
+    let mut read = store.get_jobs(&ids).await.expect("batch read");
+    read.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(read, jobs);
+    assert_eq!(store.get_jobs(&[]).await.expect("empty read"), Vec::<Job>::new());
 }
 
 pub async fn conditional_updates<S: Store>(store: S) {

@@ -33,6 +33,10 @@ impl<S: Store, H: WriteHook> Store for HookedStore<S, H> {
         self.inner.get_job(id).await
     }
 
+    async fn get_jobs(&self, ids: &[String]) -> StoreResult<Vec<Job>> {
+        self.inner.get_jobs(ids).await
+    }
+
     async fn find_by_idempotency_key(&self, queue: &str, key: &str) -> StoreResult<Option<Job>> {
         self.inner.find_by_idempotency_key(queue, key).await
     }

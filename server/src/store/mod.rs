@@ -235,6 +235,20 @@ pub trait Store: Send + Sync + 'static {
     async fn write(&self, batch: Vec<Write>) -> StoreResult<Vec<WriteOutcome>>;
 
     async fn get_job(&self, id: &str) -> StoreResult<Option<Job>>;
+    /// The jobs of `ids` that exist and decode (a corrupt one is logged
+    /// and left out, so it cannot hide the others), in no particular
+    /// order, each as strongly read as `get_job`. Backends with a batched
+    /// read override it.
+    async fn get_jobs(&self, ids: &[String]) -> StoreResult<Vec<Job>> {
+        let mut jobs = Vec::with_capacity(ids.len());
+        for id in ids {
+            let read = self.get_job(id).await;
+            if let Some(job) = codec::skip_corrupt(format_args!("job {id}"), read)?.flatten() {
+                jobs.push(job);
+            }
+        }
+        Ok(jobs)
+    }
     /// The job holding `key` in `queue`, if any.
     async fn find_by_idempotency_key(&self, queue: &str, key: &str) -> StoreResult<Option<Job>>;
     /// Jobs newest first, resuming before `before_seq`.

@@ -218,6 +218,10 @@ impl Store for DynamoStore {
         self.read_job(id).await
     }
 
+    async fn get_jobs(&self, ids: &[String]) -> StoreResult<Vec<Job>> {
+        self.read_jobs(ids).await
+    }
+
     async fn find_by_idempotency_key(&self, queue: &str, key: &str) -> StoreResult<Option<Job>> {
         self.job_by_key(queue, key).await
     }

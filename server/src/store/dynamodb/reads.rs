@@ -2,9 +2,9 @@
 //! state index (eventually consistent, as every DynamoDB index is) in `seq`
 //! order, page by page, so a listing reads only what it returns.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
 use futures::future::try_join_all;
 
 use super::errors::classify;
@@ -184,6 +184,56 @@ impl DynamoStore {
             Some(item) => decode_job_item(&item).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// Jobs by id with BatchGetItem, strongly read, up to 100 keys a
+    /// request. Keys DynamoDB leaves unprocessed (throttling) are asked
+    /// again a few times after a short pause, then the read fails as
+    /// retryable.
+    pub(super) async fn read_jobs(&self, ids: &[String]) -> StoreResult<Vec<Job>> {
+        const PER_REQUEST: usize = 100;
+        const ROUNDS: u32 = 5;
+        let mut unique: Vec<&String> = ids.iter().collect();
+        unique.sort();
+        unique.dedup();
+        let mut jobs = Vec::with_capacity(unique.len());
+        for chunk in unique.chunks(PER_REQUEST) {
+            let keys = KeysAndAttributes::builder()
+                .set_keys(Some(chunk.iter().map(|id| key_of("id", id.as_str())).collect()))
+                .consistent_read(true)
+                .build()
+                .map_err(|e| StoreError::Rejected(format!("building a DynamoDB request: {e}")))?;
+            let mut wanted = Some(HashMap::from([(self.tables.jobs.clone(), keys)]));
+            let mut round = 0;
+            while let Some(request) = wanted.take().filter(|w| !w.is_empty()) {
+                if round == ROUNDS {
+                    return Err(StoreError::Unavailable(format!(
+                        "BatchGetItem jobs: keys still unprocessed after {ROUNDS} rounds (throttled)"
+                    )));
+                }
+                if round > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(20 << round)).await;
+                }
+                round += 1;
+                let out = self
+                    .client
+                    .batch_get_item()
+                    .set_request_items(Some(request))
+                    .send()
+                    .await
+                    .map_err(|e| classify("BatchGetItem jobs", e))?;
+                if let Some(items) = out.responses().and_then(|r| r.get(&self.tables.jobs)) {
+                    for item in items {
+                        let id = get_s(item, "id").unwrap_or("?");
+                        if let Some(job) = skip_corrupt(format_args!("job {id}"), decode_job_item(item))? {
+                            jobs.push(job);
+                        }
+                    }
+                }
+                wanted = out.unprocessed_keys().cloned();
+            }
+        }
+        Ok(jobs)
     }
 
     pub(super) async fn job_by_key(&self, queue: &str, key: &str) -> StoreResult<Option<Job>> {
