@@ -64,7 +64,12 @@ impl Cluster {
     }
 
     async fn start(&mut self, engine: EngineConfig, member: bool) -> TestServer {
-        let store = Arc::new(DynamoStore::with_client(dynamodb_local::client(), &self.prefix));
+        self.start_on(dynamodb_local::client(), engine, member).await
+    }
+
+    /// A replica whose store uses `client` (e.g. one with a fault layer).
+    async fn start_on(&mut self, client: aws_sdk_dynamodb::Client, engine: EngineConfig, member: bool) -> TestServer {
+        let store = Arc::new(DynamoStore::with_client(client, &self.prefix));
         let dir = DataDir::new();
         let path = dir.path().to_path_buf();
         self._dirs.push(dir);
@@ -396,6 +401,26 @@ async fn sweeps_find_a_ready_job_behind_a_thousand_delayed_ones() {
     let mut agent = RawAgent::connect(&b, hello("behind", 1)).await.expect("connect to b");
     let r = agent.next_assignment().await.job.expect("job ref");
     assert_eq!(r.job_id, ready.id, "the ready job, not a delayed one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swept_job_whose_read_failed_is_read_again_and_runs() {
+    // B learns of A's job only from its sweep, so it must read the job's
+    // record before dispatching it; every attempt of its first read is
+    // throttled. The job goes back to B's ready set and the next sweep's
+    // dispatch reads it again.
+    let mut cluster = Cluster::new("refetch").await;
+    let a = cluster.loner().await;
+    let throttle = FaultLayer::new("BatchGetItem", Fault::Throttled, 4);
+    let client = dynamodb_local::client_with_faults(throttle.clone());
+    let b = cluster.start_on(client, replica_config(), false).await;
+    let mut agent = RawAgent::connect(&b, hello("reader", 1)).await.expect("connect to b");
+    let mut q = a.queue().await;
+    let enqueued = q.enqueue_job(job("refetch", "work")).await.expect("enqueue").into_inner().job.expect("job");
+    let r = agent.next_assignment().await.job.expect("job ref");
+    assert_eq!(r.job_id, enqueued.id);
+    assert_eq!(r.attempt, 1);
+    assert_eq!(throttle.injected(), 4, "the first read failed on every attempt the client makes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -236,12 +236,15 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get_job(&self, id: &str) -> StoreResult<Option<Job>>;
     /// The jobs of `ids` that exist and decode (a corrupt one is logged
-    /// and left out, so it cannot hide the others), in no particular
-    /// order, each as strongly read as `get_job`. Backends with a batched
-    /// read override it.
+    /// and left out, so it cannot hide the others), each once, in no
+    /// particular order, each as strongly read as `get_job`. Backends with
+    /// a batched read override it.
     async fn get_jobs(&self, ids: &[String]) -> StoreResult<Vec<Job>> {
-        let mut jobs = Vec::with_capacity(ids.len());
-        for id in ids {
+        let mut unique: Vec<&String> = ids.iter().collect();
+        unique.sort();
+        unique.dedup();
+        let mut jobs = Vec::with_capacity(unique.len());
+        for id in unique {
             let read = self.get_job(id).await;
             if let Some(job) = codec::skip_corrupt(format_args!("job {id}"), read)?.flatten() {
                 jobs.push(job);
