@@ -94,6 +94,10 @@ fn describe() {
         "tether_store_conflicts_total",
         "Job writes that lost a race with another replica's write of the same job (claims included)."
     );
+    describe_counter!(
+        "tether_claims_lost_total",
+        "Claims for an agent of this replica that lost a race with another replica (the job went elsewhere; the assignment was never pushed)."
+    );
     gauge!(AGENT_STREAMS).increment(0.0); // shown as 0 before the first agent
 }
 

@@ -589,6 +589,7 @@ impl Engine {
                         self.push_now(&agent_id, session_id, push);
                     } else if let AgentPush::Assign(job) = &push {
                         tracing::debug!(job = %job.id, agent = %agent_id, "claim did not apply; assignment withdrawn");
+                        metrics::counter!("tether_claims_lost_total").increment(1);
                     }
                 }
                 Effect::Event(event) => {
