@@ -449,6 +449,41 @@ async fn a_pool_created_on_one_replica_is_known_to_another_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_name_is_created_once_across_replicas() {
+    // Sweeps off: B has not heard of A's pool when it is asked to create
+    // the same name; the store refuses the second create.
+    let mut cluster = Cluster::new("onepool").await;
+    let quiet = EngineConfig { sweep_interval: Duration::from_secs(3600), ..replica_config() };
+    let a = cluster.start(quiet.clone(), false).await;
+    let b = cluster.start(quiet, false).await;
+    async fn create(server: &TestServer, name: &str, max_size: u32) -> Result<pb::AgentPool, tonic::Status> {
+        let pool = pb::AgentPool { name: name.into(), max_size, ..Default::default() };
+        let created = server.agents().await.create_agent_pool(pb::CreateAgentPoolRequest { pool: Some(pool) }).await?;
+        created.into_inner().pool.ok_or_else(|| tonic::Status::internal("no pool in the reply"))
+    }
+    create(&a, "builders", 4).await.expect("the first create");
+    let second = create(&b, "builders", 8).await.expect_err("a second create of the name");
+    assert_eq!(second.code(), tonic::Code::AlreadyExists, "{second:?}");
+    let mut agents_b = b.agents().await;
+    let pool = agents_b
+        .get_agent_pool(pb::GetAgentPoolRequest { name: "builders".into() })
+        .await
+        .expect("b reads the pool")
+        .into_inner()
+        .pool
+        .expect("pool");
+    assert_eq!(pool.max_size, 4, "the first create's pool, untouched");
+
+    // Two creates of another name at the same time: one wins.
+    let (x, y) = tokio::join!(create(&a, "racers", 1), create(&b, "racers", 2));
+    let code = |r: Result<pb::AgentPool, tonic::Status>| r.map_or_else(|e| e.code(), |_| tonic::Code::Ok);
+    let codes = [code(x), code(y)];
+    let mut sorted = codes;
+    sorted.sort_by_key(|c| *c as i32);
+    assert_eq!(sorted, [tonic::Code::Ok, tonic::Code::AlreadyExists], "{codes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_resumes_its_attempt_on_another_replica_without_a_rerun() {
     let mut cluster = Cluster::new("resume").await;
     let a = cluster.replica().await;

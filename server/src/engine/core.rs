@@ -326,8 +326,13 @@ impl Engine {
             store.list_pools().await?.into_iter().map(|p| (p.name.clone(), p)).collect();
         if !pools.contains_key(crate::domain::DEFAULT_POOL) {
             let pool = Pool::default_pool(now);
-            store.write(vec![Write::PutPool(Box::new(pool.clone()))]).await?;
-            pools.insert(pool.name.clone(), pool);
+            let outcomes = store.write(vec![Write::CreatePool(Box::new(pool.clone()))]).await?;
+            if outcomes.first() == Some(&WriteOutcome::Applied) {
+                pools.insert(pool.name.clone(), pool);
+            } else {
+                // Another replica starting at the same time created it.
+                pools = store.list_pools().await?.into_iter().map(|p| (p.name.clone(), p)).collect();
+            }
         }
         let mut engine = Engine {
             store: store.clone(),
@@ -1091,11 +1096,12 @@ impl Engine {
                 self.tell_holder(elsewhere, &id, &result);
                 self.reply_after_commit(reply, result);
             }
-            Command::CreatePool { pool, reply } => {
-                let result = self.check_writable().and_then(|()| self.create_pool(pool));
-                self.reply_after_commit(reply, result);
+            Command::CreatePool { pool, reply } => self.create_pool(pool, reply),
+            Command::PoolCreated { pool } => {
+                self.pools.insert(pool.name.clone(), *pool);
             }
             Command::GetPool { name, reply } => {
+                self.know_pool(&name).await;
                 let _ = reply.send(self.get_pool(&name));
             }
             Command::ListPools { after, limit, reply } => {

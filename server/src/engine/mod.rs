@@ -150,6 +150,11 @@ pub(crate) enum Command {
         pool: Pool,
         reply: Reply<Pool>,
     },
+    /// A pool this replica created on a shared store (its conditional
+    /// write applied).
+    PoolCreated {
+        pool: Box<Pool>,
+    },
     GetPool {
         name: String,
         reply: Reply<Pool>,

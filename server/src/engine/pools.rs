@@ -1,8 +1,13 @@
 //! Agent pools: CRUD and the scaling signal.
 
 use super::core::Engine;
+use super::{Command, Reply};
 use crate::domain::{DomainError, DomainResult, Health, Pool, ScalingSignal};
-use crate::store::Write;
+use crate::store::{Write, WriteOutcome};
+
+fn already_exists(name: &str) -> DomainError {
+    DomainError::AlreadyExists(format!("pool {name:?} already exists"))
+}
 
 /// A pool field an update may change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,16 +47,54 @@ impl Engine {
         }
     }
 
-    pub fn create_pool(&mut self, mut pool: Pool) -> DomainResult<Pool> {
+    /// Creates a pool. On an exclusive store the engine's pools are the
+    /// truth and the write joins the batch. On a shared store another
+    /// replica may create the name at the same time, so the pool is
+    /// written on condition that the name is free, in a task (no batch
+    /// waits for it), and a refusal reaches the caller as ALREADY_EXISTS.
+    pub fn create_pool(&mut self, pool: Pool, reply: Reply<Pool>) {
+        let pool = match self.check_writable().and_then(|()| self.new_pool(pool)) {
+            Ok(pool) => pool,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        if !self.shared {
+            self.persist_other(Write::PutPool(Box::new(pool.clone())));
+            self.pools.insert(pool.name.clone(), pool.clone());
+            self.reply_after_commit(reply, Ok(pool));
+            return;
+        }
+        let Some(commands) = self.commands.upgrade() else {
+            let _ = reply.send(Err(DomainError::Unavailable("the server is stopping".into())));
+            return;
+        };
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let result = match store.write(vec![Write::CreatePool(Box::new(pool.clone()))]).await {
+                Ok(outcomes) if outcomes.first() == Some(&WriteOutcome::Applied) => {
+                    // The engine learns it before the caller hears of it,
+                    // so the caller's next request finds it here.
+                    let _ = commands.send(Command::PoolCreated { pool: Box::new(pool.clone()) }).await;
+                    Ok(pool)
+                }
+                Ok(_) => Err(already_exists(&pool.name)),
+                Err(e) => Err(super::store_error(e)),
+            };
+            let _ = reply.send(result);
+        });
+    }
+
+    /// A pool to create, stamped and checked against what this replica knows.
+    fn new_pool(&self, mut pool: Pool) -> DomainResult<Pool> {
         if self.pools.contains_key(&pool.name) {
-            return Err(DomainError::AlreadyExists(format!("pool {:?} already exists", pool.name)));
+            return Err(already_exists(&pool.name));
         }
         let now = self.clock.now();
         pool.create_time = now;
         pool.update_time = now;
         pool.validate()?;
-        self.persist_other(Write::PutPool(Box::new(pool.clone())));
-        self.pools.insert(pool.name.clone(), pool.clone());
         Ok(pool)
     }
 

@@ -76,6 +76,7 @@ macro_rules! store_conformance_suite {
             counters_only_rise,
             concurrent_claims_have_one_winner,
             pools,
+            a_pool_is_created_once,
             events_are_logged_with_state_changes_only,
             failed_job_writes_log_no_events,
             a_batch_logs_the_events_of_exactly_its_applied_writes,
@@ -345,6 +346,19 @@ pub async fn pools<S: Store>(store: S) {
     write_one(&store, Write::DeletePool { name: "missing".into() }).await;
     let names: Vec<_> = store.list_pools().await.expect("list").into_iter().map(|p| p.name).collect();
     assert_eq!(names, ["zeta"]);
+}
+
+pub async fn a_pool_is_created_once<S: Store>(store: S) {
+    let pool = |max: u32, at: u64| Pool { name: "gpu".into(), max_size: max, ..Pool::default_pool(t(at)) };
+    assert_eq!(write_one(&store, Write::CreatePool(Box::new(pool(4, 1)))).await, WriteOutcome::Applied);
+    // A second create of the name (another replica's) is refused and
+    // changes nothing; a put still replaces it.
+    assert_eq!(write_one(&store, Write::CreatePool(Box::new(pool(8, 2)))).await, WriteOutcome::IdExists);
+    let stored = |pools: Vec<Pool>| pools.into_iter().map(|p| (p.name, p.max_size)).collect::<Vec<_>>();
+    assert_eq!(stored(store.list_pools().await.expect("list")), [("gpu".to_string(), 4)]);
+    write_one(&store, Write::DeletePool { name: "gpu".into() }).await;
+    assert_eq!(write_one(&store, Write::CreatePool(Box::new(pool(8, 3)))).await, WriteOutcome::Applied);
+    assert_eq!(stored(store.list_pools().await.expect("list")), [("gpu".to_string(), 8)]);
 }
 
 /// A create that logs its event.

@@ -435,6 +435,14 @@ impl Tables<'_> {
                     .map_err(io_err)?;
                 Ok(WriteOutcome::Applied)
             }
+            Write::CreatePool(pool) => {
+                if self.pools.get(pool.name.as_str()).map_err(io_err)?.is_some() {
+                    return Ok(WriteOutcome::IdExists);
+                }
+                let bytes = encode(pool.as_ref())?;
+                self.pools.insert(pool.name.as_str(), bytes.as_slice()).map_err(io_err)?;
+                Ok(WriteOutcome::Applied)
+            }
             Write::PutPool(pool) => {
                 let bytes = encode(pool.as_ref())?;
                 self.pools.insert(pool.name.as_str(), bytes.as_slice()).map_err(io_err)?;

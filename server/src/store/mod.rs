@@ -83,6 +83,8 @@ pub enum Write {
     UpdateJob { job: Box<Job>, expected_version: u64, events: Vec<Transition> },
     /// Inserts or replaces an agent.
     PutAgent(Box<Agent>),
+    /// Inserts a pool; refused (`IdExists`) if one of its name exists.
+    CreatePool(Box<Pool>),
     /// Inserts or replaces a pool.
     PutPool(Box<Pool>),
     /// Deletes a pool (no-op if missing).
@@ -113,7 +115,7 @@ pub enum WriteOutcome {
     VersionConflict {
         current_version: Option<u64>,
     },
-    /// CreateJob whose id already exists.
+    /// CreateJob whose id, or CreatePool whose name, already exists.
     IdExists,
     /// CreateJob whose idempotency key belongs to another job.
     IdempotencyKeyTaken {

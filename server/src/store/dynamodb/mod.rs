@@ -145,7 +145,7 @@ fn item_of(write: &Write) -> String {
         Write::CreateJob { job, .. } => compose(&["job", &job.id]),
         Write::UpdateJob { job, .. } => compose(&["job", &job.id]),
         Write::PutAgent(agent) => compose(&["agent", &agent.id]),
-        Write::PutPool(pool) => compose(&["pool", &pool.name]),
+        Write::CreatePool(pool) | Write::PutPool(pool) => compose(&["pool", &pool.name]),
         Write::DeletePool { name } => compose(&["pool", name]),
         Write::AppendLog(chunk) => compose(&["log", &chunk.job_id]),
         Write::RaiseCounter { name, .. } => compose(&["counter", name]),

@@ -152,6 +152,16 @@ async fn writes_whose_replies_were_lost_or_throttled_are_recognised_on_retry() {
     assert_eq!(outcome, WriteOutcome::Applied, "the SDK's retry carries the same request token");
     assert_eq!(clean.find_by_idempotency_key("q", "key-g").await.expect("find").map(|j| j.id), Some("g".into()));
     assert_counts_match(&clean, 2).await;
+
+    // A pool create whose reply was lost: the retry finds this very pool.
+    let (store, layer) = faulty(&clean, "PutItem", Fault::LostReply);
+    layer.arm(1);
+    let pool = crate::domain::Pool { name: "gpu".into(), ..crate::domain::Pool::default_pool(std::time::SystemTime::now()) };
+    let outcome = one(&store, Write::CreatePool(Box::new(pool.clone()))).await;
+    assert_eq!(layer.injected(), 1);
+    assert_eq!(outcome, WriteOutcome::Applied, "the retried create is recognised as this create");
+    let other = crate::domain::Pool { max_size: 7, ..pool };
+    assert_eq!(one(&clean, Write::CreatePool(Box::new(other))).await, WriteOutcome::IdExists);
 }
 
 #[tokio::test]

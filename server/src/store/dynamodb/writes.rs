@@ -13,7 +13,7 @@ use super::errors::{classify, condition_failed, is_conflict_code};
 use super::events::head_in;
 use super::items::{compose, get_b, get_n, job_item, key_of, n, record_item, s, shard_of, CountKey, Item};
 use super::DynamoStore;
-use crate::domain::Job;
+use crate::domain::{Job, Pool};
 use crate::store::codec::{encode, priority_code};
 use crate::store::{LogChunk, StoreError, StoreResult, Transition, Write, WriteOutcome};
 
@@ -98,6 +98,7 @@ impl DynamoStore {
                 let keys = [("id", agent.id.clone()), ("pool_name", compose(&[&agent.pool, &agent.name]))];
                 self.put(&self.tables.agents, record_item(&keys, body)).await
             }
+            Write::CreatePool(pool) => self.create_pool(pool).await,
             Write::PutPool(pool) => {
                 let body = encode(pool.as_ref())?;
                 self.put(&self.tables.pools, record_item(&[("name", pool.name.clone())], body)).await
@@ -125,6 +126,38 @@ impl DynamoStore {
                     Ok(Try::Conflict)
                 }
                 Err(e) => Err(classify("PutItem", e)),
+            }
+        })
+        .await
+    }
+
+    /// A pool put on condition that its name is free. A refusal whose
+    /// stored pool is this very one is this write, applied by a try whose
+    /// reply was lost (a pool's record carries its creation time).
+    async fn create_pool(&self, pool: &Pool) -> StoreResult<WriteOutcome> {
+        let body = encode(pool)?;
+        let item = record_item(&[("name", pool.name.clone())], body.clone());
+        retry_conflicts("PutItem pool", || async {
+            let sent = self
+                .client
+                .put_item()
+                .table_name(&self.tables.pools)
+                .set_item(Some(item.clone()))
+                .condition_expression("attribute_not_exists(#n)")
+                .expression_attribute_names("#n", "name")
+                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+                .send()
+                .await;
+            match sent {
+                Ok(_) => Ok(Try::Done(WriteOutcome::Applied)),
+                Err(e) => match e.as_service_error() {
+                    Some(aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(c)) => {
+                        let ours = c.item().and_then(|stored| get_b(stored, "b").ok()) == Some(body.as_slice());
+                        Ok(Try::Done(if ours { WriteOutcome::Applied } else { WriteOutcome::IdExists }))
+                    }
+                    Some(s) if s.is_transaction_conflict_exception() => Ok(Try::Conflict),
+                    _ => Err(classify("PutItem pool", e)),
+                },
             }
         })
         .await
