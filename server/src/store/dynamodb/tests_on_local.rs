@@ -156,7 +156,8 @@ async fn writes_whose_replies_were_lost_or_throttled_are_recognised_on_retry() {
     // A pool create whose reply was lost: the retry finds this very pool.
     let (store, layer) = faulty(&clean, "PutItem", Fault::LostReply);
     layer.arm(1);
-    let pool = crate::domain::Pool { name: "gpu".into(), ..crate::domain::Pool::default_pool(std::time::SystemTime::now()) };
+    let pool =
+        crate::domain::Pool { name: "gpu".into(), ..crate::domain::Pool::default_pool(std::time::SystemTime::now()) };
     let outcome = one(&store, Write::CreatePool(Box::new(pool.clone()))).await;
     assert_eq!(layer.injected(), 1);
     assert_eq!(outcome, WriteOutcome::Applied, "the retried create is recognised as this create");
