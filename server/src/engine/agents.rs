@@ -38,7 +38,7 @@ impl Engine {
                 break;
             }
             let Some(next) = self.ready.first_match(&entry.agent.pool, &entry.agent.labels, None) else { break };
-            let id = next.id.clone();
+            let id = next.id();
             if self.shared && !next.has_body() {
                 if let Some(entry) = self.ready.remove(&id) {
                     self.fetches.start(entry, agent_id);

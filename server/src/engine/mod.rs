@@ -12,6 +12,7 @@ mod config;
 mod core;
 mod fetch;
 mod health;
+mod job_key;
 mod leaving;
 mod pools;
 mod queue;

@@ -261,7 +261,7 @@ impl Engine {
         self.ready.promote_due(now);
         loop {
             let Some(id) =
-                self.ready.first_match(&request.pool, &request.labels, request.queue.as_deref()).map(|e| e.id.clone())
+                self.ready.first_match(&request.pool, &request.labels, request.queue.as_deref()).map(|e| e.id())
             else {
                 return Ok(None);
             };
@@ -493,11 +493,28 @@ impl Engine {
         }
     }
 
+    /// Whether this replica holds `id` queued, as far as it knows for
+    /// sure. On a shared store an entry without its record came from a
+    /// sweep, whose snapshot may predate a change made here since (a sweep
+    /// handled after this replica dead-lettered the job brings it back as
+    /// queued): it is dropped, and the caller reads the store instead. If
+    /// the job is in fact queued, the next sweep finds it again.
+    fn holds_queued(&mut self, id: &str) -> bool {
+        if !self.ready.contains(id) {
+            return false;
+        }
+        if self.shared && !self.ready.has_record(id) {
+            self.ready.remove(id);
+            return false;
+        }
+        true
+    }
+
     pub async fn cancel(&mut self, id: String, reason: String) -> DomainResult<Job> {
         let reason = if reason.is_empty() { "cancelled by operator".to_string() } else { reason };
         // Held by another replica's agent: that replica is told at once.
         let mut held_elsewhere = false;
-        let mut job = if self.ready.contains(&id) {
+        let mut job = if self.holds_queued(&id) {
             self.take_ready_record(&id).await?
         } else if let Some(job) = self.take_active(&id) {
             self.push_after_commit(
@@ -540,7 +557,10 @@ impl Engine {
     }
 
     pub async fn redrive(&mut self, id: String) -> DomainResult<Job> {
-        if self.ready.contains(&id) || self.active.contains_key(&id) || self.fetches.contains(&id) {
+        if self.fetches.contains(&id) {
+            return Err(DomainError::Unavailable(format!("job {id} is being read for dispatch; retry")));
+        }
+        if self.holds_queued(&id) || self.active.contains_key(&id) {
             return Err(DomainError::FailedPrecondition(format!("job {id} is not dead-lettered")));
         }
         let mut job = self

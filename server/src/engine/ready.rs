@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use super::job_key::JobKey;
 use super::FastMap;
 use crate::domain::{Job, Priority, Routing};
 use crate::store::codec::{decode_job, encode_job_into};
@@ -72,14 +73,37 @@ impl ReadyEntry {
 /// encoding ~130 bytes plus the payload).
 #[derive(Debug)]
 pub struct Queued {
-    pub id: String,
+    id: JobKey,
     queue: Arc<str>,
-    create_time: SystemTime,
-    ready_time: SystemTime,
+    /// µs since the Unix epoch (see [`Micros`]): half a `SystemTime`.
+    create_time: Micros,
+    ready_time: Micros,
     body: Option<Body>,
 }
 
+/// A time kept to the microsecond in 8 bytes: times before the epoch are
+/// the epoch, and the latest is in the year 586,912. The set's times only
+/// order and age jobs (a delayed job's key keeps its exact ready time); a
+/// job's record keeps its own.
+#[derive(Debug, Clone, Copy)]
+struct Micros(u64);
+
+impl Micros {
+    fn of(t: SystemTime) -> Micros {
+        let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        Micros(u64::try_from(since.as_micros()).unwrap_or(u64::MAX))
+    }
+
+    fn time(self) -> SystemTime {
+        tether::time::later(SystemTime::UNIX_EPOCH, std::time::Duration::from_micros(self.0))
+    }
+}
+
 impl Queued {
+    pub fn id(&self) -> String {
+        self.id.to_id()
+    }
+
     /// Whether the set holds the job's full record (else it must be read
     /// from the store before dispatch).
     pub fn has_body(&self) -> bool {
@@ -96,13 +120,35 @@ enum Body {
     Full(Box<Job>),
 }
 
+/// What a packed record leaves out because the set holds it already:
+/// the job's id (its key), queue name (shared) and routing (its group's),
+/// about a third of a typical record.
+struct Known<'a> {
+    id: &'a str,
+    queue: &'a str,
+    routing: &'a Routing,
+}
+
+impl Known<'_> {
+    fn restore(&self, job: &mut Job) {
+        job.id = self.id.to_string();
+        job.spec.queue = self.queue.to_string();
+        job.spec.routing = self.routing.clone();
+    }
+}
+
 impl Body {
-    /// Encodes `job` through `scratch`, into an allocation of its exact size.
-    fn pack(job: Box<Job>, scratch: &mut Vec<u8>) -> Body {
+    /// Encodes `job`, less what the set holds already, through `scratch`,
+    /// into an allocation of its exact size.
+    fn pack(mut job: Box<Job>, scratch: &mut Vec<u8>) -> Body {
+        let id = std::mem::take(&mut job.id);
+        let queue = std::mem::take(&mut job.spec.queue);
+        let routing = std::mem::take(&mut job.spec.routing);
         match encode_job_into(scratch, &job) {
             Ok(()) => Body::Packed(Box::from(scratch.as_slice())),
             Err(e) => {
-                tracing::warn!(job = %job.id, error = %e, "queued job kept unpacked");
+                tracing::warn!(job = %id, error = %e, "queued job kept unpacked");
+                Known { id: &id, queue: &queue, routing: &routing }.restore(&mut job);
                 Body::Full(job)
             }
         }
@@ -110,25 +156,30 @@ impl Body {
 
     /// The record, or `None` (then it is read from the store) if it does
     /// not decode (never expected: the set encoded it).
-    fn unpack(self, id: &str) -> Option<Box<Job>> {
+    fn unpack(self, known: &Known<'_>) -> Option<Box<Job>> {
         match self {
             Body::Full(job) => Some(job),
-            Body::Packed(bytes) => match decode_job(&bytes) {
-                Ok(job) => Some(Box::new(job)),
-                Err(e) => {
-                    tracing::error!(job = %id, error = %e, "queued job's packed record does not decode");
-                    None
-                }
-            },
+            Body::Packed(bytes) => Self::decode(&bytes, known).map(Box::new),
         }
     }
 
-    fn job(&self, id: &str) -> Option<Job> {
+    fn job(&self, known: &Known<'_>) -> Option<Job> {
         match self {
             Body::Full(job) => Some(Job::clone(job)),
-            Body::Packed(bytes) => decode_job(bytes)
-                .inspect_err(|e| tracing::error!(job = %id, error = %e, "queued job's packed record does not decode"))
-                .ok(),
+            Body::Packed(bytes) => Self::decode(bytes, known),
+        }
+    }
+
+    fn decode(bytes: &[u8], known: &Known<'_>) -> Option<Job> {
+        match decode_job(bytes) {
+            Ok(mut job) => {
+                known.restore(&mut job);
+                Some(job)
+            }
+            Err(e) => {
+                tracing::error!(job = %known.id, error = %e, "queued job's packed record does not decode");
+                None
+            }
         }
     }
 }
@@ -175,7 +226,7 @@ pub struct ReadySet {
     next_group: u64,
     pools: FastMap<String, PoolReady>,
     delayed: BTreeMap<(SystemTime, u64), DelayedJob>,
-    locations: FastMap<String, Location>,
+    locations: FastMap<JobKey, Location>,
     /// One shared copy of each queue name jobs of the set are in.
     queues: HashSet<Arc<str>, ahash::RandomState>,
     /// Reused encode buffer.
@@ -188,17 +239,19 @@ impl ReadySet {
     pub fn insert(&mut self, entry: ReadyEntry, now: SystemTime) -> bool {
         // A job is held once: a newer state of it replaces the older one
         // (an entry left behind would be found again and again).
-        if self.locations.contains_key(entry.id.as_str()) {
+        let key = JobKey::new(&entry.id);
+        if self.locations.contains_key(&key) {
             self.remove(&entry.id);
         }
-        let ReadyEntry { id, seq, queue, priority, routing, create_time, ready_time, body } = entry;
+        let ReadyEntry { id: _, seq, queue, priority, routing, create_time, ready_time, body } = entry;
+        let id = key;
         let queue = self.intern(queue);
         let body = body.map(|job| Body::pack(job, &mut self.scratch));
         if self.scratch.capacity() > SCRATCH_KEPT {
             // A large payload passed through: do not hold its size.
             self.scratch = Vec::new();
         }
-        let job = Queued { id, queue, create_time, ready_time, body };
+        let job = Queued { id, queue, create_time: Micros::of(create_time), ready_time: Micros::of(ready_time), body };
         if ready_time > now {
             let key = (ready_time, seq);
             self.locations.insert(job.id.clone(), Location::Delayed(key));
@@ -231,7 +284,7 @@ impl ReadySet {
         if Arc::strong_count(&queue) <= 2 {
             self.queues.remove(&*queue);
         }
-        (id, queue, create_time, ready_time, body)
+        (id.to_id(), queue, create_time.time(), ready_time.time(), body)
     }
 
     fn insert_ready(&mut self, job: Queued, seq: u64, priority: Priority, routing: Routing) {
@@ -262,21 +315,39 @@ impl ReadySet {
     }
 
     pub fn contains(&self, id: &str) -> bool {
-        self.locations.contains_key(id)
+        self.locations.contains_key(&JobKey::new(id))
+    }
+
+    /// Whether the set holds the job with its full record (it does not
+    /// for jobs loaded at start-up or found by a sweep).
+    pub fn has_record(&self, id: &str) -> bool {
+        let queued = match self.locations.get(&JobKey::new(id)) {
+            Some(Location::Ready(group, key)) => self.groups.get(group).and_then(|g| g.jobs.get(key)),
+            Some(Location::Delayed(key)) => self.delayed.get(key).map(|d| &d.job),
+            None => None,
+        };
+        queued.is_some_and(Queued::has_body)
     }
 
     /// The job's full record, if the set holds it (not for jobs loaded at
     /// start-up).
     pub fn job(&self, id: &str) -> Option<Job> {
-        let queued = match self.locations.get(id)? {
-            Location::Ready(group, key) => self.groups.get(group)?.jobs.get(key)?,
-            Location::Delayed(key) => &self.delayed.get(key)?.job,
+        let (queued, routing) = match self.locations.get(&JobKey::new(id))? {
+            Location::Ready(group, key) => {
+                let group = self.groups.get(group)?;
+                let routing = Routing { pool: group.pool.clone(), required_labels: group.labels.clone() };
+                (group.jobs.get(key)?, routing)
+            }
+            Location::Delayed(key) => {
+                let delayed = self.delayed.get(key)?;
+                (&delayed.job, delayed.routing.clone())
+            }
         };
-        queued.body.as_ref()?.job(id)
+        queued.body.as_ref()?.job(&Known { id, queue: &queued.queue, routing: &routing })
     }
 
     pub fn remove(&mut self, id: &str) -> Option<ReadyEntry> {
-        let (job, seq, priority, routing) = match self.locations.remove(id)? {
+        let (job, seq, priority, routing) = match self.locations.remove(&JobKey::new(id))? {
             Location::Ready(group_no, key) => {
                 let group = self.groups.get_mut(&group_no)?;
                 let job = group.jobs.remove(&key)?;
@@ -301,7 +372,7 @@ impl ReadySet {
             }
         };
         let (id, queue, create_time, ready_time, body) = self.release(job);
-        let body = body.and_then(|b| b.unpack(&id));
+        let body = body.and_then(|b| b.unpack(&Known { id: &id, queue: &queue, routing: &routing }));
         Some(ReadyEntry { id, seq, queue: queue.to_string(), priority, routing, create_time, ready_time, body })
     }
 
@@ -369,7 +440,7 @@ impl ReadySet {
                         .range((Reverse(p), 0)..=(Reverse(p), u64::MAX))
                         .map(|(_, e)| e)
                         .find(|e| queue.is_none_or(|q| q == &*e.queue))
-                        .map(|e| e.create_time)
+                        .map(|e| e.create_time.time())
                 })
             })
             .min()
@@ -404,6 +475,17 @@ mod tests {
             ready_time: t0 + Duration::from_secs(ready_in),
             body: None,
         }
+    }
+
+    #[test]
+    fn times_are_kept_to_the_microsecond() {
+        let t = SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789);
+        assert_eq!(Micros::of(t).time(), SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_000));
+        let before = SystemTime::UNIX_EPOCH - Duration::from_secs(5);
+        assert_eq!(Micros::of(before).time(), SystemTime::UNIX_EPOCH);
+        let last = Micros::of(tether::time::latest()).time();
+        assert!(last <= tether::time::latest() && last + Duration::from_micros(1) > tether::time::latest());
+        assert_eq!(std::mem::size_of::<Micros>(), 8);
     }
 
     #[test]
@@ -462,7 +544,7 @@ mod tests {
         let labels = BTreeMap::new();
         let mut order = Vec::new();
         while let Some(e) = set.first_match("p", &labels, None) {
-            let id = e.id.clone();
+            let id = e.id();
             set.remove(&id);
             order.push(id);
         }
@@ -479,7 +561,7 @@ mod tests {
         assert_eq!(set.next_due(), Some(now + Duration::from_secs(10)));
         assert!(set.promote_due(now + Duration::from_secs(9)).is_empty());
         assert_eq!(set.promote_due(now + Duration::from_secs(10)), vec!["p".to_string()]);
-        assert_eq!(set.first_match("p", &BTreeMap::new(), None).map(|e| e.id.as_str()), Some("a"));
+        assert_eq!(set.first_match("p", &BTreeMap::new(), None).map(|e| e.id()).as_deref(), Some("a"));
     }
 
     #[test]
@@ -495,13 +577,13 @@ mod tests {
         let plain = BTreeMap::new();
         let all: BTreeMap<String, String> =
             [("gpu".to_string(), "true".to_string()), ("os".to_string(), "linux".to_string())].into();
-        assert_eq!(set.first_match("p", &plain, None).map(|e| e.id.as_str()), Some("plain"));
+        assert_eq!(set.first_match("p", &plain, None).map(|e| e.id()).as_deref(), Some("plain"));
         // Priority first, then enqueue order, across label groups.
-        assert_eq!(set.first_match("p", &all, None).map(|e| e.id.as_str()), Some("linux"));
+        assert_eq!(set.first_match("p", &all, None).map(|e| e.id()).as_deref(), Some("linux"));
         set.remove("linux");
-        assert_eq!(set.first_match("p", &all, None).map(|e| e.id.as_str()), Some("gpu0"));
+        assert_eq!(set.first_match("p", &all, None).map(|e| e.id()).as_deref(), Some("gpu0"));
         set.remove("plain");
-        assert_eq!(set.first_match("p", &plain, None).map(|e| e.id.as_str()), None);
+        assert_eq!(set.first_match("p", &plain, None).map(|e| e.id()).as_deref(), None);
         assert_eq!(set.ready_in_pool("p"), 1000);
         for i in 0..1000 {
             assert!(set.remove(&format!("gpu{i}")).is_some());
@@ -518,8 +600,8 @@ mod tests {
         set.insert(entry("any", 2, Priority::Normal, 0, &[]), now);
         let plain = BTreeMap::new();
         let gpu: BTreeMap<String, String> = [("gpu".to_string(), "true".to_string())].into();
-        assert_eq!(set.first_match("p", &plain, None).map(|e| e.id.as_str()), Some("any"));
-        assert_eq!(set.first_match("p", &gpu, None).map(|e| e.id.as_str()), Some("gpu"));
+        assert_eq!(set.first_match("p", &plain, None).map(|e| e.id()).as_deref(), Some("any"));
+        assert_eq!(set.first_match("p", &gpu, None).map(|e| e.id()).as_deref(), Some("gpu"));
     }
 
     #[test]
