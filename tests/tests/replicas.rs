@@ -12,13 +12,14 @@ use std::time::Duration;
 
 use tether::v1 as pb;
 use tether_agent_sdk::{Agent, AgentConfig, JobContext, JobResult, ReconnectPolicy};
+use tether_server::clock::ManualClock;
 use tether_server::engine::EngineConfig;
 use tether_server::store::dynamodb::faults::{Fault, FaultLayer};
 use tether_server::store::dynamodb::local as dynamodb_local;
 use tether_server::store::dynamodb::{tables, DynamoStore, TableNames};
 use tether_server::store::membership::Membership;
 use tether_tests::{
-    hello, job, sample, scrape, state, test_engine_config, wait_for_event, wait_until, DataDir, Extras, Options,
+    epoch, hello, job, sample, scrape, state, test_engine_config, wait_for_event, wait_until, DataDir, Extras, Options,
     RawAgent, TestServer, WAIT,
 };
 use tokio::sync::Notify;
@@ -65,6 +66,16 @@ impl Cluster {
 
     async fn start(&mut self, engine: EngineConfig, member: bool) -> TestServer {
         self.start_on(dynamodb_local::client(), engine, member).await
+    }
+
+    /// A replica that sends and gets no wake-ups, on a clock of its own.
+    async fn loner_on(&mut self, engine: EngineConfig, clock: ManualClock) -> TestServer {
+        let store = Arc::new(DynamoStore::with_client(dynamodb_local::client(), &self.prefix));
+        let dir = DataDir::new();
+        let path = dir.path().to_path_buf();
+        self._dirs.push(dir);
+        let options = Options { store: Some(store), engine: Some(engine), clock: Some(clock), ..Options::default() };
+        TestServer::start_at(path, options).await
     }
 
     /// A replica whose store uses `client` (e.g. one with a fault layer).
@@ -534,8 +545,8 @@ async fn a_lease_left_by_a_stopped_replica_is_reaped_by_another() {
     let first = on_a.next_assignment().await.job.expect("job ref");
     on_a.accept_and_start(&first).await;
     assert!(on_a.next_ack().await.accepted);
-    a.stop().await;
     drop(on_a);
+    a.stop().await;
 
     // Nobody renews the lease: B reaps it and gives the job, as attempt 2
     // with a higher fencing token, to its own agent.
@@ -563,6 +574,77 @@ async fn a_lease_left_by_a_stopped_replica_is_reaped_by_another() {
         .await
         .expect_err("a stale attempt is refused");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+}
+
+/// Replicas' clocks differ by less than `clock_skew_tolerance`: one whose
+/// clock runs ahead does not reap a dead replica's lease while it is still
+/// alive by the holder's clock, and reaps it once it ended more than the
+/// tolerance ago by its own. Clocks are injected; sweeps run when they move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_clock_runs_ahead_reaps_a_lease_only_after_it_ended() {
+    let skew = Duration::from_millis(1500);
+    let lease = Duration::from_secs(10);
+    let config = EngineConfig {
+        sweep_interval: Duration::from_millis(100),
+        clock_skew_tolerance: Duration::from_secs(2),
+        // The agents here do not heartbeat while the clocks jump.
+        heartbeat_interval: Duration::from_secs(3600),
+        ..test_engine_config()
+    };
+    let mut cluster = Cluster::new("skew").await;
+    // B's and C's clocks run 1.5 s ahead of A's.
+    let a = cluster.loner_on(config.clone(), ManualClock::new(epoch())).await;
+    let b = cluster.loner_on(config.clone(), ManualClock::new(epoch() + skew)).await;
+    let c = cluster.loner_on(config, ManualClock::new(epoch() + skew)).await;
+
+    let mut on_a = RawAgent::connect(&a, hello("holder", 1)).await.expect("connect to a");
+    let request = pb::EnqueueJobRequest {
+        lease_duration: Some(prost_types::Duration { seconds: lease.as_secs() as i64, nanos: 0 }),
+        max_attempts: 3,
+        ..job("skew", "held")
+    };
+    let held = a.queue().await.enqueue_job(request).await.expect("enqueue").into_inner().job.expect("job");
+    let first = on_a.next_assignment().await.job.expect("job ref");
+    assert_eq!(first.job_id, held.id);
+    on_a.accept_and_start(&first).await;
+    assert!(on_a.next_ack().await.accepted);
+    // A dies with the lease: it ends 10 s after the claim by A's clock.
+    drop(on_a);
+    a.stop().await;
+
+    let mut on_b = RawAgent::connect(&b, hello("rescuer", 1)).await.expect("connect to b");
+    // A job only B's sweep can bring to B's agent: its arrival shows the
+    // sweep after the jump was read and handled.
+    let marker = c.queue().await.enqueue_job(job("skew", "marker")).await.expect("enqueue").into_inner().job;
+    let marker = marker.expect("job");
+
+    // 0.1 s before the lease ends (by A's clock), B's clock says 1.4 s
+    // after: within the tolerance, so B leaves the lease alone.
+    b.advance(lease - Duration::from_millis(100));
+    let swept = on_b.next_assignment().await.job.expect("job ref");
+    assert_eq!(swept.job_id, marker.id, "the sweep brought the marker, not the held job");
+    let still = get(&b, &held.id).await;
+    assert_eq!((state(&still), still.attempt), (pb::QueuedJobState::Running, 1), "a live lease was reaped");
+    on_b.accept_and_start(&swept).await;
+    assert!(on_b.next_ack().await.accepted);
+    on_b.finish(&swept, pb::JobOutcome::Succeeded, "done").await;
+    wait_until("the marker to succeed", || async {
+        state(&get(&b, &marker.id).await) == pb::QueuedJobState::Succeeded
+    })
+    .await;
+
+    // 0.9 s after it ended by A's clock (2.4 s by B's): B reaps it.
+    b.advance(Duration::from_secs(1));
+    wait_until("b to reap the lease", || async {
+        let job = get(&b, &held.id).await;
+        state(&job) == pb::QueuedJobState::Queued && job.last_error.contains("lease expired")
+    })
+    .await;
+    // Its retry backoff runs on B's clock.
+    b.advance(Duration::from_secs(10));
+    let second = on_b.next_assignment().await.job.expect("job ref");
+    assert_eq!((second.job_id.as_str(), second.attempt), (held.id.as_str(), 2));
+    assert!(second.fencing_token > first.fencing_token);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
