@@ -545,8 +545,8 @@ async fn a_lease_left_by_a_stopped_replica_is_reaped_by_another() {
     let first = on_a.next_assignment().await.job.expect("job ref");
     on_a.accept_and_start(&first).await;
     assert!(on_a.next_ack().await.accepted);
-    drop(on_a);
     a.stop().await;
+    drop(on_a);
 
     // Nobody renews the lease: B reaps it and gives the job, as attempt 2
     // with a higher fencing token, to its own agent.
