@@ -107,6 +107,12 @@ pub struct ServerArgs {
     /// cursor older than that is answered OUT_OF_RANGE.
     #[arg(long, env = "TETHER_EVENT_RETENTION", default_value = "24h", value_parser = parse_event_retention)]
     pub event_retention: Duration,
+    /// DynamoDB store: how far replicas' clocks may disagree (0 to 1m).
+    /// Another replica's lease is reaped only this long after it ended by
+    /// this replica's clock, so a clock up to this far ahead never reaps a
+    /// live lease; a larger value reaps dead replicas' jobs later.
+    #[arg(long, env = "TETHER_CLOCK_SKEW_TOLERANCE", default_value = "2s", value_parser = parse_clock_skew_tolerance)]
+    pub clock_skew_tolerance: Duration,
     /// Most agent streams the server holds at once [default: what the
     /// open-file limit and a quarter of the memory allow, at ~64 KiB per
     /// agent].
@@ -169,6 +175,8 @@ pub struct FileConfig {
     pub reconnect_grace: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_retention: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock_skew_tolerance: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_agent_streams: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -262,6 +270,9 @@ impl ServerArgs {
         if let (true, Some(v)) = (from_file("event_retention"), &file.event_retention) {
             self.event_retention = value(path, "event-retention", v, parse_event_retention)?;
         }
+        if let (true, Some(v)) = (from_file("clock_skew_tolerance"), &file.clock_skew_tolerance) {
+            self.clock_skew_tolerance = value(path, "clock-skew-tolerance", v, parse_clock_skew_tolerance)?;
+        }
         if let (true, Some(v)) = (from_file("max_agent_streams"), file.max_agent_streams) {
             if v == 0 {
                 anyhow::bail!("config file {}: key `max-agent-streams`: must be at least 1", path.display());
@@ -301,6 +312,7 @@ impl ServerArgs {
             heartbeat_interval: Some(format_duration(self.heartbeat_interval)),
             reconnect_grace: Some(format_duration(self.reconnect_grace)),
             event_retention: Some(format_duration(self.event_retention)),
+            clock_skew_tolerance: Some(format_duration(self.clock_skew_tolerance)),
             max_agent_streams: self.max_agent_streams,
             log_format: self.log_format.to_possible_value().map(|v| v.get_name().to_string()),
             metrics_listen: self.metrics_listen.map(|a| a.to_string()),
@@ -335,6 +347,7 @@ impl ServerArgs {
             heartbeat_interval: self.heartbeat_interval,
             reconnect_grace: self.reconnect_grace,
             event_retention: self.event_retention,
+            clock_skew_tolerance: self.clock_skew_tolerance,
             ..EngineConfig::default()
         }
     }
@@ -397,6 +410,11 @@ pub fn parse_reconnect_grace(text: &str) -> Result<Duration, String> {
 pub fn parse_event_retention(text: &str) -> Result<Duration, String> {
     use crate::engine::{MAX_EVENT_RETENTION, MIN_EVENT_RETENTION};
     within(parse_duration(text)?, MIN_EVENT_RETENTION, MAX_EVENT_RETENTION, text)
+}
+
+/// A clock skew tolerance: 0 to 1 minute.
+pub fn parse_clock_skew_tolerance(text: &str) -> Result<Duration, String> {
+    within(parse_duration(text)?, Duration::ZERO, Duration::from_secs(60), text)
 }
 
 fn within(d: Duration, min: Duration, max: Duration, text: &str) -> Result<Duration, String> {
@@ -602,6 +620,25 @@ dynamodb-region = "eu-west-1"
         let default = load_from(["server"]).expect("default");
         assert_eq!(default.engine_config().event_retention, crate::engine::DEFAULT_EVENT_RETENTION);
         assert_eq!(default.to_file_config().event_retention.as_deref(), Some("24h"));
+    }
+
+    #[test]
+    fn clock_skew_tolerance_is_bounded_and_set_by_flag_or_file() {
+        assert_eq!(parse_clock_skew_tolerance("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_clock_skew_tolerance("1m"), Ok(Duration::from_secs(60)));
+        for refused in ["61s", "-1s", "", "soon", "1e400s"] {
+            assert!(parse_clock_skew_tolerance(refused).is_err(), "{refused:?} accepted");
+        }
+        let default = load_from(["server"]).expect("default");
+        assert_eq!(default.engine_config().clock_skew_tolerance, Duration::from_secs(2));
+        assert_eq!(default.to_file_config().clock_skew_tolerance.as_deref(), Some("2s"));
+        let args = load_from(["server", "--clock-skew-tolerance", "500ms"]).expect("flag");
+        assert_eq!(args.engine_config().clock_skew_tolerance, Duration::from_millis(500));
+        let file = write("clock-skew-tolerance = \"5s\"\n");
+        assert_eq!(load_with(&file, &[]).expect("file").clock_skew_tolerance, Duration::from_secs(5));
+        let bad = write("clock-skew-tolerance = \"2h\"\n");
+        let err = load_with(&bad, &[]).expect_err("out of range in the file");
+        assert!(format!("{err:#}").contains("clock-skew-tolerance"), "{err:#}");
     }
 
     #[test]
