@@ -751,20 +751,46 @@ impl Engine {
     /// store (as a task) and offered to the agents; returns how many. A
     /// held one is read again too: if a peer cancelled it, its agent is
     /// told to stop (see `refreshed`).
+    ///
+    /// It takes only as many as its agents have free slots, newest first:
+    /// the waking replica keeps the jobs too and dispatches them oldest
+    /// first as its own agents free up, so taking from the other end races
+    /// it for fewer of them (each lost race is a failed conditional write).
     pub fn woken(&mut self, jobs: Vec<WakeJob>) -> u32 {
         let mut accepted = 0;
-        for job in jobs {
+        let mut room: FastMap<String, usize> = FastMap::default();
+        for job in jobs.into_iter().rev() {
             if self.active.contains_key(&job.id) {
                 self.refresh(job.id);
                 continue;
             }
-            let known = self.ready.contains(&job.id) || self.fetches.contains(&job.id);
-            if !known && self.agents.has_free_in_pool(&job.pool) {
-                accepted += 1;
-                self.refresh(job.id);
+            if self.ready.contains(&job.id) || self.fetches.contains(&job.id) {
+                continue;
             }
+            let free = match room.get_mut(&job.pool) {
+                Some(free) => free,
+                None => room.entry(job.pool.clone()).or_insert(self.free_slots_in_pool(&job.pool)),
+            };
+            if *free == 0 {
+                continue;
+            }
+            *free -= 1;
+            accepted += 1;
+            self.refresh(job.id);
         }
         accepted
+    }
+
+    /// Free slots of the agents here that take work in `pool`, less those
+    /// that jobs being read for them will fill.
+    fn free_slots_in_pool(&self, pool: &str) -> usize {
+        self.agents
+            .free_in_pool(pool)
+            .iter()
+            .filter_map(|id| self.agents.get(id))
+            .filter(|a| a.takes_work())
+            .map(|a| a.free_slots().saturating_sub(self.fetches.reserved(&a.agent.id)))
+            .sum()
     }
 
     /// Offers work to agents whose slots conflicts freed.
