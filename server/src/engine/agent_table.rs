@@ -215,12 +215,6 @@ impl AgentTable {
             .cloned()
     }
 
-    /// Whether some agent of `pool` takes work now.
-    pub fn has_free_in_pool(&self, pool: &str) -> bool {
-        let routing = Routing { pool: pool.to_string(), ..Default::default() };
-        self.free.candidates(&routing).next().is_some()
-    }
-
     /// The free agents of a pool, best first.
     pub fn free_in_pool(&self, pool: &str) -> Vec<Arc<str>> {
         let routing = Routing { pool: pool.to_string(), ..Default::default() };
