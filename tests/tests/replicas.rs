@@ -70,7 +70,16 @@ impl Cluster {
 
     /// A replica that sends and gets no wake-ups, on a clock of its own.
     async fn loner_on(&mut self, engine: EngineConfig, clock: ManualClock) -> TestServer {
-        let store = Arc::new(DynamoStore::with_client(dynamodb_local::client(), &self.prefix));
+        self.loner_on_client(dynamodb_local::client(), engine, clock).await
+    }
+
+    async fn loner_on_client(
+        &mut self,
+        client: aws_sdk_dynamodb::Client,
+        engine: EngineConfig,
+        clock: ManualClock,
+    ) -> TestServer {
+        let store = Arc::new(DynamoStore::with_client(client, &self.prefix));
         let dir = DataDir::new();
         let path = dir.path().to_path_buf();
         self._dirs.push(dir);
@@ -492,6 +501,32 @@ async fn a_pool_name_is_created_once_across_replicas() {
     let mut sorted = codes;
     sorted.sort_by_key(|c| *c as i32);
     assert_eq!(sorted, [tonic::Code::Ok, tonic::Code::AlreadyExists], "{codes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_naming_unknown_pools_read_the_pools_at_most_once_per_sweep_interval() {
+    // Every Scan of this replica's client is counted (each is throttled on
+    // all 4 attempts the test client makes, so the read fails).
+    let mut cluster = Cluster::new("unknownpools").await;
+    let scans = FaultLayer::new("Scan", Fault::Throttled, 0);
+    let client = dynamodb_local::client_with_faults(scans.clone());
+    let config = EngineConfig { sweep_interval: Duration::from_secs(60), ..replica_config() };
+    let clock = ManualClock::new(epoch());
+    let server = cluster.loner_on_client(client, config, clock).await;
+    let mut agents = server.agents().await;
+    // Started (its start-up reads the pools): the default pool is known.
+    agents.get_agent_pool(pb::GetAgentPoolRequest { name: "default".into() }).await.expect("the default pool");
+    scans.arm(u32::MAX);
+    let at_start = scans.injected();
+    for name in ["made-up-1", "made-up-2", "made-up-3"] {
+        let err = agents.get_agent_pool(pb::GetAgentPoolRequest { name: name.into() }).await.expect_err("no such pool");
+        assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    }
+    assert_eq!(scans.injected() - at_start, 4, "one read of the pools (4 attempts), not one per request");
+    server.advance(Duration::from_secs(61));
+    let err = agents.get_agent_pool(pb::GetAgentPoolRequest { name: "made-up-4".into() }).await.expect_err("no pool");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(scans.injected() - at_start > 4, "read again once the interval passed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

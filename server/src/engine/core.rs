@@ -190,6 +190,9 @@ pub(crate) struct Engine {
     /// peers only).
     wakes: Option<mpsc::UnboundedSender<PeerNotice>>,
     pub ready: ReadySet,
+    /// When a request naming an unknown pool last made this replica read
+    /// the pools (see `know_pool`).
+    pub pools_read_at: Option<SystemTime>,
     /// Queued jobs taken from `ready` while their records are read for an
     /// agent (shared store only, see `fetch.rs`).
     pub fetches: super::fetch::Fetches,
@@ -354,6 +357,7 @@ impl Engine {
             commands,
             wakes,
             ready,
+            pools_read_at: None,
             fetches: Default::default(),
             active: FastMap::default(),
             deadlines: BTreeSet::new(),
@@ -810,11 +814,12 @@ impl Engine {
         };
         if session.id != session_id {
             tracing::debug!(agent = %agent_id, "push to an agent's earlier session dropped");
+            return;
         }
         if let AgentPush::Assign(job) = &push {
             tracing::debug!(job = %job.id, agent = %agent_id, attempt = job.attempt, "assigned");
         }
-        if session.id == session_id && session.pushes.send(push).is_err() {
+        if session.pushes.send(push).is_err() {
             // Nobody reads the session any more (its Connect failed after
             // the engine opened it, e.g. its Welcome lost a race): it ends
             // here as a broken stream would, and its grace period starts.

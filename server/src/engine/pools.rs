@@ -29,9 +29,20 @@ impl Engine {
 
     /// On a shared store, a pool this replica does not know may have been
     /// created through another one: the pools are read again before the
-    /// name is refused.
+    /// name is refused. At most once per sweep interval (every sweep reads
+    /// them too): requests naming made-up pools must not turn into a scan
+    /// of the pools each, on the engine's loop.
     pub async fn know_pool(&mut self, name: &str) {
         if self.shared && !self.pools.contains_key(name) {
+            let now = self.clock.now();
+            let recent = self
+                .pools_read_at
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age < self.config.sweep_interval);
+            if recent {
+                return;
+            }
+            self.pools_read_at = Some(now);
             match self.store.list_pools().await {
                 Ok(pools) => self.learn_pools(pools),
                 Err(e) => tracing::warn!(pool = %name, error = %e, "could not read the pools"),

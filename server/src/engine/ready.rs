@@ -241,7 +241,7 @@ impl ReadySet {
         // (an entry left behind would be found again and again).
         let key = JobKey::new(&entry.id);
         if self.locations.contains_key(&key) {
-            self.remove(&entry.id);
+            self.remove_key(&key);
         }
         let ReadyEntry { id: _, seq, queue, priority, routing, create_time, ready_time, body } = entry;
         let id = key;
@@ -347,7 +347,11 @@ impl ReadySet {
     }
 
     pub fn remove(&mut self, id: &str) -> Option<ReadyEntry> {
-        let (job, seq, priority, routing) = match self.locations.remove(&JobKey::new(id))? {
+        self.remove_key(&JobKey::new(id))
+    }
+
+    fn remove_key(&mut self, key: &JobKey) -> Option<ReadyEntry> {
+        let (job, seq, priority, routing) = match self.locations.remove(key)? {
             Location::Ready(group_no, key) => {
                 let group = self.groups.get_mut(&group_no)?;
                 let job = group.jobs.remove(&key)?;

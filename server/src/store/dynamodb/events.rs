@@ -255,14 +255,7 @@ impl DynamoStore {
         let mut resume: Option<Item> = None;
         loop {
             let out = self
-                .client
-                .query()
-                .table_name(&self.tables.events)
-                .key_condition_expression("#s = :s AND #q > :after")
-                .expression_attribute_names("#s", "shard")
-                .expression_attribute_names("#q", "seq")
-                .expression_attribute_values(":s", n(shard))
-                .expression_attribute_values(":after", n(after))
+                .groups_after(shard, after)
                 .consistent_read(true)
                 .limit(PAGE)
                 .set_exclusive_start_key(resume.take())
@@ -295,6 +288,18 @@ impl DynamoStore {
         Ok(ShardRead::Events(events, position))
     }
 
+    /// A query of one shard's event groups after position `after`.
+    fn groups_after(&self, shard: u32, after: u64) -> aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder {
+        self.client
+            .query()
+            .table_name(&self.tables.events)
+            .key_condition_expression("#s = :s AND #q > :after")
+            .expression_attribute_names("#s", "shard")
+            .expression_attribute_names("#q", "seq")
+            .expression_attribute_values(":s", n(shard))
+            .expression_attribute_values(":after", n(after))
+    }
+
     /// Raises each shard's low-water mark past its groups older than
     /// `before` (DynamoDB's TTL deletes them later).
     pub(super) async fn trim_shards(&self, before: SystemTime, limit: usize) -> StoreResult<Trimmed> {
@@ -313,15 +318,8 @@ impl DynamoStore {
         let mut resume: Option<Item> = None;
         'pages: loop {
             let out = self
-                .client
-                .query()
-                .table_name(&self.tables.events)
-                .key_condition_expression("#s = :s AND #q > :after")
-                .expression_attribute_names("#s", "shard")
-                .expression_attribute_names("#q", "seq")
+                .groups_after(shard, low_water)
                 .expression_attribute_names("#t", "gt")
-                .expression_attribute_values(":s", n(shard))
-                .expression_attribute_values(":after", n(low_water))
                 .projection_expression("#q, #t")
                 .consistent_read(true)
                 .limit(PAGE)
