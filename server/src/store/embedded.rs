@@ -1,7 +1,8 @@
 //! The embedded store: one redb file, written by one thread that groups the
-//! batches of concurrent callers into a single transaction and a single disk
-//! sync (group commit). A batch is acknowledged only after its transaction
-//! is durable, so acknowledged writes survive `kill -9` and power loss.
+//! batches of concurrent callers into a single transaction (group commit,
+//! `writer`). A batch is acknowledged only after its group is durable in the
+//! journal (`journal`), so acknowledged writes survive `kill -9` and power
+//! loss; reads see every applied group.
 
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
@@ -10,21 +11,20 @@ use std::sync::Arc;
 use std::thread;
 
 use async_trait::async_trait;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
-use super::codec::{
-    decode, decode_job, encode, encode_into, encode_job_into, priority_code, priority_from_code, skip_corrupt,
-    state_from_code, FORMAT_V1,
-};
+use super::codec::{decode, decode_job, priority_from_code, skip_corrupt, state_from_code, FORMAT_V1};
 use super::events::EventGroup;
 use super::{
     AgentFilter, CountRow, Event, EventCursor, EventRead, JobFilter, LogChunk, Page, QueuedEntry, Store, StoreError,
-    StoreResult, Transition, Trimmed, Write, WriteOutcome,
+    StoreResult, Trimmed, Write, WriteOutcome,
 };
-use crate::domain::{Agent, Job, JobState, Pool, Priority};
+use crate::domain::{Agent, Job, JobState, Pool};
 
+mod journal;
 mod schema;
+mod writer;
 pub use schema::{StoredSchema, RELEASE, SCHEMA_VERSION, UNVERSIONED};
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
@@ -77,24 +77,11 @@ impl Default for EmbeddedOptions {
     }
 }
 
-enum WriteRequest {
-    Batch {
-        batch: Vec<Write>,
-        reply: oneshot::Sender<StoreResult<Vec<WriteOutcome>>>,
-    },
-    /// The retention task's trim: on the writer thread, the only writer.
-    Trim {
-        before: std::time::SystemTime,
-        limit: usize,
-        reply: oneshot::Sender<StoreResult<Trimmed>>,
-    },
-}
-
 /// The embedded, single-file store.
 pub struct EmbeddedStore {
     db: Arc<Database>,
     /// `None` only while dropping.
-    writer: Option<std_mpsc::Sender<WriteRequest>>,
+    writer: Option<std_mpsc::Sender<writer::WriteRequest>>,
     writer_thread: Option<thread::JoinHandle<()>>,
     path: PathBuf,
 }
@@ -144,11 +131,12 @@ impl EmbeddedStore {
             txn.commit().map_err(io_err)?;
         }
         let db = Arc::new(db);
+        let (journal, records) = journal::Journal::open(dir)?;
+        let recovered = writer::Writer::recover(db.clone(), options, journal, records)?;
         let (writer, requests) = std_mpsc::channel();
-        let writer_db = db.clone();
         let writer_thread = thread::Builder::new()
             .name("tether-store-writer".into())
-            .spawn(move || writer_loop(&writer_db, &requests, &options))
+            .spawn(move || recovered.run(&requests))
             .map_err(io_err)?;
         Ok(EmbeddedStore { db, writer: Some(writer), writer_thread: Some(writer_thread), path })
     }
@@ -165,405 +153,6 @@ impl EmbeddedStore {
     {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || f(&db)).await.map_err(|e| io_err(format!("read task: {e}")))?
-    }
-}
-
-fn writer_loop(db: &Database, requests: &std_mpsc::Receiver<WriteRequest>, options: &EmbeddedOptions) {
-    let mut commits: u64 = 0;
-    let mut cache = MetaCache::default();
-    while let Ok(first) = requests.recv() {
-        let mut group = Vec::new();
-        let mut next = Some(first);
-        while let Some(request) = next.take() {
-            match request {
-                WriteRequest::Batch { batch, reply } => group.push(BatchRequest { batch, reply }),
-                WriteRequest::Trim { before, limit, reply } => {
-                    // Rare (the retention task): in a transaction of its own.
-                    let trimmed = trim_events(db, before, limit);
-                    if let Err(e) = &trimmed {
-                        tracing::error!(error = %e, "trimming the event log failed");
-                    }
-                    let _ = reply.send(trimmed);
-                }
-            }
-            if group.len() < options.max_group {
-                next = requests.try_recv().ok();
-            }
-        }
-        if group.is_empty() {
-            continue;
-        }
-        commits += 1;
-        let durable = match options.sync {
-            SyncMode::Always => true,
-            SyncMode::EveryNth(n) => commits.is_multiple_of(u64::from(n.max(1))),
-        };
-        let started = std::time::Instant::now();
-        let applied = apply_group(db, &group, durable, &mut cache);
-        if applied.is_err() {
-            // The cache may hold writes of the failed transaction.
-            cache.clear();
-        }
-        metrics::histogram!("tether_store_commit_seconds").record(started.elapsed());
-        match applied {
-            Ok(outcomes) => {
-                for (request, outcome) in group.into_iter().zip(outcomes) {
-                    let _ = request.reply.send(Ok(outcome));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "store commit failed");
-                for request in group {
-                    let _ = request.reply.send(Err(e.clone()));
-                }
-            }
-        }
-    }
-}
-
-struct BatchRequest {
-    batch: Vec<Write>,
-    reply: oneshot::Sender<StoreResult<Vec<WriteOutcome>>>,
-}
-
-/// Deletes the groups older than `before` from the front of the log (at
-/// most `limit`) and raises the low-water mark past them, in one
-/// transaction.
-fn trim_events(db: &Database, before: std::time::SystemTime, limit: usize) -> StoreResult<Trimmed> {
-    let txn = db.begin_write().map_err(io_err)?;
-    let mut trimmed = Trimmed::default();
-    {
-        let mut events = txn.open_table(EVENTS).map_err(io_err)?;
-        let mut counters = txn.open_table(COUNTERS).map_err(io_err)?;
-        let mut low_water = None;
-        let mut old = Vec::new();
-        for row in events.iter().map_err(io_err)? {
-            let (key, value) = row.map_err(io_err)?;
-            if old.len() >= limit {
-                trimmed.more = true;
-                break;
-            }
-            // A group that does not decode is trimmed by its position: the
-            // groups after it are younger only if it was.
-            let young = match decode::<EventGroup>(value.value()) {
-                Ok(group) => group.time() >= before,
-                Err(_) => false,
-            };
-            if young {
-                break;
-            }
-            old.push(key.value());
-        }
-        for seq in &old {
-            events.remove(*seq).map_err(io_err)?;
-            low_water = Some(*seq);
-        }
-        if let Some(seq) = low_water {
-            let current = counters.get(EVENT_LOW_WATER).map_err(io_err)?.map(|v| v.value()).unwrap_or(0);
-            counters.insert(EVENT_LOW_WATER, seq.max(current)).map_err(io_err)?;
-        }
-        trimmed.groups = old.len() as u64;
-    }
-    txn.commit().map_err(io_err)?;
-    Ok(trimmed)
-}
-
-fn apply_group(
-    db: &Database,
-    group: &[BatchRequest],
-    durable: bool,
-    cache: &mut MetaCache,
-) -> StoreResult<Vec<Vec<WriteOutcome>>> {
-    let mut txn = db.begin_write().map_err(io_err)?;
-    if !durable {
-        txn.set_durability(Durability::None).map_err(io_err)?;
-    }
-    let mut outcomes = Vec::with_capacity(group.len());
-    {
-        let mut tables = Tables {
-            jobs: txn.open_table(JOBS).map_err(io_err)?,
-            state_index: txn.open_table(STATE_INDEX).map_err(io_err)?,
-            idempotency: txn.open_table(IDEMPOTENCY).map_err(io_err)?,
-            logs: txn.open_table(LOGS).map_err(io_err)?,
-            agents: txn.open_table(AGENTS).map_err(io_err)?,
-            agent_names: txn.open_table(AGENT_NAMES).map_err(io_err)?,
-            counters: txn.open_table(COUNTERS).map_err(io_err)?,
-            pools: txn.open_table(POOLS).map_err(io_err)?,
-            events: txn.open_table(EVENTS).map_err(io_err)?,
-            event_head: None,
-            count_deltas: Vec::new(),
-            buf: Vec::new(),
-            entry_buf: Vec::new(),
-            cache,
-        };
-        for request in group {
-            let mut batch_outcomes = Vec::with_capacity(request.batch.len());
-            for write in &request.batch {
-                batch_outcomes.push(tables.apply(write)?);
-            }
-            outcomes.push(batch_outcomes);
-        }
-        if let Some(head) = tables.event_head {
-            tables.counters.insert(EVENT_HEAD, head).map_err(io_err)?;
-        }
-        let mut counts = txn.open_table(COUNTS).map_err(io_err)?;
-        for (queue, state, priority, delta) in tables.count_deltas.drain(..) {
-            if delta == 0 {
-                continue;
-            }
-            let key = (queue.as_str(), state, priority);
-            let current = counts.get(key).map_err(io_err)?.map(|v| v.value()).unwrap_or(0);
-            let next = (current as i64 + delta).max(0) as u64;
-            if next == 0 {
-                counts.remove(key).map_err(io_err)?;
-            } else {
-                counts.insert(key, next).map_err(io_err)?;
-            }
-        }
-    }
-    txn.commit().map_err(io_err)?;
-    Ok(outcomes)
-}
-
-struct Tables<'txn> {
-    jobs: redb::Table<'txn, &'static str, &'static [u8]>,
-    state_index: redb::Table<'txn, (u8, u64), &'static [u8]>,
-    idempotency: redb::Table<'txn, (&'static str, &'static str), &'static str>,
-    logs: redb::Table<'txn, (&'static str, u32, u64), &'static [u8]>,
-    agents: redb::Table<'txn, &'static str, &'static [u8]>,
-    agent_names: redb::Table<'txn, (&'static str, &'static str), &'static str>,
-    counters: redb::Table<'txn, &'static str, u64>,
-    pools: redb::Table<'txn, &'static str, &'static [u8]>,
-    events: redb::Table<'txn, u64, &'static [u8]>,
-    /// The event log's head in this transaction, once read (one read per
-    /// transaction that logs anything; stored when it commits).
-    event_head: Option<u64>,
-    /// Count changes of this transaction: few distinct keys (queues x
-    /// states x priorities touched), so a list beats hashing a string per
-    /// transition.
-    count_deltas: Vec<(String, u8, u8, i64)>,
-    /// Reused encode buffers (one job record, one index entry at a time).
-    buf: Vec<u8>,
-    entry_buf: Vec<u8>,
-    cache: &'txn mut MetaCache,
-}
-
-/// What an update needs to know of the stored version of a job.
-#[derive(Debug, Clone)]
-struct JobMeta {
-    version: u64,
-    state: JobState,
-    seq: u64,
-    priority: Priority,
-    queue: String,
-}
-
-impl JobMeta {
-    fn of(job: &Job) -> JobMeta {
-        JobMeta {
-            version: job.version,
-            state: job.state,
-            seq: job.seq,
-            priority: job.spec.priority,
-            queue: job.spec.queue.clone(),
-        }
-    }
-}
-
-/// The stored meta of recently written, unfinished jobs. The writer thread is
-/// the only writer, so the cache is exact; it spares each update a read and
-/// a decode of the old record. Cleared when a transaction fails.
-#[derive(Default)]
-struct MetaCache {
-    jobs: ahash::AHashMap<String, JobMeta>,
-}
-
-/// Entries kept at most (~130 bytes each, so at most ~8 MiB): enough for
-/// every job in flight; a deeper backlog's jobs are read when dispatched.
-const META_CACHE_LIMIT: usize = 65_536;
-
-impl MetaCache {
-    fn get(&self, id: &str) -> Option<&JobMeta> {
-        self.jobs.get(id)
-    }
-
-    fn record(&mut self, job: &Job) {
-        if job.state.is_terminal() {
-            self.jobs.remove(&job.id);
-            return;
-        }
-        if let Some(meta) = self.jobs.get_mut(&job.id) {
-            // In place: no key or queue name allocated per update.
-            meta.version = job.version;
-            meta.state = job.state;
-            meta.seq = job.seq;
-            meta.priority = job.spec.priority;
-            if meta.queue != job.spec.queue {
-                meta.queue.clone_from(&job.spec.queue);
-            }
-            return;
-        }
-        if self.jobs.len() >= META_CACHE_LIMIT {
-            self.jobs.clear();
-        }
-        self.jobs.insert(job.id.clone(), JobMeta::of(job));
-    }
-
-    fn clear(&mut self) {
-        self.jobs.clear();
-    }
-}
-
-impl Tables<'_> {
-    fn apply(&mut self, write: &Write) -> StoreResult<WriteOutcome> {
-        match write {
-            Write::CreateJob { job, events } => {
-                let outcome = self.create_job(job)?;
-                self.log_if_applied(&outcome, job, events)?;
-                Ok(outcome)
-            }
-            Write::UpdateJob { job, expected_version, events } => {
-                let outcome = self.update_job(job, *expected_version)?;
-                self.log_if_applied(&outcome, job, events)?;
-                Ok(outcome)
-            }
-            Write::PutAgent(agent) => {
-                let bytes = encode(agent.as_ref())?;
-                self.agents.insert(agent.id.as_str(), bytes.as_slice()).map_err(io_err)?;
-                self.agent_names
-                    .insert((agent.pool.as_str(), agent.name.as_str()), agent.id.as_str())
-                    .map_err(io_err)?;
-                Ok(WriteOutcome::Applied)
-            }
-            Write::CreatePool(pool) => {
-                if self.pools.get(pool.name.as_str()).map_err(io_err)?.is_some() {
-                    return Ok(WriteOutcome::IdExists);
-                }
-                let bytes = encode(pool.as_ref())?;
-                self.pools.insert(pool.name.as_str(), bytes.as_slice()).map_err(io_err)?;
-                Ok(WriteOutcome::Applied)
-            }
-            Write::PutPool(pool) => {
-                let bytes = encode(pool.as_ref())?;
-                self.pools.insert(pool.name.as_str(), bytes.as_slice()).map_err(io_err)?;
-                Ok(WriteOutcome::Applied)
-            }
-            Write::DeletePool { name } => {
-                self.pools.remove(name.as_str()).map_err(io_err)?;
-                Ok(WriteOutcome::Applied)
-            }
-            Write::AppendLog(chunk) => {
-                let key = (chunk.job_id.as_str(), chunk.attempt, chunk.sequence);
-                if self.logs.get(key).map_err(io_err)?.is_none() {
-                    let bytes = encode(chunk)?;
-                    self.logs.insert(key, bytes.as_slice()).map_err(io_err)?;
-                }
-                Ok(WriteOutcome::Applied)
-            }
-            Write::RaiseCounter { name, value } => {
-                let current = self.counters.get(*name).map_err(io_err)?.map(|v| v.value()).unwrap_or(0);
-                if *value > current {
-                    self.counters.insert(*name, *value).map_err(io_err)?;
-                }
-                Ok(WriteOutcome::Applied)
-            }
-        }
-    }
-
-    /// Appends a job write's events to the log, in the job write's
-    /// transaction: only if the job write applied.
-    fn log_if_applied(&mut self, outcome: &WriteOutcome, job: &Job, events: &[Transition]) -> StoreResult<()> {
-        if *outcome != WriteOutcome::Applied || events.is_empty() {
-            return Ok(());
-        }
-        let head = match self.event_head {
-            Some(head) => head,
-            None => self.counters.get(EVENT_HEAD).map_err(io_err)?.map(|v| v.value()).unwrap_or(0),
-        };
-        let Some(group) = EventGroup::of(job, events, head + 1) else { return Ok(()) };
-        encode_into(&mut self.entry_buf, &group)?;
-        self.events.insert(group.last_seq(), self.entry_buf.as_slice()).map_err(io_err)?;
-        self.event_head = Some(group.last_seq());
-        Ok(())
-    }
-
-    fn count(&mut self, queue: &str, state: JobState, priority: Priority, delta: i64) {
-        let (state, priority) = (state.code(), priority_code(priority));
-        match self.count_deltas.iter_mut().find(|(q, s, p, _)| q == queue && *s == state && *p == priority) {
-            Some(row) => row.3 += delta,
-            None => self.count_deltas.push((queue.to_string(), state, priority, delta)),
-        }
-    }
-
-    /// A queued job's index entry carries what start-up needs to rebuild
-    /// the ready set without reading the job; any other state's carries
-    /// just the job id (see [`index_id`]).
-    fn index(&mut self, job: &Job) -> StoreResult<()> {
-        let value = if job.state == JobState::Queued {
-            encode_into(&mut self.entry_buf, &QueuedEntry::of(job))?;
-            self.entry_buf.as_slice()
-        } else {
-            job.id.as_bytes()
-        };
-        self.state_index.insert((job.state.code(), job.seq), value).map_err(io_err)?;
-        Ok(())
-    }
-
-    fn create_job(&mut self, job: &Job) -> StoreResult<WriteOutcome> {
-        // Insert first and undo in the (never expected) conflicts: one tree
-        // walk per create instead of a lookup and an insert.
-        encode_job_into(&mut self.buf, job)?;
-        let previous =
-            self.jobs.insert(job.id.as_str(), self.buf.as_slice()).map_err(io_err)?.map(|old| old.value().to_vec());
-        if let Some(old) = previous {
-            self.jobs.insert(job.id.as_str(), old.as_slice()).map_err(io_err)?;
-            return Ok(WriteOutcome::IdExists);
-        }
-        if let Some(key) = &job.spec.idempotency_key {
-            let k = (job.spec.queue.as_str(), key.as_str());
-            let taken = self.idempotency.get(k).map_err(io_err)?.map(|existing| existing.value().to_string());
-            if let Some(existing_job_id) = taken {
-                self.jobs.remove(job.id.as_str()).map_err(io_err)?;
-                return Ok(WriteOutcome::IdempotencyKeyTaken { existing_job_id });
-            }
-            self.idempotency.insert(k, job.id.as_str()).map_err(io_err)?;
-        }
-        self.index(job)?;
-        self.count(&job.spec.queue, job.state, job.spec.priority, 1);
-        self.cache.record(job);
-        Ok(WriteOutcome::Applied)
-    }
-
-    fn update_job(&mut self, job: &Job, expected_version: u64) -> StoreResult<WriteOutcome> {
-        // The stored meta, with its queue only when it is not the job's own
-        // (it never is in practice: the spec does not change).
-        let old = match self.cache.get(&job.id) {
-            Some(m) => {
-                let queue = (m.queue != job.spec.queue).then(|| m.queue.clone());
-                (m.version, m.state, m.seq, m.priority, queue)
-            }
-            None => match self.jobs.get(job.id.as_str()).map_err(io_err)? {
-                Some(bytes) => {
-                    let m = JobMeta::of(&decode_job(bytes.value())?);
-                    (m.version, m.state, m.seq, m.priority, Some(m.queue))
-                }
-                None => return Ok(WriteOutcome::VersionConflict { current_version: None }),
-            },
-        };
-        let (version, state, seq, priority, queue) = old;
-        if version != expected_version {
-            return Ok(WriteOutcome::VersionConflict { current_version: Some(version) });
-        }
-        encode_job_into(&mut self.buf, job)?;
-        self.jobs.insert(job.id.as_str(), self.buf.as_slice()).map_err(io_err)?;
-        self.state_index.remove((state.code(), seq)).map_err(io_err)?;
-        self.index(job)?;
-        if state != job.state || priority != job.spec.priority {
-            self.count(queue.as_deref().unwrap_or(&job.spec.queue), state, priority, -1);
-            self.count(&job.spec.queue, job.state, job.spec.priority, 1);
-        }
-        self.cache.record(job);
-        Ok(WriteOutcome::Applied)
     }
 }
 
@@ -609,7 +198,7 @@ impl Store for EmbeddedStore {
         }
         let (reply, outcome) = oneshot::channel();
         let writer = self.writer.as_ref().ok_or(StoreError::Closed)?;
-        writer.send(WriteRequest::Batch { batch, reply }).map_err(|_| StoreError::Closed)?;
+        writer.send(writer::WriteRequest::Batch { batch, reply }).map_err(|_| StoreError::Closed)?;
         outcome.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -662,7 +251,7 @@ impl Store for EmbeddedStore {
     async fn trim_events(&self, before: std::time::SystemTime, limit: usize) -> StoreResult<Trimmed> {
         let (reply, outcome) = oneshot::channel();
         let writer = self.writer.as_ref().ok_or(StoreError::Closed)?;
-        writer.send(WriteRequest::Trim { before, limit, reply }).map_err(|_| StoreError::Closed)?;
+        writer.send(writer::WriteRequest::Trim { before, limit, reply }).map_err(|_| StoreError::Closed)?;
         outcome.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -967,25 +556,75 @@ mod tests {
         assert!(store.find_by_idempotency_key("q", "key").await.expect("find").is_some());
     }
 
-    #[test]
-    fn the_meta_cache_is_bounded_and_forgets_finished_jobs() {
-        let mut cache = MetaCache::default();
-        let mut job = crate::store::conformance::job("j", 1, "q", None);
-        for i in 0..=META_CACHE_LIMIT {
-            job.id = format!("j{i}");
-            cache.record(&job);
+    /// The files of a live store, copied as a crash would leave them: what
+    /// the OS holds of them, without whatever the process kept in memory.
+    fn crash_image(from: &Path) -> tempfile::TempDir {
+        let image = tempfile::tempdir().expect("tempdir");
+        for name in ["tether.redb", journal::FILE_NAME] {
+            std::fs::copy(from.join(name), image.path().join(name)).expect("copy");
         }
-        assert!(cache.jobs.len() <= META_CACHE_LIMIT);
-        assert!(cache.get(&job.id).is_some());
-        job.state = JobState::Succeeded;
-        cache.record(&job);
-        assert!(cache.get(&job.id).is_none());
+        image
+    }
+
+    #[tokio::test]
+    async fn acknowledged_writes_survive_a_crash_through_the_journal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open");
+        let mut job = conformance::job("a", 1, "q", Some("key"));
+        assert_eq!(store.write(vec![Write::create(job.clone())]).await.expect("write"), vec![WriteOutcome::Applied]);
+        for version in 2..=40 {
+            let mut next = job.clone();
+            next.version = version;
+            next.attempt = version as u32;
+            let outcome = store.write(vec![Write::update(next.clone(), version - 1)]).await.expect("write");
+            assert_eq!(outcome, vec![WriteOutcome::Applied]);
+            job = next;
+        }
+        let pool = Pool { name: "p".into(), ..Pool::default_pool(std::time::UNIX_EPOCH) };
+        store.write(vec![Write::PutPool(Box::new(pool.clone()))]).await.expect("write");
+        let image = crash_image(dir.path());
+        drop(store);
+        let recovered = EmbeddedStore::open(image.path(), EmbeddedOptions::default()).expect("open the image");
+        assert_eq!(recovered.get_job("a").await.expect("get"), Some(job), "every acknowledged update");
+        assert!(recovered.find_by_idempotency_key("q", "key").await.expect("find").is_some());
+        assert_eq!(recovered.list_pools().await.expect("pools").iter().filter(|p| p.name == "p").count(), 1);
+        // Replayed and checkpointed: the journal is empty and the next
+        // writes continue the same sequence.
+        let mut next = recovered.get_job("a").await.expect("get").expect("job");
+        next.version = 41;
+        assert_eq!(recovered.write(vec![Write::update(next, 40)]).await.expect("write"), vec![WriteOutcome::Applied]);
+        let again = crash_image(image.path());
+        drop(recovered);
+        let reopened = EmbeddedStore::open(again.path(), EmbeddedOptions::default()).expect("open");
+        assert_eq!(reopened.get_job("a").await.expect("get").map(|j| j.version), Some(41));
+    }
+
+    #[tokio::test]
+    async fn a_journal_that_skips_acknowledged_groups_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open");
+        store.write(vec![Write::create(conformance::job("a", 1, "q", None))]).await.expect("write");
+        let image = crash_image(dir.path());
+        drop(store);
+        // The database as it was before it held any group, the journal
+        // starting later than that.
+        let path = image.path().join(journal::FILE_NAME);
+        let mut bytes = std::fs::read(&path).expect("read");
+        let seq = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")) + 5;
+        let len = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;
+        let crc = journal::checksum(seq, &bytes[16..16 + len]);
+        bytes[4..8].copy_from_slice(&crc.to_le_bytes());
+        bytes[8..16].copy_from_slice(&seq.to_le_bytes());
+        std::fs::write(&path, &bytes).expect("write");
+        let refused = EmbeddedStore::open(image.path(), EmbeddedOptions::default()).err().expect("refused");
+        assert!(matches!(refused, StoreError::Corrupt(_)), "{refused:?}");
+        assert!(refused.to_string().contains("acknowledged writes are missing"), "{refused}");
     }
 
     #[test]
     fn index_entries_of_both_layouts_name_their_job() {
         let job = conformance::job("0190-job", 7, "q", None);
-        let queued = encode(&QueuedEntry::of(&job)).expect("encode");
+        let queued = crate::store::codec::encode(&QueuedEntry::of(&job)).expect("encode");
         assert_eq!(index_id(&queued).expect("queued entry"), "0190-job");
         assert_eq!(index_id(b"0190-job").expect("bare id"), "0190-job");
         assert!(matches!(index_id(&[0xff, 0xfe]), Err(StoreError::Corrupt(_))));

@@ -67,8 +67,9 @@ impl StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// One conditional write.
-#[derive(Debug, Clone)]
+/// One conditional write. Serializable because the embedded store journals
+/// the writes it acknowledged before they reach its database file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Write {
     /// Inserts a new job (its `version` must be 1). Refused if the id exists
     /// or if its queue's idempotency key is already taken. Its `events`
@@ -92,7 +93,35 @@ pub enum Write {
     /// Stores a log chunk; a chunk whose key exists is ignored.
     AppendLog(LogChunk),
     /// Raises a named high-water mark (never lowers it).
-    RaiseCounter { name: &'static str, value: u64 },
+    RaiseCounter {
+        #[serde(with = "counter_name")]
+        name: CounterName,
+        value: u64,
+    },
+}
+
+/// A counter's name. An alias, not `&'static str` written out, because
+/// serde would make a field of that type borrow from the record it is read
+/// from for `'static`.
+pub type CounterName = &'static str;
+
+/// A counter's name as a record holds it: a `&'static str` cannot borrow
+/// from a record, so only the known names read back.
+mod counter_name {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(name: &&'static str, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(name)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<&'static str, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        [super::COUNTER_SEQ, super::COUNTER_FENCING]
+            .into_iter()
+            .find(|known| *known == name)
+            .ok_or_else(|| D::Error::custom(format!("unknown counter {name:?}")))
+    }
 }
 
 impl Write {

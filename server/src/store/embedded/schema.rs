@@ -28,7 +28,7 @@ const KEY_SCHEMA_VERSION: &str = "schema_version";
 const KEY_WRITTEN_BY: &str = "written_by";
 
 /// The schema version this release writes, and the newest it opens.
-pub const SCHEMA_VERSION: u64 = 3;
+pub const SCHEMA_VERSION: u64 = 4;
 
 /// The version of a store without `store_meta`: written by a release before
 /// schema versions (up to commit 23acfb8).
@@ -55,6 +55,9 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     // (a watcher resuming from a cursor would miss those changes), refuses
     // the store instead.
     Migration { to: 3, what: "add the job event log (job_events)", apply: |_| Ok(()) },
+    // Acknowledged writes may now be in the journal (tether.journal) and not
+    // yet in this file: an older release would open the file without them.
+    Migration { to: 4, what: "acknowledge writes from the journal (tether.journal)", apply: |_| Ok(()) },
 ];
 
 /// What `store_meta` says.

@@ -1,0 +1,593 @@
+//! The embedded store's writer thread, the only writer of the database: it
+//! groups the batches of concurrent callers into one transaction (group
+//! commit), journals the group and acknowledges it once the journal is
+//! synced (see [`super::journal`]); checkpoints make the database itself
+//! durable and restart the journal.
+
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+use tokio::sync::oneshot;
+
+use super::journal::{Appended, Journal, RawRecord};
+use super::{
+    io_err, EmbeddedOptions, SyncMode, AGENTS, AGENT_NAMES, COUNTERS, COUNTS, EVENTS, EVENT_HEAD, EVENT_LOW_WATER,
+    IDEMPOTENCY, JOBS, LOGS, POOLS, STATE_INDEX,
+};
+use crate::domain::{Job, JobState, Priority};
+use crate::store::codec::{decode, decode_job, encode, encode_into, encode_job_into, priority_code};
+use crate::store::events::EventGroup;
+use crate::store::{QueuedEntry, StoreResult, Transition, Trimmed, Write, WriteOutcome};
+
+/// The counter holding the seq of the last group the database applied.
+pub(super) const JOURNAL_SEQ: &str = "journal_seq";
+
+/// A journal that has records is checkpointed after the writer has been
+/// idle this long, so a restart after a quiet spell replays nothing.
+const IDLE_CHECKPOINT: Duration = Duration::from_secs(1);
+
+pub(super) enum WriteRequest {
+    Batch {
+        batch: Vec<Write>,
+        reply: oneshot::Sender<StoreResult<Vec<WriteOutcome>>>,
+    },
+    /// The retention task's trim: on the writer thread, the only writer.
+    Trim {
+        before: std::time::SystemTime,
+        limit: usize,
+        reply: oneshot::Sender<StoreResult<Trimmed>>,
+    },
+}
+
+struct BatchRequest {
+    batch: Vec<Write>,
+    reply: oneshot::Sender<StoreResult<Vec<WriteOutcome>>>,
+}
+
+/// The writer's state between groups.
+pub(super) struct Writer {
+    db: std::sync::Arc<Database>,
+    options: EmbeddedOptions,
+    /// `None` after the journal failed: every group is then a durable
+    /// database commit, as slow as that is.
+    journal: Option<Journal>,
+    /// The seq of the last group applied.
+    seq: u64,
+    /// Groups since the start, for [`SyncMode::EveryNth`].
+    commits: u64,
+    cache: MetaCache,
+}
+
+impl Writer {
+    /// Brings the database up to what was acknowledged: replays the
+    /// journal's records it lacks, then checkpoints.
+    pub fn recover(
+        db: std::sync::Arc<Database>,
+        options: EmbeddedOptions,
+        journal: Journal,
+        records: Vec<RawRecord>,
+    ) -> StoreResult<Writer> {
+        let applied = {
+            let txn = db.begin_read().map_err(io_err)?;
+            let counters = txn.open_table(COUNTERS).map_err(io_err)?;
+            counters.get(JOURNAL_SEQ).map_err(io_err)?.map(|v| v.value()).unwrap_or(0)
+        };
+        let mut writer =
+            Writer { db, options, journal: Some(journal), seq: applied, commits: 0, cache: MetaCache::default() };
+        let replay = super::journal::to_replay(records, applied)?;
+        if !replay.is_empty() {
+            tracing::info!(groups = replay.len(), "replaying the store journal");
+        }
+        for raw in replay {
+            let record = raw.decode()?;
+            let batches: Vec<&[Write]> = record.batches.iter().map(Vec::as_slice).collect();
+            apply_group(&writer.db, &batches, record.seq, Durability::None, &mut writer.cache)?;
+            writer.seq = record.seq;
+        }
+        writer.checkpoint()?;
+        Ok(writer)
+    }
+
+    pub fn run(mut self, requests: &std_mpsc::Receiver<WriteRequest>) {
+        loop {
+            let pending = self.journal.as_ref().is_some_and(|j| !j.is_empty());
+            let first = if pending {
+                match requests.recv_timeout(IDLE_CHECKPOINT) {
+                    Ok(request) => request,
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                        self.checkpoint_logged();
+                        continue;
+                    }
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match requests.recv() {
+                    Ok(request) => request,
+                    Err(_) => break,
+                }
+            };
+            let mut group = Vec::new();
+            let mut next = Some(first);
+            while let Some(request) = next.take() {
+                match request {
+                    WriteRequest::Batch { batch, reply } => group.push(BatchRequest { batch, reply }),
+                    WriteRequest::Trim { before, limit, reply } => {
+                        // Rare (the retention task): in a transaction of its
+                        // own, durable, so also a checkpoint.
+                        let trimmed = trim_events(&self.db, before, limit);
+                        match &trimmed {
+                            Ok(_) => self.restart_journal(),
+                            Err(e) => tracing::error!(error = %e, "trimming the event log failed"),
+                        }
+                        let _ = reply.send(trimmed);
+                    }
+                }
+                if group.len() < self.options.max_group {
+                    next = requests.try_recv().ok();
+                }
+            }
+            if !group.is_empty() {
+                self.commit(group);
+            }
+        }
+        // A clean stop leaves the journal empty.
+        self.checkpoint_logged();
+    }
+
+    fn commit(&mut self, group: Vec<BatchRequest>) {
+        self.commits += 1;
+        let sync = match self.options.sync {
+            SyncMode::Always => true,
+            SyncMode::EveryNth(n) => self.commits.is_multiple_of(u64::from(n.max(1))),
+        };
+        let started = std::time::Instant::now();
+        let batches: Vec<&[Write]> = group.iter().map(|r| r.batch.as_slice()).collect();
+        let seq = self.seq + 1;
+        let durability = if self.journal.is_none() && sync { Durability::Immediate } else { Durability::None };
+        let applied = apply_group(&self.db, &batches, seq, durability, &mut self.cache);
+        let result = match applied {
+            Ok(outcomes) => {
+                self.seq = seq;
+                self.make_durable(&batches, sync).map(|()| outcomes)
+            }
+            Err(e) => {
+                // The cache may hold writes of the failed transaction.
+                self.cache.clear();
+                Err(e)
+            }
+        };
+        drop(batches);
+        metrics::histogram!("tether_store_commit_seconds").record(started.elapsed());
+        match result {
+            Ok(outcomes) => {
+                for (request, outcome) in group.into_iter().zip(outcomes) {
+                    let _ = request.reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store commit failed");
+                for request in group {
+                    let _ = request.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// Journals the group just applied (group `self.seq`) and syncs it if
+    /// `sync`; without a journal the commit itself was durable.
+    fn make_durable(&mut self, batches: &[&[Write]], sync: bool) -> StoreResult<()> {
+        let Some(journal) = self.journal.as_mut() else { return Ok(()) };
+        let mut appended = journal.append(self.seq, batches);
+        if matches!(appended, Ok(Appended::Full)) {
+            self.checkpoint()?;
+            let Some(journal) = self.journal.as_mut() else { return Ok(()) };
+            appended = journal.append(self.seq, batches);
+        }
+        let journaled = match appended {
+            Ok(Appended::Written) if sync => self.journal.as_ref().map_or(Ok(()), Journal::sync),
+            Ok(Appended::Written) => Ok(()),
+            // A checkpoint makes this group durable with the rest.
+            Ok(Appended::TooLarge | Appended::Full) => return self.checkpoint(),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = journaled {
+            // What the journal holds is unknown now: give it up and make the
+            // database durable instead, from here on at every commit.
+            tracing::error!(error = %e, "the store journal failed; every commit now syncs the database file");
+            self.journal = None;
+            return self.checkpoint();
+        }
+        Ok(())
+    }
+
+    /// A durable database commit: everything applied so far is then in the
+    /// database file, and the journal starts again.
+    fn checkpoint(&mut self) -> StoreResult<()> {
+        let mut txn = self.db.begin_write().map_err(io_err)?;
+        txn.set_durability(Durability::Immediate).map_err(io_err)?;
+        {
+            let mut counters = txn.open_table(COUNTERS).map_err(io_err)?;
+            counters.insert(JOURNAL_SEQ, self.seq).map_err(io_err)?;
+        }
+        txn.commit().map_err(io_err)?;
+        metrics::counter!("tether_store_checkpoints_total").increment(1);
+        self.restart_journal();
+        Ok(())
+    }
+
+    fn checkpoint_logged(&mut self) {
+        if let Err(e) = self.checkpoint() {
+            tracing::error!(error = %e, "store checkpoint failed; the journal keeps its records");
+        }
+    }
+
+    fn restart_journal(&mut self) {
+        if let Some(journal) = self.journal.as_mut() {
+            journal.restart();
+        }
+    }
+}
+
+/// Deletes the groups older than `before` from the front of the log (at
+/// most `limit`) and raises the low-water mark past them, in one
+/// transaction.
+fn trim_events(db: &Database, before: std::time::SystemTime, limit: usize) -> StoreResult<Trimmed> {
+    let txn = db.begin_write().map_err(io_err)?;
+    let mut trimmed = Trimmed::default();
+    {
+        let mut events = txn.open_table(EVENTS).map_err(io_err)?;
+        let mut counters = txn.open_table(COUNTERS).map_err(io_err)?;
+        let mut low_water = None;
+        let mut old = Vec::new();
+        for row in events.iter().map_err(io_err)? {
+            let (key, value) = row.map_err(io_err)?;
+            if old.len() >= limit {
+                trimmed.more = true;
+                break;
+            }
+            // A group that does not decode is trimmed by its position: the
+            // groups after it are younger only if it was.
+            let young = match decode::<EventGroup>(value.value()) {
+                Ok(group) => group.time() >= before,
+                Err(_) => false,
+            };
+            if young {
+                break;
+            }
+            old.push(key.value());
+        }
+        for seq in &old {
+            events.remove(*seq).map_err(io_err)?;
+            low_water = Some(*seq);
+        }
+        if let Some(seq) = low_water {
+            let current = counters.get(EVENT_LOW_WATER).map_err(io_err)?.map(|v| v.value()).unwrap_or(0);
+            counters.insert(EVENT_LOW_WATER, seq.max(current)).map_err(io_err)?;
+        }
+        trimmed.groups = old.len() as u64;
+    }
+    txn.commit().map_err(io_err)?;
+    Ok(trimmed)
+}
+
+/// Applies the batches in one transaction, recording `seq` as the last
+/// group the database holds; synced to disk only if `durability` says so.
+fn apply_group(
+    db: &Database,
+    batches: &[&[Write]],
+    seq: u64,
+    durability: Durability,
+    cache: &mut MetaCache,
+) -> StoreResult<Vec<Vec<WriteOutcome>>> {
+    let mut txn = db.begin_write().map_err(io_err)?;
+    txn.set_durability(durability).map_err(io_err)?;
+    let mut outcomes = Vec::with_capacity(batches.len());
+    {
+        let mut tables = Tables {
+            jobs: txn.open_table(JOBS).map_err(io_err)?,
+            state_index: txn.open_table(STATE_INDEX).map_err(io_err)?,
+            idempotency: txn.open_table(IDEMPOTENCY).map_err(io_err)?,
+            logs: txn.open_table(LOGS).map_err(io_err)?,
+            agents: txn.open_table(AGENTS).map_err(io_err)?,
+            agent_names: txn.open_table(AGENT_NAMES).map_err(io_err)?,
+            counters: txn.open_table(COUNTERS).map_err(io_err)?,
+            pools: txn.open_table(POOLS).map_err(io_err)?,
+            events: txn.open_table(EVENTS).map_err(io_err)?,
+            event_head: None,
+            count_deltas: Vec::new(),
+            buf: Vec::new(),
+            entry_buf: Vec::new(),
+            cache,
+        };
+        for batch in batches {
+            let mut batch_outcomes = Vec::with_capacity(batch.len());
+            for write in *batch {
+                batch_outcomes.push(tables.apply(write)?);
+            }
+            outcomes.push(batch_outcomes);
+        }
+        if let Some(head) = tables.event_head {
+            tables.counters.insert(EVENT_HEAD, head).map_err(io_err)?;
+        }
+        tables.counters.insert(JOURNAL_SEQ, seq).map_err(io_err)?;
+        let mut counts = txn.open_table(COUNTS).map_err(io_err)?;
+        for (queue, state, priority, delta) in tables.count_deltas.drain(..) {
+            if delta == 0 {
+                continue;
+            }
+            let key = (queue.as_str(), state, priority);
+            let current = counts.get(key).map_err(io_err)?.map(|v| v.value()).unwrap_or(0);
+            let next = (current as i64 + delta).max(0) as u64;
+            if next == 0 {
+                counts.remove(key).map_err(io_err)?;
+            } else {
+                counts.insert(key, next).map_err(io_err)?;
+            }
+        }
+    }
+    txn.commit().map_err(io_err)?;
+    Ok(outcomes)
+}
+
+struct Tables<'txn> {
+    jobs: redb::Table<'txn, &'static str, &'static [u8]>,
+    state_index: redb::Table<'txn, (u8, u64), &'static [u8]>,
+    idempotency: redb::Table<'txn, (&'static str, &'static str), &'static str>,
+    logs: redb::Table<'txn, (&'static str, u32, u64), &'static [u8]>,
+    agents: redb::Table<'txn, &'static str, &'static [u8]>,
+    agent_names: redb::Table<'txn, (&'static str, &'static str), &'static str>,
+    counters: redb::Table<'txn, &'static str, u64>,
+    pools: redb::Table<'txn, &'static str, &'static [u8]>,
+    events: redb::Table<'txn, u64, &'static [u8]>,
+    /// The event log's head in this transaction, once read (one read per
+    /// transaction that logs anything; stored when it commits).
+    event_head: Option<u64>,
+    /// Count changes of this transaction: few distinct keys (queues x
+    /// states x priorities touched), so a list beats hashing a string per
+    /// transition.
+    count_deltas: Vec<(String, u8, u8, i64)>,
+    /// Reused encode buffers (one job record, one index entry at a time).
+    buf: Vec<u8>,
+    entry_buf: Vec<u8>,
+    cache: &'txn mut MetaCache,
+}
+
+/// What an update needs to know of the stored version of a job.
+#[derive(Debug, Clone)]
+struct JobMeta {
+    version: u64,
+    state: JobState,
+    seq: u64,
+    priority: Priority,
+    queue: String,
+}
+
+impl JobMeta {
+    fn of(job: &Job) -> JobMeta {
+        JobMeta {
+            version: job.version,
+            state: job.state,
+            seq: job.seq,
+            priority: job.spec.priority,
+            queue: job.spec.queue.clone(),
+        }
+    }
+}
+
+/// The stored meta of recently written, unfinished jobs. The writer thread is
+/// the only writer, so the cache is exact; it spares each update a read and
+/// a decode of the old record. Cleared when a transaction fails.
+#[derive(Default)]
+struct MetaCache {
+    jobs: ahash::AHashMap<String, JobMeta>,
+}
+
+/// Entries kept at most (~130 bytes each, so at most ~8 MiB): enough for
+/// every job in flight; a deeper backlog's jobs are read when dispatched.
+const META_CACHE_LIMIT: usize = 65_536;
+
+impl MetaCache {
+    fn get(&self, id: &str) -> Option<&JobMeta> {
+        self.jobs.get(id)
+    }
+
+    fn record(&mut self, job: &Job) {
+        if job.state.is_terminal() {
+            self.jobs.remove(&job.id);
+            return;
+        }
+        if let Some(meta) = self.jobs.get_mut(&job.id) {
+            // In place: no key or queue name allocated per update.
+            meta.version = job.version;
+            meta.state = job.state;
+            meta.seq = job.seq;
+            meta.priority = job.spec.priority;
+            if meta.queue != job.spec.queue {
+                meta.queue.clone_from(&job.spec.queue);
+            }
+            return;
+        }
+        if self.jobs.len() >= META_CACHE_LIMIT {
+            self.jobs.clear();
+        }
+        self.jobs.insert(job.id.clone(), JobMeta::of(job));
+    }
+
+    fn clear(&mut self) {
+        self.jobs.clear();
+    }
+}
+
+impl Tables<'_> {
+    fn apply(&mut self, write: &Write) -> StoreResult<WriteOutcome> {
+        match write {
+            Write::CreateJob { job, events } => {
+                let outcome = self.create_job(job)?;
+                self.log_if_applied(&outcome, job, events)?;
+                Ok(outcome)
+            }
+            Write::UpdateJob { job, expected_version, events } => {
+                let outcome = self.update_job(job, *expected_version)?;
+                self.log_if_applied(&outcome, job, events)?;
+                Ok(outcome)
+            }
+            Write::PutAgent(agent) => {
+                let bytes = encode(agent.as_ref())?;
+                self.agents.insert(agent.id.as_str(), bytes.as_slice()).map_err(io_err)?;
+                self.agent_names
+                    .insert((agent.pool.as_str(), agent.name.as_str()), agent.id.as_str())
+                    .map_err(io_err)?;
+                Ok(WriteOutcome::Applied)
+            }
+            Write::CreatePool(pool) => {
+                if self.pools.get(pool.name.as_str()).map_err(io_err)?.is_some() {
+                    return Ok(WriteOutcome::IdExists);
+                }
+                let bytes = encode(pool.as_ref())?;
+                self.pools.insert(pool.name.as_str(), bytes.as_slice()).map_err(io_err)?;
+                Ok(WriteOutcome::Applied)
+            }
+            Write::PutPool(pool) => {
+                let bytes = encode(pool.as_ref())?;
+                self.pools.insert(pool.name.as_str(), bytes.as_slice()).map_err(io_err)?;
+                Ok(WriteOutcome::Applied)
+            }
+            Write::DeletePool { name } => {
+                self.pools.remove(name.as_str()).map_err(io_err)?;
+                Ok(WriteOutcome::Applied)
+            }
+            Write::AppendLog(chunk) => {
+                let key = (chunk.job_id.as_str(), chunk.attempt, chunk.sequence);
+                if self.logs.get(key).map_err(io_err)?.is_none() {
+                    let bytes = encode(chunk)?;
+                    self.logs.insert(key, bytes.as_slice()).map_err(io_err)?;
+                }
+                Ok(WriteOutcome::Applied)
+            }
+            Write::RaiseCounter { name, value } => {
+                let current = self.counters.get(*name).map_err(io_err)?.map(|v| v.value()).unwrap_or(0);
+                if *value > current {
+                    self.counters.insert(*name, *value).map_err(io_err)?;
+                }
+                Ok(WriteOutcome::Applied)
+            }
+        }
+    }
+
+    /// Appends a job write's events to the log, in the job write's
+    /// transaction: only if the job write applied.
+    fn log_if_applied(&mut self, outcome: &WriteOutcome, job: &Job, events: &[Transition]) -> StoreResult<()> {
+        if *outcome != WriteOutcome::Applied || events.is_empty() {
+            return Ok(());
+        }
+        let head = match self.event_head {
+            Some(head) => head,
+            None => self.counters.get(EVENT_HEAD).map_err(io_err)?.map(|v| v.value()).unwrap_or(0),
+        };
+        let Some(group) = EventGroup::of(job, events, head + 1) else { return Ok(()) };
+        encode_into(&mut self.entry_buf, &group)?;
+        self.events.insert(group.last_seq(), self.entry_buf.as_slice()).map_err(io_err)?;
+        self.event_head = Some(group.last_seq());
+        Ok(())
+    }
+
+    fn count(&mut self, queue: &str, state: JobState, priority: Priority, delta: i64) {
+        let (state, priority) = (state.code(), priority_code(priority));
+        match self.count_deltas.iter_mut().find(|(q, s, p, _)| q == queue && *s == state && *p == priority) {
+            Some(row) => row.3 += delta,
+            None => self.count_deltas.push((queue.to_string(), state, priority, delta)),
+        }
+    }
+
+    /// A queued job's index entry carries what start-up needs to rebuild
+    /// the ready set without reading the job; any other state's carries
+    /// just the job id (see [`index_id`]).
+    fn index(&mut self, job: &Job) -> StoreResult<()> {
+        let value = if job.state == JobState::Queued {
+            encode_into(&mut self.entry_buf, &QueuedEntry::of(job))?;
+            self.entry_buf.as_slice()
+        } else {
+            job.id.as_bytes()
+        };
+        self.state_index.insert((job.state.code(), job.seq), value).map_err(io_err)?;
+        Ok(())
+    }
+
+    fn create_job(&mut self, job: &Job) -> StoreResult<WriteOutcome> {
+        // Insert first and undo in the (never expected) conflicts: one tree
+        // walk per create instead of a lookup and an insert.
+        encode_job_into(&mut self.buf, job)?;
+        let previous =
+            self.jobs.insert(job.id.as_str(), self.buf.as_slice()).map_err(io_err)?.map(|old| old.value().to_vec());
+        if let Some(old) = previous {
+            self.jobs.insert(job.id.as_str(), old.as_slice()).map_err(io_err)?;
+            return Ok(WriteOutcome::IdExists);
+        }
+        if let Some(key) = &job.spec.idempotency_key {
+            let k = (job.spec.queue.as_str(), key.as_str());
+            let taken = self.idempotency.get(k).map_err(io_err)?.map(|existing| existing.value().to_string());
+            if let Some(existing_job_id) = taken {
+                self.jobs.remove(job.id.as_str()).map_err(io_err)?;
+                return Ok(WriteOutcome::IdempotencyKeyTaken { existing_job_id });
+            }
+            self.idempotency.insert(k, job.id.as_str()).map_err(io_err)?;
+        }
+        self.index(job)?;
+        self.count(&job.spec.queue, job.state, job.spec.priority, 1);
+        self.cache.record(job);
+        Ok(WriteOutcome::Applied)
+    }
+
+    fn update_job(&mut self, job: &Job, expected_version: u64) -> StoreResult<WriteOutcome> {
+        // The stored meta, with its queue only when it is not the job's own
+        // (it never is in practice: the spec does not change).
+        let old = match self.cache.get(&job.id) {
+            Some(m) => {
+                let queue = (m.queue != job.spec.queue).then(|| m.queue.clone());
+                (m.version, m.state, m.seq, m.priority, queue)
+            }
+            None => match self.jobs.get(job.id.as_str()).map_err(io_err)? {
+                Some(bytes) => {
+                    let m = JobMeta::of(&decode_job(bytes.value())?);
+                    (m.version, m.state, m.seq, m.priority, Some(m.queue))
+                }
+                None => return Ok(WriteOutcome::VersionConflict { current_version: None }),
+            },
+        };
+        let (version, state, seq, priority, queue) = old;
+        if version != expected_version {
+            return Ok(WriteOutcome::VersionConflict { current_version: Some(version) });
+        }
+        encode_job_into(&mut self.buf, job)?;
+        self.jobs.insert(job.id.as_str(), self.buf.as_slice()).map_err(io_err)?;
+        self.state_index.remove((state.code(), seq)).map_err(io_err)?;
+        self.index(job)?;
+        if state != job.state || priority != job.spec.priority {
+            self.count(queue.as_deref().unwrap_or(&job.spec.queue), state, priority, -1);
+            self.count(&job.spec.queue, job.state, job.spec.priority, 1);
+        }
+        self.cache.record(job);
+        Ok(WriteOutcome::Applied)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_meta_cache_is_bounded_and_forgets_finished_jobs() {
+        let mut cache = MetaCache::default();
+        let mut job = crate::store::conformance::job("j", 1, "q", None);
+        for i in 0..=META_CACHE_LIMIT {
+            job.id = format!("j{i}");
+            cache.record(&job);
+        }
+        assert!(cache.jobs.len() <= META_CACHE_LIMIT);
+        assert!(cache.get(&job.id).is_some());
+        job.state = JobState::Succeeded;
+        cache.record(&job);
+        assert!(cache.get(&job.id).is_none());
+    }
+}
