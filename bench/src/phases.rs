@@ -39,6 +39,30 @@ pub struct Throughput {
     pub store: StoreSnapshot,
     pub commit_p50_us: f64,
     pub commit_p99_us: f64,
+    /// One client awaiting each enqueue: the median acknowledgement, and
+    /// the median round trip of a health check on the same channel just
+    /// before (loopback, HTTP/2 and gRPC, no engine or store).
+    pub single: Option<SingleClient>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SingleClient {
+    pub ack_p50_us: f64,
+    pub round_trip_p50_us: f64,
+}
+
+/// Health checks measured one after another.
+const ROUND_TRIPS: usize = 500;
+
+async fn round_trip_p50_us(channel: Channel) -> anyhow::Result<f64> {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut hist = ns_histogram();
+    for _ in 0..ROUND_TRIPS {
+        let start = Instant::now();
+        health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.context("health check")?;
+        hist.saturating_record(start.elapsed().as_nanos() as u64);
+    }
+    Ok(hist.value_at_quantile(0.5) as f64 / 1e3)
 }
 
 impl Throughput {
@@ -47,12 +71,14 @@ impl Throughput {
     }
 }
 
-async fn connect_all(env: &Env, channels: usize) -> anyhow::Result<Vec<QueueServiceClient<Channel>>> {
+async fn connect_all(env: &Env, channels: usize) -> anyhow::Result<(Vec<QueueServiceClient<Channel>>, Channel)> {
     let mut clients = Vec::with_capacity(channels);
-    for _ in 0..channels.max(1) {
+    let first = env.channel().await?;
+    clients.push(QueueServiceClient::new(first.clone()));
+    for _ in 1..channels.max(1) {
         clients.push(QueueServiceClient::new(env.channel().await?));
     }
-    Ok(clients)
+    Ok((clients, first))
 }
 
 fn job(payload: Bytes) -> pb::EnqueueJobRequest {
@@ -62,7 +88,12 @@ fn job(payload: Bytes) -> pb::EnqueueJobRequest {
 /// Enqueues `jobs` no-op jobs as fast as the server takes them and waits
 /// until the agents ran them all.
 pub async fn throughput(env: &Env, jobs: u64, how: Enqueue, channels: usize) -> anyhow::Result<Throughput> {
-    let clients = connect_all(env, channels).await?;
+    let (clients, first_channel) = connect_all(env, channels).await?;
+    let round_trip = match how {
+        Enqueue::Single { .. } => Some(round_trip_p50_us(first_channel).await?),
+        Enqueue::Batched { .. } => None,
+    };
+    let acks = Arc::new(Mutex::new(ns_histogram()));
     let mut stats_client = clients[0].clone();
     env.sink.expect(jobs);
     let store_before = env.counters.snapshot();
@@ -79,6 +110,7 @@ pub async fn throughput(env: &Env, jobs: u64, how: Enqueue, channels: usize) -> 
     for t in 0..tasks.max(1) {
         let mut client = clients[t % clients.len()].clone();
         let next = next.clone();
+        let acks = acks.clone();
         enqueuers.push(tokio::spawn(async move {
             loop {
                 let first = next.fetch_add(size, Ordering::Relaxed);
@@ -87,7 +119,10 @@ pub async fn throughput(env: &Env, jobs: u64, how: Enqueue, channels: usize) -> 
                 }
                 let n = size.min(jobs - first);
                 if matches!(how, Enqueue::Single { .. }) {
+                    let sent = Instant::now();
                     client.enqueue_job(job(Bytes::new())).await.context("EnqueueJob")?;
+                    let took = sent.elapsed().as_nanos() as u64;
+                    acks.lock().unwrap_or_else(|e| e.into_inner()).saturating_record(took);
                 } else {
                     let requests = (0..n).map(|_| job(Bytes::new())).collect();
                     let reply = client
@@ -122,6 +157,10 @@ pub async fn throughput(env: &Env, jobs: u64, how: Enqueue, channels: usize) -> 
         store,
         commit_p50_us: commit.value_at_quantile(0.5) as f64 / 1e3,
         commit_p99_us: commit.value_at_quantile(0.99) as f64 / 1e3,
+        single: round_trip.map(|round_trip_p50_us| SingleClient {
+            ack_p50_us: acks.lock().unwrap_or_else(|e| e.into_inner()).value_at_quantile(0.5) as f64 / 1e3,
+            round_trip_p50_us,
+        }),
     })
 }
 
@@ -150,7 +189,7 @@ pub async fn latency(env: &Env, rate: u64, secs: u64, warmup: u64, channels: usi
     if rate == 0 {
         bail!("--rate must be > 0");
     }
-    let clients = connect_all(env, channels).await?;
+    let (clients, _) = connect_all(env, channels).await?;
     let mut stats_client = clients[0].clone();
     let measured = rate * secs;
     let total = warmup + measured;
@@ -268,7 +307,7 @@ pub async fn latency(env: &Env, rate: u64, secs: u64, warmup: u64, channels: usi
 /// returns the growth of the process's resident set per queued job: what a
 /// backlog costs the server while it is live (not after a restart).
 pub async fn backlog(env: &Env, jobs: u64) -> anyhow::Result<f64> {
-    let mut clients = connect_all(env, 1).await?;
+    let (mut clients, _) = connect_all(env, 1).await?;
     let channel = tonic::transport::Endpoint::from_shared(env.url.clone())?.connect().await?;
     let mut agents = tether::v1::agent_service_client::AgentServiceClient::new(channel);
     let pool = pb::AgentPool { name: "bench-backlog".into(), ..Default::default() };

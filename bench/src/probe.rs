@@ -170,14 +170,24 @@ pub fn reset_peak_rss() -> bool {
 
 /// Latency of a 4 KiB write + fdatasync in `dir`, the floor under any
 /// durable commit there. Returns (p50, p99) in microseconds.
-pub fn fsync_probe(dir: &Path, rounds: usize) -> anyhow::Result<(f64, f64)> {
+pub fn fsync_probe(dir: &Path, rounds: usize, in_place: bool) -> anyhow::Result<(f64, f64)> {
+    use std::os::unix::fs::FileExt as _;
     let path = dir.join("fsync-probe");
     let mut file = std::fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
     let block = vec![7u8; 4096];
+    if in_place {
+        // Written and synced first, as the store's journal is.
+        file.write_all(&vec![0u8; block.len() * rounds]).context("probe preallocation")?;
+        file.sync_all().context("probe fsync")?;
+    }
     let mut hist = ns_histogram();
-    for _ in 0..rounds {
+    for round in 0..rounds {
         let start = Instant::now();
-        file.write_all(&block).context("probe write")?;
+        if in_place {
+            file.write_all_at(&block, (round * block.len()) as u64).context("probe write")?;
+        } else {
+            file.write_all(&block).context("probe write")?;
+        }
         file.sync_data().context("probe fdatasync")?;
         hist.saturating_record(start.elapsed().as_nanos() as u64);
     }

@@ -30,6 +30,7 @@ pub const JOBS_FINISHED: &str = "tether_jobs_finished_total";
 pub const DISPATCH_LATENCY: &str = "tether_dispatch_latency_seconds";
 pub const EVENTS_DROPPED: &str = "tether_metrics_events_dropped_total";
 pub const STORE_COMMIT: &str = "tether_store_commit_seconds";
+pub const STORE_CHECKPOINTS: &str = "tether_store_checkpoints_total";
 pub const AGENT_STREAMS: &str = "tether_agent_streams";
 pub const QUEUE_JOBS: &str = "tether_queue_jobs";
 pub const QUEUED_JOBS_BY_PRIORITY: &str = "tether_queue_queued_jobs";
@@ -68,6 +69,10 @@ fn describe() {
     describe_histogram!(DISPATCH_LATENCY, Unit::Seconds, "Time from enqueue to the first claim of a job (attempt 1).");
     describe_counter!(EVENTS_DROPPED, "Job events the metrics consumer missed because it lagged.");
     describe_histogram!(STORE_COMMIT, Unit::Seconds, "Duration of one store commit (a group of batches).");
+    describe_counter!(
+        STORE_CHECKPOINTS,
+        "Durable commits of the embedded store's database file (its journal starts again after each)."
+    );
     describe_gauge!(AGENT_STREAMS, "Open agent Connect streams.");
     describe_gauge!(QUEUE_JOBS, "Jobs by state (all queues), refreshed at scrape time.");
     describe_gauge!(QUEUED_JOBS_BY_PRIORITY, "Queued jobs by priority, refreshed at scrape time.");

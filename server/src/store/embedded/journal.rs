@@ -41,13 +41,16 @@ const FORMAT_V1: u8 = 1;
 const HEADER_BYTES: usize = 16;
 
 /// The journal is checkpointed once it holds this much, so it stays this
-/// size and a restart replays at most this much.
-pub(super) const CHECKPOINT_BYTES: u64 = 16 << 20;
+/// size and a restart replays at most this much. A checkpoint syncs every
+/// database page written since the last one and holds up acknowledgements
+/// meanwhile: at 1 MiB it took ~5 ms (max ~10), at 16 MiB 25–30 ms, which
+/// raised the acknowledgement p99 at 1,000 enqueues/s from ~2.3 to 40 ms.
+pub(super) const CHECKPOINT_BYTES: u64 = 1 << 20;
 
 /// The file grows by this much at a time, written with zeros and synced
 /// once, so that appending a record changes no file metadata and syncing it
 /// is one data write.
-const GROW_BYTES: u64 = 1 << 20;
+const GROW_BYTES: u64 = 256 << 10;
 
 /// A group of batches read back from the journal.
 #[derive(Debug)]

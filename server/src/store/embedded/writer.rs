@@ -158,7 +158,7 @@ impl Writer {
             }
         };
         drop(batches);
-        metrics::histogram!("tether_store_commit_seconds").record(started.elapsed());
+        metrics::histogram!(crate::telemetry::STORE_COMMIT).record(started.elapsed());
         match result {
             Ok(outcomes) => {
                 for (request, outcome) in group.into_iter().zip(outcomes) {
@@ -211,7 +211,7 @@ impl Writer {
             counters.insert(JOURNAL_SEQ, self.seq).map_err(io_err)?;
         }
         txn.commit().map_err(io_err)?;
-        metrics::counter!("tether_store_checkpoints_total").increment(1);
+        metrics::counter!(crate::telemetry::STORE_CHECKPOINTS).increment(1);
         self.restart_journal();
         Ok(())
     }
