@@ -2,10 +2,13 @@
 //! batches of concurrent callers into a single transaction (group commit,
 //! `writer`). A batch is acknowledged only after its group is durable in the
 //! journal (`journal`), so acknowledged writes survive `kill -9` and power
-//! loss; reads see every applied group.
+//! loss. Reads see every applied group, a moment before it is acknowledged
+//! (memory is authoritative on this exclusive store anyway), except the
+//! event log, which a cursor reads only up to what was acknowledged.
 
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::thread;
@@ -56,9 +59,10 @@ const CACHE_BYTES: usize = 32 << 20;
 /// How the store syncs commits to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncMode {
-    /// Every commit is synced before it is acknowledged (the default).
+    /// Every group is synced (to the journal) before it is acknowledged
+    /// (the default).
     Always,
-    /// Commits are synced only every `n`th time: faster, but a crash can lose
+    /// Groups are synced only every `n`th time: faster, but a crash can lose
     /// acknowledged writes. For benchmarks and throwaway setups only.
     EveryNth(u32),
 }
@@ -84,6 +88,9 @@ pub struct EmbeddedStore {
     writer: Option<std_mpsc::Sender<writer::WriteRequest>>,
     writer_thread: Option<thread::JoinHandle<()>>,
     path: PathBuf,
+    /// The event log's head as far as it was acknowledged: cursors read no
+    /// further (see `writer::Writer`).
+    event_head: Arc<AtomicU64>,
 }
 
 impl Drop for EmbeddedStore {
@@ -132,13 +139,14 @@ impl EmbeddedStore {
         }
         let db = Arc::new(db);
         let (journal, records) = journal::Journal::open(dir)?;
-        let recovered = writer::Writer::recover(db.clone(), options, journal, records)?;
+        let event_head = Arc::new(AtomicU64::new(0));
+        let recovered = writer::Writer::recover(db.clone(), options, journal, records, event_head.clone())?;
         let (writer, requests) = std_mpsc::channel();
         let writer_thread = thread::Builder::new()
             .name("tether-store-writer".into())
             .spawn(move || recovered.run(&requests))
             .map_err(io_err)?;
-        Ok(EmbeddedStore { db, writer: Some(writer), writer_thread: Some(writer_thread), path })
+        Ok(EmbeddedStore { db, writer: Some(writer), writer_thread: Some(writer_thread), path, event_head })
     }
 
     /// The database file.
@@ -203,22 +211,17 @@ impl Store for EmbeddedStore {
     }
 
     async fn event_heads(&self) -> StoreResult<EventCursor> {
-        self.read(|db| {
-            let txn = db.begin_read().map_err(io_err)?;
-            let counters = txn.open_table(COUNTERS).map_err(io_err)?;
-            let head = counters.get(EVENT_HEAD).map_err(io_err)?.map(|v| v.value()).unwrap_or(0);
-            Ok(EventCursor { positions: vec![head] })
-        })
-        .await
+        Ok(EventCursor { positions: vec![self.event_head.load(Ordering::Acquire)] })
     }
 
     async fn read_events(&self, after: &EventCursor, limit: usize) -> StoreResult<EventRead> {
         after.check_shards(1)?;
         let after = after.positions[0];
+        // Loaded before the read: the groups up to it are in the database.
+        let head = self.event_head.load(Ordering::Acquire);
         self.read(move |db| {
             let txn = db.begin_read().map_err(io_err)?;
             let counters = txn.open_table(COUNTERS).map_err(io_err)?;
-            let head = counters.get(EVENT_HEAD).map_err(io_err)?.map(|v| v.value()).unwrap_or(0);
             let low_water = counters.get(EVENT_LOW_WATER).map_err(io_err)?.map(|v| v.value()).unwrap_or(0);
             if after > head {
                 return Ok(EventRead::Unknown);
@@ -226,10 +229,13 @@ impl Store for EmbeddedStore {
             if after < low_water {
                 return Ok(EventRead::Expired);
             }
+            if after == head {
+                return Ok(EventRead::Events { events: Vec::new(), next: EventCursor { positions: vec![after] } });
+            }
             let events_table = txn.open_table(EVENTS).map_err(io_err)?;
             let mut events: Vec<Event> = Vec::new();
             let mut position = after;
-            for row in events_table.range(after.saturating_add(1)..).map_err(io_err)? {
+            for row in events_table.range(after.saturating_add(1)..=head).map_err(io_err)? {
                 if events.len() >= limit.max(1) {
                     break;
                 }
@@ -612,7 +618,8 @@ mod tests {
         let mut bytes = std::fs::read(&path).expect("read");
         let seq = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")) + 5;
         let len = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;
-        let crc = journal::checksum(seq, &bytes[16..16 + len]);
+        let run = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
+        let crc = journal::checksum(seq, run, &bytes[24..24 + len]);
         bytes[4..8].copy_from_slice(&crc.to_le_bytes());
         bytes[8..16].copy_from_slice(&seq.to_le_bytes());
         std::fs::write(&path, &bytes).expect("write");

@@ -14,17 +14,26 @@
 //! given the state before it, so the replay rebuilds exactly the state that
 //! was acknowledged.
 //!
-//! A record is `len: u32 | crc32(seq, payload): u32 | seq: u64 | payload`
-//! (little-endian), the payload a format byte and the group's batches in
-//! postcard. Every group the database applied carries its `seq`
-//! (`journal_seq` in the counters table), so start-up knows which records
-//! the database already holds. The file is reused from its start after a
-//! checkpoint without being cleared: what follows the last record of the
-//! current run is either space never written (a zero length), a record torn
-//! by a crash (its checksum fails) or a record of an earlier run (its seq is
-//! not the next one). Reading stops at each of these.
+//! A record is `len: u32 | crc32(seq, run, payload): u32 | seq: u64 |
+//! run: u64 | payload` (little-endian), the payload a format byte and the
+//! group's batches in postcard. Every group the database applied carries
+//! its `seq` (`journal_seq` in the counters table), so start-up knows which
+//! records the database already holds. The file is reused from its start
+//! after a checkpoint without being cleared, and each such *run* has a
+//! random id: what follows the last record of the current run is space
+//! never written (a zero length), a record torn by a crash (its checksum
+//! fails) or a record of an earlier run (another run id; its seq need not
+//! be out of order: with `--unsafe-sync-every`, a crash can lose unsynced
+//! records and the next run reuse their seqs). Reading stops at each.
+//!
+//! The payload's format byte covers the postcard layout of [`Write`] and
+//! every type inside it (jobs, agents, pools, transitions, log chunks):
+//! a change to any of them must raise it (`the_record_layout_is_frozen`
+//! fails until it does) and keep a decoder for the old one, or a release
+//! started after a crash of the previous one could not replay its journal.
 
 use std::fs::{File, OpenOptions};
+use std::io::Read as _;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
@@ -37,8 +46,8 @@ pub(super) const FILE_NAME: &str = "tether.journal";
 /// The journal's record format: the first byte of every payload.
 const FORMAT_V1: u8 = 1;
 
-/// Length, checksum and seq.
-const HEADER_BYTES: usize = 16;
+/// Length, checksum, seq and run.
+const HEADER_BYTES: usize = 24;
 
 /// The journal is checkpointed once it holds this much, so it stays this
 /// size and a restart replays at most this much. A checkpoint syncs every
@@ -67,6 +76,9 @@ pub(super) enum Appended {
     /// Larger than a whole journal: not written; the caller makes the group
     /// durable with a checkpoint instead.
     TooLarge,
+    /// The group does not encode (postcard refuses, e.g., a time before
+    /// 1970): not written; as with `TooLarge`, a checkpoint instead.
+    Unencodable(String),
     /// It does not fit after what the journal holds: the caller checkpoints
     /// and appends again.
     Full,
@@ -79,6 +91,8 @@ pub(super) struct Journal {
     end: u64,
     /// Bytes of the file already written (zeros or records).
     allocated: u64,
+    /// The current run's id.
+    run: u64,
     buf: Vec<u8>,
 }
 
@@ -95,9 +109,21 @@ impl Journal {
             .truncate(false)
             .open(&path)
             .map_err(|e| io_err(format!("open {}: {e}", path.display())))?;
-        let bytes = std::fs::read(&path).map_err(|e| io_err(format!("read {}: {e}", path.display())))?;
+        let allocated = file.metadata().map_err(|e| io_err(format!("stat {}: {e}", path.display())))?.len();
+        if allocated == 0 {
+            // A new file: its directory entry must be durable too.
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io_err(format!("sync {}: {e}", dir.display())))?;
+        }
+        // A run never holds more than CHECKPOINT_BYTES.
+        let mut bytes = Vec::new();
+        (&file)
+            .take(CHECKPOINT_BYTES)
+            .read_to_end(&mut bytes)
+            .map_err(|e| io_err(format!("read {}: {e}", path.display())))?;
         let records = parse(&bytes);
-        let journal = Journal { file, path, end: 0, allocated: bytes.len() as u64, buf: Vec::new() };
+        let journal = Journal { file, path, end: 0, allocated, run: rand::random(), buf: Vec::new() };
         Ok((journal, records))
     }
 
@@ -117,9 +143,10 @@ impl Journal {
         self.buf.clear();
         self.buf.resize(HEADER_BYTES, 0);
         self.buf.push(FORMAT_V1);
-        let buf = postcard::to_extend(batches, std::mem::take(&mut self.buf))
-            .map_err(|e| StoreError::Corrupt(format!("encode a journal record: {e}")))?;
-        self.buf = buf;
+        match postcard::to_extend(batches, std::mem::take(&mut self.buf)) {
+            Ok(buf) => self.buf = buf,
+            Err(e) => return Ok(Appended::Unencodable(e.to_string())),
+        }
         let record_len = self.buf.len() as u64;
         if record_len > CHECKPOINT_BYTES {
             return Ok(Appended::TooLarge);
@@ -129,10 +156,11 @@ impl Journal {
         }
         let payload_len = u32::try_from(self.buf.len() - HEADER_BYTES)
             .map_err(|_| StoreError::Corrupt("journal record over 4 GiB".into()))?;
-        let crc = checksum(seq, &self.buf[HEADER_BYTES..]);
+        let crc = checksum(seq, self.run, &self.buf[HEADER_BYTES..]);
         self.buf[0..4].copy_from_slice(&payload_len.to_le_bytes());
         self.buf[4..8].copy_from_slice(&crc.to_le_bytes());
         self.buf[8..16].copy_from_slice(&seq.to_le_bytes());
+        self.buf[16..24].copy_from_slice(&self.run.to_le_bytes());
         let end = self.end + record_len;
         self.allocate(end)?;
         self.file
@@ -151,6 +179,7 @@ impl Journal {
     /// every record so far durable in the database.
     pub fn restart(&mut self) {
         self.end = 0;
+        self.run = rand::random();
     }
 
     /// Extends the written part of the file to cover `end`.
@@ -192,36 +221,40 @@ impl RawRecord {
     }
 }
 
-pub(super) fn checksum(seq: u64, payload: &[u8]) -> u32 {
+pub(super) fn checksum(seq: u64, run: u64, payload: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&seq.to_le_bytes());
+    hasher.update(&run.to_le_bytes());
     hasher.update(payload);
     hasher.finalize()
 }
 
 /// The current run: records from the start while each is whole, its
-/// checksum holds and its seq follows the one before.
+/// checksum holds, its run is the first record's and its seq follows the
+/// one before.
 fn parse(bytes: &[u8]) -> Vec<RawRecord> {
     let mut records: Vec<RawRecord> = Vec::new();
+    let mut first_run = None;
     let mut at = 0usize;
-    while let Some(header) = bytes.get(at..at + HEADER_BYTES) {
-        let word = |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
-        let (len, crc) = (word(0) as usize, word(4));
-        let seq = u64::from_le_bytes([
-            header[8], header[9], header[10], header[11], header[12], header[13], header[14], header[15],
-        ]);
-        let Some(payload) = (at + HEADER_BYTES).checked_add(len).and_then(|end| bytes.get(at + HEADER_BYTES..end))
-        else {
-            break;
-        };
-        if len == 0 || checksum(seq, payload) != crc {
+    while let Some(header) = bytes.get(at..at.saturating_add(HEADER_BYTES)) {
+        let mut word = [0u8; 8];
+        word[..4].copy_from_slice(&header[0..4]);
+        let len = u32::from_le_bytes([word[0], word[1], word[2], word[3]]) as usize;
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        word.copy_from_slice(&header[8..16]);
+        let seq = u64::from_le_bytes(word);
+        word.copy_from_slice(&header[16..24]);
+        let run = u64::from_le_bytes(word);
+        let start = at + HEADER_BYTES;
+        let Some(payload) = start.checked_add(len).and_then(|end| bytes.get(start..end)) else { break };
+        if len == 0 || checksum(seq, run, payload) != crc || *first_run.get_or_insert(run) != run {
             break;
         }
         if records.last().is_some_and(|last| last.seq.checked_add(1) != Some(seq)) {
             break;
         }
         records.push(RawRecord { seq, payload: payload.to_vec() });
-        at += HEADER_BYTES + len;
+        at = start + len;
     }
     records
 }
@@ -301,6 +334,88 @@ mod tests {
         // Record 4 overwrote record 1; records 2 and 3 follow but are older.
         assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), [4]);
     }
+
+    #[test]
+    fn a_record_of_an_earlier_run_does_not_continue_the_current_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut journal, _) = Journal::open(dir.path()).expect("open");
+        for (seq, id) in [(1, "a"), (2, "b"), (3, "c")] {
+            append(&mut journal, seq, id);
+        }
+        // As after a crash that lost unsynced records 1 to 3: the next run
+        // reuses seq 1, and the old record 2 lies right after the new 1.
+        journal.restart();
+        append(&mut journal, 1, "x");
+        journal.sync().expect("sync");
+        let (_, records) = Journal::open(dir.path()).expect("reopen");
+        assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), [1]);
+        assert_eq!(ids(&records[0]), ["x"]);
+    }
+
+    /// The payload layout of every kind of write, frozen: if this fails, a
+    /// type inside `Write` changed its postcard layout. Raise `FORMAT_V1`'s
+    /// successor, keep decoding the old format, then update the bytes.
+    #[test]
+    fn the_record_layout_is_frozen() {
+        use crate::domain::{Agent, Health, SchedulingStatus};
+        use crate::store::{LogChunk, Transition};
+        let t = |s: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000 + s);
+        let job = conformance::job("j", 1, "q", Some("k"));
+        let mut running = job.clone();
+        running.state = crate::domain::JobState::Running;
+        running.version = 2;
+        let agent = Agent {
+            id: "a".into(),
+            name: "n".into(),
+            pool: "p".into(),
+            labels: [("os".to_string(), "linux".to_string())].into(),
+            slots: 4,
+            health: Health::Healthy,
+            health_reason: String::new(),
+            scheduling: SchedulingStatus::Active,
+            version: "1".into(),
+            create_time: t(0),
+            last_seen_time: t(1),
+            metrics: Default::default(),
+        };
+        let pool = crate::domain::Pool { name: "p".into(), ..crate::domain::Pool::default_pool(t(0)) };
+        let chunk =
+            LogChunk { job_id: "j".into(), attempt: 1, sequence: 2, stderr: true, data: "out".into(), time: t(3) };
+        let batch = vec![
+            Write::CreateJob { job: Box::new(job.clone()), events: vec![Transition::of(&job, None)] },
+            Write::UpdateJob {
+                job: Box::new(running.clone()),
+                expected_version: 1,
+                events: vec![Transition::of(&running, Some(job.state))],
+            },
+            Write::PutAgent(Box::new(agent)),
+            Write::CreatePool(Box::new(pool.clone())),
+            Write::PutPool(Box::new(pool)),
+            Write::DeletePool { name: "p".into() },
+            Write::AppendLog(chunk),
+            Write::RaiseCounter { name: crate::store::COUNTER_FENCING, value: 7 },
+        ];
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut journal, _) = Journal::open(dir.path()).expect("open");
+        assert_eq!(journal.append(1, &[batch.as_slice()]).expect("append"), Appended::Written);
+        let payload = journal.buf[HEADER_BYTES..].to_vec();
+        let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, FROZEN_LAYOUT, "the journal's record layout changed");
+        // And it reads back as written.
+        let decoded = RawRecord { seq: 1, payload }.decode().expect("decode");
+        assert_eq!(format!("{:?}", decoded.batches), format!("{:?}", vec![batch]));
+    }
+
+    const FROZEN_LAYOUT: &str = concat!(
+        "01010800016a0101710c7061796c6f6164206f66206a010764656661756c7401026f73056c696e7578031e000001016b",
+        "00000196010000000081e2cfaa060081e2cfaa060081e2cfaa06000000000000010100000181e2cfaa060000000081e2",
+        "cfaa060000000001016a0101710c7061796c6f6164206f66206a010764656661756c7401026f73056c696e7578031e00",
+        "0001016b00000196010200000081e2cfaa060081e2cfaa060081e2cfaa060000000000000201010100020281e2cfaa06",
+        "0000000081e2cfaa0600000000020161016e017001026f73056c696e757804010000013180e2cfaa060081e2cfaa0600",
+        "00000000000000000000000000030170105468652064656661756c7420706f6f6c00a08d06000080e2cfaa060080e2cf",
+        "aa0600040170105468652064656661756c7420706f6f6c00a08d06000080e2cfaa060080e2cfaa060005017006016a01",
+        "0201036f757483e2cfaa0600070d66656e63696e675f746f6b656e07",
+    );
 
     #[test]
     fn a_torn_or_garbled_record_ends_the_run() {

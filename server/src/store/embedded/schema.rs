@@ -47,7 +47,9 @@ pub(super) struct Migration {
 
 /// Every step, in order; the last one reaches [`SCHEMA_VERSION`]. A change of
 /// tables or records that an older release would misread adds a step here
-/// and raises [`SCHEMA_VERSION`].
+/// and raises [`SCHEMA_VERSION`]. Steps run before the journal is replayed
+/// (`super::writer::Writer::recover`): a step that changes what a journaled
+/// write does must replay the journal by the old rules first.
 pub(super) const MIGRATIONS: &[Migration] = &[
     Migration { to: 2, what: "record the store's schema version (tables and records unchanged)", apply: |_| Ok(()) },
     // The log's table is created when the store opens. The version rises so

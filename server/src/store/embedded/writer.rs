@@ -4,7 +4,9 @@
 //! synced (see [`super::journal`]); checkpoints make the database itself
 //! durable and restart the journal.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
@@ -18,7 +20,7 @@ use super::{
 use crate::domain::{Job, JobState, Priority};
 use crate::store::codec::{decode, decode_job, encode, encode_into, encode_job_into, priority_code};
 use crate::store::events::EventGroup;
-use crate::store::{QueuedEntry, StoreResult, Transition, Trimmed, Write, WriteOutcome};
+use crate::store::{QueuedEntry, StoreError, StoreResult, Transition, Trimmed, Write, WriteOutcome};
 
 /// The counter holding the seq of the last group the database applied.
 pub(super) const JOURNAL_SEQ: &str = "journal_seq";
@@ -54,6 +56,12 @@ pub(super) struct Writer {
     journal: Option<Journal>,
     /// The seq of the last group applied.
     seq: u64,
+    /// The event log's head after the last group applied, and as readers
+    /// may see it: only what was acknowledged (a crash loses what was
+    /// applied but not yet synced, and the log would then reuse its
+    /// sequence numbers under a cursor a watcher already holds).
+    event_head: u64,
+    acknowledged_event_head: Arc<AtomicU64>,
     /// Groups since the start, for [`SyncMode::EveryNth`].
     commits: u64,
     cache: MetaCache,
@@ -63,18 +71,28 @@ impl Writer {
     /// Brings the database up to what was acknowledged: replays the
     /// journal's records it lacks, then checkpoints.
     pub fn recover(
-        db: std::sync::Arc<Database>,
+        db: Arc<Database>,
         options: EmbeddedOptions,
         journal: Journal,
         records: Vec<RawRecord>,
+        acknowledged_event_head: Arc<AtomicU64>,
     ) -> StoreResult<Writer> {
-        let applied = {
+        let (applied, event_head) = {
             let txn = db.begin_read().map_err(io_err)?;
             let counters = txn.open_table(COUNTERS).map_err(io_err)?;
-            counters.get(JOURNAL_SEQ).map_err(io_err)?.map(|v| v.value()).unwrap_or(0)
+            let read = |key: &str| counters.get(key).map(|v| v.map(|v| v.value()).unwrap_or(0)).map_err(io_err);
+            (read(JOURNAL_SEQ)?, read(EVENT_HEAD)?)
         };
-        let mut writer =
-            Writer { db, options, journal: Some(journal), seq: applied, commits: 0, cache: MetaCache::default() };
+        let mut writer = Writer {
+            db,
+            options,
+            journal: Some(journal),
+            seq: applied,
+            event_head,
+            acknowledged_event_head,
+            commits: 0,
+            cache: MetaCache::default(),
+        };
         let replay = super::journal::to_replay(records, applied)?;
         if !replay.is_empty() {
             tracing::info!(groups = replay.len(), "replaying the store journal");
@@ -82,10 +100,12 @@ impl Writer {
         for raw in replay {
             let record = raw.decode()?;
             let batches: Vec<&[Write]> = record.batches.iter().map(Vec::as_slice).collect();
-            apply_group(&writer.db, &batches, record.seq, Durability::None, &mut writer.cache)?;
+            let applied = apply_group(&writer.db, &batches, record.seq, Durability::None, &mut writer.cache)?;
             writer.seq = record.seq;
+            writer.event_head = applied.event_head.unwrap_or(writer.event_head);
         }
         writer.checkpoint()?;
+        writer.acknowledge();
         Ok(writer)
     }
 
@@ -117,7 +137,11 @@ impl Writer {
                         // own, durable, so also a checkpoint.
                         let trimmed = trim_events(&self.db, before, limit);
                         match &trimmed {
-                            Ok(_) => self.restart_journal(),
+                            Ok(_) => {
+                                metrics::counter!(crate::telemetry::STORE_CHECKPOINTS).increment(1);
+                                self.restart_journal();
+                                self.acknowledge();
+                            }
                             Err(e) => tracing::error!(error = %e, "trimming the event log failed"),
                         }
                         let _ = reply.send(trimmed);
@@ -143,13 +167,24 @@ impl Writer {
         };
         let started = std::time::Instant::now();
         let batches: Vec<&[Write]> = group.iter().map(|r| r.batch.as_slice()).collect();
-        let seq = self.seq + 1;
         let durability = if self.journal.is_none() && sync { Durability::Immediate } else { Durability::None };
-        let applied = apply_group(&self.db, &batches, seq, durability, &mut self.cache);
+        let applied = match self.seq.checked_add(1) {
+            Some(seq) => apply_group(&self.db, &batches, seq, durability, &mut self.cache).map(|a| (seq, a)),
+            None => Err(StoreError::Corrupt("the store journal's group numbers are exhausted".into())),
+        };
         let result = match applied {
-            Ok(outcomes) => {
+            Ok((seq, applied)) => {
                 self.seq = seq;
-                self.make_durable(&batches, sync).map(|()| outcomes)
+                self.event_head = applied.event_head.unwrap_or(self.event_head);
+                let durable = self.make_durable(&batches, sync);
+                if let Err(e) = &durable {
+                    // What the journal holds is unknown now (a record may be
+                    // missing before the next): give it up; every commit is
+                    // then a durable database commit, or fails.
+                    tracing::error!(error = %e, "the store journal failed; every commit now syncs the database file");
+                    self.journal = None;
+                }
+                durable.map(|()| applied.outcomes)
             }
             Err(e) => {
                 // The cache may hold writes of the failed transaction.
@@ -161,6 +196,7 @@ impl Writer {
         metrics::histogram!(crate::telemetry::STORE_COMMIT).record(started.elapsed());
         match result {
             Ok(outcomes) => {
+                self.acknowledge();
                 for (request, outcome) in group.into_iter().zip(outcomes) {
                     let _ = request.reply.send(Ok(outcome));
                 }
@@ -184,21 +220,21 @@ impl Writer {
             let Some(journal) = self.journal.as_mut() else { return Ok(()) };
             appended = journal.append(self.seq, batches);
         }
-        let journaled = match appended {
-            Ok(Appended::Written) if sync => self.journal.as_ref().map_or(Ok(()), Journal::sync),
-            Ok(Appended::Written) => Ok(()),
+        match appended? {
+            Appended::Written if sync => self.journal.as_ref().map_or(Ok(()), Journal::sync),
+            Appended::Written => Ok(()),
             // A checkpoint makes this group durable with the rest.
-            Ok(Appended::TooLarge | Appended::Full) => return self.checkpoint(),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = journaled {
-            // What the journal holds is unknown now: give it up and make the
-            // database durable instead, from here on at every commit.
-            tracing::error!(error = %e, "the store journal failed; every commit now syncs the database file");
-            self.journal = None;
-            return self.checkpoint();
+            Appended::TooLarge | Appended::Full => self.checkpoint(),
+            Appended::Unencodable(why) => {
+                tracing::warn!(error = %why, "a group does not encode for the store journal; checkpointing instead");
+                self.checkpoint()
+            }
         }
-        Ok(())
+    }
+
+    /// Lets readers see the event log up to what was acknowledged.
+    fn acknowledge(&self) {
+        self.acknowledged_event_head.store(self.event_head, Ordering::Release);
     }
 
     /// A durable database commit: everything applied so far is then in the
@@ -233,7 +269,9 @@ impl Writer {
 /// most `limit`) and raises the low-water mark past them, in one
 /// transaction.
 fn trim_events(db: &Database, before: std::time::SystemTime, limit: usize) -> StoreResult<Trimmed> {
-    let txn = db.begin_write().map_err(io_err)?;
+    let mut txn = db.begin_write().map_err(io_err)?;
+    // Durable, so also a checkpoint of every group before it.
+    txn.set_durability(Durability::Immediate).map_err(io_err)?;
     let mut trimmed = Trimmed::default();
     {
         let mut events = txn.open_table(EVENTS).map_err(io_err)?;
@@ -273,16 +311,24 @@ fn trim_events(db: &Database, before: std::time::SystemTime, limit: usize) -> St
 
 /// Applies the batches in one transaction, recording `seq` as the last
 /// group the database holds; synced to disk only if `durability` says so.
+/// What a group did.
+struct Applied {
+    outcomes: Vec<Vec<WriteOutcome>>,
+    /// The event log's head, if the group logged events.
+    event_head: Option<u64>,
+}
+
 fn apply_group(
     db: &Database,
     batches: &[&[Write]],
     seq: u64,
     durability: Durability,
     cache: &mut MetaCache,
-) -> StoreResult<Vec<Vec<WriteOutcome>>> {
+) -> StoreResult<Applied> {
     let mut txn = db.begin_write().map_err(io_err)?;
     txn.set_durability(durability).map_err(io_err)?;
     let mut outcomes = Vec::with_capacity(batches.len());
+    let event_head;
     {
         let mut tables = Tables {
             jobs: txn.open_table(JOBS).map_err(io_err)?,
@@ -307,7 +353,8 @@ fn apply_group(
             }
             outcomes.push(batch_outcomes);
         }
-        if let Some(head) = tables.event_head {
+        event_head = tables.event_head;
+        if let Some(head) = event_head {
             tables.counters.insert(EVENT_HEAD, head).map_err(io_err)?;
         }
         tables.counters.insert(JOURNAL_SEQ, seq).map_err(io_err)?;
@@ -327,7 +374,7 @@ fn apply_group(
         }
     }
     txn.commit().map_err(io_err)?;
-    Ok(outcomes)
+    Ok(Applied { outcomes, event_head })
 }
 
 struct Tables<'txn> {
