@@ -588,12 +588,20 @@ mod tests {
         }
         let pool = Pool { name: "p".into(), ..Pool::default_pool(std::time::UNIX_EPOCH) };
         store.write(vec![Write::PutPool(Box::new(pool.clone()))]).await.expect("write");
+        // A group large enough to skip the journal (a durable commit), then
+        // journaled ones again.
+        let many: Vec<Write> =
+            (0..70).map(|i| Write::create(conformance::job(&format!("m{i}"), 100 + i, "q", None))).collect();
+        assert_eq!(store.write(many).await.expect("write"), vec![WriteOutcome::Applied; 70]);
+        store.write(vec![Write::create(conformance::job("after", 200, "q", None))]).await.expect("write");
         let image = crash_image(dir.path());
         drop(store);
         let recovered = EmbeddedStore::open(image.path(), EmbeddedOptions::default()).expect("open the image");
         assert_eq!(recovered.get_job("a").await.expect("get"), Some(job), "every acknowledged update");
         assert!(recovered.find_by_idempotency_key("q", "key").await.expect("find").is_some());
         assert_eq!(recovered.list_pools().await.expect("pools").iter().filter(|p| p.name == "p").count(), 1);
+        assert!(recovered.get_job("m69").await.expect("get").is_some());
+        assert!(recovered.get_job("after").await.expect("get").is_some());
         // Replayed and checkpointed: the journal is empty and the next
         // writes continue the same sequence.
         let mut next = recovered.get_job("a").await.expect("get").expect("job");
