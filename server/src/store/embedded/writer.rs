@@ -177,7 +177,10 @@ impl Writer {
         // A large group shares a durable commit's fixed cost among many
         // writes; journaling it too would only write it twice.
         let writes: usize = batches.iter().map(|b| b.len()).sum();
-        let direct = self.journal.is_none() || writes >= DIRECT_COMMIT_WRITES;
+        // Only when this commit syncs: an unsynced group (`EveryNth`) left
+        // out of the journal would leave a gap in its numbering, and a
+        // restart would refuse the journal after it.
+        let direct = self.journal.is_none() || (sync && writes >= DIRECT_COMMIT_WRITES);
         let durability = if direct && sync { Durability::Immediate } else { Durability::None };
         let applied = match self.seq.checked_add(1) {
             Some(seq) => apply_group(&self.db, &batches, seq, durability, &mut self.cache).map(|a| (seq, a)),
