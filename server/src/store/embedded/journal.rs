@@ -320,14 +320,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_new_run_ends_where_the_old_one_shows_through() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (mut journal, _) = Journal::open(dir.path()).expect("open");
+    /// A journal holding records 1 to 3, restarted.
+    fn restarted_after_three(dir: &Path) -> Journal {
+        let (mut journal, _) = Journal::open(dir).expect("open");
         for (seq, id) in [(1, "a"), (2, "b"), (3, "c")] {
             append(&mut journal, seq, id);
         }
         journal.restart();
+        journal
+    }
+
+    #[test]
+    fn a_new_run_ends_where_the_old_one_shows_through() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut journal = restarted_after_three(dir.path());
         append(&mut journal, 4, "d");
         journal.sync().expect("sync");
         let (_, records) = Journal::open(dir.path()).expect("reopen");
@@ -338,13 +344,9 @@ mod tests {
     #[test]
     fn a_record_of_an_earlier_run_does_not_continue_the_current_one() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (mut journal, _) = Journal::open(dir.path()).expect("open");
-        for (seq, id) in [(1, "a"), (2, "b"), (3, "c")] {
-            append(&mut journal, seq, id);
-        }
         // As after a crash that lost unsynced records 1 to 3: the next run
         // reuses seq 1, and the old record 2 lies right after the new 1.
-        journal.restart();
+        let mut journal = restarted_after_three(dir.path());
         append(&mut journal, 1, "x");
         journal.sync().expect("sync");
         let (_, records) = Journal::open(dir.path()).expect("reopen");

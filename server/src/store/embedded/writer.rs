@@ -145,8 +145,7 @@ impl Writer {
                         let trimmed = trim_events(&self.db, before, limit);
                         match &trimmed {
                             Ok(_) => {
-                                metrics::counter!(crate::telemetry::STORE_CHECKPOINTS).increment(1);
-                                self.restart_journal();
+                                self.checkpointed();
                                 self.acknowledge();
                             }
                             Err(e) => tracing::error!(error = %e, "trimming the event log failed"),
@@ -178,8 +177,8 @@ impl Writer {
         // writes; journaling it too would only write it twice.
         let writes: usize = batches.iter().map(|b| b.len()).sum();
         // Only when this commit syncs: an unsynced group (`EveryNth`) left
-        // out of the journal would leave a gap in its numbering, and a
-        // restart would refuse the journal after it.
+        // out of the journal would be a gap in its numbering, and a replay
+        // would stop there, before the groups after it.
         let direct = self.journal.is_none() || (sync && writes >= DIRECT_COMMIT_WRITES);
         let durability = if direct && sync { Durability::Immediate } else { Durability::None };
         let applied = match self.seq.checked_add(1) {
@@ -192,9 +191,7 @@ impl Writer {
                 self.event_head = applied.event_head.unwrap_or(self.event_head);
                 let durable = if direct {
                     if matches!(durability, Durability::Immediate) {
-                        // A durable commit is a checkpoint.
-                        metrics::counter!(crate::telemetry::STORE_CHECKPOINTS).increment(1);
-                        self.restart_journal();
+                        self.checkpointed();
                     }
                     Ok(())
                 } else {
@@ -270,8 +267,7 @@ impl Writer {
             counters.insert(JOURNAL_SEQ, self.seq).map_err(io_err)?;
         }
         txn.commit().map_err(io_err)?;
-        metrics::counter!(crate::telemetry::STORE_CHECKPOINTS).increment(1);
-        self.restart_journal();
+        self.checkpointed();
         Ok(())
     }
 
@@ -281,7 +277,10 @@ impl Writer {
         }
     }
 
-    fn restart_journal(&mut self) {
+    /// After any durable database commit (a checkpoint, a large group, a
+    /// trim): everything applied is in the file; the journal starts again.
+    fn checkpointed(&mut self) {
+        metrics::counter!(crate::telemetry::STORE_CHECKPOINTS).increment(1);
         if let Some(journal) = self.journal.as_mut() {
             journal.restart();
         }
