@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/tether/v1/queue.proto",
         "proto/tether/v1/agent.proto",
+        "proto/tether/v1/dashboard.proto",
         "proto/tether/v1/replica.proto",
         "proto/tether/v1/rules.proto",
     ];

@@ -20,12 +20,13 @@ use tonic::transport::Server;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use tether::v1::agent_service_server::AgentServiceServer;
+use tether::v1::dashboard_service_server::DashboardServiceServer;
 use tether::v1::queue_service_server::QueueServiceServer;
 use tether::v1::replica_service_server::ReplicaServiceServer;
 
 use crate::clock::Clock;
 use crate::engine::{EngineConfig, EngineHandle};
-use crate::grpc::{AgentApi, QueueApi, ReplicaApi};
+use crate::grpc::{AgentApi, DashboardApi, QueueApi, ReplicaApi};
 use crate::store::Store;
 
 /// Largest message the server decodes or encodes.
@@ -163,6 +164,7 @@ impl Tether {
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<QueueServiceServer<QueueApi>>().await;
         health.set_serving::<AgentServiceServer<AgentApi>>().await;
+        health.set_serving::<DashboardServiceServer<DashboardApi>>().await;
         health.set_serving::<ReplicaServiceServer<ReplicaApi>>().await;
         health.set_service_status("", tonic_health::ServingStatus::Serving).await;
         follow_engine_health(&engine, &health, supervisor.died.clone());
@@ -174,6 +176,9 @@ impl Tether {
         let agents = AgentServiceServer::new(AgentApi::new(engine.clone(), parts.max_agent_streams))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let dashboard = DashboardServiceServer::new(DashboardApi::new(engine.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let replicas = ReplicaServiceServer::new(ReplicaApi::new(engine.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -182,6 +187,7 @@ impl Tether {
             .add_service(reflection().build_v1alpha()?)
             .add_service(queue)
             .add_service(agents)
+            .add_service(dashboard)
             .add_service(replicas);
         Ok(Tether { routes, lifecycle: Lifecycle { engine, health, stopping, supervisor, cluster, metrics } })
     }
@@ -361,5 +367,6 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
 async fn set_not_serving(health: &tonic_health::server::HealthReporter) {
     health.set_not_serving::<QueueServiceServer<QueueApi>>().await;
     health.set_not_serving::<AgentServiceServer<AgentApi>>().await;
+    health.set_not_serving::<DashboardServiceServer<DashboardApi>>().await;
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
 }

@@ -208,6 +208,10 @@ impl TestServer {
         QueueServiceClient::new(self.channel().await)
     }
 
+    pub async fn dashboard(&self) -> tether::v1::dashboard_service_client::DashboardServiceClient<Channel> {
+        tether::v1::dashboard_service_client::DashboardServiceClient::new(self.channel().await)
+    }
+
     pub async fn agents(&self) -> AgentServiceClient<Channel> {
         AgentServiceClient::new(self.channel().await)
     }

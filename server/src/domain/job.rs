@@ -170,6 +170,9 @@ pub struct Job {
     pub finish_time: Option<SystemTime>,
     /// Bumped by every stored write; conditional writes compare it.
     pub version: u64,
+    /// Set for a job created through the dashboard (CreateJob): what it
+    /// runs, who asked, and its history.
+    pub dashboard: Option<Box<super::dashboard::DashboardJob>>,
 }
 
 impl Job {
@@ -193,6 +196,7 @@ impl Job {
             last_error: String::new(),
             finish_time: None,
             version: 0,
+            dashboard: None,
         }
     }
 

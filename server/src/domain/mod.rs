@@ -2,6 +2,7 @@
 //! here knows about tonic or about a particular store.
 
 pub mod agent;
+pub mod dashboard;
 pub mod error;
 pub mod job;
 pub mod pool;

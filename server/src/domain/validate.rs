@@ -108,7 +108,7 @@ pub fn job_spec(spec: &JobSpec) -> DomainResult<()> {
 
 /// The field name of one map entry, `labels["key"]`; a long key is shown
 /// cut (the name goes into the error message and its headers).
-fn entry_field(field: &str, key: &str) -> String {
+pub fn entry_field(field: &str, key: &str) -> String {
     format!("{field}[{}]", shown(key))
 }
 

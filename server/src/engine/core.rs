@@ -18,6 +18,7 @@ use super::ready::{ReadyEntry, ReadySet};
 use super::types::{AgentEvent, AgentPush, JobEvent, MetricsSample, PeerNotice, WakeJob};
 use super::Command;
 use crate::clock::Clock;
+use crate::domain::dashboard::Actor;
 use crate::domain::{Agent, DomainError, DomainResult, Health, Job, JobState, Pool, Priority};
 use crate::store::{
     Ownership, Store, StoreError, StoreResult, Transition, Write, WriteOutcome, COUNTER_FENCING, COUNTER_SEQ,
@@ -232,6 +233,9 @@ pub(crate) struct Engine {
     /// is not durable yet, which the store cannot tell about.
     committing_jobs: FastMap<u64, usize>,
     failed: Option<String>,
+    /// Who makes the changes of the operation being handled (recorded in
+    /// dashboard jobs' steps).
+    pub actor: Actor,
 }
 
 /// How far the fencing token counter jumps at start-up.
@@ -377,6 +381,7 @@ impl Engine {
             outbox: Vec::new(),
             committing_jobs: FastMap::default(),
             failed: None,
+            actor: Actor::System,
         };
         let mut after: Option<String> = None;
         loop {
@@ -955,6 +960,15 @@ impl Engine {
         if previous == Some(job.state) {
             return None;
         }
+        // `record` reads the job, so its dashboard part is taken out for it.
+        if let Some(mut dashboard) = job.dashboard.take() {
+            let actor = match previous {
+                None => dashboard.spec.requested_by.clone(),
+                Some(_) => self.actor.describe(job),
+            };
+            dashboard.record(job, previous, &actor);
+            job.dashboard = Some(dashboard);
+        }
         if self.events.receiver_count() > 0 {
             self.pending.effects.push(Effect::Event(JobEvent { job: Arc::new(job.clone()), previous }));
         }
@@ -1015,6 +1029,7 @@ impl Engine {
 
     async fn on_timer(&mut self) {
         self.touched.clear();
+        self.actor = Actor::System;
         let now = self.clock.now();
         if self.failed.is_some() {
             return;
@@ -1029,15 +1044,16 @@ impl Engine {
 
     async fn handle(&mut self, command: Command) {
         self.touched.clear();
+        self.actor = command.actor();
         match command {
-            Command::Enqueue { specs, reply } => {
+            Command::Enqueue { jobs, reply } => {
                 let result = match self.check_writable() {
-                    Ok(()) => self.enqueue(specs).await,
+                    Ok(()) => self.enqueue(jobs).await,
                     Err(e) => Err(e),
                 };
                 self.reply_after_commit(reply, result);
             }
-            Command::Cancel { id, reason, reply } => {
+            Command::Cancel { id, reason, reply, .. } => {
                 let result = self.guarded(|e| Box::pin(e.cancel(id, reason))).await;
                 self.reply_after_commit(reply, result);
             }

@@ -37,6 +37,7 @@ pub use types::{
 };
 
 use crate::clock::Clock;
+use crate::domain::dashboard::{Actor, DashboardSpec};
 use crate::domain::{
     AttemptRef, DomainError, DomainResult, Failure, Health, Job, JobSpec, Metrics, Pool, ScalingSignal,
     SchedulingStatus,
@@ -51,15 +52,24 @@ type Reply<T> = oneshot::Sender<DomainResult<T>>;
 /// is seeded per process (no HashDoS), and it is much faster than SipHash.
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 
+/// A job to enqueue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    pub spec: JobSpec,
+    /// Set for a dashboard job (CreateJob).
+    pub dashboard: Option<Box<DashboardSpec>>,
+}
+
 /// A request to the engine task.
 pub(crate) enum Command {
     Enqueue {
-        specs: Vec<JobSpec>,
+        jobs: Vec<NewJob>,
         reply: Reply<Vec<(Job, bool)>>,
     },
     Cancel {
         id: String,
         reason: String,
+        actor: Actor,
         reply: Reply<Job>,
     },
     Claim {
@@ -221,6 +231,27 @@ pub(crate) enum Command {
     },
 }
 
+impl Command {
+    /// Who makes the changes the command causes.
+    fn actor(&self) -> Actor {
+        match self {
+            Command::Cancel { actor, .. } => actor.clone(),
+            Command::Inbound { .. } => Actor::Agent,
+            Command::Claim { .. }
+            | Command::Start { .. }
+            | Command::Complete { .. }
+            | Command::Fail { .. }
+            | Command::Renew { .. } => Actor::Worker,
+            Command::Enqueue { .. }
+            | Command::Redrive { .. }
+            | Command::DrainAgent { .. }
+            | Command::DeregisterAgent { .. }
+            | Command::UpdateStatus { .. } => Actor::Operator,
+            _ => Actor::System,
+        }
+    }
+}
+
 /// Which agents ListAgents returns.
 #[derive(Debug, Clone, Default)]
 pub struct AgentListFilter {
@@ -316,11 +347,27 @@ impl EngineHandle {
     }
 
     pub async fn enqueue(&self, specs: Vec<JobSpec>) -> DomainResult<Vec<(Job, bool)>> {
-        self.call(|reply| Command::Enqueue { specs, reply }).await
+        let jobs = specs.into_iter().map(|spec| NewJob { spec, dashboard: None }).collect();
+        self.call(|reply| Command::Enqueue { jobs, reply }).await
+    }
+
+    /// Enqueues one dashboard job.
+    /// Enqueues one dashboard job; false when its idempotency key matched
+    /// an existing job (returned instead).
+    pub async fn create_dashboard_job(&self, spec: JobSpec, dashboard: DashboardSpec) -> DomainResult<(Job, bool)> {
+        let jobs = vec![NewJob { spec, dashboard: Some(Box::new(dashboard)) }];
+        let mut created = self.call(|reply| Command::Enqueue { jobs, reply }).await?;
+        created.pop().ok_or_else(|| DomainError::Internal("enqueue returned no job".into()))
     }
 
     pub async fn cancel(&self, id: String, reason: String) -> DomainResult<Job> {
-        self.call(|reply| Command::Cancel { id, reason, reply }).await
+        self.call(|reply| Command::Cancel { id, reason, actor: Actor::Operator, reply }).await
+    }
+
+    /// Cancels a job on behalf of a named requester (recorded in a
+    /// dashboard job's steps).
+    pub async fn cancel_as(&self, id: String, reason: String, actor: String) -> DomainResult<Job> {
+        self.call(|reply| Command::Cancel { id, reason, actor: Actor::Named(actor), reply }).await
     }
 
     pub async fn claim(&self, request: ClaimRequest) -> DomainResult<Option<Job>> {

@@ -10,12 +10,15 @@ use rand::Rng;
 use super::core::Engine;
 use super::ready::ReadyEntry;
 use super::types::{AgentPush, ClaimRequest, QueueStats};
+use super::NewJob;
 use tether::time::later;
 
+use crate::domain::dashboard::DashboardJob;
 use crate::domain::{AttemptRef, DomainError, DomainResult, Failure, Job, JobSpec, JobState, Priority};
 
 impl Engine {
-    pub async fn enqueue(&mut self, specs: Vec<JobSpec>) -> DomainResult<Vec<(Job, bool)>> {
+    pub async fn enqueue(&mut self, jobs: Vec<NewJob>) -> DomainResult<Vec<(Job, bool)>> {
+        let (specs, dashboards): (Vec<JobSpec>, Vec<_>) = jobs.into_iter().map(|j| (j.spec, j.dashboard)).unzip();
         let limit = self.store.limits().max_payload_bytes;
         for spec in &specs {
             self.know_pool(&spec.routing.pool).await;
@@ -70,7 +73,7 @@ impl Engine {
         }
         let now = self.clock.now();
         let mut out: Vec<(Job, bool)> = Vec::with_capacity(specs.len());
-        for (spec, planned) in specs.into_iter().zip(plan) {
+        for ((spec, dashboard), planned) in specs.into_iter().zip(dashboards).zip(plan) {
             match planned {
                 Planned::Existing(job) => out.push((*job, false)),
                 Planned::SameAs(first) => {
@@ -80,6 +83,7 @@ impl Engine {
                 Planned::New => {
                     let seq = self.new_seq(now);
                     let mut job = Job::new(crate::ids::new_id(now), seq, spec, now);
+                    job.dashboard = dashboard.map(|d| Box::new(DashboardJob::new(*d)));
                     self.persist(&mut job, None);
                     if let Some(key) = &job.spec.idempotency_key {
                         self.uncommitted_keys
@@ -362,6 +366,9 @@ impl Engine {
         let now = self.clock.now();
         let previous = job.state;
         job.last_error = error;
+        if let (Some(d), Failure::Reported { exit_code, .. }) = (job.dashboard.as_mut(), failure) {
+            d.pending_exit_code = exit_code;
+        }
         if !job.spec.retry.retries(failure) {
             job.finish(JobState::Failed, now);
             self.persist(&mut job, Some(previous));

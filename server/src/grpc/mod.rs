@@ -3,6 +3,8 @@
 
 pub mod agent_service;
 pub mod convert;
+pub mod dashboard_convert;
+pub mod dashboard_service;
 pub mod event_cursor;
 pub mod page_token;
 pub mod queue_service;
@@ -12,5 +14,6 @@ pub mod stream_messages;
 mod watch;
 
 pub use agent_service::AgentApi;
+pub use dashboard_service::DashboardApi;
 pub use queue_service::QueueApi;
 pub use replica_service::ReplicaApi;

@@ -14,6 +14,7 @@ pub const MAX_PAGE_TOKEN: usize = 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listing {
     Jobs,
+    DashboardJobs,
     DeadLetters,
     Agents,
     Pools,
@@ -23,6 +24,7 @@ impl Listing {
     fn tag(self) -> &'static str {
         match self {
             Listing::Jobs => "jobs",
+            Listing::DashboardJobs => "dashboard-jobs",
             Listing::DeadLetters => "dead",
             Listing::Agents => "agents",
             Listing::Pools => "pools",

@@ -15,6 +15,9 @@ pub(crate) const FORMAT_V1: u8 = 1;
 /// Job records since retry policies (format 1 jobs are read through
 /// [`super::legacy`]; other records are still format 1).
 pub(crate) const JOB_FORMAT_V2: u8 = 2;
+/// Job records since dashboard jobs (formats 1 and 2 are read through
+/// [`super::legacy`]).
+pub(crate) const JOB_FORMAT_V3: u8 = 3;
 
 pub(crate) fn encode<T: Serialize>(value: &T) -> StoreResult<Vec<u8>> {
     postcard::to_extend(value, vec![FORMAT_V1]).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))
@@ -33,7 +36,7 @@ pub(crate) fn encode_into<T: Serialize>(buf: &mut Vec<u8>, value: &T) -> StoreRe
 pub(crate) fn encode_job_into(buf: &mut Vec<u8>, job: &Job) -> StoreResult<()> {
     let mut out = std::mem::take(buf);
     out.clear();
-    out.push(JOB_FORMAT_V2);
+    out.push(JOB_FORMAT_V3);
     *buf = postcard::to_extend(job, out).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))?;
     Ok(())
 }
@@ -42,7 +45,10 @@ pub(crate) fn encode_job_into(buf: &mut Vec<u8>, job: &Job) -> StoreResult<()> {
 pub(crate) fn decode_job(bytes: &[u8]) -> StoreResult<Job> {
     let corrupt = |e: postcard::Error| StoreError::Corrupt(format!("decode job: {e}"));
     match bytes.split_first() {
-        Some((&JOB_FORMAT_V2, rest)) => postcard::from_bytes(rest).map_err(corrupt),
+        Some((&JOB_FORMAT_V3, rest)) => postcard::from_bytes(rest).map_err(corrupt),
+        Some((&JOB_FORMAT_V2, rest)) => {
+            postcard::from_bytes::<super::legacy::JobV2>(rest).map(Job::from).map_err(corrupt)
+        }
         Some((&FORMAT_V1, rest)) => postcard::from_bytes::<super::legacy::JobV1>(rest).map(Job::from).map_err(corrupt),
         Some((v, _)) => Err(StoreError::Corrupt(format!(
             "job record format {v} is newer than this release reads; run a newer tether"
@@ -92,5 +98,33 @@ pub(crate) fn skip_corrupt<T>(what: impl Display, read: StoreResult<T>) -> Store
             Ok(None)
         }
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::dashboard::{DashboardJob, DashboardSpec};
+    use crate::store::conformance;
+    use crate::store::legacy::JobV2;
+
+    #[test]
+    fn a_job_of_the_previous_format_reads_without_a_dashboard_part() {
+        let job = conformance::job("a", 1, "q", Some("k"));
+        let v2 = postcard::to_extend(&JobV2::from(&job), vec![JOB_FORMAT_V2]).expect("encode");
+        assert_eq!(decode_job(&v2).expect("decode"), job);
+    }
+
+    #[test]
+    fn a_dashboard_job_round_trips() {
+        let mut job = conformance::job("a", 1, "tether.jobs", None);
+        let spec = DashboardSpec { name: "build".into(), requested_by: "ann".into(), retry_of: Some("z".into()) };
+        let mut dashboard = DashboardJob::new(spec);
+        dashboard.record(&job, None, "ann");
+        job.dashboard = Some(Box::new(dashboard));
+        let mut buf = Vec::new();
+        encode_job_into(&mut buf, &job).expect("encode");
+        assert_eq!(buf[0], JOB_FORMAT_V3);
+        assert_eq!(decode_job(&buf).expect("decode"), job);
     }
 }

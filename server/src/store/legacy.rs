@@ -5,9 +5,11 @@
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::domain::{Job, JobSpec, JobState, Priority, RetryPolicy, Routing};
+use super::events::Transition;
+use super::{LogChunk, Write};
+use crate::domain::{Agent, Job, JobSpec, JobState, Pool, Priority, RetryPolicy, Routing};
 
 /// A job as format 1 stored it: before retry policies.
 #[derive(Deserialize)]
@@ -76,7 +78,113 @@ impl From<JobV1> for Job {
             last_error: v1.last_error,
             finish_time: v1.finish_time,
             version: v1.version,
+            dashboard: None,
         }
+    }
+}
+
+/// A job as format 2 stored it: before dashboard jobs.
+#[derive(Serialize, Deserialize)]
+pub struct JobV2 {
+    id: String,
+    seq: u64,
+    spec: JobSpec,
+    state: JobState,
+    attempt: u32,
+    fencing_token: u64,
+    worker_id: String,
+    create_time: SystemTime,
+    update_time: SystemTime,
+    ready_time: SystemTime,
+    lease_expire_time: Option<SystemTime>,
+    run_deadline: Option<SystemTime>,
+    result: Bytes,
+    last_error: String,
+    finish_time: Option<SystemTime>,
+    version: u64,
+}
+
+impl From<JobV2> for Job {
+    fn from(v2: JobV2) -> Job {
+        Job {
+            id: v2.id,
+            seq: v2.seq,
+            spec: v2.spec,
+            state: v2.state,
+            attempt: v2.attempt,
+            fencing_token: v2.fencing_token,
+            worker_id: v2.worker_id,
+            create_time: v2.create_time,
+            update_time: v2.update_time,
+            ready_time: v2.ready_time,
+            lease_expire_time: v2.lease_expire_time,
+            run_deadline: v2.run_deadline,
+            result: v2.result,
+            last_error: v2.last_error,
+            finish_time: v2.finish_time,
+            version: v2.version,
+            dashboard: None,
+        }
+    }
+}
+
+impl From<&Job> for JobV2 {
+    /// Format 2's layout of `job` (its dashboard part is lost): for tests
+    /// that need records as the previous release wrote them.
+    fn from(job: &Job) -> JobV2 {
+        JobV2 {
+            id: job.id.clone(),
+            seq: job.seq,
+            spec: job.spec.clone(),
+            state: job.state,
+            attempt: job.attempt,
+            fencing_token: job.fencing_token,
+            worker_id: job.worker_id.clone(),
+            create_time: job.create_time,
+            update_time: job.update_time,
+            ready_time: job.ready_time,
+            lease_expire_time: job.lease_expire_time,
+            run_deadline: job.run_deadline,
+            result: job.result.clone(),
+            last_error: job.last_error.clone(),
+            finish_time: job.finish_time,
+            version: job.version,
+        }
+    }
+}
+
+/// A journaled write as journal format 1 held it: jobs inline in format 2's
+/// layout. Journal format 2 holds each job as a versioned job record, so a
+/// later change of the job layout needs no new journal format.
+#[derive(Serialize, Deserialize)]
+pub enum WriteV1 {
+    CreateJob { job: Box<JobV2>, events: Vec<Transition> },
+    UpdateJob { job: Box<JobV2>, expected_version: u64, events: Vec<Transition> },
+    PutAgent(Box<Agent>),
+    CreatePool(Box<Pool>),
+    PutPool(Box<Pool>),
+    DeletePool { name: String },
+    AppendLog(LogChunk),
+    RaiseCounter { name: String, value: u64 },
+}
+
+impl WriteV1 {
+    pub fn upgrade(self) -> Result<Write, String> {
+        Ok(match self {
+            WriteV1::CreateJob { job, events } => Write::CreateJob { job: Box::new(Job::from(*job)), events },
+            WriteV1::UpdateJob { job, expected_version, events } => {
+                Write::UpdateJob { job: Box::new(Job::from(*job)), expected_version, events }
+            }
+            WriteV1::PutAgent(a) => Write::PutAgent(a),
+            WriteV1::CreatePool(p) => Write::CreatePool(p),
+            WriteV1::PutPool(p) => Write::PutPool(p),
+            WriteV1::DeletePool { name } => Write::DeletePool { name },
+            WriteV1::AppendLog(chunk) => Write::AppendLog(chunk),
+            WriteV1::RaiseCounter { name, value } => {
+                let name = super::counter_by_name(&name).ok_or_else(|| format!("unknown counter {name:?}"))?;
+                Write::RaiseCounter { name, value }
+            }
+        })
     }
 }
 

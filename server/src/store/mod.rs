@@ -75,13 +75,22 @@ pub enum Write {
     /// or if its queue's idempotency key is already taken. Its `events`
     /// (state changes, oldest first) are appended to the event log in the
     /// same commit, or not at all.
-    CreateJob { job: Box<Job>, events: Vec<Transition> },
+    CreateJob {
+        #[serde(with = "job_record")]
+        job: Box<Job>,
+        events: Vec<Transition>,
+    },
     /// Replaces a job if its stored version is `expected_version`. The new
     /// record's version is at least `expected_version + 1` (several
     /// transitions of one batch coalesce into one write). Its `events` are
     /// appended to the event log in the same commit, or not at all; a write
     /// without a state change carries none.
-    UpdateJob { job: Box<Job>, expected_version: u64, events: Vec<Transition> },
+    UpdateJob {
+        #[serde(with = "job_record")]
+        job: Box<Job>,
+        expected_version: u64,
+        events: Vec<Transition>,
+    },
     /// Inserts or replaces an agent.
     PutAgent(Box<Agent>),
     /// Inserts a pool; refused (`IdExists`) if one of its name exists.
@@ -117,10 +126,34 @@ mod counter_name {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<&'static str, D::Error> {
         let name = String::deserialize(deserializer)?;
-        [super::COUNTER_SEQ, super::COUNTER_FENCING]
-            .into_iter()
-            .find(|known| *known == name)
-            .ok_or_else(|| D::Error::custom(format!("unknown counter {name:?}")))
+        super::counter_by_name(&name).ok_or_else(|| D::Error::custom(format!("unknown counter {name:?}")))
+    }
+}
+
+/// The known counter of this name.
+fn counter_by_name(name: &str) -> Option<CounterName> {
+    [COUNTER_SEQ, COUNTER_FENCING].into_iter().find(|known| *known == name)
+}
+
+/// A job inside a journaled write, as a versioned job record (the format
+/// byte and layout of [`codec::encode_job_into`]): a later change of the
+/// job's layout is then read by [`codec::decode_job`] alone.
+mod job_record {
+    use serde::de::Error as _;
+    use serde::ser::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::domain::Job;
+
+    pub fn serialize<S: Serializer>(job: &Job, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut buf = Vec::new();
+        super::codec::encode_job_into(&mut buf, job).map_err(S::Error::custom)?;
+        serializer.serialize_bytes(&buf)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Box<Job>, D::Error> {
+        let bytes = <std::borrow::Cow<'de, [u8]>>::deserialize(deserializer)?;
+        super::codec::decode_job(&bytes).map(Box::new).map_err(D::Error::custom)
     }
 }
 

@@ -38,13 +38,17 @@ use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
 use super::io_err;
+use crate::store::legacy::WriteV1;
 use crate::store::{StoreError, StoreResult, Write};
 
 /// The journal's file name in the data directory.
 pub(super) const FILE_NAME: &str = "tether.journal";
 
-/// The journal's record format: the first byte of every payload.
+/// The journal's record formats: the first byte of every payload. Format 1
+/// held jobs inline in job format 2's layout; format 2 holds each job as a
+/// versioned job record.
 const FORMAT_V1: u8 = 1;
+const FORMAT_V2: u8 = 2;
 
 /// Length, checksum, seq and run.
 const HEADER_BYTES: usize = 24;
@@ -142,7 +146,7 @@ impl Journal {
     pub fn append(&mut self, seq: u64, batches: &[&[Write]]) -> StoreResult<Appended> {
         self.buf.clear();
         self.buf.resize(HEADER_BYTES, 0);
-        self.buf.push(FORMAT_V1);
+        self.buf.push(FORMAT_V2);
         match postcard::to_extend(batches, std::mem::take(&mut self.buf)) {
             Ok(buf) => self.buf = buf,
             Err(e) => return Ok(Appended::Unencodable(e.to_string())),
@@ -210,9 +214,18 @@ impl RawRecord {
     pub fn decode(&self) -> StoreResult<Record> {
         let corrupt = |what: String| StoreError::Corrupt(format!("journal record {}: {what}", self.seq));
         match self.payload.split_first() {
-            Some((&FORMAT_V1, rest)) => postcard::from_bytes::<Vec<Vec<Write>>>(rest)
+            Some((&FORMAT_V2, rest)) => postcard::from_bytes::<Vec<Vec<Write>>>(rest)
                 .map(|batches| Record { seq: self.seq, batches })
                 .map_err(|e| corrupt(e.to_string())),
+            Some((&FORMAT_V1, rest)) => {
+                let batches = postcard::from_bytes::<Vec<Vec<WriteV1>>>(rest).map_err(|e| corrupt(e.to_string()))?;
+                let batches = batches
+                    .into_iter()
+                    .map(|batch| batch.into_iter().map(WriteV1::upgrade).collect::<Result<Vec<_>, _>>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(corrupt)?;
+                Ok(Record { seq: self.seq, batches })
+            }
             Some((format, _)) => {
                 Err(corrupt(format!("format {format} is newer than this release reads; run a newer tether")))
             }
@@ -355,10 +368,45 @@ mod tests {
     }
 
     /// The payload layout of every kind of write, frozen: if this fails, a
-    /// type inside `Write` changed its postcard layout. Raise `FORMAT_V1`'s
+    /// type inside `Write` changed its postcard layout. Raise `FORMAT_V2`'s
     /// successor, keep decoding the old format, then update the bytes.
     #[test]
     fn the_record_layout_is_frozen() {
+        let mut batch = every_kind_of_write();
+        // A job's record layout is frozen with it (job format 3).
+        let mut dashboard_job = conformance::job("d", 2, crate::domain::dashboard::DASHBOARD_QUEUE, None);
+        let mut dashboard = crate::domain::dashboard::DashboardJob::new(crate::domain::dashboard::DashboardSpec {
+            name: "build".into(),
+            requested_by: "ann".into(),
+            retry_of: Some("c".into()),
+        });
+        dashboard.record(&dashboard_job, None, "ann");
+        dashboard_job.dashboard = Some(Box::new(dashboard));
+        batch.push(Write::create(dashboard_job));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut journal, _) = Journal::open(dir.path()).expect("open");
+        assert_eq!(journal.append(1, &[batch.as_slice()]).expect("append"), Appended::Written);
+        let payload = journal.buf[HEADER_BYTES..].to_vec();
+        let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, FROZEN_LAYOUT, "the journal's record layout changed");
+        // And it reads back as written.
+        let decoded = RawRecord { seq: 1, payload }.decode().expect("decode");
+        assert_eq!(format!("{:?}", decoded.batches), format!("{:?}", vec![batch]));
+    }
+
+    /// A record the previous release (journal format 1) wrote still replays.
+    #[test]
+    fn a_format_1_record_reads_as_the_same_writes() {
+        let batch = every_kind_of_write();
+        let payload: Vec<u8> = (0..FROZEN_LAYOUT_V1.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&FROZEN_LAYOUT_V1[i..i + 2], 16).expect("hex"))
+            .collect();
+        let decoded = RawRecord { seq: 1, payload }.decode().expect("decode");
+        assert_eq!(format!("{:?}", decoded.batches), format!("{:?}", vec![batch]));
+    }
+
+    fn every_kind_of_write() -> Vec<Write> {
         use crate::domain::{Agent, Health, SchedulingStatus};
         use crate::store::{LogChunk, Transition};
         let t = |s: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000 + s);
@@ -397,18 +445,25 @@ mod tests {
             Write::AppendLog(chunk),
             Write::RaiseCounter { name: crate::store::COUNTER_FENCING, value: 7 },
         ];
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (mut journal, _) = Journal::open(dir.path()).expect("open");
-        assert_eq!(journal.append(1, &[batch.as_slice()]).expect("append"), Appended::Written);
-        let payload = journal.buf[HEADER_BYTES..].to_vec();
-        let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(hex, FROZEN_LAYOUT, "the journal's record layout changed");
-        // And it reads back as written.
-        let decoded = RawRecord { seq: 1, payload }.decode().expect("decode");
-        assert_eq!(format!("{:?}", decoded.batches), format!("{:?}", vec![batch]));
+        batch
     }
 
     const FROZEN_LAYOUT: &str = concat!(
+        "020109004f03016a0101710c7061796c6f6164206f66206a010764656661756c7401026f73056c696e7578031e000001",
+        "016b00000196010000000081e2cfaa060081e2cfaa060081e2cfaa0600000000000001000100000181e2cfaa06000000",
+        "0081e2cfaa0600000000014f03016a0101710c7061796c6f6164206f66206a010764656661756c7401026f73056c696e",
+        "7578031e000001016b00000196010200000081e2cfaa060081e2cfaa060081e2cfaa0600000000000002000101010002",
+        "0281e2cfaa060000000081e2cfaa0600000000020161016e017001026f73056c696e757804010000013180e2cfaa0600",
+        "81e2cfaa060000000000000000000000000000030170105468652064656661756c7420706f6f6c00a08d06000080e2cf",
+        "aa060080e2cfaa0600040170105468652064656661756c7420706f6f6c00a08d06000080e2cfaa060080e2cfaa060005",
+        "017006016a010201036f757483e2cfaa0600070d66656e63696e675f746f6b656e070077030164020b7465746865722e",
+        "6a6f62730c7061796c6f6164206f662064010764656661756c7401026f73056c696e7578031e00000000000196010000",
+        "000082e2cfaa060082e2cfaa060082e2cfaa060000000000000101056275696c6403616e6e0101630182e2cfaa060000",
+        "00000003616e6e0000000000",
+    );
+
+    /// [`every_kind_of_write`] as journal format 1 wrote it.
+    const FROZEN_LAYOUT_V1: &str = concat!(
         "01010800016a0101710c7061796c6f6164206f66206a010764656661756c7401026f73056c696e7578031e000001016b",
         "00000196010000000081e2cfaa060081e2cfaa060081e2cfaa06000000000000010100000181e2cfaa060000000081e2",
         "cfaa060000000001016a0101710c7061796c6f6164206f66206a010764656661756c7401026f73056c696e7578031e00",

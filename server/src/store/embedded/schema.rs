@@ -28,7 +28,7 @@ const KEY_SCHEMA_VERSION: &str = "schema_version";
 const KEY_WRITTEN_BY: &str = "written_by";
 
 /// The schema version this release writes, and the newest it opens.
-pub const SCHEMA_VERSION: u64 = 4;
+pub const SCHEMA_VERSION: u64 = 5;
 
 /// The version of a store without `store_meta`: written by a release before
 /// schema versions (up to commit 23acfb8).
@@ -60,6 +60,10 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     // Acknowledged writes may now be in the journal (tether.journal) and not
     // yet in this file: an older release would open the file without them.
     Migration { to: 4, what: "acknowledge writes from the journal (tether.journal)", apply: |_| Ok(()) },
+    // Job records of format 3 (dashboard jobs) and journal records of format
+    // 2: an older release would skip such jobs as corrupt. Older records are
+    // read as they are.
+    Migration { to: 5, what: "dashboard jobs (job record format 3, journal format 2)", apply: |_| Ok(()) },
 ];
 
 /// What `store_meta` says.

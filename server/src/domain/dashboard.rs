@@ -1,0 +1,386 @@
+//! The dashboard job: a named unit of CI/CD work (what to run, where, who
+//! asked). It runs as one queued job in [`DASHBOARD_QUEUE`] and is stored
+//! inside that job's record, so its status, its attempts and its history
+//! change in the same write as the queued job they follow: nothing can
+//! drift between the two, on either backend.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use super::job::{Job, JobState};
+
+/// The queue dashboard jobs are enqueued in.
+pub const DASHBOARD_QUEUE: &str = "tether.jobs";
+
+/// The most steps a job keeps; older ones are dropped (and counted) so a job
+/// with many attempts cannot outgrow a store item (DynamoDB's 400 KB: with
+/// the largest payload and result, steps get ~40 KB).
+pub const MAX_STEPS: usize = 100;
+
+/// The longest reason a step keeps (the job's full last error is its own
+/// field).
+pub const MAX_STEP_REASON: usize = 256;
+
+/// The actor of changes the server makes itself (lease expiry, timeouts).
+pub const SYSTEM_ACTOR: &str = "tether";
+
+/// What the requester asked for besides what to run (which is the queued
+/// job's payload, see [`ShellCommand`]); never changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DashboardSpec {
+    /// A display name, not unique.
+    pub name: String,
+    /// Who asked for the job.
+    pub requested_by: String,
+    /// The job this one re-runs (RetryJob), if any.
+    pub retry_of: Option<String>,
+}
+
+/// What a dashboard job runs: its queued job's payload, the JSON object the
+/// reference agent reads (`agent-sdk/src/shell.rs`). Kept only there, so a
+/// record holds it once.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ShellCommand {
+    pub command: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub workdir: String,
+}
+
+impl ShellCommand {
+    pub fn to_payload(&self) -> Vec<u8> {
+        // A struct of strings always serializes.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The command a payload holds; a payload that is not one (the job was
+    /// enqueued into the dashboard's queue by hand) reads as its text.
+    pub fn from_payload(payload: &[u8]) -> ShellCommand {
+        serde_json::from_slice(payload).unwrap_or_else(|_| ShellCommand {
+            command: String::from_utf8_lossy(payload).into_owned(),
+            ..Default::default()
+        })
+    }
+}
+
+/// A dashboard job's part of its queued job's record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DashboardJob {
+    pub spec: DashboardSpec,
+    /// Every state change, oldest first, at most [`MAX_STEPS`].
+    pub steps: Vec<JobStep>,
+    /// Steps dropped from the front to keep [`MAX_STEPS`].
+    pub dropped_steps: u32,
+    /// The exit code of the attempt being ended, set by the failure that
+    /// ends it and moved into its step.
+    pub pending_exit_code: Option<i32>,
+}
+
+/// One state change of a dashboard job's queued job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStep {
+    pub time: SystemTime,
+    /// `None` when the job was created.
+    pub from: Option<JobState>,
+    pub to: JobState,
+    pub attempt: u32,
+    /// The agent or worker of the attempt.
+    pub worker_id: String,
+    /// Who made the change: a requester, `agent:<id>`, `worker:<id>` or
+    /// [`SYSTEM_ACTOR`].
+    pub actor: String,
+    /// Why (an error, a cancel reason); empty when the change says enough.
+    pub reason: String,
+    pub exit_code: Option<i32>,
+}
+
+/// Who makes the changes of the operation being handled.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Actor {
+    /// The server itself: lease expiry, timeouts, lost agents.
+    #[default]
+    System,
+    /// A QueueService or AgentService caller, who names no one.
+    Operator,
+    /// The agent holding the job, over its stream.
+    Agent,
+    /// A unary worker holding the job.
+    Worker,
+    /// A named requester.
+    Named(String),
+}
+
+impl Actor {
+    /// The actor as a step records it.
+    pub fn describe(&self, job: &Job) -> String {
+        match self {
+            Actor::System => SYSTEM_ACTOR.to_string(),
+            Actor::Operator => "operator".to_string(),
+            Actor::Agent => format!("agent:{}", job.worker_id),
+            Actor::Worker => format!("worker:{}", job.worker_id),
+            Actor::Named(name) => name.clone(),
+        }
+    }
+}
+
+/// The dashboard's status of a job: the queued job's state, coarser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DashboardStatus {
+    Pending,
+    Running,
+    Success,
+    Failed,
+    Cancelled,
+}
+
+impl DashboardStatus {
+    pub const ALL: [DashboardStatus; 5] = [
+        DashboardStatus::Pending,
+        DashboardStatus::Running,
+        DashboardStatus::Success,
+        DashboardStatus::Failed,
+        DashboardStatus::Cancelled,
+    ];
+
+    pub fn of(state: JobState) -> DashboardStatus {
+        match state {
+            JobState::Queued => DashboardStatus::Pending,
+            JobState::Claimed | JobState::Running => DashboardStatus::Running,
+            JobState::Succeeded => DashboardStatus::Success,
+            JobState::Failed | JobState::DeadLettered => DashboardStatus::Failed,
+            JobState::Cancelled => DashboardStatus::Cancelled,
+        }
+    }
+
+    /// The queued-job states a status covers (for listing by status).
+    pub fn states(self) -> &'static [JobState] {
+        match self {
+            DashboardStatus::Pending => &[JobState::Queued],
+            DashboardStatus::Running => &[JobState::Claimed, JobState::Running],
+            DashboardStatus::Success => &[JobState::Succeeded],
+            DashboardStatus::Failed => &[JobState::Failed, JobState::DeadLettered],
+            DashboardStatus::Cancelled => &[JobState::Cancelled],
+        }
+    }
+}
+
+/// One attempt of a dashboard job, as its steps tell it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptView {
+    pub attempt: u32,
+    pub worker_id: String,
+    /// When the attempt was claimed.
+    pub claim_time: Option<SystemTime>,
+    /// When the agent reported it started.
+    pub start_time: Option<SystemTime>,
+    pub end_time: Option<SystemTime>,
+    /// The state the attempt ended in (QUEUED for an attempt that will be
+    /// retried); `None` while it runs.
+    pub outcome: Option<JobState>,
+    pub exit_code: Option<i32>,
+    pub reason: String,
+}
+
+impl DashboardJob {
+    pub fn new(spec: DashboardSpec) -> DashboardJob {
+        DashboardJob { spec, steps: Vec::new(), dropped_steps: 0, pending_exit_code: None }
+    }
+
+    /// Records the change that left `job` as it is, from `from`.
+    pub fn record(&mut self, job: &Job, from: Option<JobState>, actor: &str) {
+        let ends_attempt = from.is_some_and(JobState::is_active) && !job.state.is_active();
+        let exit_code = if ends_attempt { self.pending_exit_code.take() } else { None };
+        let reason = match job.state {
+            JobState::Queued if from.is_none() => "",
+            JobState::Queued | JobState::Failed | JobState::DeadLettered | JobState::Cancelled => &job.last_error,
+            _ => "",
+        };
+        let reason = truncated(reason, MAX_STEP_REASON).to_string();
+        if self.steps.len() >= MAX_STEPS {
+            self.steps.remove(0);
+            self.dropped_steps = self.dropped_steps.saturating_add(1);
+        }
+        self.steps.push(JobStep {
+            time: job.update_time,
+            from,
+            to: job.state,
+            attempt: job.attempt,
+            worker_id: job.worker_id.clone(),
+            actor: actor.to_string(),
+            reason,
+            exit_code,
+        });
+    }
+
+    /// The attempts its steps tell of, oldest first.
+    pub fn attempts(&self) -> Vec<AttemptView> {
+        let mut out: Vec<AttemptView> = Vec::new();
+        for step in &self.steps {
+            if step.attempt == 0 {
+                continue;
+            }
+            if out.last().is_none_or(|a| a.attempt != step.attempt) {
+                out.push(AttemptView {
+                    attempt: step.attempt,
+                    worker_id: step.worker_id.clone(),
+                    claim_time: None,
+                    start_time: None,
+                    end_time: None,
+                    outcome: None,
+                    exit_code: None,
+                    reason: String::new(),
+                });
+            }
+            let Some(a) = out.last_mut() else { continue };
+            match step.to {
+                JobState::Claimed => a.claim_time = Some(step.time),
+                JobState::Running => {
+                    a.start_time = Some(step.time);
+                    a.claim_time.get_or_insert(step.time);
+                }
+                _ if step.from.is_some_and(JobState::is_active) => {
+                    a.end_time = Some(step.time);
+                    a.outcome = Some(step.to);
+                    a.exit_code = step.exit_code;
+                    a.reason = step.reason.clone();
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a
+/// character boundary.
+fn truncated(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{JobSpec, Priority, RetryPolicy, Routing};
+    use bytes::Bytes;
+    use std::time::Duration;
+
+    fn job() -> Job {
+        let spec = JobSpec {
+            queue: DASHBOARD_QUEUE.into(),
+            payload: Bytes::new(),
+            priority: Priority::Normal,
+            routing: Routing::default(),
+            max_attempts: 3,
+            lease_duration: Duration::from_secs(30),
+            timeout: None,
+            idempotency_key: None,
+            not_before: None,
+            retry: RetryPolicy::any(),
+        };
+        Job::new("j".into(), 1, spec, SystemTime::UNIX_EPOCH)
+    }
+
+    fn dashboard() -> DashboardJob {
+        DashboardJob::new(DashboardSpec { name: "build".into(), requested_by: "ann".into(), retry_of: None })
+    }
+
+    fn at(job: &mut Job, secs: u64) {
+        job.update_time = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+    }
+
+    #[test]
+    fn attempts_are_read_from_the_steps() {
+        let mut d = dashboard();
+        let mut j = job();
+        d.record(&j, None, "ann");
+        for (attempt, worker) in [(1, "a1"), (2, "a2")] {
+            j.attempt = attempt;
+            j.worker_id = worker.into();
+            j.state = JobState::Claimed;
+            at(&mut j, u64::from(attempt) * 10);
+            d.record(&j, Some(JobState::Queued), SYSTEM_ACTOR);
+            j.state = JobState::Running;
+            at(&mut j, u64::from(attempt) * 10 + 1);
+            d.record(&j, Some(JobState::Claimed), "agent:a");
+            if attempt == 1 {
+                j.last_error = "exit 2".into();
+                d.pending_exit_code = Some(2);
+                j.state = JobState::Queued;
+            } else {
+                j.last_error = String::new();
+                j.state = JobState::Succeeded;
+            }
+            at(&mut j, u64::from(attempt) * 10 + 5);
+            d.record(&j, Some(JobState::Running), "agent:a");
+        }
+        let attempts = d.attempts();
+        assert_eq!(attempts.len(), 2);
+        assert_eq!(attempts[0].worker_id, "a1");
+        assert_eq!(attempts[0].outcome, Some(JobState::Queued));
+        assert_eq!(attempts[0].exit_code, Some(2));
+        assert_eq!(attempts[0].reason, "exit 2");
+        assert_eq!(attempts[0].start_time, Some(SystemTime::UNIX_EPOCH + Duration::from_secs(11)));
+        assert_eq!(attempts[1].outcome, Some(JobState::Succeeded));
+        assert_eq!(attempts[1].exit_code, None);
+        assert_eq!(attempts[1].end_time, Some(SystemTime::UNIX_EPOCH + Duration::from_secs(25)));
+        assert_eq!(d.steps[0].actor, "ann");
+        assert_eq!(d.steps.len(), 7);
+    }
+
+    #[test]
+    fn steps_are_capped_and_the_dropped_ones_counted() {
+        let mut d = dashboard();
+        let mut j = job();
+        for i in 0..(MAX_STEPS + 5) {
+            j.state = if i % 2 == 0 { JobState::Claimed } else { JobState::Queued };
+            d.record(&j, Some(JobState::Queued), SYSTEM_ACTOR);
+        }
+        assert_eq!(d.steps.len(), MAX_STEPS);
+        assert_eq!(d.dropped_steps, 5);
+    }
+
+    #[test]
+    fn a_long_reason_is_cut_on_a_character_boundary() {
+        let mut d = dashboard();
+        let mut j = job();
+        j.last_error = "é".repeat(MAX_STEP_REASON);
+        j.state = JobState::Failed;
+        d.record(&j, Some(JobState::Running), SYSTEM_ACTOR);
+        let reason = &d.steps[0].reason;
+        assert!(reason.len() <= MAX_STEP_REASON && reason.len() >= MAX_STEP_REASON - 1, "{}", reason.len());
+        assert!(reason.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn the_command_round_trips_through_the_payload() {
+        let cmd = ShellCommand {
+            command: "make \"all\"\n".into(),
+            env: [("CI".to_string(), "1".to_string())].into(),
+            workdir: "/src".into(),
+        };
+        assert_eq!(ShellCommand::from_payload(&cmd.to_payload()), cmd);
+        let bare = ShellCommand { command: "ls".into(), ..Default::default() };
+        assert_eq!(bare.to_payload(), br#"{"command":"ls"}"#);
+        assert_eq!(ShellCommand::from_payload(b"echo hi").command, "echo hi");
+    }
+
+    #[test]
+    fn every_state_has_one_status() {
+        for state in JobState::ALL {
+            let status = DashboardStatus::of(state);
+            assert!(status.states().contains(&state));
+            let covering = DashboardStatus::ALL.iter().filter(|s| s.states().contains(&state)).count();
+            assert_eq!(covering, 1, "{state:?}");
+        }
+    }
+}

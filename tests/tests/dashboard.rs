@@ -1,0 +1,365 @@
+//! DashboardService jobs end to end: a job's life through a real agent (the
+//! reference shell handler) with its attempts and history, exit codes,
+//! cancel pushed to the running agent, retry as a linked new job, listing
+//! with filters and pages that neither skip nor repeat while jobs arrive,
+//! and precise statuses for bad input. Runs on either backend
+//! (`TETHER_TEST_STORE`).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use tether::time::to_timestamp;
+use tether::v1 as pb;
+use tether::v1::dashboard_service_client::DashboardServiceClient;
+use tether_agent_sdk::shell::ShellHandler;
+use tether_agent_sdk::{Agent, AgentConfig, AgentHandle};
+use tether_tests::{epoch, job, wait_for_event, DataDir, Options, TestServer, WAIT};
+use tonic::transport::Channel;
+use tonic::Code;
+
+const QUEUE: &str = "tether.jobs";
+
+fn spawn_shell_agent(server: &TestServer, name: &str) -> AgentHandle {
+    let agent = Agent::new(AgentConfig::new(server.url.clone(), name).with_slots(2), ShellHandler::default());
+    let handle = agent.handle();
+    tokio::spawn(agent.run(futures::future::pending()));
+    handle
+}
+
+fn create(name: &str, command: &str) -> pb::CreateJobRequest {
+    pb::CreateJobRequest { name: name.into(), command: command.into(), ..Default::default() }
+}
+
+async fn create_job(d: &mut DashboardServiceClient<Channel>, req: pb::CreateJobRequest) -> pb::Job {
+    d.create_job(req).await.expect("create").into_inner().job.expect("job")
+}
+
+async fn get_job(d: &mut DashboardServiceClient<Channel>, id: &str) -> pb::Job {
+    d.get_job(pb::GetJobRequest { id: id.into() }).await.expect("get").into_inner().job.expect("job")
+}
+
+fn status(job: &pb::Job) -> pb::JobStatus {
+    pb::JobStatus::try_from(job.status).unwrap_or(pb::JobStatus::Unspecified)
+}
+
+fn to_state(t: &pb::JobTransition) -> pb::QueuedJobState {
+    pb::QueuedJobState::try_from(t.to_state).unwrap_or(pb::QueuedJobState::Unspecified)
+}
+
+/// Waits until the job's queued job reaches `state` (the dashboard job's
+/// record changes in the same write).
+async fn wait_state(
+    watch: &mut tonic::Streaming<pb::WatchQueueResponse>,
+    id: &str,
+    state: pb::QueuedJobState,
+) -> pb::QueuedJob {
+    wait_for_event(watch, |j| j.id == id && j.state == state as i32).await
+}
+
+async fn watch(server: &TestServer) -> tonic::Streaming<pb::WatchQueueResponse> {
+    let mut q = server.queue().await;
+    q.watch_queue(pb::WatchQueueRequest { queue: QUEUE.into(), ..Default::default() })
+        .await
+        .expect("watch")
+        .into_inner()
+}
+
+#[tokio::test]
+async fn a_job_runs_on_a_real_agent_with_its_attempts_and_history() {
+    let dir = DataDir::new();
+    let server = TestServer::start(&dir, Options::default()).await;
+    let agent = spawn_shell_agent(&server, "runner");
+    let agent_id = tokio::time::timeout(WAIT, agent.wait_connected()).await.expect("in time").expect("connected");
+    let mut events = watch(&server).await;
+    let mut d = server.dashboard().await;
+
+    let req = pb::CreateJobRequest {
+        env: [("GREETING".to_string(), "hello".to_string())].into(),
+        working_dir: "/".into(),
+        requested_by: "ann".into(),
+        ..create("greet", "printf '%s from %s' \"$GREETING\" \"$(pwd)\"")
+    };
+    let created = d.create_job(req).await.expect("create").into_inner();
+    assert!(created.created);
+    let job = created.job.expect("job");
+    assert_eq!((job.name.as_str(), job.requested_by.as_str()), ("greet", "ann"));
+    assert_eq!(job.env.get("GREETING").map(String::as_str), Some("hello"));
+    assert_eq!(job.max_attempts, 3);
+
+    let done = wait_state(&mut events, &job.id, pb::QueuedJobState::Succeeded).await;
+    assert_eq!(String::from_utf8_lossy(&done.result), "hello from /", "the agent ran the command with its env and dir");
+    let job = get_job(&mut d, &job.id).await;
+    assert_eq!(status(&job), pb::JobStatus::Success);
+    assert!(job.finish_time.is_some());
+    assert_eq!(job.attempts.len(), 1);
+    let attempt = &job.attempts[0];
+    assert_eq!((attempt.attempt, attempt.agent_id.as_str()), (1, agent_id.as_str()));
+    assert_eq!(attempt.outcome, pb::QueuedJobState::Succeeded as i32);
+    assert!(attempt.claim_time.is_some() && attempt.start_time.is_some() && attempt.end_time.is_some());
+    assert_eq!(attempt.exit_code, None);
+    let path: Vec<_> = job.transitions.iter().map(to_state).collect();
+    use pb::QueuedJobState as S;
+    assert_eq!(path, [S::Queued, S::Claimed, S::Running, S::Succeeded]);
+    assert_eq!(job.transitions[0].actor, "ann", "the creation is the requester's");
+    assert_eq!(job.transitions[0].from_state, S::Unspecified as i32);
+    assert_eq!(job.transitions[3].actor, format!("agent:{agent_id}"), "the result is the agent's");
+    for pair in job.transitions.windows(2) {
+        assert_eq!(pair[0].to_state, pair[1].from_state, "each change starts where the last ended");
+    }
+}
+
+#[tokio::test]
+async fn a_failed_command_keeps_its_exit_code_and_a_retry_is_a_linked_new_job() {
+    let dir = DataDir::new();
+    let server = TestServer::start(&dir, Options::default()).await;
+    let agent = spawn_shell_agent(&server, "runner");
+    tokio::time::timeout(WAIT, agent.wait_connected()).await.expect("in time").expect("connected");
+    let mut events = watch(&server).await;
+    let mut d = server.dashboard().await;
+
+    let job = create_job(&mut d, create("flaky", "echo broken >&2; exit 7")).await;
+    wait_state(&mut events, &job.id, pb::QueuedJobState::Failed).await;
+    let failed = get_job(&mut d, &job.id).await;
+    assert_eq!(status(&failed), pb::JobStatus::Failed);
+    assert_eq!(failed.attempts.len(), 1, "a failed command is not retried");
+    assert_eq!(failed.attempts[0].exit_code, Some(7));
+    assert!(failed.attempts[0].reason.contains('7'), "{}", failed.attempts[0].reason);
+    let last = failed.transitions.last().expect("transitions");
+    assert_eq!((last.exit_code, to_state(last)), (Some(7), pb::QueuedJobState::Failed));
+
+    let retried = d
+        .retry_job(pb::RetryJobRequest { id: job.id.clone(), requested_by: "bob".into() })
+        .await
+        .expect("retry")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_ne!(retried.id, job.id);
+    assert_eq!(
+        (retried.retry_of.as_str(), retried.requested_by.as_str(), retried.name.as_str()),
+        (job.id.as_str(), "bob", "flaky")
+    );
+    assert_eq!(retried.command, failed.command);
+    wait_state(&mut events, &retried.id, pb::QueuedJobState::Failed).await;
+
+    // A job that has not ended cannot be retried.
+    let waiting = pb::CreateJobRequest {
+        routing: Some(pb::Routing { pool: String::new(), required_labels: [("os".into(), "plan9".into())].into() }),
+        ..create("stuck", "true")
+    };
+    let waiting = create_job(&mut d, waiting).await;
+    assert_eq!(status(&waiting), pb::JobStatus::Pending);
+    let refused = d.retry_job(pb::RetryJobRequest { id: waiting.id, ..Default::default() }).await.expect_err("refused");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{}", refused.message());
+}
+
+#[tokio::test]
+async fn cancel_reaches_the_running_agent_and_is_recorded() {
+    let dir = DataDir::new();
+    let server = TestServer::start(&dir, Options::default()).await;
+    let agent = spawn_shell_agent(&server, "runner");
+    tokio::time::timeout(WAIT, agent.wait_connected()).await.expect("in time").expect("connected");
+    let mut events = watch(&server).await;
+    let mut d = server.dashboard().await;
+
+    let job = create_job(&mut d, create("long", "sleep 600")).await;
+    wait_state(&mut events, &job.id, pb::QueuedJobState::Running).await;
+    assert_eq!(status(&get_job(&mut d, &job.id).await), pb::JobStatus::Running);
+    let cancelled = d
+        .cancel_job(pb::CancelJobRequest {
+            id: job.id.clone(),
+            reason: "wrong branch".into(),
+            requested_by: "carol".into(),
+        })
+        .await
+        .expect("cancel")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(status(&cancelled), pb::JobStatus::Cancelled);
+    let last = cancelled.transitions.last().expect("transitions");
+    assert_eq!((last.actor.as_str(), last.reason.as_str()), ("carol", "wrong branch"));
+    assert_eq!(cancelled.attempts[0].outcome, pb::QueuedJobState::Cancelled as i32);
+
+    // The agent was told: its slot frees and the next job runs at once
+    // (the agent has 2 slots; one more sleeper fills the other).
+    let filler = create_job(&mut d, create("filler", "sleep 600")).await;
+    let next = create_job(&mut d, create("next", "true")).await;
+    wait_state(&mut events, &next.id, pb::QueuedJobState::Succeeded).await;
+    d.cancel_job(pb::CancelJobRequest { id: filler.id, ..Default::default() }).await.expect("cancel filler");
+
+    let again =
+        d.cancel_job(pb::CancelJobRequest { id: job.id.clone(), ..Default::default() }).await.expect_err("ended");
+    assert_eq!(again.code(), Code::FailedPrecondition, "{}", again.message());
+    let stored = get_job(&mut d, &job.id).await;
+    assert_eq!(stored.transitions.last().map(|t| t.actor.as_str()), Some("carol"), "the late report changes nothing");
+}
+
+#[tokio::test]
+async fn list_jobs_filters_and_pages_without_skips_or_repeats_while_jobs_arrive() {
+    let dir = DataDir::new();
+    let server = TestServer::start_manual(&dir).await;
+    let mut agents = server.agents().await;
+    agents
+        .create_agent_pool(pb::CreateAgentPoolRequest {
+            pool: Some(pb::AgentPool { name: "linux".into(), ..Default::default() }),
+        })
+        .await
+        .expect("create pool");
+    let mut d = server.dashboard().await;
+    let mut ann_in_linux = BTreeSet::new();
+    for i in 0..45 {
+        let pool = if i % 3 == 0 { "linux" } else { "default" };
+        let requester = if i % 2 == 0 { "ann" } else { "bob" };
+        let req = pb::CreateJobRequest {
+            requested_by: requester.into(),
+            routing: Some(pb::Routing { pool: pool.into(), ..Default::default() }),
+            ..create(&format!("job-{i}"), "true")
+        };
+        let job = create_job(&mut d, req).await;
+        if pool == "linux" && requester == "ann" {
+            ann_in_linux.insert(job.id);
+        }
+        server.advance(Duration::from_secs(1));
+    }
+    // A queued job of QueueService in the same queue is not listed.
+    server.queue().await.enqueue_job(job(QUEUE, "by hand")).await.expect("enqueue");
+
+    let filter =
+        pb::ListJobsRequest { pool: "linux".into(), requested_by: "ann".into(), page_size: 3, ..Default::default() };
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = d
+            .list_jobs(pb::ListJobsRequest { page_token: token.clone(), ..filter.clone() })
+            .await
+            .expect("list")
+            .into_inner();
+        assert!(page.jobs.len() <= 3);
+        for j in &page.jobs {
+            assert_eq!((j.routing.as_ref().map(|r| r.pool.as_str()), j.requested_by.as_str()), (Some("linux"), "ann"));
+        }
+        seen.extend(page.jobs.into_iter().map(|j| (j.create_time.map(|t| t.seconds), j.id)));
+        // Jobs that arrive while paging sort before the first page.
+        let req = pb::CreateJobRequest {
+            requested_by: "ann".into(),
+            routing: Some(pb::Routing { pool: "linux".into(), ..Default::default() }),
+            ..create("late", "true")
+        };
+        create_job(&mut d, req).await;
+        pages += 1;
+        assert!(pages < 50, "the listing ends");
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let ids: Vec<_> = seen.iter().map(|(_, id)| id.clone()).collect();
+    let unique: BTreeSet<_> = ids.iter().cloned().collect();
+    assert_eq!(unique.len(), ids.len(), "no job is listed twice");
+    assert_eq!(unique, ann_in_linux, "every matching job that existed is listed, and only those");
+    let times: Vec<_> = seen.iter().map(|(t, _)| *t).collect();
+    assert!(times.windows(2).all(|w| w[0] >= w[1]), "newest first: {times:?}");
+
+    // Status and creation-time filters.
+    let pending = pb::ListJobsRequest {
+        statuses: vec![pb::JobStatus::Pending as i32],
+        create_time_after: Some(to_timestamp(epoch() + Duration::from_secs(40))),
+        create_time_before: Some(to_timestamp(epoch() + Duration::from_secs(43))),
+        ..Default::default()
+    };
+    let page = d.list_jobs(pending).await.expect("list").into_inner();
+    let names: Vec<_> = page.jobs.iter().map(|j| j.name.as_str()).collect();
+    assert_eq!(names, ["job-42", "job-41", "job-40"]);
+    let none = pb::ListJobsRequest { statuses: vec![pb::JobStatus::Success as i32], ..Default::default() };
+    assert!(d.list_jobs(none).await.expect("list").into_inner().jobs.is_empty());
+}
+
+#[tokio::test]
+async fn bad_requests_get_precise_statuses() {
+    let dir = DataDir::new();
+    let server = TestServer::start_manual(&dir).await;
+    let mut d = server.dashboard().await;
+    let code = |r: Result<tonic::Response<pb::GetJobResponse>, tonic::Status>| r.expect_err("refused").code();
+
+    assert_eq!(code(d.get_job(pb::GetJobRequest { id: "nope".into() }).await), Code::NotFound);
+    assert_eq!(code(d.get_job(pb::GetJobRequest { id: String::new() }).await), Code::InvalidArgument);
+    let queued = server.queue().await.enqueue_job(job("q", "x")).await.expect("enqueue").into_inner().job.expect("job");
+    let not_dashboard = d.get_job(pb::GetJobRequest { id: queued.id.clone() }).await.expect_err("not a dashboard job");
+    assert_eq!(not_dashboard.code(), Code::NotFound);
+    assert!(not_dashboard.message().contains("dashboard job"), "{}", not_dashboard.message());
+    let cancel = d.cancel_job(pb::CancelJobRequest { id: queued.id, ..Default::default() }).await.expect_err("refused");
+    assert_eq!(cancel.code(), Code::NotFound);
+
+    let unknown_pool = pb::CreateJobRequest {
+        routing: Some(pb::Routing { pool: "nowhere".into(), ..Default::default() }),
+        ..create("x", "true")
+    };
+    let refused = d.create_job(unknown_pool).await.expect_err("unknown pool");
+    assert_eq!(refused.code(), Code::NotFound);
+    assert!(refused.message().contains("routing.pool"), "{}", refused.message());
+    for (req, field) in [
+        (create("", "true"), "name"),
+        (create("x", ""), "command"),
+        (pb::CreateJobRequest { max_attempts: 1000, ..create("x", "true") }, "max_attempts"),
+        (pb::CreateJobRequest { priority: 42, ..create("x", "true") }, "priority"),
+        (
+            pb::CreateJobRequest {
+                timeout: Some(prost_types::Duration { seconds: -1, nanos: 0 }),
+                ..create("x", "true")
+            },
+            "timeout",
+        ),
+        (pb::CreateJobRequest { command: "x".repeat(70_000), ..create("x", "") }, "command"),
+    ] {
+        let refused = d.create_job(req).await.expect_err("invalid");
+        assert_eq!(refused.code(), Code::InvalidArgument, "{field}: {}", refused.message());
+        assert_eq!(tether_tests::violated_fields(&refused), [field], "{}", refused.message());
+    }
+    for statuses in [vec![0], vec![99], vec![1, 2, 3, 4, 5, 1]] {
+        let refused = d.list_jobs(pb::ListJobsRequest { statuses, ..Default::default() }).await.expect_err("invalid");
+        assert_eq!(refused.code(), Code::InvalidArgument, "{}", refused.message());
+    }
+    let foreign = pb::ListJobsRequest { page_token: "bm9wZQ".into(), ..Default::default() };
+    assert_eq!(d.list_jobs(foreign).await.expect_err("foreign token").code(), Code::InvalidArgument);
+    // A queue listing's token is not a dashboard listing's.
+    let mut q = server.queue().await;
+    for _ in 0..2 {
+        q.enqueue_job(job("q", "y")).await.expect("enqueue");
+    }
+    let queue_page =
+        q.list_queued_jobs(pb::ListQueuedJobsRequest { page_size: 1, ..Default::default() }).await.expect("list");
+    let token = queue_page.into_inner().next_page_token;
+    assert!(!token.is_empty());
+    let crossed = pb::ListJobsRequest { page_token: token, ..Default::default() };
+    assert_eq!(d.list_jobs(crossed).await.expect_err("a queue token").code(), Code::InvalidArgument);
+
+    // Idempotency: the same request returns the same job; another request
+    // with the key is refused.
+    let keyed = pb::CreateJobRequest { idempotency_key: "k1".into(), ..create("x", "true") };
+    let first = d.create_job(keyed.clone()).await.expect("create").into_inner();
+    let again = d.create_job(keyed.clone()).await.expect("create").into_inner();
+    assert!(first.created && !again.created);
+    assert_eq!(first.job.map(|j| j.id), again.job.map(|j| j.id));
+    let other = pb::CreateJobRequest { command: "false".into(), ..keyed };
+    assert_eq!(d.create_job(other).await.expect_err("key taken").code(), Code::AlreadyExists);
+}
+
+#[tokio::test]
+async fn dashboard_jobs_survive_a_restart() {
+    let dir = DataDir::new();
+    let id = {
+        let server = TestServer::start_manual(&dir).await;
+        let mut d = server.dashboard().await;
+        let req = pb::CreateJobRequest { requested_by: "ann".into(), ..create("kept", "make") };
+        let job = create_job(&mut d, req).await;
+        server.stop().await;
+        job.id
+    };
+    let server = TestServer::start_manual(&dir).await;
+    let mut d = server.dashboard().await;
+    let job = get_job(&mut d, &id).await;
+    assert_eq!((job.name.as_str(), job.command.as_str(), job.requested_by.as_str()), ("kept", "make", "ann"));
+    assert_eq!(job.transitions.len(), 1);
+}
