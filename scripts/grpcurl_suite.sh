@@ -133,7 +133,7 @@ contains() {
 
 echo "==> reflection"
 g "$ADDR" list
-for service in tether.v1.QueueService tether.v1.AgentService grpc.health.v1.Health \
+for service in tether.v1.QueueService tether.v1.AgentService tether.v1.DashboardService grpc.health.v1.Health \
   grpc.reflection.v1.ServerReflection grpc.reflection.v1alpha.ServerReflection; do
   if [[ $RC -eq 0 ]] && grep -qx "$service" <<<"$OUT"; then ok "list shows $service"; else not_ok "list shows $service" "$OUT"; fi
 done
@@ -223,6 +223,22 @@ rpc AgentService/UpdateAgentStatus '{"id":"'"$AGENT"'","schedulingStatus":"AGENT
 expect "UpdateAgentStatus cordons" 'j["agent"]["schedulingStatus"] == "AGENT_SCHEDULING_STATUS_CORDONED"'
 rpc AgentService/ListAgents '{"pool":"grpcurl-pool"}'
 expect "ListAgents" "[a[\"id\"] for a in j[\"agents\"]] == [\"$AGENT\"]"
+
+echo "==> dashboard jobs"
+rpc DashboardService/CreateJob '{"name":"grpcurl-build","command":"make test","env":{"CI":"1"},"routing":{"pool":"grpcurl-pool"},"requestedBy":"ops"}'
+expect "CreateJob" 'j["created"] and j["job"]["status"] == "JOB_STATUS_PENDING" and j["job"]["env"] == {"CI": "1"}'
+DJOB=$(field 'j["job"]["id"]' 2>/dev/null || true)
+rpc DashboardService/GetJob '{"id":"'"$DJOB"'"}'
+expect "GetJob says why it waits (the pool's only agent is cordoned)" \
+  'j["job"]["pendingReason"]["kind"] in ("WAIT_KIND_NO_AGENT_IN_POOL", "WAIT_KIND_AGENTS_UNAVAILABLE") and j["job"]["transitions"][0]["actor"] == "user:ops"'
+rpc DashboardService/ListJobs '{"statuses":["JOB_STATUS_PENDING"],"requestedBy":"ops"}'
+expect "ListJobs by status and requester" "[x[\"id\"] for x in j[\"jobs\"]] == [\"$DJOB\"]"
+rpc DashboardService/CancelJob '{"id":"'"$DJOB"'","reason":"not today","requestedBy":"ops"}'
+expect "CancelJob records who and why" 'j["job"]["status"] == "JOB_STATUS_CANCELLED" and j["job"]["transitions"][-1]["reason"] == "not today"'
+rpc DashboardService/RetryJob '{"id":"'"$DJOB"'"}'
+expect "RetryJob links the new job" "j[\"job\"][\"retryOf\"] == \"$DJOB\" and j[\"job\"][\"requestedBy\"] == \"anonymous\""
+rpc DashboardService/ListJobs '{"statuses":["JOB_STATUS_UNSPECIFIED"]}'
+expect_error "an unspecified status filter is InvalidArgument" InvalidArgument "statuses[0]"
 
 echo "==> errors"
 rpc QueueService/EnqueueJob '{"queue":""}'

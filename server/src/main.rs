@@ -1,5 +1,5 @@
 //! `tether`: runs the control plane server (`tether server`) and the
-//! operator CLI (`tether queue …`, `tether agents …`, `tether pools …`).
+//! operator CLI (`tether queue …`, `tether jobs …`, `tether agents …`, `tether pools …`).
 
 use std::process::ExitCode;
 use std::sync::Arc;

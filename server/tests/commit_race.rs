@@ -140,3 +140,32 @@ async fn a_session_nobody_reads_ends_at_its_first_push() {
     let view = engine.get_agent(welcome.agent_id.clone()).await.expect("agent");
     assert!(!view.connected, "the unread session ended");
 }
+
+/// A watcher that starts while a change is made but not yet committed
+/// reads the log from a head without it, and must still be woken when it
+/// commits (the engine's per-change broadcast goes only to receivers that
+/// existed when the change was made; here there were none).
+#[tokio::test]
+async fn a_watcher_that_starts_during_a_commit_is_woken_by_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let gate = Gate(Arc::new(Semaphore::new(1 << 20)));
+    let store = Arc::new(HookedStore {
+        inner: EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open store"),
+        hook: gate.clone(),
+    });
+    let clock = ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+    let (engine, _task) =
+        EngineHandle::start(store.clone() as Arc<dyn Store>, Arc::new(clock), EngineConfig::default())
+            .await
+            .expect("start");
+    gate.close();
+    let enqueued = send(Box::pin(engine.enqueue(vec![spec()]))).await;
+    // What a watch from now does: subscribe, then read the head.
+    let mut wake = engine.subscribe_log();
+    let head = engine.event_heads().await.expect("heads");
+    gate.open();
+    let job = tokio::time::timeout(WAIT, enqueued).await.expect("answered").expect("enqueue").remove(0).0;
+    tokio::time::timeout(WAIT, wake.changed()).await.expect("woken by the commit").expect("engine alive");
+    let (events, _) = engine.read_events("cursor", &head, 10).await.expect("read");
+    assert_eq!(events.iter().map(|e| e.job.id.as_str()).collect::<Vec<_>>(), [job.id.as_str()]);
+}

@@ -100,7 +100,8 @@ async fn a_job_runs_on_a_real_agent_with_its_attempts_and_history() {
     let path: Vec<_> = job.transitions.iter().map(to_state).collect();
     use pb::QueuedJobState as S;
     assert_eq!(path, [S::Queued, S::Claimed, S::Running, S::Succeeded]);
-    assert_eq!(job.transitions[0].actor, "ann", "the creation is the requester's");
+    assert_eq!(job.transitions[0].actor, "user:ann", "the creation is the requester's");
+    assert_eq!(job.transitions[1].actor, "tether", "the dispatcher claimed it");
     assert_eq!(job.transitions[0].from_state, S::Unspecified as i32);
     assert_eq!(job.transitions[3].actor, format!("agent:{agent_id}"), "the result is the agent's");
     for pair in job.transitions.windows(2) {
@@ -128,7 +129,7 @@ async fn a_failed_command_keeps_its_exit_code_and_a_retry_is_a_linked_new_job() 
     assert_eq!((last.exit_code, to_state(last)), (Some(7), pb::QueuedJobState::Failed));
 
     let retried = d
-        .retry_job(pb::RetryJobRequest { id: job.id.clone(), requested_by: "bob".into() })
+        .retry_job(pb::RetryJobRequest { id: job.id.clone(), requested_by: "bob".into(), ..Default::default() })
         .await
         .expect("retry")
         .into_inner()
@@ -178,7 +179,7 @@ async fn cancel_reaches_the_running_agent_and_is_recorded() {
         .expect("job");
     assert_eq!(status(&cancelled), pb::JobStatus::Cancelled);
     let last = cancelled.transitions.last().expect("transitions");
-    assert_eq!((last.actor.as_str(), last.reason.as_str()), ("carol", "wrong branch"));
+    assert_eq!((last.actor.as_str(), last.reason.as_str()), ("user:carol", "wrong branch"));
     assert_eq!(cancelled.attempts[0].outcome, pb::QueuedJobState::Cancelled as i32);
 
     // The agent was told: its slot frees and the next job runs at once
@@ -192,7 +193,11 @@ async fn cancel_reaches_the_running_agent_and_is_recorded() {
         d.cancel_job(pb::CancelJobRequest { id: job.id.clone(), ..Default::default() }).await.expect_err("ended");
     assert_eq!(again.code(), Code::FailedPrecondition, "{}", again.message());
     let stored = get_job(&mut d, &job.id).await;
-    assert_eq!(stored.transitions.last().map(|t| t.actor.as_str()), Some("carol"), "the late report changes nothing");
+    assert_eq!(
+        stored.transitions.last().map(|t| t.actor.as_str()),
+        Some("user:carol"),
+        "the late report changes nothing"
+    );
 }
 
 #[tokio::test]
@@ -362,4 +367,164 @@ async fn dashboard_jobs_survive_a_restart() {
     let job = get_job(&mut d, &id).await;
     assert_eq!((job.name.as_str(), job.command.as_str(), job.requested_by.as_str()), ("kept", "make", "ann"));
     assert_eq!(job.transitions.len(), 1);
+}
+
+fn pending(job: &pb::Job) -> (pb::WaitKind, pb::PendingReason) {
+    let reason = job.pending_reason.clone().expect("a pending job says why it waits");
+    (pb::WaitKind::try_from(reason.kind).unwrap_or(pb::WaitKind::Unspecified), reason)
+}
+
+#[tokio::test]
+async fn a_pending_job_says_why_it_waits() {
+    let dir = DataDir::new();
+    let server = TestServer::start_manual(&dir).await;
+    let mut d = server.dashboard().await;
+
+    let first = create_job(&mut d, create("first", "true")).await;
+    let (kind, reason) = pending(&get_job(&mut d, &first.id).await);
+    assert_eq!(kind, pb::WaitKind::NoAgentInPool);
+    assert_eq!(reason.summary, "no agent of pool \"default\" is connected");
+    assert_eq!(reason.jobs_ahead, Some(0));
+
+    // One agent with one slot takes the first job; the next waits for it.
+    let mut raw = tether_tests::hello("linux-1", 1);
+    raw.labels = [("os".to_string(), "linux".to_string())].into();
+    let mut agent = tether_tests::RawAgent::connect(&server, raw).await.expect("connect");
+    let assignment = agent.next_assignment().await;
+    assert_eq!(assignment.job.as_ref().map(|r| r.job_id.as_str()), Some(first.id.as_str()));
+    let second = create_job(&mut d, create("second", "true")).await;
+    let third = create_job(&mut d, create("third", "true")).await;
+    let (kind, reason) = pending(&get_job(&mut d, &third.id).await);
+    assert_eq!(kind, pb::WaitKind::AgentsBusy);
+    assert_eq!((reason.matching_agents, reason.busy_slots, reason.total_slots), (1, 1, 1));
+    assert_eq!(reason.jobs_ahead, Some(1), "the second job is ahead of it");
+    assert_eq!(pending(&get_job(&mut d, &second.id).await).1.jobs_ahead, Some(0));
+
+    // Labels no agent has are named.
+    let gpu = pb::CreateJobRequest {
+        routing: Some(pb::Routing {
+            pool: String::new(),
+            required_labels: [("os".to_string(), "linux".to_string()), ("gpu".to_string(), "a100".to_string())].into(),
+        }),
+        ..create("gpu", "true")
+    };
+    let gpu = create_job(&mut d, gpu).await;
+    let (kind, reason) = pending(&get_job(&mut d, &gpu.id).await);
+    assert_eq!(kind, pb::WaitKind::NoAgentWithLabels);
+    assert_eq!(reason.missing_labels, [("gpu".to_string(), "a100".to_string())].into());
+    assert_eq!(reason.pool_agents, 1);
+
+    // A cordoned agent takes no work.
+    let mut agents = server.agents().await;
+    agents
+        .update_agent_status(pb::UpdateAgentStatusRequest {
+            id: agent.agent_id.clone(),
+            scheduling_status: pb::AgentSchedulingStatus::Cordoned as i32,
+            reason: "maintenance".into(),
+        })
+        .await
+        .expect("cordon");
+    let (kind, reason) = pending(&get_job(&mut d, &second.id).await);
+    assert_eq!(kind, pb::WaitKind::AgentsUnavailable);
+    assert_eq!(reason.cordoned_agents, 1);
+    assert!(reason.summary.contains("1 cordoned"), "{}", reason.summary);
+
+    // The agent goes away and its grace ends: the first job's lost attempt
+    // is retried after a backoff, until a time it names.
+    let agent_id = agent.agent_id.clone();
+    agent.kill();
+    tether_tests::wait_until("the agent is seen gone", || async {
+        !tether_tests::agent_connected(&server, &agent_id).await
+    })
+    .await;
+    server.advance(Duration::from_secs(6));
+    let d2 = d.clone();
+    let first_id = first.id.clone();
+    tether_tests::wait_until("the lost attempt is requeued", move || {
+        let mut d = d2.clone();
+        let id = first_id.clone();
+        async move {
+            d.get_job(pb::GetJobRequest { id })
+                .await
+                .is_ok_and(|r| r.into_inner().job.is_some_and(|j| j.status == pb::JobStatus::Pending as i32))
+        }
+    })
+    .await;
+    let requeued = get_job(&mut d, &first.id).await;
+    let (kind, reason) = pending(&requeued);
+    assert_eq!(kind, pb::WaitKind::RetryBackoff, "{}", reason.summary);
+    assert!(reason.wait_until.is_some());
+    assert_eq!(reason.jobs_ahead, None, "not dispatchable yet");
+    assert_eq!(requeued.attempts[0].outcome, pb::QueuedJobState::Queued as i32);
+    assert_eq!(requeued.transitions.last().map(|t| t.actor.as_str()), Some("tether"), "the server requeued it");
+    // Ended and running jobs carry no pending reason.
+    d.cancel_job(pb::CancelJobRequest { id: third.id.clone(), ..Default::default() }).await.expect("cancel");
+    assert!(get_job(&mut d, &third.id).await.pending_reason.is_none());
+}
+
+#[tokio::test]
+async fn a_job_whose_attempts_are_lost_ends_failed_and_can_only_be_retried() {
+    let dir = DataDir::new();
+    let server = TestServer::start_manual(&dir).await;
+    let mut d = server.dashboard().await;
+    let mut q = server.queue().await;
+    let job = create_job(&mut d, pb::CreateJobRequest { max_attempts: 1, ..create("lost", "true") }).await;
+    let claimed = q
+        .claim_job(pb::ClaimJobRequest { worker_id: "w1".into(), queue: QUEUE.into(), ..Default::default() })
+        .await
+        .expect("claim")
+        .into_inner()
+        .job
+        .expect("a job");
+    assert_eq!(claimed.id, job.id);
+    // Its lease runs out: the one attempt is lost and the job dead-lettered.
+    // (Past the lease and the tolerated clock skew of a shared store.)
+    server.advance(Duration::from_secs(40));
+    let d2 = d.clone();
+    let id = job.id.clone();
+    tether_tests::wait_until("the lease expires", move || {
+        let mut d = d2.clone();
+        let id = id.clone();
+        async move {
+            d.get_job(pb::GetJobRequest { id })
+                .await
+                .is_ok_and(|r| r.into_inner().job.is_some_and(|j| j.status == pb::JobStatus::Failed as i32))
+        }
+    })
+    .await;
+    let failed = get_job(&mut d, &job.id).await;
+    assert_eq!(failed.queued_state, pb::QueuedJobState::DeadLettered as i32);
+    assert_eq!(failed.attempts.len(), 1);
+    assert_eq!(failed.attempts[0].outcome, pb::QueuedJobState::DeadLettered as i32);
+    let ends = failed.transitions.last().expect("transitions");
+    assert_eq!((ends.actor.as_str(), ends.attempt), ("tether", 1), "the server ended it");
+    assert_eq!(failed.transitions[1].actor, "worker:w1", "the worker claimed it");
+
+    // FAILED has ended: cancel is refused, retry is not; a repeated retry
+    // with its idempotency key gives the same new job.
+    // (On a shared store the reaping write can still be committing when
+    // GetJob reads it: the cancel is then UNAVAILABLE, retryable.)
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let refused = loop {
+        let err =
+            d.cancel_job(pb::CancelJobRequest { id: job.id.clone(), ..Default::default() }).await.expect_err("ended");
+        if err.code() != Code::Unavailable || tokio::time::Instant::now() > deadline {
+            break err;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{}", refused.message());
+    let retry = pb::RetryJobRequest { id: job.id.clone(), idempotency_key: "again-1".into(), ..Default::default() };
+    let first = d.retry_job(retry.clone()).await.expect("retry").into_inner();
+    let second = d.retry_job(retry).await.expect("retry").into_inner();
+    assert!(first.created && !second.created);
+    assert_eq!(first.job.map(|j| j.id), second.job.map(|j| j.id));
+
+    // A key repeated with another name or requester is another request.
+    let keyed = pb::CreateJobRequest { idempotency_key: "k".into(), ..create("one", "true") };
+    d.create_job(keyed.clone()).await.expect("create");
+    let renamed = pb::CreateJobRequest { name: "two".into(), ..keyed.clone() };
+    assert_eq!(d.create_job(renamed).await.expect_err("taken").code(), Code::AlreadyExists);
+    let other_requester = pb::CreateJobRequest { requested_by: "eve".into(), ..keyed };
+    assert_eq!(d.create_job(other_requester).await.expect_err("taken").code(), Code::AlreadyExists);
 }

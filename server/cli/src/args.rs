@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, Subcommand, ValueEnum};
-use tether::v1::{AgentHealth, Priority, QueuedJobState};
+use tether::v1::{AgentHealth, JobStatus, Priority, QueuedJobState};
 
 use crate::parse;
 
@@ -76,6 +76,9 @@ pub enum Command {
     /// Queue operations
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// CI/CD jobs: what to run, where, who asked, and their history
+    #[command(subcommand)]
+    Jobs(JobsCommand),
     /// Agent operations
     #[command(subcommand)]
     Agents(AgentsCommand),
@@ -237,6 +240,135 @@ pub struct DeadLettersArgs {
     /// Only jobs of this queue (default: all queues).
     #[arg(long)]
     pub queue: Option<String>,
+
+    /// Paging.
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+/// `tether jobs …`: the jobs of the dashboard (DashboardService). Each runs
+/// as a queued job with the same id in the queue `tether.jobs`.
+#[derive(Subcommand, Debug)]
+pub enum JobsCommand {
+    /// Create a job; prints its id
+    Create(CreateJobArgs),
+    /// Show one job with why it waits, its attempts and its history
+    Get {
+        /// The job id.
+        id: String,
+    },
+    /// List jobs, newest first
+    List(ListDashboardJobsArgs),
+    /// Cancel a pending or running job (a running job's agent is told to
+    /// stop it)
+    Cancel {
+        /// The job id.
+        id: String,
+        /// Why; recorded in the job's history.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Who cancels [default: $TETHER_REQUESTED_BY, else $USER].
+        #[arg(long, value_name = "WHO")]
+        requested_by: Option<String>,
+    },
+    /// Run an ended job again as a new job; prints the new id
+    Retry {
+        /// The id of the ended job.
+        id: String,
+        /// Who asks [default: $TETHER_REQUESTED_BY, else $USER].
+        #[arg(long, value_name = "WHO")]
+        requested_by: Option<String>,
+        /// Retry at most once per key: repeating the same request returns
+        /// the new job it created first.
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
+        /// Wait until the new job ends, then print it; exit code 0 only if
+        /// it succeeded.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+/// Arguments of `tether jobs create`.
+#[derive(Args, Debug, Clone)]
+pub struct CreateJobArgs {
+    /// A display name.
+    #[arg(long)]
+    pub name: String,
+
+    /// The shell command or script the agent runs.
+    #[arg(long, value_name = "SHELL")]
+    pub command: String,
+
+    /// An environment variable for the command, as NAME=value (repeatable).
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse::parse_env_var)]
+    pub env: Vec<(String, String)>,
+
+    /// The command's working directory on the agent [default: the agent's].
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<String>,
+
+    /// The agent pool that must run the job [default: the server's "default"].
+    #[arg(long)]
+    pub pool: Option<String>,
+
+    /// A label the agent must carry, as key=value (repeatable).
+    #[arg(long = "require-label", value_name = "KEY=VALUE", value_parser = parse::parse_label)]
+    pub require_labels: Vec<(String, String)>,
+
+    /// Dispatch priority: low, normal, high or critical [default: normal].
+    #[arg(long, value_parser = parse::parse_priority)]
+    pub priority: Option<Priority>,
+
+    /// The longest one attempt may run, e.g. 10m [default: no limit].
+    #[arg(long, value_name = "DURATION", value_parser = parse::parse_duration)]
+    pub timeout: Option<Duration>,
+
+    /// Attempts the job gets in all (1-100); only lost attempts (the agent
+    /// went away) are retried, a command that fails or times out is not
+    /// [default: 3].
+    #[arg(long, value_name = "N")]
+    pub max_attempts: Option<u32>,
+
+    /// Who asks [default: $TETHER_REQUESTED_BY, else $USER].
+    #[arg(long, value_name = "WHO")]
+    pub requested_by: Option<String>,
+
+    /// Create at most once per key: repeating the same request returns the
+    /// existing job.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+
+    /// Wait until the job ends, then print it; exit code 0 only if it
+    /// succeeded.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// Arguments of `tether jobs list`.
+#[derive(Args, Debug, Clone)]
+pub struct ListDashboardJobsArgs {
+    /// Only jobs with these statuses (repeatable or comma-separated):
+    /// pending, running, success, failed, cancelled.
+    #[arg(long = "status", value_name = "STATUS", value_delimiter = ',', value_parser = parse::parse_job_status)]
+    pub statuses: Vec<JobStatus>,
+
+    /// Only jobs routed to this pool (default: every pool).
+    #[arg(long)]
+    pub pool: Option<String>,
+
+    /// Only jobs requested by exactly this requester (default: anyone).
+    #[arg(long, value_name = "WHO")]
+    pub requested_by: Option<String>,
+
+    /// Only jobs created at or after this time: RFC 3339
+    /// (2030-01-02T15:04:05Z) or relative (-1h for an hour ago).
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true, value_parser = parse::parse_filter_time)]
+    pub created_after: Option<SystemTime>,
+
+    /// Only jobs created before this time: RFC 3339 or relative (-30m).
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true, value_parser = parse::parse_filter_time)]
+    pub created_before: Option<SystemTime>,
 
     /// Paging.
     #[command(flatten)]
@@ -518,6 +650,19 @@ mod tests {
             &["pools", "scaling", "p", "--interval", "2s"],
             &["pools", "scaling", "p", "--watch", "--interval", "0s"],
             &["pools", "scaling"],
+            &["jobs", "create", "--name", "n"],
+            &["jobs", "create", "--command", "true"],
+            &["jobs", "create", "--name", "n", "--command", "true", "--env", "NOVALUE"],
+            &["jobs", "create", "--name", "n", "--command", "true", "--timeout", "10"],
+            &["jobs", "create", "--name", "n", "--command", "true", "--priority", "urgent"],
+            &["jobs", "create", "--name", "n", "--command", "true", "--max-attempts", "-1"],
+            &["jobs", "list", "--status", "done"],
+            &["jobs", "list", "--status", "queued"],
+            &["jobs", "list", "--created-after", "yesterday"],
+            &["jobs", "list", "--all", "--page-token", "t"],
+            &["jobs", "get"],
+            &["jobs", "cancel"],
+            &["jobs", "retry"],
         ] {
             let err = parse(args).expect_err(&format!("{args:?} should fail"));
             // Exit code 2 is how clap reports bad usage.
@@ -619,6 +764,104 @@ mod tests {
             let cli = parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
             assert!(matches!(cli.command, Command::Agents(_)), "{args:?}");
         }
+    }
+
+    #[test]
+    fn jobs_create_parses_every_flag() {
+        let cli = parse(&[
+            "jobs",
+            "create",
+            "--name",
+            "build",
+            "--command",
+            "make test",
+            "--env",
+            "CI=1",
+            "--env",
+            "OPTS=a=b",
+            "--workdir",
+            "/src",
+            "--pool",
+            "linux",
+            "--require-label",
+            "arch=arm64",
+            "--priority",
+            "high",
+            "--timeout",
+            "10m",
+            "--max-attempts",
+            "5",
+            "--requested-by",
+            "ann",
+            "--idempotency-key",
+            "k1",
+            "--wait",
+        ])
+        .expect("parses");
+        let Command::Jobs(JobsCommand::Create(c)) = cli.command else {
+            panic!("not jobs create: {:?}", cli.command);
+        };
+        assert_eq!((c.name.as_str(), c.command.as_str()), ("build", "make test"));
+        assert_eq!(c.env, [("CI".into(), "1".into()), ("OPTS".into(), "a=b".into())]);
+        assert_eq!(c.workdir.as_deref(), Some("/src"));
+        assert_eq!(c.pool.as_deref(), Some("linux"));
+        assert_eq!(c.require_labels, [("arch".into(), "arm64".into())]);
+        assert_eq!(c.priority, Some(Priority::High));
+        assert_eq!(c.timeout, Some(Duration::from_secs(600)));
+        assert_eq!(c.max_attempts, Some(5));
+        assert_eq!(c.requested_by.as_deref(), Some("ann"));
+        assert_eq!(c.idempotency_key.as_deref(), Some("k1"));
+        assert!(c.wait);
+    }
+
+    #[test]
+    fn jobs_list_cancel_and_retry_parse() {
+        let cli = parse(&[
+            "jobs",
+            "list",
+            "--status",
+            "pending,running",
+            "--status",
+            "success",
+            "--pool",
+            "gpu",
+            "--requested-by",
+            "ann",
+            "--created-after",
+            "-1h",
+            "--created-before",
+            "2030-01-02T03:04:05Z",
+            "--limit",
+            "5",
+            "--all",
+        ])
+        .expect("parses");
+        let Command::Jobs(JobsCommand::List(l)) = cli.command else {
+            panic!("not jobs list");
+        };
+        assert_eq!(l.statuses, [JobStatus::Pending, JobStatus::Running, JobStatus::Success]);
+        assert_eq!((l.pool.as_deref(), l.requested_by.as_deref()), (Some("gpu"), Some("ann")));
+        assert!(l.created_after.is_some_and(|t| t < SystemTime::now()));
+        assert!(l.created_before.is_some());
+        assert_eq!((l.page.limit, l.page.all), (Some(5), true));
+
+        let cli =
+            parse(&["jobs", "cancel", "j-1", "--reason", "wrong branch", "--requested-by", "bob"]).expect("parses");
+        let Command::Jobs(JobsCommand::Cancel { id, reason, requested_by }) = cli.command else {
+            panic!("not jobs cancel");
+        };
+        assert_eq!(
+            (id.as_str(), reason.as_deref(), requested_by.as_deref()),
+            ("j-1", Some("wrong branch"), Some("bob"))
+        );
+        let cli = parse(&["jobs", "retry", "j-1", "--wait", "--idempotency-key", "k"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Jobs(JobsCommand::Retry { ref id, requested_by: None, idempotency_key: Some(ref key), wait: true })
+                if id == "j-1" && key == "k"
+        ));
+        let cli = parse(&["jobs", "get", "j-1", "--output", "json"]).expect("parses");
+        assert!(matches!(cli.command, Command::Jobs(JobsCommand::Get { ref id }) if id == "j-1"));
     }
 
     #[test]

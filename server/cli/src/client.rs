@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tether::v1::agent_service_client::AgentServiceClient;
+use tether::v1::dashboard_service_client::DashboardServiceClient;
 use tether::v1::queue_service_client::QueueServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
@@ -23,12 +24,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// tonic's 4 MiB default would turn a big listing into an error.
 const MAX_RESPONSE_BYTES: usize = 256 << 20;
 
-/// Both service clients on one lazily-connected channel, plus the
+/// Every service client on one lazily-connected channel, plus the
 /// credential to attach to every request.
 #[derive(Clone)]
 pub(crate) struct Clients {
     pub queue: QueueServiceClient<Channel>,
     pub agents: AgentServiceClient<Channel>,
+    pub dashboard: DashboardServiceClient<Channel>,
     authorization: Option<MetadataValue<Ascii>>,
 }
 
@@ -59,7 +61,8 @@ impl Clients {
         };
         Ok(Self {
             queue: QueueServiceClient::new(channel.clone()).max_decoding_message_size(MAX_RESPONSE_BYTES),
-            agents: AgentServiceClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES),
+            agents: AgentServiceClient::new(channel.clone()).max_decoding_message_size(MAX_RESPONSE_BYTES),
+            dashboard: DashboardServiceClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES),
             authorization,
         })
     }

@@ -27,6 +27,8 @@ impl std::error::Error for UsageError {}
 pub enum Subject {
     /// A queued job (`tether queue …`).
     Job,
+    /// A dashboard job (`tether jobs …`).
+    DashboardJob,
     /// An agent (`tether agents …`).
     Agent,
     /// An agent pool (`tether pools …`).
@@ -71,6 +73,7 @@ pub fn code_name(code: Code) -> &'static str {
 pub fn hint(code: Code, ctx: &ErrorContext) -> Option<String> {
     let (noun, list_cmd, get_cmd) = match ctx.subject {
         Subject::Job => ("job", "tether queue list", "tether queue get ID"),
+        Subject::DashboardJob => ("job", "tether jobs list", "tether jobs get ID"),
         Subject::Agent => ("agent", "tether agents list", "tether agents get ID"),
         Subject::Pool => ("pool", "tether pools list", "tether pools get NAME"),
     };
@@ -90,11 +93,16 @@ pub fn hint(code: Code, ctx: &ErrorContext) -> Option<String> {
              `tether agents deregister ID`) and cancel the jobs waiting for it"
                 .to_string()
         }
+        // Cancel refuses an ended job, retry one that has not ended.
+        Code::FailedPrecondition if ctx.subject == Subject::DashboardJob => format!(
+            "only a pending or running job can be cancelled, and only an ended one retried; \
+             see its status with `{get_cmd}`"
+        ),
         Code::FailedPrecondition => {
             format!("the {noun} is not in a state that allows this; see its state with `{get_cmd}`")
         }
         Code::AlreadyExists => match ctx.subject {
-            Subject::Job => "this idempotency key was already used for a different job; \
+            Subject::Job | Subject::DashboardJob => "this idempotency key was already used for a different job; \
                              use a new --idempotency-key or drop it"
                 .to_string(),
             Subject::Agent => "an agent with that name already exists in the pool".to_string(),
@@ -219,7 +227,7 @@ mod tests {
             Code::DataLoss,
             Code::Unauthenticated,
         ] {
-            for subject in [Subject::Job, Subject::Agent, Subject::Pool] {
+            for subject in [Subject::Job, Subject::DashboardJob, Subject::Agent, Subject::Pool] {
                 assert!(hint(code, &ctx(subject)).is_some(), "{code:?}");
             }
         }
@@ -237,6 +245,17 @@ mod tests {
         // Other subjects keep their wording.
         let text = render_status(&Status::failed_precondition("terminated"), &ctx(Subject::Agent));
         assert!(text.contains("`tether agents get ID`"), "{text}");
+    }
+
+    #[test]
+    fn dashboard_job_hints_name_the_jobs_commands() {
+        let text = render_status(&Status::not_found("job \"j\" not found"), &ctx(Subject::DashboardJob));
+        assert_eq!(text, "error: NOT_FOUND: job \"j\" not found\nhint: check the job id with `tether jobs list`");
+        let text = render_status(&Status::failed_precondition("job j has ended"), &ctx(Subject::DashboardJob));
+        assert!(text.starts_with("error: FAILED_PRECONDITION: job j has ended\nhint: "), "{text}");
+        assert!(text.contains("`tether jobs get ID`"), "{text}");
+        let text = render_status(&Status::already_exists("key reused"), &ctx(Subject::DashboardJob));
+        assert!(text.contains("--idempotency-key"), "{text}");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The client commands of the `tether` operator CLI: `tether queue …`,
-//! `tether agents …` and `tether pools …`.
+//! `tether jobs …`, `tether agents …` and `tether pools …`.
 //!
 //! The `tether` binary owns the top-level parser and embeds this crate:
 //!
@@ -26,6 +26,7 @@ pub mod parse;
 
 mod agents;
 mod client;
+mod jobs;
 mod pools;
 mod queue;
 mod wait;
@@ -34,8 +35,9 @@ use std::io::{IsTerminal as _, Write};
 use std::process::ExitCode;
 
 pub use args::{
-    AgentsCommand, Command, CreatePoolArgs, DeadLettersArgs, EnqueueArgs, GlobalArgs, ListAgentsArgs, ListJobsArgs,
-    OutputFormat, PageArgs, PoolsCommand, QueueCommand, ScalingArgs, UpdatePoolArgs, DEFAULT_SERVER,
+    AgentsCommand, Command, CreateJobArgs, CreatePoolArgs, DeadLettersArgs, EnqueueArgs, GlobalArgs, JobsCommand,
+    ListAgentsArgs, ListDashboardJobsArgs, ListJobsArgs, OutputFormat, PageArgs, PoolsCommand, QueueCommand,
+    ScalingArgs, UpdatePoolArgs, DEFAULT_SERVER,
 };
 pub use wait::is_finished;
 
@@ -88,6 +90,7 @@ async fn execute(
         server: normalize_server(&global.server),
         subject: match &command {
             Command::Queue(_) => Subject::Job,
+            Command::Jobs(_) => Subject::DashboardJob,
             Command::Agents(_) => Subject::Agent,
             Command::Pools(_) => Subject::Pool,
         },
@@ -127,6 +130,7 @@ async fn dispatch(
     let mut ctx = Ctx { clients: Clients::new(global)?, format: global.output, out, err, progress, tty };
     match command {
         Command::Queue(command) => queue::run(command, &mut ctx).await,
+        Command::Jobs(command) => jobs::run(command, &mut ctx).await,
         Command::Agents(command) => agents::run(command, &mut ctx).await,
         Command::Pools(command) => pools::run(command, &mut ctx).await,
     }

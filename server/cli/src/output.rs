@@ -12,8 +12,8 @@ use anyhow::{anyhow, Context as _};
 use comfy_table::{presets, ContentArrangement, Table};
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use tether::v1::{
-    Agent, AgentHealth, AgentPool, AgentSchedulingStatus, GetPoolScalingSignalResponse, GetQueueStatsResponse,
-    Priority, QueuedJob, QueuedJobState,
+    Agent, AgentHealth, AgentPool, AgentSchedulingStatus, GetPoolScalingSignalResponse, GetQueueStatsResponse, Job,
+    JobAttempt, JobStatus, JobTransition, Priority, QueuedJob, QueuedJobState, WaitKind,
 };
 
 /// A generated message with its fully-qualified protobuf name, which JSON
@@ -55,6 +55,12 @@ proto_names!(
     UpdateAgentPoolResponse,
     DeleteAgentPoolResponse,
     GetPoolScalingSignalResponse,
+    Job,
+    CreateJobResponse,
+    GetJobResponse,
+    ListJobsResponse,
+    CancelJobResponse,
+    RetryJobResponse,
 );
 
 /// The descriptor pool of every tether.v1 message, decoded once.
@@ -124,6 +130,35 @@ pub fn state_name(value: i32) -> String {
         Ok(QueuedJobState::Failed) => "failed".into(),
         Ok(QueuedJobState::DeadLettered) => "dead-lettered".into(),
         Ok(QueuedJobState::Cancelled) => "cancelled".into(),
+        Err(_) => format!("unknown({value})"),
+    }
+}
+
+/// The short lower-case name of a dashboard job status (`success`).
+pub fn job_status_name(value: i32) -> String {
+    match JobStatus::try_from(value) {
+        Ok(JobStatus::Unspecified) => "unspecified".into(),
+        Ok(JobStatus::Pending) => "pending".into(),
+        Ok(JobStatus::Running) => "running".into(),
+        Ok(JobStatus::Success) => "success".into(),
+        Ok(JobStatus::Failed) => "failed".into(),
+        Ok(JobStatus::Cancelled) => "cancelled".into(),
+        Err(_) => format!("unknown({value})"),
+    }
+}
+
+/// The short lower-case name of why a pending job waits, for when the
+/// server sent no summary.
+pub fn wait_kind_name(value: i32) -> String {
+    match WaitKind::try_from(value) {
+        Ok(WaitKind::Unspecified) => "unspecified".into(),
+        Ok(WaitKind::NotBefore) => "not before its start time".into(),
+        Ok(WaitKind::RetryBackoff) => "retry backoff".into(),
+        Ok(WaitKind::NoAgentInPool) => "no agent in its pool".into(),
+        Ok(WaitKind::NoAgentWithLabels) => "no agent with its labels".into(),
+        Ok(WaitKind::AgentsUnavailable) => "matching agents take no work".into(),
+        Ok(WaitKind::AgentsBusy) => "matching agents are busy".into(),
+        Ok(WaitKind::Dispatching) => "dispatching".into(),
         Err(_) => format!("unknown({value})"),
     }
 }
@@ -242,6 +277,18 @@ pub fn format_size(n: u64) -> String {
         unit += 1;
     }
     format!("{v:.1} {}", UNITS[unit])
+}
+
+/// A point in time as RFC 3339 to the second, for table cells; `-` when
+/// unset.
+fn format_instant(ts: Option<&prost_types::Timestamp>) -> String {
+    match ts {
+        None => "-".into(),
+        Some(ts) => match tether::time::from_timestamp(ts) {
+            Some(t) => humantime::format_rfc3339_seconds(t).to_string(),
+            None => format!("invalid ({}s, {}ns)", ts.seconds, ts.nanos),
+        },
+    }
 }
 
 /// Labels as `a=1, b=2`, sorted for stable output; `-` when empty.
@@ -370,6 +417,142 @@ pub fn write_job_details(out: &mut dyn Write, j: &QueuedJob, now: SystemTime) ->
         rows.push(("Result", format_bytes_field(&j.result)));
     }
     write_table(out, details_table(rows))
+}
+
+/// The pool a dashboard job runs in; an empty pool is the server's default.
+fn job_pool(j: &Job) -> String {
+    match j.routing.as_ref().map(|r| r.pool.as_str()) {
+        None | Some("") => "default".into(),
+        Some(pool) => pool.to_string(),
+    }
+}
+
+/// Writes dashboard jobs as a list table: ID, NAME, STATUS, POOL,
+/// REQUESTED BY, AGE.
+pub fn write_dashboard_jobs_table(out: &mut dyn Write, jobs: &[Job], now: SystemTime) -> std::io::Result<()> {
+    let mut t = list_table(&["ID", "NAME", "STATUS", "POOL", "REQUESTED BY", "AGE"]);
+    for j in jobs {
+        t.add_row(vec![
+            j.id.clone(),
+            j.name.clone(),
+            job_status_name(j.status),
+            job_pool(j),
+            or_dash(&j.requested_by),
+            age_since(j.create_time.as_ref(), now),
+        ]);
+    }
+    write_table(out, t)
+}
+
+/// Writes one dashboard job: its fields as a key/value table, then a
+/// `waiting:` line while it is pending, its attempts and its history.
+pub fn write_dashboard_job_details(out: &mut dyn Write, j: &Job, now: SystemTime) -> std::io::Result<()> {
+    let routing = j.routing.clone().unwrap_or_default();
+    let mut rows = vec![
+        ("ID", j.id.clone()),
+        ("Name", j.name.clone()),
+        ("Status", job_status_name(j.status)),
+        ("Queued state", state_name(j.queued_state)),
+        ("Command", j.command.clone()),
+        ("Env", format_labels(&j.env)),
+        ("Workdir", if j.working_dir.is_empty() { "- (the agent's)".into() } else { j.working_dir.clone() }),
+        ("Pool", job_pool(j)),
+        ("Required labels", format_labels(&routing.required_labels)),
+        ("Priority", priority_name(j.priority)),
+        ("Timeout", j.timeout.as_ref().map(format_duration).unwrap_or_else(|| "none".into())),
+        ("Max attempts", j.max_attempts.to_string()),
+        ("Requested by", or_dash(&j.requested_by)),
+    ];
+    if !j.retry_of.is_empty() {
+        rows.push(("Retry of", j.retry_of.clone()));
+    }
+    if !j.idempotency_key.is_empty() {
+        rows.push(("Idempotency key", j.idempotency_key.clone()));
+    }
+    for (name, ts) in [("Created", &j.create_time), ("Updated", &j.update_time), ("Finished", &j.finish_time)] {
+        if let Some(ts) = ts {
+            rows.push((name, format_time(ts, now)));
+        }
+    }
+    if !j.error.is_empty() {
+        rows.push(("Error", j.error.clone()));
+    }
+    write_table(out, details_table(rows))?;
+
+    if let Some(reason) = &j.pending_reason {
+        let summary = if reason.summary.is_empty() { wait_kind_name(reason.kind) } else { reason.summary.clone() };
+        writeln!(out, "waiting: {summary}")?;
+    }
+
+    writeln!(out)?;
+    if j.attempts.is_empty() {
+        writeln!(out, "no attempts yet")?;
+    } else {
+        write_attempts_table(out, &j.attempts)?;
+    }
+
+    writeln!(out)?;
+    if j.dropped_transitions > 0 {
+        writeln!(out, "({} older changes are not kept)", j.dropped_transitions)?;
+    }
+    write_history_table(out, &j.transitions)
+}
+
+/// What an attempt came to: `running` while it runs, `retried` when the job
+/// went back to the queue, else the state it left the job in.
+fn attempt_outcome(a: &JobAttempt) -> String {
+    match QueuedJobState::try_from(a.outcome) {
+        Ok(QueuedJobState::Unspecified) if a.end_time.is_none() => "running".into(),
+        Ok(QueuedJobState::Unspecified) => "-".into(),
+        Ok(QueuedJobState::Queued) => "retried".into(),
+        _ => state_name(a.outcome),
+    }
+}
+
+/// Writes a job's attempts: ATTEMPT, AGENT, STARTED, ENDED, OUTCOME,
+/// EXIT CODE, REASON (last, since it is free text).
+fn write_attempts_table(out: &mut dyn Write, attempts: &[JobAttempt]) -> std::io::Result<()> {
+    let mut t = list_table(&["ATTEMPT", "AGENT", "STARTED", "ENDED", "OUTCOME", "EXIT CODE", "REASON"]);
+    for a in attempts {
+        t.add_row(vec![
+            a.attempt.to_string(),
+            or_dash(&a.agent_id),
+            format_instant(a.start_time.as_ref()),
+            format_instant(a.end_time.as_ref()),
+            attempt_outcome(a),
+            a.exit_code.map_or_else(|| "-".into(), |c| c.to_string()),
+            or_dash(&a.reason),
+        ]);
+    }
+    write_table(out, t)
+}
+
+/// Writes a job's state changes, oldest first: TIME, FROM → TO, ATTEMPT,
+/// ACTOR, REASON (last, since it is free text).
+fn write_history_table(out: &mut dyn Write, transitions: &[JobTransition]) -> std::io::Result<()> {
+    let mut t = list_table(&["TIME", "FROM → TO", "ATTEMPT", "ACTOR", "REASON"]);
+    for tr in transitions {
+        let from =
+            if tr.from_state == QueuedJobState::Unspecified as i32 { "-".into() } else { state_name(tr.from_state) };
+        let mut reason = tr.reason.clone();
+        if let Some(code) = tr.exit_code {
+            if !reason.contains(&code.to_string()) {
+                reason = if reason.is_empty() {
+                    format!("exit code {code}")
+                } else {
+                    format!("{reason} (exit code {code})")
+                };
+            }
+        }
+        t.add_row(vec![
+            format_instant(tr.time.as_ref()),
+            format!("{from} → {}", state_name(tr.to_state)),
+            if tr.attempt == 0 { "-".into() } else { tr.attempt.to_string() },
+            or_dash(&tr.actor),
+            or_dash(&reason),
+        ]);
+    }
+    write_table(out, t)
 }
 
 /// Writes queue statistics: counts by state, queued counts by priority
@@ -636,6 +819,12 @@ mod tests {
             <tether::v1::UpdateAgentPoolResponse as ProtoName>::FULL_NAME,
             <tether::v1::DeleteAgentPoolResponse as ProtoName>::FULL_NAME,
             <GetPoolScalingSignalResponse as ProtoName>::FULL_NAME,
+            <Job as ProtoName>::FULL_NAME,
+            <tether::v1::CreateJobResponse as ProtoName>::FULL_NAME,
+            <tether::v1::GetJobResponse as ProtoName>::FULL_NAME,
+            <tether::v1::ListJobsResponse as ProtoName>::FULL_NAME,
+            <tether::v1::CancelJobResponse as ProtoName>::FULL_NAME,
+            <tether::v1::RetryJobResponse as ProtoName>::FULL_NAME,
         ] {
             assert!(pool.get_message_by_name(name).is_some(), "{name}");
         }
@@ -814,8 +1003,128 @@ mod tests {
         assert_eq!(v["desiredAgents"], 5);
     }
 
+    fn sample_dashboard_job() -> Job {
+        use QueuedJobState as S;
+        let step = |secs: i64, from: S, to: S, attempt: u32, actor: &str, reason: &str, exit_code: Option<i32>| {
+            JobTransition {
+                time: ts(secs),
+                from_state: from as i32,
+                to_state: to as i32,
+                attempt,
+                agent_id: if attempt > 0 { "agent-9".into() } else { String::new() },
+                actor: actor.into(),
+                reason: reason.into(),
+                exit_code,
+            }
+        };
+        Job {
+            id: "j-1".into(),
+            name: "build and test".into(),
+            status: JobStatus::Failed as i32,
+            queued_state: S::Failed as i32,
+            command: "make test".into(),
+            env: [("CI".to_string(), "1".to_string())].into(),
+            routing: Some(Routing { pool: "linux".into(), required_labels: Default::default() }),
+            priority: Priority::Normal as i32,
+            max_attempts: 3,
+            requested_by: "ann".into(),
+            create_time: ts(NOW_SECS - 600),
+            update_time: ts(NOW_SECS - 60),
+            finish_time: ts(NOW_SECS - 60),
+            error: "exit status 2".into(),
+            attempts: vec![JobAttempt {
+                attempt: 1,
+                agent_id: "agent-9".into(),
+                claim_time: ts(NOW_SECS - 590),
+                start_time: ts(NOW_SECS - 589),
+                end_time: ts(NOW_SECS - 60),
+                outcome: S::Failed as i32,
+                exit_code: Some(2),
+                reason: "exit status 2".into(),
+            }],
+            transitions: vec![
+                step(NOW_SECS - 600, S::Unspecified, S::Queued, 0, "ann", "", None),
+                step(NOW_SECS - 590, S::Queued, S::Claimed, 1, "tether", "", None),
+                step(NOW_SECS - 589, S::Claimed, S::Running, 1, "agent:agent-9", "", None),
+                step(NOW_SECS - 60, S::Running, S::Failed, 1, "agent:agent-9", "tests failed", Some(2)),
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn dashboard_job_tables_render() {
+        let job = sample_dashboard_job();
+        let mut out = Vec::new();
+        write_dashboard_jobs_table(&mut out, std::slice::from_ref(&job), now()).expect("writes");
+        let text = String::from_utf8(out).expect("utf8");
+        let lines: Vec<&str> = text.lines().collect();
+        let header: Vec<&str> = lines[0].split("   ").map(str::trim).filter(|c| !c.is_empty()).collect();
+        assert_eq!(header, ["ID", "NAME", "STATUS", "POOL", "REQUESTED BY", "AGE"]);
+        let row: Vec<&str> = lines[1].split("   ").map(str::trim).filter(|c| !c.is_empty()).collect();
+        assert_eq!(row, ["j-1", "build and test", "failed", "linux", "ann", "10m"]);
+
+        let mut out = Vec::new();
+        write_dashboard_job_details(&mut out, &job, now()).expect("writes");
+        let text = String::from_utf8(out).expect("utf8");
+        for want in ["Name:", "build and test", "Status:", "Queued state:", "make test", "CI=1", "Requested by:", "ann"]
+        {
+            assert!(text.contains(want), "{want} in {text}");
+        }
+        assert!(text.contains("Error:"), "{text}");
+        assert!(!text.contains("Retry of"), "{text}");
+        assert!(!text.contains("waiting:"), "not pending: {text}");
+        let attempt = text.lines().find(|l| l.starts_with("1 ")).expect("attempt row");
+        let cells: Vec<&str> = attempt.split_whitespace().collect();
+        assert_eq!(cells[..6], ["1", "agent-9", "2030-01-02T02:54:16Z", "2030-01-02T03:03:05Z", "failed", "2"]);
+        assert!(text.contains("- → queued"), "{text}");
+        let last = text.lines().last().expect("history");
+        assert!(last.contains("running → failed") && last.contains("agent:agent-9"), "{text}");
+        assert!(last.ends_with("tests failed (exit code 2)"), "{text}");
+    }
+
+    #[test]
+    fn a_pending_job_says_why_it_waits() {
+        let job = Job {
+            id: "j-2".into(),
+            status: JobStatus::Pending as i32,
+            queued_state: QueuedJobState::Queued as i32,
+            pending_reason: Some(tether::v1::PendingReason {
+                kind: WaitKind::NoAgentInPool as i32,
+                summary: "no agent of pool \"gpu\" is connected".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        write_dashboard_job_details(&mut out, &job, now()).expect("writes");
+        let text = String::from_utf8(out).expect("utf8");
+        assert!(text.contains("\nwaiting: no agent of pool \"gpu\" is connected\n"), "{text}");
+        assert!(text.contains("no attempts yet"), "{text}");
+        assert!(text.contains("Workdir:") && text.contains("- (the agent's)"), "{text}");
+        let bare = Job {
+            pending_reason: Some(tether::v1::PendingReason { kind: WaitKind::AgentsBusy as i32, ..Default::default() }),
+            ..job
+        };
+        let mut out = Vec::new();
+        write_dashboard_job_details(&mut out, &bare, now()).expect("writes");
+        assert!(String::from_utf8(out).expect("utf8").contains("waiting: matching agents are busy"));
+    }
+
+    #[test]
+    fn dashboard_jobs_render_as_json() {
+        let resp = tether::v1::GetJobResponse { job: Some(sample_dashboard_job()) };
+        let v: serde_json::Value = serde_json::from_str(&to_json(&resp).expect("renders")).expect("valid JSON");
+        assert_eq!(v["job"]["status"], "JOB_STATUS_FAILED");
+        assert_eq!(v["job"]["queuedState"], "QUEUED_JOB_STATE_FAILED");
+        assert_eq!(v["job"]["attempts"][0]["exitCode"], 2);
+        assert_eq!(v["job"]["transitions"][3]["toState"], "QUEUED_JOB_STATE_FAILED");
+    }
+
     #[test]
     fn unknown_enum_values_are_not_mislabelled() {
+        assert_eq!(job_status_name(42), "unknown(42)");
+        assert_eq!(wait_kind_name(42), "unknown(42)");
         assert_eq!(state_name(42), "unknown(42)");
         assert_eq!(priority_name(-1), "unknown(-1)");
         assert_eq!(health_name(99), "unknown(99)");

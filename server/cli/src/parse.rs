@@ -1,6 +1,6 @@
 //! Parsers for the values operators type on the command line: durations,
-//! times, `key=value` labels and the enum names of priorities, job states,
-//! agent health.
+//! times, `key=value` labels and environment variables, and the enum names
+//! of priorities, job states, job statuses, agent health.
 //!
 //! Every parser returns `Result<_, String>` so clap can use it directly as a
 //! `value_parser` and report a bad value as a usage error (exit code 2)
@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
-use tether::v1::{AgentHealth, Priority, QueuedJobState, RetryPolicy};
+use tether::v1::{AgentHealth, JobStatus, Priority, QueuedJobState, RetryPolicy};
 
 /// Parses a positive human duration such as `500ms`, `30s`, `5m`, `1h` or
 /// `1h 30m`.
@@ -53,6 +53,28 @@ pub fn parse_time_at(s: &str, now: SystemTime) -> Result<SystemTime, String> {
         return now.checked_add(d).ok_or_else(|| format!("time {s:?} is too far in the future"));
     }
     parse_rfc3339(s)
+}
+
+/// Parses a point in time for a listing filter: RFC 3339, or a duration
+/// ago prefixed with `-` (`-1h`: an hour ago), or from now with `+`.
+///
+/// This is the entry point clap uses; it reads the clock. See
+/// [`parse_filter_time_at`] for the pure version.
+pub fn parse_filter_time(s: &str) -> Result<SystemTime, String> {
+    parse_filter_time_at(s, SystemTime::now())
+}
+
+/// Like [`parse_filter_time`], with relative times counted from `now`.
+pub fn parse_filter_time_at(s: &str, now: SystemTime) -> Result<SystemTime, String> {
+    let s = s.trim();
+    if let Some(rel) = s.strip_prefix('-') {
+        let d = parse_duration(rel)?;
+        return now
+            .checked_sub(d)
+            .filter(|t| *t >= std::time::UNIX_EPOCH)
+            .ok_or_else(|| format!("time {s:?} is too far in the past"));
+    }
+    parse_time_at(s, now).map_err(|e| format!("{e}, or -1h for an hour ago"))
 }
 
 /// Parses an RFC 3339 timestamp with a `Z` or `±HH:MM` offset.
@@ -131,11 +153,36 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
 /// different values (silently keeping one would route the job somewhere the
 /// operator did not ask for).
 pub fn labels_to_map(labels: &[(String, String)]) -> Result<HashMap<String, String>, String> {
-    let mut map = HashMap::with_capacity(labels.len());
-    for (k, v) in labels {
+    pairs_to_map(labels, "label")
+}
+
+/// Parses one `NAME=value` environment variable. The name must be non-empty
+/// and free of whitespace; the value may be empty or contain `=`.
+pub fn parse_env_var(s: &str) -> Result<(String, String), String> {
+    let Some((name, value)) = s.split_once('=') else {
+        return Err(format!("invalid environment variable {s:?}: expected NAME=value"));
+    };
+    if name.is_empty() {
+        return Err(format!("invalid environment variable {s:?}: empty name"));
+    }
+    if name.chars().any(char::is_whitespace) {
+        return Err(format!("invalid environment variable {s:?}: the name contains whitespace"));
+    }
+    Ok((name.to_string(), value.to_string()))
+}
+
+/// Collects parsed environment variables into a map, refusing the same name
+/// with two different values.
+pub fn env_to_map(vars: &[(String, String)]) -> Result<HashMap<String, String>, String> {
+    pairs_to_map(vars, "environment variable")
+}
+
+fn pairs_to_map(pairs: &[(String, String)], what: &str) -> Result<HashMap<String, String>, String> {
+    let mut map = HashMap::with_capacity(pairs.len());
+    for (k, v) in pairs {
         if let Some(prev) = map.insert(k.clone(), v.clone()) {
             if &prev != v {
-                return Err(format!("label {k:?} given twice with different values ({prev:?} and {v:?})"));
+                return Err(format!("{what} {k:?} given twice with different values ({prev:?} and {v:?})"));
             }
         }
     }
@@ -204,6 +251,22 @@ pub fn parse_state(s: &str) -> Result<QueuedJobState, String> {
         "dead-lettered" | "deadlettered" | "dead" => Ok(QueuedJobState::DeadLettered),
         "cancelled" | "canceled" => Ok(QueuedJobState::Cancelled),
         _ => Err(format!("invalid state {s:?}; expected one of: {}", STATE_NAMES.join(", "))),
+    }
+}
+
+/// Accepted spellings of [`parse_job_status`].
+pub const JOB_STATUS_NAMES: &[&str] = &["pending", "running", "success", "failed", "cancelled"];
+
+/// Parses a dashboard job status: `pending`, `running`, `success`
+/// (`succeeded` too), `failed` or `cancelled` (`canceled` too).
+pub fn parse_job_status(s: &str) -> Result<JobStatus, String> {
+    match normalize(s, "JOB_STATUS_").as_str() {
+        "pending" => Ok(JobStatus::Pending),
+        "running" => Ok(JobStatus::Running),
+        "success" | "succeeded" => Ok(JobStatus::Success),
+        "failed" => Ok(JobStatus::Failed),
+        "cancelled" | "canceled" => Ok(JobStatus::Cancelled),
+        _ => Err(format!("invalid status {s:?}; expected one of: {}", JOB_STATUS_NAMES.join(", "))),
     }
 }
 
@@ -369,6 +432,49 @@ mod tests {
             let err = parse_state(bad).expect_err(bad);
             assert!(err.contains("dead-lettered"), "{err}");
         }
+    }
+
+    #[test]
+    fn job_statuses_parse() {
+        assert_eq!(parse_job_status("pending"), Ok(JobStatus::Pending));
+        assert_eq!(parse_job_status("Running"), Ok(JobStatus::Running));
+        assert_eq!(parse_job_status("success"), Ok(JobStatus::Success));
+        assert_eq!(parse_job_status("succeeded"), Ok(JobStatus::Success));
+        assert_eq!(parse_job_status("JOB_STATUS_FAILED"), Ok(JobStatus::Failed));
+        assert_eq!(parse_job_status("canceled"), Ok(JobStatus::Cancelled));
+        for bad in ["", "done", "unspecified", "queued", "dead-lettered"] {
+            let err = parse_job_status(bad).expect_err(bad);
+            assert!(err.contains("pending, running, success, failed, cancelled"), "{err}");
+        }
+    }
+
+    #[test]
+    fn env_vars_parse() {
+        assert_eq!(parse_env_var("A=1"), Ok(("A".into(), "1".into())));
+        assert_eq!(parse_env_var("EMPTY="), Ok(("EMPTY".into(), String::new())));
+        assert_eq!(parse_env_var("OPTS=a=b c"), Ok(("OPTS".into(), "a=b c".into())));
+        for bad in ["A", "=1", "MY VAR=1", ""] {
+            let err = parse_env_var(bad).expect_err(bad);
+            assert!(err.contains("environment variable"), "{err}");
+        }
+        let twice = vec![("A".to_string(), "1".to_string()), ("A".to_string(), "2".to_string())];
+        assert!(env_to_map(&twice).expect_err("conflict").contains("environment variable \"A\""));
+        let same = vec![("A".to_string(), "1".to_string()), ("A".to_string(), "1".to_string())];
+        assert_eq!(env_to_map(&same).map(|m| m.len()), Ok(1));
+    }
+
+    #[test]
+    fn filter_times_may_be_in_the_past() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert_eq!(parse_filter_time_at("-1h", now), Ok(now - Duration::from_secs(3600)));
+        assert_eq!(parse_filter_time_at("+5m", now), Ok(now + Duration::from_secs(300)));
+        assert_eq!(
+            parse_filter_time_at("2030-01-02T03:04:05Z", now),
+            Ok(UNIX_EPOCH + Duration::from_secs(1_893_553_445))
+        );
+        assert!(parse_filter_time_at("-0s", now).is_err());
+        assert!(parse_filter_time_at("-2000000s", now).is_err());
+        assert!(parse_filter_time_at("1h", now).expect_err("no sign").contains("-1h"));
     }
 
     #[test]

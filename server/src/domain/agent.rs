@@ -14,6 +14,12 @@ pub enum SchedulingStatus {
     OutOfService,
 }
 
+/// Whether an agent in this health and scheduling status may be given
+/// work (when it has a free slot and an open stream): the dispatcher's rule.
+pub fn schedulable(health: Health, scheduling: SchedulingStatus) -> bool {
+    scheduling == SchedulingStatus::Active && matches!(health, Health::Registering | Health::Healthy | Health::Degraded)
+}
+
 /// Health as the server judges it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Health {

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::job::{Job, JobState};
+use super::job::{Job, JobSpec, JobState};
 
 /// The queue dashboard jobs are enqueued in.
 pub const DASHBOARD_QUEUE: &str = "tether.jobs";
@@ -22,6 +22,15 @@ pub const MAX_STEPS: usize = 100;
 /// The longest reason a step keeps (the job's full last error is its own
 /// field).
 pub const MAX_STEP_REASON: usize = 256;
+
+/// The longest actor and agent id a step keeps (ids are UUIDs; a unary
+/// worker's id is the caller's text).
+pub const MAX_STEP_NAME: usize = 64;
+
+/// The most bytes a job's steps may take (estimated from their parts): with
+/// the largest payload, result, error and labels a DynamoDB item still
+/// stays under 400 KB.
+pub const MAX_STEPS_BYTES: usize = 16 * 1024;
 
 /// The actor of changes the server makes itself (lease expiry, timeouts).
 pub const SYSTEM_ACTOR: &str = "tether";
@@ -72,11 +81,9 @@ pub struct DashboardJob {
     pub spec: DashboardSpec,
     /// Every state change, oldest first, at most [`MAX_STEPS`].
     pub steps: Vec<JobStep>,
-    /// Steps dropped from the front to keep [`MAX_STEPS`].
+    /// Steps dropped from the front to keep [`MAX_STEPS`] and
+    /// [`MAX_STEPS_BYTES`].
     pub dropped_steps: u32,
-    /// The exit code of the attempt being ended, set by the failure that
-    /// ends it and moved into its step.
-    pub pending_exit_code: Option<i32>,
 }
 
 /// One state change of a dashboard job's queued job.
@@ -121,9 +128,15 @@ impl Actor {
             Actor::Operator => "operator".to_string(),
             Actor::Agent => format!("agent:{}", job.worker_id),
             Actor::Worker => format!("worker:{}", job.worker_id),
-            Actor::Named(name) => name.clone(),
+            Actor::Named(name) => requester_actor(name),
         }
     }
+}
+
+/// A requester as an actor: prefixed, so no requester can pass for the
+/// server, an operator or an agent.
+pub fn requester_actor(name: &str) -> String {
+    format!("user:{name}")
 }
 
 /// The dashboard's status of a job: the queued job's state, coarser.
@@ -186,47 +199,58 @@ pub struct AttemptView {
 
 impl DashboardJob {
     pub fn new(spec: DashboardSpec) -> DashboardJob {
-        DashboardJob { spec, steps: Vec::new(), dropped_steps: 0, pending_exit_code: None }
+        DashboardJob { spec, steps: Vec::new(), dropped_steps: 0 }
     }
 
-    /// Records the change that left `job` as it is, from `from`.
-    pub fn record(&mut self, job: &Job, from: Option<JobState>, actor: &str) {
+    /// Records the change that left `job` as it is, from `from`, made by
+    /// `actor`; `exit_code` is that of the attempt it ends, if any.
+    pub fn record(&mut self, job: &Job, from: Option<JobState>, actor: &str, exit_code: Option<i32>) {
         let ends_attempt = from.is_some_and(JobState::is_active) && !job.state.is_active();
-        let exit_code = if ends_attempt { self.pending_exit_code.take() } else { None };
         let reason = match job.state {
             JobState::Queued if from.is_none() => "",
             JobState::Queued | JobState::Failed | JobState::DeadLettered | JobState::Cancelled => &job.last_error,
             _ => "",
         };
-        let reason = truncated(reason, MAX_STEP_REASON).to_string();
-        if self.steps.len() >= MAX_STEPS {
-            self.steps.remove(0);
-            self.dropped_steps = self.dropped_steps.saturating_add(1);
-        }
         self.steps.push(JobStep {
             time: job.update_time,
             from,
             to: job.state,
             attempt: job.attempt,
-            worker_id: job.worker_id.clone(),
-            actor: actor.to_string(),
-            reason,
-            exit_code,
+            worker_id: truncated(&job.worker_id, MAX_STEP_NAME).to_string(),
+            actor: truncated(actor, MAX_STEP_NAME).to_string(),
+            reason: truncated(reason, MAX_STEP_REASON).to_string(),
+            exit_code: exit_code.filter(|_| ends_attempt),
         });
+        let mut bytes: usize = self.steps.iter().map(JobStep::estimated_bytes).sum();
+        let mut drop = 0;
+        while self.steps.len() - drop > MAX_STEPS || (bytes > MAX_STEPS_BYTES && self.steps.len() - drop > 1) {
+            bytes -= self.steps[drop].estimated_bytes();
+            drop += 1;
+        }
+        if drop > 0 {
+            self.steps.drain(..drop);
+            self.dropped_steps = self.dropped_steps.saturating_add(drop as u32);
+        }
     }
 
-    /// The attempts its steps tell of, oldest first.
+    /// The attempts its steps tell of, oldest first: each claim opens one
+    /// (attempt numbers may repeat: a redriven job counts again from 1),
+    /// and the first step that leaves the active states closes it.
     pub fn attempts(&self) -> Vec<AttemptView> {
         let mut out: Vec<AttemptView> = Vec::new();
         for step in &self.steps {
-            if step.attempt == 0 {
-                continue;
-            }
-            if out.last().is_none_or(|a| a.attempt != step.attempt) {
+            let open = out.last().is_some_and(|a| a.outcome.is_none());
+            let opens = match step.to {
+                JobState::Claimed => true,
+                // A start without its claim (dropped with older steps).
+                JobState::Running => !open,
+                _ => false,
+            };
+            if opens {
                 out.push(AttemptView {
                     attempt: step.attempt,
                     worker_id: step.worker_id.clone(),
-                    claim_time: None,
+                    claim_time: (step.to == JobState::Claimed).then_some(step.time),
                     start_time: None,
                     end_time: None,
                     outcome: None,
@@ -234,24 +258,64 @@ impl DashboardJob {
                     reason: String::new(),
                 });
             }
-            let Some(a) = out.last_mut() else { continue };
-            match step.to {
-                JobState::Claimed => a.claim_time = Some(step.time),
-                JobState::Running => {
-                    a.start_time = Some(step.time);
-                    a.claim_time.get_or_insert(step.time);
-                }
-                _ if step.from.is_some_and(JobState::is_active) => {
-                    a.end_time = Some(step.time);
-                    a.outcome = Some(step.to);
-                    a.exit_code = step.exit_code;
-                    a.reason = step.reason.clone();
-                }
-                _ => {}
+            let Some(a) = out.last_mut().filter(|a| a.outcome.is_none()) else { continue };
+            if step.to == JobState::Running {
+                a.start_time = Some(step.time);
+            } else if step.from.is_some_and(JobState::is_active) && !step.to.is_active() {
+                a.end_time = Some(step.time);
+                a.outcome = Some(step.to);
+                a.exit_code = step.exit_code;
+                a.reason = step.reason.clone();
             }
         }
         out
     }
+}
+
+impl JobStep {
+    /// About how many bytes the step takes stored (its strings plus a bound
+    /// on the rest).
+    fn estimated_bytes(&self) -> usize {
+        self.worker_id.len() + self.actor.len() + self.reason.len() + 48
+    }
+}
+
+/// Which dashboard jobs a listing returns, beyond status (which the store
+/// query applies).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobListFilter {
+    pub pool: Option<String>,
+    pub requested_by: Option<String>,
+    /// Created at or after.
+    pub created_after: Option<SystemTime>,
+    /// Created before.
+    pub created_before: Option<SystemTime>,
+}
+
+impl JobListFilter {
+    pub fn accepts(&self, job: &Job) -> bool {
+        let Some(d) = job.dashboard.as_deref() else { return false };
+        self.pool.as_ref().is_none_or(|p| *p == job.spec.routing.pool)
+            && self.requested_by.as_ref().is_none_or(|r| *r == d.spec.requested_by)
+            && self.created_after.is_none_or(|t| job.create_time >= t)
+            && self.created_before.is_none_or(|t| job.create_time < t)
+    }
+}
+
+/// What re-running an ended dashboard job enqueues: its spec again (with
+/// `idempotency_key`, none else) and a dashboard part that links back.
+pub fn rerun(
+    old: &Job,
+    requested_by: String,
+    idempotency_key: Option<String>,
+) -> Result<(JobSpec, DashboardSpec), String> {
+    let Some(d) = old.dashboard.as_deref() else { return Err(format!("job {} is not a dashboard job", old.id)) };
+    if !old.state.is_terminal() && old.state != JobState::DeadLettered {
+        return Err(format!("job {} has not ended; cancel it first or wait for it", old.id));
+    }
+    let spec = JobSpec { idempotency_key, not_before: None, ..old.spec.clone() };
+    let dashboard = DashboardSpec { name: d.spec.name.clone(), requested_by, retry_of: Some(old.id.clone()) };
+    Ok((spec, dashboard))
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a
@@ -302,26 +366,27 @@ mod tests {
     fn attempts_are_read_from_the_steps() {
         let mut d = dashboard();
         let mut j = job();
-        d.record(&j, None, "ann");
+        d.record(&j, None, "user:ann", None);
         for (attempt, worker) in [(1, "a1"), (2, "a2")] {
             j.attempt = attempt;
             j.worker_id = worker.into();
             j.state = JobState::Claimed;
             at(&mut j, u64::from(attempt) * 10);
-            d.record(&j, Some(JobState::Queued), SYSTEM_ACTOR);
+            d.record(&j, Some(JobState::Queued), SYSTEM_ACTOR, None);
             j.state = JobState::Running;
             at(&mut j, u64::from(attempt) * 10 + 1);
-            d.record(&j, Some(JobState::Claimed), "agent:a");
-            if attempt == 1 {
+            d.record(&j, Some(JobState::Claimed), "agent:a", Some(9));
+            let exit_code = if attempt == 1 {
                 j.last_error = "exit 2".into();
-                d.pending_exit_code = Some(2);
                 j.state = JobState::Queued;
+                Some(2)
             } else {
                 j.last_error = String::new();
                 j.state = JobState::Succeeded;
-            }
+                None
+            };
             at(&mut j, u64::from(attempt) * 10 + 5);
-            d.record(&j, Some(JobState::Running), "agent:a");
+            d.record(&j, Some(JobState::Running), "agent:a", exit_code);
         }
         let attempts = d.attempts();
         assert_eq!(attempts.len(), 2);
@@ -333,8 +398,84 @@ mod tests {
         assert_eq!(attempts[1].outcome, Some(JobState::Succeeded));
         assert_eq!(attempts[1].exit_code, None);
         assert_eq!(attempts[1].end_time, Some(SystemTime::UNIX_EPOCH + Duration::from_secs(25)));
-        assert_eq!(d.steps[0].actor, "ann");
+        assert_eq!(d.steps[0].actor, "user:ann");
         assert_eq!(d.steps.len(), 7);
+        assert_eq!(d.steps[2].exit_code, None, "only a step that ends an attempt keeps an exit code");
+    }
+
+    #[test]
+    fn a_redriven_job_counts_its_attempts_again_and_they_stay_apart() {
+        let mut d = dashboard();
+        let mut j = job();
+        d.record(&j, None, "user:ann", None);
+        for (worker, end) in [("a1", JobState::DeadLettered), ("a2", JobState::Succeeded)] {
+            // Redrive resets the attempt number.
+            j.attempt = 1;
+            j.worker_id = worker.into();
+            j.state = JobState::Claimed;
+            d.record(&j, Some(JobState::Queued), SYSTEM_ACTOR, None);
+            j.state = end;
+            d.record(&j, Some(JobState::Claimed), "agent:x", None);
+            if end == JobState::DeadLettered {
+                j.state = JobState::Queued;
+                j.attempt = 0;
+                d.record(&j, Some(JobState::DeadLettered), "operator", None);
+            }
+        }
+        let attempts = d.attempts();
+        let seen: Vec<_> = attempts.iter().map(|a| (a.attempt, a.worker_id.as_str(), a.outcome)).collect();
+        assert_eq!(seen, [(1, "a1", Some(JobState::DeadLettered)), (1, "a2", Some(JobState::Succeeded))]);
+    }
+
+    #[test]
+    fn a_refused_assignment_ends_its_attempt() {
+        let mut d = dashboard();
+        let mut j = job();
+        j.attempt = 2;
+        j.worker_id = "a".into();
+        j.state = JobState::Claimed;
+        d.record(&j, Some(JobState::Queued), SYSTEM_ACTOR, None);
+        // The server takes the attempt back (its number with it).
+        j.attempt = 1;
+        j.state = JobState::Queued;
+        j.last_error = "refused".into();
+        d.record(&j, Some(JobState::Claimed), "agent:a", None);
+        let attempts = d.attempts();
+        assert_eq!(attempts.len(), 1);
+        assert_eq!((attempts[0].attempt, attempts[0].outcome), (2, Some(JobState::Queued)));
+        assert_eq!(attempts[0].reason, "refused");
+    }
+
+    #[test]
+    fn long_names_are_cut_and_steps_fit_their_byte_budget() {
+        let mut d = dashboard();
+        let mut j = job();
+        j.worker_id = "w".repeat(256);
+        j.last_error = "e".repeat(10_000);
+        for i in 0..MAX_STEPS {
+            j.state = if i % 2 == 0 { JobState::Claimed } else { JobState::Queued };
+            d.record(&j, Some(JobState::Running), &"x".repeat(300), None);
+        }
+        assert!(d.steps.iter().all(|s| s.worker_id.len() == MAX_STEP_NAME && s.actor.len() == MAX_STEP_NAME));
+        let bytes: usize = d.steps.iter().map(JobStep::estimated_bytes).sum();
+        assert!(bytes <= MAX_STEPS_BYTES, "{bytes}");
+        assert!(d.steps.len() < MAX_STEPS);
+        assert_eq!(d.dropped_steps as usize + d.steps.len(), MAX_STEPS);
+        // And what is kept encodes within the budget (the estimate bounds it).
+        let encoded = postcard::to_allocvec(&d).expect("encode");
+        assert!(encoded.len() <= MAX_STEPS_BYTES + 1024, "{}", encoded.len());
+    }
+
+    #[test]
+    fn a_rerun_needs_an_ended_job_and_links_back() {
+        let mut j = job();
+        j.dashboard = Some(Box::new(dashboard()));
+        j.spec.idempotency_key = Some("old-key".into());
+        assert!(rerun(&j, "bob".into(), None).is_err(), "a pending job is not re-run");
+        j.state = JobState::DeadLettered;
+        let (spec, d) = rerun(&j, "bob".into(), Some("k2".into())).expect("rerun");
+        assert_eq!((spec.idempotency_key.as_deref(), spec.payload), (Some("k2"), j.spec.payload.clone()));
+        assert_eq!((d.name.as_str(), d.requested_by.as_str(), d.retry_of.as_deref()), ("build", "bob", Some("j")));
     }
 
     #[test]
@@ -343,7 +484,7 @@ mod tests {
         let mut j = job();
         for i in 0..(MAX_STEPS + 5) {
             j.state = if i % 2 == 0 { JobState::Claimed } else { JobState::Queued };
-            d.record(&j, Some(JobState::Queued), SYSTEM_ACTOR);
+            d.record(&j, Some(JobState::Queued), SYSTEM_ACTOR, None);
         }
         assert_eq!(d.steps.len(), MAX_STEPS);
         assert_eq!(d.dropped_steps, 5);
@@ -355,7 +496,7 @@ mod tests {
         let mut j = job();
         j.last_error = "é".repeat(MAX_STEP_REASON);
         j.state = JobState::Failed;
-        d.record(&j, Some(JobState::Running), SYSTEM_ACTOR);
+        d.record(&j, Some(JobState::Running), SYSTEM_ACTOR, None);
         let reason = &d.steps[0].reason;
         assert!(reason.len() <= MAX_STEP_REASON && reason.len() >= MAX_STEP_REASON - 1, "{}", reason.len());
         assert!(reason.chars().all(|c| c == 'é'));

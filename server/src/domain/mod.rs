@@ -7,6 +7,7 @@ pub mod error;
 pub mod job;
 pub mod pool;
 pub mod validate;
+pub mod waiting;
 
 pub use agent::{Agent, Health, Metrics, SchedulingStatus};
 pub use error::{DomainError, DomainResult};

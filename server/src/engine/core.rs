@@ -18,7 +18,7 @@ use super::ready::{ReadyEntry, ReadySet};
 use super::types::{AgentEvent, AgentPush, JobEvent, MetricsSample, PeerNotice, WakeJob};
 use super::Command;
 use crate::clock::Clock;
-use crate::domain::dashboard::Actor;
+use crate::domain::dashboard::{requester_actor, Actor};
 use crate::domain::{Agent, DomainError, DomainResult, Health, Job, JobState, Pool, Priority};
 use crate::store::{
     Ownership, Store, StoreError, StoreResult, Transition, Write, WriteOutcome, COUNTER_FENCING, COUNTER_SEQ,
@@ -63,6 +63,8 @@ pub(crate) struct Pending {
     pub by_job: FastMap<u64, usize>,
     pub effects: Vec<Effect>,
     pub max_seq: u64,
+    /// Some write of the batch adds to the event log.
+    pub has_events: bool,
 }
 
 /// An agent session: the sender of its pushes.
@@ -138,16 +140,14 @@ impl AgentEntry {
         self.session.as_ref().is_some_and(|s| !s.moving)
             && self.accepting
             && !self.draining
-            && self.agent.scheduling == crate::domain::SchedulingStatus::Active
-            && matches!(self.agent.health, Health::Registering | Health::Healthy | Health::Degraded)
+            && crate::domain::agent::schedulable(self.agent.health, self.agent.scheduling)
             && self.free_slots() > 0
     }
 
     /// Whether the agent counts as capacity of its pool (for scaling).
     pub fn counts_for_capacity(&self) -> bool {
         (self.session.is_some() || self.next_check.is_some())
-            && self.agent.scheduling == crate::domain::SchedulingStatus::Active
-            && matches!(self.agent.health, Health::Registering | Health::Healthy | Health::Degraded)
+            && crate::domain::agent::schedulable(self.agent.health, self.agent.scheduling)
     }
 }
 
@@ -156,6 +156,13 @@ pub(crate) struct Engine {
     pub clock: Arc<dyn Clock>,
     pub config: EngineConfig,
     pub events: broadcast::Sender<JobEvent>,
+    /// Counts commits that added to the event log: the wake-up of event
+    /// log readers. Unlike `events` (sent only to receivers present when a
+    /// change is made, for its cost), a reader that subscribed after the
+    /// change was made but before it was committed still wakes.
+    log_written: watch::Sender<u64>,
+    /// Whether the batch being committed adds to the event log.
+    committing_events: bool,
     pub agent_events: broadcast::Sender<AgentEvent>,
     serving: watch::Sender<bool>,
     pub next_seq: u64,
@@ -235,7 +242,10 @@ pub(crate) struct Engine {
     failed: Option<String>,
     /// Who makes the changes of the operation being handled (recorded in
     /// dashboard jobs' steps).
-    pub actor: Actor,
+    pub(super) actor: Actor,
+    /// The exit code of the failure being recorded: set by `fail_attempt`,
+    /// taken by the `stamp` of that write.
+    pub(super) exit_code: Option<i32>,
 }
 
 /// How far the fencing token counter jumps at start-up.
@@ -279,6 +289,7 @@ impl Verdict<'_> {
 /// The channels between the engine task and the rest of the server.
 pub(crate) struct Channels {
     pub events: broadcast::Sender<JobEvent>,
+    pub log_written: watch::Sender<u64>,
     pub agent_events: broadcast::Sender<AgentEvent>,
     pub serving: watch::Sender<bool>,
     pub commands: mpsc::WeakSender<Command>,
@@ -294,7 +305,7 @@ impl Engine {
         config: EngineConfig,
         channels: Channels,
     ) -> Result<Engine, StoreError> {
-        let Channels { events, agent_events, serving, commands, wakes } = channels;
+        let Channels { events, log_written, agent_events, serving, commands, wakes } = channels;
         let now = clock.now();
         let shared = store.ownership() == Ownership::Shared;
         let next_seq = store.counter(COUNTER_SEQ).await? + 1;
@@ -346,6 +357,8 @@ impl Engine {
             clock,
             config,
             events,
+            log_written,
+            committing_events: false,
             agent_events,
             serving,
             next_seq,
@@ -382,6 +395,7 @@ impl Engine {
             committing_jobs: FastMap::default(),
             failed: None,
             actor: Actor::System,
+            exit_code: None,
         };
         let mut after: Option<String> = None;
         loop {
@@ -555,6 +569,7 @@ impl Engine {
         }
         self.in_flight_effects = pending.effects;
         self.committing_jobs = pending.by_job;
+        self.committing_events = pending.has_events;
         self.batch_no += 1;
         let store = self.store.clone();
         let writes = pending.writes;
@@ -563,6 +578,10 @@ impl Engine {
     }
 
     fn finish_commit(&mut self, done: StoreResult<Vec<WriteOutcome>>) {
+        if std::mem::take(&mut self.committing_events) {
+            // Even after a failure or a conflict: what applied is in the log.
+            self.log_written.send_modify(|n| *n = n.wrapping_add(1));
+        }
         let committed = self.batch_no - 1;
         self.uncommitted_keys.retain(|_, (_, batch)| *batch > committed);
         let effects = std::mem::take(&mut self.in_flight_effects);
@@ -806,6 +825,8 @@ impl Engine {
 
     /// Offers work to agents whose slots conflicts freed.
     async fn refill_agents(&mut self) {
+        // After a commit, outside any command: the dispatcher's own work.
+        self.actor = Actor::System;
         self.touched.clear();
         for agent in std::mem::take(&mut self.refill) {
             self.fill_agent(&agent).await;
@@ -960,13 +981,15 @@ impl Engine {
         if previous == Some(job.state) {
             return None;
         }
+        self.pending.has_events = true;
+        let exit_code = self.exit_code.take();
         // `record` reads the job, so its dashboard part is taken out for it.
         if let Some(mut dashboard) = job.dashboard.take() {
             let actor = match previous {
-                None => dashboard.spec.requested_by.clone(),
+                None => requester_actor(&dashboard.spec.requested_by),
                 Some(_) => self.actor.describe(job),
             };
-            dashboard.record(job, previous, &actor);
+            dashboard.record(job, previous, &actor, exit_code);
             job.dashboard = Some(dashboard);
         }
         if self.events.receiver_count() > 0 {
@@ -1052,6 +1075,9 @@ impl Engine {
                     Err(e) => Err(e),
                 };
                 self.reply_after_commit(reply, result);
+            }
+            Command::WaitFacts { id, pool, reply } => {
+                let _ = reply.send(Ok(self.wait_facts(&id, &pool)));
             }
             Command::Cancel { id, reason, reply, .. } => {
                 let result = self.guarded(|e| Box::pin(e.cancel(id, reason))).await;

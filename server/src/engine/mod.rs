@@ -10,6 +10,7 @@ mod agent_table;
 mod agents;
 mod config;
 mod core;
+mod explain;
 mod fetch;
 mod health;
 mod job_key;
@@ -38,6 +39,7 @@ pub use types::{
 
 use crate::clock::Clock;
 use crate::domain::dashboard::{Actor, DashboardSpec};
+use crate::domain::waiting::WaitFacts;
 use crate::domain::{
     AttemptRef, DomainError, DomainResult, Failure, Health, Job, JobSpec, Metrics, Pool, ScalingSignal,
     SchedulingStatus,
@@ -71,6 +73,11 @@ pub(crate) enum Command {
         reason: String,
         actor: Actor,
         reply: Reply<Job>,
+    },
+    WaitFacts {
+        id: String,
+        pool: String,
+        reply: Reply<WaitFacts>,
     },
     Claim {
         request: ClaimRequest,
@@ -232,11 +239,13 @@ pub(crate) enum Command {
 }
 
 impl Command {
-    /// Who makes the changes the command causes.
+    /// Who makes the changes the command causes. The dispatcher's own
+    /// claims and quarantines are the server's whatever command led to them
+    /// (see `assign`, `quarantine`).
     fn actor(&self) -> Actor {
         match self {
             Command::Cancel { actor, .. } => actor.clone(),
-            Command::Inbound { .. } => Actor::Agent,
+            Command::Inbound { .. } | Command::Heartbeat { .. } | Command::Connect { .. } => Actor::Agent,
             Command::Claim { .. }
             | Command::Start { .. }
             | Command::Complete { .. }
@@ -246,8 +255,29 @@ impl Command {
             | Command::Redrive { .. }
             | Command::DrainAgent { .. }
             | Command::DeregisterAgent { .. }
-            | Command::UpdateStatus { .. } => Actor::Operator,
-            _ => Actor::System,
+            | Command::UpdateStatus { .. }
+            | Command::RegisterAgent { .. }
+            | Command::CreatePool { .. }
+            | Command::UpdatePool { .. }
+            | Command::DeletePool { .. } => Actor::Operator,
+            Command::WaitFacts { .. }
+            | Command::Stats { .. }
+            | Command::Disconnected { .. }
+            | Command::GetAgent { .. }
+            | Command::ListAgents { .. }
+            | Command::AgentCounts { .. }
+            | Command::PoolCreated { .. }
+            | Command::GetPool { .. }
+            | Command::ListPools { .. }
+            | Command::Scaling { .. }
+            | Command::Shutdown { .. }
+            | Command::Leave { .. }
+            | Command::Inspect { .. }
+            | Command::Wake { .. }
+            | Command::AgentRefreshed { .. }
+            | Command::Refreshed { .. }
+            | Command::Fetched { .. }
+            | Command::Sweep { .. } => Actor::System,
         }
     }
 }
@@ -271,6 +301,7 @@ pub type Serving = watch::Receiver<bool>;
 pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<JobEvent>,
+    log_written: watch::Sender<u64>,
     agent_events: broadcast::Sender<AgentEvent>,
     store: Arc<dyn Store>,
     serving: Serving,
@@ -314,6 +345,7 @@ impl EngineHandle {
     ) -> Result<(EngineHandle, JoinHandle<()>), StoreError> {
         let (commands, receiver) = mpsc::channel(config.command_capacity);
         let (events, _) = broadcast::channel(8192);
+        let (log_written, _) = watch::channel(0u64);
         let (agent_events, _) = broadcast::channel(1024);
         let (serving_tx, serving) = watch::channel(true);
         let sweep_interval = config.sweep_interval;
@@ -326,6 +358,7 @@ impl EngineHandle {
         };
         let channels = core::Channels {
             events: events.clone(),
+            log_written: log_written.clone(),
             agent_events: agent_events.clone(),
             serving: serving_tx,
             commands: commands.downgrade(),
@@ -337,7 +370,7 @@ impl EngineHandle {
             tokio::spawn(sweep::run(store.clone(), clock, sweep_interval, commands.downgrade()));
         }
         let task = tokio::spawn(engine.run(receiver));
-        Ok((EngineHandle { commands, events, agent_events, store, serving, watch }, task))
+        Ok((EngineHandle { commands, events, log_written, agent_events, store, serving, watch }, task))
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> DomainResult<T> {
@@ -351,7 +384,6 @@ impl EngineHandle {
         self.call(|reply| Command::Enqueue { jobs, reply }).await
     }
 
-    /// Enqueues one dashboard job.
     /// Enqueues one dashboard job; false when its idempotency key matched
     /// an existing job (returned instead).
     pub async fn create_dashboard_job(&self, spec: JobSpec, dashboard: DashboardSpec) -> DomainResult<(Job, bool)> {
@@ -362,6 +394,11 @@ impl EngineHandle {
 
     pub async fn cancel(&self, id: String, reason: String) -> DomainResult<Job> {
         self.call(|reply| Command::Cancel { id, reason, actor: Actor::Operator, reply }).await
+    }
+
+    /// What the dispatcher knows about why a queued job of `pool` waits.
+    pub async fn wait_facts(&self, id: String, pool: String) -> DomainResult<WaitFacts> {
+        self.call(|reply| Command::WaitFacts { id, pool, reply }).await
     }
 
     /// Cancels a job on behalf of a named requester (recorded in a
@@ -528,6 +565,13 @@ impl EngineHandle {
     /// Every job state change from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
         self.events.subscribe()
+    }
+
+    /// Wakes (`changed`) after every commit that added to the event log
+    /// from now on, including changes made before this call and committed
+    /// after it.
+    pub fn subscribe_log(&self) -> watch::Receiver<u64> {
+        self.log_written.subscribe()
     }
 
     /// Whether the engine serves (false after a store failure or shutdown).

@@ -13,7 +13,7 @@ use super::types::{AgentPush, ClaimRequest, QueueStats};
 use super::NewJob;
 use tether::time::later;
 
-use crate::domain::dashboard::DashboardJob;
+use crate::domain::dashboard::{Actor, DashboardJob};
 use crate::domain::{AttemptRef, DomainError, DomainResult, Failure, Job, JobSpec, JobState, Priority};
 
 impl Engine {
@@ -52,7 +52,7 @@ impl Engine {
             // A key repeated within the batch must repeat the same request.
             let first = *first_use.entry((spec.queue.as_str(), key.as_str())).or_insert(i);
             if first != i {
-                if specs[first] != *spec {
+                if specs[first] != *spec || dashboards[first] != dashboards[i] {
                     return Err(DomainError::AlreadyExists(format!(
                         "requests[{i}].idempotency_key {key:?} is also used by requests[{first}] with a different request"
                     )));
@@ -61,7 +61,9 @@ impl Engine {
                 continue;
             }
             match self.find_by_key(&spec.queue, key).await? {
-                Some(job) if job.spec != *spec => {
+                Some(job)
+                    if job.spec != *spec || job.dashboard.as_ref().map(|d| &d.spec) != dashboards[i].as_deref() =>
+                {
                     return Err(DomainError::AlreadyExists(format!(
                         "requests[{i}].idempotency_key {key:?} is already used in queue {:?} by job {} with a different request",
                         spec.queue, job.id
@@ -204,7 +206,9 @@ impl Engine {
         let previous = job.state;
         job.last_error = reason;
         job.finish(JobState::DeadLettered, self.clock.now());
+        let actor = std::mem::replace(&mut self.actor, Actor::System);
         self.persist(&mut job, Some(previous));
+        self.actor = actor;
     }
 
     /// Leases a queued job to a worker as a new attempt.
@@ -237,7 +241,9 @@ impl Engine {
         // slot or made the job ready: if it loses a race, that operation's
         // answer stands.
         let touched = self.touched.len();
+        let actor = std::mem::replace(&mut self.actor, Actor::System);
         let job = self.claim(job, agent_id);
+        self.actor = actor;
         self.touched.truncate(touched);
         self.assignments += 1;
         if let Some(mut entry) = self.agents.get_mut(agent_id) {
@@ -366,8 +372,8 @@ impl Engine {
         let now = self.clock.now();
         let previous = job.state;
         job.last_error = error;
-        if let (Some(d), Failure::Reported { exit_code, .. }) = (job.dashboard.as_mut(), failure) {
-            d.pending_exit_code = exit_code;
+        if let Failure::Reported { exit_code, .. } = failure {
+            self.exit_code = exit_code;
         }
         if !job.spec.retry.retries(failure) {
             job.finish(JobState::Failed, now);
@@ -534,6 +540,12 @@ impl Engine {
                 None => return Err(DomainError::job_not_found(&id)),
                 Some(job) if self.write_in_flight(job.seq) => {
                     return Err(DomainError::Unavailable(format!("job {id} is changing state; retry")))
+                }
+                // A dashboard job that was dead-lettered has ended FAILED.
+                Some(job) if job.state == JobState::DeadLettered && job.dashboard.is_some() => {
+                    return Err(DomainError::FailedPrecondition(format!(
+                        "job {id} already ended (FAILED: its attempts are spent); re-run it with RetryJob"
+                    )))
                 }
                 Some(job) if job.state == JobState::DeadLettered => job,
                 // Queued or held by another replica: cancelled

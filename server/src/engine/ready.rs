@@ -318,6 +318,24 @@ impl ReadySet {
         self.locations.contains_key(&JobKey::new(id))
     }
 
+    /// How many dispatchable jobs of the job's pool come before it in
+    /// dispatch order (whatever labels they require), counted up to `cap`
+    /// (then `true`: at least that many); `None` unless it is dispatchable.
+    pub fn ahead_of(&self, id: &str, cap: u64) -> Option<(u64, bool)> {
+        let Some(Location::Ready(group, key)) = self.locations.get(&JobKey::new(id)) else { return None };
+        let pool = &self.groups.get(group)?.pool;
+        let mut ahead = 0;
+        for group in self.pools.get(pool)?.by_labels.values().filter_map(|g| self.groups.get(g)) {
+            for _ in group.jobs.range(..*key) {
+                ahead += 1;
+                if ahead >= cap {
+                    return Some((ahead, true));
+                }
+            }
+        }
+        Some((ahead, false))
+    }
+
     /// Whether the set holds the job with its full record (it does not
     /// for jobs loaded at start-up or found by a sweep).
     pub fn has_record(&self, id: &str) -> bool {

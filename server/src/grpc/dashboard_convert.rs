@@ -8,6 +8,7 @@ use tether::v1 as pb;
 
 use super::convert::{self, priority_out, state_out};
 use crate::domain::dashboard::{DashboardSpec, DashboardStatus, ShellCommand, DASHBOARD_QUEUE};
+use crate::domain::waiting::{WaitKind, WaitReason};
 use crate::domain::{validate, DomainError, DomainResult, Job, JobSpec, JobState};
 
 pub const MAX_JOB_NAME: usize = 256;
@@ -31,6 +32,12 @@ fn at_most(field: &str, value: &str, max: usize) -> DomainResult<()> {
 pub fn requester_in(field: &str, value: &str) -> DomainResult<String> {
     at_most(field, value, MAX_REQUESTER)?;
     Ok(if value.is_empty() { ANONYMOUS.to_string() } else { value.to_string() })
+}
+
+/// An optional idempotency key.
+pub fn idempotency_key_in(field: &str, value: &str) -> DomainResult<Option<String>> {
+    at_most(field, value, validate::MAX_IDEMPOTENCY_KEY)?;
+    Ok((!value.is_empty()).then(|| value.to_string()))
 }
 
 /// A CreateJob request as the queued job it runs as and its dashboard part.
@@ -175,7 +182,34 @@ pub fn job_out(job: &Job) -> Option<pb::Job> {
             .collect(),
         dropped_transitions: dashboard.dropped_steps,
         idempotency_key: job.spec.idempotency_key.clone().unwrap_or_default(),
+        pending_reason: None,
     })
+}
+
+pub fn pending_reason_out(r: &WaitReason) -> pb::PendingReason {
+    pb::PendingReason {
+        kind: match r.kind {
+            WaitKind::NotBefore => pb::WaitKind::NotBefore,
+            WaitKind::RetryBackoff => pb::WaitKind::RetryBackoff,
+            WaitKind::NoAgentInPool => pb::WaitKind::NoAgentInPool,
+            WaitKind::NoAgentWithLabels => pb::WaitKind::NoAgentWithLabels,
+            WaitKind::AgentsUnavailable => pb::WaitKind::AgentsUnavailable,
+            WaitKind::AgentsBusy => pb::WaitKind::AgentsBusy,
+            WaitKind::Dispatching => pb::WaitKind::Dispatching,
+        } as i32,
+        summary: r.summary.clone(),
+        wait_until: r.until.map(to_timestamp),
+        missing_labels: r.missing_labels.iter().cloned().collect(),
+        pool_agents: r.pool_agents,
+        matching_agents: r.matching_agents,
+        cordoned_agents: r.cordoned_agents,
+        draining_agents: r.draining_agents,
+        unhealthy_agents: r.unhealthy_agents,
+        busy_slots: r.busy_slots,
+        total_slots: r.total_slots,
+        jobs_ahead: r.position.map(|p| p.ahead),
+        jobs_ahead_at_least: r.position.is_some_and(|p| p.capped),
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! DashboardService: translates wire requests to engine calls and back.
 
+use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use tether::v1 as pb;
@@ -9,14 +10,19 @@ use super::convert;
 use super::dashboard_convert::{self as dc, job_out};
 use super::page_token::{self, Listing};
 use super::status::to_status;
-use crate::domain::dashboard::{DashboardSpec, DASHBOARD_QUEUE};
-use crate::domain::{validate, DomainError, DomainResult, Job, JobSpec};
+use crate::domain::dashboard::{self, DashboardSpec, JobListFilter, DASHBOARD_QUEUE};
+use crate::domain::{validate, waiting, DomainError, DomainResult, Job, JobSpec, JobState};
 use crate::engine::EngineHandle;
 use crate::store::JobFilter;
 
 /// Store pages one ListJobs call reads at most while its filters skip jobs:
 /// a page may come back short, never the call slow.
 const MAX_SCANNED_PAGES: usize = 10;
+
+/// A ListJobs page stops growing past this many encoded bytes, well inside
+/// the 4 MiB message limit (a job may hold a 64 KiB command, env and its
+/// history).
+const MAX_PAGE_BYTES: usize = 3 << 20;
 
 /// The DashboardService of one engine.
 pub struct DashboardApi {
@@ -54,24 +60,6 @@ fn out(job: &Job) -> Result<pb::Job, Status> {
     job_out(job).ok_or_else(|| Status::internal(format!("job {} lost its dashboard record", job.id)))
 }
 
-/// Whether a job passes ListJobs' filters beyond queue and state.
-struct Matches {
-    pool: Option<String>,
-    requested_by: Option<String>,
-    after: Option<std::time::SystemTime>,
-    before: Option<std::time::SystemTime>,
-}
-
-impl Matches {
-    fn accepts(&self, job: &Job) -> bool {
-        let Some(d) = job.dashboard.as_deref() else { return false };
-        self.pool.as_ref().is_none_or(|p| *p == job.spec.routing.pool)
-            && self.requested_by.as_ref().is_none_or(|r| *r == d.spec.requested_by)
-            && self.after.is_none_or(|t| job.create_time >= t)
-            && self.before.is_none_or(|t| job.create_time < t)
-    }
-}
-
 #[tonic::async_trait]
 impl DashboardService for DashboardApi {
     async fn create_job(
@@ -94,7 +82,13 @@ impl DashboardService for DashboardApi {
     async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::GetJobResponse>, Status> {
         let id = convert::required("id", &request.get_ref().id).map_err(to_status)?;
         let job = self.dashboard_job(&id).await.map_err(to_status)?;
-        Ok(Response::new(pb::GetJobResponse { job: Some(out(&job)?) }))
+        let mut wire = out(&job)?;
+        if job.state == JobState::Queued {
+            let facts =
+                self.engine.wait_facts(job.id.clone(), job.spec.routing.pool.clone()).await.map_err(to_status)?;
+            wire.pending_reason = Some(dc::pending_reason_out(&waiting::explain(&job, &facts)));
+        }
+        Ok(Response::new(pb::GetJobResponse { job: Some(wire) }))
     }
 
     async fn list_jobs(&self, request: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
@@ -105,25 +99,28 @@ impl DashboardService for DashboardApi {
         } else {
             Some(dc::requester_in("requested_by", &req.requested_by).map_err(to_status)?)
         };
-        let matches = Matches {
+        let matches = JobListFilter {
             pool: convert::name_filter("pool", &req.pool).map_err(to_status)?,
             requested_by,
-            after: convert::timestamp_in_field("create_time_after", req.create_time_after.as_ref())
+            created_after: convert::timestamp_in_field("create_time_after", req.create_time_after.as_ref())
                 .map_err(to_status)?,
-            before: convert::timestamp_in_field("create_time_before", req.create_time_before.as_ref())
+            created_before: convert::timestamp_in_field("create_time_before", req.create_time_before.as_ref())
                 .map_err(to_status)?,
         };
         let limit = validate::page_size("page_size", req.page_size).map_err(to_status)?;
         let mut cursor = page_token::decode_seq(Listing::DashboardJobs, &req.page_token).map_err(to_status)?;
         let filter = JobFilter { queue: Some(DASHBOARD_QUEUE.to_string()), states };
         let mut jobs = Vec::new();
+        let mut bytes = 0;
         let mut next = None;
         'scan: for _ in 0..MAX_SCANNED_PAGES {
             let page = self.engine.list_jobs(&filter, cursor, limit).await.map_err(to_status)?;
             for job in &page.items {
                 if matches.accepts(job) {
-                    jobs.push(out(job)?);
-                    if jobs.len() == limit {
+                    let wire = out(job)?;
+                    bytes += wire.encoded_len();
+                    jobs.push(wire);
+                    if jobs.len() == limit || bytes >= MAX_PAGE_BYTES {
                         // Resume right after this job (newest first).
                         next = Some(job.seq);
                         break 'scan;
@@ -165,16 +162,11 @@ impl DashboardService for DashboardApi {
         let req = request.get_ref();
         let id = convert::required("id", &req.id).map_err(to_status)?;
         let requested_by = dc::requester_in("requested_by", &req.requested_by).map_err(to_status)?;
+        let key = dc::idempotency_key_in("idempotency_key", &req.idempotency_key).map_err(to_status)?;
         let old = self.dashboard_job(&id).await.map_err(to_status)?;
-        if !old.state.is_terminal() && old.state != crate::domain::JobState::DeadLettered {
-            return Err(to_status(DomainError::FailedPrecondition(format!(
-                "job {id} has not ended; cancel it first or wait for it"
-            ))));
-        }
-        let name = old.dashboard.as_deref().map(|d| d.spec.name.clone()).unwrap_or_default();
-        let spec = JobSpec { idempotency_key: None, not_before: None, ..old.spec };
-        let dashboard = DashboardSpec { name, requested_by, retry_of: Some(id) };
-        let (job, _) = self.create(spec, dashboard).await.map_err(to_status)?;
-        Ok(Response::new(pb::RetryJobResponse { job: Some(out(&job)?) }))
+        let (spec, dashboard) =
+            dashboard::rerun(&old, requested_by, key).map_err(|e| to_status(DomainError::FailedPrecondition(e)))?;
+        let (job, created) = self.create(spec, dashboard).await.map_err(to_status)?;
+        Ok(Response::new(pb::RetryJobResponse { job: Some(out(&job)?), created }))
     }
 }

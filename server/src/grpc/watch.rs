@@ -1,14 +1,14 @@
 //! WatchQueue's stream: a task that reads the durable event log from the
 //! watcher's cursor and sends each matching change with the cursor after
-//! it. The engine's in-process broadcast only wakes the task (this
-//! replica's commits); on a shared store it also reads the log every
+//! it. The engine's count of commits that wrote to the log only wakes the
+//! task (this replica's commits); on a shared store it also reads the log every
 //! `poll` interval, for changes made through other replicas. A store
 //! error or an expired cursor ends the stream with its status; the client
 //! resumes from the last cursor it received.
 
 use std::collections::VecDeque;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
@@ -18,7 +18,7 @@ use super::convert::{self, job_out};
 use super::event_cursor;
 use super::status::to_status;
 use crate::domain::{DomainResult, JobState};
-use crate::engine::{EngineHandle, JobEvent};
+use crate::engine::EngineHandle;
 use crate::store::{Event, EventCursor};
 
 /// Events read per store call (per shard).
@@ -46,13 +46,13 @@ impl Filter {
 pub struct Start {
     pub events: Vec<Event>,
     pub cursor: EventCursor,
-    pub wake: broadcast::Receiver<JobEvent>,
+    pub wake: watch::Receiver<u64>,
 }
 
 pub async fn start(engine: &EngineHandle, cursor: Option<EventCursor>) -> DomainResult<Start> {
     // Subscribed before the first read: a change committed after it wakes
     // the task.
-    let wake = engine.subscribe();
+    let wake = engine.subscribe_log();
     let Some(cursor) = cursor else {
         return Ok(Start { events: Vec::new(), cursor: engine.event_heads().await?, wake });
     };
@@ -152,26 +152,15 @@ async fn fill_payload(engine: &EngineHandle, event: &mut Event) -> DomainResult<
 /// Waits for a wake-up: a local commit's event, or the poll interval on a
 /// shared store. Drains what else is queued first, so one read answers
 /// every wake-up that came before it. False when the engine is gone.
-async fn wait(wake: &mut broadcast::Receiver<JobEvent>, poll: Option<std::time::Duration>) -> bool {
-    let woken = async {
-        match wake.recv().await {
-            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => true,
-            Err(broadcast::error::RecvError::Closed) => false,
-        }
-    };
-    let alive = match poll {
+async fn wait(wake: &mut watch::Receiver<u64>, poll: Option<std::time::Duration>) -> bool {
+    // `changed` marks every commit so far as seen: one read answers them all.
+    let woken = async { wake.changed().await.is_ok() };
+    match poll {
         Some(every) => tokio::select! {
             alive = woken => alive,
             () = tokio::time::sleep(every) => true,
         },
         None => woken.await,
-    };
-    loop {
-        match wake.try_recv() {
-            Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
-            Err(broadcast::error::TryRecvError::Empty) => return alive,
-            Err(broadcast::error::TryRecvError::Closed) => return false,
-        }
     }
 }
 

@@ -32,12 +32,21 @@ pub(crate) fn encode_into<T: Serialize>(buf: &mut Vec<u8>, value: &T) -> StoreRe
     Ok(())
 }
 
-/// A job record in today's format, into a reused buffer.
+/// A job record, into a reused buffer: format 3 for a dashboard job, format
+/// 2 (the same layout without the dashboard part) for any other, so the
+/// previous release still reads every job it knows how to handle (a
+/// replica of it during a rolling deploy on DynamoDB).
 pub(crate) fn encode_job_into(buf: &mut Vec<u8>, job: &Job) -> StoreResult<()> {
     let mut out = std::mem::take(buf);
     out.clear();
-    out.push(JOB_FORMAT_V3);
-    *buf = postcard::to_extend(job, out).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))?;
+    let encoded = if job.dashboard.is_some() {
+        out.push(JOB_FORMAT_V3);
+        postcard::to_extend(job, out)
+    } else {
+        out.push(JOB_FORMAT_V2);
+        postcard::to_extend(&super::legacy::JobV2Ref::from(job), out)
+    };
+    *buf = encoded.map_err(|e| StoreError::Corrupt(format!("encode: {e}")))?;
     Ok(())
 }
 
@@ -116,11 +125,21 @@ mod tests {
     }
 
     #[test]
+    fn a_job_without_a_dashboard_part_is_written_as_the_previous_release_did() {
+        let job = conformance::job("a", 1, "q", Some("k"));
+        let mut buf = Vec::new();
+        encode_job_into(&mut buf, &job).expect("encode");
+        let v2 = postcard::to_extend(&JobV2::from(&job), vec![JOB_FORMAT_V2]).expect("encode");
+        assert_eq!(buf, v2, "format 2, byte for byte");
+        assert_eq!(decode_job(&buf).expect("decode"), job);
+    }
+
+    #[test]
     fn a_dashboard_job_round_trips() {
         let mut job = conformance::job("a", 1, "tether.jobs", None);
         let spec = DashboardSpec { name: "build".into(), requested_by: "ann".into(), retry_of: Some("z".into()) };
         let mut dashboard = DashboardJob::new(spec);
-        dashboard.record(&job, None, "ann");
+        dashboard.record(&job, None, "user:ann", None);
         job.dashboard = Some(Box::new(dashboard));
         let mut buf = Vec::new();
         encode_job_into(&mut buf, &job).expect("encode");

@@ -82,10 +82,13 @@ fn truncated(text: &str, max: usize) -> &str {
 }
 
 /// One job write's events as stored: the job after the write, without its
-/// payload and result, and the transitions, numbered from `first_seq`.
+/// payload, result and dashboard part, and the transitions, numbered from
+/// `first_seq`. The job keeps job format 2's layout (`job_v2_inline`), so
+/// groups read the same in every release since the event log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventGroup {
     pub first_seq: u64,
+    #[serde(with = "super::legacy::job_v2_inline")]
     pub job: Job,
     pub transitions: Vec<Transition>,
 }
@@ -96,7 +99,7 @@ impl EventGroup {
         if transitions.is_empty() {
             return None;
         }
-        let mut job = job.clone();
+        let mut job = Job { dashboard: None, ..job.clone() };
         job.spec.payload = bytes::Bytes::new();
         job.result = bytes::Bytes::new();
         Some(EventGroup { first_seq, job, transitions: transitions.to_vec() })
@@ -209,6 +212,30 @@ pub struct Trimmed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A group is stored as every release since the event log wrote it:
+    /// the job inline in job format 2's layout, whatever the job holds.
+    #[test]
+    fn a_group_keeps_the_layout_of_earlier_releases_and_leaves_the_dashboard_part_out() {
+        #[derive(Serialize)]
+        struct GroupV1 {
+            first_seq: u64,
+            job: crate::store::legacy::JobV2,
+            transitions: Vec<Transition>,
+        }
+        let mut job = crate::store::conformance::job("j", 1, "tether.jobs", None);
+        let created = Transition::of(&job, None);
+        let plain = EventGroup::of(&job, std::slice::from_ref(&created), 5).expect("group");
+        let spec =
+            crate::domain::dashboard::DashboardSpec { name: "n".into(), requested_by: "r".into(), retry_of: None };
+        job.dashboard = Some(Box::new(crate::domain::dashboard::DashboardJob::new(spec)));
+        let group = EventGroup::of(&job, std::slice::from_ref(&created), 5).expect("group");
+        assert_eq!(group, plain);
+        let old = GroupV1 { first_seq: 5, job: (&plain.job).into(), transitions: vec![created] };
+        let encoded = crate::store::codec::encode(&group).expect("encode");
+        assert_eq!(encoded, crate::store::codec::encode(&old).expect("encode"), "byte for byte");
+        assert_eq!(crate::store::codec::decode::<EventGroup>(&encoded).expect("decode"), plain);
+    }
 
     #[test]
     fn transitions_keep_at_most_a_kibibyte_of_error_on_a_char_boundary() {

@@ -128,6 +128,70 @@ impl From<JobV2> for Job {
     }
 }
 
+/// A job in format 2's layout, borrowed: how a job without a dashboard
+/// part is still written (job records, event groups), so a release that
+/// reads only format 2 keeps reading every job but dashboard jobs.
+#[derive(Serialize)]
+pub struct JobV2Ref<'a> {
+    id: &'a str,
+    seq: u64,
+    spec: &'a JobSpec,
+    state: JobState,
+    attempt: u32,
+    fencing_token: u64,
+    worker_id: &'a str,
+    create_time: SystemTime,
+    update_time: SystemTime,
+    ready_time: SystemTime,
+    lease_expire_time: Option<SystemTime>,
+    run_deadline: Option<SystemTime>,
+    result: &'a Bytes,
+    last_error: &'a str,
+    finish_time: Option<SystemTime>,
+    version: u64,
+}
+
+impl<'a> From<&'a Job> for JobV2Ref<'a> {
+    /// The job without its dashboard part.
+    fn from(job: &'a Job) -> JobV2Ref<'a> {
+        JobV2Ref {
+            id: &job.id,
+            seq: job.seq,
+            spec: &job.spec,
+            state: job.state,
+            attempt: job.attempt,
+            fencing_token: job.fencing_token,
+            worker_id: &job.worker_id,
+            create_time: job.create_time,
+            update_time: job.update_time,
+            ready_time: job.ready_time,
+            lease_expire_time: job.lease_expire_time,
+            run_deadline: job.run_deadline,
+            result: &job.result,
+            last_error: &job.last_error,
+            finish_time: job.finish_time,
+            version: job.version,
+        }
+    }
+}
+
+/// A job field in format 2's layout, inline (event groups): the dashboard
+/// part is left out on write and absent on read.
+pub mod job_v2_inline {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{JobV2, JobV2Ref};
+    use crate::domain::Job;
+
+    pub fn serialize<S: Serializer>(job: &Job, serializer: S) -> Result<S::Ok, S::Error> {
+        JobV2Ref::from(job).serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Job, D::Error> {
+        JobV2::deserialize(deserializer).map(Job::from)
+    }
+}
+
 impl From<&Job> for JobV2 {
     /// Format 2's layout of `job` (its dashboard part is lost): for tests
     /// that need records as the previous release wrote them.

@@ -18,7 +18,7 @@ sys.path.insert(0, str(GEN))
 import grpc  # noqa: E402
 import pytest  # noqa: E402
 
-from tether.v1 import agent_pb2, agent_pb2_grpc, queue_pb2_grpc  # noqa: E402
+from tether.v1 import agent_pb2, agent_pb2_grpc, dashboard_pb2_grpc, queue_pb2_grpc  # noqa: E402
 
 import support  # noqa: E402
 
@@ -40,6 +40,7 @@ def clients(server):
         channel=channel,
         queue=queue_pb2_grpc.QueueServiceStub(channel),
         agents=agent_pb2_grpc.AgentServiceStub(channel),
+        dashboard=dashboard_pb2_grpc.DashboardServiceStub(channel),
     )
     channel.close()
 

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Optional
 
 import grpc
 
-from tether.v1 import agent_pb2, agent_pb2_grpc, queue_pb2, queue_pb2_grpc
+from tether.v1 import agent_pb2, agent_pb2_grpc, dashboard_pb2_grpc, queue_pb2, queue_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -153,6 +153,7 @@ class Clients:
     channel: grpc.Channel
     queue: queue_pb2_grpc.QueueServiceStub
     agents: agent_pb2_grpc.AgentServiceStub
+    dashboard: dashboard_pb2_grpc.DashboardServiceStub
 
 
 def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
