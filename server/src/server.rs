@@ -176,7 +176,7 @@ impl Tether {
         let agents = AgentServiceServer::new(AgentApi::new(engine.clone(), parts.max_agent_streams))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let dashboard = DashboardServiceServer::new(DashboardApi::new(engine.clone()))
+        let dashboard = DashboardServiceServer::new(DashboardApi::new(engine.clone(), stopping.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let replicas = ReplicaServiceServer::new(ReplicaApi::new(engine.clone()))

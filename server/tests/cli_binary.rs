@@ -190,7 +190,14 @@ async fn spawn_shell_agent(url: String, name: &str) -> String {
                     send(&outbound, pb::connect_request::Message::AssignmentAck(ack)).await;
                     let (outbound, running) = (outbound.clone(), running.clone());
                     tokio::spawn(async move {
-                        let finished = run_shell_job(job.clone(), &assignment.payload).await;
+                        let (finished, output) = run_shell_job(job.clone(), &assignment.payload).await;
+                        // Its output first, as an agent streams it: stdout, then stderr.
+                        let streams = [(pb::LogStream::Stdout, output.0), (pb::LogStream::Stderr, output.1)];
+                        let chunks = streams.into_iter().filter(|(_, data)| !data.is_empty());
+                        for (sequence, (stream, data)) in (0u64..).zip(chunks) {
+                            let log = pb::JobLog { job: Some(job.clone()), stream: stream as i32, data: data.into(), sequence };
+                            send(&outbound, pb::connect_request::Message::JobLog(log)).await;
+                        }
                         running.lock().unwrap_or_else(|e| e.into_inner()).retain(|r| r != &job);
                         send(&outbound, pb::connect_request::Message::JobFinished(finished)).await;
                     });
@@ -201,8 +208,9 @@ async fn spawn_shell_agent(url: String, name: &str) -> String {
     welcome.agent_id
 }
 
-/// Runs one job's command and says how it ended.
-async fn run_shell_job(job: pb::JobRef, payload: &[u8]) -> pb::JobFinished {
+/// Runs one job's command and says how it ended, with its stdout and
+/// stderr.
+async fn run_shell_job(job: pb::JobRef, payload: &[u8]) -> (pb::JobFinished, (Vec<u8>, Vec<u8>)) {
     let failed = |error: String, exit_code: i32| pb::JobFinished {
         job: Some(job.clone()),
         outcome: pb::JobOutcome::FailedRetryable as i32,
@@ -212,7 +220,7 @@ async fn run_shell_job(job: pb::JobRef, payload: &[u8]) -> pb::JobFinished {
     };
     let spec: ShellJob = match serde_json::from_slice(payload) {
         Ok(spec) => spec,
-        Err(e) => return failed(format!("bad payload: {e}"), 0),
+        Err(e) => return (failed(format!("bad payload: {e}"), 0), Default::default()),
     };
     let mut command = tokio::process::Command::new("sh");
     command.arg("-c").arg(&spec.command).envs(&spec.env).stdin(Stdio::null()).kill_on_drop(true);
@@ -220,17 +228,20 @@ async fn run_shell_job(job: pb::JobRef, payload: &[u8]) -> pb::JobFinished {
         command.current_dir(&spec.workdir);
     }
     match command.output().await {
-        Ok(out) if out.status.success() => pb::JobFinished {
-            job: Some(job.clone()),
-            outcome: pb::JobOutcome::Succeeded as i32,
-            result: out.stdout.into(),
-            ..Default::default()
-        },
+        Ok(out) if out.status.success() => {
+            let finished = pb::JobFinished {
+                job: Some(job.clone()),
+                outcome: pb::JobOutcome::Succeeded as i32,
+                result: out.stdout.clone().into(),
+                ..Default::default()
+            };
+            (finished, (out.stdout, out.stderr))
+        }
         Ok(out) => {
             let code = out.status.code().unwrap_or(0);
-            failed(format!("exited with code {code}"), code)
+            (failed(format!("exited with code {code}"), code), (out.stdout, out.stderr))
         }
-        Err(e) => failed(format!("cannot run sh: {e}"), 0),
+        Err(e) => (failed(format!("cannot run sh: {e}"), 0), Default::default()),
     }
 }
 
@@ -394,6 +405,27 @@ async fn jobs_run_and_are_shown_through_the_binary() {
     let out = server.tether(&["jobs", "get", "no-such-job"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: NOT_FOUND: "), "{}", shown(&out));
+
+    // logs: the output as the agent sent it; -f exits with the outcome.
+    let talk = server
+        .tether(&["jobs", "create", "--name", "talk", "--command", "echo hello-log; echo warn-log >&2", "--wait"])
+        .await;
+    assert_eq!(talk.status.code(), Some(0), "{}", shown(&talk));
+    let talk_id = stdout(&talk)
+        .lines()
+        .find_map(|l| l.strip_prefix("ID:"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| panic!("no ID line: {}", shown(&talk)));
+    let out = server.tether(&["jobs", "logs", &talk_id]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
+    assert_eq!(stdout(&out), "hello-log\n", "{}", shown(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("warn-log"), "{}", shown(&out));
+    let out = server.tether(&["jobs", "logs", &talk_id, "-f", "--filter", "warn", "--output", "json"]).await;
+    assert_eq!(out.status.code(), Some(0), "the followed job succeeded: {}", shown(&out));
+    let lines: Vec<serde_json::Value> =
+        stdout(&out).lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect();
+    assert_eq!(lines.len(), 1, "{}", shown(&out));
+    assert_eq!(lines[0]["stream"], "LOG_STREAM_STDERR");
 }
 
 #[test]

@@ -514,6 +514,10 @@ async fn a_job_whose_attempts_are_lost_ends_failed_and_can_only_be_retried() {
         tokio::task::yield_now().await;
     };
     assert_eq!(refused.code(), Code::FailedPrecondition, "{}", refused.message());
+    // Nor is it redriven behind the dashboard's back (a retry would run too).
+    let redrive =
+        q.redrive_dead_letter(pb::RedriveDeadLetterRequest { id: job.id.clone() }).await.expect_err("refused");
+    assert_eq!(redrive.code(), Code::FailedPrecondition, "{}", redrive.message());
     let retry = pb::RetryJobRequest { id: job.id.clone(), idempotency_key: "again-1".into(), ..Default::default() };
     let first = d.retry_job(retry.clone()).await.expect("retry").into_inner();
     let second = d.retry_job(retry).await.expect("retry").into_inner();
@@ -527,4 +531,101 @@ async fn a_job_whose_attempts_are_lost_ends_failed_and_can_only_be_retried() {
     assert_eq!(d.create_job(renamed).await.expect_err("taken").code(), Code::AlreadyExists);
     let other_requester = pb::CreateJobRequest { requested_by: "eve".into(), ..keyed };
     assert_eq!(d.create_job(other_requester).await.expect_err("taken").code(), Code::AlreadyExists);
+}
+
+async fn next_log(stream: &mut tonic::Streaming<pb::StreamJobLogsResponse>) -> Option<pb::StreamJobLogsResponse> {
+    tokio::time::timeout(WAIT, stream.message()).await.expect("a log message in time").expect("log stream ok")
+}
+
+#[tokio::test]
+async fn logs_are_followed_live_resumed_from_a_cursor_and_filtered() {
+    let dir = DataDir::new();
+    let server = TestServer::start(&dir, Options::default()).await;
+    let agent = spawn_shell_agent(&server, "runner");
+    tokio::time::timeout(WAIT, agent.wait_connected()).await.expect("in time").expect("connected");
+    let mut d = server.dashboard().await;
+    let gate = tempfile::tempdir().expect("tempdir");
+    let release = gate.path().join("go");
+    // The job prints, then waits for the test, then prints more: a follower
+    // must see the first line while the job still runs.
+    let command = format!(
+        "echo first; echo 'warn: early' >&2; while [ ! -e {} ]; do sleep 0.01; done; echo second; echo 'warn: late'",
+        release.display()
+    );
+    let job = create_job(&mut d, create("talker", &command)).await;
+    let follow = pb::StreamJobLogsRequest { id: job.id.clone(), follow: true, ..Default::default() };
+    let mut live = d.stream_job_logs(follow.clone()).await.expect("follow").into_inner();
+    let mut seen = String::new();
+    let mut last_cursor = String::new();
+    while !seen.contains("first") {
+        let chunk = next_log(&mut live).await.expect("the job still runs: the stream is open");
+        assert_eq!(chunk.attempt, 1);
+        seen.push_str(&String::from_utf8_lossy(&chunk.data));
+        last_cursor = chunk.cursor;
+    }
+    assert_eq!(status(&get_job(&mut d, &job.id).await), pb::JobStatus::Running, "output arrives before the job ends");
+    // A second follower starts from the cursor the first one holds, then the
+    // job goes on; the first follower disconnects.
+    let mut resumed = d
+        .stream_job_logs(pb::StreamJobLogsRequest { cursor: last_cursor.clone(), ..follow.clone() })
+        .await
+        .expect("resume")
+        .into_inner();
+    drop(live);
+    std::fs::write(&release, b"").expect("release the job");
+    let mut rest = Vec::new();
+    while let Some(chunk) = next_log(&mut resumed).await {
+        rest.push(chunk);
+    }
+    let rest_text: String = rest.iter().map(|c| String::from_utf8_lossy(&c.data).into_owned()).collect();
+    assert!(rest_text.contains("second") && rest_text.contains("warn: late"), "{rest_text:?}");
+    assert!(!rest_text.contains("first"), "nothing before the cursor is sent again: {rest_text:?}");
+    assert_eq!(status(&get_job(&mut d, &job.id).await), pb::JobStatus::Success, "the stream ended with the job");
+
+    // The whole history without follow: every chunk once, offsets adding up.
+    let all: Vec<_> = {
+        let mut s = d
+            .stream_job_logs(pb::StreamJobLogsRequest { id: job.id.clone(), ..Default::default() })
+            .await
+            .expect("history")
+            .into_inner();
+        let mut v = Vec::new();
+        while let Some(chunk) = next_log(&mut s).await {
+            v.push(chunk);
+        }
+        v
+    };
+    let mut expected_offset = 0;
+    for chunk in &all {
+        assert_eq!(chunk.offset, expected_offset);
+        expected_offset += chunk.data.len() as u64;
+        assert!(chunk.receive_time.is_some());
+    }
+    let text: String = all.iter().map(|c| String::from_utf8_lossy(&c.data).into_owned()).collect();
+    for line in ["first", "warn: early", "second", "warn: late"] {
+        assert_eq!(text.matches(line).count(), 1, "{line} once in {text:?}");
+    }
+    assert!(all.iter().any(|c| c.stream == pb::LogStream::Stderr as i32));
+
+    // Filtered: only the lines with the text, with their offsets.
+    let filtered = pb::StreamJobLogsRequest { id: job.id.clone(), filter: "warn:".into(), ..Default::default() };
+    let mut s = d.stream_job_logs(filtered).await.expect("filtered").into_inner();
+    let mut lines = Vec::new();
+    while let Some(chunk) = next_log(&mut s).await {
+        assert_eq!(chunk.line_offsets.len(), String::from_utf8_lossy(&chunk.data).matches("warn:").count());
+        for at in &chunk.line_offsets {
+            let at = *at as usize;
+            assert!(text.as_bytes()[at..].starts_with(b"warn:"), "offset {at} starts a matching line");
+        }
+        lines.push(String::from_utf8_lossy(&chunk.data).into_owned());
+    }
+    assert_eq!(lines.concat(), "warn: early\nwarn: late\n");
+
+    // Bad requests.
+    let unknown = d.stream_job_logs(pb::StreamJobLogsRequest { id: "nope".into(), ..Default::default() }).await;
+    assert_eq!(unknown.err().map(|e| e.code()), Some(Code::NotFound));
+    let foreign = pb::StreamJobLogsRequest { id: job.id.clone(), cursor: "bm9wZQ".into(), ..Default::default() };
+    assert_eq!(d.stream_job_logs(foreign).await.err().map(|e| e.code()), Some(Code::InvalidArgument));
+    let long = pb::StreamJobLogsRequest { id: job.id.clone(), filter: "x".repeat(2000), ..Default::default() };
+    assert_eq!(d.stream_job_logs(long).await.err().map(|e| e.code()), Some(Code::InvalidArgument));
 }

@@ -271,6 +271,22 @@ pub enum JobsCommand {
         #[arg(long, value_name = "WHO")]
         requested_by: Option<String>,
     },
+    /// Print a job's output (stdout and stderr as the agent sent them);
+    /// with --follow, keep printing until the job ends and exit with its
+    /// outcome (0 only if it succeeded)
+    Logs {
+        /// The job id.
+        id: String,
+        /// Follow live output until the job ends.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only lines containing this text.
+        #[arg(long, value_name = "TEXT")]
+        filter: Option<String>,
+        /// Start after this cursor (from a previous `--output json` line).
+        #[arg(long, value_name = "CURSOR")]
+        cursor: Option<String>,
+    },
     /// Run an ended job again as a new job; prints the new id
     Retry {
         /// The id of the ended job.

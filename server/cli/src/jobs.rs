@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use tether::time::{to_duration, to_timestamp};
 use tether::v1::{
     CancelJobRequest, CreateJobRequest, GetJobRequest, GetJobResponse, Job, JobStatus, ListJobsRequest,
-    ListJobsResponse, RetryJobRequest, Routing,
+    ListJobsResponse, LogStream, RetryJobRequest, Routing, StreamJobLogsRequest,
 };
 use tonic::Status;
 
@@ -52,6 +52,7 @@ pub(crate) async fn run(command: JobsCommand, ctx: &mut Ctx<'_>) -> anyhow::Resu
             }
             Ok(ExitCode::SUCCESS)
         }
+        JobsCommand::Logs { id, follow, filter, cursor } => logs(ctx, id, follow, filter, cursor).await,
         JobsCommand::Retry { id, requested_by, idempotency_key, wait } => {
             let request = build_retry_request(id, requested_by.as_deref(), idempotency_key, env_var);
             let response = ctx.clients.dashboard.retry_job(ctx.clients.req(request)).await?.into_inner();
@@ -181,6 +182,44 @@ async fn wait_and_print(ctx: &mut Ctx<'_>, id: &str) -> anyhow::Result<ExitCode>
     let succeeded = job.status == JobStatus::Success as i32;
     print_job(ctx, job)?;
     Ok(if succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Prints a job's output: raw bytes, stderr chunks to stderr (table mode),
+/// or one StreamJobLogsResponse per line (JSON). Following, the exit code
+/// is the job's outcome.
+async fn logs(
+    ctx: &mut Ctx<'_>,
+    id: String,
+    follow: bool,
+    filter: Option<String>,
+    cursor: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let request = StreamJobLogsRequest {
+        id: id.clone(),
+        cursor: cursor.unwrap_or_default(),
+        follow,
+        filter: filter.unwrap_or_default(),
+    };
+    let mut stream = ctx.clients.dashboard.stream_job_logs(ctx.clients.req(request)).await?.into_inner();
+    while let Some(chunk) = stream.message().await? {
+        match ctx.format {
+            OutputFormat::Json => writeln!(ctx.out, "{}", output::to_json_line(&chunk)?)?,
+            OutputFormat::Table if chunk.stream == LogStream::Stderr as i32 => {
+                ctx.err.write_all(&chunk.data)?;
+                ctx.err.flush()?;
+            }
+            OutputFormat::Table => {
+                ctx.out.write_all(&chunk.data)?;
+                ctx.out.flush()?;
+            }
+        }
+    }
+    if !follow {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // The stream ended with the job.
+    let job = get_dashboard_job(&ctx.clients, &id).await?;
+    Ok(if job.status == JobStatus::Success as i32 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 /// Reads a job, failing with the server's status.

@@ -61,6 +61,7 @@ proto_names!(
     ListJobsResponse,
     CancelJobResponse,
     RetryJobResponse,
+    StreamJobLogsResponse,
 );
 
 /// The descriptor pool of every tether.v1 message, decoded once.

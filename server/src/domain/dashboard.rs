@@ -216,8 +216,8 @@ impl DashboardJob {
             from,
             to: job.state,
             attempt: job.attempt,
-            worker_id: truncated(&job.worker_id, MAX_STEP_NAME).to_string(),
-            actor: truncated(actor, MAX_STEP_NAME).to_string(),
+            worker_id: short_name(&job.worker_id),
+            actor: short_name(actor),
             reason: truncated(reason, MAX_STEP_REASON).to_string(),
             exit_code: exit_code.filter(|_| ends_attempt),
         });
@@ -316,6 +316,17 @@ pub fn rerun(
     let spec = JobSpec { idempotency_key, not_before: None, ..old.spec.clone() };
     let dashboard = DashboardSpec { name: d.spec.name.clone(), requested_by, retry_of: Some(old.id.clone()) };
     Ok((spec, dashboard))
+}
+
+/// A name a step keeps: as it is up to [`MAX_STEP_NAME`] bytes; longer, cut
+/// and marked with a checksum of the whole, so two long names that share
+/// their start stay apart.
+fn short_name(name: &str) -> String {
+    if name.len() <= MAX_STEP_NAME {
+        return name.to_string();
+    }
+    let mark = format!("~{:08x}", crc32fast::hash(name.as_bytes()));
+    format!("{}{mark}", truncated(name, MAX_STEP_NAME - mark.len()))
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a
@@ -457,6 +468,10 @@ mod tests {
             d.record(&j, Some(JobState::Running), &"x".repeat(300), None);
         }
         assert!(d.steps.iter().all(|s| s.worker_id.len() == MAX_STEP_NAME && s.actor.len() == MAX_STEP_NAME));
+        // Two long names sharing their first 64 bytes stay apart.
+        let long = "r".repeat(70);
+        assert_ne!(short_name(&long), short_name(&format!("{long}-impostor")));
+        assert_eq!(short_name("user:ann"), "user:ann");
         let bytes: usize = d.steps.iter().map(JobStep::estimated_bytes).sum();
         assert!(bytes <= MAX_STEPS_BYTES, "{bytes}");
         assert!(d.steps.len() < MAX_STEPS);

@@ -65,6 +65,8 @@ pub(crate) struct Pending {
     pub max_seq: u64,
     /// Some write of the batch adds to the event log.
     pub has_events: bool,
+    /// Some write of the batch stores job output.
+    pub has_output: bool,
 }
 
 /// An agent session: the sender of its pushes.
@@ -163,6 +165,10 @@ pub(crate) struct Engine {
     log_written: watch::Sender<u64>,
     /// Whether the batch being committed adds to the event log.
     committing_events: bool,
+    /// Counts commits that stored job output: the wake-up of log followers.
+    output_written: watch::Sender<u64>,
+    /// Whether the batch being committed stores job output.
+    committing_output: bool,
     pub agent_events: broadcast::Sender<AgentEvent>,
     serving: watch::Sender<bool>,
     pub next_seq: u64,
@@ -290,6 +296,7 @@ impl Verdict<'_> {
 pub(crate) struct Channels {
     pub events: broadcast::Sender<JobEvent>,
     pub log_written: watch::Sender<u64>,
+    pub output_written: watch::Sender<u64>,
     pub agent_events: broadcast::Sender<AgentEvent>,
     pub serving: watch::Sender<bool>,
     pub commands: mpsc::WeakSender<Command>,
@@ -305,7 +312,7 @@ impl Engine {
         config: EngineConfig,
         channels: Channels,
     ) -> Result<Engine, StoreError> {
-        let Channels { events, log_written, agent_events, serving, commands, wakes } = channels;
+        let Channels { events, log_written, output_written, agent_events, serving, commands, wakes } = channels;
         let now = clock.now();
         let shared = store.ownership() == Ownership::Shared;
         let next_seq = store.counter(COUNTER_SEQ).await? + 1;
@@ -359,6 +366,8 @@ impl Engine {
             events,
             log_written,
             committing_events: false,
+            output_written,
+            committing_output: false,
             agent_events,
             serving,
             next_seq,
@@ -570,6 +579,7 @@ impl Engine {
         self.in_flight_effects = pending.effects;
         self.committing_jobs = pending.by_job;
         self.committing_events = pending.has_events;
+        self.committing_output = pending.has_output;
         self.batch_no += 1;
         let store = self.store.clone();
         let writes = pending.writes;
@@ -578,9 +588,12 @@ impl Engine {
     }
 
     fn finish_commit(&mut self, done: StoreResult<Vec<WriteOutcome>>) {
+        // Even after a failure or a conflict: what applied is in the store.
         if std::mem::take(&mut self.committing_events) {
-            // Even after a failure or a conflict: what applied is in the log.
             self.log_written.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        if std::mem::take(&mut self.committing_output) {
+            self.output_written.send_modify(|n| *n = n.wrapping_add(1));
         }
         let committed = self.batch_no - 1;
         self.uncommitted_keys.retain(|_, (_, batch)| *batch > committed);

@@ -302,6 +302,7 @@ pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<JobEvent>,
     log_written: watch::Sender<u64>,
+    output_written: watch::Sender<u64>,
     agent_events: broadcast::Sender<AgentEvent>,
     store: Arc<dyn Store>,
     serving: Serving,
@@ -346,6 +347,7 @@ impl EngineHandle {
         let (commands, receiver) = mpsc::channel(config.command_capacity);
         let (events, _) = broadcast::channel(8192);
         let (log_written, _) = watch::channel(0u64);
+        let (output_written, _) = watch::channel(0u64);
         let (agent_events, _) = broadcast::channel(1024);
         let (serving_tx, serving) = watch::channel(true);
         let sweep_interval = config.sweep_interval;
@@ -359,6 +361,7 @@ impl EngineHandle {
         let channels = core::Channels {
             events: events.clone(),
             log_written: log_written.clone(),
+            output_written: output_written.clone(),
             agent_events: agent_events.clone(),
             serving: serving_tx,
             commands: commands.downgrade(),
@@ -370,7 +373,7 @@ impl EngineHandle {
             tokio::spawn(sweep::run(store.clone(), clock, sweep_interval, commands.downgrade()));
         }
         let task = tokio::spawn(engine.run(receiver));
-        Ok((EngineHandle { commands, events, log_written, agent_events, store, serving, watch }, task))
+        Ok((EngineHandle { commands, events, log_written, output_written, agent_events, store, serving, watch }, task))
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> DomainResult<T> {
@@ -572,6 +575,17 @@ impl EngineHandle {
     /// after it.
     pub fn subscribe_log(&self) -> watch::Receiver<u64> {
         self.log_written.subscribe()
+    }
+
+    /// Wakes (`changed`) after every commit that stored job output from now
+    /// on (this replica's agents' output).
+    pub fn subscribe_output(&self) -> watch::Receiver<u64> {
+        self.output_written.subscribe()
+    }
+
+    /// The stored output of one attempt of a job, in sequence order.
+    pub async fn logs(&self, job_id: &str, attempt: u32) -> DomainResult<Vec<crate::store::LogChunk>> {
+        self.store.logs(job_id, attempt).await.map_err(store_error)
     }
 
     /// Whether the engine serves (false after a store failure or shutdown).

@@ -596,6 +596,13 @@ impl Engine {
         if job.state != JobState::DeadLettered {
             return Err(DomainError::FailedPrecondition(format!("job {id} is {:?}, not dead-lettered", job.state)));
         }
+        if job.dashboard.is_some() {
+            // It has ended FAILED on the dashboard; a re-run is a new job
+            // (RetryJob), so a job and its retry never both run.
+            return Err(DomainError::FailedPrecondition(format!(
+                "job {id} is a dashboard job that ended FAILED; re-run it with DashboardService.RetryJob"
+            )));
+        }
         if let Some(reason) = job.defect() {
             return Err(DomainError::FailedPrecondition(format!(
                 "job {id} cannot be redriven: {reason}; cancel it and enqueue a corrected job"

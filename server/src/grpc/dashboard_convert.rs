@@ -18,6 +18,7 @@ pub const MAX_ENV_NAME: usize = 128;
 pub const MAX_ENV_VALUE: usize = 4096;
 pub const MAX_WORKING_DIR: usize = 4096;
 pub const MAX_REQUESTER: usize = 256;
+pub const MAX_LOG_FILTER: usize = 1024;
 /// Who asked, when a request names no one.
 pub const ANONYMOUS: &str = "anonymous";
 
@@ -58,6 +59,17 @@ pub fn create_in(req: &pb::CreateJobRequest) -> DomainResult<(JobSpec, Dashboard
         at_most(&validate::entry_field("env", key), value, MAX_ENV_VALUE)?;
     }
     at_most("working_dir", &req.working_dir, MAX_WORKING_DIR)?;
+    // No process can be given a NUL byte in its command, environment or
+    // directory: such a job could never run.
+    let no_nul = |field: String, value: &str| match value.contains('\0') {
+        true => Err(DomainError::invalid(field, "must not contain a NUL byte (no process can be given one)")),
+        false => Ok(()),
+    };
+    no_nul("command".into(), &req.command)?;
+    no_nul("working_dir".into(), &req.working_dir)?;
+    for (key, value) in &req.env {
+        no_nul(validate::entry_field("env", key), value)?;
+    }
     let requested_by = requester_in("requested_by", &req.requested_by)?;
     let command = ShellCommand {
         command: req.command.clone(),
@@ -247,6 +259,11 @@ mod tests {
         assert_eq!(field(pb::CreateJobRequest { max_attempts: 101, ..request() }), "max_attempts");
         assert_eq!(field(pb::CreateJobRequest { priority: 99, ..request() }), "priority");
         assert_eq!(field(pb::CreateJobRequest { requested_by: "r".repeat(300), ..request() }), "requested_by");
+        assert_eq!(field(pb::CreateJobRequest { command: "echo \0".into(), ..request() }), "command");
+        assert_eq!(field(pb::CreateJobRequest { working_dir: "/tmp\0".into(), ..request() }), "working_dir");
+        let mut nul_env = request();
+        nul_env.env.insert("A".into(), "x\0".into());
+        assert_eq!(field(nul_env), "env[\"A\"]");
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! DashboardService: translates wire requests to engine calls and back.
 
+use std::pin::Pin;
+
+use futures::Stream;
 use prost::Message as _;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use tether::v1 as pb;
@@ -8,6 +13,7 @@ use tether::v1::dashboard_service_server::DashboardService;
 
 use super::convert;
 use super::dashboard_convert::{self as dc, job_out};
+use super::job_logs::{self, LogCursor, LogRequest};
 use super::page_token::{self, Listing};
 use super::status::to_status;
 use crate::domain::dashboard::{self, DashboardSpec, JobListFilter, DASHBOARD_QUEUE};
@@ -27,11 +33,15 @@ const MAX_PAGE_BYTES: usize = 3 << 20;
 /// The DashboardService of one engine.
 pub struct DashboardApi {
     engine: EngineHandle,
+    /// Cancelled at shutdown, to end log streams.
+    stopping: CancellationToken,
 }
 
+type LogStream = Pin<Box<dyn Stream<Item = Result<pb::StreamJobLogsResponse, Status>> + Send>>;
+
 impl DashboardApi {
-    pub fn new(engine: EngineHandle) -> Self {
-        DashboardApi { engine }
+    pub fn new(engine: EngineHandle, stopping: CancellationToken) -> Self {
+        DashboardApi { engine, stopping }
     }
 
     /// A stored dashboard job; NOT_FOUND for a queued job that is not one.
@@ -153,9 +163,32 @@ impl DashboardService for DashboardApi {
         let reason = convert::text_in("reason", req.reason).map_err(to_status)?;
         let actor = dc::requester_in("requested_by", &req.requested_by).map_err(to_status)?;
         self.dashboard_job(&id).await.map_err(to_status)?;
-        let reason = if reason.is_empty() { format!("cancelled by {actor}") } else { reason };
+        let reason =
+            if reason.is_empty() { format!("cancelled by {}", dashboard::requester_actor(&actor)) } else { reason };
         let job = self.engine.cancel_as(id, reason, actor).await.map_err(to_status)?;
         Ok(Response::new(pb::CancelJobResponse { job: Some(out(&job)?) }))
+    }
+
+    type StreamJobLogsStream = LogStream;
+
+    async fn stream_job_logs(
+        &self,
+        request: Request<pb::StreamJobLogsRequest>,
+    ) -> Result<Response<Self::StreamJobLogsStream>, Status> {
+        let req = request.into_inner();
+        let id = convert::required("id", &req.id).map_err(to_status)?;
+        let cursor = LogCursor::decode("cursor", &req.cursor).map_err(to_status)?;
+        if req.filter.len() > dc::MAX_LOG_FILTER {
+            return Err(to_status(DomainError::invalid(
+                "filter",
+                format!("must be at most {} bytes", dc::MAX_LOG_FILTER),
+            )));
+        }
+        // Refused here, before the stream starts, with its own status.
+        self.dashboard_job(&id).await.map_err(to_status)?;
+        let request = LogRequest { job_id: id, cursor, follow: req.follow, filter: req.filter.into_bytes() };
+        let responses = job_logs::spawn(self.engine.clone(), request, self.stopping.clone());
+        Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
     }
 
     async fn retry_job(&self, request: Request<pb::RetryJobRequest>) -> Result<Response<pb::RetryJobResponse>, Status> {

@@ -6,6 +6,7 @@ pub mod convert;
 pub mod dashboard_convert;
 pub mod dashboard_service;
 pub mod event_cursor;
+pub mod job_logs;
 pub mod page_token;
 pub mod queue_service;
 pub mod replica_service;

@@ -15,6 +15,7 @@ pub const MAX_PAGE_TOKEN: usize = 1024;
 pub enum Listing {
     Jobs,
     DashboardJobs,
+    JobLogs,
     DeadLetters,
     Agents,
     Pools,
@@ -25,6 +26,7 @@ impl Listing {
         match self {
             Listing::Jobs => "jobs",
             Listing::DashboardJobs => "dashboard-jobs",
+            Listing::JobLogs => "logs",
             Listing::DeadLetters => "dead",
             Listing::Agents => "agents",
             Listing::Pools => "pools",

@@ -1,0 +1,232 @@
+//! StreamJobLogs' stream: a task that sends a job's stored output from the
+//! caller's cursor, attempt by attempt, and with `follow` the output that
+//! arrives, until the job has ended and all of it was sent. Commits that
+//! store output wake it (this replica's agents); on a shared store it also
+//! reads every poll interval, for agents connected to other replicas.
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use tether::time::to_timestamp;
+use tether::v1 as pb;
+
+use super::page_token::{self, Listing};
+use super::status::to_status;
+use crate::domain::{DomainError, DomainResult, JobState};
+use crate::engine::EngineHandle;
+use crate::store::LogChunk;
+
+/// Responses a slow reader may leave unread before the task waits.
+const BUFFER: usize = 64;
+
+/// Where a log stream resumes: the next chunk of an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogCursor {
+    pub attempt: u32,
+    pub next_sequence: u64,
+}
+
+impl LogCursor {
+    pub const START: LogCursor = LogCursor { attempt: 1, next_sequence: 0 };
+
+    pub fn encode(self) -> String {
+        page_token::encode(Listing::JobLogs, Some(&format!("{}.{}", self.attempt, self.next_sequence)))
+    }
+
+    /// The cursor of a token; [`LogCursor::START`] for an empty one.
+    pub fn decode(field: &str, token: &str) -> DomainResult<LogCursor> {
+        let foreign = || DomainError::invalid(field, "is not a log cursor this server issued");
+        let Some(text) = page_token::decode(Listing::JobLogs, token).map_err(|_| foreign())? else {
+            return Ok(LogCursor::START);
+        };
+        let (attempt, sequence) = text.split_once('.').ok_or_else(foreign)?;
+        let attempt: u32 = attempt.parse().map_err(|_| foreign())?;
+        let next_sequence: u64 = sequence.parse().map_err(|_| foreign())?;
+        if attempt == 0 {
+            return Err(foreign());
+        }
+        Ok(LogCursor { attempt, next_sequence })
+    }
+}
+
+/// What a stream sends.
+pub struct LogRequest {
+    pub job_id: String,
+    pub cursor: LogCursor,
+    pub follow: bool,
+    /// Only lines holding these bytes; empty means everything.
+    pub filter: Vec<u8>,
+}
+
+/// Spawns the task; the stream ends when it has sent what it must, when
+/// the client goes, at shutdown, or with an error status.
+pub fn spawn(
+    engine: EngineHandle,
+    request: LogRequest,
+    stopping: CancellationToken,
+) -> mpsc::Receiver<Result<pb::StreamJobLogsResponse, Status>> {
+    let (tx, rx) = mpsc::channel(BUFFER);
+    // Subscribed before the first read: output committed after it wakes
+    // the task.
+    let wake = engine.subscribe_output();
+    tokio::spawn(async move {
+        tokio::select! {
+            result = run(&engine, request, wake, &tx) => {
+                if let Err(e) = result {
+                    let _ = tx.send(Err(to_status(e))).await;
+                }
+            }
+            () = stopping.cancelled() => {}
+            () = tx.closed() => {}
+        }
+    });
+    rx
+}
+
+async fn run(
+    engine: &EngineHandle,
+    request: LogRequest,
+    mut wake: watch::Receiver<u64>,
+    tx: &mpsc::Sender<Result<pb::StreamJobLogsResponse, Status>>,
+) -> DomainResult<()> {
+    let poll = engine.watch_settings().poll;
+    let mut cursor = request.cursor;
+    loop {
+        // The job first: if it has ended, everything its agents sent is
+        // stored by now (an agent's output comes before its result).
+        let job = engine.get_job(&request.job_id).await?;
+        let ended = job.state.is_terminal() || job.state == JobState::DeadLettered;
+        loop {
+            let chunks = engine.logs(&request.job_id, cursor.attempt).await?;
+            for response in responses(&chunks, &mut cursor, &request.filter) {
+                if tx.send(Ok(response)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            // A later attempt exists: this one's output is complete.
+            if cursor.attempt < job.attempt {
+                cursor = LogCursor { attempt: cursor.attempt + 1, next_sequence: 0 };
+            } else {
+                break;
+            }
+        }
+        if !request.follow || ended {
+            return Ok(());
+        }
+        let woken = async { wake.changed().await.is_ok() };
+        let alive = match poll {
+            Some(every) => tokio::select! {
+                alive = woken => alive,
+                () = tokio::time::sleep(every) => true,
+            },
+            None => woken.await,
+        };
+        if !alive {
+            return Err(DomainError::Unavailable("the server is stopping".into()));
+        }
+    }
+}
+
+/// The responses for the chunks of `cursor`'s attempt at and after it, in
+/// order; moves `cursor` past them. Offsets count every chunk of the
+/// attempt before, sent or not.
+fn responses(chunks: &[LogChunk], cursor: &mut LogCursor, filter: &[u8]) -> Vec<pb::StreamJobLogsResponse> {
+    let mut out = Vec::new();
+    let mut offset: u64 = 0;
+    for chunk in chunks {
+        let start = offset;
+        offset = offset.saturating_add(chunk.data.len() as u64);
+        if chunk.sequence < cursor.next_sequence {
+            continue;
+        }
+        cursor.next_sequence = chunk.sequence.saturating_add(1);
+        let (data, line_offsets) = if filter.is_empty() {
+            (chunk.data.clone(), Vec::new())
+        } else {
+            let mut kept = Vec::new();
+            let mut at = Vec::new();
+            let mut line_start = 0usize;
+            for line in chunk.data.split_inclusive(|b| *b == b'\n') {
+                if contains(line, filter) {
+                    at.push(start.saturating_add(line_start as u64));
+                    kept.extend_from_slice(line);
+                }
+                line_start += line.len();
+            }
+            if at.is_empty() {
+                continue;
+            }
+            (kept.into(), at)
+        };
+        out.push(pb::StreamJobLogsResponse {
+            attempt: cursor.attempt,
+            stream: if chunk.stderr { pb::LogStream::Stderr } else { pb::LogStream::Stdout } as i32,
+            data,
+            offset: start,
+            line_offsets,
+            sequence: chunk.sequence,
+            receive_time: Some(to_timestamp(chunk.time)),
+            cursor: cursor.encode(),
+        });
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn chunk(sequence: u64, stderr: bool, data: &str) -> LogChunk {
+        LogChunk {
+            job_id: "j".into(),
+            attempt: 1,
+            sequence,
+            stderr,
+            data: bytes::Bytes::copy_from_slice(data.as_bytes()),
+            time: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn chunks_after_the_cursor_are_sent_with_their_offsets() {
+        let chunks = [chunk(0, false, "one\n"), chunk(1, true, "oops\n"), chunk(2, false, "two\nthree\n")];
+        let mut cursor = LogCursor { attempt: 1, next_sequence: 1 };
+        let sent = responses(&chunks, &mut cursor, b"");
+        assert_eq!(sent.iter().map(|r| (r.sequence, r.offset)).collect::<Vec<_>>(), [(1, 4), (2, 9)]);
+        assert_eq!(sent[0].stream, pb::LogStream::Stderr as i32);
+        assert_eq!(cursor, LogCursor { attempt: 1, next_sequence: 3 });
+        assert_eq!(LogCursor::decode("cursor", &sent[1].cursor).ok(), Some(cursor));
+        assert!(responses(&chunks, &mut cursor, b"").is_empty(), "nothing twice");
+    }
+
+    #[test]
+    fn a_filter_keeps_matching_lines_with_their_offsets() {
+        let chunks = [chunk(0, false, "ok 1\nerror: a\nok 2\nerror: b"), chunk(1, false, "fine\n")];
+        let mut cursor = LogCursor::START;
+        let sent = responses(&chunks, &mut cursor, b"error");
+        assert_eq!(sent.len(), 1, "a chunk without a match is not sent");
+        assert_eq!(&sent[0].data[..], b"error: a\nerror: b");
+        assert_eq!(sent[0].line_offsets, [5, 19]);
+        assert_eq!(cursor.next_sequence, 2, "the cursor passes unmatched chunks too");
+    }
+
+    #[test]
+    fn foreign_cursors_are_refused() {
+        assert_eq!(LogCursor::decode("cursor", "").ok(), Some(LogCursor::START));
+        for bad in [
+            "nope",
+            &page_token::encode(Listing::Jobs, Some("1.2")),
+            &page_token::encode(Listing::JobLogs, Some("0.1")),
+        ] {
+            assert!(LogCursor::decode("cursor", bad).is_err(), "{bad}");
+        }
+        let token = page_token::encode(Listing::JobLogs, Some("x.1"));
+        assert!(LogCursor::decode("cursor", &token).is_err());
+    }
+}
