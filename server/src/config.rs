@@ -107,6 +107,10 @@ pub struct ServerArgs {
     /// cursor older than that is answered OUT_OF_RANGE.
     #[arg(long, env = "TETHER_EVENT_RETENTION", default_value = "24h", value_parser = parse_event_retention)]
     pub event_retention: Duration,
+    /// The most output kept per dashboard job, in MiB (1 to 1024); past it
+    /// one truncation marker is stored and the rest dropped.
+    #[arg(long, env = "TETHER_MAX_JOB_OUTPUT_MIB", default_value_t = 16, value_parser = parse_max_job_output_mib)]
+    pub max_job_output_mib: u32,
     /// DynamoDB store: how far replicas' clocks may disagree (0 to 1m).
     /// Another replica's lease is reaped only this long after it ended by
     /// this replica's clock, so a clock up to this far ahead never reaps a
@@ -175,6 +179,8 @@ pub struct FileConfig {
     pub reconnect_grace: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_retention: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_job_output_mib: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clock_skew_tolerance: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -270,6 +276,9 @@ impl ServerArgs {
         if let (true, Some(v)) = (from_file("event_retention"), &file.event_retention) {
             self.event_retention = value(path, "event-retention", v, parse_event_retention)?;
         }
+        if let (true, Some(v)) = (from_file("max_job_output_mib"), file.max_job_output_mib) {
+            self.max_job_output_mib = value(path, "max-job-output-mib", &v.to_string(), parse_max_job_output_mib)?;
+        }
         if let (true, Some(v)) = (from_file("clock_skew_tolerance"), &file.clock_skew_tolerance) {
             self.clock_skew_tolerance = value(path, "clock-skew-tolerance", v, parse_clock_skew_tolerance)?;
         }
@@ -312,6 +321,7 @@ impl ServerArgs {
             heartbeat_interval: Some(format_duration(self.heartbeat_interval)),
             reconnect_grace: Some(format_duration(self.reconnect_grace)),
             event_retention: Some(format_duration(self.event_retention)),
+            max_job_output_mib: Some(self.max_job_output_mib),
             clock_skew_tolerance: Some(format_duration(self.clock_skew_tolerance)),
             max_agent_streams: self.max_agent_streams,
             log_format: self.log_format.to_possible_value().map(|v| v.get_name().to_string()),
@@ -348,6 +358,7 @@ impl ServerArgs {
             reconnect_grace: self.reconnect_grace,
             event_retention: self.event_retention,
             clock_skew_tolerance: self.clock_skew_tolerance,
+            max_job_output_bytes: u64::from(self.max_job_output_mib) << 20,
             ..EngineConfig::default()
         }
     }
@@ -410,6 +421,14 @@ pub fn parse_reconnect_grace(text: &str) -> Result<Duration, String> {
 pub fn parse_event_retention(text: &str) -> Result<Duration, String> {
     use crate::engine::{MAX_EVENT_RETENTION, MIN_EVENT_RETENTION};
     within(parse_duration(text)?, MIN_EVENT_RETENTION, MAX_EVENT_RETENTION, text)
+}
+
+/// The output cap per dashboard job: 1 to 1024 MiB.
+pub fn parse_max_job_output_mib(text: &str) -> Result<u32, String> {
+    match text.trim().parse::<u32>() {
+        Ok(n) if (1..=1024).contains(&n) => Ok(n),
+        _ => Err(format!("{text:?} must be a whole number of MiB between 1 and 1024")),
+    }
 }
 
 /// A clock skew tolerance: 0 to 1 minute.
@@ -585,6 +604,19 @@ dynamodb-region = "eu-west-1"
         }
         // Unset, the stream cap is sized at start-up from the machine.
         assert!(!defaults.contains("max-agent-streams"), "{defaults}");
+    }
+
+    #[test]
+    fn the_job_output_cap_is_bounded_and_set_by_flag_or_file() {
+        assert_eq!(parse_max_job_output_mib("16"), Ok(16));
+        for refused in ["0", "1025", "-1", "1.5", "", "16MiB"] {
+            assert!(parse_max_job_output_mib(refused).is_err(), "{refused:?} accepted");
+        }
+        let default = load_from(["server"]).expect("defaults");
+        assert_eq!(default.engine_config().max_job_output_bytes, 16 << 20);
+        assert_eq!(default.to_file_config().max_job_output_mib, Some(16));
+        let args = load_from(["server", "--max-job-output-mib", "2"]).expect("flag");
+        assert_eq!(args.engine_config().max_job_output_bytes, 2 << 20);
     }
 
     #[test]

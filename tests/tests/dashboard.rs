@@ -629,3 +629,33 @@ async fn logs_are_followed_live_resumed_from_a_cursor_and_filtered() {
     let long = pb::StreamJobLogsRequest { id: job.id.clone(), filter: "x".repeat(2000), ..Default::default() };
     assert_eq!(d.stream_job_logs(long).await.err().map(|e| e.code()), Some(Code::InvalidArgument));
 }
+
+#[tokio::test]
+async fn output_past_the_cap_is_cut_with_one_marker() {
+    let dir = DataDir::new();
+    let engine =
+        tether_server::engine::EngineConfig { max_job_output_bytes: 100, ..tether_tests::test_engine_config() };
+    let server = TestServer::start(&dir, Options { engine: Some(engine), ..Options::default() }).await;
+    let agent = spawn_shell_agent(&server, "runner");
+    tokio::time::timeout(WAIT, agent.wait_connected()).await.expect("in time").expect("connected");
+    let mut events = watch(&server).await;
+    let mut d = server.dashboard().await;
+    // 30 lines of 10 bytes, well past the 100-byte cap.
+    let job = create_job(&mut d, create("loud", "for i in $(seq 1 30); do echo 'line-0000'; done")).await;
+    wait_state(&mut events, &job.id, pb::QueuedJobState::Succeeded).await;
+    let mut s = d
+        .stream_job_logs(pb::StreamJobLogsRequest { id: job.id.clone(), ..Default::default() })
+        .await
+        .expect("logs")
+        .into_inner();
+    let mut text = String::new();
+    while let Some(chunk) = next_log(&mut s).await {
+        text.push_str(&String::from_utf8_lossy(&chunk.data));
+    }
+    let (kept, marker) = text.split_once("\n[tether: output truncated").expect("the marker");
+    assert_eq!(kept.len(), 100, "exactly the cap is kept before the marker: {text:?}");
+    assert!(kept.starts_with("line-0000\nline-0000"), "{kept:?}");
+    assert_eq!(text.matches("output truncated").count(), 1, "one marker: {text:?}");
+    assert!(marker.contains("cap of 100 bytes"), "{marker:?}");
+    assert_eq!(status(&get_job(&mut d, &job.id).await), pb::JobStatus::Success, "the job itself is unaffected");
+}

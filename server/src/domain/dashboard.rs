@@ -84,6 +84,22 @@ pub struct DashboardJob {
     /// Steps dropped from the front to keep [`MAX_STEPS`] and
     /// [`MAX_STEPS_BYTES`].
     pub dropped_steps: u32,
+    /// Output bytes stored for the job, every attempt together.
+    pub output_bytes: u64,
+    /// Output reached the cap: its marker is stored, the rest dropped.
+    pub output_truncated: bool,
+}
+
+/// What becomes of a chunk of a dashboard job's output under its cap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputFate {
+    /// Stored as it is.
+    Keep,
+    /// The cap is reached by it: its first `keep` bytes are stored, then
+    /// the marker.
+    Truncate { keep: usize, marker: String },
+    /// Dropped (the marker is stored already).
+    Drop,
 }
 
 /// One state change of a dashboard job's queued job.
@@ -199,7 +215,27 @@ pub struct AttemptView {
 
 impl DashboardJob {
     pub fn new(spec: DashboardSpec) -> DashboardJob {
-        DashboardJob { spec, steps: Vec::new(), dropped_steps: 0 }
+        DashboardJob { spec, steps: Vec::new(), dropped_steps: 0, output_bytes: 0, output_truncated: false }
+    }
+
+    /// Counts a chunk of `len` bytes of output against `cap` and says
+    /// what to store.
+    pub fn take_output(&mut self, len: usize, cap: u64) -> OutputFate {
+        if self.output_truncated {
+            return OutputFate::Drop;
+        }
+        let total = self.output_bytes.saturating_add(len as u64);
+        if total <= cap {
+            self.output_bytes = total;
+            return OutputFate::Keep;
+        }
+        self.output_truncated = true;
+        let keep = usize::try_from(cap.saturating_sub(self.output_bytes)).unwrap_or(len).min(len);
+        let marker = format!(
+            "\n[tether: output truncated: this job's output reached its cap of {cap} bytes; the rest was dropped]\n"
+        );
+        self.output_bytes = self.output_bytes.saturating_add((keep + marker.len()) as u64);
+        OutputFate::Truncate { keep, marker }
     }
 
     /// Records the change that left `job` as it is, from `from`, made by
@@ -479,6 +515,19 @@ mod tests {
         // And what is kept encodes within the budget (the estimate bounds it).
         let encoded = postcard::to_allocvec(&d).expect("encode");
         assert!(encoded.len() <= MAX_STEPS_BYTES + 1024, "{}", encoded.len());
+    }
+
+    #[test]
+    fn output_past_the_cap_leaves_one_marker() {
+        let mut d = dashboard();
+        assert_eq!(d.take_output(60, 100), OutputFate::Keep);
+        assert_eq!(d.take_output(30, 100), OutputFate::Keep);
+        let OutputFate::Truncate { keep, marker } = d.take_output(25, 100) else { panic!("a marker") };
+        assert_eq!(keep, 10, "what fits the cap is kept");
+        assert!(marker.contains("truncated") && marker.contains("100 bytes"), "{marker}");
+        assert_eq!(d.take_output(1, 100), OutputFate::Drop);
+        assert_eq!(d.take_output(0, 100), OutputFate::Drop);
+        assert!(d.output_truncated);
     }
 
     #[test]

@@ -507,15 +507,7 @@ impl Engine {
             AgentInbound::Log { job, stderr, data, sequence } => {
                 if entry.holds(&job) {
                     drop(entry);
-                    self.pending.has_output = true;
-                    self.persist_other(Write::AppendLog(crate::store::LogChunk {
-                        job_id: job.job_id,
-                        attempt: job.attempt,
-                        sequence,
-                        stderr,
-                        data,
-                        time: now,
-                    }));
+                    self.store_output(job, stderr, data, sequence, now);
                 }
             }
             AgentInbound::Finished { job, outcome, result, error, exit_code } => {

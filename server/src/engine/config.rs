@@ -43,6 +43,9 @@ pub struct EngineConfig {
     /// How long job events are kept (then trimmed; a watch cursor older
     /// than that is answered with a reset).
     pub event_retention: Duration,
+    /// The most output bytes kept per dashboard job; past it one truncation
+    /// marker is stored and the rest dropped.
+    pub max_job_output_bytes: u64,
     /// How often the retention task trims the event log.
     pub event_trim_interval: Duration,
     /// On a shared store: how often an idle watcher reads the event log for
@@ -50,6 +53,9 @@ pub struct EngineConfig {
     /// it at once).
     pub event_poll_interval: Duration,
 }
+
+/// The default output cap per dashboard job: 16 MiB.
+pub const DEFAULT_MAX_JOB_OUTPUT_BYTES: u64 = 16 << 20;
 
 /// The default event retention.
 pub const DEFAULT_EVENT_RETENTION: Duration = Duration::from_secs(24 * 3600);
@@ -75,6 +81,7 @@ impl Default for EngineConfig {
             clock_skew_tolerance: Duration::from_secs(2),
             event_retention: DEFAULT_EVENT_RETENTION,
             event_trim_interval: Duration::from_secs(60),
+            max_job_output_bytes: DEFAULT_MAX_JOB_OUTPUT_BYTES,
             event_poll_interval: Duration::from_secs(1),
         }
     }

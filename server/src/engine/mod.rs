@@ -15,6 +15,7 @@ mod fetch;
 mod health;
 mod job_key;
 mod leaving;
+mod output;
 mod pools;
 mod queue;
 mod ready;
@@ -30,7 +31,9 @@ use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-pub use config::{EngineConfig, DEFAULT_EVENT_RETENTION, MAX_EVENT_RETENTION, MIN_EVENT_RETENTION};
+pub use config::{
+    EngineConfig, DEFAULT_EVENT_RETENTION, DEFAULT_MAX_JOB_OUTPUT_BYTES, MAX_EVENT_RETENTION, MIN_EVENT_RETENTION,
+};
 pub use pools::PoolField;
 pub use types::{
     AgentEvent, AgentInbound, AgentPage, AgentPush, AgentView, ClaimRequest, HeartbeatAnswer, HelloInfo, JobEvent,
