@@ -659,3 +659,24 @@ async fn output_past_the_cap_is_cut_with_one_marker() {
     assert!(marker.contains("cap of 100 bytes"), "{marker:?}");
     assert_eq!(status(&get_job(&mut d, &job.id).await), pb::JobStatus::Success, "the job itself is unaffected");
 }
+
+#[tokio::test]
+async fn a_follower_ends_with_a_job_that_ends_without_more_output() {
+    let dir = DataDir::new();
+    let server = TestServer::start(&dir, Options::default()).await;
+    let agent = spawn_shell_agent(&server, "runner");
+    tokio::time::timeout(WAIT, agent.wait_connected()).await.expect("in time").expect("connected");
+    let mut d = server.dashboard().await;
+    let gate = tempfile::tempdir().expect("tempdir");
+    let release = gate.path().join("go");
+    let command = format!("echo hello; while [ ! -e {} ]; do sleep 0.01; done", release.display());
+    let job = create_job(&mut d, create("quiet-end", &command)).await;
+    let follow = pb::StreamJobLogsRequest { id: job.id.clone(), follow: true, ..Default::default() };
+    let mut live = d.stream_job_logs(follow).await.expect("follow").into_inner();
+    let first = next_log(&mut live).await.expect("the first line while the job runs");
+    assert_eq!(&first.data[..], b"hello\n");
+    std::fs::write(&release, b"").expect("release the job");
+    // The job ends with no more output: the stream must end with it.
+    assert!(next_log(&mut live).await.is_none(), "the stream ends when the job does");
+    assert_eq!(status(&get_job(&mut d, &job.id).await), pb::JobStatus::Success);
+}

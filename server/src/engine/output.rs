@@ -1,6 +1,7 @@
 //! Job output from agents' streams: stored per (job, attempt, sequence);
-//! a dashboard job's output is capped (`EngineConfig::max_job_output_bytes`)
-//! with one truncation marker, its count kept in the job's record.
+//! a dashboard job's output is capped (`EngineConfig::max_job_output_bytes`,
+//! every attempt together) with one truncation marker, its count kept in
+//! the job's record.
 
 use std::time::SystemTime;
 
@@ -35,25 +36,27 @@ impl Engine {
         }));
     }
 
-    /// Counts output against a dashboard job's cap, in its record (written
-    /// with the chunk's batch); other jobs' output is not capped here.
+    /// Counts output against a dashboard job's cap, in its record; other
+    /// jobs' output is not capped here. The count goes out with the job's
+    /// next write, and with this chunk's batch only when it crosses a MiB
+    /// or the cap: a job's output does not rewrite its record per chunk,
+    /// and a restart forgets at most a MiB of count.
     fn count_output(&mut self, job_id: &str, len: usize) -> OutputFate {
         let cap = self.config.max_job_output_bytes;
-        let counted = self.active.get(job_id).is_some_and(|j| j.dashboard.is_some());
-        if !counted {
+        let Some(d) = self.active.get_mut(job_id).and_then(|job| job.dashboard.as_mut()) else {
             return OutputFate::Keep;
-        }
-        let Some(mut job) = self.take_active(job_id) else { return OutputFate::Keep };
-        let fate = match job.dashboard.as_mut() {
-            Some(d) => d.take_output(len, cap),
-            None => OutputFate::Keep,
         };
-        if fate != OutputFate::Drop {
-            let state = job.state;
-            self.persist(&mut job, Some(state));
+        let before = d.output_bytes;
+        let fate = d.take_output(len, cap);
+        let persist = matches!(fate, OutputFate::Truncate { .. }) || (before >> 20) != (d.output_bytes >> 20);
+        if persist {
+            if let Some(mut job) = self.take_active(job_id) {
+                let state = job.state;
+                self.persist(&mut job, Some(state));
+                self.track_deadline(&job, None);
+                self.active.insert(job.id.clone(), job);
+            }
         }
-        self.track_deadline(&job, None);
-        self.active.insert(job.id.clone(), job);
         fate
     }
 }

@@ -20,18 +20,25 @@ use crate::store::LogChunk;
 /// Responses a slow reader may leave unread before the task waits.
 const BUFFER: usize = 64;
 
-/// Where a log stream resumes: the next chunk of an attempt.
+/// Where a log stream resumes: after a chunk of an attempt (`after`, the
+/// last sequence sent; `None` from the attempt's first chunk). A sequence
+/// is the agent's choice, any u64: "after" needs no successor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogCursor {
     pub attempt: u32,
-    pub next_sequence: u64,
+    pub after: Option<u64>,
 }
 
 impl LogCursor {
-    pub const START: LogCursor = LogCursor { attempt: 1, next_sequence: 0 };
+    pub const START: LogCursor = LogCursor { attempt: 1, after: None };
 
     pub fn encode(self) -> String {
-        page_token::encode(Listing::JobLogs, Some(&format!("{}.{}", self.attempt, self.next_sequence)))
+        let after = self.after.map_or_else(|| "-".to_string(), |s| s.to_string());
+        page_token::encode(Listing::JobLogs, Some(&format!("{}.{after}", self.attempt)))
+    }
+
+    fn is_past(self, sequence: u64) -> bool {
+        self.after.is_some_and(|after| sequence <= after)
     }
 
     /// The cursor of a token; [`LogCursor::START`] for an empty one.
@@ -42,11 +49,14 @@ impl LogCursor {
         };
         let (attempt, sequence) = text.split_once('.').ok_or_else(foreign)?;
         let attempt: u32 = attempt.parse().map_err(|_| foreign())?;
-        let next_sequence: u64 = sequence.parse().map_err(|_| foreign())?;
+        let after = match sequence {
+            "-" => None,
+            n => Some(n.parse::<u64>().map_err(|_| foreign())?),
+        };
         if attempt == 0 {
             return Err(foreign());
         }
-        Ok(LogCursor { attempt, next_sequence })
+        Ok(LogCursor { attempt, after })
     }
 }
 
@@ -67,46 +77,67 @@ pub fn spawn(
     stopping: CancellationToken,
 ) -> mpsc::Receiver<Result<pb::StreamJobLogsResponse, Status>> {
     let (tx, rx) = mpsc::channel(BUFFER);
-    // Subscribed before the first read: output committed after it wakes
-    // the task.
-    let wake = engine.subscribe_output();
+    // Subscribed before the first read: output (or an end) committed after
+    // it wakes the task.
+    let wakes = Wakes { output: engine.subscribe_output(), changes: engine.subscribe_log() };
+    let mut serving = engine.serving();
     tokio::spawn(async move {
+        // A stream that ends OK has sent everything; one the server stops
+        // ends UNAVAILABLE, so a follower resumes from its cursor elsewhere.
+        let stopped = || Status::unavailable("the server is stopping; resume from the last cursor");
         tokio::select! {
-            result = run(&engine, request, wake, &tx) => {
+            result = run(&engine, request, wakes, &tx) => {
                 if let Err(e) = result {
                     let _ = tx.send(Err(to_status(e))).await;
                 }
             }
-            () = stopping.cancelled() => {}
+            () = stopping.cancelled() => {
+                let _ = tx.send(Err(stopped())).await;
+            }
+            () = async move {
+                // The guard `wait_for` returns is not Send: dropped at once.
+                let _ = serving.wait_for(|serving| !*serving).await.map(|_| ());
+            } => {
+                let _ = tx.send(Err(stopped())).await;
+            }
             () = tx.closed() => {}
         }
     });
     rx
 }
 
+/// What wakes a follower: commits that stored output, and commits that
+/// changed a job's state (the job may have ended without more output).
+struct Wakes {
+    output: watch::Receiver<u64>,
+    changes: watch::Receiver<u64>,
+}
+
 async fn run(
     engine: &EngineHandle,
     request: LogRequest,
-    mut wake: watch::Receiver<u64>,
+    mut wakes: Wakes,
     tx: &mpsc::Sender<Result<pb::StreamJobLogsResponse, Status>>,
 ) -> DomainResult<()> {
-    let poll = engine.watch_settings().poll;
+    let settings = engine.watch_settings();
     let mut cursor = request.cursor;
+    let finder = memchr::memmem::Finder::new(&request.filter);
     loop {
+        let read_at = tokio::time::Instant::now();
         // The job first: if it has ended, everything its agents sent is
         // stored by now (an agent's output comes before its result).
         let job = engine.get_job(&request.job_id).await?;
         let ended = job.state.is_terminal() || job.state == JobState::DeadLettered;
         loop {
             let chunks = engine.logs(&request.job_id, cursor.attempt).await?;
-            for response in responses(&chunks, &mut cursor, &request.filter) {
+            for response in responses(&chunks, &mut cursor, &finder) {
                 if tx.send(Ok(response)).await.is_err() {
                     return Ok(());
                 }
             }
             // A later attempt exists: this one's output is complete.
             if cursor.attempt < job.attempt {
-                cursor = LogCursor { attempt: cursor.attempt + 1, next_sequence: 0 };
+                cursor = LogCursor { attempt: cursor.attempt + 1, after: None };
             } else {
                 break;
             }
@@ -114,16 +145,25 @@ async fn run(
         if !request.follow || ended {
             return Ok(());
         }
-        let woken = async { wake.changed().await.is_ok() };
-        let alive = match poll {
+        // (The senders live as long as the engine handle this task holds:
+        // `changed` does not fail; shutdown ends the task from `spawn`.)
+        let woken = async {
+            tokio::select! {
+                _ = wakes.output.changed() => {}
+                _ = wakes.changes.changed() => {}
+            }
+        };
+        match settings.poll {
             Some(every) => tokio::select! {
-                alive = woken => alive,
-                () = tokio::time::sleep(every) => true,
+                () = woken => {}
+                () = tokio::time::sleep(every) => {}
             },
             None => woken.await,
-        };
-        if !alive {
-            return Err(DomainError::Unavailable("the server is stopping".into()));
+        }
+        // On a shared store each read is several requests: at most one per
+        // interval, as for WatchQueue.
+        if let Some(least) = settings.min_read_interval {
+            tokio::time::sleep_until(read_at + least).await;
         }
     }
 }
@@ -131,24 +171,28 @@ async fn run(
 /// The responses for the chunks of `cursor`'s attempt at and after it, in
 /// order; moves `cursor` past them. Offsets count every chunk of the
 /// attempt before, sent or not.
-fn responses(chunks: &[LogChunk], cursor: &mut LogCursor, filter: &[u8]) -> Vec<pb::StreamJobLogsResponse> {
+fn responses(
+    chunks: &[LogChunk],
+    cursor: &mut LogCursor,
+    filter: &memchr::memmem::Finder<'_>,
+) -> Vec<pb::StreamJobLogsResponse> {
     let mut out = Vec::new();
     let mut offset: u64 = 0;
     for chunk in chunks {
         let start = offset;
         offset = offset.saturating_add(chunk.data.len() as u64);
-        if chunk.sequence < cursor.next_sequence {
+        if cursor.is_past(chunk.sequence) {
             continue;
         }
-        cursor.next_sequence = chunk.sequence.saturating_add(1);
-        let (data, line_offsets) = if filter.is_empty() {
+        cursor.after = Some(chunk.sequence);
+        let (data, line_offsets) = if filter.needle().is_empty() {
             (chunk.data.clone(), Vec::new())
         } else {
             let mut kept = Vec::new();
             let mut at = Vec::new();
             let mut line_start = 0usize;
             for line in chunk.data.split_inclusive(|b| *b == b'\n') {
-                if contains(line, filter) {
+                if filter.find(line).is_some() {
                     at.push(start.saturating_add(line_start as u64));
                     kept.extend_from_slice(line);
                 }
@@ -173,10 +217,6 @@ fn responses(chunks: &[LogChunk], cursor: &mut LogCursor, filter: &[u8]) -> Vec<
     out
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,24 +236,30 @@ mod tests {
     #[test]
     fn chunks_after_the_cursor_are_sent_with_their_offsets() {
         let chunks = [chunk(0, false, "one\n"), chunk(1, true, "oops\n"), chunk(2, false, "two\nthree\n")];
-        let mut cursor = LogCursor { attempt: 1, next_sequence: 1 };
-        let sent = responses(&chunks, &mut cursor, b"");
+        let all = memchr::memmem::Finder::new(b"");
+        let mut cursor = LogCursor { attempt: 1, after: Some(0) };
+        let sent = responses(&chunks, &mut cursor, &all);
         assert_eq!(sent.iter().map(|r| (r.sequence, r.offset)).collect::<Vec<_>>(), [(1, 4), (2, 9)]);
         assert_eq!(sent[0].stream, pb::LogStream::Stderr as i32);
-        assert_eq!(cursor, LogCursor { attempt: 1, next_sequence: 3 });
+        assert_eq!(cursor, LogCursor { attempt: 1, after: Some(2) });
         assert_eq!(LogCursor::decode("cursor", &sent[1].cursor).ok(), Some(cursor));
-        assert!(responses(&chunks, &mut cursor, b"").is_empty(), "nothing twice");
+        assert!(responses(&chunks, &mut cursor, &all).is_empty(), "nothing twice");
+        // The largest sequence an agent may choose is sent once too.
+        let last = [chunk(u64::MAX, false, "end\n")];
+        assert_eq!(responses(&last, &mut cursor, &all).len(), 1);
+        assert!(responses(&last, &mut cursor, &all).is_empty(), "nothing twice");
+        assert_eq!(LogCursor::decode("cursor", &cursor.encode()).ok(), Some(cursor));
     }
 
     #[test]
     fn a_filter_keeps_matching_lines_with_their_offsets() {
         let chunks = [chunk(0, false, "ok 1\nerror: a\nok 2\nerror: b"), chunk(1, false, "fine\n")];
         let mut cursor = LogCursor::START;
-        let sent = responses(&chunks, &mut cursor, b"error");
+        let sent = responses(&chunks, &mut cursor, &memchr::memmem::Finder::new(b"error"));
         assert_eq!(sent.len(), 1, "a chunk without a match is not sent");
         assert_eq!(&sent[0].data[..], b"error: a\nerror: b");
         assert_eq!(sent[0].line_offsets, [5, 19]);
-        assert_eq!(cursor.next_sequence, 2, "the cursor passes unmatched chunks too");
+        assert_eq!(cursor.after, Some(1), "the cursor passes unmatched chunks too");
     }
 
     #[test]
@@ -223,6 +269,7 @@ mod tests {
             "nope",
             &page_token::encode(Listing::Jobs, Some("1.2")),
             &page_token::encode(Listing::JobLogs, Some("0.1")),
+            &page_token::encode(Listing::JobLogs, Some("1.")),
         ] {
             assert!(LogCursor::decode("cursor", bad).is_err(), "{bad}");
         }

@@ -77,6 +77,34 @@ pub struct DynamoStore {
 }
 
 impl DynamoStore {
+    /// Applies the writes `indices` of `batch`: one chain per item, in batch
+    /// order within it (the first write of a log sequence wins), chains
+    /// concurrently.
+    async fn apply_chains(&self, batch: &[Write], indices: Vec<usize>) -> StoreResult<Vec<(usize, WriteOutcome)>> {
+        let mut chains: Vec<Vec<usize>> = Vec::new();
+        let mut chain_of: HashMap<String, usize> = HashMap::new();
+        for i in indices {
+            let next = chains.len();
+            let chain = *chain_of.entry(item_of(&batch[i])).or_insert(next);
+            if chain == next {
+                chains.push(Vec::new());
+            }
+            chains[chain].push(i);
+        }
+        let done = stream::iter(chains)
+            .map(|chain| async move {
+                let mut done = Vec::with_capacity(chain.len());
+                for i in chain {
+                    done.push((i, self.apply(&batch[i]).await?));
+                }
+                Ok::<_, StoreError>(done)
+            })
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .try_collect::<Vec<Vec<(usize, WriteOutcome)>>>()
+            .await?;
+        Ok(done.into_iter().flatten().collect())
+    }
+
     /// A client from the standard AWS configuration chain (credentials,
     /// region), with retries of throttling, timeouts and 5xx (jittered
     /// exponential backoff) and bounded attempt times.
@@ -176,6 +204,13 @@ impl Store for DynamoStore {
                 _ => alone.push(i),
             }
         }
+        // Job output first: a reader that sees a job ended must find all of
+        // the output sent before its result (an agent sends its output
+        // first, and the engine puts both in the same batch). Log writes
+        // are idempotent, so applying them ahead of the rest is safe.
+        let (logs, alone): (Vec<usize>, Vec<usize>) =
+            alone.into_iter().partition(|&i| matches!(batch[i], Write::AppendLog(_)));
+        let logged = self.apply_chains(&batch, logs).await?;
         let sharded = try_join_all(
             by_shard
                 .into_iter()
@@ -183,32 +218,10 @@ impl Store for DynamoStore {
                 .filter(|(_, writes)| !writes.is_empty())
                 .map(|(shard, writes)| self.apply_shard(shard as u32, writes)),
         );
-        // Chains of writes per item, in batch order.
-        let mut chains: Vec<Vec<usize>> = Vec::new();
-        let mut chain_of: HashMap<String, usize> = HashMap::new();
-        for i in alone {
-            let write = &batch[i];
-            let next = chains.len();
-            let chain = *chain_of.entry(item_of(write)).or_insert(next);
-            if chain == next {
-                chains.push(Vec::new());
-            }
-            chains[chain].push(i);
-        }
-        let batch = &batch;
-        let chained = stream::iter(chains)
-            .map(|chain| async move {
-                let mut done = Vec::with_capacity(chain.len());
-                for i in chain {
-                    done.push((i, self.apply(&batch[i]).await?));
-                }
-                Ok::<_, StoreError>(done)
-            })
-            .buffer_unordered(WRITE_CONCURRENCY)
-            .try_collect::<Vec<Vec<(usize, WriteOutcome)>>>();
+        let chained = self.apply_chains(&batch, alone);
         let (sharded, chained) = futures::future::try_join(sharded, chained).await?;
         let mut outcomes = vec![WriteOutcome::Applied; batch.len()];
-        for (i, outcome) in sharded.into_iter().chain(chained).flatten() {
+        for (i, outcome) in sharded.into_iter().flatten().chain(chained).chain(logged) {
             outcomes[i] = outcome;
         }
         Ok(outcomes)
