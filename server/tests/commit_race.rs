@@ -44,6 +44,22 @@ impl WriteHook for Gate {
     }
 }
 
+/// An engine on an embedded store whose commits the returned gate holds.
+async fn gated_engine() -> (EngineHandle, Gate, Arc<HookedStore<EmbeddedStore, Gate>>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let gate = Gate(Arc::new(Semaphore::new(1 << 20)));
+    let store = Arc::new(HookedStore {
+        inner: EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open store"),
+        hook: gate.clone(),
+    });
+    let clock = ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+    let (engine, _task) =
+        EngineHandle::start(store.clone() as Arc<dyn Store>, Arc::new(clock), EngineConfig::default())
+            .await
+            .expect("start");
+    (engine, gate, store, dir)
+}
+
 fn spec() -> JobSpec {
     JobSpec {
         queue: "q".into(),
@@ -72,17 +88,7 @@ async fn send<F: Future + Unpin>(mut fut: F) -> F {
 
 #[tokio::test]
 async fn a_redrive_does_not_write_over_a_newer_uncommitted_state() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let gate = Gate(Arc::new(Semaphore::new(1 << 20)));
-    let store = Arc::new(HookedStore {
-        inner: EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open store"),
-        hook: gate.clone(),
-    });
-    let clock = ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
-    let (engine, _task) =
-        EngineHandle::start(store.clone() as Arc<dyn Store>, Arc::new(clock), EngineConfig::default())
-            .await
-            .expect("start");
+    let (engine, gate, store, _dir) = gated_engine().await;
 
     // A dead-lettered job, committed.
     let job = engine.enqueue(vec![spec()]).await.expect("enqueue").remove(0).0;
@@ -147,17 +153,7 @@ async fn a_session_nobody_reads_ends_at_its_first_push() {
 /// existed when the change was made; here there were none).
 #[tokio::test]
 async fn a_watcher_that_starts_during_a_commit_is_woken_by_it() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let gate = Gate(Arc::new(Semaphore::new(1 << 20)));
-    let store = Arc::new(HookedStore {
-        inner: EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open store"),
-        hook: gate.clone(),
-    });
-    let clock = ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
-    let (engine, _task) =
-        EngineHandle::start(store.clone() as Arc<dyn Store>, Arc::new(clock), EngineConfig::default())
-            .await
-            .expect("start");
+    let (engine, gate, _store, _dir) = gated_engine().await;
     gate.close();
     let enqueued = send(Box::pin(engine.enqueue(vec![spec()]))).await;
     // What a watch from now does: subscribe, then read the head.

@@ -38,6 +38,21 @@ async fn get_job(d: &mut DashboardServiceClient<Channel>, id: &str) -> pb::Job {
     d.get_job(pb::GetJobRequest { id: id.into() }).await.expect("get").into_inner().job.expect("job")
 }
 
+/// Polls GetJob until the job has `want` (for changes a manual clock
+/// makes the server do on its own: only a query shows them).
+async fn wait_status(d: &DashboardServiceClient<Channel>, id: &str, want: pb::JobStatus, what: &str) {
+    tether_tests::wait_until(what, || {
+        let mut d = d.clone();
+        let id = id.to_string();
+        async move {
+            d.get_job(pb::GetJobRequest { id })
+                .await
+                .is_ok_and(|r| r.into_inner().job.is_some_and(|j| j.status == want as i32))
+        }
+    })
+    .await;
+}
+
 fn status(job: &pb::Job) -> pb::JobStatus {
     pb::JobStatus::try_from(job.status).unwrap_or(pb::JobStatus::Unspecified)
 }
@@ -438,18 +453,7 @@ async fn a_pending_job_says_why_it_waits() {
     })
     .await;
     server.advance(Duration::from_secs(6));
-    let d2 = d.clone();
-    let first_id = first.id.clone();
-    tether_tests::wait_until("the lost attempt is requeued", move || {
-        let mut d = d2.clone();
-        let id = first_id.clone();
-        async move {
-            d.get_job(pb::GetJobRequest { id })
-                .await
-                .is_ok_and(|r| r.into_inner().job.is_some_and(|j| j.status == pb::JobStatus::Pending as i32))
-        }
-    })
-    .await;
+    wait_status(&d, &first.id, pb::JobStatus::Pending, "the lost attempt is requeued").await;
     let requeued = get_job(&mut d, &first.id).await;
     let (kind, reason) = pending(&requeued);
     assert_eq!(kind, pb::WaitKind::RetryBackoff, "{}", reason.summary);
@@ -480,18 +484,7 @@ async fn a_job_whose_attempts_are_lost_ends_failed_and_can_only_be_retried() {
     // Its lease runs out: the one attempt is lost and the job dead-lettered.
     // (Past the lease and the tolerated clock skew of a shared store.)
     server.advance(Duration::from_secs(40));
-    let d2 = d.clone();
-    let id = job.id.clone();
-    tether_tests::wait_until("the lease expires", move || {
-        let mut d = d2.clone();
-        let id = id.clone();
-        async move {
-            d.get_job(pb::GetJobRequest { id })
-                .await
-                .is_ok_and(|r| r.into_inner().job.is_some_and(|j| j.status == pb::JobStatus::Failed as i32))
-        }
-    })
-    .await;
+    wait_status(&d, &job.id, pb::JobStatus::Failed, "the lease expires").await;
     let failed = get_job(&mut d, &job.id).await;
     assert_eq!(failed.queued_state, pb::QueuedJobState::DeadLettered as i32);
     assert_eq!(failed.attempts.len(), 1);

@@ -56,22 +56,8 @@ pub(crate) async fn run(command: JobsCommand, ctx: &mut Ctx<'_>) -> anyhow::Resu
         JobsCommand::Retry { id, requested_by, idempotency_key, wait } => {
             let request = build_retry_request(id, requested_by.as_deref(), idempotency_key, env_var);
             let response = ctx.clients.dashboard.retry_job(ctx.clients.req(request)).await?.into_inner();
-            if !response.created {
-                writeln!(ctx.err, "note: a retry with this idempotency key already exists; using it")?;
-            }
-            if wait {
-                let job = response.job.context("the server retried the job but returned none")?;
-                return wait_and_print(ctx, &job.id).await;
-            }
-            match ctx.format {
-                OutputFormat::Json => output::write_json(ctx.out, &response)?,
-                // Just the new id, so `ID=$(tether jobs retry …)` works.
-                OutputFormat::Table => {
-                    let id = response.job.map(|j| j.id).unwrap_or_default();
-                    writeln!(ctx.out, "{id}")?;
-                }
-            }
-            Ok(ExitCode::SUCCESS)
+            let new = NewJob { job: response.job.as_ref(), created: response.created, what: "a retry" };
+            print_new_job(ctx, &response, new, wait).await
         }
     }
 }
@@ -152,20 +138,39 @@ pub(crate) fn build_list_request(args: &ListDashboardJobsArgs, page_token: Strin
 async fn create(args: CreateJobArgs, ctx: &mut Ctx<'_>) -> anyhow::Result<ExitCode> {
     let request = build_create_request(&args, env_var)?;
     let response = ctx.clients.dashboard.create_job(ctx.clients.req(request)).await?.into_inner();
-    if !response.created {
-        writeln!(ctx.err, "note: a job with this idempotency key already exists; using it")?;
+    let new = NewJob { job: response.job.as_ref(), created: response.created, what: "a job" };
+    print_new_job(ctx, &response, new, args.wait).await
+}
+
+/// The job a create or retry answered with.
+struct NewJob<'a> {
+    job: Option<&'a Job>,
+    /// False when the idempotency key matched an earlier call's job.
+    created: bool,
+    /// What was made, for the note ("a job", "a retry").
+    what: &'static str,
+}
+
+/// What create and retry print: a note when the idempotency key was used
+/// already, then with --wait the finished job (exit code from its outcome),
+/// else the response in JSON or just the id, so `ID=$(tether jobs …)` works.
+async fn print_new_job<M: output::ProtoName>(
+    ctx: &mut Ctx<'_>,
+    response: &M,
+    new: NewJob<'_>,
+    wait: bool,
+) -> anyhow::Result<ExitCode> {
+    if !new.created {
+        writeln!(ctx.err, "note: {} with this idempotency key already exists; using it", new.what)?;
     }
-    if args.wait {
-        let job = response.job.context("the server accepted the job but returned none")?;
-        return wait_and_print(ctx, &job.id).await;
+    let id = new.job.map(|j| j.id.clone());
+    if wait {
+        let id = id.context("the server answered with no job")?;
+        return wait_and_print(ctx, &id).await;
     }
     match ctx.format {
-        OutputFormat::Json => output::write_json(ctx.out, &response)?,
-        // Just the id, so `ID=$(tether jobs create …)` works.
-        OutputFormat::Table => {
-            let id = response.job.map(|j| j.id).unwrap_or_default();
-            writeln!(ctx.out, "{id}")?;
-        }
+        OutputFormat::Json => output::write_json(ctx.out, response)?,
+        OutputFormat::Table => writeln!(ctx.out, "{}", id.unwrap_or_default())?,
     }
     Ok(ExitCode::SUCCESS)
 }
