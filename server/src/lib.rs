@@ -4,6 +4,7 @@ pub mod capacity;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod deploy;
 pub mod domain;
 pub mod engine;
 pub mod grpc;

@@ -99,6 +99,10 @@ pub fn default_builder() -> Server {
         .max_concurrent_streams(Some(1024))
 }
 
+/// How often deployments are checked against their rollout jobs without a
+/// wake-up (changes made through other replicas; a lost wake-up).
+const DEPLOYMENT_POLL: Duration = Duration::from_secs(1);
+
 /// Step one of serving: the engine runs (with its cluster membership and
 /// metrics endpoint, if configured) and the gRPC services exist, but
 /// nothing is served yet.
@@ -176,7 +180,10 @@ impl Tether {
         let agents = AgentServiceServer::new(AgentApi::new(engine.clone(), parts.max_agent_streams))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let dashboard = DashboardServiceServer::new(DashboardApi::new(engine.clone(), stopping.clone()))
+        let deployments = crate::deploy::Deployments::new(engine.clone(), parts.clock.clone());
+        // Its task ends at shutdown, with the streams.
+        crate::deploy::follow::spawn(deployments.clone(), DEPLOYMENT_POLL, stopping.clone());
+        let dashboard = DashboardServiceServer::new(DashboardApi::new(engine.clone(), deployments, stopping.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let replicas = ReplicaServiceServer::new(ReplicaApi::new(engine.clone()))

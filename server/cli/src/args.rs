@@ -85,6 +85,13 @@ pub enum Command {
     /// Agent pool operations
     #[command(subcommand)]
     Pools(PoolsCommand),
+    /// Deployments: roll a service's version out to an environment, promote
+    /// it to the next one, roll it back, and read the audit trail
+    #[command(subcommand)]
+    Deploy(DeployCommand),
+    /// Environments deployments roll out to
+    #[command(subcommand)]
+    Envs(EnvsCommand),
 }
 
 /// `tether queue …`
@@ -205,7 +212,7 @@ pub struct EnqueueArgs {
 #[derive(Args, Debug, Clone, Default)]
 pub struct PageArgs {
     /// At most this many results per page (1-1000) [default: the server's, 100].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=1000))]
+    #[arg(long, visible_alias = "page-size", value_name = "N", value_parser = clap::value_parser!(i32).range(1..=1000))]
     pub limit: Option<i32>,
 
     /// Continue a previous listing from this token.
@@ -558,6 +565,213 @@ pub struct ScalingArgs {
     /// How often `--watch` re-queries.
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse::parse_duration, requires = "watch")]
     pub interval: Duration,
+}
+
+/// `tether deploy …`: deployments (DashboardService). A deployment's
+/// rollout runs as a dashboard job (`tether jobs get`, `tether jobs logs`)
+/// on an agent of its environment's pool.
+#[derive(Subcommand, Debug)]
+pub enum DeployCommand {
+    /// Roll a service's version out to an environment; prints the
+    /// deployment's id
+    Create(CreateDeploymentArgs),
+    /// Show one deployment
+    Get {
+        /// The deployment id (`SERVICE/…`).
+        id: String,
+    },
+    /// List a service's deployments, newest first
+    List(ListDeploymentsArgs),
+    /// Deploy the version of a succeeded deployment to the environment its
+    /// environment promotes to; prints the new deployment's id
+    Promote {
+        /// The id of the succeeded deployment.
+        id: String,
+        /// Why; recorded with the deployment.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        /// Who asks [default: $TETHER_REQUESTED_BY, else $USER].
+        #[arg(long, value_name = "WHO")]
+        requested_by: Option<String>,
+        /// Wait until the new deployment ends, then print it; exit code 0
+        /// only if it succeeded.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Deploy again the last good version before the current one (or
+    /// --to-version) and mark the current version bad; prints the version
+    /// rolled back from
+    Rollback(RollbackArgs),
+    /// Show every state change of a service's deployments (newest
+    /// deployment first, each one's changes oldest first)
+    History(DeploymentHistoryArgs),
+}
+
+/// Arguments of `tether deploy create`.
+#[derive(Args, Debug, Clone)]
+#[command(group(
+    clap::ArgGroup::new("rollout")
+        .multiple(false)
+        .args(["command", "script_file"])
+))]
+pub struct CreateDeploymentArgs {
+    /// The service: 1-128 characters of [A-Za-z0-9._-].
+    pub service: String,
+
+    /// The version: 1-128 characters of [A-Za-z0-9._-].
+    pub version: String,
+
+    /// The environment to deploy to.
+    #[arg(long = "env", short = 'e', visible_alias = "environment", value_name = "ENVIRONMENT")]
+    pub environment: String,
+
+    /// The shell command the rollout runs, with TETHER_DEPLOY_SERVICE,
+    /// TETHER_DEPLOY_VERSION, TETHER_DEPLOY_ENVIRONMENT and TETHER_DEPLOY_ID
+    /// set. Required the first time a version is deployed; leave it (and
+    /// --script-file) out to run the version's stored rollout again.
+    #[arg(long, value_name = "SHELL")]
+    pub command: Option<String>,
+
+    /// Read the rollout's shell script from a file (`-` for stdin), instead
+    /// of --command.
+    #[arg(long, value_name = "PATH")]
+    pub script_file: Option<PathBuf>,
+
+    /// An environment variable for the rollout, as NAME=value (repeatable).
+    #[arg(long = "var", value_name = "NAME=VALUE", value_parser = parse::parse_env_var, requires = "rollout")]
+    pub vars: Vec<(String, String)>,
+
+    /// The rollout's working directory on the agent [default: the agent's].
+    #[arg(long, value_name = "DIR", requires = "rollout")]
+    pub workdir: Option<String>,
+
+    /// A label the agent (of the environment's pool) must carry, as
+    /// key=value (repeatable).
+    #[arg(
+        long = "label",
+        visible_alias = "require-label",
+        value_name = "KEY=VALUE",
+        value_parser = parse::parse_label,
+        requires = "rollout"
+    )]
+    pub labels: Vec<(String, String)>,
+
+    /// The longest one rollout attempt may run, e.g. 10m [default: no limit].
+    #[arg(long, value_name = "DURATION", value_parser = parse::parse_duration, requires = "rollout")]
+    pub timeout: Option<Duration>,
+
+    /// Attempts the rollout job gets in all (1-100); only lost attempts (the
+    /// agent went away) are retried [default: 3].
+    #[arg(long, value_name = "N", requires = "rollout")]
+    pub max_attempts: Option<u32>,
+
+    /// Who asks [default: $TETHER_REQUESTED_BY, else $USER].
+    #[arg(long, value_name = "WHO")]
+    pub requested_by: Option<String>,
+
+    /// Why; recorded with the deployment.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+
+    /// Wait until the deployment ends (succeeded, failed, rolled back or
+    /// superseded), then print it; exit code 0 only if it succeeded.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// Arguments of `tether deploy list`.
+#[derive(Args, Debug, Clone)]
+pub struct ListDeploymentsArgs {
+    /// The service.
+    pub service: String,
+
+    /// Only deployments to this environment (default: every environment).
+    #[arg(long = "env", short = 'e', visible_alias = "environment", value_name = "ENVIRONMENT")]
+    pub environment: Option<String>,
+
+    /// Paging.
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+/// Arguments of `tether deploy rollback`.
+#[derive(Args, Debug, Clone)]
+pub struct RollbackArgs {
+    /// The service.
+    pub service: String,
+
+    /// The environment to roll back.
+    #[arg(long = "env", short = 'e', visible_alias = "environment", value_name = "ENVIRONMENT")]
+    pub environment: String,
+
+    /// The version to go back to; it must have succeeded in the environment
+    /// [default: the last good version before the current one].
+    #[arg(long, value_name = "VERSION")]
+    pub to_version: Option<String>,
+
+    /// Why; recorded with the deployment.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+
+    /// Who asks [default: $TETHER_REQUESTED_BY, else $USER].
+    #[arg(long, value_name = "WHO")]
+    pub requested_by: Option<String>,
+
+    /// Wait until the rollback's deployment ends, then print it; exit code
+    /// 0 only if it succeeded.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// Arguments of `tether deploy history`.
+#[derive(Args, Debug, Clone)]
+pub struct DeploymentHistoryArgs {
+    /// The service.
+    pub service: String,
+
+    /// Only deployments to this environment (default: every environment).
+    #[arg(long = "env", short = 'e', visible_alias = "environment", value_name = "ENVIRONMENT")]
+    pub environment: Option<String>,
+
+    /// Only this deployment of the service.
+    #[arg(long, value_name = "ID")]
+    pub deployment: Option<String>,
+
+    /// Paging (a page holds the changes of up to --limit deployments).
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+/// `tether envs …`: the environments deployments roll out to.
+#[derive(Subcommand, Debug)]
+pub enum EnvsCommand {
+    /// Create or replace an environment (every setting is replaced: a flag
+    /// left out is reset)
+    Put(PutEnvironmentArgs),
+    /// List every environment, by name
+    List,
+}
+
+/// Arguments of `tether envs put`.
+#[derive(Args, Debug, Clone)]
+pub struct PutEnvironmentArgs {
+    /// The environment name: 1-128 characters of [A-Za-z0-9._-].
+    pub name: String,
+
+    /// The agent pool whose agents run the environment's rollouts; it must
+    /// exist.
+    #[arg(long, value_name = "POOL")]
+    pub pool: String,
+
+    /// The environment `tether deploy promote` sends a succeeded deployment
+    /// here to; it must exist [default: none, the last stage].
+    #[arg(long, value_name = "ENVIRONMENT")]
+    pub promote_to: Option<String>,
+
+    /// When a rollout here fails, deploy the last good version again at
+    /// once (and mark the failed version bad).
+    #[arg(long)]
+    pub auto_rollback: bool,
 }
 
 #[cfg(test)]

@@ -12,8 +12,9 @@ use anyhow::{anyhow, Context as _};
 use comfy_table::{presets, ContentArrangement, Table};
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use tether::v1::{
-    Agent, AgentHealth, AgentPool, AgentSchedulingStatus, GetPoolScalingSignalResponse, GetQueueStatsResponse, Job,
-    JobAttempt, JobStatus, JobTransition, Priority, QueuedJob, QueuedJobState, WaitKind,
+    Agent, AgentHealth, AgentPool, AgentSchedulingStatus, Deployment, DeploymentEvent, DeploymentState,
+    DeploymentTrigger, Environment, GetPoolScalingSignalResponse, GetQueueStatsResponse, Job, JobAttempt, JobStatus,
+    JobTransition, Priority, QueuedJob, QueuedJobState, WaitKind,
 };
 
 /// A generated message with its fully-qualified protobuf name, which JSON
@@ -62,6 +63,16 @@ proto_names!(
     CancelJobResponse,
     RetryJobResponse,
     StreamJobLogsResponse,
+    Environment,
+    PutEnvironmentResponse,
+    ListEnvironmentsResponse,
+    Deployment,
+    CreateDeploymentResponse,
+    GetDeploymentResponse,
+    ListDeploymentsResponse,
+    PromoteDeploymentResponse,
+    RollbackDeploymentResponse,
+    ListDeploymentEventsResponse,
 );
 
 /// The descriptor pool of every tether.v1 message, decoded once.
@@ -144,6 +155,34 @@ pub fn job_status_name(value: i32) -> String {
         Ok(JobStatus::Success) => "success".into(),
         Ok(JobStatus::Failed) => "failed".into(),
         Ok(JobStatus::Cancelled) => "cancelled".into(),
+        Err(_) => format!("unknown({value})"),
+    }
+}
+
+/// The short lower-case name of a deployment state (`in-progress`).
+pub fn deployment_state_name(value: i32) -> String {
+    match DeploymentState::try_from(value) {
+        Ok(DeploymentState::Unspecified) => "unspecified".into(),
+        Ok(DeploymentState::Pending) => "pending".into(),
+        Ok(DeploymentState::Queued) => "queued".into(),
+        Ok(DeploymentState::InProgress) => "in-progress".into(),
+        Ok(DeploymentState::Succeeded) => "succeeded".into(),
+        Ok(DeploymentState::Failed) => "failed".into(),
+        Ok(DeploymentState::RolledBack) => "rolled-back".into(),
+        Ok(DeploymentState::Superseded) => "superseded".into(),
+        Err(_) => format!("unknown({value})"),
+    }
+}
+
+/// The short lower-case name of why a deployment was made
+/// (`auto-rollback`).
+pub fn deployment_trigger_name(value: i32) -> String {
+    match DeploymentTrigger::try_from(value) {
+        Ok(DeploymentTrigger::Unspecified) => "unspecified".into(),
+        Ok(DeploymentTrigger::Create) => "create".into(),
+        Ok(DeploymentTrigger::Promote) => "promote".into(),
+        Ok(DeploymentTrigger::Rollback) => "rollback".into(),
+        Ok(DeploymentTrigger::AutoRollback) => "auto-rollback".into(),
         Err(_) => format!("unknown({value})"),
     }
 }
@@ -551,6 +590,111 @@ fn write_history_table(out: &mut dyn Write, transitions: &[JobTransition]) -> st
             if tr.attempt == 0 { "-".into() } else { tr.attempt.to_string() },
             or_dash(&tr.actor),
             or_dash(&reason),
+        ]);
+    }
+    write_table(out, t)
+}
+
+/// Writes deployments as a list table: ID, VERSION, ENVIRONMENT, STATE,
+/// TRIGGER, JOB, REQUESTED BY, AGE.
+pub fn write_deployments_table(out: &mut dyn Write, deployments: &[Deployment], now: SystemTime) -> std::io::Result<()> {
+    let mut t = list_table(&["ID", "VERSION", "ENVIRONMENT", "STATE", "TRIGGER", "JOB", "REQUESTED BY", "AGE"]);
+    for d in deployments {
+        t.add_row(vec![
+            d.id.clone(),
+            d.version.clone(),
+            d.environment.clone(),
+            deployment_state_name(d.state),
+            deployment_trigger_name(d.trigger),
+            or_dash(&d.job_id),
+            or_dash(&d.requested_by),
+            age_since(d.create_time.as_ref(), now),
+        ]);
+    }
+    write_table(out, t)
+}
+
+/// Writes every field of one deployment, its release's rollout spec
+/// included, as a key/value table; links and times that are unset are left
+/// out.
+pub fn write_deployment_details(out: &mut dyn Write, d: &Deployment, now: SystemTime) -> std::io::Result<()> {
+    let rollout = d.rollout.clone().unwrap_or_default();
+    let mut rows = vec![
+        ("ID", d.id.clone()),
+        ("Service", d.service.clone()),
+        ("Version", d.version.clone()),
+        ("Environment", d.environment.clone()),
+        ("State", deployment_state_name(d.state)),
+        ("Trigger", deployment_trigger_name(d.trigger)),
+    ];
+    if !d.promoted_from.is_empty() {
+        rows.push(("Promoted from", d.promoted_from.clone()));
+    }
+    if !d.rollback_of.is_empty() {
+        rows.push(("Rollback of", d.rollback_of.clone()));
+    }
+    rows.extend([
+        ("Job", if d.job_id.is_empty() { "- (not started)".into() } else { d.job_id.clone() }),
+        ("Requested by", or_dash(&d.requested_by)),
+        ("Reason", or_dash(&d.reason)),
+        ("Command", rollout.command.clone()),
+        ("Vars", format_labels(&rollout.env)),
+        ("Workdir", if rollout.working_dir.is_empty() { "- (the agent's)".into() } else { rollout.working_dir.clone() }),
+        ("Required labels", format_labels(&rollout.labels)),
+        ("Timeout", rollout.timeout.as_ref().map(format_duration).unwrap_or_else(|| "none".into())),
+        ("Max attempts", rollout.max_attempts.to_string()),
+    ]);
+    for (name, ts) in [("Created", &d.create_time), ("Updated", &d.update_time), ("Finished", &d.finish_time)] {
+        if let Some(ts) = ts {
+            rows.push((name, format_time(ts, now)));
+        }
+    }
+    if !d.error.is_empty() {
+        rows.push(("Error", d.error.clone()));
+    }
+    write_table(out, details_table(rows))
+}
+
+/// Writes deployment events as a list table: TIME, DEPLOYMENT, VERSION,
+/// ENVIRONMENT, FROM → TO, ACTOR, JOB, REASON (last, since it is free text).
+pub fn write_deployment_events_table(out: &mut dyn Write, events: &[DeploymentEvent]) -> std::io::Result<()> {
+    let mut t =
+        list_table(&["TIME", "DEPLOYMENT", "VERSION", "ENVIRONMENT", "FROM → TO", "ACTOR", "JOB", "REASON"]);
+    for e in events {
+        let from = if e.from_state == DeploymentState::Unspecified as i32 {
+            "-".into()
+        } else {
+            deployment_state_name(e.from_state)
+        };
+        t.add_row(vec![
+            format_instant(e.time.as_ref()),
+            e.deployment_id.clone(),
+            e.version.clone(),
+            e.environment.clone(),
+            format!("{from} → {}", deployment_state_name(e.to_state)),
+            or_dash(&e.actor),
+            or_dash(&e.job_id),
+            or_dash(&e.reason),
+        ]);
+    }
+    write_table(out, t)
+}
+
+/// Writes environments as a list table: NAME, POOL, PROMOTE TO,
+/// AUTO ROLLBACK, AGE.
+pub fn write_environments_table(
+    out: &mut dyn Write,
+    environments: &[Environment],
+    now: SystemTime,
+) -> std::io::Result<()> {
+    let mut t = list_table(&["NAME", "POOL", "PROMOTE TO", "AUTO ROLLBACK", "AGE"]);
+    for e in environments {
+        t.add_row(vec![
+            e.name.clone(),
+            e.pool.clone(),
+            or_dash(&e.promote_to),
+            if e.auto_rollback { "yes" } else { "no" }.to_string(),
+            age_since(e.create_time.as_ref(), now),
         ]);
     }
     write_table(out, t)

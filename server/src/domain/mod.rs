@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod dashboard;
+pub mod deploy;
 pub mod error;
 pub mod job;
 pub mod pool;

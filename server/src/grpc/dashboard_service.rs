@@ -13,9 +13,11 @@ use tether::v1::dashboard_service_server::DashboardService;
 
 use super::convert;
 use super::dashboard_convert::{self as dc, job_out};
+use super::deploy_convert::{self as deploy_in, deployment_out, environment_out, event_out};
 use super::job_logs::{self, LogCursor, LogRequest};
 use super::page_token::{self, Listing};
 use super::status::to_status;
+use crate::deploy::Deployments;
 use crate::domain::dashboard::{self, DashboardSpec, JobListFilter, DASHBOARD_QUEUE};
 use crate::domain::{validate, waiting, DomainError, DomainResult, Job, JobSpec, JobState};
 use crate::engine::EngineHandle;
@@ -33,6 +35,7 @@ const MAX_PAGE_BYTES: usize = 3 << 20;
 /// The DashboardService of one engine.
 pub struct DashboardApi {
     engine: EngineHandle,
+    deployments: Deployments,
     /// Cancelled at shutdown, to end log streams.
     stopping: CancellationToken,
 }
@@ -40,8 +43,8 @@ pub struct DashboardApi {
 type LogStream = Pin<Box<dyn Stream<Item = Result<pb::StreamJobLogsResponse, Status>> + Send>>;
 
 impl DashboardApi {
-    pub fn new(engine: EngineHandle, stopping: CancellationToken) -> Self {
-        DashboardApi { engine, stopping }
+    pub fn new(engine: EngineHandle, deployments: Deployments, stopping: CancellationToken) -> Self {
+        DashboardApi { engine, deployments, stopping }
     }
 
     /// A stored dashboard job; NOT_FOUND for a queued job that is not one.
@@ -201,5 +204,145 @@ impl DashboardService for DashboardApi {
             dashboard::rerun(&old, requested_by, key).map_err(|e| to_status(DomainError::FailedPrecondition(e)))?;
         let (job, created) = self.create(spec, dashboard).await.map_err(to_status)?;
         Ok(Response::new(pb::RetryJobResponse { job: Some(out(&job)?), created }))
+    }
+
+    async fn put_environment(
+        &self,
+        request: Request<pb::PutEnvironmentRequest>,
+    ) -> Result<Response<pb::PutEnvironmentResponse>, Status> {
+        let req = request.get_ref();
+        let name = deploy_in::name_in("name", &req.name).map_err(to_status)?;
+        let pool = deploy_in::name_in("pool", &req.pool).map_err(to_status)?;
+        let promote_to = convert::name_filter("promote_to", &req.promote_to).map_err(to_status)?;
+        let (environment, created) =
+            self.deployments.put_environment(name, pool, promote_to, req.auto_rollback).await.map_err(to_status)?;
+        Ok(Response::new(pb::PutEnvironmentResponse { environment: Some(environment_out(&environment)), created }))
+    }
+
+    async fn list_environments(
+        &self,
+        _request: Request<pb::ListEnvironmentsRequest>,
+    ) -> Result<Response<pb::ListEnvironmentsResponse>, Status> {
+        let environments = self.deployments.list_environments().await.map_err(to_status)?;
+        Ok(Response::new(pb::ListEnvironmentsResponse {
+            environments: environments.iter().map(environment_out).collect(),
+        }))
+    }
+
+    async fn create_deployment(
+        &self,
+        request: Request<pb::CreateDeploymentRequest>,
+    ) -> Result<Response<pb::CreateDeploymentResponse>, Status> {
+        let req = request.get_ref();
+        let service = deploy_in::name_in("service", &req.service).map_err(to_status)?;
+        let version = deploy_in::name_in("version", &req.version).map_err(to_status)?;
+        let environment = deploy_in::name_in("environment", &req.environment).map_err(to_status)?;
+        let rollout = deploy_in::rollout_in(req.rollout.as_ref()).map_err(to_status)?;
+        let requested_by = dc::requester_in("requested_by", &req.requested_by).map_err(to_status)?;
+        let reason = deploy_in::reason_in("reason", &req.reason).map_err(to_status)?;
+        let deployment = self
+            .deployments
+            .create(service, version, environment, rollout, requested_by, reason)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::CreateDeploymentResponse { deployment: Some(deployment_out(&deployment)) }))
+    }
+
+    async fn get_deployment(
+        &self,
+        request: Request<pb::GetDeploymentRequest>,
+    ) -> Result<Response<pb::GetDeploymentResponse>, Status> {
+        let id = convert::required("id", &request.get_ref().id).map_err(to_status)?;
+        let deployment = self.deployments.get(&id).await.map_err(to_status)?;
+        Ok(Response::new(pb::GetDeploymentResponse { deployment: Some(deployment_out(&deployment)) }))
+    }
+
+    async fn list_deployments(
+        &self,
+        request: Request<pb::ListDeploymentsRequest>,
+    ) -> Result<Response<pb::ListDeploymentsResponse>, Status> {
+        let req = request.get_ref();
+        let service = deploy_in::name_in("service", &req.service).map_err(to_status)?;
+        let environment = convert::name_filter("environment", &req.environment).map_err(to_status)?;
+        let limit = validate::page_size("page_size", req.page_size).map_err(to_status)?;
+        let after = page_token::decode(Listing::Deployments, &req.page_token).map_err(to_status)?;
+        let page = self.deployments.list(&service, environment.as_deref(), after, limit).await.map_err(to_status)?;
+        Ok(Response::new(pb::ListDeploymentsResponse {
+            deployments: page.deployments.iter().map(deployment_out).collect(),
+            next_page_token: page_token::encode(Listing::Deployments, page.next.as_deref()),
+        }))
+    }
+
+    async fn promote_deployment(
+        &self,
+        request: Request<pb::PromoteDeploymentRequest>,
+    ) -> Result<Response<pb::PromoteDeploymentResponse>, Status> {
+        let req = request.get_ref();
+        let id = convert::required("id", &req.id).map_err(to_status)?;
+        let reason = deploy_in::reason_in("reason", &req.reason).map_err(to_status)?;
+        let requested_by = dc::requester_in("requested_by", &req.requested_by).map_err(to_status)?;
+        let deployment = self.deployments.promote(&id, requested_by, reason).await.map_err(to_status)?;
+        Ok(Response::new(pb::PromoteDeploymentResponse { deployment: Some(deployment_out(&deployment)) }))
+    }
+
+    async fn rollback_deployment(
+        &self,
+        request: Request<pb::RollbackDeploymentRequest>,
+    ) -> Result<Response<pb::RollbackDeploymentResponse>, Status> {
+        let req = request.get_ref();
+        let service = deploy_in::name_in("service", &req.service).map_err(to_status)?;
+        let environment = deploy_in::name_in("environment", &req.environment).map_err(to_status)?;
+        let version = convert::name_filter("version", &req.version).map_err(to_status)?;
+        let reason = deploy_in::reason_in("reason", &req.reason).map_err(to_status)?;
+        let requested_by = dc::requester_in("requested_by", &req.requested_by).map_err(to_status)?;
+        let rolled_back = self
+            .deployments
+            .rollback(&service, &environment, version.as_deref(), requested_by, reason)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::RollbackDeploymentResponse {
+            deployment: Some(deployment_out(&rolled_back.deployment)),
+            rolled_back_version: rolled_back.from_version,
+        }))
+    }
+
+    async fn list_deployment_events(
+        &self,
+        request: Request<pb::ListDeploymentEventsRequest>,
+    ) -> Result<Response<pb::ListDeploymentEventsResponse>, Status> {
+        let req = request.get_ref();
+        let service = deploy_in::name_in("service", &req.service).map_err(to_status)?;
+        let environment = convert::name_filter("environment", &req.environment).map_err(to_status)?;
+        if req.deployment_id.len() > convert::MAX_ID {
+            return Err(to_status(DomainError::invalid(
+                "deployment_id",
+                format!("must be at most {} bytes", convert::MAX_ID),
+            )));
+        }
+        let limit = validate::page_size("page_size", req.page_size).map_err(to_status)?;
+        let after = page_token::decode(Listing::DeploymentEvents, &req.page_token).map_err(to_status)?;
+        let (deployments, next) = if req.deployment_id.is_empty() {
+            let page =
+                self.deployments.list(&service, environment.as_deref(), after, limit).await.map_err(to_status)?;
+            (page.deployments, page.next)
+        } else {
+            let d = self.deployments.get(&req.deployment_id).await.map_err(to_status)?;
+            if d.service != service || environment.as_ref().is_some_and(|e| *e != d.environment) {
+                return Err(to_status(DomainError::NotFound {
+                    kind: "deployment",
+                    id: format!(
+                        "{} (of {service}{})",
+                        req.deployment_id,
+                        environment.map(|e| format!(" in {e}")).unwrap_or_default()
+                    ),
+                }));
+            }
+            (vec![d], None)
+        };
+        let events = deployments.iter().flat_map(|d| d.events.iter().map(move |e| event_out(d, e))).collect();
+        Ok(Response::new(pb::ListDeploymentEventsResponse {
+            events,
+            next_page_token: page_token::encode(Listing::DeploymentEvents, next.as_deref()),
+        }))
     }
 }

@@ -5,6 +5,7 @@ pub mod agent_service;
 pub mod convert;
 pub mod dashboard_convert;
 pub mod dashboard_service;
+pub mod deploy_convert;
 pub mod event_cursor;
 pub mod job_logs;
 pub mod page_token;

@@ -19,6 +19,8 @@ pub enum Listing {
     DeadLetters,
     Agents,
     Pools,
+    Deployments,
+    DeploymentEvents,
 }
 
 impl Listing {
@@ -30,6 +32,8 @@ impl Listing {
             Listing::DeadLetters => "dead",
             Listing::Agents => "agents",
             Listing::Pools => "pools",
+            Listing::Deployments => "deployments",
+            Listing::DeploymentEvents => "deployment-events",
         }
     }
 }

@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 
 use super::{
-    AgentFilter, Event, EventCursor, EventRead, JobFilter, LogChunk, Store, Transition, Write, WriteOutcome,
-    COUNTER_FENCING,
+    AgentFilter, Event, EventCursor, EventRead, JobFilter, LogChunk, Record, RecordOrder, Store, StoreError,
+    Transition, Write, WriteOutcome, COUNTER_FENCING,
 };
 use crate::domain::{Agent, Health, Job, JobSpec, JobState, Pool, Priority, Routing, SchedulingStatus};
 
@@ -82,7 +82,13 @@ macro_rules! store_conformance_suite {
             a_batch_logs_the_events_of_exactly_its_applied_writes,
             reading_from_a_cursor_returns_exactly_the_later_events,
             event_cursors_of_another_layout_or_ahead_are_refused,
-            trimmed_events_answer_expired_never_a_skip);
+            trimmed_events_answer_expired_never_a_skip,
+            a_record_is_inserted_once,
+            records_are_replaced_only_from_their_stored_version,
+            a_record_write_of_a_callers_bug_refuses_its_batch,
+            records_list_by_id_within_their_collection_only,
+            records_list_past_a_page_of_the_backend,
+            a_batch_applies_writes_to_one_record_in_order);
     };
     (@cases $fresh:expr; $($case:ident),* $(,)?) => {
         $(
@@ -626,4 +632,160 @@ pub async fn a_batch_logs_the_events_of_exactly_its_applied_writes<S: Store>(sto
     let counts = store.counts().await.expect("counts");
     let count = |state| counts.iter().filter(|c| c.state == state).map(|c| c.count).sum::<u64>();
     assert_eq!((count(JobState::Queued), count(JobState::Claimed)), (8 + 5, 8));
+}
+
+/// Version `version` of a record, as a write expecting the version before.
+pub fn record(collection: &str, id: &str, version: u64, body: &str) -> Record {
+    Record { collection: collection.into(), id: id.into(), version, body: Bytes::from(body.to_string()) }
+}
+
+/// A write of `record` expecting the version before its own.
+pub fn put_record(record: &Record) -> Write {
+    Write::PutRecord { record: record.clone(), expected_version: record.version.saturating_sub(1) }
+}
+
+pub async fn a_record_is_inserted_once<S: Store>(store: S) {
+    let first = record("env", "prod", 1, "first");
+    assert_eq!(store.get_record("env", "prod").await.expect("get"), None);
+    assert_eq!(write_one(&store, put_record(&first)).await, WriteOutcome::Applied);
+    assert_eq!(store.get_record("env", "prod").await.expect("get"), Some(first.clone()));
+    // A second insert of the key is refused and changes nothing. One of
+    // exactly the stored record may pass for a retry of the first (see
+    // `Write::PutRecord`), and changes nothing either.
+    assert_eq!(write_one(&store, put_record(&record("env", "prod", 1, "second"))).await, WriteOutcome::IdExists);
+    let same = write_one(&store, put_record(&first)).await;
+    assert!(matches!(same, WriteOutcome::IdExists | WriteOutcome::Applied), "{same:?}");
+    assert_eq!(store.get_record("env", "prod").await.expect("get"), Some(first));
+    // The same id in another collection is another record; an empty body
+    // is a body.
+    assert_eq!(store.get_record("release", "prod").await.expect("get"), None);
+    let empty = record("release", "prod", 1, "");
+    assert_eq!(write_one(&store, put_record(&empty)).await, WriteOutcome::Applied);
+    assert_eq!(store.get_record("release", "prod").await.expect("get"), Some(empty));
+    assert_eq!(store.get_record("env", "missing").await.expect("get"), None);
+}
+
+pub async fn records_are_replaced_only_from_their_stored_version<S: Store>(store: S) {
+    write_one(&store, put_record(&record("env", "prod", 1, "v1"))).await;
+    let second = record("env", "prod", 2, "v2");
+    assert_eq!(write_one(&store, put_record(&second)).await, WriteOutcome::Applied);
+    assert_eq!(store.get_record("env", "prod").await.expect("get"), Some(second.clone()));
+    // A second writer holding version 1 loses, and is told the version.
+    let stale = record("env", "prod", 2, "stale");
+    assert_eq!(write_one(&store, put_record(&stale)).await, WriteOutcome::VersionConflict { current_version: Some(2) });
+    let ahead = record("env", "prod", 5, "ahead");
+    assert_eq!(write_one(&store, put_record(&ahead)).await, WriteOutcome::VersionConflict { current_version: Some(2) });
+    // An insert of an existing key is IdExists, a replace of a missing one
+    // a conflict with no version.
+    assert_eq!(write_one(&store, put_record(&record("env", "prod", 1, "again"))).await, WriteOutcome::IdExists);
+    assert_eq!(
+        write_one(&store, put_record(&record("env", "ghost", 3, "x"))).await,
+        WriteOutcome::VersionConflict { current_version: None }
+    );
+    assert_eq!(store.get_record("env", "ghost").await.expect("get"), None);
+    assert_eq!(store.get_record("env", "prod").await.expect("get"), Some(second));
+}
+
+pub async fn a_record_write_of_a_callers_bug_refuses_its_batch<S: Store>(store: S) {
+    let fine = record("env", "a", 1, "fine");
+    for (version, expected_version) in [(1, 1), (3, 1), (0, 0), (0, u64::MAX)] {
+        let bad = Write::PutRecord { record: record("env", "b", version, "bad"), expected_version };
+        let err = store.write(vec![put_record(&fine), bad]).await.expect_err("refused");
+        assert!(matches!(&err, StoreError::Rejected(m) if m.contains("env/b")), "{err:?}");
+        assert!(!err.is_retryable());
+    }
+    // Nor may its collection or id be empty.
+    for (collection, id) in [("", "b"), ("env", "")] {
+        let err = store.write(vec![put_record(&fine), put_record(&record(collection, id, 1, "x"))]).await;
+        assert!(matches!(&err, Err(StoreError::Rejected(m)) if m.contains("empty")), "{err:?}");
+    }
+    // Nothing of those batches was written.
+    assert_eq!(store.get_record("env", "a").await.expect("get"), None);
+    assert_eq!(store.get_record("env", "b").await.expect("get"), None);
+}
+
+/// The ids of a listing.
+fn record_ids(records: &[Record]) -> Vec<&str> {
+    records.iter().map(|r| r.id.as_str()).collect()
+}
+
+pub async fn records_list_by_id_within_their_collection_only<S: Store>(store: S) {
+    // Bytewise order: upper case before lower, a multi-byte character last.
+    let ids = ["b", "Z", "\u{e9}t\u{e9}", "a", "ab", "c"];
+    let mut writes: Vec<Write> = ids.iter().map(|id| put_record(&record("env", id, 1, id))).collect();
+    // Neighbours: collections that extend or prefix "env", whose keys run
+    // together with theirs ("en" + "va" = "env" + "a"), ids that start with
+    // the collection's name, and a record of "env" at version 2.
+    for (collection, id) in [("en", "va"), ("en", "vz"), ("envy", "a"), ("e", "nva"), ("env\u{0}", "a")] {
+        writes.push(put_record(&record(collection, id, 1, "neighbour")));
+    }
+    writes.push(put_record(&record("env", "env", 1, "own name")));
+    let outcomes = store.write(writes).await.expect("write");
+    assert!(outcomes.iter().all(|o| *o == WriteOutcome::Applied), "{outcomes:?}");
+    write_one(&store, put_record(&record("env", "c", 2, "c again"))).await;
+
+    let list = |order, after: Option<&'static str>, limit| {
+        let store = &store;
+        async move { store.list_records("env", order, after, limit).await.expect("list") }
+    };
+    use RecordOrder::{Ascending, Descending};
+    let all = list(Ascending, None, 100).await;
+    assert_eq!(record_ids(&all), ["Z", "a", "ab", "b", "c", "env", "\u{e9}t\u{e9}"]);
+    assert!(all.iter().all(|r| r.collection == "env"));
+    let c = all.iter().find(|r| r.id == "c").expect("c");
+    assert_eq!((c.version, &c.body[..]), (2, &b"c again"[..]), "records as stored");
+    assert_eq!(record_ids(&list(Descending, None, 100).await), ["\u{e9}t\u{e9}", "env", "c", "b", "ab", "a", "Z"]);
+    // Limits, and resuming after an id (exclusive), present or not.
+    assert_eq!(record_ids(&list(Ascending, None, 2).await), ["Z", "a"]);
+    assert_eq!(record_ids(&list(Ascending, Some("a"), 2).await), ["ab", "b"]);
+    assert_eq!(record_ids(&list(Ascending, Some("aa"), 2).await), ["ab", "b"]);
+    assert_eq!(record_ids(&list(Ascending, Some("env"), 5).await), ["\u{e9}t\u{e9}"]);
+    assert_eq!(record_ids(&list(Ascending, Some("\u{e9}t\u{e9}"), 5).await), Vec::<&str>::new());
+    assert_eq!(record_ids(&list(Descending, Some("b"), 2).await), ["ab", "a"]);
+    assert_eq!(record_ids(&list(Descending, Some("bb"), 1).await), ["b"]);
+    assert_eq!(record_ids(&list(Descending, Some("Z"), 5).await), Vec::<&str>::new());
+    assert_eq!(record_ids(&list(Descending, Some("zzz"), 2).await), ["env", "c"]);
+    assert!(list(Ascending, None, 0).await.is_empty());
+    // The neighbours list as their own collections.
+    let of = |collection: &'static str| {
+        let store = &store;
+        async move { store.list_records(collection, Ascending, None, 100).await.expect("list") }
+    };
+    assert_eq!(record_ids(&of("en").await), ["va", "vz"]);
+    assert_eq!(record_ids(&of("e").await), ["nva"]);
+    assert_eq!(record_ids(&of("envy").await), ["a"]);
+    assert!(of("missing").await.is_empty());
+    assert!(of("envx").await.is_empty());
+}
+
+pub async fn records_list_past_a_page_of_the_backend<S: Store>(store: S) {
+    // 12 records of 200 KiB: more than one 1 MB page of a DynamoDB query.
+    let body = "x".repeat(200 << 10);
+    for i in 0..12 {
+        write_one(&store, put_record(&record("big", &format!("r{i:02}"), 1, &body))).await;
+    }
+    let all = store.list_records("big", RecordOrder::Ascending, None, 100).await.expect("list");
+    assert_eq!(all.len(), 12);
+    assert!(all.iter().all(|r| r.body.len() == body.len()));
+    let down = store.list_records("big", RecordOrder::Descending, Some("r10"), 7).await.expect("list");
+    assert_eq!(record_ids(&down), ["r09", "r08", "r07", "r06", "r05", "r04", "r03"]);
+}
+
+pub async fn a_batch_applies_writes_to_one_record_in_order<S: Store>(store: S) {
+    let v1 = record("rollout", "r1", 1, "started");
+    let v2 = record("rollout", "r1", 2, "halfway");
+    let other = record("rollout", "r2", 1, "other");
+    let outcomes = store.write(vec![put_record(&v1), put_record(&v2), put_record(&other)]).await.expect("write");
+    assert_eq!(outcomes, vec![WriteOutcome::Applied; 3]);
+    assert_eq!(store.get_record("rollout", "r1").await.expect("get"), Some(v2));
+    // Two writers' replacements of one version in one batch: the first wins.
+    let done = record("rollout", "r1", 3, "done");
+    let undone = record("rollout", "r1", 3, "rolled back");
+    let outcomes = store.write(vec![put_record(&done), put_record(&undone)]).await.expect("write");
+    assert_eq!(outcomes, [WriteOutcome::Applied, WriteOutcome::VersionConflict { current_version: Some(3) }]);
+    // An insert after the record is there, in the same batch as a replace.
+    let v4 = record("rollout", "r1", 4, "final");
+    let outcomes = store.write(vec![put_record(&v4), put_record(&v1)]).await.expect("write");
+    assert_eq!(outcomes, [WriteOutcome::Applied, WriteOutcome::IdExists]);
+    assert_eq!(store.get_record("rollout", "r1").await.expect("get"), Some(v4));
 }

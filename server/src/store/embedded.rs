@@ -7,6 +7,7 @@
 //! event log, which a cursor reads only up to what was acknowledged.
 
 use std::fmt::Display;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -20,8 +21,8 @@ use tokio::sync::oneshot;
 use super::codec::{decode, decode_job, priority_from_code, skip_corrupt, state_from_code, FORMAT_V1};
 use super::events::EventGroup;
 use super::{
-    AgentFilter, CountRow, Event, EventCursor, EventRead, JobFilter, LogChunk, Page, QueuedEntry, Store, StoreError,
-    StoreResult, Trimmed, Write, WriteOutcome,
+    check_record_writes, AgentFilter, CountRow, Event, EventCursor, EventRead, JobFilter, LogChunk, Page, QueuedEntry,
+    Record, RecordOrder, Store, StoreError, StoreResult, Trimmed, Write, WriteOutcome,
 };
 use crate::domain::{Agent, Job, JobState, Pool};
 
@@ -44,6 +45,8 @@ const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 const AGENT_NAMES: TableDefinition<(&str, &str), &str> = TableDefinition::new("agent_names");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
+/// (collection, id) -> Record (codec-encoded, whole).
+const RECORDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("records");
 /// The job event log, one shard: last seq of a group -> EventGroup.
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("job_events");
 /// Counters of the event log: the last seq written, and the last trimmed.
@@ -135,6 +138,7 @@ impl EmbeddedStore {
             txn.open_table(COUNTERS).map_err(io_err)?;
             txn.open_table(POOLS).map_err(io_err)?;
             txn.open_table(EVENTS).map_err(io_err)?;
+            txn.open_table(RECORDS).map_err(io_err)?;
             txn.commit().map_err(io_err)?;
         }
         let db = Arc::new(db);
@@ -191,6 +195,53 @@ fn read_indexed(
     Ok(skip_corrupt(format_args!("job {id}"), read_job(jobs, &id))?.flatten())
 }
 
+/// The keys of `collection`'s records after `start_after` in `order`.
+/// `after_collection` is the collection's name followed by a NUL, the
+/// least string greater than it: `(after_collection, "")` is above every
+/// key of the collection and below every key of any other (tuples compare
+/// element by element), so no other collection's record is in range, not
+/// even one whose name extends this one's.
+fn record_bounds<'a>(
+    collection: &'a str,
+    after_collection: &'a str,
+    order: RecordOrder,
+    start_after: Option<&'a str>,
+) -> (Bound<RecordKey<'a>>, Bound<RecordKey<'a>>) {
+    let first = Bound::Included((collection, ""));
+    let end = Bound::Excluded((after_collection, ""));
+    match (order, start_after) {
+        (_, None) => (first, end),
+        (RecordOrder::Ascending, Some(id)) => (Bound::Excluded((collection, id)), end),
+        (RecordOrder::Descending, Some(id)) => (first, Bound::Excluded((collection, id))),
+    }
+}
+
+/// Up to `limit` records of `rows`, skipping (logged) those that do not
+/// decode, as the other listings do.
+fn decode_records<'a>(
+    rows: impl Iterator<Item = Result<RecordRow<'a>, redb::StorageError>>,
+    limit: usize,
+) -> StoreResult<Vec<Record>> {
+    let mut out = Vec::new();
+    for row in rows {
+        if out.len() >= limit {
+            break;
+        }
+        let (key, value) = row.map_err(io_err)?;
+        let (collection, id) = key.value();
+        if let Some(record) = skip_corrupt(format_args!("record {collection}/{id}"), decode(value.value()))? {
+            out.push(record);
+        }
+    }
+    Ok(out)
+}
+
+/// A key of [`RECORDS`]: (collection, id).
+type RecordKey<'a> = (&'a str, &'a str);
+
+/// A row of [`RECORDS`] as a range yields it.
+type RecordRow<'a> = (redb::AccessGuard<'a, (&'static str, &'static str)>, redb::AccessGuard<'a, &'static [u8]>);
+
 fn read_job(jobs: &impl ReadableTable<&'static str, &'static [u8]>, id: &str) -> StoreResult<Option<Job>> {
     match jobs.get(id).map_err(io_err)? {
         Some(bytes) => decode_job(bytes.value()).map(Some),
@@ -204,6 +255,7 @@ impl Store for EmbeddedStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
+        check_record_writes(&batch)?;
         let (reply, outcome) = oneshot::channel();
         let writer = self.writer.as_ref().ok_or(StoreError::Closed)?;
         writer.send(writer::WriteRequest::Batch { batch, reply }).map_err(|_| StoreError::Closed)?;
@@ -512,6 +564,39 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn get_record(&self, collection: &str, id: &str) -> StoreResult<Option<Record>> {
+        let (collection, id) = (collection.to_string(), id.to_string());
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(io_err)?;
+            let records = txn.open_table(RECORDS).map_err(io_err)?;
+            let value = records.get((collection.as_str(), id.as_str())).map_err(io_err)?;
+            value.map(|v| decode(v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn list_records(
+        &self,
+        collection: &str,
+        order: RecordOrder,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<Record>> {
+        let (collection, start_after) = (collection.to_string(), start_after.map(str::to_string));
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(io_err)?;
+            let records = txn.open_table(RECORDS).map_err(io_err)?;
+            let after_collection = format!("{collection}\0");
+            let bounds = record_bounds(&collection, &after_collection, order, start_after.as_deref());
+            let rows = records.range::<(&str, &str)>(bounds).map_err(io_err)?;
+            match order {
+                RecordOrder::Ascending => decode_records(rows, limit),
+                RecordOrder::Descending => decode_records(rows.rev(), limit),
+            }
+        })
+        .await
+    }
+
     async fn counter(&self, name: &'static str) -> StoreResult<u64> {
         self.read(move |db| {
             let txn = db.begin_read().map_err(io_err)?;
@@ -611,6 +696,27 @@ mod tests {
         drop(recovered);
         let reopened = EmbeddedStore::open(again.path(), EmbeddedOptions::default()).expect("open");
         assert_eq!(reopened.get_job("a").await.expect("get").map(|j| j.version), Some(41));
+    }
+
+    #[tokio::test]
+    async fn acknowledged_record_writes_survive_a_crash_through_the_journal() {
+        use crate::store::conformance::{put_record, record};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).expect("open");
+        let latest = record("env", "prod", 2, "v2");
+        for written in [record("env", "prod", 1, "v1"), latest.clone(), record("env", "dev", 1, "d1")] {
+            assert_eq!(store.write(vec![put_record(&written)]).await.expect("write"), [WriteOutcome::Applied]);
+        }
+        let image = crash_image(dir.path());
+        drop(store);
+        let recovered = EmbeddedStore::open(image.path(), EmbeddedOptions::default()).expect("open the image");
+        assert_eq!(recovered.get_record("env", "prod").await.expect("get"), Some(latest));
+        let listed = recovered.list_records("env", RecordOrder::Ascending, None, 10).await.expect("list");
+        assert_eq!(listed.iter().map(|r| (r.id.as_str(), r.version)).collect::<Vec<_>>(), [("dev", 1), ("prod", 2)]);
+        // The replayed versions are the ones later writes are checked against.
+        let stale = record("env", "prod", 2, "stale");
+        let outcome = recovered.write(vec![put_record(&stale)]).await.expect("write");
+        assert_eq!(outcome, [WriteOutcome::VersionConflict { current_version: Some(2) }]);
     }
 
     #[tokio::test]

@@ -5,8 +5,8 @@
 use async_trait::async_trait;
 
 use super::{
-    AgentFilter, CountRow, JobFilter, LogChunk, Ownership, Page, QueuedEntry, Store, StoreLimits, StoreResult, Write,
-    WriteOutcome,
+    AgentFilter, CountRow, JobFilter, LogChunk, Ownership, Page, QueuedEntry, Record, RecordOrder, Store, StoreLimits,
+    StoreResult, Write, WriteOutcome,
 };
 use crate::domain::{Agent, Job, Pool};
 
@@ -84,6 +84,20 @@ impl<S: Store, H: WriteHook> Store for HookedStore<S, H> {
 
     async fn list_pools(&self) -> StoreResult<Vec<Pool>> {
         self.inner.list_pools().await
+    }
+
+    async fn get_record(&self, collection: &str, id: &str) -> StoreResult<Option<Record>> {
+        self.inner.get_record(collection, id).await
+    }
+
+    async fn list_records(
+        &self,
+        collection: &str,
+        order: RecordOrder,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<Record>> {
+        self.inner.list_records(collection, order, start_after, limit).await
     }
 
     async fn counter(&self, name: &'static str) -> StoreResult<u64> {

@@ -107,6 +107,37 @@ pub enum Write {
         name: CounterName,
         value: u64,
     },
+    /// Inserts (`expected_version` 0: refused with `IdExists` if the key is
+    /// taken) or replaces (refused with `VersionConflict` unless the stored
+    /// version is `expected_version`) a record. The record's own `version`
+    /// must be `expected_version + 1`, its collection and id not empty: a
+    /// batch where they are not is refused whole (`Rejected`), before
+    /// anything of it is written. A write of exactly the stored record (its
+    /// version and body) may report `Applied` rather than its conflict on
+    /// DynamoDB: it cannot be told from a retry whose first reply was lost.
+    ///
+    /// Last, and new variants after it: the journal holds writes by their
+    /// variant's index (postcard), so the older ones keep theirs.
+    PutRecord { record: Record, expected_version: u64 },
+}
+
+/// A versioned document of the control plane's own state (environments,
+/// releases, deployments, rollouts), keyed by (collection, id). The body
+/// is the owning module's encoding; the store only compares versions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub collection: String,
+    pub id: String,
+    /// 1 when created, one more per replacement.
+    pub version: u64,
+    pub body: Bytes,
+}
+
+/// The order of a record listing (by id, bytewise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordOrder {
+    Ascending,
+    Descending,
 }
 
 /// A counter's name. An alias, not `&'static str` written out, because
@@ -155,6 +186,32 @@ mod job_record {
         let bytes = <std::borrow::Cow<'de, [u8]>>::deserialize(deserializer)?;
         super::codec::decode_job(&bytes).map(Box::new).map_err(D::Error::custom)
     }
+}
+
+/// Refuses a batch holding a record write whose version does not follow
+/// its expected version, or whose collection or id is empty (DynamoDB
+/// keys cannot be): a caller's bug, refused before anything of the batch
+/// is written (on the embedded store it would otherwise fail the commit of
+/// every batch grouped with it).
+pub(crate) fn check_record_writes(batch: &[Write]) -> StoreResult<()> {
+    for write in batch {
+        if let Write::PutRecord { record, expected_version } = write {
+            if record.collection.is_empty() || record.id.is_empty() {
+                return Err(StoreError::Rejected(format!(
+                    "record {:?}/{:?}: a record's collection and id must not be empty",
+                    record.collection, record.id
+                )));
+            }
+            if expected_version.checked_add(1) != Some(record.version) {
+                return Err(StoreError::Rejected(format!(
+                    "record {}/{}: version {} does not follow expected version {expected_version} (a \
+                     record's version is the one it replaces plus one)",
+                    record.collection, record.id, record.version
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Write {
@@ -356,6 +413,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every pool, by name.
     async fn list_pools(&self) -> StoreResult<Vec<Pool>>;
+
+    /// One record, as strongly read as `get_job`.
+    async fn get_record(&self, collection: &str, id: &str) -> StoreResult<Option<Record>>;
+    /// Up to `limit` records of a collection in `order` of id, starting
+    /// after `start_after` in that order (exclusive), strongly read.
+    async fn list_records(
+        &self,
+        collection: &str,
+        order: RecordOrder,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<Record>>;
 
     /// A high-water mark; 0 if never raised.
     async fn counter(&self, name: &'static str) -> StoreResult<u64>;

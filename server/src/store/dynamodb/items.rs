@@ -9,7 +9,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 
 use crate::domain::{Job, JobState, Priority};
 use crate::store::codec::{encode_job_into, priority_code};
-use crate::store::{StoreError, StoreResult};
+use crate::store::{Record, StoreError, StoreResult, Write};
 
 pub type Item = HashMap<String, AttributeValue>;
 
@@ -160,6 +160,52 @@ pub fn record_item(keys: &[(&str, String)], body: Vec<u8>) -> Item {
     item.insert("sv".to_string(), n(SCHEMA_VERSION));
     item.insert("b".to_string(), AttributeValue::B(Blob::new(body)));
     item
+}
+
+/// A control-plane record as an item: its key, version (`v`, the write
+/// condition's attribute) and body (`b`, as the caller encoded it).
+pub fn control_record_item(record: &Record) -> Item {
+    HashMap::from([
+        ("collection".to_string(), s(record.collection.clone())),
+        ("id".to_string(), s(record.id.clone())),
+        ("sv".to_string(), n(SCHEMA_VERSION)),
+        ("v".to_string(), n(record.version)),
+        ("b".to_string(), AttributeValue::B(Blob::new(record.body.to_vec()))),
+    ])
+}
+
+/// The key of a control-plane record's item.
+pub fn control_record_key(collection: &str, id: &str) -> Item {
+    HashMap::from([("collection".to_string(), s(collection)), ("id".to_string(), s(id))])
+}
+
+/// A control-plane record from its item.
+pub fn control_record_of(item: &Item) -> StoreResult<Record> {
+    check_schema(item)?;
+    Ok(Record {
+        collection: get_s(item, "collection")?.to_string(),
+        id: get_s(item, "id")?.to_string(),
+        version: get_n(item, "v")?,
+        body: bytes::Bytes::copy_from_slice(get_b(item, "b")?),
+    })
+}
+
+/// Refuses a batch holding a record too large for an item, with a precise
+/// error and before anything of the batch is written.
+pub fn check_record_sizes(batch: &[Write]) -> StoreResult<()> {
+    for write in batch {
+        if let Write::PutRecord { record, .. } = write {
+            let size = record.collection.len() + record.id.len() + record.body.len();
+            if size > MAX_ITEM_BYTES {
+                return Err(StoreError::Rejected(format!(
+                    "record {}/{} is {size} bytes with its key; a DynamoDB item holds at most {MAX_ITEM_BYTES} \
+                     bytes of record",
+                    record.collection, record.id
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn key_of(name: &str, value: impl Into<String>) -> Item {

@@ -1,5 +1,5 @@
 //! The DynamoDB store: the same [`Store`] contract as the embedded store,
-//! over six tables (`docs/dynamodb.md`). Every job write is conditional on
+//! over eight tables (`docs/dynamodb.md`). Every job write is conditional on
 //! the stored version, so the table, not a process, decides which of two
 //! racing writers wins; a failed condition comes back as a
 //! [`WriteOutcome`], never as an error.
@@ -43,8 +43,8 @@ use self::items::{compose, key_of, s, SHARDS};
 use self::reads::{decode_record, Walk};
 pub use self::tables::TableNames;
 use super::{
-    AgentFilter, CountRow, EventCursor, EventRead, JobFilter, LogChunk, Ownership, Page, QueuedEntry, Store,
-    StoreError, StoreLimits, StoreResult, Trimmed, Write, WriteOutcome,
+    check_record_writes, AgentFilter, CountRow, EventCursor, EventRead, JobFilter, LogChunk, Ownership, Page,
+    QueuedEntry, Record, RecordOrder, Store, StoreError, StoreLimits, StoreResult, Trimmed, Write, WriteOutcome,
 };
 use crate::domain::{Agent, Job, JobState, Pool};
 
@@ -177,12 +177,17 @@ fn item_of(write: &Write) -> String {
         Write::DeletePool { name } => compose(&["pool", name]),
         Write::AppendLog(chunk) => compose(&["log", &chunk.job_id]),
         Write::RaiseCounter { name, .. } => compose(&["counter", name]),
+        Write::PutRecord { record, .. } => compose(&["record", &record.collection, &record.id]),
     }
 }
 
 #[async_trait]
 impl Store for DynamoStore {
     async fn write(&self, batch: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
+        // Writes of one batch run concurrently: refuse a malformed one
+        // before any of them is sent.
+        check_record_writes(&batch)?;
+        items::check_record_sizes(&batch)?;
         // Job writes that log events go by event shard, several per
         // transaction (`shard_batch.rs`), when they are their job's only
         // write in the batch (the engine's always are: it coalesces them).
@@ -339,6 +344,20 @@ impl Store for DynamoStore {
         Ok(pools)
     }
 
+    async fn get_record(&self, collection: &str, id: &str) -> StoreResult<Option<Record>> {
+        self.read_control_record(collection, id).await
+    }
+
+    async fn list_records(
+        &self,
+        collection: &str,
+        order: RecordOrder,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<Record>> {
+        self.query_control_records(collection, order, start_after, limit).await
+    }
+
     fn event_shards(&self) -> u32 {
         SHARDS
     }
@@ -391,5 +410,17 @@ mod tests {
         assert_eq!(item_of(&Write::create(job("a"))), item_of(&Write::update(job("a"), 1)));
         assert_ne!(item_of(&Write::create(job("a"))), item_of(&Write::create(job("b"))));
         assert_ne!(item_of(&Write::DeletePool { name: "a".into() }), item_of(&Write::create(job("a"))));
+        let record = |collection: &str, id: &str, version: u64| Write::PutRecord {
+            record: crate::store::Record {
+                collection: collection.into(),
+                id: id.into(),
+                version,
+                body: Default::default(),
+            },
+            expected_version: version - 1,
+        };
+        assert_eq!(item_of(&record("env", "a", 1)), item_of(&record("env", "a", 2)));
+        assert_ne!(item_of(&record("env", "ab", 1)), item_of(&record("enva", "b", 1)));
+        assert_ne!(item_of(&record("job", "a", 1)), item_of(&Write::create(job("a"))));
     }
 }

@@ -9,13 +9,14 @@ use futures::future::try_join_all;
 
 use super::errors::classify;
 use super::items::{
-    check_schema, compose, count_partition, get_b, get_i, get_n, get_s, key_of, n, s, state_partition, Item, SHARDS,
+    check_schema, compose, control_record_key, control_record_of, count_partition, get_b, get_i, get_n, get_s, key_of,
+    n, s, state_partition, Item, SHARDS,
 };
 use super::tables::BY_STATE;
 use super::DynamoStore;
 use crate::domain::{Job, JobState};
 use crate::store::codec::{decode, decode_job, priority_from_code, skip_corrupt, state_from_code};
-use crate::store::{CountRow, Page, StoreError, StoreResult};
+use crate::store::{CountRow, Page, Record, RecordOrder, StoreError, StoreResult};
 
 /// Which way a listing walks `seq`, and from where (exclusive).
 #[derive(Debug, Clone, Copy)]
@@ -281,6 +282,57 @@ impl DynamoStore {
             .try_collect()
             .await
             .map_err(|e| classify(&format!("Query {table}"), e))
+    }
+
+    pub(super) async fn read_control_record(&self, collection: &str, id: &str) -> StoreResult<Option<Record>> {
+        let key = control_record_key(collection, id);
+        match self.get_item(&self.tables.records, key, "record").await? {
+            Some(item) => control_record_of(&item).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` records of `collection` after `start_after` in `order`:
+    /// one partition, strongly read, page after page until `limit` records
+    /// or its end (a page stops at 1 MB, and skipped records count in it).
+    pub(super) async fn query_control_records(
+        &self,
+        collection: &str,
+        order: RecordOrder,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<Record>> {
+        let mut records = Vec::new();
+        // The start key need not exist: it is only a position in the partition.
+        let mut resume = start_after.map(|id| control_record_key(collection, id));
+        while records.len() < limit {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.tables.records)
+                // `collection` is a reserved word in expressions.
+                .key_condition_expression("#c = :c")
+                .expression_attribute_names("#c", "collection")
+                .expression_attribute_values(":c", s(collection))
+                .scan_index_forward(order == RecordOrder::Ascending)
+                .consistent_read(true)
+                .limit(i32::try_from(limit - records.len()).unwrap_or(i32::MAX))
+                .set_exclusive_start_key(resume.take())
+                .send()
+                .await
+                .map_err(|e| classify("Query records", e))?;
+            for item in out.items() {
+                let id = get_s(item, "id").unwrap_or("?");
+                if let Some(record) = skip_corrupt(format_args!("record {collection}/{id}"), control_record_of(item))? {
+                    records.push(record);
+                }
+            }
+            resume = out.last_evaluated_key().cloned();
+            if resume.is_none() {
+                break;
+            }
+        }
+        Ok(records)
     }
 
     /// The job counts: every count shard summed.

@@ -30,6 +30,8 @@ pub const META: &str = "meta";
 pub const EVENTS: &str = "events";
 /// The event items' TTL attribute (epoch seconds).
 pub const EVENTS_TTL: &str = "ttl";
+/// Control-plane records by (collection, id).
+pub const RECORDS: &str = "records";
 
 /// Every table's full name under one prefix.
 #[derive(Debug, Clone)]
@@ -41,6 +43,7 @@ pub struct TableNames {
     pub logs: String,
     pub meta: String,
     pub events: String,
+    pub records: String,
 }
 
 impl TableNames {
@@ -54,11 +57,21 @@ impl TableNames {
             logs: name(LOGS),
             meta: name(META),
             events: name(EVENTS),
+            records: name(RECORDS),
         }
     }
 
-    fn all(&self) -> [&str; 7] {
-        [&self.jobs, &self.idempotency_keys, &self.agents, &self.pools, &self.logs, &self.meta, &self.events]
+    fn all(&self) -> [&str; 8] {
+        [
+            &self.jobs,
+            &self.idempotency_keys,
+            &self.agents,
+            &self.pools,
+            &self.logs,
+            &self.meta,
+            &self.events,
+            &self.records,
+        ]
     }
 }
 
@@ -116,6 +129,11 @@ fn specs(names: &TableNames) -> Vec<TableSpec> {
         TableSpec {
             name: names.events.clone(),
             keys: vec![("shard", N, KeyType::Hash), ("seq", N, KeyType::Range)],
+            index: None,
+        },
+        TableSpec {
+            name: names.records.clone(),
+            keys: vec![("collection", S, KeyType::Hash), ("id", S, KeyType::Range)],
             index: None,
         },
     ]

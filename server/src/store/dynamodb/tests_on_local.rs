@@ -165,6 +165,46 @@ async fn writes_whose_replies_were_lost_or_throttled_are_recognised_on_retry() {
     assert_eq!(one(&clean, Write::CreatePool(Box::new(other))).await, WriteOutcome::IdExists);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_writes_whose_replies_were_lost_are_recognised_on_retry() {
+    use crate::store::conformance::{put_record, record};
+    let clean = local::fresh_store("record-faults").await;
+    // An insert, then a replace, each applied with its reply lost or
+    // throttled: the SDK's retry finds this very record stored.
+    let writes = [
+        (Fault::LostReply, record("env", "prod", 1, "created")),
+        (Fault::Throttled, record("env", "prod", 2, "changed")),
+    ];
+    for (fault, written) in writes {
+        let (store, layer) = faulty(&clean, "PutItem", fault);
+        layer.arm(1);
+        assert_eq!(one(&store, put_record(&written)).await, WriteOutcome::Applied, "{fault:?}");
+        assert_eq!(layer.injected(), 1, "{fault:?}");
+        assert_eq!(clean.get_record("env", "prod").await.expect("get"), Some(written));
+    }
+    // Another write from the same version is still a conflict.
+    assert_eq!(
+        one(&clean, put_record(&record("env", "prod", 2, "other"))).await,
+        WriteOutcome::VersionConflict { current_version: Some(2) }
+    );
+    assert_eq!(one(&clean, put_record(&record("env", "prod", 1, "other"))).await, WriteOutcome::IdExists);
+}
+
+#[tokio::test]
+async fn a_record_over_dynamodbs_limit_is_refused_precisely() {
+    use crate::store::conformance::{put_record, record};
+    let store = local::fresh_store("record-oversize").await;
+    let small = record("env", "small", 1, "fits");
+    let big = record("env", "big", 1, &"x".repeat(400 * 1024));
+    let err = store.write(vec![put_record(&small), put_record(&big)]).await.expect_err("refused");
+    assert!(matches!(&err, StoreError::Rejected(m) if m.contains("env/big") && m.contains("at most")), "{err}");
+    // Refused whole: the record that fits was not written either.
+    assert_eq!(store.get_record("env", "small").await.expect("get"), None);
+    let fits = record("env", "big", 1, &"x".repeat(crate::store::dynamodb::MAX_ITEM_BYTES - 16));
+    assert_eq!(one(&store, put_record(&fits)).await, WriteOutcome::Applied);
+    assert_eq!(store.get_record("env", "big").await.expect("get"), Some(fits));
+}
+
 #[tokio::test]
 async fn an_item_over_dynamodbs_limit_is_refused_precisely() {
     let store = local::fresh_store("oversize").await;

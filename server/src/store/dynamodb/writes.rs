@@ -11,11 +11,13 @@ use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 
 use super::errors::{classify, condition_failed, is_conflict_code};
 use super::events::head_in;
-use super::items::{compose, get_b, get_n, job_item, key_of, n, record_item, s, shard_of, CountKey, Item};
+use super::items::{
+    compose, control_record_item, get_b, get_n, job_item, key_of, n, record_item, s, shard_of, CountKey, Item,
+};
 use super::DynamoStore;
 use crate::domain::{Job, Pool};
 use crate::store::codec::{encode, priority_code};
-use crate::store::{LogChunk, StoreError, StoreResult, Transition, Write, WriteOutcome};
+use crate::store::{LogChunk, Record, StoreError, StoreResult, Transition, Write, WriteOutcome};
 
 /// Tries of a write that meets another transaction on one of its items.
 pub(super) const CONFLICT_TRIES: u32 = 12;
@@ -115,6 +117,7 @@ impl DynamoStore {
             }
             Write::AppendLog(chunk) => self.append_log(chunk).await,
             Write::RaiseCounter { name, value } => self.raise_counter(name, *value).await,
+            Write::PutRecord { record, expected_version } => self.put_record(record, *expected_version).await,
         }
     }
 
@@ -157,6 +160,42 @@ impl DynamoStore {
                     }
                     Some(s) if s.is_transaction_conflict_exception() => Ok(Try::Conflict),
                     _ => Err(classify("PutItem pool", e)),
+                },
+            }
+        })
+        .await
+    }
+
+    /// A record put on condition that its key is free (`expected` 0) or
+    /// that its stored version is `expected`. A refusal returns the stored
+    /// item: one holding this very version and body is this write, applied
+    /// by a try whose reply was lost.
+    async fn put_record(&self, record: &Record, expected: u64) -> StoreResult<WriteOutcome> {
+        let item = control_record_item(record);
+        retry_conflicts("PutItem record", || async {
+            let request = self
+                .client
+                .put_item()
+                .table_name(&self.tables.records)
+                .set_item(Some(item.clone()))
+                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+            // `collection` is a reserved word in expressions.
+            let request = match expected {
+                0 => request
+                    .condition_expression("attribute_not_exists(#c)")
+                    .expression_attribute_names("#c", "collection"),
+                _ => {
+                    request.condition_expression("v = :expected").expression_attribute_values(":expected", n(expected))
+                }
+            };
+            match request.send().await {
+                Ok(_) => Ok(Try::Done(WriteOutcome::Applied)),
+                Err(e) => match e.as_service_error() {
+                    Some(aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(c)) => {
+                        Ok(Try::Done(record_refused(record, expected, c.item())))
+                    }
+                    Some(s) if s.is_transaction_conflict_exception() => Ok(Try::Conflict),
+                    _ => Err(classify("PutItem record", e)),
                 },
             }
         })
@@ -440,6 +479,19 @@ pub(super) fn recognise(job: &Job, body: &[u8], stored: Option<&Item>) -> WriteO
         WriteOutcome::Applied
     } else {
         WriteOutcome::VersionConflict { current_version: version }
+    }
+}
+
+/// The outcome of a record put whose condition failed on `stored` (the old
+/// item, if any): `Applied` if it holds exactly this write (a retry of a
+/// try whose reply was lost), else the conflict.
+fn record_refused(record: &Record, expected: u64, stored: Option<&Item>) -> WriteOutcome {
+    let version = stored.and_then(|i| get_n(i, "v").ok());
+    let ours = version == Some(record.version) && stored.and_then(|i| get_b(i, "b").ok()) == Some(&record.body[..]);
+    match (ours, expected) {
+        (true, _) => WriteOutcome::Applied,
+        (false, 0) => WriteOutcome::IdExists,
+        (false, _) => WriteOutcome::VersionConflict { current_version: version },
     }
 }
 

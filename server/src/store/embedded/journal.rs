@@ -31,6 +31,10 @@
 //! a change to any of them must raise it (`the_record_layout_is_frozen`
 //! fails until it does) and keep a decoder for the old one, or a release
 //! started after a crash of the previous one could not replay its journal.
+//! A new kind of write is the exception: added as the last variant of
+//! [`Write`] it leaves every older record's bytes as they were (postcard
+//! numbers variants in order), so the format stays; the store's schema
+//! version keeps older releases, which could not read it, away.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read as _;
@@ -393,6 +397,31 @@ mod tests {
         let decoded = RawRecord { seq: 1, payload }.decode().expect("decode");
         assert_eq!(format!("{:?}", decoded.batches), format!("{:?}", vec![batch]));
     }
+
+    /// A record write's layout, frozen like the others' (it came after
+    /// [`FROZEN_LAYOUT`], as the last variant of `Write`).
+    #[test]
+    fn the_record_write_layout_is_frozen() {
+        let record = crate::store::Record {
+            collection: "env".into(),
+            id: "prod".into(),
+            version: 3,
+            body: bytes::Bytes::from_static(b"body"),
+        };
+        let batch = vec![Write::PutRecord { record, expected_version: 2 }];
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut journal, _) = Journal::open(dir.path()).expect("open");
+        assert_eq!(journal.append(1, &[batch.as_slice()]).expect("append"), Appended::Written);
+        let payload = journal.buf[HEADER_BYTES..].to_vec();
+        let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, FROZEN_RECORD_LAYOUT, "the journal's record layout changed");
+        let decoded = RawRecord { seq: 1, payload }.decode().expect("decode");
+        assert_eq!(format!("{:?}", decoded.batches), format!("{:?}", vec![batch]));
+    }
+
+    /// Format 2, one batch of one write: variant 8, "env", "prod", version
+    /// 3, body "body", expected version 2.
+    const FROZEN_RECORD_LAYOUT: &str = "0201010803656e760470726f640304626f647902";
 
     /// A record the previous release (journal format 1) wrote still replays.
     #[test]

@@ -28,7 +28,7 @@ const KEY_SCHEMA_VERSION: &str = "schema_version";
 const KEY_WRITTEN_BY: &str = "written_by";
 
 /// The schema version this release writes, and the newest it opens.
-pub const SCHEMA_VERSION: u64 = 5;
+pub const SCHEMA_VERSION: u64 = 6;
 
 /// The version of a store without `store_meta`: written by a release before
 /// schema versions (up to commit 23acfb8).
@@ -64,6 +64,10 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     // 2: an older release would skip such jobs as corrupt. Older records are
     // read as they are.
     Migration { to: 5, what: "dashboard jobs (job record format 3, journal format 2)", apply: |_| Ok(()) },
+    // The table is created when the store opens. The version rises because
+    // an older release would not know the records (the control plane's own
+    // state) and could not replay a journal holding record writes.
+    Migration { to: 6, what: "add control-plane records (records table)", apply: |_| Ok(()) },
 ];
 
 /// What `store_meta` says.

@@ -15,12 +15,12 @@ use tokio::sync::oneshot;
 use super::journal::{Appended, Journal, RawRecord};
 use super::{
     io_err, EmbeddedOptions, SyncMode, AGENTS, AGENT_NAMES, COUNTERS, COUNTS, EVENTS, EVENT_HEAD, EVENT_LOW_WATER,
-    IDEMPOTENCY, JOBS, LOGS, POOLS, STATE_INDEX,
+    IDEMPOTENCY, JOBS, LOGS, POOLS, RECORDS, STATE_INDEX,
 };
 use crate::domain::{Job, JobState, Priority};
 use crate::store::codec::{decode, decode_job, encode, encode_into, encode_job_into, priority_code};
 use crate::store::events::EventGroup;
-use crate::store::{QueuedEntry, StoreError, StoreResult, Transition, Trimmed, Write, WriteOutcome};
+use crate::store::{QueuedEntry, Record, StoreError, StoreResult, Transition, Trimmed, Write, WriteOutcome};
 
 /// The counter holding the seq of the last group the database applied.
 pub(super) const JOURNAL_SEQ: &str = "journal_seq";
@@ -362,6 +362,7 @@ fn apply_group(
             counters: txn.open_table(COUNTERS).map_err(io_err)?,
             pools: txn.open_table(POOLS).map_err(io_err)?,
             events: txn.open_table(EVENTS).map_err(io_err)?,
+            records: txn.open_table(RECORDS).map_err(io_err)?,
             event_head: None,
             count_deltas: Vec::new(),
             buf: Vec::new(),
@@ -409,6 +410,7 @@ struct Tables<'txn> {
     counters: redb::Table<'txn, &'static str, u64>,
     pools: redb::Table<'txn, &'static str, &'static [u8]>,
     events: redb::Table<'txn, u64, &'static [u8]>,
+    records: redb::Table<'txn, (&'static str, &'static str), &'static [u8]>,
     /// The event log's head in this transaction, once read (one read per
     /// transaction that logs anything; stored when it commits).
     event_head: Option<u64>,
@@ -541,7 +543,28 @@ impl Tables<'_> {
                 }
                 Ok(WriteOutcome::Applied)
             }
+            Write::PutRecord { record, expected_version } => self.put_record(record, *expected_version),
         }
+    }
+
+    /// Inserts (`expected_version` 0) or replaces a record on condition of
+    /// its stored version. That `record.version` follows `expected_version`
+    /// was checked before the batch reached the writer.
+    fn put_record(&mut self, record: &Record, expected_version: u64) -> StoreResult<WriteOutcome> {
+        let key = (record.collection.as_str(), record.id.as_str());
+        let stored = match self.records.get(key).map_err(io_err)? {
+            Some(bytes) => Some(decode::<Record>(bytes.value())?.version),
+            None => None,
+        };
+        match (expected_version, stored) {
+            (0, Some(_)) => return Ok(WriteOutcome::IdExists),
+            (0, None) => {}
+            (expected, Some(current)) if current == expected => {}
+            (_, current_version) => return Ok(WriteOutcome::VersionConflict { current_version }),
+        }
+        encode_into(&mut self.buf, record)?;
+        self.records.insert(key, self.buf.as_slice()).map_err(io_err)?;
+        Ok(WriteOutcome::Applied)
     }
 
     /// Appends a job write's events to the log, in the job write's
