@@ -23,4 +23,5 @@ pub const PROTOCOL_LEAN_STARTS: u32 = 2;
 pub const PROTOCOL_RECONNECT: u32 = 3;
 
 pub mod codec;
+pub mod mask;
 pub mod time;

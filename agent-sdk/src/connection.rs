@@ -308,6 +308,7 @@ impl Session<'_> {
             priority: a.priority,
             timeout: a.timeout.as_ref().and_then(tether::time::from_duration).filter(|d| !d.is_zero()),
             max_attempts: a.max_attempts,
+            secrets: a.secrets.into_iter().collect(),
         };
         let ctx = JobContext::new(spec, token, self.shared.clone());
         spawn_job(self.shared.clone(), self.handler.clone(), ctx, key);

@@ -1,13 +1,15 @@
 //! What a user of the SDK implements ([`JobHandler`]) and what it gets
 //! ([`JobContext`]) and returns ([`JobResult`]).
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use tether::mask::{Masker, StreamMasker};
 use tether::v1::{connect_request::Message, JobLog, JobProgress, JobRef, Priority};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
@@ -116,6 +118,13 @@ struct Inner {
     /// Set (under the core lock) when JobFinished is built; later output
     /// would be refused by the server, so it is not sent.
     done: AtomicBool,
+    /// The job's secrets (from its Assignment).
+    secrets: BTreeMap<String, String>,
+    /// Masks them out of output, result and error; `None` without secrets.
+    masker: Option<Arc<Masker>>,
+    /// Stdout's and stderr's maskers, which hold back a possible start of
+    /// a secret until the next chunk shows whether it is one.
+    streams: Mutex<[StreamMasker; 2]>,
 }
 
 /// The parts of an Assignment a [`JobContext`] is built from.
@@ -126,10 +135,14 @@ pub(crate) struct JobSpec {
     pub(crate) priority: i32,
     pub(crate) timeout: Option<Duration>,
     pub(crate) max_attempts: u32,
+    pub(crate) secrets: BTreeMap<String, String>,
 }
 
 impl JobContext {
     pub(crate) fn new(spec: JobSpec, token: CancellationToken, shared: Arc<Shared>) -> Self {
+        let masker = Arc::new(Masker::new(spec.secrets.values().map(String::as_str)));
+        let streams = Mutex::new([StreamMasker::new(masker.clone()), StreamMasker::new(masker.clone())]);
+        let masker = (!masker.is_empty()).then_some(masker);
         Self {
             inner: Arc::new(Inner {
                 job: spec.job,
@@ -142,6 +155,9 @@ impl JobContext {
                 shared,
                 next_sequence: AtomicU64::new(0),
                 done: AtomicBool::new(false),
+                secrets: spec.secrets,
+                masker,
+                streams,
             }),
         }
     }
@@ -169,6 +185,37 @@ impl JobContext {
     /// The job's queue.
     pub fn queue(&self) -> &str {
         &self.inner.queue
+    }
+
+    /// The job's secrets, by name (sent only in its Assignment). Their
+    /// values are masked out of what [`JobContext::log`] sends and out of
+    /// the result and error.
+    pub fn secrets(&self) -> &BTreeMap<String, String> {
+        &self.inner.secrets
+    }
+
+    /// `data` with the job's secrets masked.
+    pub(crate) fn masked(&self, data: &[u8]) -> Vec<u8> {
+        match &self.inner.masker {
+            Some(masker) => masker.mask(data),
+            None => data.to_vec(),
+        }
+    }
+
+    /// Sends what the stream maskers held back (the output has ended).
+    pub(crate) async fn flush_masked(&self) {
+        if self.inner.masker.is_none() {
+            return;
+        }
+        let held = {
+            let mut streams = self.inner.streams.lock().unwrap_or_else(PoisonError::into_inner);
+            [streams[0].finish(), streams[1].finish()]
+        };
+        for (stream, data) in [LogStream::Stdout, LogStream::Stderr].into_iter().zip(held) {
+            if !data.is_empty() {
+                self.send_output(stream, Bytes::from(data)).await;
+            }
+        }
     }
 
     /// The job's payload.
@@ -227,6 +274,18 @@ impl JobContext {
     /// attempt's next sequence number. Waits when too much output is queued.
     /// Best effort: dropped while the agent is between streams.
     pub async fn log(&self, stream: LogStream, data: Bytes) {
+        let data = match &self.inner.masker {
+            None => data,
+            Some(_) => {
+                let index = usize::from(matches!(stream, LogStream::Stderr));
+                let mut streams = self.inner.streams.lock().unwrap_or_else(PoisonError::into_inner);
+                Bytes::from(streams[index].push(&data))
+            }
+        };
+        self.send_output(stream, data).await;
+    }
+
+    async fn send_output(&self, stream: LogStream, data: Bytes) {
         let mut rest = data;
         while !rest.is_empty() {
             let chunk = rest.split_to(rest.len().min(MAX_LOG_CHUNK));

@@ -30,7 +30,9 @@ enum Ending {
 pub(crate) fn spawn_job(shared: Arc<Shared>, handler: Arc<dyn JobHandler>, ctx: JobContext, key: JobKey) {
     tokio::spawn(async move {
         let ending = execute(handler.as_ref(), ctx.clone(), shared.cancel_grace).await;
-        complete(&shared, &ctx, key, ending);
+        // Output held back by secret masking goes before the result.
+        ctx.flush_masked().await;
+        complete(&shared, &ctx, key, masked(&ctx, ending));
     });
 }
 
@@ -63,6 +65,21 @@ async fn execute(handler: &dyn JobHandler, ctx: JobContext, grace: Duration) -> 
         (true, _) => Ending::TimedOut(timeout.unwrap_or_default()),
         (false, Some(ending)) => ending,
         (false, None) => Ending::Unresponsive,
+    }
+}
+
+/// The ending with the job's secrets masked out of its result and error.
+fn masked(ctx: &JobContext, ending: Ending) -> Ending {
+    let text = |s: String| String::from_utf8_lossy(&ctx.masked(s.as_bytes())).into_owned();
+    match ending {
+        Ending::Returned(JobResult::Succeeded { result }) => {
+            Ending::Returned(JobResult::Succeeded { result: Bytes::from(ctx.masked(&result)) })
+        }
+        Ending::Returned(JobResult::Failed { error, retryable, exit_code }) => {
+            Ending::Returned(JobResult::Failed { error: text(error), retryable, exit_code })
+        }
+        Ending::Panicked(message) => Ending::Panicked(text(message)),
+        other => other,
     }
 }
 

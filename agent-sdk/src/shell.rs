@@ -274,10 +274,12 @@ impl Default for ShellHandler {
 #[async_trait]
 impl JobHandler for ShellHandler {
     async fn run(&self, job: JobContext) -> JobResult {
-        let cmd = match ShellCommand::parse(job.payload()) {
+        let mut cmd = match ShellCommand::parse(job.payload()) {
             Ok(cmd) => cmd,
             Err(e) => return JobResult::permanent(e.to_string()),
         };
+        // Secrets are environment variables of the command, like env.
+        cmd.env.extend(job.secrets().iter().map(|(k, v)| (k.clone(), v.clone())));
         let cancel = job.cancellation_token();
         match run_command(&cmd, &job, &cancel, self.kill_grace).await {
             Ok(output) => output.into_result(),

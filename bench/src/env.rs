@@ -200,6 +200,7 @@ impl Env {
             max_agent_streams: 1000,
             ops: Default::default(),
             cluster: None,
+            secrets: None,
         };
         let (server_stop, stop) = oneshot::channel::<()>();
         let server_task = server_rt.spawn(async move {

@@ -92,6 +92,12 @@ pub struct ServerArgs {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub dynamodb: DynamoArgs,
+    /// The key jobs' secrets are sealed with (32 bytes): every replica
+    /// sharing a store needs the same file. [default: the embedded store
+    /// creates `secrets.key` in its data directory; on DynamoDB, jobs with
+    /// secrets are refused without one]
+    #[arg(long, env = "TETHER_SECRETS_KEY_FILE", value_name = "PATH")]
+    pub secrets_key_file: Option<PathBuf>,
     /// Sync only every Nth commit instead of every commit. Faster, but a
     /// crash or power loss can lose acknowledged writes. Never use it for
     /// data you care about.
@@ -165,6 +171,8 @@ pub struct FileConfig {
     pub store: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secrets_key_file: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dynamodb_endpoint: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -255,6 +263,9 @@ impl ServerArgs {
         if let (true, Some(v)) = (from_file("data_dir"), &file.data_dir) {
             self.data_dir = v.clone();
         }
+        if let (true, Some(v)) = (from_file("secrets_key_file"), &file.secrets_key_file) {
+            self.secrets_key_file = Some(v.clone());
+        }
         if let (true, Some(v)) = (from_file("dynamodb_endpoint"), &file.dynamodb_endpoint) {
             self.dynamodb.dynamodb_endpoint = Some(value(path, "dynamodb-endpoint", v, parse_endpoint)?);
         }
@@ -314,6 +325,7 @@ impl ServerArgs {
             listen: Some(self.listen.to_string()),
             store: self.store.to_possible_value().map(|v| v.get_name().to_string()),
             data_dir: Some(self.data_dir.clone()),
+            secrets_key_file: self.secrets_key_file.clone(),
             dynamodb_endpoint: self.dynamodb.dynamodb_endpoint.clone(),
             dynamodb_table_prefix: Some(self.dynamodb.dynamodb_table_prefix.clone()),
             dynamodb_region: self.dynamodb.dynamodb_region.clone(),

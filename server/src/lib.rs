@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod ids;
 pub mod listener;
 pub mod log_limit;
+pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod telemetry;

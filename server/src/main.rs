@@ -10,6 +10,7 @@ use tether_server::capacity;
 use tether_server::clock::SystemClock;
 use tether_server::cluster::ClusterConfig;
 use tether_server::config::{DynamoArgs, LogFormat, ServerArgs, StoreKind};
+use tether_server::secrets::SecretsKey;
 use tether_server::server::{serve, Operability, ServerParts};
 use tether_server::store::dynamodb::{tables, DynamoStore};
 use tether_server::store::embedded::EmbeddedStore;
@@ -113,6 +114,20 @@ async fn open_store(args: &ServerArgs) -> anyhow::Result<OpenedStore> {
     }
 }
 
+/// The secrets key: the file given, or the embedded store's own (made on
+/// first start); none on DynamoDB unless given.
+fn secrets_key(args: &ServerArgs) -> anyhow::Result<Option<Arc<SecretsKey>>> {
+    let (path, create) = match (&args.secrets_key_file, args.store) {
+        (Some(path), _) => (path.clone(), false),
+        (None, StoreKind::Embedded) => (args.data_dir.join("secrets.key"), true),
+        (None, StoreKind::Dynamodb) => {
+            tracing::info!("no --secrets-key-file: jobs with secrets are refused");
+            return Ok(None);
+        }
+    };
+    Ok(Some(Arc::new(SecretsKey::load(&path, create)?)))
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -208,6 +223,7 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         max_agent_streams,
         ops: Operability { metrics_listener, cors_allow_origins: args.cors_allow_origins.clone() },
         cluster,
+        secrets: secrets_key(&args)?,
     };
     serve(listener, parts, shutdown_signal()).await
 }

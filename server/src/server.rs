@@ -47,6 +47,8 @@ pub struct ServerParts {
     pub ops: Operability,
     /// Membership and wake-ups, for a replica sharing its store with peers.
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// Seals and opens jobs' secrets; `None`: jobs with secrets are refused.
+    pub secrets: Option<Arc<crate::secrets::SecretsKey>>,
 }
 
 /// Operator-facing extras; all off by default.
@@ -177,15 +179,21 @@ impl Tether {
         let queue = QueueServiceServer::new(QueueApi::new(engine.clone(), stopping.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let agents = AgentServiceServer::new(AgentApi::new(engine.clone(), parts.max_agent_streams))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let agents =
+            AgentServiceServer::new(AgentApi::new(engine.clone(), parts.max_agent_streams, parts.secrets.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let deployments = crate::deploy::Deployments::new(engine.clone(), parts.clock.clone());
         // Its task ends at shutdown, with the streams.
         crate::deploy::follow::spawn(deployments.clone(), DEPLOYMENT_POLL, stopping.clone());
-        let dashboard = DashboardServiceServer::new(DashboardApi::new(engine.clone(), deployments, stopping.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let dashboard = DashboardServiceServer::new(DashboardApi::new(
+            engine.clone(),
+            deployments,
+            parts.secrets.clone(),
+            stopping.clone(),
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let replicas = ReplicaServiceServer::new(ReplicaApi::new(engine.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -1,7 +1,8 @@
 //! The `tether` binary's client commands run as a process: those that need
-//! no server, and `tether jobs …` against a real `tether server` whose jobs
-//! an in-process agent runs (a raw Connect stream that runs each job's
-//! shell command, like the reference agent).
+//! no server, and `tether jobs …`, `tether envs …` and `tether deploy …`
+//! against a real `tether server` whose jobs an in-process agent runs (a
+//! raw Connect stream that runs each job's shell command, like the
+//! reference agent).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -132,11 +133,11 @@ struct ShellJob {
     workdir: String,
 }
 
-/// Connects an agent to the default pool that runs each assigned job's
-/// command with `sh -c` and reports how it ended (protocol version 2: a job
-/// is accepted and started in one message). Returns its agent id; the agent
-/// lives until the server goes away.
-async fn spawn_shell_agent(url: String, name: &str) -> String {
+/// Connects an agent to `pool` that runs each assigned job's command with
+/// `sh -c` and reports how it ended (protocol version 2: a job is accepted
+/// and started in one message). Returns its agent id; the agent lives until
+/// the server goes away.
+async fn spawn_shell_agent(url: String, name: &str, pool: &str) -> String {
     let (outbound, rx) = mpsc::channel::<pb::ConnectRequest>(256);
     let send = |tx: &mpsc::Sender<pb::ConnectRequest>, message| {
         let tx = tx.clone();
@@ -148,7 +149,7 @@ async fn spawn_shell_agent(url: String, name: &str) -> String {
         &outbound,
         pb::connect_request::Message::Hello(pb::Hello {
             name: name.into(),
-            pool: "default".into(),
+            pool: pool.into(),
             slots: 2,
             version: "cli-test".into(),
             min_protocol_version: 2,
@@ -265,7 +266,7 @@ async fn status_of(server: &ServerProcess, id: &str) -> String {
 async fn jobs_run_and_are_shown_through_the_binary() {
     let dir = tempfile::tempdir().expect("temp dir");
     let server = ServerProcess::start(dir.path()).await;
-    let agent_id = spawn_shell_agent(server.url(), "cli-runner").await;
+    let agent_id = spawn_shell_agent(server.url(), "cli-runner", "default").await;
 
     // create --wait: runs on the agent, prints the job, exit code 0.
     let out = server
@@ -461,4 +462,308 @@ fn bad_jobs_flags_are_usage_errors() {
         .output()
         .expect("run tether");
     assert_eq!(out.status.code(), Some(2), "{}", shown(&out));
+}
+
+/// The value of a `Key:` line of a details table.
+fn detail(out: &Output, key: &str) -> String {
+    let prefix = format!("{key}:");
+    stdout(out)
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no {key:?} line: {}", shown(out)))
+}
+
+/// The cells of a list table's line, split on the column gaps (cells may
+/// hold single spaces).
+fn cells(line: &str) -> Vec<&str> {
+    line.split("   ").map(str::trim).filter(|c| !c.is_empty()).collect()
+}
+
+#[tokio::test]
+async fn deployments_roll_out_promote_and_roll_back_through_the_binary() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = ServerProcess::start(dir.path()).await;
+    let out = server.tether(&["pools", "create", "deployers"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
+    // The rollouts run in the environments' pool, so only this agent can
+    // take them.
+    let agent_id = spawn_shell_agent(server.url(), "deploy-runner", "deployers").await;
+
+    // envs put: production first (promote_to must exist), then staging.
+    let out = server.tether(&["envs", "put", "production", "--pool", "deployers"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
+    assert_eq!(
+        stdout(&out).trim(),
+        "environment production created: pool deployers, promotes to nowhere, auto-rollback off"
+    );
+    let put_staging = ["envs", "put", "staging", "--pool", "deployers", "--promote-to", "production"];
+    let out = server.tether(&put_staging).await;
+    assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
+    assert!(
+        stdout(&out).starts_with("environment staging created: pool deployers, promotes to production"),
+        "{}",
+        shown(&out)
+    );
+    let out = server.tether(&put_staging).await;
+    assert!(stdout(&out).starts_with("environment staging replaced: "), "{}", shown(&out));
+    let out = server.tether(&["envs", "put", "production", "--pool", "deployers", "--promote-to", "staging"]).await;
+    assert_eq!(out.status.code(), Some(1), "a cycle is refused: {}", shown(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: FAILED_PRECONDITION: "), "{}", shown(&out));
+    let out = server.tether(&["envs", "put", "qa", "--pool", "no-such-pool"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("error: NOT_FOUND: ") && stderr.contains("`tether pools list`"), "{}", shown(&out));
+
+    // envs list: a table by name, and JSON.
+    let out = server.tether(&["envs", "list"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(cells(lines[0]), ["NAME", "POOL", "PROMOTE TO", "AUTO ROLLBACK", "AGE"], "{text}");
+    assert_eq!(cells(lines[1])[..4], ["production", "deployers", "-", "no"], "{text}");
+    assert_eq!(cells(lines[2])[..4], ["staging", "deployers", "production", "no"], "{text}");
+    let out = server.tether(&["envs", "list", "--output", "json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["environments"][1]["promoteTo"], "production", "{}", shown(&out));
+
+    // Nothing succeeded in production yet: nothing to roll back.
+    let out = server.tether(&["deploy", "rollback", "api", "--env", "production"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("error: FAILED_PRECONDITION: ") && stderr.contains("nothing to roll back"), "{stderr}");
+    assert!(stderr.contains("hint: ") && stderr.contains("tether deploy history"), "{stderr}");
+    assert!(out.stdout.is_empty(), "{}", shown(&out));
+
+    // create --wait: the rollout runs on the pool's agent with its vars and
+    // the TETHER_DEPLOY_* variables, then the deployment is shown.
+    let rollout = r#"test "$TETHER_DEPLOY_SERVICE" = api && test "$TETHER_DEPLOY_VERSION" = "$EXPECT" && test "$GREETING" = hi && test -n "$TETHER_DEPLOY_ID""#;
+    let create_v1 = [
+        "deploy",
+        "create",
+        "api",
+        "v1",
+        "--env",
+        "staging",
+        "--command",
+        rollout,
+        "--var",
+        "GREETING=hi",
+        "--var",
+        "EXPECT=v1",
+        "--reason",
+        "first release",
+        "--wait",
+    ];
+    let out = server.tether(&create_v1).await;
+    assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
+    let v1_staging = detail(&out, "ID");
+    assert!(v1_staging.starts_with("api/"), "{v1_staging}");
+    assert_eq!(detail(&out, "State"), "succeeded");
+    assert_eq!(detail(&out, "Environment"), "staging");
+    assert_eq!(detail(&out, "Trigger"), "create");
+    assert_eq!(detail(&out, "Requested by"), REQUESTER);
+    assert_eq!(detail(&out, "Reason"), "first release");
+    let job = detail(&out, "Job");
+    // The rollout is a dashboard job that ran on the pool's agent.
+    let job_out = server.tether(&["jobs", "get", &job]).await;
+    assert_eq!(detail(&job_out, "Status"), "success", "{}", shown(&job_out));
+    assert_eq!(detail(&job_out, "Pool"), "deployers");
+    assert!(stdout(&job_out).contains(&agent_id), "{}", shown(&job_out));
+
+    // One good version in staging: still nothing to roll back to.
+    let out = server.tether(&["deploy", "rollback", "api", "--env", "staging"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to roll back to"), "{}", shown(&out));
+
+    // A release never changes: another rollout for v1 is refused.
+    let out = server.tether(&["deploy", "create", "api", "v1", "--env", "staging", "--command", "true"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("error: ALREADY_EXISTS: ") && stderr.contains("--command"), "{stderr}");
+    let out = server.tether(&["deploy", "create", "api", "v1", "--env", "nowhere"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: NOT_FOUND: "), "{}", shown(&out));
+
+    // promote --wait: the same release in production.
+    let out = server.tether(&["deploy", "promote", &v1_staging, "--wait"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
+    let v1_production = detail(&out, "ID");
+    assert_eq!(detail(&out, "Environment"), "production");
+    assert_eq!((detail(&out, "Version"), detail(&out, "State")), ("v1".to_string(), "succeeded".to_string()));
+    assert_eq!(detail(&out, "Trigger"), "promote");
+    assert_eq!(detail(&out, "Promoted from"), v1_staging);
+    // Production promotes nowhere.
+    let out = server.tether(&["deploy", "promote", &v1_production]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: FAILED_PRECONDITION: "), "{}", shown(&out));
+
+    // v2 through staging (JSON) and, without --wait, on to production.
+    let create_v2 = [
+        "deploy",
+        "create",
+        "api",
+        "v2",
+        "-e",
+        "staging",
+        "--command",
+        rollout,
+        "--var",
+        "GREETING=hi",
+        "--var",
+        "EXPECT=v2",
+        "--wait",
+        "--output",
+        "json",
+    ];
+    let out = server.tether(&create_v2).await;
+    assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["deployment"]["state"], "DEPLOYMENT_STATE_SUCCEEDED", "{}", shown(&out));
+    assert_eq!(v["deployment"]["rollout"]["env"]["GREETING"], "hi");
+    let v2_staging = v["deployment"]["id"].as_str().expect("id").to_string();
+    let out = server.tether(&["deploy", "promote", &v2_staging, "--reason", "green in staging"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
+    let v2_production = printed_id(&out);
+    let wait_v2 = async {
+        loop {
+            let out = server.tether(&["deploy", "get", &v2_production, "--output", "json"]).await;
+            assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+            if v["deployment"]["state"] == "DEPLOYMENT_STATE_SUCCEEDED" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, wait_v2).await.expect("v2 reaches production");
+
+    // rollback --wait: production goes back to v1; v2 is rolled back.
+    let out =
+        server.tether(&["deploy", "rollback", "api", "--env", "production", "--reason", "errors up", "--wait"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
+    let headline = stdout(&out).lines().next().unwrap_or_default().to_string();
+    assert!(headline.starts_with("api in production: rolled back from v2 to v1 (deployment api/"), "{}", shown(&out));
+    let rollback_id = detail(&out, "ID");
+    let rollback_job = detail(&out, "Job");
+    assert!(headline.contains(&rollback_id), "{headline}");
+    assert_eq!((detail(&out, "Version"), detail(&out, "State")), ("v1".to_string(), "succeeded".to_string()));
+    assert_eq!((detail(&out, "Trigger"), detail(&out, "Rollback of")), ("rollback".to_string(), v2_production.clone()));
+    let out = server.tether(&["deploy", "get", &v2_production]).await;
+    assert_eq!(detail(&out, "State"), "rolled-back", "{}", shown(&out));
+    // v2 is marked bad: deploying it again is refused.
+    let out = server.tether(&["deploy", "create", "api", "v2", "--env", "staging"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("marked bad"), "{}", shown(&out));
+
+    // history: every change, newest deployment first, each oldest first.
+    let out = server.tether(&["deploy", "history", "api", "--env", "production"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        cells(lines[0]),
+        ["TIME", "DEPLOYMENT", "VERSION", "ENVIRONMENT", "FROM → TO", "ACTOR", "JOB", "REASON"],
+        "{text}"
+    );
+    let rows: Vec<Vec<&str>> = lines[1..].iter().map(|l| cells(l)).collect();
+    assert!(rows.iter().all(|r| r[3] == "production"), "{text}");
+    let of = |id: &str| -> Vec<&str> { rows.iter().filter(|r| r[1] == id).map(|r| r[4]).collect() };
+    let run = ["- → pending", "pending → queued", "queued → in-progress", "in-progress → succeeded"];
+    assert_eq!(of(&rollback_id), run, "{text}");
+    assert_eq!(of(&v2_production)[..4], run, "{text}");
+    assert_eq!(of(&v2_production)[4..], ["succeeded → rolled-back"], "{text}");
+    assert_eq!(of(&v1_production), run, "{text}");
+    let first = |id: &str| rows.iter().position(|r| r[1] == id).unwrap_or(usize::MAX);
+    assert!(first(&rollback_id) < first(&v2_production) && first(&v2_production) < first(&v1_production), "{text}");
+    let rolled = rows.iter().find(|r| r[4] == "succeeded → rolled-back").expect("rollback row");
+    assert_eq!((rolled[5], rolled[7]), (format!("user:{REQUESTER}").as_str(), "errors up"), "{text}");
+    let started = rows.iter().find(|r| r[1] == rollback_id && r[4] == "pending → queued").expect("queued row");
+    assert_eq!(started[6], rollback_job, "the JOB column names the rollout job: {text}");
+    let out = server.tether(&["deploy", "history", "api", "--deployment", &v1_staging, "--output", "json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let events = v["events"].as_array().expect("events");
+    assert_eq!(events.len(), 4, "{}", shown(&out));
+    assert!(events.iter().all(|e| e["deploymentId"] == v1_staging.as_str() && e["environment"] == "staging"));
+    assert_eq!(events[3]["toState"], "DEPLOYMENT_STATE_SUCCEEDED");
+
+    // list: newest first, filtered by environment; JSON holds them all.
+    let out = server.tether(&["deploy", "list", "api", "--env", "production"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        cells(lines[0]),
+        ["ID", "VERSION", "ENVIRONMENT", "STATE", "TRIGGER", "JOB", "REQUESTED BY", "AGE"],
+        "{text}"
+    );
+    let listed: Vec<(&str, &str, &str, &str)> =
+        lines[1..].iter().map(|l| cells(l)).map(|c| (c[0], c[1], c[3], c[4])).collect();
+    assert_eq!(
+        listed,
+        [
+            (rollback_id.as_str(), "v1", "succeeded", "rollback"),
+            (v2_production.as_str(), "v2", "rolled-back", "promote"),
+            (v1_production.as_str(), "v1", "succeeded", "promote"),
+        ],
+        "{text}"
+    );
+    let out = server.tether(&["deploy", "list", "api", "--page-size", "2", "--output", "json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["deployments"].as_array().map(Vec::len), Some(2), "{}", shown(&out));
+    assert!(v["nextPageToken"].as_str().is_some_and(|t| !t.is_empty()), "{}", shown(&out));
+    let out = server.tether(&["deploy", "list", "api", "--page-size", "2", "--all", "--output", "json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["deployments"].as_array().map(Vec::len), Some(5), "{}", shown(&out));
+
+    // A failing rollout: --wait exits 1 and shows why.
+    let out =
+        server.tether(&["deploy", "create", "api", "v3", "--env", "staging", "--command", "exit 3", "--wait"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    assert_eq!(detail(&out, "State"), "failed");
+    assert!(detail(&out, "Error").contains("failed"), "{}", shown(&out));
+    let out = server.tether(&["deploy", "get", "api/no-such-deployment"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: NOT_FOUND: "), "{}", shown(&out));
+}
+
+#[test]
+fn bad_deploy_and_envs_flags_are_usage_errors() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let empty_script = dir.path().join("empty.sh");
+    std::fs::write(&empty_script, "\n").expect("write");
+    let empty_script = empty_script.to_string_lossy().into_owned();
+    for args in [
+        &["deploy", "create", "api", "v1"][..],
+        &["deploy", "create", "api", "v1", "--env", "staging", "--var", "A=1"],
+        &["deploy", "create", "api", "v1", "--env", "staging", "--command", "x", "--script-file", "f.sh"],
+        &["deploy", "create", "api", "v1", "--env", "staging", "--command", "x", "--timeout", "10"],
+        &["deploy", "create", "api", "v1", "--env", "staging", "--command", "x", "--var", "NOVALUE"],
+        &["deploy", "create", "api", "v1", "--env", "staging", "--command", "x", "--var", "A=1", "--var", "A=2"],
+        &["deploy", "create", "api", "v1", "--env", "staging", "--command", " "],
+        &["deploy", "create", "api", "v1", "--env", "staging", "--script-file", &empty_script],
+        &["deploy", "rollback", "api"],
+        &["deploy", "list", "api", "--page-size", "0"],
+        &["deploy", "history"],
+        &["envs", "put", "staging"],
+        &["envs", "put", "staging", "--pool", "p", "--auto-rollback", "maybe"],
+    ] {
+        // No server: a usage error is reported before any call.
+        let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["--server", "http://127.0.0.1:1"])
+            .args(args)
+            .env_remove("TETHER_SERVER")
+            .output()
+            .expect("run tether");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", shown(&out));
+        assert!(out.stdout.is_empty(), "{args:?}: {}", shown(&out));
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["--server", "http://127.0.0.1:1", "deploy", "create", "api", "v1", "--env", "s", "--workdir", "/"])
+        .output()
+        .expect("run tether");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--workdir") && stderr.contains("--command"), "{stderr}");
 }

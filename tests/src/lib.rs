@@ -57,6 +57,9 @@ async fn dynamo_store_for(dir: &Path) -> DynamoStore {
     DynamoStore::with_client(client, &prefix)
 }
 
+/// The secrets key of every test server.
+pub const TEST_SECRETS_KEY: [u8; 32] = [0x5e; 32];
+
 /// `TETHER_TEST_LOG=<filter>` (e.g. `tether_server=info`) prints the
 /// servers' logs with the test's output, to see why a test failed.
 fn init_log() {
@@ -185,6 +188,8 @@ impl TestServer {
                 heartbeat: Duration::from_millis(200),
                 ..ClusterConfig::new(m, format!("http://{addr}"))
             }),
+            // One key for every test server, so replicas share it.
+            secrets: tether_server::secrets::SecretsKey::from_bytes(&TEST_SECRETS_KEY).ok().map(Arc::new),
         };
         let (shutdown, stop) = oneshot::channel::<()>();
         let task = tokio::spawn(serve(listener, parts, async move {

@@ -83,6 +83,7 @@ async fn replica(client: aws_sdk_dynamodb::Client, prefix: &str, writes: Arc<Ato
             heartbeat: Duration::from_millis(500),
             ..ClusterConfig::new(membership, url.clone())
         }),
+        secrets: None,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(serve(listener, parts, async move {

@@ -361,6 +361,12 @@ pub struct CreateJobArgs {
     /// existing job.
     #[arg(long, value_name = "KEY")]
     pub idempotency_key: Option<String>,
+    /// A secret for the command, read from this CLI's environment variable
+    /// of the same name (never given on the command line, where process
+    /// listings show it); repeatable. Stored encrypted, sent only to the
+    /// agent that runs the job, masked in its output.
+    #[arg(long = "secret", value_name = "NAME")]
+    pub secrets: Vec<String>,
 
     /// Wait until the job ends, then print it; exit code 0 only if it
     /// succeeded.
@@ -893,6 +899,35 @@ mod tests {
             &["jobs", "get"],
             &["jobs", "cancel"],
             &["jobs", "retry"],
+            &["deploy", "create", "api", "v1"],
+            &["deploy", "create", "api", "--env", "staging"],
+            &["deploy", "create", "api", "v1", "--env", "staging", "--var", "A=1"],
+            &["deploy", "create", "api", "v1", "--env", "staging", "--workdir", "/"],
+            &["deploy", "create", "api", "v1", "--env", "staging", "--label", "os=linux"],
+            &["deploy", "create", "api", "v1", "--env", "staging", "--timeout", "1m"],
+            &["deploy", "create", "api", "v1", "--env", "staging", "--max-attempts", "2"],
+            &["deploy", "create", "api", "v1", "--env", "s", "--command", "x", "--script-file", "f"],
+            &["deploy", "create", "api", "v1", "--env", "s", "--command", "x", "--var", "NOVALUE"],
+            &["deploy", "create", "api", "v1", "--env", "s", "--command", "x", "--label", "=v"],
+            &["deploy", "create", "api", "v1", "--env", "s", "--command", "x", "--timeout", "10"],
+            &["deploy", "create", "api", "v1", "--env", "s", "--command", "x", "--max-attempts", "-1"],
+            &["deploy", "create", "api", "v1", "--env", "s", "--command", "x", "--env-var", "A=1"],
+            &["deploy", "create", "api", "v1", "-e"],
+            &["deploy", "get"],
+            &["deploy", "list"],
+            &["deploy", "list", "api", "--page-size", "0"],
+            &["deploy", "list", "api", "--all", "--page-token", "t"],
+            &["deploy", "promote"],
+            &["deploy", "promote", "api/1", "--to", "production"],
+            &["deploy", "rollback", "api"],
+            &["deploy", "rollback", "--env", "production"],
+            &["deploy", "history"],
+            &["deploy", "history", "api", "--limit", "1001"],
+            &["deploy", "status", "api"],
+            &["envs", "put", "staging"],
+            &["envs", "put", "--pool", "linux"],
+            &["envs", "put", "staging", "--pool", "linux", "--auto-rollback", "yes"],
+            &["envs", "list", "extra"],
         ] {
             let err = parse(args).expect_err(&format!("{args:?} should fail"));
             // Exit code 2 is how clap reports bad usage.
@@ -1092,6 +1127,155 @@ mod tests {
         ));
         let cli = parse(&["jobs", "get", "j-1", "--output", "json"]).expect("parses");
         assert!(matches!(cli.command, Command::Jobs(JobsCommand::Get { ref id }) if id == "j-1"));
+    }
+
+    #[test]
+    fn deploy_create_parses_every_flag() {
+        let cli = parse(&[
+            "deploy",
+            "create",
+            "api",
+            "v1.2.3",
+            "--env",
+            "staging",
+            "--command",
+            "./deploy.sh",
+            "--var",
+            "REGION=eu",
+            "--var",
+            "OPTS=a=b",
+            "--workdir",
+            "/srv",
+            "--label",
+            "arch=arm64",
+            "--timeout",
+            "10m",
+            "--max-attempts",
+            "2",
+            "--requested-by",
+            "ann",
+            "--reason",
+            "release train",
+            "--wait",
+        ])
+        .expect("parses");
+        let Command::Deploy(DeployCommand::Create(c)) = cli.command else {
+            panic!("not deploy create: {:?}", cli.command);
+        };
+        assert_eq!((c.service.as_str(), c.version.as_str(), c.environment.as_str()), ("api", "v1.2.3", "staging"));
+        assert_eq!((c.command.as_deref(), c.script_file), (Some("./deploy.sh"), None));
+        assert_eq!(c.vars, [("REGION".into(), "eu".into()), ("OPTS".into(), "a=b".into())]);
+        assert_eq!(c.workdir.as_deref(), Some("/srv"));
+        assert_eq!(c.labels, [("arch".into(), "arm64".into())]);
+        assert_eq!(c.timeout, Some(Duration::from_secs(600)));
+        assert_eq!(c.max_attempts, Some(2));
+        assert_eq!((c.requested_by.as_deref(), c.reason.as_deref()), (Some("ann"), Some("release train")));
+        assert!(c.wait);
+
+        // A stored release: no rollout flags; -e and --environment name the
+        // environment too; a script file instead of a command.
+        for env_flag in ["--env", "-e", "--environment"] {
+            let cli = parse(&["deploy", "create", "api", "v1", env_flag, "prod"]).expect("parses");
+            let Command::Deploy(DeployCommand::Create(c)) = cli.command else {
+                panic!("not deploy create");
+            };
+            assert_eq!(c.environment, "prod", "{env_flag}");
+            assert!(c.command.is_none() && c.script_file.is_none() && c.vars.is_empty() && !c.wait);
+        }
+        let cli = parse(&["deploy", "create", "api", "v1", "--env", "prod", "--script-file", "-", "--var", "A=1"])
+            .expect("parses");
+        let Command::Deploy(DeployCommand::Create(c)) = cli.command else {
+            panic!("not deploy create");
+        };
+        assert_eq!(c.script_file.as_deref(), Some(std::path::Path::new("-")));
+        assert_eq!(c.vars.len(), 1);
+    }
+
+    #[test]
+    fn deploy_and_envs_commands_parse() {
+        let cli = parse(&["deploy", "get", "api/0192", "--output", "json"]).expect("parses");
+        assert!(matches!(cli.command, Command::Deploy(DeployCommand::Get { ref id }) if id == "api/0192"));
+        assert_eq!(cli.global.output, OutputFormat::Json);
+
+        let cli = parse(&["deploy", "list", "api", "--env", "staging", "--page-size", "5", "--page-token", "t"])
+            .expect("parses");
+        let Command::Deploy(DeployCommand::List(l)) = cli.command else {
+            panic!("not deploy list");
+        };
+        assert_eq!((l.service.as_str(), l.environment.as_deref()), ("api", Some("staging")));
+        assert_eq!((l.page.limit, l.page.page_token.as_deref(), l.page.all), (Some(5), Some("t"), false));
+        let cli = parse(&["deploy", "list", "api", "--limit", "7", "--all"]).expect("parses");
+        let Command::Deploy(DeployCommand::List(l)) = cli.command else {
+            panic!("not deploy list");
+        };
+        assert_eq!((l.environment, l.page.limit, l.page.all), (None, Some(7), true));
+
+        let cli = parse(&["deploy", "promote", "api/1", "--reason", "green", "--requested-by", "bob", "--wait"])
+            .expect("parses");
+        let Command::Deploy(DeployCommand::Promote { id, reason, requested_by, wait }) = cli.command else {
+            panic!("not deploy promote");
+        };
+        assert_eq!(
+            (id.as_str(), reason.as_deref(), requested_by.as_deref(), wait),
+            ("api/1", Some("green"), Some("bob"), true)
+        );
+
+        let cli = parse(&[
+            "deploy",
+            "rollback",
+            "api",
+            "--env",
+            "production",
+            "--to-version",
+            "v1",
+            "--reason",
+            "errors",
+            "--requested-by",
+            "ann",
+            "--wait",
+        ])
+        .expect("parses");
+        let Command::Deploy(DeployCommand::Rollback(r)) = cli.command else {
+            panic!("not deploy rollback");
+        };
+        assert_eq!(
+            (r.service.as_str(), r.environment.as_str(), r.to_version.as_deref()),
+            ("api", "production", Some("v1"))
+        );
+        assert_eq!((r.reason.as_deref(), r.requested_by.as_deref(), r.wait), (Some("errors"), Some("ann"), true));
+
+        let cli = parse(&["deploy", "history", "api", "-e", "staging", "--deployment", "api/1"]).expect("parses");
+        let Command::Deploy(DeployCommand::History(h)) = cli.command else {
+            panic!("not deploy history");
+        };
+        assert_eq!(
+            (h.service.as_str(), h.environment.as_deref(), h.deployment.as_deref()),
+            ("api", Some("staging"), Some("api/1"))
+        );
+        let cli = parse(&["deploy", "history", "api"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Deploy(DeployCommand::History(DeploymentHistoryArgs { environment: None, deployment: None, .. }))
+        ));
+
+        let cli =
+            parse(&["envs", "put", "staging", "--pool", "linux", "--promote-to", "production", "--auto-rollback"])
+                .expect("parses");
+        let Command::Envs(EnvsCommand::Put(p)) = cli.command else {
+            panic!("not envs put");
+        };
+        assert_eq!(
+            (p.name.as_str(), p.pool.as_str(), p.promote_to.as_deref()),
+            ("staging", "linux", Some("production"))
+        );
+        assert!(p.auto_rollback);
+        let cli = parse(&["envs", "put", "production", "--pool", "linux"]).expect("parses");
+        let Command::Envs(EnvsCommand::Put(p)) = cli.command else {
+            panic!("not envs put");
+        };
+        assert_eq!((p.promote_to, p.auto_rollback), (None, false));
+        let cli = parse(&["envs", "list", "--output", "json"]).expect("parses");
+        assert!(matches!(cli.command, Command::Envs(EnvsCommand::List)));
     }
 
     #[test]

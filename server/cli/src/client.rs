@@ -133,13 +133,19 @@ where
 
 /// Reads a payload file, or stdin for `-`.
 pub(crate) async fn read_payload_file(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    read_input_file(path, "payload").await
+}
+
+/// Reads a file, or stdin for `-`; `what` names its contents in errors
+/// ("payload", "script").
+pub(crate) async fn read_input_file(path: &std::path::Path, what: &str) -> anyhow::Result<Vec<u8>> {
     if path.as_os_str() == "-" {
         use tokio::io::AsyncReadExt as _;
         let mut buf = Vec::new();
-        tokio::io::stdin().read_to_end(&mut buf).await.context("cannot read the payload from stdin")?;
+        tokio::io::stdin().read_to_end(&mut buf).await.with_context(|| format!("cannot read the {what} from stdin"))?;
         return Ok(buf);
     }
-    tokio::fs::read(path).await.with_context(|| format!("cannot read payload file {}", path.display()))
+    tokio::fs::read(path).await.with_context(|| format!("cannot read {what} file {}", path.display()))
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
 //! Turns failures into what an operator reads: `error: <CODE>: <message>`
 //! and a hint on what to do next.
 //!
-//! The hint depends on what the command was about (a job, an agent or a
-//! pool), so a NOT_FOUND points at the listing command that shows valid ids.
+//! The hint depends on what the command was about (a job, an agent, a
+//! pool, a deployment or an environment), so a NOT_FOUND points at the listing command that shows valid ids.
 
 use std::fmt::Write as _;
 
@@ -33,6 +33,10 @@ pub enum Subject {
     Agent,
     /// An agent pool (`tether pools …`).
     Pool,
+    /// A deployment (`tether deploy …`).
+    Deployment,
+    /// An environment (`tether envs …`).
+    Environment,
 }
 
 /// Where and on what a command failed, for [`hint`].
@@ -76,6 +80,8 @@ pub fn hint(code: Code, ctx: &ErrorContext) -> Option<String> {
         Subject::DashboardJob => ("job", "tether jobs list", "tether jobs get ID"),
         Subject::Agent => ("agent", "tether agents list", "tether agents get ID"),
         Subject::Pool => ("pool", "tether pools list", "tether pools get NAME"),
+        Subject::Deployment => ("deployment", "tether deploy list SERVICE", "tether deploy get ID"),
+        Subject::Environment => ("environment", "tether envs list", "tether envs list"),
     };
     let server = &ctx.server;
     let text = match code {
@@ -84,6 +90,15 @@ pub fn hint(code: Code, ctx: &ErrorContext) -> Option<String> {
              or point the CLI elsewhere with --server or TETHER_SERVER"
         ),
         Code::NotFound if ctx.subject == Subject::Pool => format!("list pools with `{list_cmd}`"),
+        // The deployment, or the environment a deployment names.
+        Code::NotFound if ctx.subject == Subject::Deployment => {
+            format!("check the deployment id with `{list_cmd}` and the environment with `tether envs list`")
+        }
+        // The environment's pool or its promote-to environment.
+        Code::NotFound if ctx.subject == Subject::Environment => {
+            "the pool (`tether pools list`) and the --promote-to environment (`tether envs list`) must exist"
+                .to_string()
+        }
         Code::NotFound => format!("check the {noun} id with `{list_cmd}`"),
         // The only pool call refused this way is a delete: the pool still
         // has agents or queued jobs, or it is the default pool.
@@ -98,6 +113,19 @@ pub fn hint(code: Code, ctx: &ErrorContext) -> Option<String> {
             "only a pending or running job can be cancelled, and only an ended one retried; \
              see its status with `{get_cmd}`"
         ),
+        // Promote needs a succeeded deployment and a promote-to
+        // environment, rollback a good version to go back to, a new version
+        // its rollout, and no deployment may use a version a rollback
+        // marked bad.
+        Code::FailedPrecondition if ctx.subject == Subject::Deployment => format!(
+            "see the service's deployments with `{list_cmd}` and what happened to them with \
+             `tether deploy history SERVICE`; a version's first deployment needs --command or --script-file"
+        ),
+        Code::FailedPrecondition if ctx.subject == Subject::Environment => {
+            "an environment may not promote to itself, nor along a chain back to itself; \
+             see the chain with `tether envs list`"
+                .to_string()
+        }
         Code::FailedPrecondition => {
             format!("the {noun} is not in a state that allows this; see its state with `{get_cmd}`")
         }
@@ -107,6 +135,12 @@ pub fn hint(code: Code, ctx: &ErrorContext) -> Option<String> {
                 .to_string(),
             Subject::Agent => "an agent with that name already exists in the pool".to_string(),
             Subject::Pool => "a pool with that name already exists; change it with `tether pools update`".to_string(),
+            Subject::Deployment => "this version was released with a different rollout; deploy a new version, \
+                                    or leave --command and --script-file out to run the stored one"
+                .to_string(),
+            Subject::Environment => {
+                "an environment with that name already exists; `tether envs put` replaces it".to_string()
+            }
         },
         Code::InvalidArgument | Code::OutOfRange => {
             "the server refused a value; check the flags with `--help`".to_string()
@@ -227,7 +261,14 @@ mod tests {
             Code::DataLoss,
             Code::Unauthenticated,
         ] {
-            for subject in [Subject::Job, Subject::DashboardJob, Subject::Agent, Subject::Pool] {
+            for subject in [
+                Subject::Job,
+                Subject::DashboardJob,
+                Subject::Agent,
+                Subject::Pool,
+                Subject::Deployment,
+                Subject::Environment,
+            ] {
                 assert!(hint(code, &ctx(subject)).is_some(), "{code:?}");
             }
         }
@@ -256,6 +297,24 @@ mod tests {
         assert!(text.contains("`tether jobs get ID`"), "{text}");
         let text = render_status(&Status::already_exists("key reused"), &ctx(Subject::DashboardJob));
         assert!(text.contains("--idempotency-key"), "{text}");
+    }
+
+    #[test]
+    fn deployment_hints_name_the_deploy_commands() {
+        let text = render_status(
+            &Status::failed_precondition("nothing has succeeded in production yet: nothing to roll back"),
+            &ctx(Subject::Deployment),
+        );
+        assert!(text.starts_with("error: FAILED_PRECONDITION: nothing has succeeded in production yet"), "{text}");
+        assert!(text.contains("`tether deploy history SERVICE`"), "{text}");
+        let text = render_status(&Status::not_found("environment \"qa\" not found"), &ctx(Subject::Deployment));
+        assert!(text.contains("`tether envs list`"), "{text}");
+        let text = render_status(&Status::already_exists("release api@v1 differs"), &ctx(Subject::Deployment));
+        assert!(text.contains("--command"), "{text}");
+        let text = render_status(&Status::not_found("pool \"gpu\" not found"), &ctx(Subject::Environment));
+        assert!(text.contains("`tether pools list`"), "{text}");
+        let text = render_status(&Status::failed_precondition("cycle"), &ctx(Subject::Environment));
+        assert!(text.contains("chain"), "{text}");
     }
 
     #[test]

@@ -63,7 +63,7 @@ pub(crate) async fn run(command: JobsCommand, ctx: &mut Ctx<'_>) -> anyhow::Resu
 }
 
 /// Reads an environment variable of the process.
-fn env_var(name: &str) -> Option<String> {
+pub(crate) fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
@@ -102,8 +102,17 @@ pub(crate) fn build_create_request(
         priority: args.priority.map_or(0, |p| p as i32),
         timeout: args.timeout.map(to_duration),
         max_attempts: args.max_attempts.unwrap_or(0),
-        requested_by: resolve_requested_by(args.requested_by.as_deref(), env),
+        requested_by: resolve_requested_by(args.requested_by.as_deref(), &env),
         idempotency_key: args.idempotency_key.clone().unwrap_or_default(),
+        secrets: args
+            .secrets
+            .iter()
+            .map(|name| {
+                env(name).map(|value| (name.clone(), value)).ok_or_else(|| {
+                    UsageError(format!("--secret {name}: set the environment variable {name} to the secret's value"))
+                })
+            })
+            .collect::<Result<_, _>>()?,
     })
 }
 
@@ -294,8 +303,18 @@ mod tests {
             max_attempts: None,
             requested_by: None,
             idempotency_key: None,
+            secrets: Vec::new(),
             wait: false,
         }
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment_never_the_command_line() {
+        let with = CreateJobArgs { secrets: vec!["TOKEN".into()], ..args() };
+        let req = build_create_request(&with, env(&[("TOKEN", "hunter2")])).expect("request");
+        assert_eq!(req.secrets.get("TOKEN").map(String::as_str), Some("hunter2"));
+        let missing = build_create_request(&with, env(&[])).expect_err("unset");
+        assert!(missing.to_string().contains("set the environment variable TOKEN"), "{missing}");
     }
 
     /// An environment with only these variables.

@@ -1,5 +1,6 @@
 //! The client commands of the `tether` operator CLI: `tether queue …`,
-//! `tether jobs …`, `tether agents …` and `tether pools …`.
+//! `tether jobs …`, `tether agents …`, `tether pools …`, `tether deploy …`
+//! and `tether envs …`.
 //!
 //! The `tether` binary owns the top-level parser and embeds this crate:
 //!
@@ -16,8 +17,9 @@
 //!
 //! [`run`] prints results on stdout and errors (`error: <CODE>: <message>`
 //! plus a hint) on stderr, and returns the process exit code: 0 on success,
-//! 1 on a failed call or a waited-for job that did not succeed, 2 on bad
-//! usage. Tests can call [`run_with`] to capture both streams.
+//! 1 on a failed call or a waited-for job or deployment that did not
+//! succeed, 2 on bad usage. Tests can call [`run_with`] to capture both
+//! streams.
 
 pub mod args;
 pub mod error;
@@ -26,6 +28,8 @@ pub mod parse;
 
 mod agents;
 mod client;
+mod deploy;
+mod envs;
 mod jobs;
 mod pools;
 mod queue;
@@ -35,10 +39,12 @@ use std::io::{IsTerminal as _, Write};
 use std::process::ExitCode;
 
 pub use args::{
-    AgentsCommand, Command, CreateJobArgs, CreatePoolArgs, DeadLettersArgs, EnqueueArgs, GlobalArgs, JobsCommand,
-    ListAgentsArgs, ListDashboardJobsArgs, ListJobsArgs, OutputFormat, PageArgs, PoolsCommand, QueueCommand,
-    ScalingArgs, UpdatePoolArgs, DEFAULT_SERVER,
+    AgentsCommand, Command, CreateDeploymentArgs, CreateJobArgs, CreatePoolArgs, DeadLettersArgs, DeployCommand,
+    DeploymentHistoryArgs, EnqueueArgs, EnvsCommand, GlobalArgs, JobsCommand, ListAgentsArgs, ListDashboardJobsArgs,
+    ListDeploymentsArgs, ListJobsArgs, OutputFormat, PageArgs, PoolsCommand, PutEnvironmentArgs, QueueCommand,
+    RollbackArgs, ScalingArgs, UpdatePoolArgs, DEFAULT_SERVER,
 };
+pub use deploy::is_deployment_finished;
 pub use wait::is_finished;
 
 use client::{normalize_server, Clients, Ctx};
@@ -93,6 +99,8 @@ async fn execute(
             Command::Jobs(_) => Subject::DashboardJob,
             Command::Agents(_) => Subject::Agent,
             Command::Pools(_) => Subject::Pool,
+            Command::Deploy(_) => Subject::Deployment,
+            Command::Envs(_) => Subject::Environment,
         },
     };
     let result = dispatch(global, command, &mut *out, &mut *err, terminal).await;
@@ -133,5 +141,7 @@ async fn dispatch(
         Command::Jobs(command) => jobs::run(command, &mut ctx).await,
         Command::Agents(command) => agents::run(command, &mut ctx).await,
         Command::Pools(command) => pools::run(command, &mut ctx).await,
+        Command::Deploy(command) => deploy::run(command, &mut ctx).await,
+        Command::Envs(command) => envs::run(command, &mut ctx).await,
     }
 }

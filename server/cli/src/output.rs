@@ -597,7 +597,11 @@ fn write_history_table(out: &mut dyn Write, transitions: &[JobTransition]) -> st
 
 /// Writes deployments as a list table: ID, VERSION, ENVIRONMENT, STATE,
 /// TRIGGER, JOB, REQUESTED BY, AGE.
-pub fn write_deployments_table(out: &mut dyn Write, deployments: &[Deployment], now: SystemTime) -> std::io::Result<()> {
+pub fn write_deployments_table(
+    out: &mut dyn Write,
+    deployments: &[Deployment],
+    now: SystemTime,
+) -> std::io::Result<()> {
     let mut t = list_table(&["ID", "VERSION", "ENVIRONMENT", "STATE", "TRIGGER", "JOB", "REQUESTED BY", "AGE"]);
     for d in deployments {
         t.add_row(vec![
@@ -639,7 +643,10 @@ pub fn write_deployment_details(out: &mut dyn Write, d: &Deployment, now: System
         ("Reason", or_dash(&d.reason)),
         ("Command", rollout.command.clone()),
         ("Vars", format_labels(&rollout.env)),
-        ("Workdir", if rollout.working_dir.is_empty() { "- (the agent's)".into() } else { rollout.working_dir.clone() }),
+        (
+            "Workdir",
+            if rollout.working_dir.is_empty() { "- (the agent's)".into() } else { rollout.working_dir.clone() },
+        ),
         ("Required labels", format_labels(&rollout.labels)),
         ("Timeout", rollout.timeout.as_ref().map(format_duration).unwrap_or_else(|| "none".into())),
         ("Max attempts", rollout.max_attempts.to_string()),
@@ -658,8 +665,7 @@ pub fn write_deployment_details(out: &mut dyn Write, d: &Deployment, now: System
 /// Writes deployment events as a list table: TIME, DEPLOYMENT, VERSION,
 /// ENVIRONMENT, FROM → TO, ACTOR, JOB, REASON (last, since it is free text).
 pub fn write_deployment_events_table(out: &mut dyn Write, events: &[DeploymentEvent]) -> std::io::Result<()> {
-    let mut t =
-        list_table(&["TIME", "DEPLOYMENT", "VERSION", "ENVIRONMENT", "FROM → TO", "ACTOR", "JOB", "REASON"]);
+    let mut t = list_table(&["TIME", "DEPLOYMENT", "VERSION", "ENVIRONMENT", "FROM → TO", "ACTOR", "JOB", "REASON"]);
     for e in events {
         let from = if e.from_state == DeploymentState::Unspecified as i32 {
             "-".into()
@@ -970,6 +976,16 @@ mod tests {
             <tether::v1::ListJobsResponse as ProtoName>::FULL_NAME,
             <tether::v1::CancelJobResponse as ProtoName>::FULL_NAME,
             <tether::v1::RetryJobResponse as ProtoName>::FULL_NAME,
+            <Environment as ProtoName>::FULL_NAME,
+            <tether::v1::PutEnvironmentResponse as ProtoName>::FULL_NAME,
+            <tether::v1::ListEnvironmentsResponse as ProtoName>::FULL_NAME,
+            <Deployment as ProtoName>::FULL_NAME,
+            <tether::v1::CreateDeploymentResponse as ProtoName>::FULL_NAME,
+            <tether::v1::GetDeploymentResponse as ProtoName>::FULL_NAME,
+            <tether::v1::ListDeploymentsResponse as ProtoName>::FULL_NAME,
+            <tether::v1::PromoteDeploymentResponse as ProtoName>::FULL_NAME,
+            <tether::v1::RollbackDeploymentResponse as ProtoName>::FULL_NAME,
+            <tether::v1::ListDeploymentEventsResponse as ProtoName>::FULL_NAME,
         ] {
             assert!(pool.get_message_by_name(name).is_some(), "{name}");
         }
@@ -1274,6 +1290,136 @@ mod tests {
         assert_eq!(priority_name(-1), "unknown(-1)");
         assert_eq!(health_name(99), "unknown(99)");
         assert_eq!(scheduling_status_name(99), "unknown(99)");
+        assert_eq!(deployment_state_name(99), "unknown(99)");
+        assert_eq!(deployment_trigger_name(99), "unknown(99)");
+    }
+
+    fn sample_deployment() -> Deployment {
+        Deployment {
+            id: "api/2".into(),
+            service: "api".into(),
+            version: "v2".into(),
+            environment: "production".into(),
+            state: DeploymentState::RolledBack as i32,
+            trigger: DeploymentTrigger::Promote as i32,
+            job_id: "j-7".into(),
+            requested_by: "ann".into(),
+            reason: "green in staging".into(),
+            promoted_from: "api/1".into(),
+            rollback_of: String::new(),
+            rollout: Some(tether::v1::RolloutSpec {
+                command: "./deploy.sh".into(),
+                env: [("REGION".to_string(), "eu".to_string())].into(),
+                working_dir: String::new(),
+                labels: Default::default(),
+                timeout: Some(prost_types::Duration { seconds: 600, nanos: 0 }),
+                max_attempts: 3,
+            }),
+            create_time: ts(NOW_SECS - 600),
+            update_time: ts(NOW_SECS - 60),
+            finish_time: ts(NOW_SECS - 300),
+            error: "rolled back to v1".into(),
+        }
+    }
+
+    #[test]
+    fn deployment_tables_render() {
+        let d = sample_deployment();
+        let mut out = Vec::new();
+        write_deployments_table(&mut out, std::slice::from_ref(&d), now()).expect("writes");
+        let text = String::from_utf8(out).expect("utf8");
+        let lines: Vec<&str> = text.lines().collect();
+        let header: Vec<&str> = lines[0].split("   ").map(str::trim).filter(|c| !c.is_empty()).collect();
+        assert_eq!(header, ["ID", "VERSION", "ENVIRONMENT", "STATE", "TRIGGER", "JOB", "REQUESTED BY", "AGE"]);
+        let row: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(row, ["api/2", "v2", "production", "rolled-back", "promote", "j-7", "ann", "10m"]);
+
+        let mut out = Vec::new();
+        write_deployment_details(&mut out, &d, now()).expect("writes");
+        let text = String::from_utf8(out).expect("utf8");
+        let value = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}:")))
+                .map(str::trim)
+                .unwrap_or_else(|| panic!("{key} in {text}"))
+                .to_string()
+        };
+        assert_eq!(value("State"), "rolled-back");
+        assert_eq!(value("Promoted from"), "api/1");
+        assert_eq!(value("Vars"), "REGION=eu");
+        assert_eq!(value("Timeout"), "10m");
+        assert_eq!(value("Workdir"), "- (the agent's)");
+        assert_eq!(value("Error"), "rolled back to v1");
+        assert!(!text.contains("Rollback of"), "unset links are left out: {text}");
+        let pending = Deployment { job_id: String::new(), finish_time: None, error: String::new(), ..d };
+        let mut out = Vec::new();
+        write_deployment_details(&mut out, &pending, now()).expect("writes");
+        let text = String::from_utf8(out).expect("utf8");
+        assert!(text.contains("- (not started)") && !text.contains("Finished:") && !text.contains("Error:"), "{text}");
+    }
+
+    #[test]
+    fn deployment_events_and_environments_render() {
+        let event = |from: DeploymentState, to: DeploymentState, actor: &str, job: &str, reason: &str| {
+            tether::v1::DeploymentEvent {
+                deployment_id: "api/2".into(),
+                service: "api".into(),
+                environment: "production".into(),
+                version: "v2".into(),
+                time: ts(NOW_SECS - 60),
+                actor: actor.into(),
+                from_state: from as i32,
+                to_state: to as i32,
+                job_id: job.into(),
+                reason: reason.into(),
+            }
+        };
+        let events = [
+            event(DeploymentState::Unspecified, DeploymentState::Pending, "user:ann", "", ""),
+            event(DeploymentState::Succeeded, DeploymentState::RolledBack, "user:bob", "j-7", "errors up"),
+        ];
+        let mut out = Vec::new();
+        write_deployment_events_table(&mut out, &events).expect("writes");
+        let text = String::from_utf8(out).expect("utf8");
+        let rows: Vec<Vec<&str>> =
+            text.lines().map(|l| l.split("   ").map(str::trim).filter(|c| !c.is_empty()).collect()).collect();
+        assert_eq!(rows[0], ["TIME", "DEPLOYMENT", "VERSION", "ENVIRONMENT", "FROM → TO", "ACTOR", "JOB", "REASON"]);
+        assert_eq!(rows[1][1..], ["api/2", "v2", "production", "- → pending", "user:ann", "-", "-"]);
+        assert_eq!(rows[2][4..], ["succeeded → rolled-back", "user:bob", "j-7", "errors up"]);
+        assert_eq!(rows[2][0], "2030-01-02T03:03:05Z");
+
+        let environments = [
+            Environment {
+                name: "production".into(),
+                pool: "linux".into(),
+                create_time: ts(NOW_SECS - 3600),
+                ..Default::default()
+            },
+            Environment {
+                name: "staging".into(),
+                pool: "linux".into(),
+                promote_to: "production".into(),
+                auto_rollback: true,
+                create_time: ts(NOW_SECS - 60),
+                ..Default::default()
+            },
+        ];
+        let mut out = Vec::new();
+        write_environments_table(&mut out, &environments, now()).expect("writes");
+        let text = String::from_utf8(out).expect("utf8");
+        let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(rows[1], ["production", "linux", "-", "no", "1h"]);
+        assert_eq!(rows[2], ["staging", "linux", "production", "yes", "1m"]);
+
+        let resp = tether::v1::RollbackDeploymentResponse {
+            deployment: Some(sample_deployment()),
+            rolled_back_version: "v3".into(),
+        };
+        let v: serde_json::Value = serde_json::from_str(&to_json(&resp).expect("renders")).expect("valid JSON");
+        assert_eq!(v["rolledBackVersion"], "v3");
+        assert_eq!(v["deployment"]["state"], "DEPLOYMENT_STATE_ROLLED_BACK");
+        assert_eq!(v["deployment"]["trigger"], "DEPLOYMENT_TRIGGER_PROMOTE");
+        assert_eq!(v["deployment"]["rollout"]["timeout"], "600s");
     }
 
     #[test]

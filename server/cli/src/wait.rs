@@ -1,4 +1,5 @@
-//! Waiting for a job to finish (`queue wait`, `queue enqueue --wait`).
+//! Waiting for a job to finish (`queue wait`, `queue enqueue --wait`),
+//! and the spinner and retry pacing `deploy … --wait` shares.
 //!
 //! The wait is push-driven: it opens `WatchQueue` on the job's queue and
 //! only then re-reads the job with `GetQueuedJob`. Opening the watch first
@@ -23,7 +24,7 @@ const RECHECK_EVERY: Duration = Duration::from_secs(15);
 
 /// Consecutive transient failures (no event received in between) tolerated
 /// before the wait gives up; with the backoff below that is about a minute.
-const MAX_TRANSIENT_FAILURES: u32 = 12;
+pub(crate) const MAX_TRANSIENT_FAILURES: u32 = 12;
 
 /// Whether a job in this state will not change again without an operator:
 /// the terminal states, and DEAD_LETTERED (which only a redrive leaves).
@@ -44,7 +45,7 @@ pub(crate) fn is_transient(status: &Status) -> bool {
 }
 
 /// The backoff before retry number `n` (1-based): 250 ms doubling to 5 s.
-fn backoff(n: u32) -> Duration {
+pub(crate) fn backoff(n: u32) -> Duration {
     let ms = 250u64.saturating_mul(1 << n.min(5));
     Duration::from_millis(ms.min(5_000))
 }
@@ -58,10 +59,10 @@ fn is_not_older(candidate: &QueuedJob, current: &QueuedJob) -> bool {
 
 /// A spinner on stderr showing the job's state; a no-op when disabled.
 /// It is cleared when dropped, so an error message is not drawn over.
-struct Spinner(Option<ProgressBar>);
+pub(crate) struct Spinner(Option<ProgressBar>);
 
 impl Spinner {
-    fn new(enabled: bool) -> Self {
+    pub(crate) fn new(enabled: bool) -> Self {
         if !enabled {
             return Self(None);
         }
@@ -86,7 +87,7 @@ impl Spinner {
         }
     }
 
-    fn note(&self, text: String) {
+    pub(crate) fn note(&self, text: String) {
         if let Some(bar) = &self.0 {
             bar.set_message(text);
         }

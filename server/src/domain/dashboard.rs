@@ -57,6 +57,19 @@ pub struct ShellCommand {
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub workdir: String,
+    /// Its secrets: names only; the values are sealed in a store record
+    /// and sent in the Assignment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<SecretRef>,
+}
+
+/// Where a job's sealed secrets are, and their names.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SecretRef {
+    /// The id of the record holding them sealed.
+    #[serde(rename = "ref")]
+    pub reference: String,
+    pub names: Vec<String>,
 }
 
 impl ShellCommand {
@@ -572,8 +585,10 @@ mod tests {
             command: "make \"all\"\n".into(),
             env: [("CI".to_string(), "1".to_string())].into(),
             workdir: "/src".into(),
+            secrets: Some(SecretRef { reference: "r1".into(), names: vec!["TOKEN".into()] }),
         };
         assert_eq!(ShellCommand::from_payload(&cmd.to_payload()), cmd);
+        assert!(String::from_utf8_lossy(&cmd.to_payload()).contains(r#""secrets":{"ref":"r1","names":["TOKEN"]}"#));
         let bare = ShellCommand { command: "ls".into(), ..Default::default() };
         assert_eq!(bare.to_payload(), br#"{"command":"ls"}"#);
         assert_eq!(ShellCommand::from_payload(b"echo hi").command, "echo hi");

@@ -223,6 +223,7 @@ impl Deployment {
             command: self.rollout.command.clone(),
             env: self.rollout.env.clone(),
             workdir: self.rollout.workdir.clone(),
+            secrets: None,
         };
         for (key, value) in [
             ("TETHER_DEPLOY_SERVICE", &self.service),

@@ -19,10 +19,12 @@ use tether::v1::{connect_request, connect_response};
 
 use super::convert::{self, agent_out, job_ref_in, job_ref_out};
 use super::page_token::{self, Listing};
+use super::session_secrets::SessionSecrets;
 use super::status::to_status;
 use super::stream_messages::{hello_in, inbound_in, push_out};
 use crate::domain::{validate, DomainResult};
 use crate::engine::{AgentInbound, AgentListFilter, EngineHandle, HelloInfo};
+use crate::secrets::SecretsKey;
 
 /// How long a new stream may take to send its Hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,6 +33,8 @@ pub use super::stream_messages::MAX_LOG_CHUNK;
 /// The AgentService of one engine.
 pub struct AgentApi {
     engine: EngineHandle,
+    /// Opens jobs' secrets for their Assignments.
+    secrets: Option<Arc<SecretsKey>>,
     /// One permit per open Connect stream.
     streams: Arc<Semaphore>,
     max_streams: usize,
@@ -40,9 +44,9 @@ pub struct AgentApi {
 static STREAM_CAP_LOG: crate::log_limit::LogLimit = crate::log_limit::LogLimit::new(Duration::from_secs(10));
 
 impl AgentApi {
-    pub fn new(engine: EngineHandle, max_streams: usize) -> Self {
+    pub fn new(engine: EngineHandle, max_streams: usize, secrets: Option<Arc<SecretsKey>>) -> Self {
         let max_streams = max_streams.min(Semaphore::MAX_PERMITS);
-        AgentApi { engine, streams: Arc::new(Semaphore::new(max_streams)), max_streams }
+        AgentApi { engine, secrets, streams: Arc::new(Semaphore::new(max_streams)), max_streams }
     }
 }
 
@@ -53,15 +57,18 @@ type ConnectStream = Pin<Box<dyn Stream<Item = Result<pb::ConnectResponse, Statu
 fn session_pushes(
     pushed: mpsc::UnboundedReceiver<crate::engine::AgentPush>,
     fatal: oneshot::Receiver<Status>,
+    secrets: Arc<SessionSecrets>,
 ) -> impl Stream<Item = Result<pb::ConnectResponse, Status>> {
     // The state is `None` once the fatal status was sent: nothing follows
     // it. The reader's channel is dropped once the reader ended without a
     // violation; pushes then go on until the engine drops the session.
-    futures::stream::unfold(Some((pushed, Some(fatal))), |state| async move {
-        let (mut pushed, mut fatal) = state?;
+    futures::stream::unfold(Some((pushed, Some(fatal), secrets)), |state| async move {
+        let (mut pushed, mut fatal, secrets) = state?;
         loop {
             let Some(reader) = fatal.as_mut() else {
-                return pushed.recv().await.map(|p| (Ok(push_out(p)), Some((pushed, None))));
+                let push = pushed.recv().await?;
+                let out = delivered(push, &secrets).await;
+                return Some((Ok(out), Some((pushed, None, secrets))));
             };
             tokio::select! {
                 biased;
@@ -69,10 +76,26 @@ fn session_pushes(
                     Ok(status) => return Some((Err(status), None)),
                     Err(_) => fatal = None,
                 },
-                push = pushed.recv() => return push.map(|p| (Ok(push_out(p)), Some((pushed, fatal)))),
+                push = pushed.recv() => {
+                    let out = delivered(push?, &secrets).await;
+                    return Some((Ok(out), Some((pushed, fatal, secrets))));
+                }
             }
         }
     })
+}
+
+/// A push on the wire; an Assignment gets its job's secrets.
+async fn delivered(push: crate::engine::AgentPush, secrets: &SessionSecrets) -> pb::ConnectResponse {
+    let values = match &push {
+        crate::engine::AgentPush::Assign(job) => secrets.for_assignment(job).await,
+        _ => Default::default(),
+    };
+    let mut out = push_out(push);
+    if let Some(connect_response::Message::Assignment(assignment)) = out.message.as_mut() {
+        assignment.secrets = values.into_iter().collect();
+    }
+    out
 }
 
 /// Messages forwarded to the engine in one command at most.
@@ -88,6 +111,7 @@ enum ReadEnd {
 
 async fn read_session(
     engine: EngineHandle,
+    secrets: Arc<SessionSecrets>,
     agent_id: String,
     session_id: u64,
     protocol: u32,
@@ -105,6 +129,7 @@ async fn read_session(
                 None => break,
             }
         }
+        secrets.mask(&mut batch).await;
         if !batch.is_empty() && engine.inbound(agent_id.clone(), session_id, std::mem::take(&mut batch)).await.is_err()
         {
             break ReadEnd::Fatal(Status::unavailable("the server is shutting down; reconnect"));
@@ -213,8 +238,10 @@ impl AgentService for AgentApi {
         let (pushes, pushed) = mpsc::unbounded_channel();
         let welcome = self.engine.connect(hello, pushes).await.map_err(to_status)?;
         let (fatal_tx, fatal_rx) = oneshot::channel();
+        let secrets = Arc::new(SessionSecrets::new(self.secrets.clone(), self.engine.clone()));
         tokio::spawn(read_session(
             self.engine.clone(),
+            secrets.clone(),
             welcome.agent_id.clone(),
             welcome.session_id,
             protocol_version,
@@ -239,7 +266,7 @@ impl AgentService for AgentApi {
         // the stream with that status).
         let counted = crate::telemetry::AgentStreamGuard::open();
         let held = (permit, counted); // released when the stream is dropped
-        let pushes = session_pushes(pushed, fatal_rx).map(move |p| {
+        let pushes = session_pushes(pushed, fatal_rx, secrets).map(move |p| {
             let _held = &held;
             p
         });

@@ -41,7 +41,34 @@ pub fn idempotency_key_in(field: &str, value: &str) -> DomainResult<Option<Strin
     Ok((!value.is_empty()).then(|| value.to_string()))
 }
 
-/// A CreateJob request as the queued job it runs as and its dashboard part.
+/// The most secrets a job has.
+pub const MAX_SECRETS: usize = 32;
+
+/// A CreateJob request's secrets, checked: names as env's and not also in
+/// env, values bounded and without NUL bytes.
+pub fn secrets_in(req: &pb::CreateJobRequest) -> DomainResult<BTreeMap<String, String>> {
+    if req.secrets.len() > MAX_SECRETS {
+        return Err(DomainError::invalid(
+            "secrets",
+            format!("holds {} secrets; the limit is {MAX_SECRETS}", req.secrets.len()),
+        ));
+    }
+    for (name, value) in &req.secrets {
+        let field = validate::entry_field("secrets", name);
+        validate::name("", name, MAX_ENV_NAME).map_err(|e| e.under(&field))?;
+        at_most(&field, value, MAX_ENV_VALUE)?;
+        if value.contains('\0') {
+            return Err(DomainError::invalid(field, "must not contain a NUL byte (no process can be given one)"));
+        }
+        if req.env.contains_key(name) {
+            return Err(DomainError::invalid(field, "is also set in env; a name is either a secret or not"));
+        }
+    }
+    Ok(req.secrets.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+/// A CreateJob request as the queued job it runs as and its dashboard part
+/// (its secrets are checked by [`secrets_in`] and sealed by the caller).
 pub fn create_in(req: &pb::CreateJobRequest) -> DomainResult<(JobSpec, DashboardSpec)> {
     if req.name.is_empty() {
         return Err(DomainError::invalid("name", "is required"));
@@ -75,6 +102,7 @@ pub fn create_in(req: &pb::CreateJobRequest) -> DomainResult<(JobSpec, Dashboard
         command: req.command.clone(),
         env: req.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<BTreeMap<_, _>>(),
         workdir: req.working_dir.clone(),
+        secrets: None,
     };
     let payload = command.to_payload();
     if payload.len() > validate::MAX_PAYLOAD_BYTES {
@@ -164,6 +192,7 @@ pub fn job_out(job: &Job) -> Option<pb::Job> {
         update_time: Some(to_timestamp(job.update_time)),
         finish_time: optional_time(job.finish_time),
         error: job.last_error.clone(),
+        secret_names: command.secrets.map(|s| s.names).unwrap_or_default(),
         attempts: dashboard
             .attempts()
             .into_iter()

@@ -1,6 +1,8 @@
 //! DashboardService: translates wire requests to engine calls and back.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::Stream;
 use prost::Message as _;
@@ -17,10 +19,11 @@ use super::deploy_convert::{self as deploy_in, deployment_out, environment_out, 
 use super::job_logs::{self, LogCursor, LogRequest};
 use super::page_token::{self, Listing};
 use super::status::to_status;
-use crate::deploy::Deployments;
-use crate::domain::dashboard::{self, DashboardSpec, JobListFilter, DASHBOARD_QUEUE};
+use crate::deploy::{records, Deployments};
+use crate::domain::dashboard::{self, DashboardSpec, JobListFilter, SecretRef, ShellCommand, DASHBOARD_QUEUE};
 use crate::domain::{validate, waiting, DomainError, DomainResult, Job, JobSpec, JobState};
 use crate::engine::EngineHandle;
+use crate::secrets::{self, SecretsKey};
 use crate::store::JobFilter;
 
 /// Store pages one ListJobs call reads at most while its filters skip jobs:
@@ -36,6 +39,8 @@ const MAX_PAGE_BYTES: usize = 3 << 20;
 pub struct DashboardApi {
     engine: EngineHandle,
     deployments: Deployments,
+    /// Seals jobs' secrets; `None`: jobs with secrets are refused.
+    secrets: Option<Arc<SecretsKey>>,
     /// Cancelled at shutdown, to end log streams.
     stopping: CancellationToken,
 }
@@ -43,8 +48,34 @@ pub struct DashboardApi {
 type LogStream = Pin<Box<dyn Stream<Item = Result<pb::StreamJobLogsResponse, Status>> + Send>>;
 
 impl DashboardApi {
-    pub fn new(engine: EngineHandle, deployments: Deployments, stopping: CancellationToken) -> Self {
-        DashboardApi { engine, deployments, stopping }
+    pub fn new(
+        engine: EngineHandle,
+        deployments: Deployments,
+        secrets: Option<Arc<SecretsKey>>,
+        stopping: CancellationToken,
+    ) -> Self {
+        DashboardApi { engine, deployments, secrets, stopping }
+    }
+
+    /// Seals `values` into their record and names it in the job's payload.
+    async fn seal_secrets(&self, spec: &mut JobSpec, values: &BTreeMap<String, String>) -> DomainResult<()> {
+        let Some(key) = &self.secrets else {
+            return Err(DomainError::FailedPrecondition(
+                "this server has no secrets key (--secrets-key-file), so it cannot store secrets".into(),
+            ));
+        };
+        let reference = key.reference(spec.idempotency_key.as_deref().map(|k| (k, values)));
+        let sealed = key.seal(&reference, values).map_err(|e| DomainError::Internal(e.to_string()))?;
+        // A repeated idempotent request finds its record stored: the same
+        // values, sealed before.
+        records::put(self.engine.store().as_ref(), secrets::COLLECTION, &reference, &sealed, 0).await?;
+        let mut command = ShellCommand::from_payload(&spec.payload);
+        command.secrets = Some(SecretRef { reference, names: values.keys().cloned().collect() });
+        spec.payload = command.to_payload().into();
+        if spec.payload.len() > validate::MAX_PAYLOAD_BYTES {
+            return Err(dc::too_large(spec.payload.len(), validate::MAX_PAYLOAD_BYTES));
+        }
+        Ok(())
     }
 
     /// A stored dashboard job; NOT_FOUND for a queued job that is not one.
@@ -79,7 +110,11 @@ impl DashboardService for DashboardApi {
         &self,
         request: Request<pb::CreateJobRequest>,
     ) -> Result<Response<pb::CreateJobResponse>, Status> {
-        let (spec, dashboard) = dc::create_in(request.get_ref()).map_err(to_status)?;
+        let (mut spec, dashboard) = dc::create_in(request.get_ref()).map_err(to_status)?;
+        let secrets = dc::secrets_in(request.get_ref()).map_err(to_status)?;
+        if !secrets.is_empty() {
+            self.seal_secrets(&mut spec, &secrets).await.map_err(to_status)?;
+        }
         let (job, created) = self.create(spec, dashboard).await.map_err(to_status)?;
         if job.dashboard.is_none() {
             // The idempotency key belongs to a job enqueued into the

@@ -11,6 +11,7 @@ pub mod job_logs;
 pub mod page_token;
 pub mod queue_service;
 pub mod replica_service;
+pub mod session_secrets;
 pub mod status;
 pub mod stream_messages;
 mod watch;

@@ -169,6 +169,8 @@ pub fn push_out(push: AgentPush) -> pb::ConnectResponse {
             lease_expire_time: job.lease_expire_time.map(to_timestamp),
             timeout: job.spec.timeout.map(to_duration),
             max_attempts: job.spec.max_attempts,
+            // Set by the session, which opens them (`session_secrets`).
+            secrets: Default::default(),
         }),
         AgentPush::Cancel { job, reason } => M::Cancel(pb::Cancel { job: Some(job_ref_out(&job)), reason }),
         AgentPush::Drain { reason } => M::Drain(pb::Drain { reason }),
