@@ -279,7 +279,9 @@ async fn promotion_is_refused_after_a_failed_staging_and_auto_rollback_restores_
     assert_eq!((back.version.as_str(), back.trigger), ("v1", pb::DeploymentTrigger::AutoRollback as i32));
     assert_eq!(back.rollback_of, failed.id);
     let back = wait_state(&d, &back.id, S::Succeeded).await;
-    assert_eq!(path(&events(&mut d, "web", &back.id).await), RAN);
+    let trail = events(&mut d, "web", &back.id).await;
+    assert_eq!(path(&trail), RAN);
+    assert!(trail.iter().all(|e| e.actor == "tether"), "the server rolled back: {trail:?}");
     let refused = d.create_deployment(deploy("web", "v3", "staging", "exit 4")).await.expect_err("v3 is bad");
     assert!(refused.message().contains("marked bad"), "{}", refused.message());
     assert_eq!(refused.code(), Code::FailedPrecondition);

@@ -251,8 +251,18 @@ impl Deployments {
         let unique = self.ids.next(self.clock.now());
         let id = deployment_id(&release.service, &unique);
         let service = release.service.clone();
-        let new =
-            NewDeployment { id: id.clone(), release, environment: env.name.clone(), trigger, requested_by, reason };
+        // An automatic rollback is the server's doing, on behalf of the
+        // requester of what it rolls back.
+        let actor = actor_of((!matches!(trigger, Trigger::AutoRollback { .. })).then_some(requested_by.as_str()));
+        let new = NewDeployment {
+            id: id.clone(),
+            release,
+            environment: env.name.clone(),
+            trigger,
+            requested_by,
+            reason,
+            actor,
+        };
         let deployment = Deployment::new(new, self.clock.now());
         if put(self.store(), &deployments(&service), &unique, &deployment, 0).await? != Put::Applied {
             return Err(DomainError::Internal(format!("deployment id {id} was taken")));

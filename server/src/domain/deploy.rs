@@ -147,12 +147,13 @@ pub struct NewDeployment {
     pub trigger: Trigger,
     pub requested_by: String,
     pub reason: String,
+    /// Who makes it: the requester, or the server (automatic rollback).
+    pub actor: String,
 }
 
 impl Deployment {
     pub fn new(new: NewDeployment, now: SystemTime) -> Deployment {
-        let NewDeployment { id, release, environment, trigger, requested_by, reason } = new;
-        let actor = actor_of(Some(&requested_by));
+        let NewDeployment { id, release, environment, trigger, requested_by, reason, actor } = new;
         let mut deployment = Deployment {
             id,
             service: release.service,
@@ -488,6 +489,7 @@ mod tests {
             trigger,
             requested_by: "ann".into(),
             reason: String::new(),
+            actor: actor_of(None),
         };
         Deployment::new(new, at(1))
     }
@@ -518,6 +520,7 @@ mod tests {
             trigger: Trigger::Create,
             requested_by: "ann".into(),
             reason: "x".repeat(5000),
+            actor: actor_of(Some("ann")),
         };
         let mut d = Deployment::new(new, at(1));
         assert_eq!(d.reason.len(), MAX_REASON);
