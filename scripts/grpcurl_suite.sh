@@ -130,6 +130,35 @@ field() {
 contains() {
   if [[ $RC -eq 0 ]] && grep -qF -- "$2" <<<"$OUT"; then ok "$1"; else not_ok "$1" "wanted '$2'; grpcurl exited $RC: $OUT"; fi
 }
+# lacks NAME TEXT...: the last call (answer or error) printed none of TEXT.
+lacks() {
+  local name=$1 text
+  shift
+  for text in "$@"; do
+    if grep -qF -- "$text" <<<"$OUT"; then
+      not_ok "$name" "printed '$text': $OUT"
+      return 0
+    fi
+  done
+  ok "$name"
+}
+# poll METHOD JSON PYTHON-EXPR: repeats the call until EXPR holds for its
+# answer `j` (at most 30 s), for state only a unary call shows; the caller
+# then checks the last answer with expect.
+poll() {
+  local _
+  for _ in $(seq 300); do
+    rpc "$1" "$2"
+    if [[ $RC -eq 0 ]] && printf '%s' "$OUT" | "$PY" -c '
+import json, sys
+j = json.load(sys.stdin)
+sys.exit(0 if eval(sys.argv[1]) else 1)
+' "$3" 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.1
+  done
+}
 
 echo "==> reflection"
 g "$ADDR" list
@@ -139,6 +168,10 @@ for service in tether.v1.QueueService tether.v1.AgentService tether.v1.Dashboard
 done
 g "$ADDR" list tether.v1.QueueService
 contains "list QueueService shows EnqueueJob" "tether.v1.QueueService.EnqueueJob"
+g "$ADDR" list tether.v1.DashboardService
+contains "list DashboardService shows CreateDeployment" "tether.v1.DashboardService.CreateDeployment"
+g "$ADDR" describe tether.v1.CreateJobRequest
+contains "describe tether.v1.CreateJobRequest shows secrets" "map<string, string> secrets = 11"
 g "$ADDR" describe tether.v1.QueuedJob
 contains "describe tether.v1.QueuedJob" "uint64 fencing_token = 12;"
 g "$ADDR" describe tether.v1.Hello
@@ -239,6 +272,105 @@ rpc DashboardService/RetryJob '{"id":"'"$DJOB"'"}'
 expect "RetryJob links the new job" "j[\"job\"][\"retryOf\"] == \"$DJOB\" and j[\"job\"][\"requestedBy\"] == \"anonymous\""
 rpc DashboardService/ListJobs '{"statuses":["JOB_STATUS_UNSPECIFIED"]}'
 expect_error "an unspecified status filter is InvalidArgument" InvalidArgument "statuses[0]"
+
+echo "==> environments"
+rpc AgentService/CreateAgentPool '{"pool":{"name":"grpcurl-deploy","description":"runs rollouts"}}'
+expect "CreateAgentPool for rollouts" 'j["pool"]["name"] == "grpcurl-deploy"'
+rpc DashboardService/PutEnvironment '{"name":"grpcurl-prod","pool":"grpcurl-deploy"}'
+expect "PutEnvironment creates the last stage" \
+  'j["created"] and j["environment"]["pool"] == "grpcurl-deploy" and "promoteTo" not in j["environment"] and "createTime" in j["environment"]'
+rpc DashboardService/PutEnvironment '{"name":"grpcurl-staging","pool":"grpcurl-deploy","promoteTo":"grpcurl-prod"}'
+expect "PutEnvironment with a next stage" 'j["created"] and j["environment"]["promoteTo"] == "grpcurl-prod"'
+rpc DashboardService/PutEnvironment '{"name":"grpcurl-prod","pool":"grpcurl-deploy","autoRollback":true}'
+expect "PutEnvironment again replaces it" 'not j.get("created") and j["environment"]["autoRollback"]'
+rpc DashboardService/PutEnvironment '{"name":"grpcurl-qa","pool":"no-such-pool"}'
+expect_error "PutEnvironment on an unknown pool is NotFound" NotFound "no-such-pool"
+rpc DashboardService/PutEnvironment '{"name":"grpcurl-qa","pool":"grpcurl-deploy","promoteTo":"no-such-env"}'
+expect_error "PutEnvironment promoting to an unknown environment is NotFound" NotFound "no-such-env"
+rpc DashboardService/PutEnvironment '{"name":"grpcurl-prod","pool":"grpcurl-deploy","promoteTo":"grpcurl-staging"}'
+expect_error "PutEnvironment making a cycle is FailedPrecondition" FailedPrecondition "cycle"
+rpc DashboardService/PutEnvironment '{"name":"","pool":"grpcurl-deploy"}'
+expect_error "PutEnvironment without a name is InvalidArgument" InvalidArgument "name"
+rpc DashboardService/ListEnvironments '{}'
+expect "ListEnvironments, by name" \
+  '[(e["name"], e.get("promoteTo", ""), e.get("autoRollback", False)) for e in j["environments"]] == [("grpcurl-prod", "", True), ("grpcurl-staging", "grpcurl-prod", False)]'
+
+echo "==> deployments"
+rpc DashboardService/CreateDeployment '{"service":"grpcurl-api","version":"v1","environment":"mars","rollout":{"command":"true"}}'
+expect_error "CreateDeployment to an unknown environment is NotFound" NotFound "mars"
+rpc DashboardService/CreateDeployment '{"service":"","version":"v1","environment":"grpcurl-staging","rollout":{"command":"true"}}'
+expect_error "CreateDeployment without a service is InvalidArgument" InvalidArgument "service"
+rpc DashboardService/CreateDeployment '{"service":"grpcurl-api","version":"v1","environment":"grpcurl-staging"}'
+expect_error "CreateDeployment of a new release without its rollout is FailedPrecondition" FailedPrecondition "rollout.command"
+rpc DashboardService/RollbackDeployment '{"service":"grpcurl-api","environment":"grpcurl-staging"}'
+expect_error "RollbackDeployment with nothing succeeded is FailedPrecondition" FailedPrecondition "nothing to roll back"
+rpc DashboardService/CreateDeployment '{"service":"grpcurl-api","version":"v1","environment":"grpcurl-staging","rollout":{"command":"./deploy.sh","env":{"REGION":"eu"}},"requestedBy":"ops","reason":"ship v1"}'
+expect "CreateDeployment queues its rollout job" \
+  'j["deployment"]["id"].startswith("grpcurl-api/") and j["deployment"]["state"] == "DEPLOYMENT_STATE_QUEUED" and j["deployment"]["trigger"] == "DEPLOYMENT_TRIGGER_CREATE" and j["deployment"]["jobId"] and j["deployment"]["rollout"]["env"] == {"REGION": "eu"}'
+DEP=$(field 'j["deployment"]["id"]' 2>/dev/null || true)
+DEPJOB=$(field 'j["deployment"]["jobId"]' 2>/dev/null || true)
+rpc DashboardService/GetJob '{"id":"'"$DEPJOB"'"}'
+expect "GetJob shows the rollout job in the environment's pool" \
+  'j["job"]["name"] == "deploy grpcurl-api@v1 to grpcurl-staging" and j["job"]["routing"]["pool"] == "grpcurl-deploy" and j["job"]["env"]["TETHER_DEPLOY_VERSION"] == "v1"'
+# A unary worker of the pool runs the rollout job.
+rpc QueueService/ClaimJob '{"workerId":"grpcurl-deployer","queue":"tether.jobs","pool":"grpcurl-deploy"}'
+expect "ClaimJob takes the rollout job" \
+  "j[\"job\"][\"id\"] == \"$DEPJOB\" and json.loads(b64(j[\"job\"][\"payload\"]))[\"env\"][\"TETHER_DEPLOY_ID\"] == \"$DEP\""
+DEPTOKEN=$(field 'j["job"]["fencingToken"]' 2>/dev/null || true)
+rpc QueueService/StartJob '{"id":"'"$DEPJOB"'","attempt":1,"fencingToken":"'"$DEPTOKEN"'"}'
+poll DashboardService/GetDeployment '{"id":"'"$DEP"'"}' 'j["deployment"]["state"] == "DEPLOYMENT_STATE_IN_PROGRESS"'
+expect "GetDeployment follows the started job (IN_PROGRESS)" 'j["deployment"]["state"] == "DEPLOYMENT_STATE_IN_PROGRESS"'
+rpc QueueService/CompleteJob '{"id":"'"$DEPJOB"'","attempt":1,"fencingToken":"'"$DEPTOKEN"'"}'
+poll DashboardService/GetDeployment '{"id":"'"$DEP"'"}' 'j["deployment"]["state"] == "DEPLOYMENT_STATE_SUCCEEDED"'
+expect "GetDeployment follows the finished job (SUCCEEDED)" \
+  'j["deployment"]["state"] == "DEPLOYMENT_STATE_SUCCEEDED" and "finishTime" in j["deployment"] and j["deployment"]["requestedBy"] == "ops"'
+rpc DashboardService/ListDeploymentEvents '{"service":"grpcurl-api","deploymentId":"'"$DEP"'"}'
+expect "ListDeploymentEvents: the audit trail, oldest first" \
+  '[(e.get("fromState", "DEPLOYMENT_STATE_UNSPECIFIED")[17:], e["toState"][17:]) for e in j["events"]] == [("UNSPECIFIED", "PENDING"), ("PENDING", "QUEUED"), ("QUEUED", "IN_PROGRESS"), ("IN_PROGRESS", "SUCCEEDED")] and [e["actor"] for e in j["events"]] == ["user:ops", "tether", "tether", "tether"]'
+rpc DashboardService/RollbackDeployment '{"service":"grpcurl-api","environment":"grpcurl-staging"}'
+expect_error "RollbackDeployment with no other good version is FailedPrecondition" FailedPrecondition "nothing to roll back to"
+rpc DashboardService/PromoteDeployment '{"id":"'"$DEP"'","requestedBy":"lead"}'
+expect "PromoteDeployment deploys the release to the next stage" \
+  "j[\"deployment\"][\"environment\"] == \"grpcurl-prod\" and j[\"deployment\"][\"version\"] == \"v1\" and j[\"deployment\"][\"trigger\"] == \"DEPLOYMENT_TRIGGER_PROMOTE\" and j[\"deployment\"][\"promotedFrom\"] == \"$DEP\""
+PROMOTED=$(field 'j["deployment"]["id"]' 2>/dev/null || true)
+rpc DashboardService/PromoteDeployment '{"id":"'"$PROMOTED"'"}'
+expect_error "PromoteDeployment of an unfinished deployment is FailedPrecondition" FailedPrecondition "only a succeeded deployment"
+rpc DashboardService/ListDeployments '{"service":"grpcurl-api"}'
+expect "ListDeployments, newest first" "[d[\"id\"] for d in j[\"deployments\"]] == [\"$PROMOTED\", \"$DEP\"] and not j.get(\"nextPageToken\")"
+rpc DashboardService/ListDeployments '{"service":"grpcurl-api","environment":"grpcurl-staging"}'
+expect "ListDeployments of one environment" "[d[\"id\"] for d in j[\"deployments\"]] == [\"$DEP\"]"
+rpc DashboardService/ListDeployments '{"service":"grpcurl-api","pageSize":1}'
+expect "ListDeployments pages" "[d[\"id\"] for d in j[\"deployments\"]] == [\"$PROMOTED\"] and j[\"nextPageToken\"]"
+rpc DashboardService/ListDeploymentEvents '{"service":"grpcurl-api"}'
+expect "ListDeploymentEvents of the service: newest deployment first" \
+  "j[\"events\"][0][\"deploymentId\"] == \"$PROMOTED\" and j[\"events\"][0][\"actor\"] == \"user:lead\" and [e[\"deploymentId\"] for e in j[\"events\"]][-4:] == [\"$DEP\"] * 4"
+rpc DashboardService/GetDeployment '{"id":"grpcurl-api/no-such"}'
+expect_error "GetDeployment of an unknown id is NotFound" NotFound "grpcurl-api/no-such"
+rpc DashboardService/ListDeploymentEvents '{"service":"grpcurl-web","deploymentId":"'"$DEP"'"}'
+expect_error "ListDeploymentEvents of another service's deployment is NotFound" NotFound "$DEP"
+
+echo "==> secrets"
+SECRET='grpcurl-s3cr3t!'
+SECRET_B64=$(printf '%s' "$SECRET" | base64)
+rpc DashboardService/CreateJob '{"name":"grpcurl-secret","command":"./deploy.sh","routing":{"pool":"grpcurl-pool"},"secrets":{"TOKEN":"'"$SECRET"'","API_KEY":"'"$SECRET"'-2"}}'
+expect "CreateJob with secrets shows their names" 'j["created"] and j["job"]["secretNames"] == ["API_KEY", "TOKEN"] and "env" not in j["job"]'
+lacks "CreateJob does not echo the secrets' values" "$SECRET" "$SECRET_B64"
+SJOB=$(field 'j["job"]["id"]' 2>/dev/null || true)
+rpc DashboardService/GetJob '{"id":"'"$SJOB"'"}'
+expect "GetJob shows the secrets' names" 'j["job"]["secretNames"] == ["API_KEY", "TOKEN"]'
+lacks "GetJob does not show the secrets' values" "$SECRET" "$SECRET_B64"
+rpc QueueService/GetQueuedJob '{"id":"'"$SJOB"'"}'
+expect "GetQueuedJob: the payload names the secrets, without their values" \
+  "b\"TOKEN\" in b64(j[\"job\"][\"payload\"]) and b\"$SECRET\" not in b64(j[\"job\"][\"payload\"])"
+lacks "GetQueuedJob does not show the secrets' values" "$SECRET" "$SECRET_B64"
+rpc DashboardService/ListJobs '{"pool":"grpcurl-pool","statuses":["JOB_STATUS_PENDING"]}'
+expect "ListJobs shows the secrets' names" "[(x[\"id\"], x.get(\"secretNames\")) for x in j[\"jobs\"] if x[\"id\"] == \"$SJOB\"] == [(\"$SJOB\", [\"API_KEY\", \"TOKEN\"])]"
+lacks "ListJobs does not show the secrets' values" "$SECRET" "$SECRET_B64"
+rpc DashboardService/CreateJob '{"name":"grpcurl-secret","command":"true","env":{"TOKEN":"plain"},"secrets":{"TOKEN":"'"$SECRET"'"}}'
+expect_error "a secret also in env is InvalidArgument naming it" InvalidArgument 'secrets["TOKEN"]'
+lacks "the refusal does not echo the value" "$SECRET" "$SECRET_B64"
+rpc DashboardService/CancelJob '{"id":"'"$SJOB"'"}'
+expect "CancelJob of the job with secrets" 'j["job"]["status"] == "JOB_STATUS_CANCELLED" and j["job"]["secretNames"] == ["API_KEY", "TOKEN"]'
 
 echo "==> errors"
 rpc QueueService/EnqueueJob '{"queue":""}'

@@ -298,8 +298,13 @@ impl JobContext {
             }
             // Numbered under the lock so sequence order is stream order.
             let sequence = self.inner.next_sequence.fetch_add(1, Ordering::Relaxed);
-            let log =
-                JobLog { job: Some(self.inner.job.clone()), stream: stream.to_proto() as i32, data: chunk, sequence };
+            let log = JobLog {
+                job: Some(self.inner.job.clone()),
+                stream: stream.to_proto() as i32,
+                data: chunk,
+                sequence,
+                time: Some(tether::time::to_timestamp(std::time::SystemTime::now())),
+            };
             core.send_with_permit(Message::JobLog(log), Some(permit));
         }
     }

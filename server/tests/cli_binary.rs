@@ -196,7 +196,7 @@ async fn spawn_shell_agent(url: String, name: &str, pool: &str) -> String {
                         let streams = [(pb::LogStream::Stdout, output.0), (pb::LogStream::Stderr, output.1)];
                         let chunks = streams.into_iter().filter(|(_, data)| !data.is_empty());
                         for (sequence, (stream, data)) in (0u64..).zip(chunks) {
-                            let log = pb::JobLog { job: Some(job.clone()), stream: stream as i32, data: data.into(), sequence };
+                            let log = pb::JobLog { job: Some(job.clone()), stream: stream as i32, data: data.into(), sequence, time: None };
                             send(&outbound, pb::connect_request::Message::JobLog(log)).await;
                         }
                         running.lock().unwrap_or_else(|e| e.into_inner()).retain(|r| r != &job);

@@ -195,8 +195,12 @@ async fn an_agent_cannot_act_on_another_agents_job() {
     b.send(ack(true, true)).await;
     b.send(Up::JobStarted(pb::JobStarted { job: Some(r.clone()) })).await;
     b.send(Up::JobProgress(pb::JobProgress { job: Some(r.clone()), percent: 50.0, message: "b".into() })).await;
-    let log =
-        pb::JobLog { job: Some(r.clone()), stream: pb::LogStream::Stdout as i32, data: "b wrote".into(), sequence: 0 };
+    let log = pb::JobLog {
+        job: Some(r.clone()),
+        stream: pb::LogStream::Stdout as i32,
+        data: "b wrote".into(),
+        ..Default::default()
+    };
     b.send(Up::JobLog(log)).await;
     b.send(Up::Heartbeat(pb::Heartbeat { running_jobs: vec![r.clone()], ..Default::default() })).await;
     for outcome in [pb::JobOutcome::FailedPermanent, pb::JobOutcome::Succeeded, pb::JobOutcome::Cancelled] {
@@ -309,7 +313,12 @@ async fn protocol_errors_end_the_stream_with_their_own_status() {
     let server = TestServer::start_manual(&dir).await;
     let r = pb::JobRef { job_id: "j".into(), attempt: 1, fencing_token: 1 };
     let log = |data: usize, stream: i32| {
-        frame(Up::JobLog(pb::JobLog { job: Some(r.clone()), stream, data: vec![b'x'; data].into(), sequence: 0 }))
+        frame(Up::JobLog(pb::JobLog {
+            job: Some(r.clone()),
+            stream,
+            data: vec![b'x'; data].into(),
+            ..Default::default()
+        }))
     };
     let cases: Vec<(&str, Bytes, Code, Option<&str>)> = vec![
         ("a 5 MiB message", log(5 << 20, 1), Code::ResourceExhausted, None),

@@ -26,18 +26,26 @@ fn with_secrets(command: &str) -> pb::CreateJobRequest {
     }
 }
 
-/// Every chunk of the job's output, together.
+/// Every chunk of the job's output, together, and whether every chunk
+/// carried the agent's time.
 async fn output(d: &mut DashboardServiceClient<Channel>, id: &str) -> String {
+    output_and_times(d, id).await.0
+}
+
+async fn output_and_times(d: &mut DashboardServiceClient<Channel>, id: &str) -> (String, bool) {
     let mut stream = d
         .stream_job_logs(pb::StreamJobLogsRequest { id: id.into(), follow: true, ..Default::default() })
         .await
         .expect("logs")
         .into_inner();
     let mut all = Vec::new();
+    let mut timed = true;
     while let Some(chunk) = tokio::time::timeout(WAIT, stream.message()).await.expect("in time").expect("chunk") {
         all.extend_from_slice(&chunk.data);
+        assert!(chunk.receive_time.is_some());
+        timed &= chunk.agent_time.is_some();
     }
-    String::from_utf8_lossy(&all).into_owned()
+    (String::from_utf8_lossy(&all).into_owned(), timed)
 }
 
 fn forms() -> [String; 3] {
@@ -63,7 +71,7 @@ async fn the_reference_agent_gets_secrets_and_masks_every_form_and_no_view_shows
     // Plain, base64 and URL-encoded; a value split across two writes; the
     // short one (under 3 bytes) is not masked; the last line is the result.
     let command = "echo \"plain=$TOKEN\"; printf %s \"$TOKEN\" | base64; printf 'url=%s\\n' \"$(printf %s \"$TOKEN\" | sed 's/!/%21/')\"; \
-                   printf 's3cr3'; printf 't-value!\\n'; echo \"short=$SHORT\" >&2; printf %s \"$TOKEN\"";
+                   printf 's3cr3'; sleep 0.1; printf 't-value!\\n'; echo \"short=$SHORT\" >&2; printf %s \"$TOKEN\"";
     let job = d.create_job(with_secrets(command)).await.expect("create").into_inner().job.expect("job");
     assert_eq!(job.secret_names, ["SHORT", "TOKEN"], "names only");
     assert!(job.env.is_empty());
@@ -79,7 +87,8 @@ async fn the_reference_agent_gets_secrets_and_masks_every_form_and_no_view_shows
     })
     .await;
 
-    let out = output(&mut d, &id).await;
+    let (out, timed) = output_and_times(&mut d, &id).await;
+    assert!(timed, "the reference agent stamps every chunk with its own time");
     assert_hidden("the output", out.as_bytes());
     assert!(out.contains("plain=***\n"), "{out}");
     assert!(out.contains("url=***\n"), "{out}");
@@ -141,6 +150,7 @@ async fn only_the_assignment_carries_secrets_and_the_server_masks_an_agent_that_
                 stream: pb::LogStream::Stdout as i32,
                 data: text.into_bytes().into(),
                 sequence: sequence as u64,
+                time: None,
             }))
             .await;
     }

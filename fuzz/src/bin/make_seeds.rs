@@ -500,12 +500,13 @@ fn request_seeds() -> BTreeMap<String, Vec<u8>> {
                 stream: 2,
                 data: Bytes::from_static(b"line\n"),
                 sequence: u64::MAX,
+                time: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 0 }),
             })),
         ),
     );
     add(
         "connect-log-unknown-stream",
-        input(K::Connect, &connect(M::JobLog(pb::JobLog { job: r(), stream: 0, data: Bytes::new(), sequence: 0 }))),
+        input(K::Connect, &connect(M::JobLog(pb::JobLog { job: r(), stream: 0, data: Bytes::new(), sequence: 0, time: None }))),
     );
     add(
         "connect-finished",
@@ -561,6 +562,7 @@ fn log(index: u8, sequence: u64) -> Vec<u8> {
         stream: pb::LogStream::Stdout as i32,
         data: Bytes::from_static(b"compiling...\n"),
         sequence,
+        time: None,
     }))
 }
 

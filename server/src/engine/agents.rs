@@ -504,10 +504,10 @@ impl Engine {
                     tracing::debug!(job = %job.job_id, percent, %message, "job progress");
                 }
             }
-            AgentInbound::Log { job, stderr, data, sequence } => {
+            AgentInbound::Log { job, stderr, data, sequence, agent_time } => {
                 if entry.holds(&job) {
                     drop(entry);
-                    self.store_output(job, stderr, data, sequence, now);
+                    self.store_output(job, super::output::AgentChunk { stderr, data, sequence, agent_time }, now);
                 }
             }
             AgentInbound::Finished { job, outcome, result, error, exit_code } => {

@@ -12,9 +12,18 @@ use crate::domain::dashboard::OutputFate;
 use crate::domain::AttemptRef;
 use crate::store::{LogChunk, Write};
 
+/// One chunk of output as an agent sent it.
+pub struct AgentChunk {
+    pub stderr: bool,
+    pub data: Bytes,
+    pub sequence: u64,
+    pub agent_time: Option<SystemTime>,
+}
+
 impl Engine {
     /// Stores a chunk of the output of an attempt the sender holds.
-    pub fn store_output(&mut self, r: AttemptRef, stderr: bool, data: Bytes, sequence: u64, now: SystemTime) {
+    pub fn store_output(&mut self, r: AttemptRef, chunk: AgentChunk, now: SystemTime) {
+        let AgentChunk { stderr, data, sequence, agent_time } = chunk;
         let data = match self.count_output(&r.job_id, data.len()) {
             OutputFate::Keep => data,
             OutputFate::Truncate { keep, marker } => {
@@ -33,6 +42,7 @@ impl Engine {
             stderr,
             data,
             time: now,
+            agent_time,
         }));
     }
 

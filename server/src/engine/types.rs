@@ -69,6 +69,8 @@ pub enum AgentInbound {
         stderr: bool,
         data: Bytes,
         sequence: u64,
+        /// When the agent read it (its clock), if it said.
+        agent_time: Option<std::time::SystemTime>,
     },
     Finished {
         job: AttemptRef,

@@ -211,6 +211,7 @@ fn responses(
             line_offsets,
             sequence: chunk.sequence,
             receive_time: Some(to_timestamp(chunk.time)),
+            agent_time: chunk.agent_time.map(to_timestamp),
             cursor: cursor.encode(),
         });
     }
@@ -224,6 +225,7 @@ mod tests {
 
     fn chunk(sequence: u64, stderr: bool, data: &str) -> LogChunk {
         LogChunk {
+            agent_time: None,
             job_id: "j".into(),
             attempt: 1,
             sequence,

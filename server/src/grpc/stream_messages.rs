@@ -103,6 +103,7 @@ pub fn inbound_in(message: connect_request::Message, protocol: u32) -> DomainRes
                 stderr,
                 data: l.data,
                 sequence: l.sequence,
+                agent_time: convert::timestamp_in_field("job_log.time", l.time.as_ref())?,
             }
         }
         M::JobFinished(f) => {

@@ -19,6 +19,30 @@ pub(crate) const JOB_FORMAT_V2: u8 = 2;
 /// [`super::legacy`]).
 pub(crate) const JOB_FORMAT_V3: u8 = 3;
 
+/// Log records since the agent's time (format 1 chunks are read through
+/// [`super::legacy::LogChunkV1`]).
+pub(crate) const LOG_FORMAT_V2: u8 = 2;
+
+/// A log chunk's record.
+pub(crate) fn encode_log(chunk: &super::LogChunk) -> StoreResult<Vec<u8>> {
+    postcard::to_extend(chunk, vec![LOG_FORMAT_V2]).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))
+}
+
+/// A log record of any format this release reads.
+pub(crate) fn decode_log(bytes: &[u8]) -> StoreResult<super::LogChunk> {
+    let corrupt = |e: postcard::Error| StoreError::Corrupt(format!("decode log chunk: {e}"));
+    match bytes.split_first() {
+        Some((&LOG_FORMAT_V2, rest)) => postcard::from_bytes(rest).map_err(corrupt),
+        Some((&FORMAT_V1, rest)) => {
+            postcard::from_bytes::<super::legacy::LogChunkV1>(rest).map(super::LogChunk::from).map_err(corrupt)
+        }
+        Some((v, _)) => Err(StoreError::Corrupt(format!(
+            "log record format {v} is newer than this release reads; run a newer tether"
+        ))),
+        None => Err(StoreError::Corrupt("empty log record".into())),
+    }
+}
+
 pub(crate) fn encode<T: Serialize>(value: &T) -> StoreResult<Vec<u8>> {
     postcard::to_extend(value, vec![FORMAT_V1]).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))
 }

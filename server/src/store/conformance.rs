@@ -259,6 +259,8 @@ pub async fn logs_are_deduplicated<S: Store>(store: S) {
         stderr: false,
         data: Bytes::from(text.to_string()),
         time: t(0),
+        // Both kinds of chunk: with the agent's time and without.
+        agent_time: (seq % 2 == 1).then(|| t(seq)),
     };
     store
         .write(vec![
@@ -270,6 +272,8 @@ pub async fn logs_are_deduplicated<S: Store>(store: S) {
         .expect("logs");
     let text: Vec<u8> = store.logs("a", 1).await.expect("logs").iter().flat_map(|c| c.data.to_vec()).collect();
     assert_eq!(text, b"hello world");
+    let times: Vec<_> = store.logs("a", 1).await.expect("logs").iter().map(|c| c.agent_time).collect();
+    assert_eq!(times, [None, Some(t(1))], "the agent's time is kept when given");
     assert!(store.logs("a", 2).await.expect("logs").is_empty());
 }
 

@@ -481,7 +481,7 @@ impl Store for EmbeddedStore {
                 logs.range((job_id.as_str(), attempt, 0)..=(job_id.as_str(), attempt, u64::MAX)).map_err(io_err)?
             {
                 let (_, value) = row.map_err(io_err)?;
-                out.push(decode(value.value())?);
+                out.push(super::codec::decode_log(value.value())?);
             }
             Ok(out)
         })

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::events::Transition;
-use super::{LogChunk, Write};
+use super::{LogChunk, Record, Write};
 use crate::domain::{Agent, Job, JobSpec, JobState, Pool, Priority, RetryPolicy, Routing};
 
 /// A job as format 1 stored it: before retry policies.
@@ -228,7 +228,7 @@ pub enum WriteV1 {
     CreatePool(Box<Pool>),
     PutPool(Box<Pool>),
     DeletePool { name: String },
-    AppendLog(LogChunk),
+    AppendLog(LogChunkV1),
     RaiseCounter { name: String, value: u64 },
 }
 
@@ -243,12 +243,87 @@ impl WriteV1 {
             WriteV1::CreatePool(p) => Write::CreatePool(p),
             WriteV1::PutPool(p) => Write::PutPool(p),
             WriteV1::DeletePool { name } => Write::DeletePool { name },
-            WriteV1::AppendLog(chunk) => Write::AppendLog(chunk),
+            WriteV1::AppendLog(chunk) => Write::AppendLog(chunk.into()),
             WriteV1::RaiseCounter { name, value } => {
                 let name = super::counter_by_name(&name).ok_or_else(|| format!("unknown counter {name:?}"))?;
                 Write::RaiseCounter { name, value }
             }
         })
+    }
+}
+
+/// A log chunk as log record format 1 (and journal formats 1 and 2) held
+/// it: before the agent's time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogChunkV1 {
+    pub job_id: String,
+    pub attempt: u32,
+    pub sequence: u64,
+    pub stderr: bool,
+    pub data: Bytes,
+    pub time: SystemTime,
+}
+
+impl From<LogChunkV1> for LogChunk {
+    fn from(c: LogChunkV1) -> LogChunk {
+        LogChunk {
+            job_id: c.job_id,
+            attempt: c.attempt,
+            sequence: c.sequence,
+            stderr: c.stderr,
+            data: c.data,
+            time: c.time,
+            agent_time: None,
+        }
+    }
+}
+
+/// A write as journal format 2 held it: log chunks inline, in log format
+/// 1's layout.
+#[derive(Deserialize)]
+pub enum WriteV2 {
+    CreateJob {
+        #[serde(with = "super::job_record")]
+        job: Box<Job>,
+        events: Vec<Transition>,
+    },
+    UpdateJob {
+        #[serde(with = "super::job_record")]
+        job: Box<Job>,
+        expected_version: u64,
+        events: Vec<Transition>,
+    },
+    PutAgent(Box<Agent>),
+    CreatePool(Box<Pool>),
+    PutPool(Box<Pool>),
+    DeletePool {
+        name: String,
+    },
+    AppendLog(LogChunkV1),
+    RaiseCounter {
+        #[serde(with = "super::counter_name")]
+        name: super::CounterName,
+        value: u64,
+    },
+    PutRecord {
+        record: Record,
+        expected_version: u64,
+    },
+}
+
+impl From<WriteV2> for Write {
+    fn from(w: WriteV2) -> Write {
+        match w {
+            WriteV2::CreateJob { job, events } => Write::CreateJob { job, events },
+            WriteV2::UpdateJob { job, expected_version, events } => Write::UpdateJob { job, expected_version, events },
+            WriteV2::PutAgent(a) => Write::PutAgent(a),
+            WriteV2::CreatePool(p) => Write::CreatePool(p),
+            WriteV2::PutPool(p) => Write::PutPool(p),
+            WriteV2::DeletePool { name } => Write::DeletePool { name },
+            WriteV2::AppendLog(chunk) => Write::AppendLog(chunk.into()),
+            WriteV2::RaiseCounter { name, value } => Write::RaiseCounter { name, value },
+            WriteV2::PutRecord { record, expected_version } => Write::PutRecord { record, expected_version },
+        }
     }
 }
 

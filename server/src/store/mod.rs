@@ -99,8 +99,10 @@ pub enum Write {
     PutPool(Box<Pool>),
     /// Deletes a pool (no-op if missing).
     DeletePool { name: String },
-    /// Stores a log chunk; a chunk whose key exists is ignored.
-    AppendLog(LogChunk),
+    /// Stores a log chunk; a chunk whose key exists is ignored. Journaled
+    /// as a versioned log record ([`codec::encode_log`]), so a later change
+    /// of the chunk's layout is read by [`codec::decode_log`] alone.
+    AppendLog(#[serde(with = "log_record")] LogChunk),
     /// Raises a named high-water mark (never lowers it).
     RaiseCounter {
         #[serde(with = "counter_name")]
@@ -164,6 +166,24 @@ mod counter_name {
 /// The known counter of this name.
 fn counter_by_name(name: &str) -> Option<CounterName> {
     [COUNTER_SEQ, COUNTER_FENCING].into_iter().find(|known| *known == name)
+}
+
+/// A log chunk inside a journaled write, as a versioned log record.
+mod log_record {
+    use serde::de::Error as _;
+    use serde::ser::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::LogChunk;
+
+    pub fn serialize<S: Serializer>(chunk: &LogChunk, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&super::codec::encode_log(chunk).map_err(S::Error::custom)?)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<LogChunk, D::Error> {
+        let bytes = <std::borrow::Cow<'de, [u8]>>::deserialize(deserializer)?;
+        super::codec::decode_log(&bytes).map_err(D::Error::custom)
+    }
 }
 
 /// A job inside a journaled write, as a versioned job record (the format
@@ -250,7 +270,11 @@ pub struct LogChunk {
     pub sequence: u64,
     pub stderr: bool,
     pub data: Bytes,
+    /// When the server received it.
     pub time: SystemTime,
+    /// When the agent read it, by the agent's clock, if it said (agents
+    /// of earlier releases do not).
+    pub agent_time: Option<SystemTime>,
 }
 
 /// The compact form of a queued job loaded at start-up: enough to route and

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from tether.v1 import agent_pb2, agent_pb2_grpc, dashboard_pb2_grpc, queue_pb2, queue_pb2_grpc
 
@@ -42,11 +44,32 @@ def server_binary() -> Path:
     return path
 
 
-def store_arguments(env: dict) -> list:
+def store_backend() -> str:
+    """TETHER_TEST_STORE: "embedded" (the default) or "dynamodb"."""
+    backend = os.environ.get("TETHER_TEST_STORE", "embedded")
+    if backend not in ("embedded", "dynamodb"):
+        raise RuntimeError(f"TETHER_TEST_STORE={backend!r}: use embedded or dynamodb")
+    return backend
+
+
+def write_secrets_key(path: Path) -> Path:
+    """A fresh secrets key (32 random bytes) in a new file only its owner
+    reads, for --secrets-key-file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(32))
+    return path
+
+
+def store_arguments(env: dict, data_dir: Path, secrets_key: bool = True) -> list:
     """The server's store flags: DynamoDB Local on fresh tables when
     TETHER_TEST_STORE=dynamodb (the endpoint in TETHER_TEST_DYNAMODB_ENDPOINT,
-    any static credentials), else the embedded store."""
-    backend = os.environ.get("TETHER_TEST_STORE", "embedded")
+    any static credentials), else the embedded store.
+
+    The embedded store makes its own secrets key in its data directory; on
+    DynamoDB the server has none unless given one, so with `secrets_key` a
+    fresh key file is written next to the data and passed."""
+    backend = store_backend()
     if backend == "embedded":
         return []
     if backend != "dynamodb":
@@ -60,20 +83,24 @@ def store_arguments(env: dict) -> list:
     flags = ["--dynamodb-endpoint", endpoint, "--dynamodb-table-prefix", f"py-{uuid.uuid4().hex}-"]
     subprocess.run([str(server_binary()), "dynamodb", "create-tables", *flags], env=env, check=True,
                    stdout=subprocess.DEVNULL, timeout=WAIT)
-    return ["--store", "dynamodb", *flags]
+    args = ["--store", "dynamodb", *flags]
+    if secrets_key:
+        key = write_secrets_key(data_dir.parent / f"{data_dir.name}-secrets.key")
+        args += ["--secrets-key-file", str(key)]
+    return args
 
 
 class ServerProcess:
     """`tether server --listen 127.0.0.1:0` on a fresh data dir; the bound
     address comes from its JSON log line "tether server listening"."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, secrets_key: bool = True):
         self.data_dir = data_dir
         self.addr: Optional[str] = None
         self.log_lines: list[str] = []
         self._listening = threading.Event()
         env = {**os.environ, "TETHER_LOG": os.environ.get("TETHER_LOG", "info")}
-        store_args = store_arguments(env)
+        store_args = store_arguments(env, data_dir, secrets_key)
         self.proc = subprocess.Popen(
             [
                 str(server_binary()),
@@ -163,6 +190,32 @@ def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
     except grpc.RpcError as e:
         return e
     raise AssertionError(f"expected an RPC error, got {result!r}")
+
+
+def violated_fields(err: grpc.RpcError) -> list:
+    """The fields named by the google.rpc.BadRequest details of an error."""
+    status = rpc_status.from_call(err)
+    assert status is not None, f"no google.rpc.Status details in {err!r}"
+    fields = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            fields += [v.field for v in bad_request.field_violations]
+    return fields
+
+
+def wait_until(check: Callable[[], object], what: str, every: float = 0.05):
+    """Polls `check` (for state only a unary call shows) until it returns
+    something truthy, which it returns; bounded by WAIT."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {WAIT}s waiting for {what}")
+        time.sleep(every)
 
 
 def state_name(value: int) -> str:
@@ -368,10 +421,10 @@ class StreamAgent:
         return ack
 
 
-def hello(name: str, slots: int = 1, **kw) -> agent_pb2.Hello:
+def hello(name: str, slots: int = 1, pool: str = "default", **kw) -> agent_pb2.Hello:
     return agent_pb2.Hello(
         name=name,
-        pool="default",
+        pool=pool,
         slots=slots,
         version="python-interop",
         min_protocol_version=1,

@@ -1,25 +1,32 @@
 """DashboardService from Python: a dashboard job's life run by a unary
 worker (attempts, exit code, history with actors), why a pending job waits,
-retry as a linked new job, listing with filters, and the error contract."""
+retry as a linked new job, listing with filters, the error contract, and
+job secrets (names in every view, values only in the Assignment of the
+agent that runs the job)."""
+
+import base64
+import json
 
 import grpc
-from google.rpc import error_details_pb2
+import pytest
 from grpc_status import rpc_status
 
-from tether.v1 import agent_pb2, dashboard_pb2, queue_pb2
+from tether.v1 import agent_pb2, dashboard_pb2, dashboard_pb2_grpc, queue_pb2
 
-from support import RPC_TIMEOUT, rpc_error
+import support
+from support import RPC_TIMEOUT, hello, rpc_error, violated_fields
 
+A = agent_pb2
 D = dashboard_pb2
 Q = queue_pb2
 T = RPC_TIMEOUT
 POOL = "py-dashboard"
 
 
-def ensure_pool(clients):
+def ensure_pool(clients, name=POOL):
     try:
         clients.agents.CreateAgentPool(
-            agent_pb2.CreateAgentPoolRequest(pool=agent_pb2.AgentPool(name=POOL, description="python dashboard")),
+            agent_pb2.CreateAgentPoolRequest(pool=agent_pb2.AgentPool(name=name, description="python dashboard")),
             timeout=T,
         )
     except grpc.RpcError as e:
@@ -86,17 +93,127 @@ def test_a_job_run_by_a_unary_worker_keeps_its_attempts_and_history(clients):
 def test_bad_requests_name_the_field(clients):
     err = rpc_error(lambda: clients.dashboard.ListJobs(D.ListJobsRequest(statuses=[0]), timeout=T))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
-    status = rpc_status.from_call(err)
-    assert status is not None
-    fields = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            fields += [v.field for v in bad_request.field_violations]
-    assert fields == ["statuses[0]"]
+    assert violated_fields(err) == ["statuses[0]"]
 
     err = rpc_error(lambda: clients.dashboard.CreateJob(D.CreateJobRequest(name="x", command=""), timeout=T))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "command" in err.details(), err
     err = rpc_error(lambda: clients.dashboard.GetJob(D.GetJobRequest(id="no-such-job"), timeout=T))
     assert err.code() == grpc.StatusCode.NOT_FOUND, err
+
+
+# Secrets.
+
+SECRET = "s3cr3t-value!"
+SECRET_FORMS = [SECRET.encode(), base64.b64encode(SECRET.encode()), b"s3cr3t-value%21"]
+SECRETS_POOL = "py-secrets"
+SECRETS_IDLE_POOL = "py-secrets-idle"  # no agent: its jobs stay pending
+
+
+def secret_job(pool, **kw):
+    kw.setdefault("secrets", {"TOKEN": SECRET, "SHORT": "ab"})
+    return D.CreateJobRequest(name="py-secret-deploy", command="./deploy.sh", routing=Q.Routing(pool=pool), **kw)
+
+
+def assert_hidden(what, data):
+    for form in SECRET_FORMS:
+        assert form not in data, f"{what} shows the secret as {form!r}"
+
+
+def test_a_job_shows_its_secret_names_and_only_its_assignment_carries_the_values(clients, stream_agent, watch):
+    ensure_pool(clients, SECRETS_POOL)
+    agent = stream_agent(hello("py-secret-agent", pool=SECRETS_POOL))
+    agent.heartbeat()
+    jobs = watch(queue="tether.jobs")
+
+    created = clients.dashboard.CreateJob(secret_job(SECRETS_POOL, env={"CI": "1"}), timeout=T)
+    job = created.job
+    assert created.created
+    assert list(job.secret_names) == ["SHORT", "TOKEN"], "names only, sorted"
+    assert dict(job.env) == {"CI": "1"}, "secrets are not environment variables of the job's record"
+    assert_hidden("CreateJob's answer", created.SerializeToString())
+
+    assignment = agent.expect("assignment")
+    ref = assignment.job
+    assert ref.job_id == job.id
+    assert dict(assignment.secrets) == {"TOKEN": SECRET, "SHORT": "ab"}, "the values, for the agent running it"
+    assert_hidden("the payload", assignment.payload)
+    payload = json.loads(assignment.payload)
+    assert (payload["command"], payload["env"]) == ("./deploy.sh", {"CI": "1"})
+
+    assert agent.accept_and_start(ref).accepted
+    # An agent that does not mask: the server masks each chunk and the result.
+    agent.send(job_log=A.JobLog(job=ref, stream=A.LOG_STREAM_STDOUT, data=f"leak {SECRET}\n".encode(), sequence=0))
+    assert agent.finish(ref, A.JOB_OUTCOME_SUCCEEDED, result=SECRET.encode()).accepted
+    jobs.wait_state(job.id, Q.QUEUED_JOB_STATE_SUCCEEDED)
+
+    got = clients.dashboard.GetJob(D.GetJobRequest(id=job.id), timeout=T)
+    assert got.job.status == D.JOB_STATUS_SUCCESS
+    assert list(got.job.secret_names) == ["SHORT", "TOKEN"]
+    assert_hidden("GetJob", got.SerializeToString())
+    listed = clients.dashboard.ListJobs(D.ListJobsRequest(pool=SECRETS_POOL), timeout=T)
+    assert [j.id for j in listed.jobs] == [job.id] and list(listed.jobs[0].secret_names) == ["SHORT", "TOKEN"]
+    assert_hidden("ListJobs", listed.SerializeToString())
+    queued = clients.queue.GetQueuedJob(Q.GetQueuedJobRequest(id=job.id), timeout=T)
+    assert_hidden("the queued job", queued.SerializeToString())
+    assert queued.job.result == b"***", "the result is masked"
+    logs = clients.dashboard.StreamJobLogs(D.StreamJobLogsRequest(id=job.id), timeout=T)
+    assert b"".join(chunk.data for chunk in logs) == b"leak ***\n", "the output is masked"
+
+    # RetryJob keeps the secrets: the next assignment carries them again.
+    retried = clients.dashboard.RetryJob(D.RetryJobRequest(id=job.id), timeout=T).job
+    assert list(retried.secret_names) == ["SHORT", "TOKEN"]
+    again = agent.expect("assignment")
+    assert again.job.job_id == retried.id
+    assert dict(again.secrets) == {"TOKEN": SECRET, "SHORT": "ab"}
+    assert agent.accept_and_start(again.job).accepted
+    assert agent.finish(again.job, A.JOB_OUTCOME_SUCCEEDED).accepted
+    jobs.wait_state(retried.id, Q.QUEUED_JOB_STATE_SUCCEEDED)
+
+
+def test_bad_secrets_name_the_field_and_never_echo_the_value(clients):
+    ensure_pool(clients, SECRETS_IDLE_POOL)
+    many = {f"S{i}": "v" for i in range(33)}
+    for what, request, field in [
+        ("a name also in env", secret_job(SECRETS_IDLE_POOL, env={"TOKEN": "x"}), 'secrets["TOKEN"]'),
+        ("a bad name", secret_job(SECRETS_IDLE_POOL, secrets={"BAD NAME": SECRET}), 'secrets["BAD NAME"]'),
+        ("a NUL byte", secret_job(SECRETS_IDLE_POOL, secrets={"NUL": SECRET + "\0"}), 'secrets["NUL"]'),
+        ("a long value", secret_job(SECRETS_IDLE_POOL, secrets={"BIG": SECRET + "x" * 4096}), 'secrets["BIG"]'),
+        ("too many", secret_job(SECRETS_IDLE_POOL, secrets=many), "secrets"),
+    ]:
+        err = rpc_error(lambda: clients.dashboard.CreateJob(request, timeout=T))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, err)
+        assert violated_fields(err) == [field], (what, err)
+        assert_hidden(what, (err.details() or "").encode())
+        assert_hidden(what, rpc_status.from_call(err).SerializeToString())
+
+    # One idempotency key with the same secrets: one job; other secrets: refused.
+    keyed = secret_job(SECRETS_IDLE_POOL, idempotency_key="py-secret-key")
+    first = clients.dashboard.CreateJob(keyed, timeout=T)
+    second = clients.dashboard.CreateJob(keyed, timeout=T)
+    assert first.created and not second.created
+    assert first.job.id == second.job.id
+    other = secret_job(SECRETS_IDLE_POOL, idempotency_key="py-secret-key", secrets={"TOKEN": "another-value"})
+    err = rpc_error(lambda: clients.dashboard.CreateJob(other, timeout=T))
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS, err
+    assert "another-value" not in (err.details() or "")
+    clients.dashboard.CancelJob(D.CancelJobRequest(id=first.job.id), timeout=T)
+
+
+def test_a_server_without_a_secrets_key_refuses_secrets(tmp_path):
+    if support.store_backend() != "dynamodb":
+        pytest.skip("the embedded store always has a secrets key (it makes one in its data directory)")
+    server = support.ServerProcess(tmp_path, secrets_key=False)
+    try:
+        channel = grpc.insecure_channel(server.addr)
+        grpc.channel_ready_future(channel).result(timeout=support.WAIT)
+        dashboard = dashboard_pb2_grpc.DashboardServiceStub(channel)
+        err = rpc_error(lambda: dashboard.CreateJob(secret_job("default"), timeout=T))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "secrets key" in err.details(), err
+        assert_hidden("the refusal", (err.details() or "").encode())
+        plain = dashboard.CreateJob(D.CreateJobRequest(name="py-plain", command="true"), timeout=T).job
+        assert list(plain.secret_names) == []
+        dashboard.CancelJob(D.CancelJobRequest(id=plain.id), timeout=T)
+        channel.close()
+    finally:
+        code = server.stop()
+    assert code == 0, "the server exited with %s:\n%s" % (code, "".join(server.log_lines[-50:]))

@@ -286,7 +286,13 @@ impl Store for DynamoStore {
     async fn logs(&self, job_id: &str, attempt: u32) -> StoreResult<Vec<LogChunk>> {
         let items =
             self.query_partition(&self.tables.logs, "attempt", s(compose(&[job_id, &attempt.to_string()]))).await?;
-        items.iter().map(decode_record).collect()
+        items
+            .iter()
+            .map(|item| {
+                items::check_schema(item)?;
+                crate::store::codec::decode_log(items::get_b(item, "b")?)
+            })
+            .collect()
     }
 
     async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>> {

@@ -16,7 +16,7 @@ use super::items::{
 };
 use super::DynamoStore;
 use crate::domain::{Job, Pool};
-use crate::store::codec::{encode, priority_code};
+use crate::store::codec::{encode, encode_log, priority_code};
 use crate::store::{LogChunk, Record, StoreError, StoreResult, Transition, Write, WriteOutcome};
 
 /// Tries of a write that meets another transaction on one of its items.
@@ -204,7 +204,7 @@ impl DynamoStore {
 
     async fn append_log(&self, chunk: &LogChunk) -> StoreResult<WriteOutcome> {
         let mut item =
-            record_item(&[("attempt", compose(&[&chunk.job_id, &chunk.attempt.to_string()]))], encode(chunk)?);
+            record_item(&[("attempt", compose(&[&chunk.job_id, &chunk.attempt.to_string()]))], encode_log(chunk)?);
         item.insert("seq".to_string(), n(chunk.sequence));
         let result = self
             .client

@@ -42,7 +42,7 @@ use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
 use super::io_err;
-use crate::store::legacy::WriteV1;
+use crate::store::legacy::{WriteV1, WriteV2};
 use crate::store::{StoreError, StoreResult, Write};
 
 /// The journal's file name in the data directory.
@@ -53,6 +53,8 @@ pub(super) const FILE_NAME: &str = "tether.journal";
 /// versioned job record.
 const FORMAT_V1: u8 = 1;
 const FORMAT_V2: u8 = 2;
+/// Format 3 holds each log chunk as a versioned log record too.
+const FORMAT_V3: u8 = 3;
 
 /// Length, checksum, seq and run.
 const HEADER_BYTES: usize = 24;
@@ -150,7 +152,7 @@ impl Journal {
     pub fn append(&mut self, seq: u64, batches: &[&[Write]]) -> StoreResult<Appended> {
         self.buf.clear();
         self.buf.resize(HEADER_BYTES, 0);
-        self.buf.push(FORMAT_V2);
+        self.buf.push(FORMAT_V3);
         match postcard::to_extend(batches, std::mem::take(&mut self.buf)) {
             Ok(buf) => self.buf = buf,
             Err(e) => return Ok(Appended::Unencodable(e.to_string())),
@@ -218,8 +220,14 @@ impl RawRecord {
     pub fn decode(&self) -> StoreResult<Record> {
         let corrupt = |what: String| StoreError::Corrupt(format!("journal record {}: {what}", self.seq));
         match self.payload.split_first() {
-            Some((&FORMAT_V2, rest)) => postcard::from_bytes::<Vec<Vec<Write>>>(rest)
+            Some((&FORMAT_V3, rest)) => postcard::from_bytes::<Vec<Vec<Write>>>(rest)
                 .map(|batches| Record { seq: self.seq, batches })
+                .map_err(|e| corrupt(e.to_string())),
+            Some((&FORMAT_V2, rest)) => postcard::from_bytes::<Vec<Vec<WriteV2>>>(rest)
+                .map(|batches| Record {
+                    seq: self.seq,
+                    batches: batches.into_iter().map(|b| b.into_iter().map(Write::from).collect()).collect(),
+                })
                 .map_err(|e| corrupt(e.to_string())),
             Some((&FORMAT_V1, rest)) => {
                 let batches = postcard::from_bytes::<Vec<Vec<WriteV1>>>(rest).map_err(|e| corrupt(e.to_string()))?;
@@ -376,6 +384,52 @@ mod tests {
     /// successor, keep decoding the old format, then update the bytes.
     #[test]
     fn the_record_layout_is_frozen() {
+        let mut batch = every_kind_of_write_with_a_dashboard_job();
+        // Log chunks keep the agent's time (log record format 2).
+        let t = |s: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000 + s);
+        batch.push(Write::AppendLog(crate::store::LogChunk {
+            job_id: "j".into(),
+            attempt: 1,
+            sequence: 3,
+            stderr: false,
+            data: "more".into(),
+            time: t(5),
+            agent_time: Some(t(4)),
+        }));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut journal, _) = Journal::open(dir.path()).expect("open");
+        assert_eq!(journal.append(1, &[batch.as_slice()]).expect("append"), Appended::Written);
+        let payload = journal.buf[HEADER_BYTES..].to_vec();
+        let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, FROZEN_LAYOUT, "the journal's record layout changed");
+        // And it reads back as written.
+        let decoded = RawRecord { seq: 1, payload }.decode().expect("decode");
+        assert_eq!(format!("{:?}", decoded.batches), format!("{:?}", vec![batch]));
+    }
+
+    /// A record the previous release (journal format 2: log chunks inline)
+    /// wrote still replays.
+    #[test]
+    fn a_format_2_record_reads_as_the_same_writes() {
+        let batch = every_kind_of_write_with_a_dashboard_job();
+        let decoded = RawRecord { seq: 1, payload: unhex(FROZEN_LAYOUT_V2) }.decode().expect("decode");
+        assert_eq!(format!("{:?}", decoded.batches), format!("{:?}", vec![batch]));
+        let record = crate::store::Record {
+            collection: "env".into(),
+            id: "prod".into(),
+            version: 3,
+            body: bytes::Bytes::from_static(b"body"),
+        };
+        let decoded = RawRecord { seq: 1, payload: unhex(FROZEN_RECORD_LAYOUT_V2) }.decode().expect("decode");
+        let batch = vec![Write::PutRecord { record, expected_version: 2 }];
+        assert_eq!(format!("{:?}", decoded.batches), format!("{:?}", vec![batch]));
+    }
+
+    fn unhex(hex: &str) -> Vec<u8> {
+        (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex")).collect()
+    }
+
+    fn every_kind_of_write_with_a_dashboard_job() -> Vec<Write> {
         let mut batch = every_kind_of_write();
         // A job's record layout is frozen with it (job format 3).
         let mut dashboard_job = conformance::job("d", 2, crate::domain::dashboard::DASHBOARD_QUEUE, None);
@@ -387,15 +441,7 @@ mod tests {
         dashboard.record(&dashboard_job, None, "user:ann", None);
         dashboard_job.dashboard = Some(Box::new(dashboard));
         batch.push(Write::create(dashboard_job));
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (mut journal, _) = Journal::open(dir.path()).expect("open");
-        assert_eq!(journal.append(1, &[batch.as_slice()]).expect("append"), Appended::Written);
-        let payload = journal.buf[HEADER_BYTES..].to_vec();
-        let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(hex, FROZEN_LAYOUT, "the journal's record layout changed");
-        // And it reads back as written.
-        let decoded = RawRecord { seq: 1, payload }.decode().expect("decode");
-        assert_eq!(format!("{:?}", decoded.batches), format!("{:?}", vec![batch]));
+        batch
     }
 
     /// A record write's layout, frozen like the others' (it came after
@@ -419,9 +465,11 @@ mod tests {
         assert_eq!(format!("{:?}", decoded.batches), format!("{:?}", vec![batch]));
     }
 
-    /// Format 2, one batch of one write: variant 8, "env", "prod", version
+    /// Format 3, one batch of one write: variant 8, "env", "prod", version
     /// 3, body "body", expected version 2.
-    const FROZEN_RECORD_LAYOUT: &str = "0201010803656e760470726f640304626f647902";
+    const FROZEN_RECORD_LAYOUT: &str = "0301010803656e760470726f640304626f647902";
+    /// The same as journal format 2 wrote it.
+    const FROZEN_RECORD_LAYOUT_V2: &str = "0201010803656e760470726f640304626f647902";
 
     /// A record the previous release (journal format 1) wrote still replays.
     #[test]
@@ -458,8 +506,15 @@ mod tests {
             metrics: Default::default(),
         };
         let pool = crate::domain::Pool { name: "p".into(), ..crate::domain::Pool::default_pool(t(0)) };
-        let chunk =
-            LogChunk { job_id: "j".into(), attempt: 1, sequence: 2, stderr: true, data: "out".into(), time: t(3) };
+        let chunk = LogChunk {
+            job_id: "j".into(),
+            attempt: 1,
+            sequence: 2,
+            stderr: true,
+            data: "out".into(),
+            time: t(3),
+            agent_time: None,
+        };
         let batch = vec![
             Write::CreateJob { job: Box::new(job.clone()), events: vec![Transition::of(&job, None)] },
             Write::UpdateJob {
@@ -477,7 +532,9 @@ mod tests {
         batch
     }
 
-    const FROZEN_LAYOUT: &str = concat!(
+    /// [`every_kind_of_write_with_a_dashboard_job`] as journal format 2
+    /// wrote it.
+    const FROZEN_LAYOUT_V2: &str = concat!(
         "020109004e02016a0101710c7061796c6f6164206f66206a010764656661756c7401026f73056c696e7578031e000001",
         "016b00000196010000000081e2cfaa060081e2cfaa060081e2cfaa06000000000000010100000181e2cfaa0600000000",
         "81e2cfaa0600000000014e02016a0101710c7061796c6f6164206f66206a010764656661756c7401026f73056c696e75",
@@ -489,6 +546,22 @@ mod tests {
         "62730c7061796c6f6164206f662064010764656661756c7401026f73056c696e7578031e000000000001960100000000",
         "82e2cfaa060082e2cfaa060082e2cfaa060000000000000101056275696c6403616e6e0101630182e2cfaa0600000000",
         "0008757365723a616e6e000000000000",
+    );
+
+    /// [`every_kind_of_write_with_a_dashboard_job`] and a chunk with the
+    /// agent's time, as journal format 3 writes it.
+    const FROZEN_LAYOUT: &str = concat!(
+        "03010a004e02016a0101710c7061796c6f6164206f66206a010764656661756c7401026f73056c696e7578031e000001",
+        "016b00000196010000000081e2cfaa060081e2cfaa060081e2cfaa06000000000000010100000181e2cfaa0600000000",
+        "81e2cfaa0600000000014e02016a0101710c7061796c6f6164206f66206a010764656661756c7401026f73056c696e75",
+        "78031e000001016b00000196010200000081e2cfaa060081e2cfaa060081e2cfaa060000000000000201010100020281",
+        "e2cfaa060000000081e2cfaa0600000000020161016e017001026f73056c696e757804010000013180e2cfaa060081e2",
+        "cfaa060000000000000000000000000000030170105468652064656661756c7420706f6f6c00a08d06000080e2cfaa06",
+        "0080e2cfaa0600040170105468652064656661756c7420706f6f6c00a08d06000080e2cfaa060080e2cfaa0600050170",
+        "061102016a010201036f757483e2cfaa060000070d66656e63696e675f746f6b656e07007d030164020b746574686572",
+        "2e6a6f62730c7061796c6f6164206f662064010764656661756c7401026f73056c696e7578031e000000000001960100",
+        "00000082e2cfaa060082e2cfaa060082e2cfaa060000000000000101056275696c6403616e6e0101630182e2cfaa0600",
+        "0000000008757365723a616e6e000000000000061802016a010300046d6f726585e2cfaa06000184e2cfaa0600",
     );
 
     /// [`every_kind_of_write`] as journal format 1 wrote it.

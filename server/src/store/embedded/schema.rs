@@ -28,7 +28,7 @@ const KEY_SCHEMA_VERSION: &str = "schema_version";
 const KEY_WRITTEN_BY: &str = "written_by";
 
 /// The schema version this release writes, and the newest it opens.
-pub const SCHEMA_VERSION: u64 = 6;
+pub const SCHEMA_VERSION: u64 = 7;
 
 /// The version of a store without `store_meta`: written by a release before
 /// schema versions (up to commit 23acfb8).
@@ -68,6 +68,14 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     // an older release would not know the records (the control plane's own
     // state) and could not replay a journal holding record writes.
     Migration { to: 6, what: "add control-plane records (records table)", apply: |_| Ok(()) },
+    // Log records of format 2 and journal records of format 3: an older
+    // release would skip such chunks as corrupt and could not replay the
+    // journal. Older records are read as they are.
+    Migration {
+        to: 7,
+        what: "log chunks keep the agent's time (log record format 2, journal format 3)",
+        apply: |_| Ok(()),
+    },
 ];
 
 /// What `store_meta` says.

@@ -531,7 +531,7 @@ impl Tables<'_> {
             Write::AppendLog(chunk) => {
                 let key = (chunk.job_id.as_str(), chunk.attempt, chunk.sequence);
                 if self.logs.get(key).map_err(io_err)?.is_none() {
-                    let bytes = encode(chunk)?;
+                    let bytes = crate::store::codec::encode_log(chunk)?;
                     self.logs.insert(key, bytes.as_slice()).map_err(io_err)?;
                 }
                 Ok(WriteOutcome::Applied)
