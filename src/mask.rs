@@ -111,19 +111,24 @@ impl StreamMasker {
         StreamMasker { masker, held: Vec::new() }
     }
 
-    /// The masked output that can be sent now.
+    /// The masked output that can be sent now. What is held back is kept
+    /// as it came (not masked), so it is matched again whole with what
+    /// follows: a value that is the start of a longer one, or a match that
+    /// reaches into the held end, is decided once the rest is known.
     pub fn push(&mut self, data: &[u8]) -> Vec<u8> {
         if self.masker.is_empty() {
             return data.to_vec();
         }
         let mut all = std::mem::take(&mut self.held);
         all.extend_from_slice(data);
-        let masked = self.masker.mask(&all);
-        let keep = self.masker.pending_prefix(&masked);
-        self.held = masked[masked.len() - keep..].to_vec();
-        let mut ready = masked;
-        ready.truncate(ready.len() - keep);
-        ready
+        let mut cut = all.len() - self.masker.pending_prefix(&all);
+        if let Some(matcher) = &self.masker.matcher {
+            if let Some(crossing) = matcher.find_iter(&all).find(|m| m.start() < cut && m.end() > cut) {
+                cut = crossing.start();
+            }
+        }
+        self.held = all.split_off(cut);
+        self.masker.mask(&all)
     }
 
     /// What is still held, masked: the stream has ended.
@@ -180,6 +185,13 @@ mod tests {
         assert_eq!(s.push(b"no secret\n"), b"no secret\n", "nothing held without a possible start");
         assert_eq!(s.push(b"ends with hu"), b"ends with ");
         assert_eq!(s.finish(), b"hu", "released at the end");
+        // A value that is the start of a longer one waits for the rest.
+        let mut s = StreamMasker::new(Arc::new(Masker::new(["abc", "abcdef"])));
+        let mut out = s.push(b"x abc");
+        out.extend(s.push(b"def y abc"));
+        out.extend(s.push(b" z"));
+        out.extend(s.finish());
+        assert_eq!(String::from_utf8_lossy(&out), "x *** y *** z");
         // Byte by byte, a value is still masked.
         let mut s = StreamMasker::new(Arc::new(Masker::new(["hunter2"])));
         let mut out = Vec::new();

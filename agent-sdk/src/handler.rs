@@ -257,7 +257,13 @@ impl JobContext {
     /// Reports progress, `percent` within 0-100. Best effort: dropped while
     /// the agent is between streams.
     pub async fn progress(&self, percent: f64, message: impl Into<String>) {
-        let message = message.into();
+        let message: String = message.into();
+        // Progress text is the job's output too: its secrets are masked.
+        let message = if self.inner.masker.is_some() {
+            String::from_utf8_lossy(&self.masked(message.as_bytes())).into_owned()
+        } else {
+            message
+        };
         let percent = if percent.is_nan() { 0.0 } else { percent.clamp(0.0, 100.0) };
         let Some(permit) = self.budget(message.len() + 64).await else {
             return;

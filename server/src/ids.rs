@@ -12,6 +12,17 @@ pub fn new_id(now: SystemTime) -> String {
     uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid().to_string()
 }
 
+/// A UUIDv7 of `time` whose other bits come from `seed`: the same for the
+/// same seed, on every replica (an id several of them may mint for one
+/// thing, such as the automatic rollback of one failed deployment).
+pub fn derived_id(time: SystemTime, seed: &[u8]) -> String {
+    let millis = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let digest = ring::digest::digest(&ring::digest::SHA256, seed);
+    let mut bits = [0u8; 10];
+    bits.copy_from_slice(&digest.as_ref()[..10]);
+    uuid::Builder::from_unix_timestamp_millis(millis, &bits).into_uuid().to_string()
+}
+
 /// UUIDv7 ids that sort in the order this process made them, even within
 /// one millisecond or when the clock stands still or steps back (RFC 9562,
 /// method 1: a 12-bit counter in `rand_a`, the time borrowed forward when
@@ -48,6 +59,14 @@ impl OrderedIds {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn derived_ids_repeat_for_their_seed_only() {
+        let t = UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        assert_eq!(derived_id(t, b"a"), derived_id(t, b"a"));
+        assert_ne!(derived_id(t, b"a"), derived_id(t, b"b"));
+        assert!(derived_id(t + std::time::Duration::from_secs(1), b"a") > derived_id(t, b"a"));
+    }
 
     #[test]
     fn ordered_ids_sort_in_the_order_they_were_made_whatever_the_clock() {

@@ -15,7 +15,7 @@ use tether_server::server::{serve, Operability, ServerParts};
 use tether_server::store::dynamodb::{tables, DynamoStore};
 use tether_server::store::embedded::EmbeddedStore;
 use tether_server::store::membership::Membership;
-use tether_server::store::Store;
+use tether_server::store::{RecordOrder, Store};
 
 #[derive(Parser)]
 #[command(name = "tether", version, about = "Tether: run jobs on a fleet of agents")]
@@ -115,8 +115,9 @@ async fn open_store(args: &ServerArgs) -> anyhow::Result<OpenedStore> {
 }
 
 /// The secrets key: the file given, or the embedded store's own (made on
-/// first start); none on DynamoDB unless given.
-fn secrets_key(args: &ServerArgs) -> anyhow::Result<Option<Arc<SecretsKey>>> {
+/// first start, never over a store that holds sealed secrets: they would
+/// no longer open); none on DynamoDB unless given.
+async fn secrets_key(args: &ServerArgs, store: &dyn Store) -> anyhow::Result<Option<Arc<SecretsKey>>> {
     let (path, create) = match (&args.secrets_key_file, args.store) {
         (Some(path), _) => (path.clone(), false),
         (None, StoreKind::Embedded) => (args.data_dir.join("secrets.key"), true),
@@ -125,6 +126,19 @@ fn secrets_key(args: &ServerArgs) -> anyhow::Result<Option<Arc<SecretsKey>>> {
             return Ok(None);
         }
     };
+    if create && !path.exists() {
+        let sealed = store
+            .list_records(tether_server::secrets::COLLECTION, RecordOrder::Ascending, None, 1)
+            .await
+            .context("looking for sealed secrets")?;
+        if !sealed.is_empty() {
+            anyhow::bail!(
+                "{} is missing but the store holds sealed secrets, which only that key opens: restore it (or name it \
+                 with --secrets-key-file)",
+                path.display()
+            );
+        }
+    }
     Ok(Some(Arc::new(SecretsKey::load(&path, create)?)))
 }
 
@@ -204,6 +218,7 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         "agent capacity (one connection and ~64 KiB each)"
     );
     let (store, membership) = open_store(&args).await?;
+    let secrets = secrets_key(&args, store.as_ref()).await?;
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let metrics_listener = match args.metrics_listen {
@@ -223,7 +238,7 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         max_agent_streams,
         ops: Operability { metrics_listener, cors_allow_origins: args.cors_allow_origins.clone() },
         cluster,
-        secrets: secrets_key(&args)?,
+        secrets,
     };
     serve(listener, parts, shutdown_signal()).await
 }

@@ -76,14 +76,24 @@ impl SecretsKey {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
                 let mut bytes = [0u8; KEY_LEN];
                 SystemRandom::new().fill(&mut bytes).map_err(|_| err("no randomness to make a key".into()))?;
+                // Written whole under another name, synced, then renamed and
+                // the directory synced: a crash leaves no key or all of it.
+                let temp = path.with_extension("key.new");
+                let _ = std::fs::remove_file(&temp);
                 let mut options = std::fs::OpenOptions::new();
                 options.write(true).create_new(true);
                 #[cfg(unix)]
                 std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-                let mut file = options.open(path).map_err(|e| err(format!("cannot be created: {e}")))?;
+                let mut file = options.open(&temp).map_err(|e| err(format!("cannot be created: {e}")))?;
                 file.write_all(&bytes)
                     .and_then(|()| file.sync_all())
                     .map_err(|e| err(format!("cannot be written: {e}")))?;
+                std::fs::rename(&temp, path).map_err(|e| err(format!("cannot be put in place: {e}")))?;
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::File::open(dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(|e| err(format!("its directory cannot be synced: {e}")))?;
+                }
                 tracing::info!(path = %path.display(), "created the secrets key (keep it with the data: secrets do not open without it)");
                 SecretsKey::from_bytes(&bytes).map_err(err)
             }

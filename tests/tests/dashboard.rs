@@ -242,8 +242,14 @@ async fn list_jobs_filters_and_pages_without_skips_or_repeats_while_jobs_arrive(
         }
         server.advance(Duration::from_secs(1));
     }
-    // A queued job of QueueService in the same queue is not listed.
-    server.queue().await.enqueue_job(job(QUEUE, "by hand")).await.expect("enqueue");
+    // Nobody enqueues into the dashboard's queue by hand (its payloads
+    // name sealed secrets, its idempotency keys deployments).
+    let refused = server.queue().await.enqueue_job(job(QUEUE, "by hand")).await.expect_err("reserved");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    let batch = pb::BatchEnqueueJobsRequest { requests: vec![job("q", "fine"), job("tether.other", "no")] };
+    let refused = server.queue().await.batch_enqueue_jobs(batch).await.expect_err("reserved");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("requests[1].queue"), "{}", refused.message());
 
     let filter =
         pb::ListJobsRequest { pool: "linux".into(), requested_by: "ann".into(), page_size: 3, ..Default::default() };

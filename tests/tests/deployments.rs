@@ -374,10 +374,25 @@ async fn bad_deployment_requests_get_precise_statuses() {
     assert_eq!(refused.code(), Code::AlreadyExists, "a release never changes");
     let again = create(&mut d, pb::CreateDeploymentRequest { rollout: None, ..deploy("api", "v1", "prod", "") }).await;
     assert_eq!(again.rollout.map(|r| r.command), Some("true".to_string()), "the stored release");
-    for id in ["", "api", "api/", "nope/123", &"x".repeat(300)] {
+    let long = "x".repeat(300);
+    for (id, want) in [
+        ("", Code::InvalidArgument),
+        ("api", Code::NotFound),
+        ("api/", Code::NotFound),
+        ("nope/123", Code::NotFound),
+        (long.as_str(), Code::InvalidArgument),
+    ] {
         let status = d.get_deployment(pb::GetDeploymentRequest { id: id.into() }).await.expect_err(id).code();
-        assert!(matches!(status, Code::NotFound | Code::InvalidArgument), "{id}: {status:?}");
+        assert_eq!(status, want, "{id}");
     }
+    // A spec with fields but no command is compared with the stored one,
+    // not dropped.
+    let partial = pb::CreateDeploymentRequest {
+        rollout: Some(pb::RolloutSpec { max_attempts: 7, ..Default::default() }),
+        ..deploy("api", "v1", "prod", "")
+    };
+    let refused = d.create_deployment(partial).await.expect_err("another spec");
+    assert_eq!(refused.code(), Code::AlreadyExists);
     let refused = d
         .rollback_deployment(pb::RollbackDeploymentRequest {
             service: "api".into(),

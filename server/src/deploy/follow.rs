@@ -11,7 +11,7 @@ use super::Deployments;
 
 /// Passes are at least this far apart, however busy the job log is: a pass
 /// reads each busy rollout and its job.
-const MIN_SPACING: Duration = Duration::from_millis(20);
+const MIN_SPACING: Duration = Duration::from_millis(100);
 
 pub fn spawn(deployments: Deployments, interval: Duration, stopping: CancellationToken) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {

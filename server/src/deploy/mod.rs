@@ -53,6 +53,8 @@ const MAX_CHAIN: usize = 1000;
 /// Records one ListDeployments call reads at most while its filter skips
 /// deployments.
 const MAX_SCANNED: usize = 5000;
+/// The fewest records one read of a listing asks for.
+const MIN_BATCH: usize = 50;
 
 fn lost_races(what: &str) -> DomainError {
     DomainError::Conflict(format!("{what} kept changing under this request; try again"))
@@ -187,7 +189,11 @@ impl Deployments {
     /// Drives a new deployment's rollout as far as it goes now (the
     /// follower takes it from there) and returns it as stored.
     async fn started(&self, id: &str, service: &str, environment: &str) -> DomainResult<Deployment> {
-        self.advance(service, environment).await?;
+        // The deployment is stored and in its rollout: what is left is the
+        // follower's to finish if this pass cannot.
+        if let Err(e) = self.advance(service, environment).await {
+            tracing::warn!(deployment = %id, error = %e, "a new deployment's rollout did not advance yet");
+        }
         self.nudge.notify_one();
         self.get(id).await
     }
@@ -217,7 +223,7 @@ impl Deployments {
                 }
                 return Ok(stored.value);
             }
-            let Some(rollout) = rollout.clone() else {
+            let Some(rollout) = rollout.clone().filter(|r| !r.command.is_empty()) else {
                 // Valid on its own; what is stored decides (so not
                 // INVALID_ARGUMENT).
                 return Err(DomainError::FailedPrecondition(format!(
@@ -267,7 +273,14 @@ impl Deployments {
         if put(self.store(), &deployments(&service), &unique, &deployment, 0).await? != Put::Applied {
             return Err(DomainError::Internal(format!("deployment id {id} was taken")));
         }
-        self.enter(&deployment).await?;
+        if let Err(e) = self.enter(&deployment).await {
+            // Not in its rollout, it would never run: say so.
+            let reason = format!("it could not join its rollout: {e}");
+            if let Err(failed) = self.fail(&id, reason).await {
+                tracing::error!(deployment = %id, error = %failed, "a deployment outside its rollout stays PENDING");
+            }
+            return Err(e);
+        }
         Ok(id)
     }
 
@@ -284,11 +297,11 @@ impl Deployments {
             };
             if put(self.store(), ROLLOUTS, &key, &rollout.value, rollout.version).await? == Put::Applied {
                 if let Some(old) = superseded {
+                    let superseder = deployment.events.first().map_or_else(|| actor_of(None), |e| e.actor.clone());
                     let reason = format!("superseded by {} ({}) while it waited", deployment.id, deployment.version);
                     self.update(&old, |d| {
-                        (d.state == DeploymentState::Pending).then(|| {
-                            (DeploymentState::Superseded, actor_of(Some(&deployment.requested_by)), reason.clone())
-                        })
+                        (d.state == DeploymentState::Pending)
+                            .then(|| (DeploymentState::Superseded, superseder.clone(), reason.clone()))
                     })
                     .await?;
                 }
@@ -383,7 +396,9 @@ impl Deployments {
         let mut cursor = after;
         let mut scanned = 0;
         while scanned < MAX_SCANNED {
-            let batch = (limit - found.len()).max(1);
+            // With a filter most may be skipped: read in batches worth a
+            // store call.
+            let batch = (limit - found.len()).max(MIN_BATCH);
             let page = list::<Deployment>(self.store(), &collection, RecordOrder::Descending, cursor.as_deref(), batch)
                 .await?;
             let Some((last, _)) = page.last() else {
@@ -455,43 +470,35 @@ impl Deployments {
         let marks = self.marks(service).await?.value;
         let target =
             plan_rollback(&rollout, &marks, &current.version, version).map_err(DomainError::FailedPrecondition)?;
-        let id = self
-            .roll_back_to(&env, &current.version, Some(&current.deployment_id), &target, Some(requested_by), reason)
-            .await?;
+        let id = self.roll_back_to(&env, &current, &target, requested_by, reason).await?;
         let deployment = self.started(&id, service, environment).await?;
         Ok(RolledBack { deployment, from_version: current.version })
     }
 
-    /// Marks `from_version` bad, its deployment ROLLED_BACK, and deploys
-    /// `target`'s release: a request's (`requested_by`) or the server's
-    /// automatic rollback. Returns the new deployment's id.
+    /// Marks the current version bad and its deployment ROLLED_BACK, then
+    /// deploys `target`'s release (trigger ROLLBACK). Returns the new
+    /// deployment's id. A retry after a failure in between redoes each
+    /// step (both marks are no-ops the second time).
     async fn roll_back_to(
         &self,
         env: &Environment,
-        from_version: &str,
-        from_deployment: Option<&str>,
+        current: &Succeeded,
         target: &Succeeded,
-        requested_by: Option<String>,
+        requested_by: String,
         reason: String,
     ) -> DomainResult<String> {
         let source = self.get(&target.deployment_id).await?;
-        let of = from_deployment.unwrap_or(&target.deployment_id).to_string();
-        self.mark_bad(&source.service, from_version, &of).await?;
-        let actor = actor_of(requested_by.as_deref());
+        self.mark_bad(&source.service, &current.version, &current.deployment_id).await?;
+        let actor = actor_of(Some(&requested_by));
         let why = if reason.is_empty() { format!("rolled back to {}", target.version) } else { reason.clone() };
-        if let Some(from) = from_deployment {
-            self.update(from, |d| {
-                matches!(d.state, DeploymentState::Succeeded | DeploymentState::Failed)
-                    .then(|| (DeploymentState::RolledBack, actor.clone(), why.clone()))
-            })
-            .await?;
-        }
-        let (trigger, requester) = match requested_by {
-            Some(who) => (Trigger::Rollback { of }, who),
-            None => (Trigger::AutoRollback { of }, source.requested_by.clone()),
-        };
-        let reason = if reason.is_empty() { format!("rollback from {from_version}") } else { reason };
-        self.deploy(source.release(), env, trigger, requester, reason).await
+        self.update(&current.deployment_id, |d| {
+            matches!(d.state, DeploymentState::Succeeded | DeploymentState::Failed)
+                .then(|| (DeploymentState::RolledBack, actor.clone(), why.clone()))
+        })
+        .await?;
+        let trigger = Trigger::Rollback { of: current.deployment_id.clone() };
+        let reason = if reason.is_empty() { format!("rollback from {}", current.version) } else { reason };
+        self.deploy(source.release(), env, trigger, requested_by, reason).await
     }
 
     /// Every (service, environment) that has an active or waiting
@@ -573,24 +580,25 @@ impl Deployments {
         Err(lost_races("the rollout"))
     }
 
-    /// Frees the slot of a failed rollout, first rolling back if its
-    /// environment says so and there is a good version to go back to.
+    /// Frees the slot of a failed rollout or, if its environment rolls
+    /// back automatically and a good version succeeded there, hands the
+    /// slot to a rollback deployment. That deployment's id is derived from
+    /// the failed one, its record is written first, and the slot moves to
+    /// it in one conditional write: a crash or a race at any point leaves
+    /// either nothing or the same one rollback, never two or none.
     async fn after_failure(&self, failed: &Deployment, mut rollout: Versioned<Rollout>) -> DomainResult<()> {
         let key = Rollout::key(&failed.service, &failed.environment);
         let env = self.environment(&failed.environment).await.ok();
         let auto = env.as_ref().is_some_and(|e| e.auto_rollback);
         // A rollback that fails is not rolled back again.
-        let is_rollback = matches!(failed.trigger, Trigger::AutoRollback { .. });
+        let is_rollback = matches!(failed.trigger, Trigger::AutoRollback { .. } | Trigger::Rollback { .. });
         if let (true, false, Some(env)) = (auto, is_rollback, env) {
             let marks = self.marks(&failed.service).await?.value;
             match plan_rollback(&rollout.value, &marks, &failed.version, None) {
                 Ok(target) => {
-                    // Frees the slot first so the rollback deployment takes it.
-                    rollout.value.active = None;
-                    if put(self.store(), ROLLOUTS, &key, &rollout.value, rollout.version).await? == Put::Applied {
-                        let reason = format!("automatic rollback: rollout of {} failed", failed.version);
-                        self.roll_back_to(&env, &failed.version, Some(&failed.id), &target, None, reason).await?;
-                    }
+                    let rollback = self.auto_rollback_of(failed, &env, &target).await?;
+                    rollout.value.active = Some(rollback);
+                    put(self.store(), ROLLOUTS, &key, &rollout.value, rollout.version).await?;
                     return Ok(());
                 }
                 Err(why) => tracing::warn!(deployment = %failed.id, %why, "no automatic rollback"),
@@ -601,10 +609,68 @@ impl Deployments {
         Ok(())
     }
 
+    /// The stored automatic rollback of `failed` (written now if it is not
+    /// yet): its id.
+    async fn auto_rollback_of(
+        &self,
+        failed: &Deployment,
+        env: &Environment,
+        target: &Succeeded,
+    ) -> DomainResult<String> {
+        let at = failed.finish_time.unwrap_or(failed.update_time);
+        let unique = crate::ids::derived_id(at, failed.id.as_bytes());
+        let id = deployment_id(&failed.service, &unique);
+        if get::<Deployment>(self.store(), &deployments(&failed.service), &unique).await?.is_some() {
+            return Ok(id);
+        }
+        let source = self.get(&target.deployment_id).await?;
+        let new = NewDeployment {
+            id: id.clone(),
+            release: source.release(),
+            environment: env.name.clone(),
+            trigger: Trigger::AutoRollback { of: failed.id.clone() },
+            requested_by: failed.requested_by.clone(),
+            reason: format!("automatic rollback: the rollout of {} failed", failed.version),
+            actor: SYSTEM_ACTOR.to_string(),
+        };
+        let deployment = Deployment::new(new, self.clock.now());
+        // Lost to another pass writing the same record: the same rollback.
+        put(self.store(), &deployments(&failed.service), &unique, &deployment, 0).await?;
+        Ok(id)
+    }
+
+    /// What a rollback deployment rolls back: its version is marked bad and
+    /// its deployment ROLLED_BACK (again after a crash: both are no-ops the
+    /// second time).
+    async fn settle_rollback(&self, rollback: &Deployment) -> DomainResult<()> {
+        let (Trigger::Rollback { of } | Trigger::AutoRollback { of }) = &rollback.trigger else { return Ok(()) };
+        let from = match self.get(of).await {
+            Ok(from) => from,
+            Err(DomainError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        self.mark_bad(&from.service, &from.version, of).await?;
+        let actor = rollback.events.first().map_or_else(|| SYSTEM_ACTOR.to_string(), |e| e.actor.clone());
+        let why = format!("rolled back to {} by {}", rollback.version, rollback.id);
+        self.update(of, |d| {
+            matches!(d.state, DeploymentState::Succeeded | DeploymentState::Failed)
+                .then(|| (DeploymentState::RolledBack, actor.clone(), why.clone()))
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Creates the active deployment's rollout job (once: the job's
     /// idempotency key is the deployment's id) and marks it QUEUED; a job
     /// that cannot be created (its pool is gone) fails the deployment.
     async fn start(&self, deployment: &Deployment) -> DomainResult<()> {
+        self.settle_rollback(deployment).await?;
+        // Marked bad while it waited (a rollback of the same service).
+        let marks = self.marks(&deployment.service).await?.value;
+        if marks.is_bad(&deployment.version) {
+            let reason = format!("{}@{} was marked bad while it waited", deployment.service, deployment.version);
+            return self.fail(&deployment.id, reason).await;
+        }
         let env = match self.environment(&deployment.environment).await {
             Ok(env) => env,
             Err(DomainError::NotFound { .. }) => {

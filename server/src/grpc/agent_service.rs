@@ -22,7 +22,7 @@ use super::page_token::{self, Listing};
 use super::session_secrets::SessionSecrets;
 use super::status::to_status;
 use super::stream_messages::{hello_in, inbound_in, push_out};
-use crate::domain::{validate, DomainResult};
+use crate::domain::{validate, DomainResult, Failure};
 use crate::engine::{AgentInbound, AgentListFilter, EngineHandle, HelloInfo};
 use crate::secrets::SecretsKey;
 
@@ -58,44 +58,65 @@ fn session_pushes(
     pushed: mpsc::UnboundedReceiver<crate::engine::AgentPush>,
     fatal: oneshot::Receiver<Status>,
     secrets: Arc<SessionSecrets>,
+    engine: EngineHandle,
 ) -> impl Stream<Item = Result<pb::ConnectResponse, Status>> {
     // The state is `None` once the fatal status was sent: nothing follows
     // it. The reader's channel is dropped once the reader ended without a
     // violation; pushes then go on until the engine drops the session.
-    futures::stream::unfold(Some((pushed, Some(fatal), secrets)), |state| async move {
-        let (mut pushed, mut fatal, secrets) = state?;
+    futures::stream::unfold(Some((pushed, Some(fatal), secrets, engine)), |state| async move {
+        let (mut pushed, mut fatal, secrets, engine) = state?;
         loop {
-            let Some(reader) = fatal.as_mut() else {
-                let push = pushed.recv().await?;
-                let out = delivered(push, &secrets).await;
-                return Some((Ok(out), Some((pushed, None, secrets))));
-            };
-            tokio::select! {
-                biased;
-                status = reader => match status {
-                    Ok(status) => return Some((Err(status), None)),
-                    Err(_) => fatal = None,
+            let push = match fatal.as_mut() {
+                None => pushed.recv().await?,
+                Some(reader) => tokio::select! {
+                    biased;
+                    status = reader => match status {
+                        Ok(status) => return Some((Err(status), None)),
+                        Err(_) => {
+                            fatal = None;
+                            continue;
+                        }
+                    },
+                    push = pushed.recv() => push?,
                 },
-                push = pushed.recv() => {
-                    let out = delivered(push?, &secrets).await;
-                    return Some((Ok(out), Some((pushed, fatal, secrets))));
-                }
+            };
+            // A push that is not sent (a job failed for its secrets) is
+            // skipped: the next one is waited for.
+            if let Some(out) = delivered(push, &secrets, &engine).await {
+                return Some((Ok(out), Some((pushed, fatal, secrets, engine))));
             }
         }
     })
 }
 
-/// A push on the wire; an Assignment gets its job's secrets.
-async fn delivered(push: crate::engine::AgentPush, secrets: &SessionSecrets) -> pb::ConnectResponse {
+/// A push on the wire; an Assignment gets its job's secrets. A job whose
+/// secrets cannot be opened is failed instead of run without them
+/// (`None`: nothing is sent).
+async fn delivered(
+    push: crate::engine::AgentPush,
+    secrets: &SessionSecrets,
+    engine: &EngineHandle,
+) -> Option<pb::ConnectResponse> {
     let values = match &push {
-        crate::engine::AgentPush::Assign(job) => secrets.for_assignment(job).await,
+        crate::engine::AgentPush::Assign(job) => match secrets.for_assignment(job).await {
+            Ok(values) => values,
+            Err(error) => {
+                let error = format!("its secrets could not be opened: {error}");
+                tracing::error!(job = %job.id, %error, "failing a job instead of running it without its secrets");
+                let failure = Failure::Reported { retryable: false, exit_code: None };
+                if let Err(e) = engine.fail(job.attempt_ref(), error, failure).await {
+                    tracing::warn!(job = %job.id, error = %e, "could not fail the job");
+                }
+                return None;
+            }
+        },
         _ => Default::default(),
     };
     let mut out = push_out(push);
     if let Some(connect_response::Message::Assignment(assignment)) = out.message.as_mut() {
         assignment.secrets = values.into_iter().collect();
     }
-    out
+    Some(out)
 }
 
 /// Messages forwarded to the engine in one command at most.
@@ -266,7 +287,7 @@ impl AgentService for AgentApi {
         // the stream with that status).
         let counted = crate::telemetry::AgentStreamGuard::open();
         let held = (permit, counted); // released when the stream is dropped
-        let pushes = session_pushes(pushed, fatal_rx, secrets).map(move |p| {
+        let pushes = session_pushes(pushed, fatal_rx, secrets, self.engine.clone()).map(move |p| {
             let _held = &held;
             p
         });

@@ -100,6 +100,28 @@ impl DashboardApi {
     }
 }
 
+/// A page's deployments as `convert` makes them, cut where the page would
+/// pass [`MAX_PAGE_BYTES`] (a rollout spec may hold 300 KB), with where
+/// the next page starts.
+fn within_page_bytes<T>(
+    page: crate::deploy::DeploymentPage,
+    convert: impl Fn(&crate::domain::deploy::Deployment) -> T,
+) -> (Vec<T>, Option<String>) {
+    let mut bytes = 0;
+    let mut out = Vec::with_capacity(page.deployments.len());
+    for (i, d) in page.deployments.iter().enumerate() {
+        let wire = convert(d);
+        bytes += deployment_out(d).encoded_len();
+        if i > 0 && bytes > MAX_PAGE_BYTES {
+            // Resume after the last one sent.
+            let next = page.deployments[i - 1].id.split_once('/').map(|(_, unique)| unique.to_string());
+            return (out, next);
+        }
+        out.push(wire);
+    }
+    (out, page.next)
+}
+
 fn out(job: &Job) -> Result<pb::Job, Status> {
     job_out(job).ok_or_else(|| Status::internal(format!("job {} lost its dashboard record", job.id)))
 }
@@ -113,6 +135,14 @@ impl DashboardService for DashboardApi {
         let (mut spec, dashboard) = dc::create_in(request.get_ref()).map_err(to_status)?;
         let secrets = dc::secrets_in(request.get_ref()).map_err(to_status)?;
         if !secrets.is_empty() {
+            // Checked before anything is sealed and stored for it.
+            self.engine.get_pool(spec.routing.pool.clone()).await.map_err(|e| match e {
+                DomainError::NotFound { .. } => to_status(DomainError::NotFound {
+                    kind: "pool",
+                    id: format!("{} (in routing.pool; create it with CreateAgentPool)", spec.routing.pool),
+                }),
+                other => to_status(other),
+            })?;
             self.seal_secrets(&mut spec, &secrets).await.map_err(to_status)?;
         }
         let (job, created) = self.create(spec, dashboard).await.map_err(to_status)?;
@@ -302,9 +332,10 @@ impl DashboardService for DashboardApi {
         let limit = validate::page_size("page_size", req.page_size).map_err(to_status)?;
         let after = page_token::decode(Listing::Deployments, &req.page_token).map_err(to_status)?;
         let page = self.deployments.list(&service, environment.as_deref(), after, limit).await.map_err(to_status)?;
+        let (deployments, next) = within_page_bytes(page, deployment_out);
         Ok(Response::new(pb::ListDeploymentsResponse {
-            deployments: page.deployments.iter().map(deployment_out).collect(),
-            next_page_token: page_token::encode(Listing::Deployments, page.next.as_deref()),
+            deployments,
+            next_page_token: page_token::encode(Listing::Deployments, next.as_deref()),
         }))
     }
 
@@ -359,7 +390,8 @@ impl DashboardService for DashboardApi {
         let (deployments, next) = if req.deployment_id.is_empty() {
             let page =
                 self.deployments.list(&service, environment.as_deref(), after, limit).await.map_err(to_status)?;
-            (page.deployments, page.next)
+            let (kept, next) = within_page_bytes(page, |d| d.clone());
+            (kept, next)
         } else {
             let d = self.deployments.get(&req.deployment_id).await.map_err(to_status)?;
             if d.service != service || environment.as_ref().is_some_and(|e| *e != d.environment) {

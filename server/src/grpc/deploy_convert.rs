@@ -28,8 +28,10 @@ pub fn reason_in(field: &str, value: &str) -> DomainResult<String> {
     Ok(value.to_string())
 }
 
-/// A rollout spec; `None` when it is unset or names no command (a
-/// deployment of a stored release).
+/// A rollout spec; `None` when it is unset or empty (a deployment of a
+/// stored release). A spec with other fields but no command is kept: it
+/// is compared with the stored one (a release never changes) or refused
+/// for a new release.
 pub fn rollout_in(spec: Option<&pb::RolloutSpec>) -> DomainResult<Option<RolloutSpec>> {
     let Some(spec) = spec else { return Ok(None) };
     if spec.env.len() > MAX_ROLLOUT_ENV {
@@ -59,7 +61,7 @@ pub fn rollout_in(spec: Option<&pb::RolloutSpec>) -> DomainResult<Option<Rollout
             ));
         }
     }
-    if spec.command.is_empty() {
+    if *spec == pb::RolloutSpec::default() {
         return Ok(None);
     }
     Ok(Some(RolloutSpec {
@@ -166,7 +168,10 @@ mod tests {
     #[test]
     fn rollout_specs_are_checked_under_their_own_field_names() {
         assert_eq!(rollout_in(None).ok(), Some(None));
-        assert_eq!(rollout_in(Some(&spec(""))).ok(), Some(None), "no command: the stored release");
+        assert_eq!(rollout_in(Some(&spec(""))).ok(), Some(None), "an empty spec: the stored release");
+        let partial = pb::RolloutSpec { max_attempts: 7, ..Default::default() };
+        let kept = rollout_in(Some(&partial)).ok().flatten().map(|r| (r.command, r.max_attempts));
+        assert_eq!(kept, Some((String::new(), 7)), "a partial spec is compared, not dropped");
         let ok = rollout_in(Some(&spec("deploy.sh"))).ok().flatten().map(|r| r.max_attempts);
         assert_eq!(ok, Some(validate::DEFAULT_MAX_ATTEMPTS));
         let mut bad = spec("x");

@@ -14,7 +14,7 @@ use super::convert::{self, job_out};
 use super::page_token::{self, Listing};
 use super::status::to_status;
 use super::{event_cursor, watch};
-use crate::domain::{validate, DomainError, Failure};
+use crate::domain::{validate, DomainError, DomainResult, Failure};
 use crate::engine::{ClaimRequest, EngineHandle};
 use crate::store::JobFilter;
 
@@ -37,6 +37,19 @@ fn states_in(field: &str, states: &[i32]) -> Result<Vec<crate::domain::JobState>
     convert::distinct(field, states, crate::domain::JobState::ALL.len(), convert::state_in).map_err(to_status)
 }
 
+/// Queues named `tether.*` hold the server's own jobs (`tether.jobs`:
+/// DashboardService jobs, whose payload may name sealed secrets and whose
+/// idempotency keys name deployments): nobody enqueues into them by hand.
+fn not_reserved(queue: &str) -> DomainResult<()> {
+    if queue.starts_with("tether.") {
+        return Err(DomainError::FailedPrecondition(format!(
+            "queue {queue} is reserved for the server's own jobs (tether.jobs: create them with \
+             DashboardService.CreateJob)"
+        )));
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl QueueService for QueueApi {
     async fn enqueue_job(
@@ -44,6 +57,7 @@ impl QueueService for QueueApi {
         request: Request<pb::EnqueueJobRequest>,
     ) -> Result<Response<pb::EnqueueJobResponse>, Status> {
         let spec = convert::job_spec_in(request.get_ref()).map_err(to_status)?;
+        not_reserved(&spec.queue).map_err(to_status)?;
         let mut jobs = self.engine.enqueue(vec![spec]).await.map_err(to_status)?;
         let (job, created) = jobs.pop().ok_or_else(|| Status::internal("enqueue returned no job"))?;
         Ok(Response::new(pb::EnqueueJobResponse { job: Some(job_out(&job)), created }))
@@ -69,6 +83,9 @@ impl QueueService for QueueApi {
             .map(|(i, r)| convert::job_spec_in(r).map_err(|e| e.under(&format!("requests[{i}]."))))
             .collect::<Result<Vec<_>, _>>()
             .map_err(to_status)?;
+        for (i, spec) in specs.iter().enumerate() {
+            not_reserved(&spec.queue).map_err(|e| Status::failed_precondition(format!("requests[{i}].queue: {e}")))?;
+        }
         let jobs = self.engine.enqueue(specs).await.map_err(to_status)?;
         Ok(Response::new(pb::BatchEnqueueJobsResponse {
             created: jobs.iter().map(|(_, c)| *c).collect(),

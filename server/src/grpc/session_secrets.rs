@@ -35,7 +35,11 @@ impl SessionSecrets {
     fn remember(&self, job_id: &str, masker: Option<Arc<Masker>>) {
         let mut jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
         if jobs.len() >= MAX_JOBS {
-            jobs.clear();
+            // One entry goes (it is opened again if its job still sends
+            // output): jobs in flight keep theirs.
+            if let Some(any) = jobs.keys().next().cloned() {
+                jobs.remove(&any);
+            }
         }
         jobs.insert(job_id.to_string(), masker);
     }
@@ -49,67 +53,80 @@ impl SessionSecrets {
     }
 
     /// The secrets to put in `job`'s Assignment (empty for a job without),
-    /// remembered for masking its output.
-    pub async fn for_assignment(&self, job: &Job) -> BTreeMap<String, String> {
-        let values = self.open(job).await;
-        let masker = (!values.is_empty()).then(|| Arc::new(Masker::new(values.values().map(String::as_str))));
-        self.remember(&job.id, masker);
-        values
+    /// remembered for masking its output. `Err` says why a job with
+    /// secrets cannot have them: it must not run without them.
+    pub async fn for_assignment(&self, job: &Job) -> Result<BTreeMap<String, String>, String> {
+        let values = self.open(job).await?;
+        self.remember(&job.id, masker_of(&values));
+        Ok(values)
     }
 
-    async fn open(&self, job: &Job) -> BTreeMap<String, String> {
-        if job.spec.queue != DASHBOARD_QUEUE {
-            return BTreeMap::new();
+    /// The job's secrets: only a dashboard job's (a job enqueued by hand
+    /// cannot borrow another job's sealed record by naming it).
+    async fn open(&self, job: &Job) -> Result<BTreeMap<String, String>, String> {
+        if job.spec.queue != DASHBOARD_QUEUE || job.dashboard.is_none() {
+            return Ok(BTreeMap::new());
         }
         let Some(reference) = ShellCommand::from_payload(&job.spec.payload).secrets.map(|s| s.reference) else {
-            return BTreeMap::new();
+            return Ok(BTreeMap::new());
         };
         let Some(key) = &self.key else {
-            tracing::error!(job = %job.id, "a job has secrets but this server has no secrets key; it runs without them");
-            return BTreeMap::new();
+            return Err("this server has no secrets key (--secrets-key-file)".to_string());
         };
         let sealed = records::get::<Sealed>(self.engine.store().as_ref(), secrets::COLLECTION, &reference).await;
-        let opened = match sealed {
+        match sealed {
             Ok(Some(sealed)) => key.open(&reference, &sealed.value).map_err(|e| e.to_string()),
             Ok(None) => Err("its sealed secrets are missing".to_string()),
             Err(e) => Err(e.to_string()),
-        };
-        opened.unwrap_or_else(|error| {
-            tracing::error!(job = %job.id, %error, "a job's secrets could not be opened; it runs without them");
-            BTreeMap::new()
-        })
+        }
     }
 
-    /// Masks the output messages of `batch` (and forgets finished jobs).
+    /// The masker of a job this session may not have assigned (it resumed
+    /// the job after a reconnect, or forgot it): opened once now.
+    async fn masker(&self, job_id: &str) -> Option<Arc<Masker>> {
+        if let Some(masker) = self.known(job_id) {
+            return masker;
+        }
+        // A job the engine does not know is refused by the engine itself.
+        let stored = self.engine.get_job(job_id).await.ok()?;
+        let masker = match self.open(&stored).await {
+            Ok(values) => masker_of(&values),
+            Err(error) => {
+                // Its values never reached this agent through this server
+                // (an assignment that cannot open them is failed instead).
+                tracing::warn!(job = %job_id, %error, "cannot open a job's secrets to mask its output");
+                None
+            }
+        };
+        self.remember(job_id, masker.clone());
+        masker
+    }
+
+    /// Masks what the agent reports of its jobs (output, progress, result,
+    /// error, a rejection's reason) before the engine stores or logs it,
+    /// and forgets finished jobs.
     pub async fn mask(&self, batch: &mut [AgentInbound]) {
         for message in batch {
             match message {
                 AgentInbound::Log { job, data, .. } => {
-                    let masker = match self.known(&job.job_id) {
-                        Some(masker) => masker,
-                        // Not assigned through this session (it resumed the
-                        // job after a reconnect): opened once now.
-                        None => match self.engine.get_job(&job.job_id).await {
-                            Ok(stored) => {
-                                let values = self.open(&stored).await;
-                                let masker = (!values.is_empty())
-                                    .then(|| Arc::new(Masker::new(values.values().map(String::as_str))));
-                                self.remember(&job.job_id, masker.clone());
-                                masker
-                            }
-                            // The engine refuses the message itself.
-                            Err(_) => None,
-                        },
-                    };
-                    if let Some(masker) = masker {
+                    if let Some(masker) = self.masker(&job.job_id).await {
                         *data = Bytes::from(masker.mask(data));
                     }
                 }
+                AgentInbound::Progress { job, message, .. } => {
+                    if let Some(masker) = self.masker(&job.job_id).await {
+                        *message = mask_text(&masker, message);
+                    }
+                }
+                AgentInbound::AssignmentAck { job, reason, .. } => {
+                    if let Some(masker) = self.masker(&job.job_id).await {
+                        *reason = mask_text(&masker, reason);
+                    }
+                }
                 AgentInbound::Finished { job, result, error, .. } => {
-                    // Its result and error are stored and shown too.
-                    if let Some(Some(masker)) = self.known(&job.job_id) {
+                    if let Some(masker) = self.masker(&job.job_id).await {
                         *result = Bytes::from(masker.mask(result));
-                        *error = String::from_utf8_lossy(&masker.mask(error.as_bytes())).into_owned();
+                        *error = mask_text(&masker, error);
                     }
                     self.forget(&job.job_id);
                 }
@@ -117,4 +134,13 @@ impl SessionSecrets {
             }
         }
     }
+}
+
+fn masker_of(values: &BTreeMap<String, String>) -> Option<Arc<Masker>> {
+    let masker = Masker::new(values.values().map(String::as_str));
+    (!masker.is_empty()).then(|| Arc::new(masker))
+}
+
+fn mask_text(masker: &Masker, text: &str) -> String {
+    String::from_utf8_lossy(&masker.mask(text.as_bytes())).into_owned()
 }
