@@ -14,4 +14,5 @@ pub mod log_limit;
 pub mod secrets;
 pub mod server;
 pub mod store;
+pub mod summary;
 pub mod telemetry;

@@ -186,6 +186,7 @@ impl Tether {
         let deployments = crate::deploy::Deployments::new(engine.clone(), parts.clock.clone());
         // Its task ends at shutdown, with the streams.
         crate::deploy::follow::spawn(deployments.clone(), DEPLOYMENT_POLL, stopping.clone());
+        crate::summary::spawn(engine.clone(), DEPLOYMENT_POLL, stopping.clone());
         let dashboard = DashboardServiceServer::new(DashboardApi::new(
             engine.clone(),
             deployments,

@@ -465,3 +465,58 @@ async fn deployment_listings_page_without_skips_or_repeats() {
         assert_eq!(seen, want, "filter {filter:?}: newest first, each once");
     }
 }
+
+/// Polls GetSummary until `done` holds for it.
+async fn wait_summary(
+    d: &Dashboard,
+    what: &str,
+    done: impl Fn(&pb::GetSummaryResponse) -> bool,
+) -> pb::GetSummaryResponse {
+    let done = &done;
+    tether_tests::wait_until(what, || {
+        let mut d = d.clone();
+        async move { d.get_summary(pb::GetSummaryRequest {}).await.is_ok_and(|r| done(r.get_ref())) }
+    })
+    .await;
+    d.clone().get_summary(pb::GetSummaryRequest {}).await.expect("summary").into_inner()
+}
+
+#[tokio::test]
+async fn the_summary_counts_deployments_restores_and_the_last_day_of_jobs() {
+    let dir = DataDir::new();
+    let (_server, mut d, _agents) = two_stages(&dir).await;
+    put_env(&mut d, "canary", "staging", "", false).await;
+    let ok = create(&mut d, deploy("shop", "v1", "canary", "true")).await;
+    wait_state(&d, &ok.id, S::Succeeded).await;
+    let broken = create(&mut d, deploy("shop", "v2", "canary", "exit 1")).await;
+    wait_state(&d, &broken.id, S::Failed).await;
+    let fixed = create(&mut d, deploy("shop", "v3", "canary", "true")).await;
+    wait_state(&d, &fixed.id, S::Succeeded).await;
+
+    let summary = wait_summary(&d, "the summary to count the restore and the jobs", |s| {
+        let shop = s.services.iter().find(|x| x.service == "shop");
+        shop.is_some_and(|x| x.restores == 1 && x.deployments_last_24h == 2)
+            && s.last_24h.as_ref().is_some_and(|w| w.succeeded == 2 && w.failed == 1 && w.started == 3)
+    })
+    .await;
+    let shop = summary.services.iter().find(|x| x.service == "shop").expect("shop");
+    assert_eq!(shop.deployments_last_30d, 2);
+    assert!(shop.mean_time_to_restore.is_some() && shop.last_time_to_restore.is_some());
+    assert_eq!(shop.bad_versions, 0);
+    let day = summary.last_24h.expect("window");
+    assert_eq!(day.success_rate, Some(2.0 / 3.0));
+    assert!(day.queue_wait_p50.is_some() && day.queue_wait_p95.is_some());
+    let by_status = |status: pb::JobStatus| summary.jobs.iter().find(|j| j.status == status as i32).map(|j| j.count);
+    assert_eq!(by_status(pb::JobStatus::Success), Some(2), "the rollout jobs, by status");
+    assert_eq!(by_status(pb::JobStatus::Failed), Some(1));
+    assert_eq!(by_status(pb::JobStatus::Pending), Some(0));
+    let healthy: u64 = summary
+        .agents
+        .iter()
+        .filter(|a| a.health == pb::AgentHealth::Healthy as i32 || a.health == pb::AgentHealth::Registering as i32)
+        .map(|a| a.connected)
+        .sum();
+    assert_eq!(healthy, 2, "both agents are connected: {:?}", summary.agents);
+    assert_eq!(summary.queue_depth.len(), 4, "every priority, zeros included");
+    assert!(summary.queue_depth.iter().all(|p| p.count == 0));
+}

@@ -326,17 +326,44 @@ impl Deployments {
     }
 
     async fn mark_bad(&self, service: &str, version: &str, by: &str) -> DomainResult<()> {
+        let now = self.clock.now();
+        self.update_marks(service, |m| {
+            let new = !m.is_bad(version);
+            if new {
+                m.mark(version, by, now);
+            }
+            new
+        })
+        .await
+    }
+
+    /// Applies `change` to the service's record, again after a lost race;
+    /// `change` says whether it changed anything (nothing is written if not).
+    async fn update_marks(&self, service: &str, change: impl Fn(&mut ServiceMarks) -> bool) -> DomainResult<()> {
         for _ in 0..MAX_RACES {
             let mut marks = self.marks(service).await?;
-            if marks.value.is_bad(version) {
+            if !change(&mut marks.value) {
                 return Ok(());
             }
-            marks.value.mark(version, by, self.clock.now());
             if put(self.store(), SERVICES, service, &marks.value, marks.version).await? == Put::Applied {
                 return Ok(());
             }
         }
-        Err(lost_races("the service's marks"))
+        Err(lost_races("the service's record"))
+    }
+
+    /// Every service's record, by name (GetSummary).
+    pub async fn services(&self) -> DomainResult<Vec<(String, ServiceMarks)>> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page =
+                list::<ServiceMarks>(self.store(), SERVICES, RecordOrder::Ascending, after.as_deref(), 500).await?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            all.extend(page.into_iter().map(|(name, v)| (name, v.value)));
+        }
+        Ok(all)
     }
 
     pub async fn get(&self, id: &str) -> DomainResult<Deployment> {
@@ -519,6 +546,11 @@ impl Deployments {
         Ok(busy)
     }
 
+    /// The time by the clock deployments are stamped with.
+    pub fn now(&self) -> std::time::SystemTime {
+        self.clock.now()
+    }
+
     pub fn nudged(&self) -> Arc<Notify> {
         self.nudge.clone()
     }
@@ -558,6 +590,8 @@ impl Deployments {
                     }
                 }
                 DeploymentState::Succeeded => {
+                    let at = deployment.finish_time.unwrap_or(deployment.update_time);
+                    self.update_marks(service, |m| m.succeeded(&deployment.id, environment, at)).await?;
                     if !rollout.value.succeeded.iter().any(|s| s.deployment_id == deployment.id) {
                         rollout.value.remember(Succeeded {
                             version: deployment.version.clone(),
@@ -568,10 +602,17 @@ impl Deployments {
                     rollout.value.active = None;
                     put(self.store(), ROLLOUTS, &key, &rollout.value, rollout.version).await?;
                 }
-                DeploymentState::Failed if rollout.value.waiting.is_none() => {
-                    self.after_failure(&deployment, rollout).await?;
+                DeploymentState::Failed => {
+                    let at = deployment.finish_time.unwrap_or(deployment.update_time);
+                    self.update_marks(service, |m| m.failed(environment, at)).await?;
+                    if rollout.value.waiting.is_none() {
+                        self.after_failure(&deployment, rollout).await?;
+                    } else {
+                        rollout.value.active = None;
+                        put(self.store(), ROLLOUTS, &key, &rollout.value, rollout.version).await?;
+                    }
                 }
-                DeploymentState::Failed | DeploymentState::RolledBack | DeploymentState::Superseded => {
+                DeploymentState::RolledBack | DeploymentState::Superseded => {
                     rollout.value.active = None;
                     put(self.store(), ROLLOUTS, &key, &rollout.value, rollout.version).await?;
                 }

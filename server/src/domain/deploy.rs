@@ -303,10 +303,18 @@ impl Rollout {
     }
 }
 
-/// Versions of a service marked bad by rollbacks.
+/// A service's own record: versions marked bad by rollbacks, and the
+/// figures of its deployments kept as they happen (GetSummary).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ServiceMarks {
     pub bad: BTreeMap<String, BadVersion>,
+    /// Succeeded deployments of the last [`super::summary::DEPLOY_WINDOW`],
+    /// by id (counted once however often a pass sees them).
+    pub deployed: BTreeMap<String, SystemTime>,
+    /// Per environment: since when its rollouts have been failing.
+    pub failing_since: BTreeMap<String, SystemTime>,
+    /// Recent times to restore (failing to succeeding again), newest last.
+    pub restores: Vec<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -319,6 +327,45 @@ pub struct BadVersion {
 impl ServiceMarks {
     pub fn is_bad(&self, version: &str) -> bool {
         self.bad.contains_key(version)
+    }
+
+    /// A rollout failed in `environment` at `at`; `false` if that was
+    /// known (it has been failing since earlier).
+    pub fn failed(&mut self, environment: &str, at: SystemTime) -> bool {
+        if self.failing_since.contains_key(environment) {
+            return false;
+        }
+        self.failing_since.insert(environment.to_string(), at);
+        true
+    }
+
+    /// A deployment succeeded in `environment` at `at`: counted, and if
+    /// the environment was failing, a restore; `false` if counted before.
+    pub fn succeeded(&mut self, deployment_id: &str, environment: &str, at: SystemTime) -> bool {
+        if self.deployed.contains_key(deployment_id) {
+            return false;
+        }
+        let horizon = at.checked_sub(super::summary::DEPLOY_WINDOW).unwrap_or(std::time::UNIX_EPOCH);
+        self.deployed.retain(|_, t| *t >= horizon);
+        self.deployed.insert(deployment_id.to_string(), at);
+        if let Some(since) = self.failing_since.remove(environment) {
+            if self.restores.len() >= super::summary::MAX_RESTORES {
+                self.restores.remove(0);
+            }
+            self.restores.push(at.duration_since(since).unwrap_or(Duration::ZERO));
+        }
+        true
+    }
+
+    /// Deployments that succeeded at or after `since`.
+    pub fn deployments_since(&self, since: SystemTime) -> u64 {
+        self.deployed.values().filter(|t| **t >= since).count() as u64
+    }
+
+    /// The mean of the remembered restores.
+    pub fn mean_restore(&self) -> Option<Duration> {
+        let n = u32::try_from(self.restores.len()).ok().filter(|n| *n > 0)?;
+        Some(self.restores.iter().sum::<Duration>() / n)
     }
 
     pub fn mark(&mut self, version: &str, by: &str, now: SystemTime) {

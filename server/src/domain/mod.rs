@@ -7,6 +7,7 @@ pub mod deploy;
 pub mod error;
 pub mod job;
 pub mod pool;
+pub mod summary;
 pub mod validate;
 pub mod waiting;
 

@@ -19,6 +19,7 @@ use super::deploy_convert::{self as deploy_in, deployment_out, environment_out, 
 use super::job_logs::{self, LogCursor, LogRequest};
 use super::page_token::{self, Listing};
 use super::status::to_status;
+use super::summary_convert;
 use crate::deploy::{records, Deployments};
 use crate::domain::dashboard::{self, DashboardSpec, JobListFilter, SecretRef, ShellCommand, DASHBOARD_QUEUE};
 use crate::domain::{validate, waiting, DomainError, DomainResult, Job, JobSpec, JobState};
@@ -410,6 +411,25 @@ impl DashboardService for DashboardApi {
         Ok(Response::new(pb::ListDeploymentEventsResponse {
             events,
             next_page_token: page_token::encode(Listing::DeploymentEvents, next.as_deref()),
+        }))
+    }
+
+    async fn get_summary(
+        &self,
+        _request: Request<pb::GetSummaryRequest>,
+    ) -> Result<Response<pb::GetSummaryResponse>, Status> {
+        let now = self.deployments.now();
+        let dashboard = self.engine.stats(Some(DASHBOARD_QUEUE.to_string())).await.map_err(to_status)?;
+        let all = self.engine.stats(None).await.map_err(to_status)?;
+        let agents = self.engine.agent_counts().await.map_err(to_status)?;
+        let stats = crate::summary::job_stats(&self.engine).await.map_err(to_status)?;
+        let services = self.deployments.services().await.map_err(to_status)?;
+        Ok(Response::new(pb::GetSummaryResponse {
+            jobs: summary_convert::jobs_out(&dashboard.by_state),
+            agents: summary_convert::agents_out(&agents),
+            queue_depth: summary_convert::queue_depth_out(&all.queued_by_priority),
+            last_24h: Some(summary_convert::window_out(&stats, now)),
+            services: services.iter().map(|(name, marks)| summary_convert::service_out(name, marks, now)).collect(),
         }))
     }
 }

@@ -14,6 +14,7 @@ pub mod replica_service;
 pub mod session_secrets;
 pub mod status;
 pub mod stream_messages;
+pub mod summary_convert;
 mod watch;
 
 pub use agent_service::AgentApi;
