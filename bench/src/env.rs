@@ -6,11 +6,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
+use async_trait::async_trait;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use tether::v1 as pb;
 use tether::v1::queue_service_client::QueueServiceClient;
-use tether_agent_sdk::{Agent, AgentConfig, AgentError, AgentHandle, JobContext, JobResult};
+use tether_agent_sdk::{Agent, AgentConfig, AgentError, AgentHandle, JobContext, JobHandler, JobResult, LogStream};
 use tether_server::clock::{Clock, SystemClock};
 use tether_server::config::StoreKind;
 use tether_server::engine::EngineConfig;
@@ -46,6 +47,62 @@ pub struct EnvConfig {
     /// Where the server keeps its data; DynamoDB gets fresh tables per run.
     pub store: StoreKind,
     pub dynamodb_endpoint: Option<String>,
+    /// What the agents' handler does; `None`: report to the sink and
+    /// succeed at once.
+    pub output: Option<OutputWork>,
+    /// EngineConfig.max_job_output_bytes; `None`: the engine's default.
+    pub max_job_output_bytes: Option<u64>,
+}
+
+/// A handler that writes output as fast as the SDK takes it.
+#[derive(Clone, Copy, Debug)]
+pub struct OutputWork {
+    /// Output bytes every job writes.
+    pub bytes_per_job: u64,
+    /// Bytes per `JobContext::log` call.
+    pub chunk: usize,
+}
+
+/// Writes `bytes_per_job` bytes of text lines to stdout through
+/// `JobContext::log`, `chunk` bytes a call, then succeeds.
+struct WriteOutput {
+    bytes_per_job: u64,
+    /// One chunk of output, shared by every call (no copy per call).
+    chunk: Bytes,
+    sink: Arc<Sink>,
+}
+
+impl WriteOutput {
+    fn new(work: OutputWork, sink: Arc<Sink>) -> WriteOutput {
+        // Numbered 64-byte lines, as a build log might print.
+        let mut text = Vec::with_capacity(work.chunk + 64);
+        let mut line = 0u64;
+        while text.len() < work.chunk.max(1) {
+            text.extend_from_slice(
+                format!("tether-bench output line {line:>10} ...........................\n").as_bytes(),
+            );
+            line += 1;
+        }
+        text.truncate(work.chunk.max(1));
+        WriteOutput { bytes_per_job: work.bytes_per_job, chunk: Bytes::from(text), sink }
+    }
+}
+
+#[async_trait]
+impl JobHandler for WriteOutput {
+    async fn run(&self, job: JobContext) -> JobResult {
+        let mut left = self.bytes_per_job;
+        while left > 0 {
+            if job.is_cancelled() {
+                return JobResult::Cancelled;
+            }
+            let n = usize::try_from(left).unwrap_or(usize::MAX).min(self.chunk.len());
+            job.log(LogStream::Stdout, self.chunk.slice(..n)).await;
+            left -= n as u64;
+        }
+        self.sink.on_job(job.payload());
+        JobResult::Succeeded { result: Bytes::new() }
+    }
 }
 
 /// The measured store, wrapped in the commit probe when asked.
@@ -195,6 +252,9 @@ impl Env {
             engine: EngineConfig {
                 busy_commit_interval: config.commit_interval.unwrap_or(EngineConfig::default().busy_commit_interval),
                 commit_interval: config.idle_commit_interval.unwrap_or(EngineConfig::default().commit_interval),
+                max_job_output_bytes: config
+                    .max_job_output_bytes
+                    .unwrap_or(EngineConfig::default().max_job_output_bytes),
                 ..EngineConfig::default()
             },
             max_agent_streams: 1000,
@@ -228,14 +288,17 @@ impl Env {
 
         let mut handles: Vec<AgentHandle> = Vec::new();
         for i in 0..config.agents {
-            let agent_sink = sink.clone();
-            let agent = Agent::new(
-                AgentConfig::new(url.clone(), format!("bench-{i}")).with_slots(config.slots),
-                move |job: JobContext| {
-                    agent_sink.on_job(job.payload());
-                    async { JobResult::Succeeded { result: Bytes::new() } }
-                },
-            );
+            let agent_config = AgentConfig::new(url.clone(), format!("bench-{i}")).with_slots(config.slots);
+            let agent = match config.output {
+                None => {
+                    let agent_sink = sink.clone();
+                    Agent::new(agent_config, move |job: JobContext| {
+                        agent_sink.on_job(job.payload());
+                        async { JobResult::Succeeded { result: Bytes::new() } }
+                    })
+                }
+                Some(work) => Agent::new(agent_config, WriteOutput::new(work, sink.clone())),
+            };
             handles.push(agent.handle());
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
             env.agent_stops.push(stop_tx);

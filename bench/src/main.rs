@@ -16,12 +16,12 @@ use clap::Parser;
 use futures::future::{FutureExt as _, LocalBoxFuture};
 use serde_json::json;
 
-use crate::env::{Env, EnvConfig};
-use crate::phases::{Enqueue, Latency, Throughput};
+use crate::env::{Env, EnvConfig, OutputWork};
+use crate::phases::{Enqueue, Latency, Logs, Throughput};
 
 /// Benchmarks a Tether server end to end: batched and unbatched enqueue
 /// throughput until every job SUCCEEDED, dispatch latency at a fixed rate,
-/// and peak RSS.
+/// log throughput, and peak RSS.
 #[derive(Parser, Debug)]
 #[command(name = "tether-bench", version)]
 struct Args {
@@ -99,7 +99,26 @@ struct Args {
     /// DynamoDB endpoint for --store dynamodb (e.g. DynamoDB Local's).
     #[arg(long, value_name = "URL")]
     dynamodb_endpoint: Option<String>,
-    /// Skip measurements: any of batched, unbatched, single, backlog, latency.
+    /// Output of the logs phase in MiB: one agent (SDK handler calling
+    /// JobContext::log) writes it over --log-jobs dashboard jobs.
+    #[arg(long, default_value_t = 200)]
+    log_mib: u64,
+    /// Dashboard jobs the logs phase splits its output over, one follower
+    /// each; a job's share must fit the output cap (--max-job-output-mib).
+    #[arg(long, default_value_t = 16)]
+    log_jobs: u64,
+    /// Slots of the logs phase's agent: how many of its jobs write at once.
+    #[arg(long, default_value_t = 1)]
+    log_slots: u32,
+    /// Bytes per JobContext::log call in the logs phase.
+    #[arg(long, default_value_t = 64 * 1024)]
+    log_chunk: usize,
+    /// The server's output cap per dashboard job in MiB for the logs phase
+    /// (EngineConfig.max_job_output_bytes; default: the server's, 16 MiB).
+    #[arg(long, value_name = "MIB")]
+    max_job_output_mib: Option<u64>,
+    /// Skip measurements: any of batched, unbatched, single, backlog,
+    /// latency, logs.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
 }
@@ -111,6 +130,7 @@ struct Run {
     single: Option<(Throughput, Cpu)>,
     backlog: Option<f64>,
     latency: Option<(Latency, Cpu)>,
+    logs: Option<Logs>,
     peak_rss_bytes: u64,
 }
 
@@ -132,6 +152,21 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(args.runs >= 1, "--runs must be >= 1");
     anyhow::ensure!(args.jobs >= 1, "--jobs must be >= 1");
     anyhow::ensure!((1..=1000).contains(&args.batch_size), "--batch-size must be 1-1000");
+    anyhow::ensure!(args.log_jobs >= 1 && args.log_mib >= 1, "--log-jobs and --log-mib must be >= 1");
+    anyhow::ensure!(args.log_slots >= 1, "--log-slots must be >= 1");
+    anyhow::ensure!(
+        (1..=tether_agent_sdk::MAX_LOG_CHUNK).contains(&args.log_chunk),
+        "--log-chunk must be 1-{}",
+        tether_agent_sdk::MAX_LOG_CHUNK
+    );
+    let log_bytes_per_job = args.log_mib.saturating_mul(1 << 20) / args.log_jobs;
+    let log_cap = args.max_job_output_mib.map(|mib| mib.saturating_mul(1 << 20));
+    let cap = log_cap.unwrap_or(tether_server::engine::EngineConfig::default().max_job_output_bytes);
+    anyhow::ensure!(
+        log_bytes_per_job <= cap,
+        "a logs job's share ({log_bytes_per_job} bytes) exceeds the output cap ({cap} bytes): raise --log-jobs or \
+         --max-job-output-mib"
+    );
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let config = EnvConfig {
         agents: args.agents,
@@ -144,6 +179,16 @@ fn main() -> anyhow::Result<()> {
         probe_store: !args.no_store_probe,
         store: args.store,
         dynamodb_endpoint: args.dynamodb_endpoint.clone(),
+        output: None,
+        max_job_output_bytes: None,
+    };
+    // The logs phase: one agent whose handler writes output.
+    let log_config = EnvConfig {
+        agents: 1,
+        slots: args.log_slots,
+        output: Some(OutputWork { bytes_per_job: log_bytes_per_job, chunk: args.log_chunk }),
+        max_job_output_bytes: log_cap,
+        ..config.clone()
     };
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.client_threads.unwrap_or(cpus))
@@ -235,13 +280,22 @@ fn main() -> anyhow::Result<()> {
         if let Some((l, cpu)) = &latency {
             print_latency(r, l, cpu);
         }
+        let logs = if skip("logs") {
+            None
+        } else {
+            let (logs, _) = measure(&client_rt, &log_config, base, |env| {
+                phases::logs(env, args.log_jobs, log_bytes_per_job).boxed_local()
+            })?;
+            print_logs(r, &logs, &args, cap);
+            Some(logs)
+        };
         let peak_rss_bytes = probe::peak_rss_bytes()?;
         println!(
             "run {r}: peak RSS {:.1} MiB (VmHWM of the whole process: server, store, agents and clients{})",
             peak_rss_bytes as f64 / (1024.0 * 1024.0),
             if hwm_reset { "; reset at the start of the run" } else { "; cumulative, reset unsupported" }
         );
-        runs.push(Run { batched, unbatched, single, backlog, latency, peak_rss_bytes });
+        runs.push(Run { batched, unbatched, single, backlog, latency, logs, peak_rss_bytes });
     }
     client_rt.shutdown_timeout(std::time::Duration::from_secs(5));
 
@@ -339,6 +393,38 @@ fn print_latency(run: usize, l: &Latency, cpu: &Cpu) {
     );
 }
 
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn print_logs(run: usize, l: &Logs, args: &Args, cap: u64) {
+    println!(
+        "run {run}:      logs: {:.1} MiB in {} dashboard jobs of {:.2} MiB (cap {:.0} MiB), {} at a time, from one SDK agent in {} B log calls: stored {:.1} MiB/s (WatchQueue saw the last job end after {:.3} s), followers received {:.1} MiB/s (last stream ended after {:.3} s); server CPU {:.4} s/MiB",
+        mib(l.written),
+        l.jobs,
+        mib(l.written / l.jobs.max(1)),
+        mib(cap),
+        args.log_slots,
+        args.log_chunk,
+        l.stored_mib_per_sec(),
+        l.stored_elapsed.as_secs_f64(),
+        l.followed_mib_per_sec(),
+        l.followed_elapsed.as_secs_f64(),
+        l.server_cpu_sec_per_mib(),
+    );
+    let commits = l.store.commits.max(1) as f64;
+    println!(
+        "run {run}:      logs: store {} commits = {:.0} commits/s, {:.1} writes/commit, {:.2} MiB/commit, commit p50 {:.0} us p99 {:.0} us; {}",
+        l.store.commits,
+        l.store.commits as f64 / l.stored_elapsed.as_secs_f64().max(f64::MIN_POSITIVE),
+        l.store.writes as f64 / commits,
+        mib(l.stored) / commits,
+        l.commit_p50_us,
+        l.commit_p99_us,
+        cpu_line(&l.cpu, l.followed_elapsed.as_secs_f64()),
+    );
+}
+
 fn median(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
         return None;
@@ -392,6 +478,9 @@ fn summarize(runs: &[Run], args: &Args, fsync: &Fsync) -> serde_json::Value {
                 "p50_ms": round(lat(r, 0.5), 3),
                 "p99_ms": round(lat(r, 0.99), 3),
                 "p999_ms": round(lat(r, 0.999), 3),
+                "log_stored_mib_per_sec": round(r.logs.as_ref().map(Logs::stored_mib_per_sec), 1),
+                "log_followed_mib_per_sec": round(r.logs.as_ref().map(Logs::followed_mib_per_sec), 1),
+                "log_server_cpu_sec_per_mib": round(r.logs.as_ref().map(Logs::server_cpu_sec_per_mib), 4),
                 "peak_rss_bytes": r.peak_rss_bytes,
             })
         })
@@ -422,6 +511,13 @@ fn summarize(runs: &[Run], args: &Args, fsync: &Fsync) -> serde_json::Value {
         "batched_store_writes_per_job": round(of(&|r| per_job(&r.batched)), 2),
         "unbatched_commits_per_sec": round(of(&|r| commits_per_sec(&r.unbatched)), 0),
         "unbatched_job_writes_per_commit": round(of(&|r| per_commit(&r.unbatched)), 1),
+        "log_stored_mib_per_sec": round(of(&|r| r.logs.as_ref().map(Logs::stored_mib_per_sec)), 1),
+        "log_followed_mib_per_sec": round(of(&|r| r.logs.as_ref().map(Logs::followed_mib_per_sec)), 1),
+        "log_server_cpu_sec_per_mib": round(of(&|r| r.logs.as_ref().map(Logs::server_cpu_sec_per_mib)), 4),
+        "log_wall_secs": round(of(&|r| r.logs.as_ref().map(|l| l.followed_elapsed.as_secs_f64())), 3),
+        "log_mib": args.log_mib,
+        "log_jobs": args.log_jobs,
+        "log_slots": args.log_slots,
         "fsync_p50_us": round(Some(fsync.p50_us), 0),
         "fsync_p99_us": round(Some(fsync.p99_us), 0),
         "fsync_in_place_p50_us": round(Some(fsync.in_place_p50_us), 0),

@@ -1,5 +1,6 @@
-//! The three measurements. Each runs against a fresh [`Env`].
+//! The measurements. Each runs against a fresh [`Env`].
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -8,11 +9,12 @@ use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use tether::v1 as pb;
+use tether::v1::dashboard_service_client::DashboardServiceClient;
 use tether::v1::queue_service_client::QueueServiceClient;
 use tonic::transport::Channel;
 
 use crate::env::{wait_succeeded, Env, QUEUE};
-use crate::probe::{ns_histogram, StoreSnapshot};
+use crate::probe::{self, ns_histogram, StoreSnapshot};
 
 /// Longest a phase may take once its jobs are sent.
 pub const PHASE_WAIT: Duration = Duration::from_secs(120);
@@ -328,4 +330,204 @@ pub async fn backlog(env: &Env, jobs: u64) -> anyhow::Result<f64> {
     }
     let after = crate::probe::rss_bytes()?;
     Ok(after.saturating_sub(before) as f64 / jobs.max(1) as f64)
+}
+
+/// Longest the log phase may take once its jobs are created.
+const LOG_WAIT: Duration = Duration::from_secs(600);
+
+/// What the log phase measured.
+#[derive(Debug, Clone)]
+pub struct Logs {
+    pub jobs: u64,
+    /// Output bytes the agent's handlers wrote.
+    pub written: u64,
+    /// Output bytes the server stored: every job's output read back
+    /// (StreamJobLogs without follow) after the measurement.
+    pub stored: u64,
+    /// Bytes the followers received.
+    pub received: u64,
+    /// First CreateJob to the moment WatchQueue reported the last job's
+    /// end: the event is read from the durable event log, written in the
+    /// commit that ends the job, which comes after (or is) the commit of the
+    /// output the agent sent before the result.
+    pub stored_elapsed: Duration,
+    /// First CreateJob to the end of the last follower's stream.
+    pub followed_elapsed: Duration,
+    pub store: StoreSnapshot,
+    pub commit_p50_us: f64,
+    pub commit_p99_us: f64,
+    /// CPU seconds per thread group from the first CreateJob to the end of
+    /// the last follower's stream.
+    pub cpu: BTreeMap<String, f64>,
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+impl Logs {
+    pub fn stored_mib_per_sec(&self) -> f64 {
+        self.stored as f64 / MIB / self.stored_elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+
+    pub fn followed_mib_per_sec(&self) -> f64 {
+        self.received as f64 / MIB / self.followed_elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+
+    /// CPU seconds of the server's threads (its runtime, where gRPC, the
+    /// engine and store reads run, and the store's writer thread) per MiB
+    /// written.
+    pub fn server_cpu_sec_per_mib(&self) -> f64 {
+        let server: f64 = ["server", "store-writer"].iter().filter_map(|g| self.cpu.get(*g)).sum();
+        server / (self.written as f64 / MIB).max(f64::MIN_POSITIVE)
+    }
+}
+
+/// The queue of dashboard jobs.
+const DASHBOARD_QUEUE: &str = "tether.jobs";
+
+/// Creates `jobs` dashboard jobs (queue tether.jobs) that the env's agent
+/// runs with a handler writing `bytes_per_job` bytes of output each as fast
+/// as the SDK takes them, and follows every job's output from the start
+/// (StreamJobLogs with follow, one connection per follower) until its
+/// stream ends. The env must run agents with [`OutputWork`].
+///
+/// [`OutputWork`]: crate::env::OutputWork
+pub async fn logs(env: &Env, jobs: u64, bytes_per_job: u64) -> anyhow::Result<Logs> {
+    let control = env.channel().await?;
+    let mut dashboard = DashboardServiceClient::new(control.clone());
+    // Every job's end, from now: the server fixes the start of the watch
+    // before it answers the call.
+    let ends = QueueServiceClient::new(control)
+        .watch_queue(pb::WatchQueueRequest {
+            queue: DASHBOARD_QUEUE.into(),
+            states: [
+                pb::QueuedJobState::Succeeded,
+                pb::QueuedJobState::Failed,
+                pb::QueuedJobState::DeadLettered,
+                pb::QueuedJobState::Cancelled,
+            ]
+            .into_iter()
+            .map(|s| s as i32)
+            .collect(),
+            skip_payload: true,
+            ..Default::default()
+        })
+        .await
+        .context("WatchQueue")?
+        .into_inner();
+    // One connection per follower, as separate viewers would have.
+    let mut channels = Vec::new();
+    for _ in 0..jobs {
+        channels.push(env.channel().await?);
+    }
+    let store_before = env.counters.snapshot();
+    let _ = env.counters.take_latency();
+    let deadline = tokio::time::Instant::now() + LOG_WAIT;
+
+    let cpu_before = probe::cpu_by_group();
+    let start = Instant::now();
+    let ended = tokio::spawn(last_end(ends, jobs));
+    let mut ids = Vec::with_capacity(channels.len());
+    let mut followers = Vec::with_capacity(channels.len());
+    for (i, channel) in channels.into_iter().enumerate() {
+        let job = dashboard
+            .create_job(pb::CreateJobRequest {
+                name: format!("bench-logs-{i}"),
+                command: "tether-bench: write output".into(),
+                ..Default::default()
+            })
+            .await
+            .context("CreateJob")?
+            .into_inner()
+            .job
+            .context("CreateJob returned no job")?;
+        followers.push(tokio::spawn(follow(channel, job.id.clone())));
+        ids.push(job.id);
+    }
+    let mut received = 0;
+    let mut followed_end = start;
+    for follower in followers {
+        let (bytes, ended) = tokio::time::timeout_at(deadline, follower)
+            .await
+            .context("timed out waiting for the followers")?
+            .context("follower task")??;
+        received += bytes;
+        followed_end = followed_end.max(ended);
+    }
+    // A follower's stream ends only after its job has ended: the watch has
+    // seen every end by now, or is about to.
+    let stored_end = tokio::time::timeout_at(deadline, ended)
+        .await
+        .context("timed out waiting for the jobs' ends")?
+        .context("watch task")??;
+    let cpu = probe::cpu_since(&probe::cpu_by_group(), &cpu_before);
+    let followed_elapsed = followed_end - start;
+    let store = env.counters.snapshot().since(store_before);
+    let commit = env.counters.take_latency();
+
+    // After the measurement: how each job ended, and what was stored.
+    let mut stored = 0u64;
+    for id in &ids {
+        let job = dashboard
+            .get_job(pb::GetJobRequest { id: id.clone() })
+            .await
+            .context("GetJob")?
+            .into_inner()
+            .job
+            .context("GetJob returned no job")?;
+        if job.status != pb::JobStatus::Success as i32 {
+            bail!("job {id} ended with status {} ({})", job.status, job.error);
+        }
+        let mut chunks = dashboard
+            .stream_job_logs(pb::StreamJobLogsRequest { id: id.clone(), ..Default::default() })
+            .await
+            .context("StreamJobLogs")?
+            .into_inner();
+        while let Some(chunk) = chunks.message().await.context("StreamJobLogs stream")? {
+            stored += chunk.data.len() as u64;
+        }
+    }
+    let written = jobs * bytes_per_job;
+    if stored != written {
+        bail!("the server stored {stored} output bytes; the handlers wrote {written}");
+    }
+    if received != stored {
+        bail!("the followers received {received} bytes; the server stored {stored}");
+    }
+    Ok(Logs {
+        jobs,
+        written,
+        stored,
+        received,
+        stored_elapsed: stored_end - start,
+        followed_elapsed,
+        store,
+        commit_p50_us: commit.value_at_quantile(0.5) as f64 / 1e3,
+        commit_p99_us: commit.value_at_quantile(0.99) as f64 / 1e3,
+        cpu,
+    })
+}
+
+/// Waits for `jobs` ends of jobs on a WatchQueue stream; returns when the
+/// last arrived.
+async fn last_end(mut ends: tonic::Streaming<pb::WatchQueueResponse>, jobs: u64) -> anyhow::Result<Instant> {
+    for _ in 0..jobs {
+        ends.message().await.context("WatchQueue stream")?.context("WatchQueue ended early")?;
+    }
+    Ok(Instant::now())
+}
+
+/// Follows a job's output from its start until the stream ends; returns
+/// the bytes received and when the stream ended.
+async fn follow(channel: Channel, id: String) -> anyhow::Result<(u64, Instant)> {
+    let mut client = DashboardServiceClient::new(channel);
+    let mut stream = client
+        .stream_job_logs(pb::StreamJobLogsRequest { id, follow: true, ..Default::default() })
+        .await
+        .context("StreamJobLogs (follow)")?
+        .into_inner();
+    let mut bytes = 0u64;
+    while let Some(chunk) = stream.message().await.context("StreamJobLogs (follow) stream")? {
+        bytes += chunk.data.len() as u64;
+    }
+    Ok((bytes, Instant::now()))
 }
