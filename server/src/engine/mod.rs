@@ -591,6 +591,16 @@ impl EngineHandle {
         self.store.logs(job_id, attempt).await.map_err(store_error)
     }
 
+    /// One attempt's chunks after sequence `after`.
+    pub async fn logs_after(
+        &self,
+        job_id: &str,
+        attempt: u32,
+        after: u64,
+    ) -> DomainResult<Vec<crate::store::LogChunk>> {
+        self.store.logs_after(job_id, attempt, after).await.map_err(store_error)
+    }
+
     /// Whether the engine serves (false after a store failure or shutdown).
     pub fn serving(&self) -> Serving {
         self.serving.clone()

@@ -122,6 +122,8 @@ async fn run(
     let settings = engine.watch_settings();
     let mut cursor = request.cursor;
     let finder = memchr::memmem::Finder::new(&request.filter);
+    // Where the chunks read so far end, once the cursor's attempt was read.
+    let mut position: Option<Position> = None;
     loop {
         let read_at = tokio::time::Instant::now();
         // The job first: if it has ended, everything its agents sent is
@@ -129,8 +131,21 @@ async fn run(
         let job = engine.get_job(&request.job_id).await?;
         let ended = job.state.is_terminal() || job.state == JobState::DeadLettered;
         loop {
-            let chunks = engine.logs(&request.job_id, cursor.attempt).await?;
-            for response in responses(&chunks, &mut cursor, &finder) {
+            // The attempt's first read takes it whole (offsets count every
+            // chunk before the cursor); later ones only what is new.
+            let chunks = match (position, cursor.after) {
+                (Some(ref p), Some(after)) if p.attempt == cursor.attempt => {
+                    engine.logs_after(&request.job_id, cursor.attempt, after).await?
+                }
+                _ => engine.logs(&request.job_id, cursor.attempt).await?,
+            };
+            let start = match position {
+                Some(ref p) if p.attempt == cursor.attempt => p.offset,
+                _ => 0,
+            };
+            let (out, offset) = responses(&chunks, &mut cursor, &finder, start);
+            position = Some(Position { attempt: cursor.attempt, offset });
+            for response in out {
                 if tx.send(Ok(response)).await.is_err() {
                     return Ok(());
                 }
@@ -168,16 +183,24 @@ async fn run(
     }
 }
 
-/// The responses for the chunks of `cursor`'s attempt at and after it, in
-/// order; moves `cursor` past them. Offsets count every chunk of the
+/// How far into an attempt's output the chunks read so far reach.
+#[derive(Debug, Clone, Copy)]
+struct Position {
+    attempt: u32,
+    offset: u64,
+}
+
+/// The responses for `chunks` (of `cursor`'s attempt, starting at byte
+/// `offset` of its output) after the cursor, in order, and the offset
+/// after them; moves `cursor` past them. Offsets count every chunk of the
 /// attempt before, sent or not.
 fn responses(
     chunks: &[LogChunk],
     cursor: &mut LogCursor,
     filter: &memchr::memmem::Finder<'_>,
-) -> Vec<pb::StreamJobLogsResponse> {
+    mut offset: u64,
+) -> (Vec<pb::StreamJobLogsResponse>, u64) {
     let mut out = Vec::new();
-    let mut offset: u64 = 0;
     for chunk in chunks {
         let start = offset;
         offset = offset.saturating_add(chunk.data.len() as u64);
@@ -215,7 +238,7 @@ fn responses(
             cursor: cursor.encode(),
         });
     }
-    out
+    (out, offset)
 }
 
 #[cfg(test)]
@@ -240,16 +263,19 @@ mod tests {
         let chunks = [chunk(0, false, "one\n"), chunk(1, true, "oops\n"), chunk(2, false, "two\nthree\n")];
         let all = memchr::memmem::Finder::new(b"");
         let mut cursor = LogCursor { attempt: 1, after: Some(0) };
-        let sent = responses(&chunks, &mut cursor, &all);
+        let (sent, end) = responses(&chunks, &mut cursor, &all, 0);
         assert_eq!(sent.iter().map(|r| (r.sequence, r.offset)).collect::<Vec<_>>(), [(1, 4), (2, 9)]);
+        assert_eq!(end, 19, "where the next read's chunks start");
         assert_eq!(sent[0].stream, pb::LogStream::Stderr as i32);
         assert_eq!(cursor, LogCursor { attempt: 1, after: Some(2) });
         assert_eq!(LogCursor::decode("cursor", &sent[1].cursor).ok(), Some(cursor));
-        assert!(responses(&chunks, &mut cursor, &all).is_empty(), "nothing twice");
-        // The largest sequence an agent may choose is sent once too.
+        assert!(responses(&chunks, &mut cursor, &all, 0).0.is_empty(), "nothing twice");
+        // A later read of only the new chunks continues the offsets.
         let last = [chunk(u64::MAX, false, "end\n")];
-        assert_eq!(responses(&last, &mut cursor, &all).len(), 1);
-        assert!(responses(&last, &mut cursor, &all).is_empty(), "nothing twice");
+        let (more, _) = responses(&last, &mut cursor, &all, end);
+        assert_eq!(more.iter().map(|r| r.offset).collect::<Vec<_>>(), [19], "continues where the last read ended");
+        // The largest sequence an agent may choose is sent once too.
+        assert!(responses(&last, &mut cursor, &all, end).0.is_empty(), "nothing twice");
         assert_eq!(LogCursor::decode("cursor", &cursor.encode()).ok(), Some(cursor));
     }
 
@@ -257,7 +283,7 @@ mod tests {
     fn a_filter_keeps_matching_lines_with_their_offsets() {
         let chunks = [chunk(0, false, "ok 1\nerror: a\nok 2\nerror: b"), chunk(1, false, "fine\n")];
         let mut cursor = LogCursor::START;
-        let sent = responses(&chunks, &mut cursor, &memchr::memmem::Finder::new(b"error"));
+        let (sent, _) = responses(&chunks, &mut cursor, &memchr::memmem::Finder::new(b"error"), 0);
         assert_eq!(sent.len(), 1, "a chunk without a match is not sent");
         assert_eq!(&sent[0].data[..], b"error: a\nerror: b");
         assert_eq!(sent[0].line_offsets, [5, 19]);

@@ -260,7 +260,7 @@ pub async fn logs_are_deduplicated<S: Store>(store: S) {
         data: Bytes::from(text.to_string()),
         time: t(0),
         // Both kinds of chunk: with the agent's time and without.
-        agent_time: (seq % 2 == 1).then(|| t(seq)),
+        agent_time: (seq % 2 == 1).then(|| t(seq % 1000)),
     };
     store
         .write(vec![
@@ -274,6 +274,13 @@ pub async fn logs_are_deduplicated<S: Store>(store: S) {
     assert_eq!(text, b"hello world");
     let times: Vec<_> = store.logs("a", 1).await.expect("logs").iter().map(|c| c.agent_time).collect();
     assert_eq!(times, [None, Some(t(1))], "the agent's time is kept when given");
+    // A follower's range read: only what comes after a sequence.
+    let after = |chunks: Vec<LogChunk>| chunks.iter().map(|c| c.sequence).collect::<Vec<_>>();
+    store.write(vec![Write::AppendLog(chunk(u64::MAX, "end"))]).await.expect("log");
+    assert_eq!(after(store.logs_after("a", 1, 0).await.expect("logs")), [1, u64::MAX]);
+    assert_eq!(after(store.logs_after("a", 1, 1).await.expect("logs")), [u64::MAX]);
+    assert!(store.logs_after("a", 1, u64::MAX).await.expect("logs").is_empty());
+    assert!(store.logs_after("a", 2, 0).await.expect("logs").is_empty());
     assert!(store.logs("a", 2).await.expect("logs").is_empty());
 }
 

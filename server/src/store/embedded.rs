@@ -249,6 +249,26 @@ fn read_job(jobs: &impl ReadableTable<&'static str, &'static [u8]>, id: &str) ->
     }
 }
 
+impl EmbeddedStore {
+    /// The chunks of one attempt from sequence `first` on: one range read.
+    async fn logs_from(&self, job_id: &str, attempt: u32, first: u64) -> StoreResult<Vec<LogChunk>> {
+        let job_id = job_id.to_string();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(io_err)?;
+            let logs = txn.open_table(LOGS).map_err(io_err)?;
+            let mut out = Vec::new();
+            for row in
+                logs.range((job_id.as_str(), attempt, first)..=(job_id.as_str(), attempt, u64::MAX)).map_err(io_err)?
+            {
+                let (_, value) = row.map_err(io_err)?;
+                out.push(super::codec::decode_log(value.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn write(&self, batch: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
@@ -472,20 +492,14 @@ impl Store for EmbeddedStore {
     }
 
     async fn logs(&self, job_id: &str, attempt: u32) -> StoreResult<Vec<LogChunk>> {
-        let job_id = job_id.to_string();
-        self.read(move |db| {
-            let txn = db.begin_read().map_err(io_err)?;
-            let logs = txn.open_table(LOGS).map_err(io_err)?;
-            let mut out = Vec::new();
-            for row in
-                logs.range((job_id.as_str(), attempt, 0)..=(job_id.as_str(), attempt, u64::MAX)).map_err(io_err)?
-            {
-                let (_, value) = row.map_err(io_err)?;
-                out.push(super::codec::decode_log(value.value())?);
-            }
-            Ok(out)
-        })
-        .await
+        self.logs_from(job_id, attempt, 0).await
+    }
+
+    async fn logs_after(&self, job_id: &str, attempt: u32, after: u64) -> StoreResult<Vec<LogChunk>> {
+        match after.checked_add(1) {
+            Some(first) => self.logs_from(job_id, attempt, first).await,
+            None => Ok(Vec::new()),
+        }
     }
 
     async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>> {

@@ -66,6 +66,10 @@ impl<S: Store, H: WriteHook> Store for HookedStore<S, H> {
         self.inner.counts().await
     }
 
+    async fn logs_after(&self, job_id: &str, attempt: u32, after: u64) -> StoreResult<Vec<LogChunk>> {
+        self.inner.logs_after(job_id, attempt, after).await
+    }
+
     async fn logs(&self, job_id: &str, attempt: u32) -> StoreResult<Vec<LogChunk>> {
         self.inner.logs(job_id, attempt).await
     }

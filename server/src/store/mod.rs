@@ -429,6 +429,14 @@ pub trait Store: Send + Sync + 'static {
     async fn counts(&self) -> StoreResult<Vec<CountRow>>;
     /// The log chunks of one attempt, in sequence order.
     async fn logs(&self, job_id: &str, attempt: u32) -> StoreResult<Vec<LogChunk>>;
+    /// The log chunks of one attempt after sequence `after`, in order (a
+    /// follower's read of what is new, without the chunks it sent).
+    /// Backends with a range read override it.
+    async fn logs_after(&self, job_id: &str, attempt: u32, after: u64) -> StoreResult<Vec<LogChunk>> {
+        let mut chunks = self.logs(job_id, attempt).await?;
+        chunks.retain(|c| c.sequence > after);
+        Ok(chunks)
+    }
 
     async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>>;
     async fn find_agent_by_name(&self, pool: &str, name: &str) -> StoreResult<Option<Agent>>;

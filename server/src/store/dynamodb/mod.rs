@@ -283,6 +283,17 @@ impl Store for DynamoStore {
         self.sum_counts().await
     }
 
+    async fn logs_after(&self, job_id: &str, attempt: u32, after: u64) -> StoreResult<Vec<LogChunk>> {
+        let items = self.query_logs_after(job_id, attempt, after).await?;
+        items
+            .iter()
+            .map(|item| {
+                items::check_schema(item)?;
+                crate::store::codec::decode_log(items::get_b(item, "b")?)
+            })
+            .collect()
+    }
+
     async fn logs(&self, job_id: &str, attempt: u32) -> StoreResult<Vec<LogChunk>> {
         let items =
             self.query_partition(&self.tables.logs, "attempt", s(compose(&[job_id, &attempt.to_string()]))).await?;

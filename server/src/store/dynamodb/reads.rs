@@ -284,6 +284,27 @@ impl DynamoStore {
             .map_err(|e| classify(&format!("Query {table}"), e))
     }
 
+    /// One attempt's log items after sequence `after`: a range of its
+    /// partition, strongly read.
+    pub(super) async fn query_logs_after(&self, job_id: &str, attempt: u32, after: u64) -> StoreResult<Vec<Item>> {
+        let table = &self.tables.logs;
+        self.client
+            .query()
+            .table_name(table)
+            .key_condition_expression("#k = :v AND #s > :after")
+            .expression_attribute_names("#k", "attempt")
+            .expression_attribute_names("#s", "seq")
+            .expression_attribute_values(":v", s(compose(&[job_id, &attempt.to_string()])))
+            .expression_attribute_values(":after", n(after))
+            .consistent_read(true)
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| classify(&format!("Query {table}"), e))
+    }
+
     pub(super) async fn read_control_record(&self, collection: &str, id: &str) -> StoreResult<Option<Record>> {
         let key = control_record_key(collection, id);
         match self.get_item(&self.tables.records, key, "record").await? {
