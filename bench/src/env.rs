@@ -195,6 +195,9 @@ pub struct Env {
     pub url: String,
     pub sink: Arc<Sink>,
     pub counters: Arc<StoreCounters>,
+    /// The server's store (as the engine has it), for reading back what a
+    /// phase left in it.
+    pub store: Arc<dyn Store>,
     server_rt: Option<Runtime>,
     agent_rt: Option<Runtime>,
     server_stop: Option<oneshot::Sender<()>>,
@@ -247,7 +250,7 @@ impl Env {
         let addr = std_listener.local_addr().context("listener address")?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let parts = ServerParts {
-            store,
+            store: store.clone(),
             clock,
             engine: EngineConfig {
                 busy_commit_interval: config.commit_interval.unwrap_or(EngineConfig::default().busy_commit_interval),
@@ -277,6 +280,7 @@ impl Env {
             url: url.clone(),
             sink: sink.clone(),
             counters,
+            store,
             server_rt: Some(server_rt),
             agent_rt: None,
             server_stop: Some(server_stop),

@@ -4,6 +4,9 @@
 //!
 //! Prints human-readable lines, then one JSON object as the last line.
 
+// The summary's json! literal has more keys than the default limit expands.
+#![recursion_limit = "256"]
+
 mod env;
 mod phases;
 mod probe;
@@ -17,11 +20,11 @@ use futures::future::{FutureExt as _, LocalBoxFuture};
 use serde_json::json;
 
 use crate::env::{Env, EnvConfig, OutputWork};
-use crate::phases::{Enqueue, Latency, Logs, Throughput};
+use crate::phases::{Enqueue, Fanout, Latency, Logs, Throughput};
 
 /// Benchmarks a Tether server end to end: batched and unbatched enqueue
 /// throughput until every job SUCCEEDED, dispatch latency at a fixed rate,
-/// log throughput, and peak RSS.
+/// log throughput, event fan-out to WatchQueue watchers, and peak RSS.
 #[derive(Parser, Debug)]
 #[command(name = "tether-bench", version)]
 struct Args {
@@ -117,8 +120,18 @@ struct Args {
     /// (EngineConfig.max_job_output_bytes; default: the server's, 16 MiB).
     #[arg(long, value_name = "MIB")]
     max_job_output_mib: Option<u64>,
+    /// WatchQueue streams of the fanout phase, each on its own connection.
+    #[arg(long, default_value_t = 100)]
+    fanout_watchers: usize,
+    /// Jobs per second the fanout phase enqueues (in BatchEnqueueJobs calls
+    /// every 10 ms) while the watchers watch.
+    #[arg(long, default_value_t = 1000)]
+    fanout_rate: u64,
+    /// Length of the fanout phase's load in seconds.
+    #[arg(long, default_value_t = 15)]
+    fanout_secs: u64,
     /// Skip measurements: any of batched, unbatched, single, backlog,
-    /// latency, logs.
+    /// latency, logs, fanout.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
 }
@@ -131,6 +144,7 @@ struct Run {
     backlog: Option<f64>,
     latency: Option<(Latency, Cpu)>,
     logs: Option<Logs>,
+    fanout: Option<(Fanout, Cpu)>,
     peak_rss_bytes: u64,
 }
 
@@ -159,6 +173,9 @@ fn main() -> anyhow::Result<()> {
         "--log-chunk must be 1-{}",
         tether_agent_sdk::MAX_LOG_CHUNK
     );
+    anyhow::ensure!(args.fanout_watchers >= 1, "--fanout-watchers must be >= 1");
+    anyhow::ensure!((100..=100_000).contains(&args.fanout_rate), "--fanout-rate must be 100-100000");
+    anyhow::ensure!(args.fanout_secs >= 1, "--fanout-secs must be >= 1");
     let log_bytes_per_job = args.log_mib.saturating_mul(1 << 20) / args.log_jobs;
     let log_cap = args.max_job_output_mib.map(|mib| mib.saturating_mul(1 << 20));
     let cap = log_cap.unwrap_or(tether_server::engine::EngineConfig::default().max_job_output_bytes);
@@ -289,13 +306,23 @@ fn main() -> anyhow::Result<()> {
             print_logs(r, &logs, &args, cap);
             Some(logs)
         };
+        let fanout = if skip("fanout") {
+            None
+        } else {
+            Some(measure(&client_rt, &config, base, |env| {
+                phases::fanout(env, args.fanout_watchers, args.fanout_rate, args.fanout_secs).boxed_local()
+            })?)
+        };
+        if let Some((f, cpu)) = &fanout {
+            print_fanout(r, f, cpu);
+        }
         let peak_rss_bytes = probe::peak_rss_bytes()?;
         println!(
             "run {r}: peak RSS {:.1} MiB (VmHWM of the whole process: server, store, agents and clients{})",
             peak_rss_bytes as f64 / (1024.0 * 1024.0),
             if hwm_reset { "; reset at the start of the run" } else { "; cumulative, reset unsupported" }
         );
-        runs.push(Run { batched, unbatched, single, backlog, latency, logs, peak_rss_bytes });
+        runs.push(Run { batched, unbatched, single, backlog, latency, logs, fanout, peak_rss_bytes });
     }
     client_rt.shutdown_timeout(std::time::Duration::from_secs(5));
 
@@ -425,6 +452,51 @@ fn print_logs(run: usize, l: &Logs, args: &Args, cap: u64) {
     );
 }
 
+/// CPU microseconds of the server's threads (its runtime, where gRPC, the
+/// engine, the watchers' tasks and their store reads run, and the store's
+/// writer thread) per event delivered to a watcher, over the whole phase.
+fn server_cpu_us_per_event(f: &Fanout, cpu: &Cpu) -> f64 {
+    let server: f64 = ["server", "store-writer"].iter().filter_map(|g| cpu.get(*g)).sum();
+    server * 1e6 / (f.received.iter().sum::<u64>() as f64).max(1.0)
+}
+
+fn print_fanout(run: usize, f: &Fanout, cpu: &Cpu) {
+    println!(
+        "run {run}:    fanout: {} WatchQueue watchers (queue {}, every state, skip_payload, one connection each; DashboardService.WatchEvents does not exist yet) while {} jobs were enqueued at {}/s for {:.0} s: enqueued {:.0} jobs/s (last ack after {:.3} s), ran {:.0} jobs/s (last handler after {:.3} s)",
+        f.watchers,
+        env::QUEUE,
+        f.jobs,
+        f.target_rate,
+        f.scheduled.as_secs_f64(),
+        f.enqueue_per_sec(),
+        f.enqueue_elapsed.as_secs_f64(),
+        f.jobs_per_sec(),
+        f.run_elapsed.as_secs_f64(),
+    );
+    println!(
+        "run {run}:    fanout: update_time -> received: p50 {:.3} ms, p99 {:.3} ms, p999 {:.3} ms, max {:.3} ms; {:.0} events/s delivered in total (last after {:.3} s); every watcher received all {} changes the log holds ({:.2} per job)",
+        f.delivery_ms(0.5),
+        f.delivery_ms(0.99),
+        f.delivery_ms(0.999),
+        f.delivery.max() as f64 / 1e6,
+        f.events_per_sec(),
+        f.delivered_elapsed.as_secs_f64(),
+        f.logged,
+        f.logged as f64 / f.jobs.max(1) as f64,
+    );
+    println!(
+        "run {run}:    fanout: server CPU {:.2} us per delivered event; producer tick lag p50 {:.3} ms p99 {:.3} ms; store {} commits ({:.0}/s), commit p50 {:.0} us p99 {:.0} us; {}",
+        server_cpu_us_per_event(f, cpu),
+        ms(&f.pacer_lag, 0.5),
+        ms(&f.pacer_lag, 0.99),
+        f.store.commits,
+        f.store.commits as f64 / f.run_elapsed.as_secs_f64().max(f64::MIN_POSITIVE),
+        f.commit_p50_us,
+        f.commit_p99_us,
+        cpu_line(cpu, f.delivered_elapsed.as_secs_f64()),
+    );
+}
+
 fn median(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
         return None;
@@ -468,6 +540,7 @@ fn summarize(runs: &[Run], args: &Args, fsync: &Fsync) -> serde_json::Value {
     let single = |r: &Run| {
         r.single.as_ref().map(|(t, _)| t.jobs as f64 / t.enqueue_elapsed.as_secs_f64().max(f64::MIN_POSITIVE))
     };
+    let fan = |r: &Run, f: &dyn Fn(&Fanout) -> f64| r.fanout.as_ref().map(|(x, _)| f(x));
     let runs_json: Vec<serde_json::Value> = runs
         .iter()
         .map(|r| {
@@ -481,6 +554,10 @@ fn summarize(runs: &[Run], args: &Args, fsync: &Fsync) -> serde_json::Value {
                 "log_stored_mib_per_sec": round(r.logs.as_ref().map(Logs::stored_mib_per_sec), 1),
                 "log_followed_mib_per_sec": round(r.logs.as_ref().map(Logs::followed_mib_per_sec), 1),
                 "log_server_cpu_sec_per_mib": round(r.logs.as_ref().map(Logs::server_cpu_sec_per_mib), 4),
+                "fanout_delivery_p50_ms": round(fan(r, &|f| f.delivery_ms(0.5)), 3),
+                "fanout_delivery_p99_ms": round(fan(r, &|f| f.delivery_ms(0.99)), 3),
+                "fanout_events_per_sec": round(fan(r, &Fanout::events_per_sec), 0),
+                "fanout_jobs_per_sec": round(fan(r, &Fanout::jobs_per_sec), 0),
                 "peak_rss_bytes": r.peak_rss_bytes,
             })
         })
@@ -518,6 +595,20 @@ fn summarize(runs: &[Run], args: &Args, fsync: &Fsync) -> serde_json::Value {
         "log_mib": args.log_mib,
         "log_jobs": args.log_jobs,
         "log_slots": args.log_slots,
+        "fanout_delivery_p50_ms": round(of(&|r| fan(r, &|f| f.delivery_ms(0.5))), 3),
+        "fanout_delivery_p99_ms": round(of(&|r| fan(r, &|f| f.delivery_ms(0.99))), 3),
+        "fanout_delivery_max_ms": round(of(&|r| fan(r, &|f| f.delivery.max() as f64 / 1e6)), 3),
+        "fanout_events_per_sec": round(of(&|r| fan(r, &Fanout::events_per_sec)), 0),
+        "fanout_enqueued_per_sec": round(of(&|r| fan(r, &Fanout::enqueue_per_sec)), 0),
+        "fanout_jobs_per_sec": round(of(&|r| fan(r, &Fanout::jobs_per_sec)), 0),
+        "fanout_server_cpu_us_per_event": round(
+            of(&|r| r.fanout.as_ref().map(|(f, cpu)| server_cpu_us_per_event(f, cpu))),
+            2
+        ),
+        "fanout_changes_per_job": round(of(&|r| fan(r, &|f| f.logged as f64 / f.jobs.max(1) as f64)), 2),
+        "fanout_watchers": args.fanout_watchers,
+        "fanout_rate": args.fanout_rate,
+        "fanout_secs": args.fanout_secs,
         "fsync_p50_us": round(Some(fsync.p50_us), 0),
         "fsync_p99_us": round(Some(fsync.p99_us), 0),
         "fsync_in_place_p50_us": round(Some(fsync.in_place_p50_us), 0),

@@ -531,3 +531,254 @@ async fn follow(channel: Channel, id: String) -> anyhow::Result<(u64, Instant)> 
     }
     Ok((bytes, Instant::now()))
 }
+
+/// What the fan-out phase measured.
+#[derive(Debug, Clone)]
+pub struct Fanout {
+    pub watchers: usize,
+    /// Jobs enqueued (and run to SUCCEEDED).
+    pub jobs: u64,
+    /// The rate the producer was asked for, jobs/s.
+    pub target_rate: u64,
+    /// The producer's schedule: `jobs` / `target_rate`.
+    pub scheduled: Duration,
+    /// First enqueue to the last BatchEnqueueJobs acknowledged.
+    pub enqueue_elapsed: Duration,
+    /// First enqueue to the last handler run.
+    pub run_elapsed: Duration,
+    /// First enqueue to the last event reaching the last watcher.
+    pub delivered_elapsed: Duration,
+    /// State changes of the bench's jobs in the server's event log, read
+    /// back from the store after the run: what every watcher must receive.
+    pub logged: u64,
+    /// Events each watcher received (all equal to `logged`, or the phase
+    /// fails).
+    pub received: Vec<u64>,
+    /// Receive time minus the event's update_time (the engine's time of the
+    /// change, stamped before the commit that makes it durable), over every
+    /// event of every watcher, ns.
+    pub delivery: Histogram<u64>,
+    /// How late the producer's ticks fired (tokio::time::interval), ns.
+    pub pacer_lag: Histogram<u64>,
+    pub store: StoreSnapshot,
+    pub commit_p50_us: f64,
+    pub commit_p99_us: f64,
+}
+
+impl Fanout {
+    /// Jobs acknowledged per second of the enqueue side.
+    pub fn enqueue_per_sec(&self) -> f64 {
+        self.jobs as f64 / self.enqueue_elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+
+    /// Jobs run per second, first enqueue to the last handler run.
+    pub fn jobs_per_sec(&self) -> f64 {
+        self.jobs as f64 / self.run_elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+
+    /// Events received by all watchers together per second, first enqueue
+    /// to the last delivery.
+    pub fn events_per_sec(&self) -> f64 {
+        self.received.iter().sum::<u64>() as f64 / self.delivered_elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+
+    /// Delivery latency at quantile `q`, ms.
+    pub fn delivery_ms(&self, q: f64) -> f64 {
+        self.delivery.value_at_quantile(q) as f64 / 1e6
+    }
+}
+
+/// How often the fan-out producer sends one BatchEnqueueJobs call.
+const FANOUT_TICK: Duration = Duration::from_millis(10);
+
+/// Opens `watchers` WatchQueue streams (queue `QUEUE`, every state,
+/// skip_payload; each on its own connection), then enqueues `rate` jobs/s
+/// for `secs` seconds (BatchEnqueueJobs of `rate / 100` jobs every 10 ms,
+/// each call spawned on its tick so a slow acknowledgement does not hold
+/// the schedule back) that the env's agents run; records, for every event
+/// every watcher receives, its receive time minus the event's update_time.
+/// Fails unless every watcher received exactly the changes the event log
+/// holds for the bench's jobs.
+pub async fn fanout(env: &Env, watchers: usize, rate: u64, secs: u64) -> anyhow::Result<Fanout> {
+    let per_tick = rate * FANOUT_TICK.as_millis() as u64 / 1000;
+    if per_tick == 0 || per_tick > 1000 {
+        bail!("the fan-out rate must be 100-100000 jobs/s (1-1000 jobs per 10 ms tick)");
+    }
+    let ticks = (secs * 1000 / FANOUT_TICK.as_millis() as u64).max(1);
+    let jobs = ticks * per_tick;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut streams = Vec::with_capacity(watchers);
+    let mut seen = Vec::with_capacity(watchers);
+    for _ in 0..watchers {
+        // Every change from now: the server fixes the start of the watch
+        // before it answers the call.
+        let stream = QueueServiceClient::new(env.channel().await?)
+            .watch_queue(pb::WatchQueueRequest { queue: QUEUE.into(), skip_payload: true, ..Default::default() })
+            .await
+            .context("WatchQueue")?
+            .into_inner();
+        let count = Arc::new(AtomicU64::new(0));
+        seen.push(count.clone());
+        streams.push((stream, count));
+    }
+    let (mut producer, _) = connect_all(env, 1).await?;
+    let producer = producer.remove(0);
+    let mut stats_client = producer.clone();
+    env.sink.expect(jobs);
+    let store_before = env.counters.snapshot();
+    let _ = env.counters.take_latency();
+    let tasks: Vec<_> =
+        streams.into_iter().map(|(stream, count)| tokio::spawn(watch(stream, count, stop_rx.clone()))).collect();
+
+    let start = Instant::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs) + PHASE_WAIT;
+    let mut interval = tokio::time::interval(FANOUT_TICK);
+    let mut pacer_lag = ns_histogram();
+    let mut calls = Vec::with_capacity(ticks as usize);
+    for _ in 0..ticks {
+        let scheduled = interval.tick().await;
+        pacer_lag.saturating_record((tokio::time::Instant::now() - scheduled).as_nanos().max(1) as u64);
+        let mut client = producer.clone();
+        let requests = (0..per_tick).map(|_| job(Bytes::new())).collect();
+        calls.push(tokio::spawn(async move {
+            let reply = client
+                .batch_enqueue_jobs(pb::BatchEnqueueJobsRequest { requests })
+                .await
+                .context("BatchEnqueueJobs")?
+                .into_inner();
+            if reply.jobs.len() as u64 != per_tick {
+                bail!("BatchEnqueueJobs returned {} jobs for {per_tick}", reply.jobs.len());
+            }
+            Ok::<_, anyhow::Error>(Instant::now())
+        }));
+    }
+    let mut enqueue_end = start;
+    for call in calls {
+        let acked = tokio::time::timeout_at(deadline, call)
+            .await
+            .context("timed out waiting for BatchEnqueueJobs")?
+            .context("enqueue task")??;
+        enqueue_end = enqueue_end.max(acked);
+    }
+    env.sink.wait_done(deadline).await?;
+    let run_elapsed = start.elapsed();
+    wait_succeeded(&mut stats_client, jobs, deadline).await?;
+    let store = env.counters.snapshot().since(store_before);
+    let commit = env.counters.take_latency();
+
+    // What every watcher must receive: the log's changes of the bench's
+    // jobs (the store is fresh, so the whole log is this phase's).
+    let (logged, logged_succeeded) = logged_changes(env).await?;
+    // Every change is committed by now; wait for the watchers to have them.
+    loop {
+        let behind = seen.iter().filter(|n| n.load(Ordering::Acquire) < logged).count();
+        // A watcher whose stream failed stops early: its join says why.
+        if behind == 0 || tasks.iter().any(tokio::task::JoinHandle::is_finished) {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let least = seen.iter().map(|n| n.load(Ordering::Acquire)).min().unwrap_or(0);
+            bail!("timed out: {behind} of {watchers} watchers received fewer than the log's {logged} changes (least {least})");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A moment for anything extra (a duplicate) to arrive, then stop.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = stop_tx.send(true);
+    let mut delivery = ns_histogram();
+    let mut received = Vec::with_capacity(watchers);
+    let mut delivered_end = start;
+    for task in tasks {
+        let seen = tokio::time::timeout_at(deadline, task)
+            .await
+            .context("timed out stopping the watchers")?
+            .context("watcher task")??;
+        delivery.add(&seen.latency).context("merge histograms")?;
+        received.push(seen.events);
+        delivered_end = delivered_end.max(seen.last);
+    }
+    if let Some(wrong) = received.iter().find(|&&n| n != logged) {
+        bail!("a watcher received {wrong} changes; the event log holds {logged} for the bench's jobs");
+    }
+    if logged_succeeded != jobs {
+        bail!("the event log holds {logged_succeeded} changes into SUCCEEDED for {jobs} jobs");
+    }
+    Ok(Fanout {
+        watchers,
+        jobs,
+        target_rate: rate,
+        scheduled: FANOUT_TICK * ticks as u32,
+        enqueue_elapsed: enqueue_end - start,
+        run_elapsed,
+        delivered_elapsed: delivered_end - start,
+        logged,
+        received,
+        delivery,
+        pacer_lag,
+        store,
+        commit_p50_us: commit.value_at_quantile(0.5) as f64 / 1e3,
+        commit_p99_us: commit.value_at_quantile(0.99) as f64 / 1e3,
+    })
+}
+
+/// The state changes of `QUEUE`'s jobs in the server's event log (all of
+/// it: the store is the phase's own), and how many of them are into
+/// SUCCEEDED.
+async fn logged_changes(env: &Env) -> anyhow::Result<(u64, u64)> {
+    use tether_server::store::{EventCursor, EventRead};
+    let mut cursor = EventCursor::start(env.store.event_shards());
+    let (mut changes, mut succeeded) = (0u64, 0u64);
+    loop {
+        match env.store.read_events(&cursor, 10_000).await.context("read the event log")? {
+            EventRead::Events { events, next } => {
+                if events.is_empty() {
+                    return Ok((changes, succeeded));
+                }
+                for event in events.iter().filter(|e| e.job.spec.queue == QUEUE) {
+                    changes += 1;
+                    succeeded += u64::from(event.job.state == tether_server::domain::JobState::Succeeded);
+                }
+                cursor = next;
+            }
+            other => bail!("reading the event log from its start: {other:?}"),
+        }
+    }
+}
+
+/// What one watcher received.
+struct Seen {
+    events: u64,
+    latency: Histogram<u64>,
+    /// When the last event arrived.
+    last: Instant,
+}
+
+/// Receives changes until `stop`: counts them (`count`, live) and records
+/// receive time minus update_time per change.
+async fn watch(
+    mut stream: tonic::Streaming<pb::WatchQueueResponse>,
+    count: Arc<AtomicU64>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Seen> {
+    let mut seen = Seen { events: 0, latency: ns_histogram(), last: Instant::now() };
+    loop {
+        let message = tokio::select! {
+            biased;
+            _ = stop.wait_for(|stop| *stop) => return Ok(seen),
+            message = stream.message() => message.context("WatchQueue stream")?,
+        };
+        let Some(change) = message else { bail!("WatchQueue ended early") };
+        let received = std::time::SystemTime::now();
+        seen.last = Instant::now();
+        let time = change.job.as_ref().and_then(|j| j.update_time).context("a change without update_time")?;
+        let nanos = u32::try_from(time.nanos).context("update_time nanos")?;
+        let time = std::time::UNIX_EPOCH + Duration::new(u64::try_from(time.seconds).context("update_time")?, nanos);
+        let took = received.duration_since(time).unwrap_or_default();
+        seen.latency.saturating_record((took.as_nanos() as u64).max(1));
+        if change.dropped != 0 {
+            bail!("WatchQueue reported {} dropped changes", change.dropped);
+        }
+        seen.events += 1;
+        count.store(seen.events, Ordering::Release);
+    }
+}
