@@ -688,6 +688,17 @@ async fn deployments_roll_out_promote_and_roll_back_through_the_binary() {
     assert!(events.iter().all(|e| e["deploymentId"] == v1_staging.as_str() && e["environment"] == "staging"));
     assert_eq!(events[3]["toState"], "DEPLOYMENT_STATE_SUCCEEDED");
 
+    // summary: the service's deployments are counted (the figures come
+    // from records the rollouts wrote, so they are there already).
+    let out = server.tether(&["summary", "--output", "json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let api = v["services"].as_array().and_then(|s| s.iter().find(|x| x["service"] == "api").cloned());
+    assert!(api.is_some_and(|api| api["badVersions"] == 1), "{}", shown(&out));
+    let out = server.tether(&["summary"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
+    assert!(stdout(&out).lines().any(|l| l.starts_with("api ")), "{}", shown(&out));
+
     // list: newest first, filtered by environment; JSON holds them all.
     let out = server.tether(&["deploy", "list", "api", "--env", "production"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", shown(&out));

@@ -92,6 +92,10 @@ pub enum Command {
     /// Environments deployments roll out to
     #[command(subcommand)]
     Envs(EnvsCommand),
+    /// The dashboard's front page: jobs per status, the last 24 hours
+    /// (success rate, queue wait), queued jobs, agents, and per service its
+    /// deployments and time to restore
+    Summary,
 }
 
 /// `tether queue …`

@@ -33,6 +33,7 @@ mod envs;
 mod jobs;
 mod pools;
 mod queue;
+mod summary;
 mod wait;
 
 use std::io::{IsTerminal as _, Write};
@@ -101,6 +102,7 @@ async fn execute(
             Command::Pools(_) => Subject::Pool,
             Command::Deploy(_) => Subject::Deployment,
             Command::Envs(_) => Subject::Environment,
+            Command::Summary => Subject::DashboardJob,
         },
     };
     let result = dispatch(global, command, &mut *out, &mut *err, terminal).await;
@@ -143,5 +145,6 @@ async fn dispatch(
         Command::Pools(command) => pools::run(command, &mut ctx).await,
         Command::Deploy(command) => deploy::run(command, &mut ctx).await,
         Command::Envs(command) => envs::run(command, &mut ctx).await,
+        Command::Summary => summary::run(&mut ctx).await,
     }
 }

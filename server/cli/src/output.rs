@@ -66,6 +66,7 @@ proto_names!(
     Environment,
     PutEnvironmentResponse,
     ListEnvironmentsResponse,
+    GetSummaryResponse,
     Deployment,
     CreateDeploymentResponse,
     GetDeploymentResponse,
