@@ -510,13 +510,10 @@ async fn the_summary_counts_deployments_restores_and_the_last_day_of_jobs() {
     assert_eq!(by_status(pb::JobStatus::Success), Some(2), "the rollout jobs, by status");
     assert_eq!(by_status(pb::JobStatus::Failed), Some(1));
     assert_eq!(by_status(pb::JobStatus::Pending), Some(0));
-    let healthy: u64 = summary
-        .agents
-        .iter()
-        .filter(|a| a.health == pb::AgentHealth::Healthy as i32 || a.health == pb::AgentHealth::Registering as i32)
-        .map(|a| a.connected)
-        .sum();
-    assert_eq!(healthy, 2, "both agents are connected: {:?}", summary.agents);
+    // Whatever their health (a loaded machine makes them report pressure).
+    let connected: u64 = summary.agents.iter().map(|a| a.connected).sum();
+    assert_eq!(connected, 2, "both agents are connected: {:?}", summary.agents);
+    assert!(summary.agents.iter().all(|a| a.connected <= a.total));
     assert_eq!(summary.queue_depth.len(), 4, "every priority, zeros included");
     assert!(summary.queue_depth.iter().all(|p| p.count == 0));
 }
