@@ -658,7 +658,11 @@ impl Deployments {
         env: &Environment,
         target: &Succeeded,
     ) -> DomainResult<String> {
-        let at = failed.finish_time.unwrap_or(failed.update_time);
+        // At least a millisecond after the failed deployment was made, so
+        // the rollback lists after it (ids sort by their millisecond).
+        let made_after =
+            failed.create_time.checked_add(std::time::Duration::from_millis(1)).unwrap_or(failed.create_time);
+        let at = failed.finish_time.unwrap_or(failed.update_time).max(made_after);
         let unique = crate::ids::derived_id(at, failed.id.as_bytes());
         let id = deployment_id(&failed.service, &unique);
         if get::<Deployment>(self.store(), &deployments(&failed.service), &unique).await?.is_some() {
