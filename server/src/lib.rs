@@ -16,3 +16,4 @@ pub mod server;
 pub mod store;
 pub mod summary;
 pub mod telemetry;
+pub mod wake;

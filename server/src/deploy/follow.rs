@@ -23,25 +23,13 @@ pub fn spawn(deployments: Deployments, interval: Duration, stopping: Cancellatio
 }
 
 async fn run(deployments: &Deployments, interval: Duration) {
-    let mut log = Some(deployments.engine.subscribe_log());
+    let mut commits = crate::wake::Commits::new(&deployments.engine);
     let nudge = deployments.nudged();
     loop {
         pass(deployments).await;
-        let commits = async {
-            match log.as_mut() {
-                Some(log) => log.changed().await.is_ok(),
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
-            engine_runs = commits => {
-                if !engine_runs {
-                    // The engine stopped: only requests and the interval wake us.
-                    log = None;
-                }
-            }
+            () = commits.next(interval) => {}
             () = nudge.notified() => {}
-            () = tokio::time::sleep(interval) => {}
         }
         tokio::time::sleep(MIN_SPACING).await;
     }

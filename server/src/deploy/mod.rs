@@ -257,9 +257,8 @@ impl Deployments {
         let unique = self.ids.next(self.clock.now());
         let id = deployment_id(&release.service, &unique);
         let service = release.service.clone();
-        // An automatic rollback is the server's doing, on behalf of the
-        // requester of what it rolls back.
-        let actor = actor_of((!matches!(trigger, Trigger::AutoRollback { .. })).then_some(requested_by.as_str()));
+        // Requests deploy; automatic rollbacks are made in `auto_rollback_of`.
+        let actor = actor_of(Some(&requested_by));
         let new = NewDeployment {
             id: id.clone(),
             release,

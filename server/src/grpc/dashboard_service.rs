@@ -101,24 +101,24 @@ impl DashboardApi {
     }
 }
 
-/// A page's deployments as `convert` makes them, cut where the page would
-/// pass [`MAX_PAGE_BYTES`] (a rollout spec may hold 300 KB), with where
-/// the next page starts.
-fn within_page_bytes<T>(
+/// Converts a page's deployments (each to what the response holds of it)
+/// and cuts them where the response would pass [`MAX_PAGE_BYTES`] (a
+/// rollout spec may hold 300 KB), with where the next page starts.
+fn within_page_bytes<T: prost::Message>(
     page: crate::deploy::DeploymentPage,
-    convert: impl Fn(&crate::domain::deploy::Deployment) -> T,
+    convert: impl Fn(&crate::domain::deploy::Deployment) -> Vec<T>,
 ) -> (Vec<T>, Option<String>) {
     let mut bytes = 0;
     let mut out = Vec::with_capacity(page.deployments.len());
     for (i, d) in page.deployments.iter().enumerate() {
         let wire = convert(d);
-        bytes += deployment_out(d).encoded_len();
+        bytes += wire.iter().map(prost::Message::encoded_len).sum::<usize>();
         if i > 0 && bytes > MAX_PAGE_BYTES {
             // Resume after the last one sent.
             let next = page.deployments[i - 1].id.split_once('/').map(|(_, unique)| unique.to_string());
             return (out, next);
         }
-        out.push(wire);
+        out.extend(wire);
     }
     (out, page.next)
 }
@@ -277,8 +277,8 @@ impl DashboardService for DashboardApi {
         request: Request<pb::PutEnvironmentRequest>,
     ) -> Result<Response<pb::PutEnvironmentResponse>, Status> {
         let req = request.get_ref();
-        let name = deploy_in::name_in("name", &req.name).map_err(to_status)?;
-        let pool = deploy_in::name_in("pool", &req.pool).map_err(to_status)?;
+        let name = convert::name_in("name", &req.name).map_err(to_status)?;
+        let pool = convert::name_in("pool", &req.pool).map_err(to_status)?;
         let promote_to = convert::name_filter("promote_to", &req.promote_to).map_err(to_status)?;
         let (environment, created) =
             self.deployments.put_environment(name, pool, promote_to, req.auto_rollback).await.map_err(to_status)?;
@@ -300,9 +300,9 @@ impl DashboardService for DashboardApi {
         request: Request<pb::CreateDeploymentRequest>,
     ) -> Result<Response<pb::CreateDeploymentResponse>, Status> {
         let req = request.get_ref();
-        let service = deploy_in::name_in("service", &req.service).map_err(to_status)?;
-        let version = deploy_in::name_in("version", &req.version).map_err(to_status)?;
-        let environment = deploy_in::name_in("environment", &req.environment).map_err(to_status)?;
+        let service = convert::name_in("service", &req.service).map_err(to_status)?;
+        let version = convert::name_in("version", &req.version).map_err(to_status)?;
+        let environment = convert::name_in("environment", &req.environment).map_err(to_status)?;
         let rollout = deploy_in::rollout_in(req.rollout.as_ref()).map_err(to_status)?;
         let requested_by = dc::requester_in("requested_by", &req.requested_by).map_err(to_status)?;
         let reason = deploy_in::reason_in("reason", &req.reason).map_err(to_status)?;
@@ -328,12 +328,12 @@ impl DashboardService for DashboardApi {
         request: Request<pb::ListDeploymentsRequest>,
     ) -> Result<Response<pb::ListDeploymentsResponse>, Status> {
         let req = request.get_ref();
-        let service = deploy_in::name_in("service", &req.service).map_err(to_status)?;
+        let service = convert::name_in("service", &req.service).map_err(to_status)?;
         let environment = convert::name_filter("environment", &req.environment).map_err(to_status)?;
         let limit = validate::page_size("page_size", req.page_size).map_err(to_status)?;
         let after = page_token::decode(Listing::Deployments, &req.page_token).map_err(to_status)?;
         let page = self.deployments.list(&service, environment.as_deref(), after, limit).await.map_err(to_status)?;
-        let (deployments, next) = within_page_bytes(page, deployment_out);
+        let (deployments, next) = within_page_bytes(page, |d| vec![deployment_out(d)]);
         Ok(Response::new(pb::ListDeploymentsResponse {
             deployments,
             next_page_token: page_token::encode(Listing::Deployments, next.as_deref()),
@@ -357,8 +357,8 @@ impl DashboardService for DashboardApi {
         request: Request<pb::RollbackDeploymentRequest>,
     ) -> Result<Response<pb::RollbackDeploymentResponse>, Status> {
         let req = request.get_ref();
-        let service = deploy_in::name_in("service", &req.service).map_err(to_status)?;
-        let environment = deploy_in::name_in("environment", &req.environment).map_err(to_status)?;
+        let service = convert::name_in("service", &req.service).map_err(to_status)?;
+        let environment = convert::name_in("environment", &req.environment).map_err(to_status)?;
         let version = convert::name_filter("version", &req.version).map_err(to_status)?;
         let reason = deploy_in::reason_in("reason", &req.reason).map_err(to_status)?;
         let requested_by = dc::requester_in("requested_by", &req.requested_by).map_err(to_status)?;
@@ -378,7 +378,7 @@ impl DashboardService for DashboardApi {
         request: Request<pb::ListDeploymentEventsRequest>,
     ) -> Result<Response<pb::ListDeploymentEventsResponse>, Status> {
         let req = request.get_ref();
-        let service = deploy_in::name_in("service", &req.service).map_err(to_status)?;
+        let service = convert::name_in("service", &req.service).map_err(to_status)?;
         let environment = convert::name_filter("environment", &req.environment).map_err(to_status)?;
         if req.deployment_id.len() > convert::MAX_ID {
             return Err(to_status(DomainError::invalid(
@@ -388,11 +388,11 @@ impl DashboardService for DashboardApi {
         }
         let limit = validate::page_size("page_size", req.page_size).map_err(to_status)?;
         let after = page_token::decode(Listing::DeploymentEvents, &req.page_token).map_err(to_status)?;
-        let (deployments, next) = if req.deployment_id.is_empty() {
+        let events_of = |d: &crate::domain::deploy::Deployment| d.events.iter().map(|e| event_out(d, e)).collect();
+        let (events, next) = if req.deployment_id.is_empty() {
             let page =
                 self.deployments.list(&service, environment.as_deref(), after, limit).await.map_err(to_status)?;
-            let (kept, next) = within_page_bytes(page, |d| d.clone());
-            (kept, next)
+            within_page_bytes(page, events_of)
         } else {
             let d = self.deployments.get(&req.deployment_id).await.map_err(to_status)?;
             if d.service != service || environment.as_ref().is_some_and(|e| *e != d.environment) {
@@ -405,9 +405,8 @@ impl DashboardService for DashboardApi {
                     ),
                 }));
             }
-            (vec![d], None)
+            (events_of(&d), None)
         };
-        let events = deployments.iter().flat_map(|d| d.events.iter().map(move |e| event_out(d, e))).collect();
         Ok(Response::new(pb::ListDeploymentEventsResponse {
             events,
             next_page_token: page_token::encode(Listing::DeploymentEvents, next.as_deref()),

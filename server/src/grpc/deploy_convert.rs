@@ -4,7 +4,6 @@
 use tether::time::{to_duration, to_timestamp};
 use tether::v1 as pb;
 
-use super::convert;
 use super::dashboard_convert::{self as dc};
 use crate::domain::deploy::{Deployment, DeploymentEvent, DeploymentState, Environment, RolloutSpec, Trigger};
 use crate::domain::{validate, DomainError, DomainResult};
@@ -14,11 +13,6 @@ pub const MAX_REASON: usize = crate::domain::deploy::MAX_REASON;
 /// The most environment variables a rollout sets: four more are the
 /// deployment's own (TETHER_DEPLOY_*), within a job's 64.
 pub const MAX_ROLLOUT_ENV: usize = dc::MAX_ENV - 4;
-
-/// A required name field (service, version, environment).
-pub fn name_in(field: &str, value: &str) -> DomainResult<String> {
-    convert::name_in(field, value)
-}
 
 /// A reason, at most [`MAX_REASON`] bytes.
 pub fn reason_in(field: &str, value: &str) -> DomainResult<String> {

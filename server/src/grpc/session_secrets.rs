@@ -87,8 +87,12 @@ impl SessionSecrets {
         if let Some(masker) = self.known(job_id) {
             return masker;
         }
-        // A job the engine does not know is refused by the engine itself.
-        let stored = self.engine.get_job(job_id).await.ok()?;
+        // A job the engine does not know is refused by the engine itself;
+        // remembered, so an agent naming made-up jobs costs one look each.
+        let Ok(stored) = self.engine.get_job(job_id).await else {
+            self.remember(job_id, None);
+            return None;
+        };
         let masker = match self.open(&stored).await {
             Ok(values) => masker_of(&values),
             Err(error) => {

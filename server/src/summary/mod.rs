@@ -34,9 +34,15 @@ pub async fn job_stats(engine: &EngineHandle) -> DomainResult<JobStats> {
 /// Folds what the log holds past the stored position; `true` if it caught
 /// up.
 pub async fn fold(engine: &EngineHandle) -> DomainResult<bool> {
+    // The record as stored; read again only after another replica wrote it.
+    let mut held: Option<(JobStats, u64)> = None;
     for _ in 0..MAX_READS {
-        let stored = get::<JobStats>(engine.store().as_ref(), COLLECTION, JOBS).await?;
-        let (mut stats, version) = stored.map_or_else(|| (JobStats::default(), 0), |v| (v.value, v.version));
+        let (mut stats, version) = match held.take() {
+            Some(held) => held,
+            None => get::<JobStats>(engine.store().as_ref(), COLLECTION, JOBS)
+                .await?
+                .map_or_else(|| (JobStats::default(), 0), |v| (v.value, v.version)),
+        };
         // The figures start from the present the first time (history
         // before is not counted).
         let cursor = if stats.cursor.is_empty() {
@@ -63,13 +69,18 @@ pub async fn fold(engine: &EngineHandle) -> DomainResult<bool> {
         }
         let moved = next.positions != stats.cursor;
         stats.cursor = next.positions;
-        if moved && put(engine.store().as_ref(), COLLECTION, JOBS, &stats, version).await? == Put::Lost {
-            // Another replica folded first: read its position again.
-            continue;
+        let mut version = version;
+        if moved {
+            if put(engine.store().as_ref(), COLLECTION, JOBS, &stats, version).await? == Put::Lost {
+                // Another replica folded first: read its position again.
+                continue;
+            }
+            version += 1;
         }
         if caught_up {
             return Ok(true);
         }
+        held = Some((stats, version));
     }
     Ok(false)
 }
@@ -86,7 +97,7 @@ pub fn spawn(engine: EngineHandle, interval: Duration, stopping: CancellationTok
 }
 
 async fn run(engine: &EngineHandle, interval: Duration) {
-    let mut log = Some(engine.subscribe_log());
+    let mut commits = crate::wake::Commits::new(engine);
     loop {
         let caught_up = match fold(engine).await {
             Ok(caught_up) => caught_up,
@@ -96,20 +107,7 @@ async fn run(engine: &EngineHandle, interval: Duration) {
             }
         };
         if caught_up {
-            let commits = async {
-                match log.as_mut() {
-                    Some(log) => log.changed().await.is_ok(),
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                engine_runs = commits => {
-                    if !engine_runs {
-                        log = None;
-                    }
-                }
-                () = tokio::time::sleep(interval) => {}
-            }
+            commits.next(interval).await;
         }
         tokio::time::sleep(MIN_SPACING).await;
     }

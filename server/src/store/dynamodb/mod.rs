@@ -181,6 +181,17 @@ fn item_of(write: &Write) -> String {
     }
 }
 
+/// Log items as chunks (log records of any format this release reads).
+fn decode_logs(items: &[items::Item]) -> StoreResult<Vec<LogChunk>> {
+    items
+        .iter()
+        .map(|item| {
+            items::check_schema(item)?;
+            crate::store::codec::decode_log(items::get_b(item, "b")?)
+        })
+        .collect()
+}
+
 #[async_trait]
 impl Store for DynamoStore {
     async fn write(&self, batch: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
@@ -284,26 +295,13 @@ impl Store for DynamoStore {
     }
 
     async fn logs_after(&self, job_id: &str, attempt: u32, after: u64) -> StoreResult<Vec<LogChunk>> {
-        let items = self.query_logs_after(job_id, attempt, after).await?;
-        items
-            .iter()
-            .map(|item| {
-                items::check_schema(item)?;
-                crate::store::codec::decode_log(items::get_b(item, "b")?)
-            })
-            .collect()
+        decode_logs(&self.query_logs_after(job_id, attempt, after).await?)
     }
 
     async fn logs(&self, job_id: &str, attempt: u32) -> StoreResult<Vec<LogChunk>> {
         let items =
             self.query_partition(&self.tables.logs, "attempt", s(compose(&[job_id, &attempt.to_string()]))).await?;
-        items
-            .iter()
-            .map(|item| {
-                items::check_schema(item)?;
-                crate::store::codec::decode_log(items::get_b(item, "b")?)
-            })
-            .collect()
+        decode_logs(&items)
     }
 
     async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>> {

@@ -43,6 +43,21 @@ pub(super) fn decode_record<T: serde::de::DeserializeOwned>(item: &Item) -> Stor
     decode(get_b(item, "b")?)
 }
 
+/// Every item a query finds, strongly read, page after page.
+async fn every_item(
+    query: aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder,
+    table: &str,
+) -> StoreResult<Vec<Item>> {
+    query
+        .consistent_read(true)
+        .into_paginator()
+        .items()
+        .send()
+        .try_collect()
+        .await
+        .map_err(|e| classify(&format!("Query {table}"), e))
+}
+
 impl DynamoStore {
     /// A page of one state index partition.
     async fn fill(&self, cursor: &mut Cursor, walk: Walk, page: usize) -> StoreResult<()> {
@@ -269,40 +284,30 @@ impl DynamoStore {
         key: &str,
         value: AttributeValue,
     ) -> StoreResult<Vec<Item>> {
-        self.client
+        let query = self
+            .client
             .query()
             .table_name(table)
             .key_condition_expression("#k = :v")
             .expression_attribute_names("#k", key)
-            .expression_attribute_values(":v", value)
-            .consistent_read(true)
-            .into_paginator()
-            .items()
-            .send()
-            .try_collect()
-            .await
-            .map_err(|e| classify(&format!("Query {table}"), e))
+            .expression_attribute_values(":v", value);
+        every_item(query, table).await
     }
 
     /// One attempt's log items after sequence `after`: a range of its
     /// partition, strongly read.
     pub(super) async fn query_logs_after(&self, job_id: &str, attempt: u32, after: u64) -> StoreResult<Vec<Item>> {
         let table = &self.tables.logs;
-        self.client
+        let query = self
+            .client
             .query()
             .table_name(table)
             .key_condition_expression("#k = :v AND #s > :after")
             .expression_attribute_names("#k", "attempt")
             .expression_attribute_names("#s", "seq")
             .expression_attribute_values(":v", s(compose(&[job_id, &attempt.to_string()])))
-            .expression_attribute_values(":after", n(after))
-            .consistent_read(true)
-            .into_paginator()
-            .items()
-            .send()
-            .try_collect()
-            .await
-            .map_err(|e| classify(&format!("Query {table}"), e))
+            .expression_attribute_values(":after", n(after));
+        every_item(query, table).await
     }
 
     pub(super) async fn read_control_record(&self, collection: &str, id: &str) -> StoreResult<Option<Record>> {

@@ -396,13 +396,17 @@ mod tests {
             time: t(5),
             agent_time: Some(t(4)),
         }));
+        assert_frozen(&batch, FROZEN_LAYOUT);
+    }
+
+    /// `batch` journals as `hex` and reads back as written.
+    fn assert_frozen(batch: &[Write], hex: &str) {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut journal, _) = Journal::open(dir.path()).expect("open");
-        assert_eq!(journal.append(1, &[batch.as_slice()]).expect("append"), Appended::Written);
+        assert_eq!(journal.append(1, &[batch]).expect("append"), Appended::Written);
         let payload = journal.buf[HEADER_BYTES..].to_vec();
-        let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(hex, FROZEN_LAYOUT, "the journal's record layout changed");
-        // And it reads back as written.
+        let written: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(written, hex, "the journal's record layout changed");
         let decoded = RawRecord { seq: 1, payload }.decode().expect("decode");
         assert_eq!(format!("{:?}", decoded.batches), format!("{:?}", vec![batch]));
     }
@@ -454,15 +458,7 @@ mod tests {
             version: 3,
             body: bytes::Bytes::from_static(b"body"),
         };
-        let batch = vec![Write::PutRecord { record, expected_version: 2 }];
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (mut journal, _) = Journal::open(dir.path()).expect("open");
-        assert_eq!(journal.append(1, &[batch.as_slice()]).expect("append"), Appended::Written);
-        let payload = journal.buf[HEADER_BYTES..].to_vec();
-        let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(hex, FROZEN_RECORD_LAYOUT, "the journal's record layout changed");
-        let decoded = RawRecord { seq: 1, payload }.decode().expect("decode");
-        assert_eq!(format!("{:?}", decoded.batches), format!("{:?}", vec![batch]));
+        assert_frozen(&[Write::PutRecord { record, expected_version: 2 }], FROZEN_RECORD_LAYOUT);
     }
 
     /// Format 3, one batch of one write: variant 8, "env", "prod", version
@@ -475,11 +471,7 @@ mod tests {
     #[test]
     fn a_format_1_record_reads_as_the_same_writes() {
         let batch = every_kind_of_write();
-        let payload: Vec<u8> = (0..FROZEN_LAYOUT_V1.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&FROZEN_LAYOUT_V1[i..i + 2], 16).expect("hex"))
-            .collect();
-        let decoded = RawRecord { seq: 1, payload }.decode().expect("decode");
+        let decoded = RawRecord { seq: 1, payload: unhex(FROZEN_LAYOUT_V1) }.decode().expect("decode");
         assert_eq!(format!("{:?}", decoded.batches), format!("{:?}", vec![batch]));
     }
 
