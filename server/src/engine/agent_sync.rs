@@ -138,6 +138,6 @@ impl Engine {
     /// Whether a write of this agent is waiting for the next commit (the
     /// stored record is then older than this replica's copy).
     fn agent_write_pending(&self, id: &str) -> bool {
-        self.pending.writes.iter().any(|w| matches!(w, crate::store::Write::PutAgent(a) if a.id == id))
+        self.pending.writes.iter().any(|w| w.agent().is_some_and(|a| a.id == id))
     }
 }

@@ -88,7 +88,11 @@ macro_rules! store_conformance_suite {
             a_record_write_of_a_callers_bug_refuses_its_batch,
             records_list_by_id_within_their_collection_only,
             records_list_past_a_page_of_the_backend,
-            a_batch_applies_writes_to_one_record_in_order);
+            a_batch_applies_writes_to_one_record_in_order,
+            activity_is_logged_with_its_applied_write_only,
+            activity_reads_from_a_cursor_in_order_per_subject,
+            a_malformed_logged_write_refuses_its_batch,
+            trimmed_activity_answers_expired);
     };
     (@cases $fresh:expr; $($case:ident),* $(,)?) => {
         $(
@@ -799,4 +803,196 @@ pub async fn a_batch_applies_writes_to_one_record_in_order<S: Store>(store: S) {
     let outcomes = store.write(vec![put_record(&v4), put_record(&v1)]).await.expect("write");
     assert_eq!(outcomes, [WriteOutcome::Applied, WriteOutcome::IdExists]);
     assert_eq!(store.get_record("rollout", "r1").await.expect("get"), Some(v4));
+}
+
+fn sample_agent(id: &str) -> Agent {
+    Agent {
+        id: id.into(),
+        name: format!("n-{id}"),
+        pool: "p".into(),
+        labels: Default::default(),
+        slots: 1,
+        health: Health::Healthy,
+        health_reason: String::new(),
+        scheduling: SchedulingStatus::Active,
+        version: "1".into(),
+        create_time: t(0),
+        last_seen_time: t(0),
+        metrics: Default::default(),
+    }
+}
+
+/// An activity entry of `subject` at `at` whose body names it.
+pub fn activity(kind: crate::store::ActivityKind, subject: &str, at: SystemTime, body: &str) -> crate::store::Activity {
+    crate::store::Activity { kind, subject: subject.into(), time: at, body: bytes::Bytes::from(body.to_string()) }
+}
+
+/// Every activity entry after `cursor`, `limit` at a time, and the cursor
+/// after them.
+pub async fn read_all_activity<S: Store + ?Sized>(
+    store: &S,
+    mut cursor: EventCursor,
+    limit: usize,
+) -> (Vec<crate::store::ActivityEvent>, EventCursor) {
+    let mut all = Vec::new();
+    loop {
+        match store.read_activity(&cursor, limit).await.expect("read activity") {
+            crate::store::LogRead::Events { events, next } => {
+                if events.is_empty() {
+                    assert_eq!(next, cursor, "an empty read leaves the cursor");
+                    return (all, cursor);
+                }
+                for e in &events {
+                    assert!(e.seq > cursor.positions[e.shard as usize], "an entry at or before the cursor came back");
+                }
+                all.extend(events);
+                cursor = next;
+            }
+            other => panic!("reading activity from {cursor:?}: {other:?}"),
+        }
+    }
+}
+
+fn bodies(events: &[crate::store::ActivityEvent]) -> Vec<String> {
+    events.iter().map(|e| String::from_utf8_lossy(&e.activity.body).into_owned()).collect()
+}
+
+pub async fn activity_is_logged_with_its_applied_write_only<S: Store>(store: S) {
+    use crate::store::ActivityKind::{Agent as A, Deployment as D};
+    let start = store.activity_heads().await.expect("heads");
+    assert_eq!(start, EventCursor::start(store.activity_shards()), "a new log is empty");
+    // The job log is another log: job events do not show here, nor the
+    // other way round.
+    let before_jobs = store.event_heads().await.expect("heads");
+    let agent = sample_agent("a1");
+    let logged = Write::Logged {
+        write: Box::new(Write::PutAgent(Box::new(agent.clone()))),
+        activity: vec![activity(A, "a1", t(5), "a1 healthy")],
+    };
+    assert_eq!(write_one(&store, logged).await, WriteOutcome::Applied);
+    assert_eq!(store.get_agent("a1").await.expect("get"), Some(agent));
+    assert_eq!(store.event_heads().await.expect("heads"), before_jobs);
+    // A record write that applies logs its entries; one that loses its
+    // condition logs none.
+    let v1 = record("deployments/svc", "d1", 1, "v1");
+    let logged = |r: &Record, body: &str| Write::Logged {
+        write: Box::new(put_record(r)),
+        activity: vec![activity(D, "svc/d1", t(6), body), activity(D, "svc/d1", t(6), &format!("{body}+"))],
+    };
+    assert_eq!(write_one(&store, logged(&v1, "created")).await, WriteOutcome::Applied);
+    let other = record("deployments/svc", "d1", 1, "another body");
+    assert_eq!(write_one(&store, logged(&other, "again")).await, WriteOutcome::IdExists);
+    let stale = record("deployments/svc", "d1", 3, "v3");
+    assert!(matches!(write_one(&store, logged(&stale, "stale")).await, WriteOutcome::VersionConflict { .. }));
+    let v2 = record("deployments/svc", "d1", 2, "v2");
+    assert_eq!(write_one(&store, logged(&v2, "queued")).await, WriteOutcome::Applied);
+    assert_eq!(store.get_record("deployments/svc", "d1").await.expect("get"), Some(v2));
+    let (events, end) = read_all_activity(&store, start, 100).await;
+    let mut seen = bodies(&events);
+    seen.sort();
+    assert_eq!(seen, ["a1 healthy", "created", "created+", "queued", "queued+"]);
+    assert_eq!(store.activity_heads().await.expect("heads"), end);
+    let (jobs, _) = read_all(&store, before_jobs, 100).await;
+    assert!(jobs.is_empty(), "activity is not in the job log: {jobs:?}");
+}
+
+pub async fn activity_reads_from_a_cursor_in_order_per_subject<S: Store>(store: S) {
+    use crate::store::ActivityKind::Agent as A;
+    let start = store.activity_heads().await.expect("heads");
+    // Three subjects, five changes each, written one batch per change.
+    for step in 0..5u64 {
+        let writes = ["x", "y", "z"]
+            .iter()
+            .map(|id| Write::Logged {
+                write: Box::new(Write::PutAgent(Box::new(sample_agent(id)))),
+                activity: vec![activity(A, id, t(step), &format!("{id}{step}"))],
+            })
+            .collect();
+        store.write(writes).await.expect("write");
+    }
+    // Read two at a time: every entry once, each subject's in order.
+    let (events, end) = read_all_activity(&store, start.clone(), 2).await;
+    assert_eq!(events.len(), 15);
+    for id in ["x", "y", "z"] {
+        let of: Vec<String> = bodies(&events).into_iter().filter(|b| b.starts_with(id)).collect();
+        assert_eq!(of, (0..5).map(|s| format!("{id}{s}")).collect::<Vec<_>>());
+    }
+    // From a cursor in the middle, exactly the rest.
+    let (first, middle) = {
+        let crate::store::LogRead::Events { events, next } = store.read_activity(&start, 4).await.expect("read") else {
+            panic!("expected events")
+        };
+        (events, next)
+    };
+    let (rest, _) = read_all_activity(&store, middle, 100).await;
+    let mut all = bodies(&first);
+    all.extend(bodies(&rest));
+    all.sort();
+    let mut want = bodies(&events);
+    want.sort();
+    assert_eq!(all, want);
+    // A cursor ahead of the log, or of another layout, is refused.
+    let mut ahead = end.clone();
+    ahead.positions[0] += 100;
+    assert_eq!(store.read_activity(&ahead, 10).await.expect("read"), crate::store::LogRead::Unknown);
+    let wrong = EventCursor { positions: vec![0; store.activity_shards() as usize + 1] };
+    assert!(matches!(store.read_activity(&wrong, 10).await, Err(StoreError::Rejected(_))));
+}
+
+pub async fn a_malformed_logged_write_refuses_its_batch<S: Store>(store: S) {
+    use crate::store::ActivityKind::Agent as A;
+    let ok = Write::PutAgent(Box::new(sample_agent("fine")));
+    let cases = [
+        // A job write cannot carry activity (it logs job events).
+        Write::Logged {
+            write: Box::new(Write::create(job("j", 1, "q", None))),
+            activity: vec![activity(A, "j", t(1), "x")],
+        },
+        // Nothing to log.
+        Write::Logged { write: Box::new(Write::PutAgent(Box::new(sample_agent("m")))), activity: Vec::new() },
+        // Two subjects in one write.
+        Write::Logged {
+            write: Box::new(Write::PutAgent(Box::new(sample_agent("m")))),
+            activity: vec![activity(A, "m", t(1), "x"), activity(A, "other", t(1), "y")],
+        },
+        // An unnamed subject.
+        Write::Logged {
+            write: Box::new(Write::PutAgent(Box::new(sample_agent("m")))),
+            activity: vec![activity(A, "", t(1), "x")],
+        },
+    ];
+    let start = store.activity_heads().await.expect("heads");
+    for case in cases {
+        let refused = store.write(vec![ok.clone(), case]).await;
+        assert!(matches!(refused, Err(StoreError::Rejected(_))), "{refused:?}");
+    }
+    assert_eq!(store.get_agent("fine").await.expect("get"), None, "nothing of a refused batch is written");
+    assert_eq!(store.get_job("j").await.expect("get"), None);
+    assert_eq!(store.activity_heads().await.expect("heads"), start);
+}
+
+pub async fn trimmed_activity_answers_expired<S: Store>(store: S) {
+    use crate::store::ActivityKind::Agent as A;
+    let start = store.activity_heads().await.expect("heads");
+    let log = |id: &str, at: u64| Write::Logged {
+        write: Box::new(Write::PutAgent(Box::new(sample_agent(id)))),
+        activity: vec![activity(A, id, t(at), id)],
+    };
+    store.write((0..4u64).map(|i| log(&format!("old{i}"), i)).collect()).await.expect("write");
+    let after_old = store.activity_heads().await.expect("heads");
+    store.write((0..4u64).map(|i| log(&format!("young{i}"), 1000 + i)).collect()).await.expect("write");
+    let mut trimmed = 0;
+    loop {
+        let pass = store.trim_events(t(500), 1).await.expect("trim");
+        trimmed += pass.groups;
+        if !pass.more {
+            break;
+        }
+    }
+    assert_eq!(trimmed, 4, "the old groups, and only those");
+    assert_eq!(store.read_activity(&start, 100).await.expect("read"), crate::store::LogRead::Expired);
+    let (rest, _) = read_all_activity(&store, after_old, 100).await;
+    let mut seen = bodies(&rest);
+    seen.sort();
+    assert_eq!(seen, ["young0", "young1", "young2", "young3"]);
 }

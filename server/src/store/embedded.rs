@@ -18,11 +18,12 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
+use super::activity::ActivityGroup;
 use super::codec::{decode, decode_job, priority_from_code, skip_corrupt, state_from_code, FORMAT_V1};
-use super::events::EventGroup;
+use super::events::{EventGroup, LogGroup};
 use super::{
-    check_record_writes, AgentFilter, CountRow, Event, EventCursor, EventRead, JobFilter, LogChunk, Page, QueuedEntry,
-    Record, RecordOrder, Store, StoreError, StoreResult, Trimmed, Write, WriteOutcome,
+    check_record_writes, ActivityEvent, AgentFilter, CountRow, EventCursor, EventRead, JobFilter, LogChunk, LogRead,
+    Page, QueuedEntry, Record, RecordOrder, Store, StoreError, StoreResult, Trimmed, Write, WriteOutcome,
 };
 use crate::domain::{Agent, Job, JobState, Pool};
 
@@ -52,6 +53,30 @@ const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("job_events");
 /// Counters of the event log: the last seq written, and the last trimmed.
 const EVENT_HEAD: &str = "event_head";
 const EVENT_LOW_WATER: &str = "event_low_water";
+/// The activity log, one shard: last seq of a group -> ActivityGroup.
+const ACTIVITY: TableDefinition<u64, &[u8]> = TableDefinition::new("activity_log");
+const ACTIVITY_HEAD: &str = "activity_head";
+const ACTIVITY_LOW_WATER: &str = "activity_low_water";
+
+/// One of the store's two logs (`super::events`, `super::activity`): its
+/// table and the counter of its low-water mark.
+#[derive(Clone, Copy)]
+struct LogTables {
+    table: TableDefinition<'static, u64, &'static [u8]>,
+    low_water: &'static str,
+    name: &'static str,
+}
+
+const JOB_LOG: LogTables = LogTables { table: EVENTS, low_water: EVENT_LOW_WATER, name: "event group" };
+const ACTIVITY_LOG: LogTables = LogTables { table: ACTIVITY, low_water: ACTIVITY_LOW_WATER, name: "activity group" };
+
+/// Each log's head as far as it was acknowledged: cursors read no further
+/// (see `writer::Writer`).
+#[derive(Debug, Default)]
+struct AckedHeads {
+    jobs: AtomicU64,
+    activity: AtomicU64,
+}
 
 /// redb's page cache (read cache and write buffer). redb's default, 1 GiB,
 /// let a live server keep every page it wrote (~330 bytes per queued job);
@@ -91,9 +116,7 @@ pub struct EmbeddedStore {
     writer: Option<std_mpsc::Sender<writer::WriteRequest>>,
     writer_thread: Option<thread::JoinHandle<()>>,
     path: PathBuf,
-    /// The event log's head as far as it was acknowledged: cursors read no
-    /// further (see `writer::Writer`).
-    event_head: Arc<AtomicU64>,
+    heads: Arc<AckedHeads>,
 }
 
 impl Drop for EmbeddedStore {
@@ -105,6 +128,46 @@ impl Drop for EmbeddedStore {
             let _ = thread.join();
         }
     }
+}
+
+/// Up to about `limit` events of `log` after `after`, none past `head`.
+fn read_log<G: LogGroup>(
+    db: &Database,
+    log: LogTables,
+    head: u64,
+    after: u64,
+    limit: usize,
+) -> StoreResult<LogRead<G::Event>> {
+    let txn = db.begin_read().map_err(io_err)?;
+    let counters = txn.open_table(COUNTERS).map_err(io_err)?;
+    let low_water = counters.get(log.low_water).map_err(io_err)?.map(|v| v.value()).unwrap_or(0);
+    if after > head {
+        return Ok(LogRead::Unknown);
+    }
+    if after < low_water {
+        return Ok(LogRead::Expired);
+    }
+    if after == head {
+        return Ok(LogRead::Events { events: Vec::new(), next: EventCursor { positions: vec![after] } });
+    }
+    let table = txn.open_table(log.table).map_err(io_err)?;
+    let mut events = Vec::new();
+    let mut position = after;
+    for row in table.range(after.saturating_add(1)..=head).map_err(io_err)? {
+        if events.len() >= limit.max(1) {
+            break;
+        }
+        let (key, value) = row.map_err(io_err)?;
+        let group: G =
+            decode(value.value()).map_err(|e| StoreError::Corrupt(format!("{} {}: {e}", log.name, key.value())))?;
+        // Sequence numbers are dense: a hole is a trimmed group.
+        if group.first_seq() > position + 1 {
+            return Ok(LogRead::Expired);
+        }
+        group.events_after(0, position, &mut events);
+        position = key.value();
+    }
+    Ok(LogRead::Events { events, next: EventCursor { positions: vec![position] } })
 }
 
 fn io_err(e: impl Display) -> StoreError {
@@ -139,18 +202,19 @@ impl EmbeddedStore {
             txn.open_table(POOLS).map_err(io_err)?;
             txn.open_table(EVENTS).map_err(io_err)?;
             txn.open_table(RECORDS).map_err(io_err)?;
+            txn.open_table(ACTIVITY).map_err(io_err)?;
             txn.commit().map_err(io_err)?;
         }
         let db = Arc::new(db);
         let (journal, records) = journal::Journal::open(dir)?;
-        let event_head = Arc::new(AtomicU64::new(0));
-        let recovered = writer::Writer::recover(db.clone(), options, journal, records, event_head.clone())?;
+        let heads = Arc::new(AckedHeads::default());
+        let recovered = writer::Writer::recover(db.clone(), options, journal, records, heads.clone())?;
         let (writer, requests) = std_mpsc::channel();
         let writer_thread = thread::Builder::new()
             .name("tether-store-writer".into())
             .spawn(move || recovered.run(&requests))
             .map_err(io_err)?;
-        Ok(EmbeddedStore { db, writer: Some(writer), writer_thread: Some(writer_thread), path, event_head })
+        Ok(EmbeddedStore { db, writer: Some(writer), writer_thread: Some(writer_thread), path, heads })
     }
 
     /// The database file.
@@ -283,47 +347,26 @@ impl Store for EmbeddedStore {
     }
 
     async fn event_heads(&self) -> StoreResult<EventCursor> {
-        Ok(EventCursor { positions: vec![self.event_head.load(Ordering::Acquire)] })
+        Ok(EventCursor { positions: vec![self.heads.jobs.load(Ordering::Acquire)] })
     }
 
     async fn read_events(&self, after: &EventCursor, limit: usize) -> StoreResult<EventRead> {
         after.check_shards(1)?;
-        let after = after.positions[0];
         // Loaded before the read: the groups up to it are in the database.
-        let head = self.event_head.load(Ordering::Acquire);
-        self.read(move |db| {
-            let txn = db.begin_read().map_err(io_err)?;
-            let counters = txn.open_table(COUNTERS).map_err(io_err)?;
-            let low_water = counters.get(EVENT_LOW_WATER).map_err(io_err)?.map(|v| v.value()).unwrap_or(0);
-            if after > head {
-                return Ok(EventRead::Unknown);
-            }
-            if after < low_water {
-                return Ok(EventRead::Expired);
-            }
-            if after == head {
-                return Ok(EventRead::Events { events: Vec::new(), next: EventCursor { positions: vec![after] } });
-            }
-            let events_table = txn.open_table(EVENTS).map_err(io_err)?;
-            let mut events: Vec<Event> = Vec::new();
-            let mut position = after;
-            for row in events_table.range(after.saturating_add(1)..=head).map_err(io_err)? {
-                if events.len() >= limit.max(1) {
-                    break;
-                }
-                let (key, value) = row.map_err(io_err)?;
-                let group: EventGroup = decode(value.value())
-                    .map_err(|e| StoreError::Corrupt(format!("event group {}: {e}", key.value())))?;
-                // Sequence numbers are dense: a hole is a trimmed group.
-                if group.first_seq > position + 1 {
-                    return Ok(EventRead::Expired);
-                }
-                group.events_after(0, position, &mut events);
-                position = key.value();
-            }
-            Ok(EventRead::Events { events, next: EventCursor { positions: vec![position] } })
-        })
-        .await
+        let head = self.heads.jobs.load(Ordering::Acquire);
+        let after = after.positions[0];
+        self.read(move |db| read_log::<EventGroup>(db, JOB_LOG, head, after, limit)).await
+    }
+
+    async fn activity_heads(&self) -> StoreResult<EventCursor> {
+        Ok(EventCursor { positions: vec![self.heads.activity.load(Ordering::Acquire)] })
+    }
+
+    async fn read_activity(&self, after: &EventCursor, limit: usize) -> StoreResult<LogRead<ActivityEvent>> {
+        after.check_shards(1)?;
+        let head = self.heads.activity.load(Ordering::Acquire);
+        let after = after.positions[0];
+        self.read(move |db| read_log::<ActivityGroup>(db, ACTIVITY_LOG, head, after, limit)).await
     }
 
     async fn trim_events(&self, before: std::time::SystemTime, limit: usize) -> StoreResult<Trimmed> {

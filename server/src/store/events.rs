@@ -187,12 +187,49 @@ impl EventCursor {
     }
 }
 
-/// What a read of the log from a cursor found.
+/// A stored group of a log (the job log's [`EventGroup`], the activity
+/// log's [`super::activity::ActivityGroup`]): what both backends' readers
+/// and trims need of it.
+pub trait LogGroup: serde::de::DeserializeOwned {
+    type Event;
+    fn first_seq(&self) -> u64;
+    /// Its key.
+    fn last_seq(&self) -> u64;
+    /// It is trimmed once this is older than the retention.
+    fn time(&self) -> SystemTime;
+    /// Its events after `after` (a position in shard `shard`), in order.
+    fn events_after(&self, shard: u32, after: u64, out: &mut Vec<Self::Event>);
+}
+
+impl LogGroup for EventGroup {
+    type Event = Event;
+
+    fn first_seq(&self) -> u64 {
+        self.first_seq
+    }
+
+    fn last_seq(&self) -> u64 {
+        EventGroup::last_seq(self)
+    }
+
+    fn time(&self) -> SystemTime {
+        EventGroup::time(self)
+    }
+
+    fn events_after(&self, shard: u32, after: u64, out: &mut Vec<Event>) {
+        EventGroup::events_after(self, shard, after, out);
+    }
+}
+
+/// What a read of the job log from a cursor found.
+pub type EventRead = LogRead<Event>;
+
+/// What a read of a log from a cursor found.
 #[derive(Debug, Clone, PartialEq)]
-pub enum EventRead {
+pub enum LogRead<E> {
     /// Events after the cursor, per shard in order (shards one after the
     /// other), and the cursor after them.
-    Events { events: Vec<Event>, next: EventCursor },
+    Events { events: Vec<E>, next: EventCursor },
     /// Events after the cursor were trimmed (older than the retention): the
     /// reader must start again from the present ([`super::Store::event_heads`]).
     Expired,
@@ -207,6 +244,13 @@ pub struct Trimmed {
     pub groups: u64,
     /// Whether more remain to trim (the trim stopped at its bound).
     pub more: bool,
+}
+
+impl Trimmed {
+    /// Both trims' work.
+    pub fn and(self, other: Trimmed) -> Trimmed {
+        Trimmed { groups: self.groups + other.groups, more: self.more || other.more }
+    }
 }
 
 #[cfg(test)]

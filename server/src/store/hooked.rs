@@ -128,6 +128,22 @@ impl<S: Store, H: WriteHook> Store for HookedStore<S, H> {
         self.inner.trim_events(before, limit).await
     }
 
+    fn activity_shards(&self) -> u32 {
+        self.inner.activity_shards()
+    }
+
+    async fn activity_heads(&self) -> StoreResult<super::EventCursor> {
+        self.inner.activity_heads().await
+    }
+
+    async fn read_activity(
+        &self,
+        after: &super::EventCursor,
+        limit: usize,
+    ) -> StoreResult<super::LogRead<super::ActivityEvent>> {
+        self.inner.read_activity(after, limit).await
+    }
+
     fn limits(&self) -> StoreLimits {
         self.inner.limits()
     }

@@ -15,8 +15,10 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{Agent, Job, JobState, Pool, Priority, Routing};
-pub use events::{Event, EventCursor, EventRead, Transition, Trimmed};
+pub use activity::{Activity, ActivityEvent, ActivityKind};
+pub use events::{Event, EventCursor, EventRead, LogRead, Transition, Trimmed};
 
+pub mod activity;
 pub(crate) mod codec;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
@@ -121,6 +123,12 @@ pub enum Write {
     /// Last, and new variants after it: the journal holds writes by their
     /// variant's index (postcard), so the older ones keep theirs.
     PutRecord { record: Record, expected_version: u64 },
+    /// Applies `write`, a [`Write::PutAgent`] or a [`Write::PutRecord`],
+    /// and appends `activity` (at least one entry, all of one subject) to
+    /// the activity log in the same commit, or neither: the outcome is the
+    /// inner write's. Any other inner write, or empty or mixed activity,
+    /// refuses the batch whole (`Rejected`).
+    Logged { write: Box<Write>, activity: Vec<Activity> },
 }
 
 /// A versioned document of the control plane's own state (environments,
@@ -215,6 +223,13 @@ mod job_record {
 /// every batch grouped with it).
 pub(crate) fn check_record_writes(batch: &[Write]) -> StoreResult<()> {
     for write in batch {
+        let write = match write {
+            Write::Logged { write, activity } => {
+                check_logged(write, activity)?;
+                write.as_ref()
+            }
+            other => other,
+        };
         if let Write::PutRecord { record, expected_version } = write {
             if record.collection.is_empty() || record.id.is_empty() {
                 return Err(StoreError::Rejected(format!(
@@ -234,7 +249,31 @@ pub(crate) fn check_record_writes(batch: &[Write]) -> StoreResult<()> {
     Ok(())
 }
 
+fn check_logged(write: &Write, activity: &[Activity]) -> StoreResult<()> {
+    if !matches!(write, Write::PutAgent(_) | Write::PutRecord { .. }) {
+        return Err(StoreError::Rejected("only an agent or a record write carries activity".into()));
+    }
+    let Some(first) = activity.first() else {
+        return Err(StoreError::Rejected("a logged write carries at least one activity entry".into()));
+    };
+    if first.subject.is_empty() || activity.iter().any(|a| a.subject != first.subject) {
+        return Err(StoreError::Rejected(
+            "the activity of one write is of one subject, named (it picks the shard)".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Write {
+    /// The agent it stores, logged or not.
+    pub fn agent(&self) -> Option<&Agent> {
+        match self {
+            Write::PutAgent(agent) => Some(agent),
+            Write::Logged { write, .. } => write.agent(),
+            _ => None,
+        }
+    }
+
     /// A create without events (tests, tools).
     pub fn create(job: Job) -> Write {
         Write::CreateJob { job: Box::new(job), events: Vec::new() }
@@ -471,9 +510,19 @@ pub trait Store: Send + Sync + 'static {
     /// A cursor of another shard count is refused (`Rejected`).
     async fn read_events(&self, after: &EventCursor, limit: usize) -> StoreResult<EventRead>;
     /// Trims events whose group is older than `before` from the front of
-    /// every shard, at most about `limit` groups per call, and raises the
-    /// low-water marks past them.
+    /// every shard of both logs (jobs, activity), at most about `limit`
+    /// groups per log per call, and raises the low-water marks past them.
     async fn trim_events(&self, before: SystemTime, limit: usize) -> StoreResult<Trimmed>;
+
+    /// Shards of the activity log.
+    fn activity_shards(&self) -> u32 {
+        1
+    }
+    /// The activity log's present.
+    async fn activity_heads(&self) -> StoreResult<EventCursor>;
+    /// Up to about `limit` activity entries after `after` per shard (whole
+    /// groups), as [`Store::read_events`] reads the job log.
+    async fn read_activity(&self, after: &EventCursor, limit: usize) -> StoreResult<LogRead<ActivityEvent>>;
 
     /// The sizes a job record may reach on this backend.
     fn limits(&self) -> StoreLimits {

@@ -26,6 +26,11 @@
 //! readers decide from `lw` (and from holes in the dense numbering, which
 //! catch deletions `lw` has not caught up with), never from what happens
 //! to be missing.
+//!
+//! The activity log (`crate::store::activity`) lives in the same table, in
+//! partitions of its own ([`ACTIVITY_PARTITIONS`] + shard), with the same
+//! heads, groups, low-water marks and TTL. Readers of job events query
+//! partitions 0..[`SHARDS`] only, so they never meet an activity group.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -40,9 +45,10 @@ use super::errors::classify;
 use super::items::{check_schema, get_b, get_n, n, Item, SCHEMA_VERSION, SHARDS};
 use super::DynamoStore;
 use crate::domain::Job;
+use crate::store::activity::{Activity, ActivityGroup};
 use crate::store::codec::{decode, encode};
-use crate::store::events::EventGroup;
-use crate::store::{Event, EventCursor, EventRead, StoreError, StoreResult, Transition, Trimmed};
+use crate::store::events::{EventGroup, LogGroup};
+use crate::store::{EventCursor, LogRead, StoreError, StoreResult, Transition, Trimmed};
 
 /// How long after the retention DynamoDB's TTL may delete a group: the
 /// retention task (every minute) raises the low-water mark well before.
@@ -51,8 +57,29 @@ pub const TTL_GRACE: Duration = Duration::from_secs(3600);
 /// Groups read per query page.
 const PAGE: i32 = 100;
 
-/// The cached head of every shard; each lock also serialises this handle's
-/// event writes of its shard.
+/// The first partition of the activity log in the events table: its shard
+/// `i` is partition `ACTIVITY_PARTITIONS + i`.
+pub const ACTIVITY_PARTITIONS: u32 = 1000;
+
+/// Which log of the events table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Log {
+    Jobs,
+    Activity,
+}
+
+impl Log {
+    /// The partition (`shard` attribute) of its shard `index`.
+    pub fn partition(self, index: u32) -> u32 {
+        match self {
+            Log::Jobs => index,
+            Log::Activity => ACTIVITY_PARTITIONS + index,
+        }
+    }
+}
+
+/// The cached head of every partition of both logs; each lock also
+/// serialises this handle's writes of its partition.
 #[derive(Debug)]
 pub struct Heads {
     shards: Vec<Mutex<Option<u64>>>,
@@ -60,13 +87,17 @@ pub struct Heads {
 
 impl Default for Heads {
     fn default() -> Self {
-        Heads { shards: (0..SHARDS).map(|_| Mutex::new(None)).collect() }
+        Heads { shards: (0..2 * SHARDS).map(|_| Mutex::new(None)).collect() }
     }
 }
 
 impl Heads {
-    pub fn shard(&self, shard: u32) -> &Mutex<Option<u64>> {
-        &self.shards[shard as usize % self.shards.len()]
+    pub fn shard(&self, partition: u32) -> &Mutex<Option<u64>> {
+        let slot = match partition.checked_sub(ACTIVITY_PARTITIONS) {
+            Some(index) => SHARDS + index % SHARDS,
+            None => partition % SHARDS,
+        };
+        &self.shards[slot as usize]
     }
 }
 
@@ -158,15 +189,36 @@ impl DynamoStore {
         first_seq: u64,
     ) -> StoreResult<Option<(TransactWriteItem, u64)>> {
         let Some(group) = EventGroup::of(job, events, first_seq) else { return Ok(None) };
-        let body = encode(&group)?;
+        let what = format!("the events of one write of job {}", job.id);
+        self.put_group(&group, &what, shard).map(Some)
+    }
+
+    /// The two transaction items that append a write's activity after the
+    /// head of its shard (`partition`), and the new head.
+    pub(super) fn activity_items(&self, activity: &[Activity], partition: u32, head: u64) -> StoreResult<Append> {
+        let group = ActivityGroup { first_seq: head + 1, entries: activity.to_vec() };
+        let what = format!("the activity of one write of {}", activity.first().map_or("", |a| a.subject.as_str()));
+        let (put, new_head) = self.put_group(&group, &what, partition)?;
+        Ok(Append { items: [put, self.head_advance(partition, head, new_head)?], new_head })
+    }
+
+    /// The put of a group into `partition`, on condition that its key is
+    /// free, and its last number.
+    fn put_group<G: LogGroup + serde::Serialize>(
+        &self,
+        group: &G,
+        what: &str,
+        partition: u32,
+    ) -> StoreResult<(TransactWriteItem, u64)> {
+        let body = encode(group)?;
         if body.len() > super::MAX_ITEM_BYTES {
             return Err(StoreError::Rejected(format!(
-                "the events of one write of job {} are {} bytes; an event item holds at most {} bytes",
-                job.id,
+                "{what} are {} bytes; an event item holds at most {} bytes",
                 body.len(),
                 super::MAX_ITEM_BYTES
             )));
         }
+        let shard = partition;
         let last = group.last_seq();
         // From the later of the group's time and now: a replica whose clock
         // runs behind (or a test's manual clock) never writes an item that
@@ -176,7 +228,7 @@ impl DynamoStore {
         let item = HashMap::from([
             ("shard".to_string(), n(shard)),
             ("seq".to_string(), n(last)),
-            ("first".to_string(), n(group.first_seq)),
+            ("first".to_string(), n(group.first_seq())),
             ("gt".to_string(), n(millis(group.time()))),
             ("ttl".to_string(), n(expires)),
             ("sv".to_string(), n(SCHEMA_VERSION)),
@@ -188,7 +240,7 @@ impl DynamoStore {
             .condition_expression("attribute_not_exists(seq)")
             .build()
             .map_err(build_error)?;
-        Ok(Some((TransactWriteItem::builder().put(put).build(), last)))
+        Ok((TransactWriteItem::builder().put(put).build(), last))
     }
 
     /// Moves the shard's head from `head` to `new_head`, on condition that it
@@ -208,15 +260,20 @@ impl DynamoStore {
         Ok(TransactWriteItem::builder().update(advance).build())
     }
 
-    pub(super) async fn heads(&self) -> StoreResult<EventCursor> {
-        let heads = try_join_all((0..SHARDS).map(|shard| self.read_head_item(shard))).await?;
+    pub(super) async fn heads(&self, log: Log) -> StoreResult<EventCursor> {
+        let heads = try_join_all((0..SHARDS).map(|shard| self.read_head_item(log.partition(shard)))).await?;
         Ok(EventCursor { positions: heads.into_iter().map(|(head, _)| head).collect() })
     }
 
-    pub(super) async fn events_after(&self, after: &EventCursor, limit: usize) -> StoreResult<EventRead> {
+    pub(super) async fn events_after<G: LogGroup>(
+        &self,
+        log: Log,
+        after: &EventCursor,
+        limit: usize,
+    ) -> StoreResult<LogRead<G::Event>> {
         after.check_shards(SHARDS)?;
         let reads = try_join_all(
-            after.positions.iter().enumerate().map(|(shard, p)| self.shard_after(shard as u32, *p, limit)),
+            after.positions.iter().enumerate().map(|(shard, p)| self.shard_after::<G>(log, shard as u32, *p, limit)),
         )
         .await?;
         let mut events = Vec::new();
@@ -227,18 +284,25 @@ impl DynamoStore {
                     events.append(&mut shard_events);
                     next.positions[shard] = position;
                 }
-                ShardRead::Expired => return Ok(EventRead::Expired),
-                ShardRead::Unknown => return Ok(EventRead::Unknown),
+                ShardRead::Expired => return Ok(LogRead::Expired),
+                ShardRead::Unknown => return Ok(LogRead::Unknown),
             }
         }
-        Ok(EventRead::Events { events, next })
+        Ok(LogRead::Events { events, next })
     }
 
     /// The groups of one shard after `after`, about `limit` events.
-    async fn shard_after(&self, shard: u32, after: u64, limit: usize) -> StoreResult<ShardRead> {
+    async fn shard_after<G: LogGroup>(
+        &self,
+        log: Log,
+        shard: u32,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<ShardRead<G::Event>> {
+        let partition = log.partition(shard);
         // The head first: every group up to it is committed, so a consistent
         // query must return it unless it was deleted.
-        let (head, low_water) = self.read_head_item(shard).await?;
+        let (head, low_water) = self.read_head_item(partition).await?;
         if after > head {
             return Ok(ShardRead::Unknown);
         }
@@ -255,7 +319,7 @@ impl DynamoStore {
         let mut resume: Option<Item> = None;
         loop {
             let out = self
-                .groups_after(shard, after)
+                .groups_after(partition, after)
                 .consistent_read(true)
                 .limit(PAGE)
                 .set_exclusive_start_key(resume.take())
@@ -264,10 +328,10 @@ impl DynamoStore {
                 .map_err(|e| classify("Query events", e))?;
             for item in out.items() {
                 check_schema(item)?;
-                let group: EventGroup = decode(get_b(item, "b")?)?;
+                let group: G = decode(get_b(item, "b")?)?;
                 // Numbers are dense: a hole is a group DynamoDB's TTL deleted
                 // before the low-water mark passed it.
-                if group.first_seq > position + 1 {
+                if group.first_seq() > position + 1 {
                     return Ok(ShardRead::Expired);
                 }
                 group.events_after(shard, position, &mut events);
@@ -304,10 +368,9 @@ impl DynamoStore {
     /// `before` (DynamoDB's TTL deletes them later).
     pub(super) async fn trim_shards(&self, before: SystemTime, limit: usize) -> StoreResult<Trimmed> {
         let per_shard = limit.div_ceil(SHARDS as usize).max(1);
-        let trims = try_join_all((0..SHARDS).map(|shard| self.trim_shard(shard, before, per_shard))).await?;
-        Ok(trims
-            .into_iter()
-            .fold(Trimmed::default(), |a, b| Trimmed { groups: a.groups + b.groups, more: a.more || b.more }))
+        let partitions = (0..SHARDS).flat_map(|shard| [Log::Jobs.partition(shard), Log::Activity.partition(shard)]);
+        let trims = try_join_all(partitions.map(|partition| self.trim_shard(partition, before, per_shard))).await?;
+        Ok(trims.into_iter().fold(Trimmed::default(), Trimmed::and))
     }
 
     async fn trim_shard(&self, shard: u32, before: SystemTime, limit: usize) -> StoreResult<Trimmed> {
@@ -365,8 +428,8 @@ impl DynamoStore {
     }
 }
 
-enum ShardRead {
-    Events(Vec<Event>, u64),
+enum ShardRead<E> {
+    Events(Vec<E>, u64),
     Expired,
     Unknown,
 }

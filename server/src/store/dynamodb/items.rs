@@ -194,6 +194,10 @@ pub fn control_record_of(item: &Item) -> StoreResult<Record> {
 /// error and before anything of the batch is written.
 pub fn check_record_sizes(batch: &[Write]) -> StoreResult<()> {
     for write in batch {
+        let write = match write {
+            Write::Logged { write, .. } => write.as_ref(),
+            other => other,
+        };
         if let Write::PutRecord { record, .. } = write {
             let size = record.collection.len() + record.id.len() + record.body.len();
             if size > MAX_ITEM_BYTES {

@@ -178,6 +178,7 @@ fn item_of(write: &Write) -> String {
         Write::AppendLog(chunk) => compose(&["log", &chunk.job_id]),
         Write::RaiseCounter { name, .. } => compose(&["counter", name]),
         Write::PutRecord { record, .. } => compose(&["record", &record.collection, &record.id]),
+        Write::Logged { write, .. } => item_of(write),
     }
 }
 
@@ -378,11 +379,27 @@ impl Store for DynamoStore {
     }
 
     async fn event_heads(&self) -> StoreResult<EventCursor> {
-        self.heads().await
+        self.heads(events::Log::Jobs).await
     }
 
     async fn read_events(&self, after: &EventCursor, limit: usize) -> StoreResult<EventRead> {
-        self.events_after(after, limit).await
+        self.events_after::<crate::store::events::EventGroup>(events::Log::Jobs, after, limit).await
+    }
+
+    fn activity_shards(&self) -> u32 {
+        SHARDS
+    }
+
+    async fn activity_heads(&self) -> StoreResult<EventCursor> {
+        self.heads(events::Log::Activity).await
+    }
+
+    async fn read_activity(
+        &self,
+        after: &EventCursor,
+        limit: usize,
+    ) -> StoreResult<crate::store::LogRead<crate::store::ActivityEvent>> {
+        self.events_after::<crate::store::activity::ActivityGroup>(events::Log::Activity, after, limit).await
     }
 
     async fn trim_events(&self, before: std::time::SystemTime, limit: usize) -> StoreResult<Trimmed> {

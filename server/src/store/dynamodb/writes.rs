@@ -10,14 +10,14 @@ use rand::Rng;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 
 use super::errors::{classify, condition_failed, is_conflict_code};
-use super::events::head_in;
+use super::events::{head_in, Log};
 use super::items::{
     compose, control_record_item, get_b, get_n, job_item, key_of, n, record_item, s, shard_of, CountKey, Item,
 };
 use super::DynamoStore;
 use crate::domain::{Job, Pool};
 use crate::store::codec::{encode, encode_log, priority_code};
-use crate::store::{LogChunk, Record, StoreError, StoreResult, Transition, Write, WriteOutcome};
+use crate::store::{Activity, LogChunk, Record, StoreError, StoreResult, Transition, Write, WriteOutcome};
 
 /// Tries of a write that meets another transaction on one of its items.
 pub(super) const CONFLICT_TRIES: u32 = 12;
@@ -95,11 +95,7 @@ impl DynamoStore {
         match write {
             Write::CreateJob { job, events } => self.create_job(job, events).await,
             Write::UpdateJob { job, expected_version, events } => self.update_job(job, *expected_version, events).await,
-            Write::PutAgent(agent) => {
-                let body = encode(agent.as_ref())?;
-                let keys = [("id", agent.id.clone()), ("pool_name", compose(&[&agent.pool, &agent.name]))];
-                self.put(&self.tables.agents, record_item(&keys, body)).await
-            }
+            Write::PutAgent(agent) => self.put(&self.tables.agents, agent_item(agent)?).await,
             Write::CreatePool(pool) => self.create_pool(pool).await,
             Write::PutPool(pool) => {
                 let body = encode(pool.as_ref())?;
@@ -118,7 +114,88 @@ impl DynamoStore {
             Write::AppendLog(chunk) => self.append_log(chunk).await,
             Write::RaiseCounter { name, value } => self.raise_counter(name, *value).await,
             Write::PutRecord { record, expected_version } => self.put_record(record, *expected_version).await,
+            Write::Logged { write, activity } => self.logged(write, activity).await,
         }
+    }
+
+    /// An agent or record put and its activity in one transaction with the
+    /// activity shard's head, tried again while only the head moved.
+    async fn logged(&self, write: &Write, activity: &[Activity]) -> StoreResult<WriteOutcome> {
+        let subject = activity.first().map_or("", |a| a.subject.as_str());
+        let partition = Log::Activity.partition(shard_of(subject));
+        let put = match write {
+            Write::PutAgent(agent) => {
+                Put::builder().table_name(&self.tables.agents).set_item(Some(agent_item(agent)?)).build()
+            }
+            Write::PutRecord { record, expected_version } => {
+                let put = Put::builder()
+                    .table_name(&self.tables.records)
+                    .set_item(Some(control_record_item(record)))
+                    .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+                match expected_version {
+                    0 => put
+                        .condition_expression("attribute_not_exists(#c)")
+                        .expression_attribute_names("#c", "collection"),
+                    v => put.condition_expression("v = :expected").expression_attribute_values(":expected", n(*v)),
+                }
+                .build()
+            }
+            other => return Err(StoreError::Rejected(format!("a logged write cannot carry {other:?}"))),
+        }
+        .map_err(build_error)?;
+        let put = TransactWriteItem::builder().put(put).build();
+        retry_conflicts("logged write", || async {
+            let mut head = self.heads.shard(partition).lock().await;
+            let known = self.known_head(partition, &mut head).await?;
+            let append = self.activity_items(activity, partition, known)?;
+            let [group, advance] = append.items;
+            let sent = self
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(vec![put.clone(), group, advance]))
+                .client_request_token(request_token())
+                .send()
+                .await;
+            let e = match sent {
+                Ok(_) => {
+                    *head = Some(append.new_head);
+                    return Ok(Try::Done(WriteOutcome::Applied));
+                }
+                Err(e) => e,
+            };
+            const HEAD: usize = 2;
+            match e.as_service_error() {
+                Some(aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c)) => {
+                    let reasons = c.cancellation_reasons();
+                    // The write's own condition decides first, as a job's does.
+                    if reasons.first().and_then(|r| r.code()) == Some("ConditionalCheckFailed") {
+                        return match write {
+                            Write::PutRecord { record, expected_version } => Ok(Try::Done(record_refused(
+                                record,
+                                *expected_version,
+                                reasons.first().and_then(|r| r.item()),
+                            ))),
+                            _ => Err(StoreError::Rejected(format!("an agent put failed a condition: {reasons:?}"))),
+                        };
+                    }
+                    if reasons.get(HEAD).and_then(|r| r.code()) == Some("ConditionalCheckFailed") {
+                        *head = head_in(reasons.get(HEAD).and_then(|r| r.item()));
+                        return Ok(Try::StaleHead);
+                    }
+                    if head_busy(reasons, HEAD) {
+                        *head = None;
+                        return Ok(Try::StaleHead);
+                    }
+                    if reasons.iter().any(|r| is_conflict_code(r.code())) {
+                        return Ok(Try::Conflict);
+                    }
+                    Err(StoreError::Rejected(format!("logged write of {subject}: transaction cancelled: {reasons:?}")))
+                }
+                Some(s) if s.is_transaction_in_progress_exception() => Ok(Try::Conflict),
+                _ => Err(classify("TransactWriteItems logged write", e)),
+            }
+        })
+        .await
     }
 
     async fn put(&self, table: &str, item: Item) -> StoreResult<WriteOutcome> {
@@ -460,6 +537,13 @@ impl DynamoStore {
         })
         .await
     }
+}
+
+/// An agent's item.
+fn agent_item(agent: &crate::domain::Agent) -> StoreResult<super::items::Item> {
+    let body = encode(agent)?;
+    let keys = [("id", agent.id.clone()), ("pool_name", compose(&[&agent.pool, &agent.name]))];
+    Ok(record_item(&keys, body))
 }
 
 /// Whether a transaction was cancelled only because another transaction

@@ -28,7 +28,7 @@ const KEY_SCHEMA_VERSION: &str = "schema_version";
 const KEY_WRITTEN_BY: &str = "written_by";
 
 /// The schema version this release writes, and the newest it opens.
-pub const SCHEMA_VERSION: u64 = 7;
+pub const SCHEMA_VERSION: u64 = 8;
 
 /// The version of a store without `store_meta`: written by a release before
 /// schema versions (up to commit 23acfb8).
@@ -76,6 +76,10 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         what: "log chunks keep the agent's time (log record format 2, journal format 3)",
         apply: |_| Ok(()),
     },
+    // The table is created when the store opens. The version rises because
+    // an older release would change agents and deployments without logging
+    // them and could not replay a journal holding logged writes.
+    Migration { to: 8, what: "add the activity log (activity_log)", apply: |_| Ok(()) },
 ];
 
 /// What `store_meta` says.

@@ -4,7 +4,7 @@
 //! synced (see [`super::journal`]); checkpoints make the database itself
 //! durable and restart the journal.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,12 +14,13 @@ use tokio::sync::oneshot;
 
 use super::journal::{Appended, Journal, RawRecord};
 use super::{
-    io_err, EmbeddedOptions, SyncMode, AGENTS, AGENT_NAMES, COUNTERS, COUNTS, EVENTS, EVENT_HEAD, EVENT_LOW_WATER,
-    IDEMPOTENCY, JOBS, LOGS, POOLS, RECORDS, STATE_INDEX,
+    io_err, AckedHeads, EmbeddedOptions, LogTables, SyncMode, ACTIVITY, ACTIVITY_HEAD, ACTIVITY_LOG, AGENTS,
+    AGENT_NAMES, COUNTERS, COUNTS, EVENTS, EVENT_HEAD, IDEMPOTENCY, JOBS, JOB_LOG, LOGS, POOLS, RECORDS, STATE_INDEX,
 };
 use crate::domain::{Job, JobState, Priority};
+use crate::store::activity::{Activity, ActivityGroup};
 use crate::store::codec::{decode, decode_job, encode, encode_into, encode_job_into, priority_code};
-use crate::store::events::EventGroup;
+use crate::store::events::{EventGroup, LogGroup};
 use crate::store::{QueuedEntry, Record, StoreError, StoreResult, Transition, Trimmed, Write, WriteOutcome};
 
 /// The counter holding the seq of the last group the database applied.
@@ -66,9 +67,11 @@ pub(super) struct Writer {
     /// The event log's head after the last group applied, and as readers
     /// may see it: only what was acknowledged (a crash loses what was
     /// applied but not yet synced, and the log would then reuse its
-    /// sequence numbers under a cursor a watcher already holds).
+    /// sequence numbers under a cursor a watcher already holds). The same
+    /// for the activity log.
     event_head: u64,
-    acknowledged_event_head: Arc<AtomicU64>,
+    activity_head: u64,
+    acknowledged: Arc<AckedHeads>,
     /// Groups since the start, for [`SyncMode::EveryNth`].
     commits: u64,
     cache: MetaCache,
@@ -82,13 +85,13 @@ impl Writer {
         options: EmbeddedOptions,
         journal: Journal,
         records: Vec<RawRecord>,
-        acknowledged_event_head: Arc<AtomicU64>,
+        acknowledged: Arc<AckedHeads>,
     ) -> StoreResult<Writer> {
-        let (applied, event_head) = {
+        let (applied, event_head, activity_head) = {
             let txn = db.begin_read().map_err(io_err)?;
             let counters = txn.open_table(COUNTERS).map_err(io_err)?;
             let read = |key: &str| counters.get(key).map(|v| v.map(|v| v.value()).unwrap_or(0)).map_err(io_err);
-            (read(JOURNAL_SEQ)?, read(EVENT_HEAD)?)
+            (read(JOURNAL_SEQ)?, read(EVENT_HEAD)?, read(ACTIVITY_HEAD)?)
         };
         let mut writer = Writer {
             db,
@@ -96,7 +99,8 @@ impl Writer {
             journal: Some(journal),
             seq: applied,
             event_head,
-            acknowledged_event_head,
+            activity_head,
+            acknowledged,
             commits: 0,
             cache: MetaCache::default(),
         };
@@ -110,6 +114,7 @@ impl Writer {
             let applied = apply_group(&writer.db, &batches, record.seq, Durability::None, &mut writer.cache)?;
             writer.seq = record.seq;
             writer.event_head = applied.event_head.unwrap_or(writer.event_head);
+            writer.activity_head = applied.activity_head.unwrap_or(writer.activity_head);
         }
         writer.checkpoint()?;
         writer.acknowledge();
@@ -189,6 +194,7 @@ impl Writer {
             Ok((seq, applied)) => {
                 self.seq = seq;
                 self.event_head = applied.event_head.unwrap_or(self.event_head);
+                self.activity_head = applied.activity_head.unwrap_or(self.activity_head);
                 let durable = if direct {
                     if matches!(durability, Durability::Immediate) {
                         self.checkpointed();
@@ -252,9 +258,10 @@ impl Writer {
         }
     }
 
-    /// Lets readers see the event log up to what was acknowledged.
+    /// Lets readers see the logs up to what was acknowledged.
     fn acknowledge(&self) {
-        self.acknowledged_event_head.store(self.event_head, Ordering::Release);
+        self.acknowledged.jobs.store(self.event_head, Ordering::Release);
+        self.acknowledged.activity.store(self.activity_head, Ordering::Release);
     }
 
     /// A durable database commit: everything applied so far is then in the
@@ -287,47 +294,56 @@ impl Writer {
     }
 }
 
-/// Deletes the groups older than `before` from the front of the log (at
-/// most `limit`) and raises the low-water mark past them, in one
+/// Deletes the groups older than `before` from the front of both logs (at
+/// most `limit` each) and raises their low-water marks past them, in one
 /// transaction.
 fn trim_events(db: &Database, before: std::time::SystemTime, limit: usize) -> StoreResult<Trimmed> {
     let mut txn = db.begin_write().map_err(io_err)?;
     // Durable, so also a checkpoint of every group before it.
     txn.set_durability(Durability::Immediate).map_err(io_err)?;
-    let mut trimmed = Trimmed::default();
-    {
-        let mut events = txn.open_table(EVENTS).map_err(io_err)?;
-        let mut counters = txn.open_table(COUNTERS).map_err(io_err)?;
-        let mut low_water = None;
-        let mut old = Vec::new();
-        for row in events.iter().map_err(io_err)? {
-            let (key, value) = row.map_err(io_err)?;
-            if old.len() >= limit {
-                trimmed.more = true;
-                break;
-            }
-            // A group that does not decode is trimmed by its position: the
-            // groups after it are younger only if it was.
-            let young = match decode::<EventGroup>(value.value()) {
-                Ok(group) => group.time() >= before,
-                Err(_) => false,
-            };
-            if young {
-                break;
-            }
-            old.push(key.value());
-        }
-        for seq in &old {
-            events.remove(*seq).map_err(io_err)?;
-            low_water = Some(*seq);
-        }
-        if let Some(seq) = low_water {
-            let current = counters.get(EVENT_LOW_WATER).map_err(io_err)?.map(|v| v.value()).unwrap_or(0);
-            counters.insert(EVENT_LOW_WATER, seq.max(current)).map_err(io_err)?;
-        }
-        trimmed.groups = old.len() as u64;
-    }
+    let jobs = trim_log::<EventGroup>(&txn, JOB_LOG, before, limit)?;
+    let activity = trim_log::<ActivityGroup>(&txn, ACTIVITY_LOG, before, limit)?;
     txn.commit().map_err(io_err)?;
+    Ok(jobs.and(activity))
+}
+
+fn trim_log<G: LogGroup>(
+    txn: &redb::WriteTransaction,
+    log: LogTables,
+    before: std::time::SystemTime,
+    limit: usize,
+) -> StoreResult<Trimmed> {
+    let mut trimmed = Trimmed::default();
+    let mut groups = txn.open_table(log.table).map_err(io_err)?;
+    let mut counters = txn.open_table(COUNTERS).map_err(io_err)?;
+    let mut old = Vec::new();
+    for row in groups.iter().map_err(io_err)? {
+        let (key, value) = row.map_err(io_err)?;
+        if old.len() >= limit {
+            trimmed.more = true;
+            break;
+        }
+        // A group that does not decode is trimmed by its position: the
+        // groups after it are younger only if it was.
+        let young = match decode::<G>(value.value()) {
+            Ok(group) => group.time() >= before,
+            Err(_) => false,
+        };
+        if young {
+            break;
+        }
+        old.push(key.value());
+    }
+    let mut low_water = None;
+    for seq in &old {
+        groups.remove(*seq).map_err(io_err)?;
+        low_water = Some(*seq);
+    }
+    if let Some(seq) = low_water {
+        let current = counters.get(log.low_water).map_err(io_err)?.map(|v| v.value()).unwrap_or(0);
+        counters.insert(log.low_water, seq.max(current)).map_err(io_err)?;
+    }
+    trimmed.groups = old.len() as u64;
     Ok(trimmed)
 }
 
@@ -338,6 +354,8 @@ struct Applied {
     outcomes: Vec<Vec<WriteOutcome>>,
     /// The event log's head, if the group logged events.
     event_head: Option<u64>,
+    /// The activity log's head, if the group logged activity.
+    activity_head: Option<u64>,
 }
 
 fn apply_group(
@@ -350,7 +368,7 @@ fn apply_group(
     let mut txn = db.begin_write().map_err(io_err)?;
     txn.set_durability(durability).map_err(io_err)?;
     let mut outcomes = Vec::with_capacity(batches.len());
-    let event_head;
+    let (event_head, activity_head);
     {
         let mut tables = Tables {
             jobs: txn.open_table(JOBS).map_err(io_err)?,
@@ -363,7 +381,9 @@ fn apply_group(
             pools: txn.open_table(POOLS).map_err(io_err)?,
             events: txn.open_table(EVENTS).map_err(io_err)?,
             records: txn.open_table(RECORDS).map_err(io_err)?,
+            activity: txn.open_table(ACTIVITY).map_err(io_err)?,
             event_head: None,
+            activity_head: None,
             count_deltas: Vec::new(),
             buf: Vec::new(),
             entry_buf: Vec::new(),
@@ -379,6 +399,10 @@ fn apply_group(
         event_head = tables.event_head;
         if let Some(head) = event_head {
             tables.counters.insert(EVENT_HEAD, head).map_err(io_err)?;
+        }
+        activity_head = tables.activity_head;
+        if let Some(head) = activity_head {
+            tables.counters.insert(ACTIVITY_HEAD, head).map_err(io_err)?;
         }
         tables.counters.insert(JOURNAL_SEQ, seq).map_err(io_err)?;
         let mut counts = txn.open_table(COUNTS).map_err(io_err)?;
@@ -397,7 +421,7 @@ fn apply_group(
         }
     }
     txn.commit().map_err(io_err)?;
-    Ok(Applied { outcomes, event_head })
+    Ok(Applied { outcomes, event_head, activity_head })
 }
 
 struct Tables<'txn> {
@@ -411,9 +435,12 @@ struct Tables<'txn> {
     pools: redb::Table<'txn, &'static str, &'static [u8]>,
     events: redb::Table<'txn, u64, &'static [u8]>,
     records: redb::Table<'txn, (&'static str, &'static str), &'static [u8]>,
+    activity: redb::Table<'txn, u64, &'static [u8]>,
     /// The event log's head in this transaction, once read (one read per
     /// transaction that logs anything; stored when it commits).
     event_head: Option<u64>,
+    /// The same for the activity log.
+    activity_head: Option<u64>,
     /// Count changes of this transaction: few distinct keys (queues x
     /// states x priorities touched), so a list beats hashing a string per
     /// transition.
@@ -544,7 +571,27 @@ impl Tables<'_> {
                 Ok(WriteOutcome::Applied)
             }
             Write::PutRecord { record, expected_version } => self.put_record(record, *expected_version),
+            Write::Logged { write, activity } => {
+                let outcome = self.apply(write)?;
+                if outcome == WriteOutcome::Applied {
+                    self.log_activity(activity)?;
+                }
+                Ok(outcome)
+            }
         }
+    }
+
+    /// Appends a write's activity to its log, in the write's transaction.
+    fn log_activity(&mut self, activity: &[Activity]) -> StoreResult<()> {
+        let head = match self.activity_head {
+            Some(head) => head,
+            None => self.counters.get(ACTIVITY_HEAD).map_err(io_err)?.map(|v| v.value()).unwrap_or(0),
+        };
+        let group = ActivityGroup { first_seq: head + 1, entries: activity.to_vec() };
+        encode_into(&mut self.entry_buf, &group)?;
+        self.activity.insert(group.last_seq(), self.entry_buf.as_slice()).map_err(io_err)?;
+        self.activity_head = Some(group.last_seq());
+        Ok(())
     }
 
     /// Inserts (`expected_version` 0) or replaces a record on condition of
