@@ -113,6 +113,10 @@ pub struct ServerArgs {
     /// cursor older than that is answered OUT_OF_RANGE.
     #[arg(long, env = "TETHER_EVENT_RETENTION", default_value = "24h", value_parser = parse_event_retention)]
     pub event_retention: Duration,
+    /// How long a WatchEvents stream stays quiet before a keep-alive (1s
+    /// to 10m).
+    #[arg(long, env = "TETHER_WATCH_KEEP_ALIVE", default_value = "15s", value_parser = parse_watch_keep_alive)]
+    pub watch_keep_alive: Duration,
     /// The most output kept per dashboard job, in MiB (1 to 1024); past it
     /// one truncation marker is stored and the rest dropped.
     #[arg(long, env = "TETHER_MAX_JOB_OUTPUT_MIB", default_value_t = 16, value_parser = parse_max_job_output_mib)]
@@ -187,6 +191,8 @@ pub struct FileConfig {
     pub reconnect_grace: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_retention: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watch_keep_alive: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_job_output_mib: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -287,6 +293,9 @@ impl ServerArgs {
         if let (true, Some(v)) = (from_file("event_retention"), &file.event_retention) {
             self.event_retention = value(path, "event-retention", v, parse_event_retention)?;
         }
+        if let (true, Some(v)) = (from_file("watch_keep_alive"), &file.watch_keep_alive) {
+            self.watch_keep_alive = value(path, "watch-keep-alive", v, parse_watch_keep_alive)?;
+        }
         if let (true, Some(v)) = (from_file("max_job_output_mib"), file.max_job_output_mib) {
             self.max_job_output_mib = value(path, "max-job-output-mib", &v.to_string(), parse_max_job_output_mib)?;
         }
@@ -333,6 +342,7 @@ impl ServerArgs {
             heartbeat_interval: Some(format_duration(self.heartbeat_interval)),
             reconnect_grace: Some(format_duration(self.reconnect_grace)),
             event_retention: Some(format_duration(self.event_retention)),
+            watch_keep_alive: Some(format_duration(self.watch_keep_alive)),
             max_job_output_mib: Some(self.max_job_output_mib),
             clock_skew_tolerance: Some(format_duration(self.clock_skew_tolerance)),
             max_agent_streams: self.max_agent_streams,
@@ -369,6 +379,7 @@ impl ServerArgs {
             heartbeat_interval: self.heartbeat_interval,
             reconnect_grace: self.reconnect_grace,
             event_retention: self.event_retention,
+            watch_keep_alive: self.watch_keep_alive,
             clock_skew_tolerance: self.clock_skew_tolerance,
             max_job_output_bytes: u64::from(self.max_job_output_mib) << 20,
             ..EngineConfig::default()
@@ -433,6 +444,11 @@ pub fn parse_reconnect_grace(text: &str) -> Result<Duration, String> {
 pub fn parse_event_retention(text: &str) -> Result<Duration, String> {
     use crate::engine::{MAX_EVENT_RETENTION, MIN_EVENT_RETENTION};
     within(parse_duration(text)?, MIN_EVENT_RETENTION, MAX_EVENT_RETENTION, text)
+}
+
+/// A WatchEvents keep-alive interval: 1s to 10m.
+pub fn parse_watch_keep_alive(text: &str) -> Result<Duration, String> {
+    within(parse_duration(text)?, Duration::from_secs(1), Duration::from_secs(600), text)
 }
 
 /// The output cap per dashboard job: 1 to 1024 MiB.

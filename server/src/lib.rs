@@ -1,5 +1,6 @@
 //! The Tether control plane.
 
+pub mod activity;
 pub mod capacity;
 pub mod clock;
 pub mod cluster;

@@ -256,7 +256,6 @@ impl Deployments {
     ) -> DomainResult<String> {
         let unique = self.ids.next(self.clock.now());
         let id = deployment_id(&release.service, &unique);
-        let service = release.service.clone();
         // Requests deploy; automatic rollbacks are made in `auto_rollback_of`.
         let actor = actor_of(Some(&requested_by));
         let new = NewDeployment {
@@ -269,7 +268,7 @@ impl Deployments {
             actor,
         };
         let deployment = Deployment::new(new, self.clock.now());
-        if put(self.store(), &deployments(&service), &unique, &deployment, 0).await? != Put::Applied {
+        if self.put_deployment(&unique, &deployment, 0, None).await? != Put::Applied {
             return Err(DomainError::Internal(format!("deployment id {id} was taken")));
         }
         if let Err(e) = self.enter(&deployment).await {
@@ -308,6 +307,26 @@ impl Deployments {
             }
         }
         Err(lost_races("the rollout"))
+    }
+
+    /// Puts a deployment read at `version` (0: new) as `before`, its new
+    /// audit events logged with it (activity log).
+    async fn put_deployment(
+        &self,
+        unique: &str,
+        deployment: &Deployment,
+        version: u64,
+        before: Option<&Deployment>,
+    ) -> DomainResult<Put> {
+        let activity = crate::activity::DeploymentChange::entries(before, deployment).map_err(records::store_error)?;
+        let logs = !activity.is_empty();
+        let put =
+            records::put_logged(self.store(), &deployments(&deployment.service), unique, deployment, version, activity)
+                .await?;
+        if logs && put == Put::Applied {
+            self.engine.activity_committed();
+        }
+        Ok(put)
     }
 
     async fn rollout(&self, service: &str, environment: &str) -> DomainResult<Versioned<Rollout>> {
@@ -400,8 +419,9 @@ impl Deployments {
         for _ in 0..MAX_RACES {
             let mut stored = self.read(id).await?;
             let Some(change) = decide(&stored.value) else { return Ok(stored.value) };
+            let before = stored.value.clone();
             change(&mut stored.value, self.clock.now());
-            if put(self.store(), &deployments(service), &unique, &stored.value, stored.version).await? == Put::Applied {
+            if self.put_deployment(&unique, &stored.value, stored.version, Some(&before)).await? == Put::Applied {
                 return Ok(stored.value);
             }
         }
@@ -679,7 +699,7 @@ impl Deployments {
         };
         let deployment = Deployment::new(new, self.clock.now());
         // Lost to another pass writing the same record: the same rollback.
-        put(self.store(), &deployments(&failed.service), &unique, &deployment, 0).await?;
+        self.put_deployment(&unique, &deployment, 0, None).await?;
         Ok(id)
     }
 

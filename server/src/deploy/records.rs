@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::domain::{DomainError, DomainResult};
 use crate::store::codec::{decode, encode};
-use crate::store::{Record, RecordOrder, Store, StoreError, Write, WriteOutcome};
+use crate::store::{Activity, Record, RecordOrder, Store, StoreError, Write, WriteOutcome};
 
 /// A value as read, with the version a replacement must name.
 #[derive(Debug, Clone)]
@@ -55,11 +55,26 @@ pub async fn put<T: Serialize>(
     value: &T,
     version: u64,
 ) -> DomainResult<Put> {
+    put_logged(store, collection, id, value, version, Vec::new()).await
+}
+
+/// [`put`], logging `activity` (if any) in the same write.
+pub async fn put_logged<T: Serialize>(
+    store: &dyn Store,
+    collection: &str,
+    id: &str,
+    value: &T,
+    version: u64,
+    activity: Vec<Activity>,
+) -> DomainResult<Put> {
     let body = encode(value).map_err(store_error)?;
     let record =
         Record { collection: collection.to_string(), id: id.to_string(), version: version + 1, body: body.into() };
-    let outcomes =
-        store.write(vec![Write::PutRecord { record, expected_version: version }]).await.map_err(store_error)?;
+    let mut write = Write::PutRecord { record, expected_version: version };
+    if !activity.is_empty() {
+        write = Write::Logged { write: Box::new(write), activity };
+    }
+    let outcomes = store.write(vec![write]).await.map_err(store_error)?;
     match outcomes.first() {
         Some(WriteOutcome::Applied) => Ok(Put::Applied),
         Some(WriteOutcome::IdExists | WriteOutcome::VersionConflict { .. }) => Ok(Put::Lost),

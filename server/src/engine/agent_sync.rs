@@ -84,6 +84,10 @@ impl Engine {
         }
         let (draining, scheduling) = (entry.draining, entry.agent.scheduling);
         let id = stored.id.clone();
+        // The replica that made the change logged it.
+        if let Some(mut entry) = self.agents.get_mut(&id) {
+            entry.logged = Some((stored.health, stored.scheduling));
+        }
         let reason = "changed through another replica".to_string();
         let outcome = if stored.health == Health::Terminated {
             self.deregister(&id).map(drop)

@@ -141,14 +141,33 @@ impl Engine {
         // Registered here: this replica's copy is its truth (see agent_sync.rs).
         if let Some(mut entry) = self.agents.get_mut(&id) {
             entry.held_here = true;
+            entry.logged = None;
         }
         id
     }
 
+    /// Stores the agent; a registration or a change of health or
+    /// scheduling status is logged with it (activity log).
     pub(crate) fn save_agent(&mut self, id: &str) {
-        if let Some(entry) = self.agents.get(id) {
-            self.persist_other(Write::PutAgent(Box::new(entry.agent.clone())));
+        let Some(mut entry) = self.agents.get_mut(id) else { return };
+        let put = Write::PutAgent(Box::new(entry.agent.clone()));
+        let now = (entry.agent.health, entry.agent.scheduling);
+        if entry.logged == Some(now) {
+            drop(entry);
+            self.persist_other(put);
+            return;
         }
+        let change = crate::activity::AgentChange { agent: entry.agent.clone(), previous: entry.logged };
+        entry.logged = Some(now);
+        drop(entry);
+        let write = match change.activity(self.clock.now()) {
+            Ok(activity) => Write::Logged { write: Box::new(put), activity: vec![activity] },
+            Err(e) => {
+                tracing::error!(agent = %id, error = %e, "an agent change does not encode; stored unlogged");
+                put
+            }
+        };
+        self.persist_other(write);
     }
 
     pub fn register(&mut self, mut hello: HelloInfo) -> DomainResult<(AgentView, bool)> {

@@ -52,6 +52,8 @@ pub struct EngineConfig {
     /// changes made through other replicas (its own replica's changes wake
     /// it at once).
     pub event_poll_interval: Duration,
+    /// How long a WatchEvents stream stays quiet before a keep-alive.
+    pub watch_keep_alive: Duration,
 }
 
 /// The default output cap per dashboard job: 16 MiB.
@@ -83,6 +85,7 @@ impl Default for EngineConfig {
             event_trim_interval: Duration::from_secs(60),
             max_job_output_bytes: DEFAULT_MAX_JOB_OUTPUT_BYTES,
             event_poll_interval: Duration::from_secs(1),
+            watch_keep_alive: Duration::from_secs(15),
         }
     }
 }

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use super::agent_table::{AgentTable, Filed};
 use super::config::EngineConfig;
 use super::ready::{ReadyEntry, ReadySet};
-use super::types::{AgentEvent, AgentPush, JobEvent, MetricsSample, PeerNotice, WakeJob};
+use super::types::{AgentPush, JobEvent, MetricsSample, PeerNotice, WakeJob};
 use super::Command;
 use crate::clock::Clock;
 use crate::domain::dashboard::{requester_actor, Actor};
@@ -118,6 +118,10 @@ pub(crate) struct AgentEntry {
     /// is then the agent's truth here, not a cache of another replica's
     /// writes (see `agent_sync.rs`).
     pub held_here: bool,
+    /// Its health and scheduling status as the activity log last said
+    /// (as stored, for an agent read from the store); `None` for an agent
+    /// whose registration is not logged yet.
+    pub logged: Option<(crate::domain::Health, crate::domain::SchedulingStatus)>,
     /// The id, shared with the free-agent index.
     pub key: Arc<str>,
     /// Where the free-agent index holds this entry, if it takes work.
@@ -169,7 +173,10 @@ pub(crate) struct Engine {
     output_written: watch::Sender<u64>,
     /// Whether the batch being committed stores job output.
     committing_output: bool,
-    pub agent_events: broadcast::Sender<AgentEvent>,
+    /// Counts commits that added to the activity log (agent changes).
+    activity_written: watch::Sender<u64>,
+    /// Whether the batch being committed adds to the activity log.
+    committing_activity: bool,
     serving: watch::Sender<bool>,
     pub next_seq: u64,
     /// Whether replicas share the store (see [`Ownership`]).
@@ -297,7 +304,7 @@ pub(crate) struct Channels {
     pub events: broadcast::Sender<JobEvent>,
     pub log_written: watch::Sender<u64>,
     pub output_written: watch::Sender<u64>,
-    pub agent_events: broadcast::Sender<AgentEvent>,
+    pub activity_written: watch::Sender<u64>,
     pub serving: watch::Sender<bool>,
     pub commands: mpsc::WeakSender<Command>,
     pub wakes: Option<mpsc::UnboundedSender<PeerNotice>>,
@@ -312,7 +319,7 @@ impl Engine {
         config: EngineConfig,
         channels: Channels,
     ) -> Result<Engine, StoreError> {
-        let Channels { events, log_written, output_written, agent_events, serving, commands, wakes } = channels;
+        let Channels { events, log_written, output_written, activity_written, serving, commands, wakes } = channels;
         let now = clock.now();
         let shared = store.ownership() == Ownership::Shared;
         let next_seq = store.counter(COUNTER_SEQ).await? + 1;
@@ -368,7 +375,8 @@ impl Engine {
             committing_events: false,
             output_written,
             committing_output: false,
-            agent_events,
+            activity_written,
+            committing_activity: false,
             serving,
             next_seq,
             shared,
@@ -580,6 +588,7 @@ impl Engine {
         self.committing_jobs = pending.by_job;
         self.committing_events = pending.has_events;
         self.committing_output = pending.has_output;
+        self.committing_activity = pending.writes.iter().any(|w| matches!(w, Write::Logged { .. }));
         self.batch_no += 1;
         let store = self.store.clone();
         let writes = pending.writes;
@@ -594,6 +603,9 @@ impl Engine {
         }
         if std::mem::take(&mut self.committing_output) {
             self.output_written.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        if std::mem::take(&mut self.committing_activity) {
+            self.activity_written.send_modify(|n| *n = n.wrapping_add(1));
         }
         let committed = self.batch_no - 1;
         self.uncommitted_keys.retain(|_, (_, batch)| *batch > committed);
@@ -1244,6 +1256,7 @@ impl AgentEntry {
             held_here: false,
             disconnected_at: None,
             key: Arc::from(agent.id.as_str()),
+            logged: Some((agent.health, agent.scheduling)),
             agent,
             filed: None,
             history: VecDeque::new(),

@@ -10,15 +10,13 @@ use std::time::{Duration, SystemTime};
 use tether::time::later;
 
 use super::core::Engine;
-use super::types::AgentEvent;
 use crate::domain::{Health, Metrics};
 
 impl Engine {
-    /// Sets an agent's health and why; records and publishes the change.
+    /// Sets an agent's health and why; records the change (logged by `save_agent`).
     /// The reason is a `Cow` so that the common case, a heartbeat that
     /// changes nothing, allocates nothing.
     pub fn set_health(&mut self, agent_id: &str, health: Health, reason: Cow<'static, str>) -> bool {
-        let now = self.clock.now();
         let Some(mut entry) = self.agents.get_mut(agent_id) else { return false };
         let from = entry.agent.health;
         if from == health && entry.agent.health_reason == reason {
@@ -29,15 +27,6 @@ impl Engine {
         drop(entry);
         if from != health {
             tracing::info!(agent = %agent_id, ?from, to = ?health, %reason, "agent health changed");
-            if self.agent_events.receiver_count() > 0 {
-                let _ = self.agent_events.send(AgentEvent {
-                    agent_id: agent_id.to_string(),
-                    from,
-                    to: health,
-                    reason: reason.into_owned(),
-                    time: now,
-                });
-            }
         }
         self.save_agent(agent_id);
         from != health

@@ -36,8 +36,8 @@ pub use config::{
 };
 pub use pools::PoolField;
 pub use types::{
-    AgentEvent, AgentInbound, AgentPage, AgentPush, AgentView, ClaimRequest, HeartbeatAnswer, HelloInfo, JobEvent,
-    MetricsSample, Outcome, PeerNotice, QueueStats, WakeJob, WelcomeInfo,
+    AgentInbound, AgentPage, AgentPush, AgentView, ClaimRequest, HeartbeatAnswer, HelloInfo, JobEvent, MetricsSample,
+    Outcome, PeerNotice, QueueStats, WakeJob, WelcomeInfo,
 };
 
 use crate::clock::Clock;
@@ -306,7 +306,7 @@ pub struct EngineHandle {
     events: broadcast::Sender<JobEvent>,
     log_written: watch::Sender<u64>,
     output_written: watch::Sender<u64>,
-    agent_events: broadcast::Sender<AgentEvent>,
+    activity_written: watch::Sender<u64>,
     store: Arc<dyn Store>,
     serving: Serving,
     watch: WatchSettings,
@@ -324,6 +324,8 @@ pub struct WatchSettings {
     /// (shared store: a busy replica commits every few ms, and each read
     /// is 8 requests or more; the embedded store reads locally).
     pub min_read_interval: Option<std::time::Duration>,
+    /// How long a WatchEvents stream stays quiet before a keep-alive.
+    pub keep_alive: std::time::Duration,
 }
 
 /// [`WatchSettings::min_read_interval`] on a shared store.
@@ -351,7 +353,7 @@ impl EngineHandle {
         let (events, _) = broadcast::channel(8192);
         let (log_written, _) = watch::channel(0u64);
         let (output_written, _) = watch::channel(0u64);
-        let (agent_events, _) = broadcast::channel(1024);
+        let (activity_written, _) = watch::channel(0u64);
         let (serving_tx, serving) = watch::channel(true);
         let sweep_interval = config.sweep_interval;
         let (retention, trim_interval) = (config.event_retention, config.event_trim_interval);
@@ -360,12 +362,13 @@ impl EngineHandle {
             retention,
             poll: shared.then_some(config.event_poll_interval),
             min_read_interval: shared.then_some(SHARED_WATCH_READ_INTERVAL),
+            keep_alive: config.watch_keep_alive,
         };
         let channels = core::Channels {
             events: events.clone(),
             log_written: log_written.clone(),
             output_written: output_written.clone(),
-            agent_events: agent_events.clone(),
+            activity_written: activity_written.clone(),
             serving: serving_tx,
             commands: commands.downgrade(),
             wakes,
@@ -376,7 +379,10 @@ impl EngineHandle {
             tokio::spawn(sweep::run(store.clone(), clock, sweep_interval, commands.downgrade()));
         }
         let task = tokio::spawn(engine.run(receiver));
-        Ok((EngineHandle { commands, events, log_written, output_written, agent_events, store, serving, watch }, task))
+        Ok((
+            EngineHandle { commands, events, log_written, output_written, activity_written, store, serving, watch },
+            task,
+        ))
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> DomainResult<T> {
@@ -540,9 +546,17 @@ impl EngineHandle {
         self.call(|reply| Command::Scaling { name, reply }).await
     }
 
-    /// Every agent health change from now on.
-    pub fn subscribe_agent_events(&self) -> broadcast::Receiver<AgentEvent> {
-        self.agent_events.subscribe()
+    /// Wakes (`changed`) after every commit of this replica that added to
+    /// the activity log (the engine's agent changes, and deployments, which
+    /// call [`EngineHandle::activity_committed`]).
+    pub fn subscribe_activity(&self) -> watch::Receiver<u64> {
+        self.activity_written.subscribe()
+    }
+
+    /// Tells activity readers a write outside the engine added to the
+    /// activity log.
+    pub fn activity_committed(&self) {
+        self.activity_written.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Stops the engine after committing every pending write.

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use crate::domain::{Agent, AttemptRef, Health, Job, JobState, Metrics, Priority};
+use crate::domain::{Agent, AttemptRef, Job, JobState, Metrics, Priority};
 
 /// A message the engine pushes to a connected agent.
 #[derive(Debug, Clone)]
@@ -155,16 +155,6 @@ pub struct ClaimRequest {
 pub struct AgentPage {
     pub agents: Vec<AgentView>,
     pub next_after: Option<String>,
-}
-
-/// A change of an agent's health, with its reason.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AgentEvent {
-    pub agent_id: String,
-    pub from: Health,
-    pub to: Health,
-    pub reason: String,
-    pub time: SystemTime,
 }
 
 /// The answer to a unary heartbeat.

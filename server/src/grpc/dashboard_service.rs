@@ -19,7 +19,7 @@ use super::deploy_convert::{self as deploy_in, deployment_out, environment_out, 
 use super::job_logs::{self, LogCursor, LogRequest};
 use super::page_token::{self, Listing};
 use super::status::to_status;
-use super::summary_convert;
+use super::{summary_convert, watch_events};
 use crate::deploy::{records, Deployments};
 use crate::domain::dashboard::{self, DashboardSpec, JobListFilter, SecretRef, ShellCommand, DASHBOARD_QUEUE};
 use crate::domain::{validate, waiting, DomainError, DomainResult, Job, JobSpec, JobState};
@@ -47,6 +47,7 @@ pub struct DashboardApi {
 }
 
 type LogStream = Pin<Box<dyn Stream<Item = Result<pb::StreamJobLogsResponse, Status>> + Send>>;
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
 
 impl DashboardApi {
     pub fn new(
@@ -430,5 +431,21 @@ impl DashboardService for DashboardApi {
             last_24h: Some(summary_convert::window_out(&stats, now)),
             services: services.iter().map(|(name, marks)| summary_convert::service_out(name, marks, now)).collect(),
         }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let req = request.get_ref();
+        let kinds = watch_events::Kinds::of("kinds", &req.kinds).map_err(to_status)?;
+        let from =
+            watch_events::Position::decode("cursor", &req.cursor, self.engine.store().as_ref()).map_err(to_status)?;
+        // Refused here, before the stream starts, with its own status.
+        let start = watch_events::start(&self.engine, kinds, from).await.map_err(to_status)?;
+        let responses = watch_events::spawn(self.engine.clone(), start, self.stopping.clone());
+        Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
     }
 }

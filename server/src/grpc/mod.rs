@@ -16,6 +16,7 @@ pub mod status;
 pub mod stream_messages;
 pub mod summary_convert;
 mod watch;
+pub mod watch_events;
 
 pub use agent_service::AgentApi;
 pub use dashboard_service::DashboardApi;

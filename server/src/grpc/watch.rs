@@ -92,7 +92,7 @@ async fn run(
     let mut last_read = tokio::time::Instant::now();
     loop {
         let full = events.len() >= READ_BATCH;
-        for mut event in in_time_order(std::mem::take(&mut events)) {
+        for mut event in in_time_order(std::mem::take(&mut events), |e| e.shard, |e| e.job.update_time) {
             cursor.advance(&event);
             if !filter.matches(&event) {
                 continue;
@@ -164,14 +164,19 @@ async fn wait(wake: &mut watch::Receiver<u64>, poll: Option<std::time::Duration>
     }
 }
 
-/// The events of several shards merged by time, each shard's kept in its
-/// own (sequence) order.
-fn in_time_order(events: Vec<Event>) -> Vec<Event> {
-    let mut shards: Vec<VecDeque<Event>> = Vec::new();
-    for event in events {
-        match shards.iter_mut().find(|s| s.front().is_some_and(|f| f.shard == event.shard)) {
-            Some(shard) => shard.push_back(event),
-            None => shards.push(VecDeque::from([event])),
+/// Entries of several shards merged by time, each shard's kept in its own
+/// (sequence) order.
+pub(super) fn in_time_order<T, K: PartialEq>(
+    entries: Vec<T>,
+    shard: impl Fn(&T) -> K,
+    time: impl Fn(&T) -> std::time::SystemTime,
+) -> Vec<T> {
+    let mut shards: Vec<(K, VecDeque<T>)> = Vec::new();
+    for entry in entries {
+        let key = shard(&entry);
+        match shards.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, queue)) => queue.push_back(entry),
+            None => shards.push((key, VecDeque::from([entry]))),
         }
     }
     let mut out = Vec::new();
@@ -179,12 +184,12 @@ fn in_time_order(events: Vec<Event>) -> Vec<Event> {
         let next = shards
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| s.front().map(|e| (i, e.job.update_time)))
+            .filter_map(|(i, (_, q))| q.front().map(|e| (i, time(e))))
             .min_by_key(|(_, t)| *t)
             .map(|(i, _)| i);
         let Some(i) = next else { return out };
-        if let Some(event) = shards[i].pop_front() {
-            out.push(event);
+        if let Some(entry) = shards[i].1.pop_front() {
+            out.push(entry);
         }
     }
 }

@@ -170,8 +170,13 @@ impl EventCursor {
 
     /// Moves past `event`.
     pub fn advance(&mut self, event: &Event) {
-        if let Some(p) = self.positions.get_mut(event.shard as usize) {
-            *p = (*p).max(event.seq);
+        self.advance_to(event.shard, event.seq);
+    }
+
+    /// Moves past position `seq` of `shard`.
+    pub fn advance_to(&mut self, shard: u32, seq: u64) {
+        if let Some(p) = self.positions.get_mut(shard as usize) {
+            *p = (*p).max(seq);
         }
     }
 

@@ -1,0 +1,389 @@
+//! WatchEvents' stream: a task that reads the job log and the activity log
+//! from the watcher's position (one cursor string naming a position in
+//! every shard of both) and sends each change of a watched kind with the
+//! position after it. This replica's commits to either log wake the task;
+//! on a shared store it also reads every poll interval, for changes made
+//! through other replicas. A quiet stream gets keep-alives; a position past
+//! the retention gets a reset and the stream goes on from the present.
+
+use std::time::SystemTime;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use pb::watch_events_response::Event as Sent;
+use tether::v1 as pb;
+
+use super::convert;
+use super::status::to_status;
+use super::watch::{in_time_order, READ_BATCH};
+use super::{dashboard_convert, deploy_convert, event_cursor};
+use crate::activity::{AgentChange, Change};
+use crate::domain::dashboard::{DashboardStatus, DASHBOARD_QUEUE};
+use crate::domain::{DomainError, DomainResult, Health};
+use crate::engine::{store_error, AgentView, EngineHandle};
+use crate::store::{ActivityEvent, Event, EventCursor, LogRead, Store};
+use tether::time::to_timestamp;
+
+/// As many as there are kinds (the proto's rule).
+const MAX_KINDS: usize = 3;
+
+/// Responses buffered for a slow client before the task waits for it.
+const BUFFER: usize = 64;
+
+/// Which kinds a watcher wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kinds {
+    pub jobs: bool,
+    pub deployments: bool,
+    pub agents: bool,
+}
+
+impl Kinds {
+    /// The kinds of a request; none named means all.
+    pub fn of(field: &str, values: &[i32]) -> DomainResult<Kinds> {
+        if values.is_empty() {
+            return Ok(Kinds { jobs: true, deployments: true, agents: true });
+        }
+        if values.len() > MAX_KINDS {
+            return Err(DomainError::invalid(field, format!("must name at most {MAX_KINDS} kinds")));
+        }
+        let mut kinds = Kinds { jobs: false, deployments: false, agents: false };
+        for (i, &value) in values.iter().enumerate() {
+            match pb::EventKind::try_from(value) {
+                Ok(pb::EventKind::Job) => kinds.jobs = true,
+                Ok(pb::EventKind::Deployment) => kinds.deployments = true,
+                Ok(pb::EventKind::Agent) => kinds.agents = true,
+                Ok(pb::EventKind::Unspecified) => {
+                    return Err(DomainError::invalid(format!("{field}[{i}]"), "must be a kind, not unspecified"))
+                }
+                Err(_) => return Err(DomainError::invalid(format!("{field}[{i}]"), format!("unknown kind {value}"))),
+            }
+        }
+        Ok(kinds)
+    }
+
+    fn activity(self) -> bool {
+        self.deployments || self.agents
+    }
+}
+
+/// A position in every shard of both logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    jobs: EventCursor,
+    activity: EventCursor,
+}
+
+impl Position {
+    /// The cursor string: the job log's shards, then the activity log's.
+    pub fn encode(&self) -> String {
+        let mut positions = self.jobs.positions.clone();
+        positions.extend_from_slice(&self.activity.positions);
+        event_cursor::encode(&EventCursor { positions })
+    }
+
+    /// The position in `text` (`None` when empty: from now), for `store`'s
+    /// layout.
+    pub fn decode(field: &str, text: &str, store: &dyn Store) -> DomainResult<Option<Position>> {
+        let Some(mut cursor) = event_cursor::decode(field, text)? else { return Ok(None) };
+        let jobs = store.event_shards() as usize;
+        if cursor.positions.len() != jobs + store.activity_shards() as usize {
+            return Err(DomainError::invalid(
+                field,
+                "is not a WatchEvents cursor of a server with this store; watch without a cursor",
+            ));
+        }
+        let activity = cursor.positions.split_off(jobs);
+        Ok(Some(Position { jobs: cursor, activity: EventCursor { positions: activity } }))
+    }
+
+    async fn present(store: &dyn Store) -> DomainResult<Position> {
+        Ok(Position {
+            jobs: store.event_heads().await.map_err(store_error)?,
+            activity: store.activity_heads().await.map_err(store_error)?,
+        })
+    }
+
+    fn advance(&mut self, item: &Item) {
+        match item {
+            Item::Job(event) => self.jobs.advance_to(event.shard, event.seq),
+            Item::Activity(event) => self.activity.advance_to(event.shard, event.seq),
+        }
+    }
+}
+
+/// One entry read from either log.
+#[derive(Debug)]
+enum Item {
+    Job(Box<Event>),
+    Activity(ActivityEvent),
+}
+
+impl Item {
+    /// Entries of one shard keep their order; this names the shard.
+    fn shard(&self) -> (bool, u32) {
+        match self {
+            Item::Job(e) => (false, e.shard),
+            Item::Activity(e) => (true, e.shard),
+        }
+    }
+
+    fn time(&self) -> SystemTime {
+        match self {
+            Item::Job(e) => e.job.update_time,
+            Item::Activity(e) => e.activity.time,
+        }
+    }
+}
+
+/// What a read of both logs found.
+enum Read {
+    Items {
+        items: Vec<Item>,
+        full: bool,
+    },
+    /// Entries after the position were trimmed.
+    Expired,
+}
+
+async fn read(store: &dyn Store, kinds: Kinds, at: &Position) -> DomainResult<Read> {
+    let ahead = || DomainError::invalid("cursor", "is ahead of this server's logs: it was not issued by this server");
+    let mut items = Vec::new();
+    let mut full = false;
+    if kinds.jobs {
+        match store.read_events(&at.jobs, READ_BATCH).await.map_err(store_error)? {
+            LogRead::Events { events, .. } => {
+                full |= events.len() >= READ_BATCH;
+                items.extend(events.into_iter().map(|e| Item::Job(Box::new(e))));
+            }
+            LogRead::Expired => return Ok(Read::Expired),
+            LogRead::Unknown => return Err(ahead()),
+        }
+    }
+    if kinds.activity() {
+        match store.read_activity(&at.activity, READ_BATCH).await.map_err(store_error)? {
+            LogRead::Events { events, .. } => {
+                full |= events.len() >= READ_BATCH;
+                items.extend(events.into_iter().map(Item::Activity));
+            }
+            LogRead::Expired => return Ok(Read::Expired),
+            LogRead::Unknown => return Err(ahead()),
+        }
+    }
+    Ok(Read::Items { items: in_time_order(items, Item::shard, Item::time), full })
+}
+
+/// The wake-ups of the logs a watcher reads.
+struct Wakes {
+    jobs: Option<watch::Receiver<u64>>,
+    activity: Option<watch::Receiver<u64>>,
+}
+
+/// Where a watch starts: its first read is done before the call answers,
+/// so a cursor that is invalid is the call's status.
+pub struct Start {
+    kinds: Kinds,
+    position: Position,
+    items: Vec<Item>,
+    full: bool,
+    /// Why the stream starts with a reset, if it does.
+    reset: Option<String>,
+    wakes: Wakes,
+}
+
+pub async fn start(engine: &EngineHandle, kinds: Kinds, from: Option<Position>) -> DomainResult<Start> {
+    // Subscribed before the first read: a change committed after it wakes
+    // the task.
+    let wakes = Wakes {
+        jobs: kinds.jobs.then(|| engine.subscribe_log()),
+        activity: kinds.activity().then(|| engine.subscribe_activity()),
+    };
+    let store = engine.store().as_ref();
+    let Some(position) = from else {
+        let position = Position::present(store).await?;
+        return Ok(Start { kinds, position, items: Vec::new(), full: false, reset: None, wakes });
+    };
+    Ok(match read(store, kinds, &position).await? {
+        Read::Items { items, full } => Start { kinds, position, items, full, reset: None, wakes },
+        Read::Expired => Start {
+            kinds,
+            position: Position::present(store).await?,
+            items: Vec::new(),
+            full: false,
+            reset: Some(expired_reason(engine)),
+            wakes,
+        },
+    })
+}
+
+fn expired_reason(engine: &EngineHandle) -> String {
+    format!(
+        "changes after the cursor are older than the event retention ({}) and were trimmed",
+        crate::config::format_duration(engine.watch_settings().retention)
+    )
+}
+
+/// Spawns the task; the stream ends when the client goes, at shutdown, or
+/// with an error status.
+pub fn spawn(
+    engine: EngineHandle,
+    start: Start,
+    stopping: CancellationToken,
+) -> mpsc::Receiver<Result<pb::WatchEventsResponse, Status>> {
+    let (tx, rx) = mpsc::channel(BUFFER);
+    tokio::spawn(async move {
+        tokio::select! {
+            () = run(&engine, start, &tx) => {}
+            () = stopping.cancelled() => {}
+            () = tx.closed() => {}
+        }
+    });
+    rx
+}
+
+async fn run(engine: &EngineHandle, start: Start, tx: &mpsc::Sender<Result<pb::WatchEventsResponse, Status>>) {
+    let Start { kinds, mut position, mut items, mut full, reset, mut wakes } = start;
+    let settings = engine.watch_settings();
+    let send = |event: Sent, position: &Position| {
+        tx.send(Ok(pb::WatchEventsResponse { event: Some(event), cursor: position.encode() }))
+    };
+    if let Some(reason) = reset {
+        if send(Sent::Reset(pb::EventsReset { reason }), &position).await.is_err() {
+            return;
+        }
+    }
+    let mut quiet_since = Instant::now();
+    let mut last_read = Instant::now();
+    loop {
+        for item in std::mem::take(&mut items) {
+            position.advance(&item);
+            let Some(event) = response_of(kinds, &item) else { continue };
+            if send(event, &position).await.is_err() {
+                return;
+            }
+            quiet_since = Instant::now();
+        }
+        if !full {
+            match wait(&mut wakes, settings.poll, quiet_since + settings.keep_alive).await {
+                Woken::Closed => return,
+                Woken::KeepAlive => {
+                    let now = to_timestamp(SystemTime::now());
+                    if send(Sent::KeepAlive(pb::KeepAlive { time: Some(now) }), &position).await.is_err() {
+                        return;
+                    }
+                    quiet_since = Instant::now();
+                    continue;
+                }
+                Woken::Changed => {}
+            }
+            if let Some(least) = settings.min_read_interval {
+                tokio::time::sleep_until(last_read + least).await;
+            }
+        }
+        last_read = Instant::now();
+        let store = engine.store().as_ref();
+        let outcome = match read(store, kinds, &position).await {
+            Ok(Read::Items { items: read, full: more }) => {
+                (items, full) = (read, more);
+                continue;
+            }
+            // A watcher that fell behind the retention.
+            Ok(Read::Expired) => Position::present(store).await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(present) => {
+                position = present;
+                full = false;
+                if send(Sent::Reset(pb::EventsReset { reason: expired_reason(engine) }), &position).await.is_err() {
+                    return;
+                }
+                quiet_since = Instant::now();
+            }
+            Err(e) => {
+                let _ = tx.send(Err(to_status(e))).await;
+                return;
+            }
+        }
+    }
+}
+
+enum Woken {
+    Changed,
+    KeepAlive,
+    Closed,
+}
+
+/// Waits for a wake-up of a watched log, the poll interval on a shared
+/// store, or the keep-alive time. `changed` marks every commit so far as
+/// seen: one read answers them all.
+async fn wait(wakes: &mut Wakes, poll: Option<std::time::Duration>, keep_alive_at: Instant) -> Woken {
+    async fn changed(wake: Option<&mut watch::Receiver<u64>>) -> bool {
+        match wake {
+            Some(wake) => wake.changed().await.is_ok(),
+            None => std::future::pending().await,
+        }
+    }
+    let polled = async {
+        match poll {
+            Some(every) => tokio::time::sleep(every).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        alive = changed(wakes.jobs.as_mut()) => if alive { Woken::Changed } else { Woken::Closed },
+        alive = changed(wakes.activity.as_mut()) => if alive { Woken::Changed } else { Woken::Closed },
+        () = polled => Woken::Changed,
+        () = tokio::time::sleep_until(keep_alive_at) => Woken::KeepAlive,
+    }
+}
+
+/// What a watcher of `kinds` is sent for `item`, if anything: job events
+/// are of dashboard jobs only.
+fn response_of(kinds: Kinds, item: &Item) -> Option<Sent> {
+    match item {
+        Item::Job(event) => {
+            (kinds.jobs && event.job.spec.queue == DASHBOARD_QUEUE).then(|| Sent::Job(job_event(event)))
+        }
+        Item::Activity(event) => match Change::of(&event.activity) {
+            Ok(Change::Agent(change)) => kinds.agents.then(|| Sent::Agent(agent_event(&change, event.activity.time))),
+            Ok(Change::Deployment(change)) => kinds
+                .deployments
+                .then(|| Sent::Deployment(deploy_convert::event_out(&change.deployment, &change.event))),
+            Err(e) => {
+                tracing::error!(seq = event.seq, shard = event.shard, error = %e, "an activity entry does not decode");
+                None
+            }
+        },
+    }
+}
+
+fn job_event(event: &Event) -> pb::JobEvent {
+    let job = &event.job;
+    pb::JobEvent {
+        job_id: job.id.clone(),
+        status: dashboard_convert::status_out(DashboardStatus::of(job.state)) as i32,
+        queued_state: convert::state_out(job.state) as i32,
+        previous_queued_state: event.previous.map_or(0, |s| convert::state_out(s) as i32),
+        attempt: job.attempt,
+        agent_id: job.worker_id.clone(),
+        error: job.last_error.clone(),
+        time: Some(to_timestamp(job.update_time)),
+    }
+}
+
+fn agent_event(change: &AgentChange, time: SystemTime) -> pb::AgentEvent {
+    let agent = &change.agent;
+    let connected =
+        matches!(agent.health, Health::Registering | Health::Healthy | Health::Degraded | Health::Unhealthy);
+    let view = AgentView { agent: agent.clone(), connected, running: Vec::new(), metrics_history: Vec::new() };
+    pb::AgentEvent {
+        agent: Some(convert::agent_out(&view)),
+        previous_health: change.previous.map_or(0, |(h, _)| convert::health_out(h) as i32),
+        previous_scheduling_status: change.previous.map_or(0, |(_, s)| convert::scheduling_out(s) as i32),
+        time: Some(to_timestamp(time)),
+    }
+}
