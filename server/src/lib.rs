@@ -16,5 +16,6 @@ pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod summary;
+pub mod tail;
 pub mod telemetry;
 pub mod wake;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, Subcommand, ValueEnum};
-use tether::v1::{AgentHealth, JobStatus, Priority, QueuedJobState};
+use tether::v1::{AgentHealth, EventKind, JobStatus, Priority, QueuedJobState};
 
 use crate::parse;
 
@@ -96,6 +96,9 @@ pub enum Command {
     /// (success rate, queue wait), queued jobs, agents, and per service its
     /// deployments and time to restore
     Summary,
+    /// Print dashboard job, deployment and agent changes as they happen, one
+    /// line each, until interrupted (Ctrl-C) or the server ends the stream
+    Watch(WatchArgs),
 }
 
 /// `tether queue …`
@@ -784,6 +787,47 @@ pub struct PutEnvironmentArgs {
     pub auto_rollback: bool,
 }
 
+/// What `tether watch --kind` names.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchKind {
+    /// State changes of dashboard jobs.
+    Job,
+    /// State changes of deployments.
+    Deployment,
+    /// Agents registering, or changing health or scheduling status.
+    Agent,
+}
+
+impl WatchKind {
+    /// The kind as WatchEventsRequest names it.
+    pub fn event_kind(self) -> EventKind {
+        match self {
+            WatchKind::Job => EventKind::Job,
+            WatchKind::Deployment => EventKind::Deployment,
+            WatchKind::Agent => EventKind::Agent,
+        }
+    }
+}
+
+/// Arguments of `tether watch`.
+#[derive(Args, Debug, Clone)]
+pub struct WatchArgs {
+    /// Only changes of these kinds (repeatable or comma-separated)
+    /// [default: every kind].
+    #[arg(long = "kind", value_name = "KIND", value_enum, value_delimiter = ',')]
+    pub kinds: Vec<WatchKind>,
+
+    /// Resume after this cursor (from a `--show-cursor` or `--output json`
+    /// line): nothing is missed and nothing repeated [default: from now].
+    #[arg(long, value_name = "CURSOR")]
+    pub cursor: Option<String>,
+
+    /// End each line with ` cursor=CURSOR`, to resume from with --cursor
+    /// (`--output json` lines always carry it).
+    #[arg(long)]
+    pub show_cursor: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -932,6 +976,12 @@ mod tests {
             &["envs", "put", "--pool", "linux"],
             &["envs", "put", "staging", "--pool", "linux", "--auto-rollback", "yes"],
             &["envs", "list", "extra"],
+            &["watch", "--kind", "pool"],
+            &["watch", "--kind", "job,jobs"],
+            &["watch", "--kind"],
+            &["watch", "--cursor"],
+            &["watch", "--show-cursor", "yes"],
+            &["watch", "extra"],
         ] {
             let err = parse(args).expect_err(&format!("{args:?} should fail"));
             // Exit code 2 is how clap reports bad usage.
@@ -1280,6 +1330,32 @@ mod tests {
         assert_eq!((p.promote_to, p.auto_rollback), (None, false));
         let cli = parse(&["envs", "list", "--output", "json"]).expect("parses");
         assert!(matches!(cli.command, Command::Envs(EnvsCommand::List)));
+    }
+
+    #[test]
+    fn watch_parses_kinds_cursor_and_show_cursor() {
+        let cli = parse(&["watch", "--kind", "job", "--kind", "agent,deployment", "--cursor", "c1", "--show-cursor"])
+            .expect("parses");
+        let Command::Watch(w) = cli.command else {
+            panic!("not watch: {:?}", cli.command);
+        };
+        assert_eq!(w.kinds, [WatchKind::Job, WatchKind::Agent, WatchKind::Deployment]);
+        assert_eq!((w.cursor.as_deref(), w.show_cursor), (Some("c1"), true));
+
+        let cli = parse(&["watch", "--output", "json"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Watch(WatchArgs { ref kinds, cursor: None, show_cursor: false }) if kinds.is_empty()
+        ));
+        assert_eq!(cli.global.output, OutputFormat::Json);
+    }
+
+    #[test]
+    fn a_bad_watch_kind_names_the_possible_values() {
+        let err = parse(&["watch", "--kind", "pool"]).expect_err("not a kind");
+        assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue);
+        let text = err.to_string();
+        assert!(text.contains("'pool'") && text.contains("job, deployment, agent"), "{text}");
     }
 
     #[test]

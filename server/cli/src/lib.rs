@@ -1,6 +1,6 @@
 //! The client commands of the `tether` operator CLI: `tether queue …`,
-//! `tether jobs …`, `tether agents …`, `tether pools …`, `tether deploy …`
-//! and `tether envs …`.
+//! `tether jobs …`, `tether agents …`, `tether pools …`, `tether deploy …`,
+//! `tether envs …`, `tether summary` and `tether watch`.
 //!
 //! The `tether` binary owns the top-level parser and embeds this crate:
 //!
@@ -35,6 +35,7 @@ mod pools;
 mod queue;
 mod summary;
 mod wait;
+mod watch;
 
 use std::io::{IsTerminal as _, Write};
 use std::process::ExitCode;
@@ -43,7 +44,7 @@ pub use args::{
     AgentsCommand, Command, CreateDeploymentArgs, CreateJobArgs, CreatePoolArgs, DeadLettersArgs, DeployCommand,
     DeploymentHistoryArgs, EnqueueArgs, EnvsCommand, GlobalArgs, JobsCommand, ListAgentsArgs, ListDashboardJobsArgs,
     ListDeploymentsArgs, ListJobsArgs, OutputFormat, PageArgs, PoolsCommand, PutEnvironmentArgs, QueueCommand,
-    RollbackArgs, ScalingArgs, UpdatePoolArgs, DEFAULT_SERVER,
+    RollbackArgs, ScalingArgs, UpdatePoolArgs, WatchArgs, WatchKind, DEFAULT_SERVER,
 };
 pub use deploy::is_deployment_finished;
 pub use wait::is_finished;
@@ -102,7 +103,7 @@ async fn execute(
             Command::Pools(_) => Subject::Pool,
             Command::Deploy(_) => Subject::Deployment,
             Command::Envs(_) => Subject::Environment,
-            Command::Summary => Subject::DashboardJob,
+            Command::Summary | Command::Watch(_) => Subject::DashboardJob,
         },
     };
     let result = dispatch(global, command, &mut *out, &mut *err, terminal).await;
@@ -146,5 +147,6 @@ async fn dispatch(
         Command::Deploy(command) => deploy::run(command, &mut ctx).await,
         Command::Envs(command) => envs::run(command, &mut ctx).await,
         Command::Summary => summary::run(&mut ctx).await,
+        Command::Watch(args) => watch::run(args, &mut ctx).await,
     }
 }

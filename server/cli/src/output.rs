@@ -14,7 +14,7 @@ use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use tether::v1::{
     Agent, AgentHealth, AgentPool, AgentSchedulingStatus, Deployment, DeploymentEvent, DeploymentState,
     DeploymentTrigger, Environment, GetPoolScalingSignalResponse, GetQueueStatsResponse, Job, JobAttempt, JobStatus,
-    JobTransition, Priority, QueuedJob, QueuedJobState, WaitKind,
+    JobTransition, Priority, QueuedJob, QueuedJobState, WaitKind, WatchEventsResponse,
 };
 
 /// A generated message with its fully-qualified protobuf name, which JSON
@@ -74,6 +74,7 @@ proto_names!(
     PromoteDeploymentResponse,
     RollbackDeploymentResponse,
     ListDeploymentEventsResponse,
+    WatchEventsResponse,
 );
 
 /// The descriptor pool of every tether.v1 message, decoded once.
@@ -875,6 +876,107 @@ pub fn write_scaling(
     write_table(out, details_table(rows))
 }
 
+// ---------------------------------------------------------------------------
+// Event lines.
+
+/// Free text (an error, a reason) on one line: runs of whitespace, line
+/// breaks included, become one space.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// One change of `tether watch` as a line: its time, its kind, what
+/// changed and how, e.g. `2030-01-02T03:04:05Z job j-1 queued -> claimed
+/// (status running, attempt 1, agent a-1)`. `None` for what is not a
+/// change: a keep-alive, a reset (`tether watch` reports it on stderr) or a
+/// kind of event this build does not know.
+pub fn format_watch_event(response: &WatchEventsResponse) -> Option<String> {
+    use tether::v1::watch_events_response::Event;
+    let line = match response.event.as_ref()? {
+        Event::Job(e) => {
+            let mut details = vec![format!("status {}", job_status_name(e.status))];
+            if e.attempt > 0 {
+                details.push(format!("attempt {}", e.attempt));
+            }
+            if !e.agent_id.is_empty() {
+                details.push(format!("agent {}", e.agent_id));
+            }
+            let mut line = format!(
+                "{} job {} {} -> {} ({})",
+                format_instant(e.time.as_ref()),
+                e.job_id,
+                from_state(e.previous_queued_state, QueuedJobState::Unspecified as i32, state_name),
+                state_name(e.queued_state),
+                details.join(", ")
+            );
+            // The job's last error stays on it through later changes: show
+            // it where it is news, when the job ends badly or an attempt
+            // goes back to the queue.
+            let ended_badly = [JobStatus::Failed as i32, JobStatus::Cancelled as i32].contains(&e.status);
+            let requeued = e.queued_state == QueuedJobState::Queued as i32
+                && e.previous_queued_state != QueuedJobState::Unspecified as i32;
+            if (ended_badly || requeued) && !e.error.trim().is_empty() {
+                line.push_str(&format!(": {}", one_line(&e.error)));
+            }
+            line
+        }
+        Event::Deployment(e) => {
+            let mut line = format!(
+                "{} deployment {} {} {} {} -> {}",
+                format_instant(e.time.as_ref()),
+                e.deployment_id,
+                e.version,
+                e.environment,
+                from_state(e.from_state, DeploymentState::Unspecified as i32, deployment_state_name),
+                deployment_state_name(e.to_state)
+            );
+            if !e.actor.is_empty() {
+                line.push_str(&format!(" by {}", e.actor));
+            }
+            if !e.reason.trim().is_empty() {
+                line.push_str(&format!(": {}", one_line(&e.reason)));
+            }
+            line
+        }
+        Event::Agent(e) => {
+            let default = Agent::default();
+            let a = e.agent.as_ref().unwrap_or(&default);
+            let name = if a.name.is_empty() { a.id.clone() } else { format!("{}/{}", a.pool, a.name) };
+            let before = if e.previous_health == AgentHealth::Unspecified as i32 {
+                "registered".to_string()
+            } else {
+                format!(
+                    "was {}/{}",
+                    health_name(e.previous_health),
+                    scheduling_status_name(e.previous_scheduling_status)
+                )
+            };
+            let mut line = format!(
+                "{} agent {name} {}/{} ({before})",
+                format_instant(e.time.as_ref()),
+                health_name(a.health),
+                scheduling_status_name(a.scheduling_status)
+            );
+            if !a.health_reason.trim().is_empty() {
+                line.push_str(&format!(": {}", one_line(&a.health_reason)));
+            }
+            line
+        }
+        Event::KeepAlive(_) | Event::Reset(_) => return None,
+    };
+    Some(line)
+}
+
+/// The state a change started from; `-` when it is a creation
+/// (`unspecified`), as `deploy history` shows it.
+fn from_state(value: i32, unspecified: i32, name: fn(i32) -> String) -> String {
+    if value == unspecified {
+        "-".into()
+    } else {
+        name(value)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -987,6 +1089,7 @@ mod tests {
             <tether::v1::PromoteDeploymentResponse as ProtoName>::FULL_NAME,
             <tether::v1::RollbackDeploymentResponse as ProtoName>::FULL_NAME,
             <tether::v1::ListDeploymentEventsResponse as ProtoName>::FULL_NAME,
+            <WatchEventsResponse as ProtoName>::FULL_NAME,
         ] {
             assert!(pool.get_message_by_name(name).is_some(), "{name}");
         }
@@ -1435,5 +1538,112 @@ mod tests {
         assert_eq!(format_duration(&prost_types::Duration { seconds: 90, nanos: 0 }), "1m30s");
         assert_eq!(format_bytes_field(b"line 1\nline 2"), "line 1\nline 2");
         assert!(format_bytes_field(b"\x1b[31mred").starts_with("<8 bytes"));
+    }
+
+    #[test]
+    fn watch_events_read_as_one_line_each() {
+        use tether::v1::watch_events_response::Event;
+        use tether::v1::{AgentEvent, EventsReset, JobEvent, KeepAlive};
+        let line = |event| format_watch_event(&WatchEventsResponse { event: Some(event), cursor: "c".into() });
+
+        // A creation starts from `-`; a pending job has no attempt or agent.
+        let created = JobEvent {
+            job_id: "j-1".into(),
+            status: JobStatus::Pending as i32,
+            queued_state: QueuedJobState::Queued as i32,
+            time: ts(NOW_SECS),
+            ..Default::default()
+        };
+        assert_eq!(
+            line(Event::Job(created.clone())).as_deref(),
+            Some("2030-01-02T03:04:05Z job j-1 - -> queued (status pending)")
+        );
+        // The last error shows where it is news: an attempt back in the
+        // queue, a job that failed; not on the next claim.
+        let requeued = JobEvent {
+            previous_queued_state: QueuedJobState::Running as i32,
+            attempt: 1,
+            agent_id: "a-1".into(),
+            error: "agent a-1 lost:\n  no heartbeat".into(),
+            ..created.clone()
+        };
+        assert_eq!(
+            line(Event::Job(requeued.clone())).as_deref(),
+            Some(
+                "2030-01-02T03:04:05Z job j-1 running -> queued (status pending, attempt 1, agent a-1): \
+                 agent a-1 lost: no heartbeat"
+            )
+        );
+        let reclaimed = JobEvent {
+            status: JobStatus::Running as i32,
+            queued_state: QueuedJobState::Claimed as i32,
+            previous_queued_state: QueuedJobState::Queued as i32,
+            attempt: 2,
+            ..requeued.clone()
+        };
+        assert_eq!(
+            line(Event::Job(reclaimed)).as_deref(),
+            Some("2030-01-02T03:04:05Z job j-1 queued -> claimed (status running, attempt 2, agent a-1)")
+        );
+        let failed = JobEvent {
+            status: JobStatus::Failed as i32,
+            queued_state: QueuedJobState::Failed as i32,
+            error: "exit code 2".into(),
+            ..requeued
+        };
+        assert!(line(Event::Job(failed))
+            .is_some_and(|l| l.ends_with("running -> failed (status failed, attempt 1, agent a-1): exit code 2")));
+
+        // A deployment's creation, by the server, with no reason.
+        let deployment = DeploymentEvent {
+            deployment_id: "api/d-1".into(),
+            version: "v2".into(),
+            environment: "production".into(),
+            to_state: DeploymentState::Pending as i32,
+            time: None,
+            ..Default::default()
+        };
+        assert_eq!(
+            line(Event::Deployment(deployment)).as_deref(),
+            Some("- deployment api/d-1 v2 production - -> pending")
+        );
+
+        // An agent that registers; one whose health changed says why.
+        let agent = Agent {
+            id: "a-1".into(),
+            name: "runner-1".into(),
+            pool: "builds".into(),
+            health: AgentHealth::Registering as i32,
+            scheduling_status: AgentSchedulingStatus::Active as i32,
+            ..Default::default()
+        };
+        let registered = AgentEvent { agent: Some(agent.clone()), time: ts(NOW_SECS), ..Default::default() };
+        assert_eq!(
+            line(Event::Agent(registered)).as_deref(),
+            Some("2030-01-02T03:04:05Z agent builds/runner-1 registering/active (registered)")
+        );
+        let degraded = AgentEvent {
+            agent: Some(Agent {
+                health: AgentHealth::Degraded as i32,
+                scheduling_status: 42,
+                health_reason: "missed 2 heartbeats".into(),
+                ..agent
+            }),
+            previous_health: AgentHealth::Healthy as i32,
+            previous_scheduling_status: AgentSchedulingStatus::Cordoned as i32,
+            time: ts(NOW_SECS),
+        };
+        assert_eq!(
+            line(Event::Agent(degraded)).as_deref(),
+            Some(
+                "2030-01-02T03:04:05Z agent builds/runner-1 degraded/unknown(42) (was healthy/cordoned): \
+                 missed 2 heartbeats"
+            )
+        );
+
+        // Not changes.
+        assert_eq!(line(Event::KeepAlive(KeepAlive { time: ts(NOW_SECS) })), None);
+        assert_eq!(line(Event::Reset(EventsReset { reason: "trimmed".into() })), None);
+        assert_eq!(format_watch_event(&WatchEventsResponse { event: None, cursor: "c".into() }), None);
     }
 }

@@ -1,6 +1,6 @@
 //! Drives the CLI end to end (argument parsing, gRPC, rendering, exit codes)
-//! against a small in-process fake of QueueService and AgentService (agents
-//! and pools), so the client side is
+//! against a small in-process fake of QueueService, AgentService (agents
+//! and pools) and DashboardService (WatchEvents), so the client side is
 //! covered before and independently of the real server. The end-to-end
 //! tests against the real server live in the workspace's `tests/` crate.
 
@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 use tether::v1::agent_service_server::{AgentService, AgentServiceServer};
+use tether::v1::dashboard_service_server::{DashboardService, DashboardServiceServer};
 use tether::v1::queue_service_server::{QueueService, QueueServiceServer};
 use tether::v1::*;
 use tokio::sync::{mpsc, Notify};
@@ -44,6 +45,11 @@ struct State {
     /// When set, GetPoolScalingSignal fails with UNAVAILABLE on these call
     /// numbers (1-based).
     scaling_unavailable_on: Vec<u64>,
+    /// The last WatchEventsRequest.
+    last_watch_events: Option<WatchEventsRequest>,
+    /// When set, WatchEvents ends with this status after its script, rather
+    /// than OK.
+    watch_events_fail_with: Option<Status>,
 }
 
 #[derive(Clone, Default)]
@@ -430,6 +436,190 @@ impl QueueService for Fake {
     }
 }
 
+/// 2030-01-02T03:04:05Z, the time of the first scripted event.
+const EVENTS_START: i64 = 1_893_553_445;
+
+fn at(offset: i64) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp { seconds: EVENTS_START + offset, nanos: 0 })
+}
+
+/// What the fake's WatchEvents sends, in order, before it ends: a job, a
+/// deployment and an agent change, a keep-alive (the cursor unchanged) and
+/// a reset.
+fn watch_events_script() -> Vec<WatchEventsResponse> {
+    use tether::v1::watch_events_response::Event;
+    let message = |event, cursor: &str| WatchEventsResponse { event: Some(event), cursor: cursor.into() };
+    vec![
+        message(
+            Event::Job(JobEvent {
+                job_id: "j-1".into(),
+                status: JobStatus::Running as i32,
+                queued_state: QueuedJobState::Claimed as i32,
+                previous_queued_state: QueuedJobState::Queued as i32,
+                attempt: 1,
+                agent_id: "a-1".into(),
+                error: String::new(),
+                time: at(0),
+            }),
+            "c1",
+        ),
+        message(
+            Event::Deployment(DeploymentEvent {
+                deployment_id: "api/d-1".into(),
+                service: "api".into(),
+                environment: "staging".into(),
+                version: "1.0".into(),
+                time: at(1),
+                actor: "user:ann".into(),
+                from_state: DeploymentState::Pending as i32,
+                to_state: DeploymentState::Queued as i32,
+                job_id: "j-2".into(),
+                reason: "release train".into(),
+            }),
+            "c2",
+        ),
+        message(
+            Event::Agent(AgentEvent {
+                agent: Some(Agent {
+                    id: "a-1".into(),
+                    name: "runner-1".into(),
+                    pool: "builds".into(),
+                    health: AgentHealth::Healthy as i32,
+                    scheduling_status: AgentSchedulingStatus::Active as i32,
+                    ..Default::default()
+                }),
+                previous_health: AgentHealth::Registering as i32,
+                previous_scheduling_status: AgentSchedulingStatus::Active as i32,
+                time: at(2),
+            }),
+            "c3",
+        ),
+        message(Event::KeepAlive(KeepAlive { time: at(17) }), "c3"),
+        message(Event::Reset(EventsReset { reason: "the cursor is older than the event retention".into() }), "c4"),
+    ]
+}
+
+#[tonic::async_trait]
+impl DashboardService for Fake {
+    async fn create_job(&self, _: Request<CreateJobRequest>) -> Result<Response<CreateJobResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn get_job(&self, _: Request<GetJobRequest>) -> Result<Response<GetJobResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn list_jobs(&self, _: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn cancel_job(&self, _: Request<CancelJobRequest>) -> Result<Response<CancelJobResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn retry_job(&self, _: Request<RetryJobRequest>) -> Result<Response<RetryJobResponse>, Status> {
+        unimplemented()
+    }
+
+    type StreamJobLogsStream = ReceiverStream<Result<StreamJobLogsResponse, Status>>;
+
+    async fn stream_job_logs(
+        &self,
+        _: Request<StreamJobLogsRequest>,
+    ) -> Result<Response<Self::StreamJobLogsStream>, Status> {
+        unimplemented()
+    }
+
+    async fn put_environment(
+        &self,
+        _: Request<PutEnvironmentRequest>,
+    ) -> Result<Response<PutEnvironmentResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn list_environments(
+        &self,
+        _: Request<ListEnvironmentsRequest>,
+    ) -> Result<Response<ListEnvironmentsResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn create_deployment(
+        &self,
+        _: Request<CreateDeploymentRequest>,
+    ) -> Result<Response<CreateDeploymentResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn get_deployment(
+        &self,
+        _: Request<GetDeploymentRequest>,
+    ) -> Result<Response<GetDeploymentResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn list_deployments(
+        &self,
+        _: Request<ListDeploymentsRequest>,
+    ) -> Result<Response<ListDeploymentsResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn promote_deployment(
+        &self,
+        _: Request<PromoteDeploymentRequest>,
+    ) -> Result<Response<PromoteDeploymentResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn rollback_deployment(
+        &self,
+        _: Request<RollbackDeploymentRequest>,
+    ) -> Result<Response<RollbackDeploymentResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn list_deployment_events(
+        &self,
+        _: Request<ListDeploymentEventsRequest>,
+    ) -> Result<Response<ListDeploymentEventsResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn get_summary(&self, _: Request<GetSummaryRequest>) -> Result<Response<GetSummaryResponse>, Status> {
+        unimplemented()
+    }
+
+    type WatchEventsStream = ReceiverStream<Result<WatchEventsResponse, Status>>;
+
+    /// Sends [`watch_events_script`], then ends (OK, or with
+    /// `watch_events_fail_with`). A cursor the fake did not issue is
+    /// refused, as the server refuses it.
+    async fn watch_events(
+        &self,
+        request: Request<WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let request = request.into_inner();
+        if request.cursor.starts_with("bogus") {
+            return Err(Status::invalid_argument("cursor: is not a cursor this server issued"));
+        }
+        let fail_with = {
+            let mut s = self.lock();
+            s.last_watch_events = Some(request);
+            s.watch_events_fail_with.clone()
+        };
+        let script = watch_events_script();
+        let (tx, rx) = mpsc::channel(script.len() + 1);
+        for message in script {
+            let _ = tx.try_send(Ok(message));
+        }
+        if let Some(status) = fail_with {
+            let _ = tx.try_send(Err(status));
+        }
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
 /// Starts the fake on an ephemeral port; returns it and its URL.
 async fn start() -> (Fake, String) {
     let fake = Fake::default();
@@ -437,10 +627,12 @@ async fn start() -> (Fake, String) {
     let addr = listener.local_addr().expect("addr");
     let service = QueueServiceServer::new(fake.clone());
     let agents = AgentServiceServer::new(fake.clone());
+    let dashboard = DashboardServiceServer::new(fake.clone());
     tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(service)
             .add_service(agents)
+            .add_service(dashboard)
             .serve_with_incoming(TcpListenerStream::new(listener))
             .await;
     });
@@ -946,4 +1138,89 @@ async fn agents_cordon_uncordon_drain_and_deregister() {
     let run = cli(&url, &["agents", "cordon", "nope"]).await;
     assert_eq!(run.code, ExitCode::FAILURE);
     assert_eq!(run.err, "error: NOT_FOUND: agent nope not found\nhint: check the agent id with `tether agents list`\n");
+}
+
+// ---------------------------------------------------------------------------
+// Watch.
+
+/// The lines `tether watch` prints for [`watch_events_script`]'s changes.
+const WATCH_LINES: [&str; 3] = [
+    "2030-01-02T03:04:05Z job j-1 queued -> claimed (status running, attempt 1, agent a-1)",
+    "2030-01-02T03:04:06Z deployment api/d-1 1.0 staging pending -> queued by user:ann: release train",
+    "2030-01-02T03:04:07Z agent builds/runner-1 healthy/active (was registering/active)",
+];
+
+const WATCH_RESET: &str = "reset: the cursor is older than the event retention; continuing from the present";
+
+#[tokio::test]
+async fn watch_prints_a_line_per_change_and_notes_a_reset_on_stderr() {
+    let (fake, url) = start().await;
+    let run = cli(&url, &["watch", "--kind", "job", "--kind", "agent,deployment"]).await;
+    assert_eq!(run.code, ExitCode::SUCCESS, "{}", run.err);
+    // The keep-alive prints nothing; the reset goes to stderr only.
+    assert_eq!(run.out.lines().collect::<Vec<_>>(), WATCH_LINES, "{}", run.out);
+    assert_eq!(run.err, format!("{WATCH_RESET}\n"));
+    let sent = fake.lock().last_watch_events.clone().expect("watched");
+    assert_eq!(sent.kinds, [EventKind::Job as i32, EventKind::Agent as i32, EventKind::Deployment as i32]);
+    assert_eq!(sent.cursor, "");
+
+    // --show-cursor: every line ends with the cursor to resume from.
+    let run = cli(&url, &["watch", "--kind", "deployment", "--cursor", "c0", "--show-cursor"]).await;
+    assert_eq!(run.code, ExitCode::SUCCESS, "{}", run.err);
+    let want: Vec<String> =
+        WATCH_LINES.iter().zip(["c1", "c2", "c3"]).map(|(l, c)| format!("{l} cursor={c}")).collect();
+    assert_eq!(run.out.lines().collect::<Vec<_>>(), want, "{}", run.out);
+    assert_eq!(run.err, format!("{WATCH_RESET} cursor=c4\n"));
+    let sent = fake.lock().last_watch_events.clone().expect("watched");
+    assert_eq!((sent.kinds, sent.cursor.as_str()), (vec![EventKind::Deployment as i32], "c0"));
+}
+
+#[tokio::test]
+async fn watch_json_prints_every_message_as_a_json_line() {
+    let (fake, url) = start().await;
+    let run = cli(&url, &["watch", "--output", "json"]).await;
+    assert_eq!(run.code, ExitCode::SUCCESS, "{}", run.err);
+    assert!(fake.lock().last_watch_events.clone().expect("watched").kinds.is_empty(), "no --kind: every kind");
+    let lines: Vec<serde_json::Value> =
+        run.out.lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect();
+    assert_eq!(lines.len(), 5, "{}", run.out);
+    let cursors: Vec<&str> = lines.iter().filter_map(|v| v["cursor"].as_str()).collect();
+    assert_eq!(cursors, ["c1", "c2", "c3", "c3", "c4"]);
+    assert_eq!(lines[0]["job"]["jobId"], "j-1");
+    assert_eq!(lines[0]["job"]["status"], "JOB_STATUS_RUNNING");
+    assert_eq!(lines[0]["job"]["previousQueuedState"], "QUEUED_JOB_STATE_QUEUED");
+    assert_eq!(lines[0]["job"]["queuedState"], "QUEUED_JOB_STATE_CLAIMED");
+    assert_eq!(lines[0]["job"]["time"], "2030-01-02T03:04:05Z");
+    assert_eq!(lines[1]["deployment"]["deploymentId"], "api/d-1");
+    assert_eq!(lines[1]["deployment"]["toState"], "DEPLOYMENT_STATE_QUEUED");
+    assert_eq!(lines[2]["agent"]["agent"]["name"], "runner-1");
+    assert_eq!(lines[2]["agent"]["previousHealth"], "AGENT_HEALTH_REGISTERING");
+    assert_eq!(lines[3]["keepAlive"]["time"], "2030-01-02T03:04:22Z");
+    assert_eq!(lines[4]["reset"]["reason"], "the cursor is older than the event retention");
+    // stdout holds only JSON; the reset is noted on stderr too.
+    assert_eq!(run.err, format!("{WATCH_RESET}\n"));
+}
+
+#[tokio::test]
+async fn watch_fails_with_the_status_and_the_cursor_to_resume_from() {
+    let (fake, url) = start().await;
+    fake.lock().watch_events_fail_with = Some(Status::unavailable("server stopping"));
+    let run = cli(&url, &["watch"]).await;
+    assert_eq!(run.code, ExitCode::FAILURE);
+    assert_eq!(run.out.lines().collect::<Vec<_>>(), WATCH_LINES, "{}", run.out);
+    let err: Vec<&str> = run.err.lines().collect();
+    assert_eq!(err.first().copied(), Some(WATCH_RESET), "{}", run.err);
+    assert_eq!(err.get(1).copied(), Some("error: UNAVAILABLE: server stopping"), "{}", run.err);
+    assert!(err[2].starts_with("hint: is the server running at"), "{}", run.err);
+    assert_eq!(err.last().copied(), Some("(while watching events; resume with --cursor c4)"), "{}", run.err);
+
+    // A refused call: the status alone, nothing printed.
+    let run = cli(&url, &["watch", "--cursor", "bogus"]).await;
+    assert_eq!(run.code, ExitCode::FAILURE);
+    assert!(run.out.is_empty(), "{}", run.out);
+    assert_eq!(
+        run.err,
+        "error: INVALID_ARGUMENT: cursor: is not a cursor this server issued\n\
+         hint: the server refused a value; check the flags with `--help`\n"
+    );
 }

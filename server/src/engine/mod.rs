@@ -310,6 +310,7 @@ pub struct EngineHandle {
     store: Arc<dyn Store>,
     serving: Serving,
     watch: WatchSettings,
+    tail: crate::tail::JobLogTail,
 }
 
 /// What a watcher of the event log needs to know.
@@ -379,10 +380,19 @@ impl EngineHandle {
             tokio::spawn(sweep::run(store.clone(), clock, sweep_interval, commands.downgrade()));
         }
         let task = tokio::spawn(engine.run(receiver));
-        Ok((
-            EngineHandle { commands, events, log_written, output_written, activity_written, store, serving, watch },
-            task,
-        ))
+        let tail = crate::tail::JobLogTail::spawn(store.clone(), log_written.subscribe(), watch);
+        let handle = EngineHandle {
+            commands,
+            events,
+            log_written,
+            output_written,
+            activity_written,
+            store,
+            serving,
+            watch,
+            tail,
+        };
+        Ok((handle, task))
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> DomainResult<T> {
@@ -665,6 +675,12 @@ impl EngineHandle {
 
     pub fn watch_settings(&self) -> WatchSettings {
         self.watch
+    }
+
+    /// A reader of the job log from `position` that shares this replica's
+    /// reads of it with every other watcher once it has caught up.
+    pub fn follow_log(&self, position: EventCursor) -> crate::tail::Follower {
+        crate::tail::Follower::new(&self.tail, position)
     }
 
     /// The event log's shard count (a cursor names a position in each).

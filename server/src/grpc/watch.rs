@@ -1,14 +1,14 @@
 //! WatchQueue's stream: a task that reads the durable event log from the
 //! watcher's cursor and sends each matching change with the cursor after
-//! it. The engine's count of commits that wrote to the log only wakes the
-//! task (this replica's commits); on a shared store it also reads the log every
-//! `poll` interval, for changes made through other replicas. A store
+//! it. Once it has caught up it reads through this replica's log tail
+//! (`crate::tail`: one read of each commit for all watchers; on a shared
+//! store also every poll interval, for other replicas' changes). A store
 //! error or an expired cursor ends the stream with its status; the client
 //! resumes from the last cursor it received.
 
 use std::collections::VecDeque;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
@@ -20,9 +20,9 @@ use super::status::to_status;
 use crate::domain::{DomainResult, JobState};
 use crate::engine::EngineHandle;
 use crate::store::{Event, EventCursor};
+use crate::tail::Follower;
 
-/// Events read per store call (per shard).
-pub const READ_BATCH: usize = 256;
+pub use crate::tail::READ_BATCH;
 /// Responses buffered for a slow client before the task waits for it.
 const BUFFER: usize = 64;
 
@@ -46,20 +46,23 @@ impl Filter {
 pub struct Start {
     pub events: Vec<Event>,
     pub cursor: EventCursor,
-    pub wake: watch::Receiver<u64>,
+    follower: Follower,
 }
 
 pub async fn start(engine: &EngineHandle, cursor: Option<EventCursor>) -> DomainResult<Start> {
-    // Subscribed before the first read: a change committed after it wakes
-    // the task.
-    let wake = engine.subscribe_log();
     let Some(cursor) = cursor else {
-        return Ok(Start { events: Vec::new(), cursor: engine.event_heads().await?, wake });
+        // Following before the heads are read: no change after them is
+        // missed.
+        let mut follower = engine.follow_log(EventCursor::default());
+        let cursor = engine.event_heads().await?;
+        follower.read_to(cursor.clone(), false);
+        return Ok(Start { events: Vec::new(), cursor, follower });
     };
-    // The cursor moves past each event as it is sent (a read's `next` is
-    // where the last event of each shard it returned leaves it).
-    let (events, _) = engine.read_events("cursor", &cursor, READ_BATCH).await?;
-    Ok(Start { events, cursor, wake })
+    let mut follower = engine.follow_log(cursor.clone());
+    // The cursor moves past each event as it is sent.
+    let (events, next) = engine.read_events("cursor", &cursor, READ_BATCH).await?;
+    follower.read_to(next, events.len() >= READ_BATCH);
+    Ok(Start { events, cursor, follower })
 }
 
 /// Spawns the task; the stream ends when the client goes, at shutdown, or
@@ -87,11 +90,8 @@ async fn run(
     start: Start,
     tx: &mpsc::Sender<Result<pb::WatchQueueResponse, Status>>,
 ) {
-    let Start { mut events, mut cursor, mut wake } = start;
-    let settings = engine.watch_settings();
-    let mut last_read = tokio::time::Instant::now();
+    let Start { mut events, mut cursor, mut follower } = start;
     loop {
-        let full = events.len() >= READ_BATCH;
         for mut event in in_time_order(std::mem::take(&mut events), |e| e.shard, |e| e.job.update_time) {
             cursor.advance(&event);
             if !filter.matches(&event) {
@@ -113,17 +113,9 @@ async fn run(
                 return;
             }
         }
-        if !full {
-            if !wait(&mut wake, settings.poll).await {
-                return;
-            }
-            if let Some(least) = settings.min_read_interval {
-                tokio::time::sleep_until(last_read + least).await;
-            }
-        }
-        last_read = tokio::time::Instant::now();
-        match engine.read_events("cursor", &cursor, READ_BATCH).await {
-            Ok((read, _)) => events = read,
+        match follower.next(engine, "cursor").await {
+            Ok(Some(read)) => events = read,
+            Ok(None) => return,
             Err(e) => {
                 let _ = tx.send(Err(to_status(e))).await;
                 return;
@@ -147,21 +139,6 @@ async fn fill_payload(engine: &EngineHandle, event: &mut Event) -> DomainResult<
         event.job.result = job.result;
     }
     Ok(())
-}
-
-/// Waits for a wake-up: a local commit's event, or the poll interval on a
-/// shared store. Drains what else is queued first, so one read answers
-/// every wake-up that came before it. False when the engine is gone.
-async fn wait(wake: &mut watch::Receiver<u64>, poll: Option<std::time::Duration>) -> bool {
-    // `changed` marks every commit so far as seen: one read answers them all.
-    let woken = async { wake.changed().await.is_ok() };
-    match poll {
-        Some(every) => tokio::select! {
-            alive = woken => alive,
-            () = tokio::time::sleep(every) => true,
-        },
-        None => woken.await,
-    }
 }
 
 /// Entries of several shards merged by time, each shard's kept in its own

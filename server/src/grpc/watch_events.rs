@@ -1,10 +1,12 @@
 //! WatchEvents' stream: a task that reads the job log and the activity log
 //! from the watcher's position (one cursor string naming a position in
 //! every shard of both) and sends each change of a watched kind with the
-//! position after it. This replica's commits to either log wake the task;
-//! on a shared store it also reads every poll interval, for changes made
-//! through other replicas. A quiet stream gets keep-alives; a position past
-//! the retention gets a reset and the stream goes on from the present.
+//! position after it. The job log is read through this replica's log tail
+//! once caught up (`crate::tail`); the activity log (a few changes a
+//! second) directly, after this replica's activity commits and, on a
+//! shared store, every poll interval. A quiet stream gets keep-alives; a
+//! position past the retention gets a reset and the stream goes on from
+//! the present.
 
 use std::time::SystemTime;
 
@@ -25,6 +27,7 @@ use crate::domain::dashboard::{DashboardStatus, DASHBOARD_QUEUE};
 use crate::domain::{DomainError, DomainResult, Health};
 use crate::engine::{store_error, AgentView, EngineHandle};
 use crate::store::{ActivityEvent, Event, EventCursor, LogRead, Store};
+use crate::tail::Follower;
 use tether::time::to_timestamp;
 
 /// As many as there are kinds (the proto's rule).
@@ -139,84 +142,90 @@ impl Item {
     }
 }
 
-/// What a read of both logs found.
-enum Read {
-    Items {
-        items: Vec<Item>,
-        full: bool,
-    },
-    /// Entries after the position were trimmed.
-    Expired,
-}
-
-async fn read(store: &dyn Store, kinds: Kinds, at: &Position) -> DomainResult<Read> {
-    let ahead = || DomainError::invalid("cursor", "is ahead of this server's logs: it was not issued by this server");
-    let mut items = Vec::new();
-    let mut full = false;
-    if kinds.jobs {
-        match store.read_events(&at.jobs, READ_BATCH).await.map_err(store_error)? {
-            LogRead::Events { events, .. } => {
-                full |= events.len() >= READ_BATCH;
-                items.extend(events.into_iter().map(|e| Item::Job(Box::new(e))));
-            }
-            LogRead::Expired => return Ok(Read::Expired),
-            LogRead::Unknown => return Err(ahead()),
+/// Up to [`READ_BATCH`] activity entries per shard after `at`, and
+/// whether the read may have stopped short. `None`: trimmed past `at`.
+async fn read_activity(store: &dyn Store, at: &EventCursor) -> DomainResult<Option<(Vec<Item>, bool)>> {
+    match store.read_activity(at, READ_BATCH).await.map_err(store_error)? {
+        LogRead::Events { events, .. } => {
+            let full = events.len() >= READ_BATCH;
+            Ok(Some((events.into_iter().map(Item::Activity).collect(), full)))
         }
+        LogRead::Expired => Ok(None),
+        LogRead::Unknown => Err(ahead()),
     }
-    if kinds.activity() {
-        match store.read_activity(&at.activity, READ_BATCH).await.map_err(store_error)? {
-            LogRead::Events { events, .. } => {
-                full |= events.len() >= READ_BATCH;
-                items.extend(events.into_iter().map(Item::Activity));
-            }
-            LogRead::Expired => return Ok(Read::Expired),
-            LogRead::Unknown => return Err(ahead()),
-        }
-    }
-    Ok(Read::Items { items: in_time_order(items, Item::shard, Item::time), full })
 }
 
-/// The wake-ups of the logs a watcher reads.
-struct Wakes {
-    jobs: Option<watch::Receiver<u64>>,
-    activity: Option<watch::Receiver<u64>>,
+fn ahead() -> DomainError {
+    DomainError::invalid("cursor", "is ahead of this server's logs: it was not issued by this server")
 }
 
-/// Where a watch starts: its first read is done before the call answers,
+/// Where a watch starts: its first reads are done before the call answers,
 /// so a cursor that is invalid is the call's status.
 pub struct Start {
     kinds: Kinds,
     position: Position,
     items: Vec<Item>,
-    full: bool,
+    /// The job log's reader (`None` when jobs are not watched).
+    jobs: Option<Follower>,
+    /// This replica's activity commits (`None` when no activity kind is
+    /// watched).
+    activity: Option<watch::Receiver<u64>>,
+    /// Activity is left to read at once (the last read stopped short).
+    activity_more: bool,
     /// Why the stream starts with a reset, if it does.
     reset: Option<String>,
-    wakes: Wakes,
 }
 
 pub async fn start(engine: &EngineHandle, kinds: Kinds, from: Option<Position>) -> DomainResult<Start> {
-    // Subscribed before the first read: a change committed after it wakes
-    // the task.
-    let wakes = Wakes {
-        jobs: kinds.jobs.then(|| engine.subscribe_log()),
-        activity: kinds.activity().then(|| engine.subscribe_activity()),
-    };
     let store = engine.store().as_ref();
-    let Some(position) = from else {
-        let position = Position::present(store).await?;
-        return Ok(Start { kinds, position, items: Vec::new(), full: false, reset: None, wakes });
+    // Subscribed before the first reads: a change committed after them is
+    // not missed.
+    let activity = kinds.activity().then(|| engine.subscribe_activity());
+    let mut jobs = kinds.jobs.then(|| engine.follow_log(EventCursor::default()));
+    let present = Position::present(store).await?;
+    let mut start =
+        Start { kinds, position: present, items: Vec::new(), jobs: None, activity, activity_more: false, reset: None };
+    let Some(from) = from else {
+        if let Some(jobs) = jobs.as_mut() {
+            jobs.read_to(start.position.jobs.clone(), false);
+        }
+        start.jobs = jobs;
+        return Ok(start);
     };
-    Ok(match read(store, kinds, &position).await? {
-        Read::Items { items, full } => Start { kinds, position, items, full, reset: None, wakes },
-        Read::Expired => Start {
-            kinds,
-            position: Position::present(store).await?,
-            items: Vec::new(),
-            full: false,
-            reset: Some(expired_reason(engine)),
-            wakes,
-        },
-    })
+    let mut items = Vec::new();
+    let mut expired = false;
+    if let Some(jobs) = jobs.as_mut() {
+        match engine.read_events("cursor", &from.jobs, READ_BATCH).await {
+            Ok((events, next)) => {
+                jobs.read_to(next, events.len() >= READ_BATCH);
+                items.extend(events.into_iter().map(|e| Item::Job(Box::new(e))));
+            }
+            Err(DomainError::Expired(_)) => expired = true,
+            Err(e) => return Err(e),
+        }
+    }
+    if kinds.activity() && !expired {
+        match read_activity(store, &from.activity).await? {
+            Some((read, full)) => {
+                items.extend(read);
+                start.activity_more = full;
+            }
+            None => expired = true,
+        }
+    }
+    if expired {
+        // From the present (read above), after a reset.
+        if let Some(jobs) = jobs.as_mut() {
+            jobs.read_to(start.position.jobs.clone(), false);
+        }
+        start.activity_more = false;
+        start.reset = Some(expired_reason(engine));
+    } else {
+        start.position = from;
+        start.items = in_time_order(items, Item::shard, Item::time);
+    }
+    start.jobs = jobs;
+    Ok(start)
 }
 
 fn expired_reason(engine: &EngineHandle) -> String {
@@ -244,9 +253,47 @@ pub fn spawn(
     rx
 }
 
+/// What the task does next.
+enum Next {
+    Items(Vec<Item>),
+    /// The position was trimmed (the watcher fell behind the retention).
+    Expired,
+    KeepAlive,
+    /// The engine or its log tail stopped.
+    Closed,
+}
+
+/// The job log's next events for a watcher of jobs; never for another.
+async fn next_jobs(jobs: Option<&mut Follower>, engine: &EngineHandle) -> DomainResult<Next> {
+    let Some(jobs) = jobs else { return std::future::pending().await };
+    match jobs.next(engine, "cursor").await {
+        Ok(Some(events)) => Ok(Next::Items(events.into_iter().map(|e| Item::Job(Box::new(e))).collect())),
+        Ok(None) => Ok(Next::Closed),
+        Err(DomainError::Expired(_)) => Ok(Next::Expired),
+        Err(e) => Err(e),
+    }
+}
+
+/// Waits for this replica's next activity commit (or the poll interval on
+/// a shared store); never for a watcher of jobs only. False when the
+/// engine is gone.
+async fn activity_commit(wake: Option<&mut watch::Receiver<u64>>, poll: Option<std::time::Duration>) -> bool {
+    let Some(wake) = wake else { return std::future::pending().await };
+    // `changed` marks every commit so far as seen: one read answers them all.
+    let woken = async { wake.changed().await.is_ok() };
+    match poll {
+        Some(every) => tokio::select! {
+            alive = woken => alive,
+            () = tokio::time::sleep(every) => true,
+        },
+        None => woken.await,
+    }
+}
+
 async fn run(engine: &EngineHandle, start: Start, tx: &mpsc::Sender<Result<pb::WatchEventsResponse, Status>>) {
-    let Start { kinds, mut position, mut items, mut full, reset, mut wakes } = start;
+    let Start { kinds, mut position, mut items, mut jobs, mut activity, mut activity_more, reset } = start;
     let settings = engine.watch_settings();
+    let store = engine.store().as_ref();
     let send = |event: Sent, position: &Position| {
         tx.send(Ok(pb::WatchEventsResponse { event: Some(event), cursor: position.encode() }))
     };
@@ -256,7 +303,7 @@ async fn run(engine: &EngineHandle, start: Start, tx: &mpsc::Sender<Result<pb::W
         }
     }
     let mut quiet_since = Instant::now();
-    let mut last_read = Instant::now();
+    let mut last_activity_read = Instant::now();
     loop {
         for item in std::mem::take(&mut items) {
             position.advance(&item);
@@ -266,38 +313,58 @@ async fn run(engine: &EngineHandle, start: Start, tx: &mpsc::Sender<Result<pb::W
             }
             quiet_since = Instant::now();
         }
-        if !full {
-            match wait(&mut wakes, settings.poll, quiet_since + settings.keep_alive).await {
-                Woken::Closed => return,
-                Woken::KeepAlive => {
-                    let now = to_timestamp(SystemTime::now());
-                    if send(Sent::KeepAlive(pb::KeepAlive { time: Some(now) }), &position).await.is_err() {
+        let activity_due = async {
+            if activity_more {
+                return true;
+            }
+            let alive = activity_commit(activity.as_mut(), settings.poll).await;
+            if let Some(least) = settings.min_read_interval {
+                tokio::time::sleep_until(last_activity_read + least).await;
+            }
+            alive
+        };
+        let next = tokio::select! {
+            next = next_jobs(jobs.as_mut(), engine) => next,
+            alive = activity_due => {
+                if alive {
+                    last_activity_read = Instant::now();
+                    match read_activity(store, &position.activity).await {
+                        Ok(Some((read, full))) => {
+                            activity_more = full;
+                            Ok(Next::Items(read))
+                        }
+                        Ok(None) => Ok(Next::Expired),
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    Ok(Next::Closed)
+                }
+            }
+            () = tokio::time::sleep_until(quiet_since + settings.keep_alive) => Ok(Next::KeepAlive),
+        };
+        match next {
+            Ok(Next::Items(read)) => items = in_time_order(read, Item::shard, Item::time),
+            Ok(Next::KeepAlive) => {
+                let now = to_timestamp(SystemTime::now());
+                if send(Sent::KeepAlive(pb::KeepAlive { time: Some(now) }), &position).await.is_err() {
+                    return;
+                }
+                quiet_since = Instant::now();
+            }
+            Ok(Next::Closed) => return,
+            Ok(Next::Expired) => {
+                let present = match Position::present(store).await {
+                    Ok(present) => present,
+                    Err(e) => {
+                        let _ = tx.send(Err(to_status(e))).await;
                         return;
                     }
-                    quiet_since = Instant::now();
-                    continue;
+                };
+                if let Some(jobs) = jobs.as_mut() {
+                    jobs.read_to(present.jobs.clone(), false);
                 }
-                Woken::Changed => {}
-            }
-            if let Some(least) = settings.min_read_interval {
-                tokio::time::sleep_until(last_read + least).await;
-            }
-        }
-        last_read = Instant::now();
-        let store = engine.store().as_ref();
-        let outcome = match read(store, kinds, &position).await {
-            Ok(Read::Items { items: read, full: more }) => {
-                (items, full) = (read, more);
-                continue;
-            }
-            // A watcher that fell behind the retention.
-            Ok(Read::Expired) => Position::present(store).await,
-            Err(e) => Err(e),
-        };
-        match outcome {
-            Ok(present) => {
+                activity_more = false;
                 position = present;
-                full = false;
                 if send(Sent::Reset(pb::EventsReset { reason: expired_reason(engine) }), &position).await.is_err() {
                     return;
                 }
@@ -308,36 +375,6 @@ async fn run(engine: &EngineHandle, start: Start, tx: &mpsc::Sender<Result<pb::W
                 return;
             }
         }
-    }
-}
-
-enum Woken {
-    Changed,
-    KeepAlive,
-    Closed,
-}
-
-/// Waits for a wake-up of a watched log, the poll interval on a shared
-/// store, or the keep-alive time. `changed` marks every commit so far as
-/// seen: one read answers them all.
-async fn wait(wakes: &mut Wakes, poll: Option<std::time::Duration>, keep_alive_at: Instant) -> Woken {
-    async fn changed(wake: Option<&mut watch::Receiver<u64>>) -> bool {
-        match wake {
-            Some(wake) => wake.changed().await.is_ok(),
-            None => std::future::pending().await,
-        }
-    }
-    let polled = async {
-        match poll {
-            Some(every) => tokio::time::sleep(every).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        alive = changed(wakes.jobs.as_mut()) => if alive { Woken::Changed } else { Woken::Closed },
-        alive = changed(wakes.activity.as_mut()) => if alive { Woken::Changed } else { Woken::Closed },
-        () = polled => Woken::Changed,
-        () = tokio::time::sleep_until(keep_alive_at) => Woken::KeepAlive,
     }
 }
 
