@@ -462,7 +462,7 @@ fn server_cpu_us_per_event(f: &Fanout, cpu: &Cpu) -> f64 {
 
 fn print_fanout(run: usize, f: &Fanout, cpu: &Cpu) {
     println!(
-        "run {run}:    fanout: {} WatchQueue watchers (queue {}, every state, skip_payload, one connection each; DashboardService.WatchEvents does not exist yet) while {} jobs were enqueued at {}/s for {:.0} s: enqueued {:.0} jobs/s (last ack after {:.3} s), ran {:.0} jobs/s (last handler after {:.3} s)",
+        "run {run}:    fanout: {} WatchQueue watchers (queue {}, every state, skip_payload, one connection each) while {} jobs were enqueued at {}/s for {:.0} s: enqueued {:.0} jobs/s (last ack after {:.3} s), ran {:.0} jobs/s (last handler after {:.3} s)",
         f.watchers,
         env::QUEUE,
         f.jobs,
