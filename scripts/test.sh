@@ -34,7 +34,7 @@ echo "==> cargo test (the store conformance suite runs on both backends)"
 cargo test --workspace --locked
 
 echo "==> end-to-end suites (queue, agents, health) again, on DynamoDB Local"
-TETHER_TEST_STORE=dynamodb cargo test --workspace --locked --test queue --test agents --test health --test dashboard --test deployments --test secrets
+TETHER_TEST_STORE=dynamodb cargo test --workspace --locked --test queue --test agents --test health --test dashboard --test deployments --test secrets --test watch_events
 
 echo "==> interop: Python client generated from proto/ (PyPI: grpcio, grpcio-tools, pytest)"
 python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-tools grpcio-status pytest 2>&1 | grep -v "WARNING: Running pip as the 'root' user" || true

@@ -15,10 +15,9 @@ if not (GEN / "tether" / "v1" / "queue_pb2.py").exists():
     )
 sys.path.insert(0, str(GEN))
 
-import grpc  # noqa: E402
 import pytest  # noqa: E402
 
-from tether.v1 import agent_pb2, agent_pb2_grpc, dashboard_pb2_grpc, queue_pb2_grpc  # noqa: E402
+from tether.v1 import agent_pb2  # noqa: E402
 
 import support  # noqa: E402
 
@@ -34,15 +33,30 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def clients(server):
-    channel = grpc.insecure_channel(server.addr)
-    grpc.channel_ready_future(channel).result(timeout=support.WAIT)
-    yield support.Clients(
-        channel=channel,
-        queue=queue_pb2_grpc.QueueServiceStub(channel),
-        agents=agent_pb2_grpc.AgentServiceStub(channel),
-        dashboard=dashboard_pb2_grpc.DashboardServiceStub(channel),
-    )
-    channel.close()
+    clients = support.connect(server.addr)
+    yield clients
+    clients.channel.close()
+
+
+@pytest.fixture(scope="module")
+def start_server(tmp_path_factory):
+    """Starts a server of the module's own, with server flags the shared one
+    lacks: `start_server("--watch-keep-alive", "1s")` returns its Clients.
+    Each is stopped at the end of the module and must exit cleanly."""
+    started = []
+
+    def start(*flags):
+        proc = support.ServerProcess(tmp_path_factory.mktemp("tether-data"), flags=flags)
+        started.append(proc)
+        proc.clients = support.connect(proc.addr)
+        return proc.clients
+
+    yield start
+    for proc in started:
+        if getattr(proc, "clients", None):
+            proc.clients.channel.close()
+        code = proc.stop()
+        assert code == 0, "the server exited with %s:\n%s" % (code, "".join(proc.log_lines[-50:]))
 
 
 @pytest.fixture(scope="session")

@@ -7,18 +7,18 @@ Nothing here knows the server is written in Rust: it speaks the protos.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import queue
 import signal
 import subprocess
+import sys
 import threading
 import uuid
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import grpc
 from google.rpc import error_details_pb2
@@ -91,10 +91,11 @@ def store_arguments(env: dict, data_dir: Path, secrets_key: bool = True) -> list
 
 
 class ServerProcess:
-    """`tether server --listen 127.0.0.1:0` on a fresh data dir; the bound
+    """`tether server --listen 127.0.0.1:0` on a fresh data dir, with any
+    further server `flags` (e.g. ["--watch-keep-alive", "1s"]); the bound
     address comes from its JSON log line "tether server listening"."""
 
-    def __init__(self, data_dir: Path, secrets_key: bool = True):
+    def __init__(self, data_dir: Path, secrets_key: bool = True, flags: Sequence[str] = ()):
         self.data_dir = data_dir
         self.addr: Optional[str] = None
         self.log_lines: list[str] = []
@@ -103,6 +104,7 @@ class ServerProcess:
         store_args = store_arguments(env, data_dir, secrets_key)
         self.proc = subprocess.Popen(
             [
+                *_DIE_WITH_PARENT,
                 str(server_binary()),
                 "server",
                 "--listen",
@@ -112,13 +114,13 @@ class ServerProcess:
                 "--log-format",
                 "json",
                 *store_args,
+                *flags,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
             env=env,
-            preexec_fn=_die_with_parent,
         )
         # Keep draining stderr for the whole run so the server never blocks
         # on a full pipe.
@@ -151,13 +153,28 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when pytest dies (even when killed), so no
-    server outlives the suite."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: the session fixture still stops it
+# Runs the command after it (exec: the same process) with SIGTERM due when
+# pytest dies, even when killed, so no server outlives the suite; where that
+# is not possible (not Linux) the fixtures still stop it. A launcher rather
+# than a preexec_fn: forking this process (it runs gRPC's threads) to run
+# Python in the child before the exec can crash the child in gRPC's fork
+# handlers; without a preexec_fn, subprocess uses vfork, which runs none.
+_DIE_WITH_PARENT = [
+    sys.executable,
+    "-c",
+    """
+import ctypes, os, signal, sys
+parent = int(sys.argv[1])
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
+if os.getppid() != parent:
+    sys.exit("the test process is gone")
+os.execv(sys.argv[2], sys.argv[2:])
+""",
+    str(os.getpid()),
+]
 
 
 def listening_addr(line: str) -> Optional[str]:
@@ -181,6 +198,18 @@ class Clients:
     queue: queue_pb2_grpc.QueueServiceStub
     agents: agent_pb2_grpc.AgentServiceStub
     dashboard: dashboard_pb2_grpc.DashboardServiceStub
+
+
+def connect(addr: str) -> Clients:
+    """A channel to a server, ready, with a stub of each service."""
+    channel = grpc.insecure_channel(addr)
+    grpc.channel_ready_future(channel).result(timeout=WAIT)
+    return Clients(
+        channel=channel,
+        queue=queue_pb2_grpc.QueueServiceStub(channel),
+        agents=agent_pb2_grpc.AgentServiceStub(channel),
+        dashboard=dashboard_pb2_grpc.DashboardServiceStub(channel),
+    )
 
 
 def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
