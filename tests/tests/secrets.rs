@@ -134,7 +134,8 @@ async fn only_the_assignment_carries_secrets_and_the_server_masks_an_agent_that_
     let dir = DataDir::new();
     let server = TestServer::start(&dir, Options::default()).await;
     let mut d = server.dashboard().await;
-    let mut agent = RawAgent::connect(&server, hello("raw", 1)).await.expect("connect");
+    let mut agent = RawAgent::connect(&server, secrets_hello("raw")).await.expect("connect");
+    assert_eq!(agent.welcome.protocol_version, tether::PROTOCOL_SECRETS);
     let job = d.create_job(with_secrets("true")).await.expect("create").into_inner().job.expect("job");
     let assignment = agent.next_assignment().await;
     assert_eq!(assignment.secrets.get("TOKEN").map(String::as_str), Some(SECRET));
@@ -170,6 +171,72 @@ async fn only_the_assignment_carries_secrets_and_the_server_masks_an_agent_that_
     assert_eq!(retry.secret_names, ["SHORT", "TOKEN"]);
     let again = tokio::time::timeout(WAIT, agent.next_assignment()).await.expect("in time");
     assert_eq!(again.secrets.get("TOKEN").map(String::as_str), Some(SECRET));
+}
+
+/// An agent speaking the protocol version that carries secrets.
+fn secrets_hello(name: &str) -> pb::Hello {
+    pb::Hello { max_protocol_version: tether::PROTOCOL_SECRETS, ..hello(name, 1) }
+}
+
+#[tokio::test]
+async fn an_agent_too_old_for_secrets_never_gets_them_its_attempt_fails_saying_why_and_is_retried() {
+    let dir = DataDir::new();
+    let server = TestServer::start(&dir, Options::default()).await;
+    let mut d = server.dashboard().await;
+    let mut old =
+        RawAgent::connect(&server, pb::Hello { max_protocol_version: 3, ..hello("old", 1) }).await.expect("connect");
+    assert_eq!(old.welcome.protocol_version, 3);
+    // A job without secrets still runs on it.
+    let plain = d
+        .create_job(pb::CreateJobRequest { name: "plain".into(), command: "true".into(), ..Default::default() })
+        .await
+        .expect("create")
+        .into_inner()
+        .job
+        .expect("job");
+    let assignment = old.next_assignment().await;
+    assert_eq!(assignment.job.as_ref().map(|j| j.job_id.as_str()), Some(plain.id.as_str()));
+    assert!(assignment.secrets.is_empty());
+    let plain_ref = assignment.job.expect("job ref");
+    old.accept_and_start(&plain_ref).await;
+    old.finish(&plain_ref, pb::JobOutcome::Succeeded, "").await;
+    // One with secrets is not sent to it: its attempt fails, retryably,
+    // saying why.
+    let mut one_attempt = with_secrets("true");
+    one_attempt.max_attempts = 1;
+    let job = d.create_job(one_attempt).await.expect("create").into_inner().job.expect("job");
+    let id = job.id.clone();
+    tether_tests::wait_until("the attempt on the old agent to fail", || {
+        let mut d = d.clone();
+        let id = id.clone();
+        async move {
+            d.get_job(pb::GetJobRequest { id })
+                .await
+                .is_ok_and(|r| r.into_inner().job.is_some_and(|j| j.status == pb::JobStatus::Failed as i32))
+        }
+    })
+    .await;
+    let failed = d.get_job(pb::GetJobRequest { id: job.id.clone() }).await.expect("get").into_inner().job.expect("job");
+    let attempt = failed.attempts.last().expect("an attempt");
+    assert!(
+        attempt.reason.contains("protocol version 3") && attempt.reason.contains("upgrade the agent"),
+        "{attempt:?}"
+    );
+    assert_eq!(attempt.outcome, pb::QueuedJobState::Failed as i32, "its only attempt: {attempt:?}");
+    assert_hidden("the attempt's reason", attempt.reason.as_bytes());
+    // A job with more attempts goes to an agent that speaks version 4 once
+    // one is there, with its secrets.
+    let retried = d.create_job(with_secrets("true")).await.expect("create").into_inner().job.expect("job");
+    let mut new = RawAgent::connect(&server, secrets_hello("new")).await.expect("connect");
+    let assignment = new.next_assignment().await;
+    assert_eq!(assignment.job.as_ref().map(|j| j.job_id.as_str()), Some(retried.id.as_str()));
+    assert_eq!(assignment.secrets.get("TOKEN").map(String::as_str), Some(SECRET));
+    // Any attempt the old agent got first was retried, not the end.
+    let got =
+        d.get_job(pb::GetJobRequest { id: retried.id.clone() }).await.expect("get").into_inner().job.expect("job");
+    for earlier in got.attempts.iter().filter(|a| a.agent_id == old.agent_id) {
+        assert_eq!(earlier.outcome, pb::QueuedJobState::Queued as i32, "{earlier:?}");
+    }
 }
 
 #[tokio::test]

@@ -19,7 +19,7 @@ use tether::v1::{connect_request, connect_response};
 
 use super::convert::{self, agent_out, job_ref_in, job_ref_out};
 use super::page_token::{self, Listing};
-use super::session_secrets::SessionSecrets;
+use super::session_secrets::{SessionSecrets, Undeliverable};
 use super::status::to_status;
 use super::stream_messages::{hello_in, inbound_in, push_out};
 use crate::domain::{validate, DomainResult, Failure};
@@ -89,9 +89,10 @@ fn session_pushes(
     })
 }
 
-/// A push on the wire; an Assignment gets its job's secrets. A job whose
-/// secrets cannot be opened is failed instead of run without them
-/// (`None`: nothing is sent).
+/// A push on the wire; an Assignment gets its job's secrets. An attempt
+/// whose secrets cannot be delivered is failed instead of run without them
+/// (`None`: nothing is sent): for good if they cannot be opened, retryably
+/// if only this agent is too old for them.
 async fn delivered(
     push: crate::engine::AgentPush,
     secrets: &SessionSecrets,
@@ -100,10 +101,11 @@ async fn delivered(
     let values = match &push {
         crate::engine::AgentPush::Assign(job) => match secrets.for_assignment(job).await {
             Ok(values) => values,
-            Err(error) => {
-                let error = format!("its secrets could not be opened: {error}");
-                tracing::error!(job = %job.id, %error, "failing a job instead of running it without its secrets");
-                let failure = Failure::Reported { retryable: false, exit_code: None };
+            Err(undeliverable) => {
+                let retryable = matches!(undeliverable, Undeliverable::AgentTooOld { .. });
+                let error = undeliverable.to_string();
+                tracing::error!(job = %job.id, %error, "failing an attempt instead of running it without its secrets");
+                let failure = Failure::Reported { retryable, exit_code: None };
                 if let Err(e) = engine.fail(job.attempt_ref(), error, failure).await {
                     tracing::warn!(job = %job.id, error = %e, "could not fail the job");
                 }
@@ -259,7 +261,7 @@ impl AgentService for AgentApi {
         let (pushes, pushed) = mpsc::unbounded_channel();
         let welcome = self.engine.connect(hello, pushes).await.map_err(to_status)?;
         let (fatal_tx, fatal_rx) = oneshot::channel();
-        let secrets = Arc::new(SessionSecrets::new(self.secrets.clone(), self.engine.clone()));
+        let secrets = Arc::new(SessionSecrets::new(self.secrets.clone(), self.engine.clone(), protocol_version));
         tokio::spawn(read_session(
             self.engine.clone(),
             secrets.clone(),

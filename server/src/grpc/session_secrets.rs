@@ -20,16 +20,42 @@ use crate::secrets::{self, Sealed, SecretsKey};
 /// forgotten job's secrets are opened again when its output comes).
 const MAX_JOBS: usize = 4096;
 
+/// Why a job cannot be given its secrets (it must not run without them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Undeliverable {
+    /// The sealed record cannot be opened (no key, missing, tampered).
+    Unopenable(String),
+    /// The session's protocol version predates secrets: another agent may
+    /// take the job.
+    AgentTooOld { protocol_version: u32 },
+}
+
+impl std::fmt::Display for Undeliverable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Undeliverable::Unopenable(why) => write!(f, "its secrets could not be opened: {why}"),
+            Undeliverable::AgentTooOld { protocol_version } => write!(
+                f,
+                "the agent speaks stream protocol version {protocol_version}, which does not carry secrets (version \
+                 {} and later do): upgrade the agent",
+                tether::PROTOCOL_SECRETS
+            ),
+        }
+    }
+}
+
 pub struct SessionSecrets {
     key: Option<Arc<SecretsKey>>,
     engine: EngineHandle,
+    /// The session's negotiated stream protocol version.
+    protocol_version: u32,
     /// Per job id: its masker, or `None` for a job without secrets.
     jobs: Mutex<HashMap<String, Option<Arc<Masker>>>>,
 }
 
 impl SessionSecrets {
-    pub fn new(key: Option<Arc<SecretsKey>>, engine: EngineHandle) -> SessionSecrets {
-        SessionSecrets { key, engine, jobs: Mutex::new(HashMap::new()) }
+    pub fn new(key: Option<Arc<SecretsKey>>, engine: EngineHandle, protocol_version: u32) -> SessionSecrets {
+        SessionSecrets { key, engine, protocol_version, jobs: Mutex::new(HashMap::new()) }
     }
 
     fn remember(&self, job_id: &str, masker: Option<Arc<Masker>>) {
@@ -55,8 +81,11 @@ impl SessionSecrets {
     /// The secrets to put in `job`'s Assignment (empty for a job without),
     /// remembered for masking its output. `Err` says why a job with
     /// secrets cannot have them: it must not run without them.
-    pub async fn for_assignment(&self, job: &Job) -> Result<BTreeMap<String, String>, String> {
-        let values = self.open(job).await?;
+    pub async fn for_assignment(&self, job: &Job) -> Result<BTreeMap<String, String>, Undeliverable> {
+        let values = self.open(job).await.map_err(Undeliverable::Unopenable)?;
+        if !values.is_empty() && self.protocol_version < tether::PROTOCOL_SECRETS {
+            return Err(Undeliverable::AgentTooOld { protocol_version: self.protocol_version });
+        }
         self.remember(&job.id, masker_of(&values));
         Ok(values)
     }

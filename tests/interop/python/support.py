@@ -441,6 +441,13 @@ class StreamAgent:
         assert ack.job == ref, ack
         return ack
 
+    def accept_started(self, ref: agent_pb2.JobRef) -> None:
+        """Accepts and starts in one AssignmentAck (protocol version 2 and
+        later: an accepted start is not answered)."""
+        with self._lock:
+            self.running[ref.job_id] = ref
+        self.send(assignment_ack=agent_pb2.AssignmentAck(job=ref, accepted=True, started=True))
+
     def finish(self, ref: agent_pb2.JobRef, outcome: int, **kw) -> agent_pb2.JobUpdateAck:
         self.send(job_finished=agent_pb2.JobFinished(job=ref, outcome=outcome, **kw))
         ack = self.expect("job_update_ack")
@@ -451,12 +458,12 @@ class StreamAgent:
 
 
 def hello(name: str, slots: int = 1, pool: str = "default", **kw) -> agent_pb2.Hello:
-    return agent_pb2.Hello(
-        name=name,
-        pool=pool,
-        slots=slots,
-        version="python-interop",
-        min_protocol_version=1,
-        max_protocol_version=1,
-        **kw,
-    )
+    """A Hello of protocol version 1 unless max_protocol_version says otherwise."""
+    kw.setdefault("min_protocol_version", 1)
+    kw.setdefault("max_protocol_version", 1)
+    return agent_pb2.Hello(name=name, pool=pool, slots=slots, version="python-interop", **kw)
+
+
+# The stream protocol version whose Assignments carry secrets (rule 12 of
+# AgentService.Connect): the server sends no job with secrets to an older agent.
+PROTOCOL_SECRETS = 4

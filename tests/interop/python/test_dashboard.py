@@ -14,7 +14,7 @@ from grpc_status import rpc_status
 from tether.v1 import agent_pb2, dashboard_pb2, dashboard_pb2_grpc, queue_pb2
 
 import support
-from support import RPC_TIMEOUT, hello, rpc_error, violated_fields
+from support import PROTOCOL_SECRETS, RPC_TIMEOUT, hello, rpc_error, violated_fields
 
 A = agent_pb2
 D = dashboard_pb2
@@ -121,7 +121,8 @@ def assert_hidden(what, data):
 
 def test_a_job_shows_its_secret_names_and_only_its_assignment_carries_the_values(clients, stream_agent, watch):
     ensure_pool(clients, SECRETS_POOL)
-    agent = stream_agent(hello("py-secret-agent", pool=SECRETS_POOL))
+    agent = stream_agent(hello("py-secret-agent", pool=SECRETS_POOL, max_protocol_version=PROTOCOL_SECRETS))
+    assert agent.welcome.protocol_version == PROTOCOL_SECRETS
     agent.heartbeat()
     jobs = watch(queue="tether.jobs")
 
@@ -140,7 +141,7 @@ def test_a_job_shows_its_secret_names_and_only_its_assignment_carries_the_values
     payload = json.loads(assignment.payload)
     assert (payload["command"], payload["env"]) == ("./deploy.sh", {"CI": "1"})
 
-    assert agent.accept_and_start(ref).accepted
+    agent.accept_started(ref)
     # An agent that does not mask: the server masks each chunk and the result.
     agent.send(job_log=A.JobLog(job=ref, stream=A.LOG_STREAM_STDOUT, data=f"leak {SECRET}\n".encode(), sequence=0))
     assert agent.finish(ref, A.JOB_OUTCOME_SUCCEEDED, result=SECRET.encode()).accepted
@@ -165,7 +166,7 @@ def test_a_job_shows_its_secret_names_and_only_its_assignment_carries_the_values
     again = agent.expect("assignment")
     assert again.job.job_id == retried.id
     assert dict(again.secrets) == {"TOKEN": SECRET, "SHORT": "ab"}
-    assert agent.accept_and_start(again.job).accepted
+    agent.accept_started(again.job)
     assert agent.finish(again.job, A.JOB_OUTCOME_SUCCEEDED).accepted
     jobs.wait_state(retried.id, Q.QUEUED_JOB_STATE_SUCCEEDED)
 
