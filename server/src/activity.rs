@@ -42,7 +42,8 @@ impl DeploymentChange {
     pub fn entries(before: Option<&Deployment>, deployment: &Deployment) -> StoreResult<Vec<Activity>> {
         let new = match before.and_then(|b| b.events.last()) {
             // The trail drops its oldest changes past its cap, never its
-            // newest: the last one read is still there, or everything is new.
+            // newest: the last one read is still there. (Were it not, only
+            // the newest change is logged: better one than repeats.)
             Some(last) => match deployment.events.iter().rposition(|e| e == last) {
                 Some(i) => &deployment.events[i + 1..],
                 None => &deployment.events[deployment.events.len().saturating_sub(1)..],

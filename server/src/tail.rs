@@ -23,8 +23,9 @@ use crate::store::{Event, EventCursor, EventRead, Store};
 /// Events read per store call and shard.
 pub const READ_BATCH: usize = 256;
 /// Batches kept for watchers that are a little behind; one further behind
-/// reads the store.
-const KEPT_BATCHES: usize = 1024;
+/// reads the store. Few: a watcher whose client stopped reading holds
+/// every batch in the ring.
+const KEPT_BATCHES: usize = 64;
 /// The pause after a failed read before the tail tries again.
 const RETRY: Duration = Duration::from_millis(200);
 
@@ -66,18 +67,16 @@ async fn run(
     // `None` while nobody listens: the next reader starts from the present.
     let mut position: Option<EventCursor> = None;
     let mut last_read = tokio::time::Instant::now();
+    // After a failed read: try again after a pause, not after the next
+    // commit (on the embedded store, watchers would wait for one).
+    let mut failed = false;
     loop {
-        let woken = async { wake.changed().await.is_ok() };
-        let alive = match settings.poll {
-            Some(every) => tokio::select! {
-                alive = woken => alive,
-                () = tokio::time::sleep(every) => true,
-            },
-            None => woken.await,
-        };
-        if !alive {
+        if failed {
+            tokio::time::sleep(RETRY).await;
+        } else if !woken(&mut wake, settings.poll).await {
             return;
         }
+        failed = false;
         if batches.receiver_count() == 0 {
             position = None;
             continue;
@@ -94,19 +93,43 @@ async fn run(
                 Ok(heads) => heads,
                 Err(e) => {
                     tracing::warn!(error = %e, "the event log tail could not read the log's heads");
-                    tokio::time::sleep(RETRY).await;
+                    failed = true;
                     continue;
                 }
             },
         };
-        position = read_on(store.as_ref(), from, anchored, &batches).await;
+        match read_on(store.as_ref(), from, anchored, &batches).await {
+            Reached::At(at) => position = Some(at),
+            Reached::Restart => {}
+            Reached::Failed => failed = true,
+        }
     }
 }
 
-/// Reads everything after `from` and publishes it; the position reached,
-/// or `None` to start again from the present (the log was trimmed past it,
-/// or the store failed: watchers behind then read the store themselves).
-/// A tail that has just `anchored` at the present publishes even nothing:
+/// Waits for the next commit that wrote to the log, or the poll interval
+/// on a shared store; false once the engine is gone.
+async fn woken(wake: &mut watch::Receiver<u64>, poll: Option<Duration>) -> bool {
+    let changed = async { wake.changed().await.is_ok() };
+    match poll {
+        Some(every) => tokio::select! {
+            alive = changed => alive,
+            () = tokio::time::sleep(every) => true,
+        },
+        None => changed.await,
+    }
+}
+
+/// Where a read of the tail ended.
+enum Reached {
+    At(EventCursor),
+    /// The log was trimmed past the position: start again from the present
+    /// (watchers behind read the store themselves).
+    Restart,
+    /// The store failed: the same, after a pause.
+    Failed,
+}
+
+/// Reads everything after `from` and publishes it. A tail that has just `anchored` at the present publishes even nothing:
 /// the commit that woke it is then before `from`, and a watcher waiting
 /// for it must learn that it has to read the store.
 async fn read_on(
@@ -114,7 +137,7 @@ async fn read_on(
     mut from: EventCursor,
     anchored: bool,
     batches: &broadcast::Sender<Arc<Batch>>,
-) -> Option<EventCursor> {
+) -> Reached {
     loop {
         match store.read_events(&from, READ_BATCH).await {
             Ok(EventRead::Events { events, next }) => {
@@ -122,7 +145,7 @@ async fn read_on(
                     if anchored {
                         let _ = batches.send(Arc::new(Batch { from: from.clone(), to: from.clone(), events }));
                     }
-                    return Some(from);
+                    return Reached::At(from);
                 }
                 let full = events.len() >= READ_BATCH;
                 let batch = Batch { from, to: next.clone(), events };
@@ -130,14 +153,13 @@ async fn read_on(
                 let _ = batches.send(Arc::new(batch));
                 from = next;
                 if !full {
-                    return Some(from);
+                    return Reached::At(from);
                 }
             }
-            Ok(EventRead::Expired | EventRead::Unknown) => return None,
+            Ok(EventRead::Expired | EventRead::Unknown) => return Reached::Restart,
             Err(e) => {
                 tracing::warn!(error = %e, "the event log tail could not read the log");
-                tokio::time::sleep(RETRY).await;
-                return None;
+                return Reached::Failed;
             }
         }
     }

@@ -244,6 +244,53 @@ async fn job_deployment_and_agent_changes_arrive_once_in_order_and_a_resumed_wat
     assert_chained(&chained);
 }
 
+/// Whether the message is an agent now in `health`, after another health.
+fn agent_became(m: &pb::WatchEventsResponse, health: pb::AgentHealth) -> bool {
+    matches!(&m.event, Some(Event::Agent(a))
+        if a.previous_health != 0 && a.agent.as_ref().is_some_and(|x| x.health == health as i32))
+}
+
+#[tokio::test]
+async fn an_agent_connected_when_the_server_stopped_keeps_one_chain_across_the_restart() {
+    let dir = DataDir::new();
+    let options = Options { engine: Some(engine()), ..Default::default() };
+    let server = TestServer::start(&dir, options.clone()).await;
+    let mut d = server.dashboard().await;
+    let mut w = watch(&mut d, &[pb::EventKind::Agent], "").await;
+    let agent = tether_tests::RawAgent::connect(&server, tether_tests::hello("restarted", 1)).await.expect("connect");
+    let registered = next_change(&mut w).await;
+    drop(w);
+    // Its stream ends as the server stops (within the reconnect grace, so
+    // it is not marked offline before).
+    drop(agent);
+    server.stop().await;
+    let server = TestServer::start(&dir, options).await;
+    let mut d = server.dashboard().await;
+    let mut w = watch(&mut d, &[pb::EventKind::Agent], &registered.cursor).await;
+    let again = tether_tests::RawAgent::connect(&server, tether_tests::hello("restarted", 1)).await.expect("connect");
+    again.send(pb::connect_request::Message::Heartbeat(pb::Heartbeat::default())).await;
+    let mut all = vec![registered];
+    loop {
+        let m = next_change(&mut w).await;
+        let back = agent_became(&m, pb::AgentHealth::Healthy);
+        all.push(m);
+        if back {
+            break;
+        }
+    }
+    // Each change starts where the one before ended, across the restart.
+    assert_chained(&all);
+    let keys: Vec<String> = all.iter().map(key).collect();
+    let offline = all.iter().any(|m| agent_became(m, pb::AgentHealth::Offline));
+    match tether_tests::backend() {
+        // This process owned the store: its agents went offline with it.
+        tether_tests::Backend::Embedded => assert!(offline, "{keys:#?}"),
+        // Replicas share it: another replica may hold the agent, so a
+        // restarted one does not say it is offline.
+        tether_tests::Backend::Dynamodb => assert!(!offline, "{keys:#?}"),
+    }
+}
+
 #[tokio::test]
 async fn kinds_filter_what_is_sent() {
     let dir = DataDir::new();

@@ -420,12 +420,28 @@ impl Engine {
             let Some(last) = page.last() else { break };
             after = Some(last.id.clone());
             for mut agent in page {
+                // What the activity log last said of it is what is stored.
+                let stored = (agent.health, agent.scheduling);
                 if agent.health != Health::Terminated {
                     agent.health = Health::Offline;
                     engine.agent_names.insert((agent.pool.clone(), agent.name.clone()), agent.id.clone());
                     engine.pool_agents.entry(agent.pool.clone()).or_default().push(agent.id.clone());
                 }
-                engine.agents.insert(AgentEntry::new(agent));
+                // This process owns an exclusive store: its agents' streams
+                // ended with the last one, so they are stored and logged
+                // offline. (On a shared store they may be connected to
+                // another replica: offline is only this replica's view.)
+                let went_offline = !engine.shared && stored.0 != agent.health;
+                if went_offline {
+                    agent.health_reason = "the server restarted; not connected since".into();
+                }
+                let id = agent.id.clone();
+                let mut entry = AgentEntry::new(agent);
+                entry.logged = Some(stored);
+                engine.agents.insert(entry);
+                if went_offline {
+                    engine.save_agent(&id);
+                }
             }
         }
         for id in unreadable {

@@ -104,7 +104,11 @@ async fn delivered(
             Err(undeliverable) => {
                 let retryable = matches!(undeliverable, Undeliverable::AgentTooOld { .. });
                 let error = undeliverable.to_string();
-                tracing::error!(job = %job.id, %error, "failing an attempt instead of running it without its secrets");
+                if retryable {
+                    tracing::warn!(job = %job.id, %error, "failing an attempt instead of running it without its secrets");
+                } else {
+                    tracing::error!(job = %job.id, %error, "failing a job instead of running it without its secrets");
+                }
                 let failure = Failure::Reported { retryable, exit_code: None };
                 if let Err(e) = engine.fail(job.attempt_ref(), error, failure).await {
                     tracing::warn!(job = %job.id, error = %e, "could not fail the job");

@@ -53,6 +53,13 @@ pub struct SessionSecrets {
     jobs: Mutex<HashMap<String, Option<Arc<Masker>>>>,
 }
 
+/// Whether `job` is a dashboard job whose payload names sealed secrets.
+fn has_secrets(job: &Job) -> bool {
+    job.spec.queue == DASHBOARD_QUEUE
+        && job.dashboard.is_some()
+        && ShellCommand::from_payload(&job.spec.payload).secrets.is_some()
+}
+
 impl SessionSecrets {
     pub fn new(key: Option<Arc<SecretsKey>>, engine: EngineHandle, protocol_version: u32) -> SessionSecrets {
         SessionSecrets { key, engine, protocol_version, jobs: Mutex::new(HashMap::new()) }
@@ -82,10 +89,11 @@ impl SessionSecrets {
     /// remembered for masking its output. `Err` says why a job with
     /// secrets cannot have them: it must not run without them.
     pub async fn for_assignment(&self, job: &Job) -> Result<BTreeMap<String, String>, Undeliverable> {
-        let values = self.open(job).await.map_err(Undeliverable::Unopenable)?;
-        if !values.is_empty() && self.protocol_version < tether::PROTOCOL_SECRETS {
+        // Before the record is read and opened: an old agent costs nothing.
+        if self.protocol_version < tether::PROTOCOL_SECRETS && has_secrets(job) {
             return Err(Undeliverable::AgentTooOld { protocol_version: self.protocol_version });
         }
+        let values = self.open(job).await.map_err(Undeliverable::Unopenable)?;
         self.remember(&job.id, masker_of(&values));
         Ok(values)
     }

@@ -261,6 +261,8 @@ enum Next {
     KeepAlive,
     /// The engine or its log tail stopped.
     Closed,
+    /// A wake-up noted; nothing to send yet.
+    Nothing,
 }
 
 /// The job log's next events for a watcher of jobs; never for another.
@@ -274,24 +276,17 @@ async fn next_jobs(jobs: Option<&mut Follower>, engine: &EngineHandle) -> Domain
     }
 }
 
-/// Waits for this replica's next activity commit (or the poll interval on
-/// a shared store); never for a watcher of jobs only. False when the
-/// engine is gone.
-async fn activity_commit(wake: Option<&mut watch::Receiver<u64>>, poll: Option<std::time::Duration>) -> bool {
+/// Waits for this replica's next activity commit; never for a watcher of
+/// jobs only. False when the engine is gone. (`changed` marks every commit
+/// so far as seen, and only when it returns: one read answers them all,
+/// and a wait cut short loses none.)
+async fn activity_commit(wake: Option<&mut watch::Receiver<u64>>) -> bool {
     let Some(wake) = wake else { return std::future::pending().await };
-    // `changed` marks every commit so far as seen: one read answers them all.
-    let woken = async { wake.changed().await.is_ok() };
-    match poll {
-        Some(every) => tokio::select! {
-            alive = woken => alive,
-            () = tokio::time::sleep(every) => true,
-        },
-        None => woken.await,
-    }
+    wake.changed().await.is_ok()
 }
 
 async fn run(engine: &EngineHandle, start: Start, tx: &mpsc::Sender<Result<pb::WatchEventsResponse, Status>>) {
-    let Start { kinds, mut position, mut items, mut jobs, mut activity, mut activity_more, reset } = start;
+    let Start { kinds, mut position, mut items, mut jobs, mut activity, activity_more, reset } = start;
     let settings = engine.watch_settings();
     let store = engine.store().as_ref();
     let send = |event: Sent, position: &Position| {
@@ -304,6 +299,9 @@ async fn run(engine: &EngineHandle, start: Start, tx: &mpsc::Sender<Result<pb::W
     }
     let mut quiet_since = Instant::now();
     let mut last_activity_read = Instant::now();
+    // Activity to read at once: the first read stopped short.
+    let mut activity_due = activity_more;
+    let mut poll_at = Instant::now() + settings.poll.unwrap_or_default();
     loop {
         for item in std::mem::take(&mut items) {
             position.advance(&item);
@@ -313,31 +311,34 @@ async fn run(engine: &EngineHandle, start: Start, tx: &mpsc::Sender<Result<pb::W
             }
             quiet_since = Instant::now();
         }
-        let activity_due = async {
-            if activity_more {
-                return true;
-            }
-            let alive = activity_commit(activity.as_mut(), settings.poll).await;
-            if let Some(least) = settings.min_read_interval {
-                tokio::time::sleep_until(last_activity_read + least).await;
-            }
-            alive
-        };
+        // Activity is read once due: after a wake-up of this replica's
+        // activity commits or the poll (shared store), no sooner than the
+        // least read interval after the last read. The wake-up and the poll
+        // deadline are kept across turns, so a turn won by the job log
+        // loses neither.
+        let watched = activity.is_some();
+        let read_at = settings.min_read_interval.map_or(last_activity_read, |least| last_activity_read + least);
         let next = tokio::select! {
             next = next_jobs(jobs.as_mut(), engine) => next,
-            alive = activity_due => {
-                if alive {
-                    last_activity_read = Instant::now();
-                    match read_activity(store, &position.activity).await {
-                        Ok(Some((read, full))) => {
-                            activity_more = full;
-                            Ok(Next::Items(read))
-                        }
-                        Ok(None) => Ok(Next::Expired),
-                        Err(e) => Err(e),
+            woken = activity_commit(activity.as_mut()), if watched && !activity_due => {
+                activity_due = woken;
+                if woken { Ok(Next::Nothing) } else { Ok(Next::Closed) }
+            }
+            () = tokio::time::sleep_until(poll_at), if watched && settings.poll.is_some() => {
+                activity_due = true;
+                poll_at = Instant::now() + settings.poll.unwrap_or_default();
+                Ok(Next::Nothing)
+            }
+            () = tokio::time::sleep_until(read_at), if activity_due => {
+                last_activity_read = Instant::now();
+                match read_activity(store, &position.activity).await {
+                    Ok(Some((read, full))) => {
+                        // A full read leaves more to read at once.
+                        activity_due = full;
+                        Ok(Next::Items(read))
                     }
-                } else {
-                    Ok(Next::Closed)
+                    Ok(None) => Ok(Next::Expired),
+                    Err(e) => Err(e),
                 }
             }
             () = tokio::time::sleep_until(quiet_since + settings.keep_alive) => Ok(Next::KeepAlive),
@@ -352,6 +353,7 @@ async fn run(engine: &EngineHandle, start: Start, tx: &mpsc::Sender<Result<pb::W
                 quiet_since = Instant::now();
             }
             Ok(Next::Closed) => return,
+            Ok(Next::Nothing) => {}
             Ok(Next::Expired) => {
                 let present = match Position::present(store).await {
                     Ok(present) => present,
@@ -363,7 +365,7 @@ async fn run(engine: &EngineHandle, start: Start, tx: &mpsc::Sender<Result<pb::W
                 if let Some(jobs) = jobs.as_mut() {
                     jobs.read_to(present.jobs.clone(), false);
                 }
-                activity_more = false;
+                activity_due = false;
                 position = present;
                 if send(Sent::Reset(pb::EventsReset { reason: expired_reason(engine) }), &position).await.is_err() {
                     return;

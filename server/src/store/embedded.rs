@@ -358,6 +358,10 @@ impl Store for EmbeddedStore {
         self.read(move |db| read_log::<EventGroup>(db, JOB_LOG, head, after, limit)).await
     }
 
+    fn activity_shards(&self) -> u32 {
+        1
+    }
+
     async fn activity_heads(&self) -> StoreResult<EventCursor> {
         Ok(EventCursor { positions: vec![self.heads.activity.load(Ordering::Acquire)] })
     }

@@ -514,10 +514,9 @@ pub trait Store: Send + Sync + 'static {
     /// groups per log per call, and raises the low-water marks past them.
     async fn trim_events(&self, before: SystemTime, limit: usize) -> StoreResult<Trimmed>;
 
-    /// Shards of the activity log.
-    fn activity_shards(&self) -> u32 {
-        1
-    }
+    /// Shards of the activity log (no default: a wrapper that forgot it
+    /// would break every cursor of a store with several).
+    fn activity_shards(&self) -> u32;
     /// The activity log's present.
     async fn activity_heads(&self) -> StoreResult<EventCursor>;
     /// Up to about `limit` activity entries after `after` per shard (whole

@@ -195,7 +195,17 @@ pub fn control_record_of(item: &Item) -> StoreResult<Record> {
 pub fn check_record_sizes(batch: &[Write]) -> StoreResult<()> {
     for write in batch {
         let write = match write {
-            Write::Logged { write, .. } => write.as_ref(),
+            Write::Logged { write, activity } => {
+                // The group's item holds the entries (and little else).
+                let size: usize = activity.iter().map(|a| a.subject.len() + a.body.len() + 32).sum();
+                if size > MAX_ITEM_BYTES {
+                    return Err(StoreError::Rejected(format!(
+                        "the activity of one write is about {size} bytes; an event item holds at most \
+                         {MAX_ITEM_BYTES} bytes"
+                    )));
+                }
+                write.as_ref()
+            }
             other => other,
         };
         if let Write::PutRecord { record, .. } = write {
