@@ -182,20 +182,27 @@ pub async fn start(engine: &EngineHandle, kinds: Kinds, from: Option<Position>) 
     // not missed.
     let activity = kinds.activity().then(|| engine.subscribe_activity());
     let mut jobs = kinds.jobs.then(|| engine.follow_log(EventCursor::default()));
-    let present = Position::present(store).await?;
-    let mut start =
-        Start { kinds, position: present, items: Vec::new(), jobs: None, activity, activity_more: false, reset: None };
     let Some(from) = from else {
+        let present = Position::present(store).await?;
         if let Some(jobs) = jobs.as_mut() {
-            jobs.read_to(start.position.jobs.clone(), false);
+            jobs.read_to(present.jobs.clone(), false);
         }
-        start.jobs = jobs;
-        return Ok(start);
+        return Ok(Start {
+            kinds,
+            position: present,
+            items: Vec::new(),
+            jobs,
+            activity,
+            activity_more: false,
+            reset: None,
+        });
     };
+    let mut start =
+        Start { kinds, position: from, items: Vec::new(), jobs: None, activity, activity_more: false, reset: None };
     let mut items = Vec::new();
     let mut expired = false;
     if let Some(jobs) = jobs.as_mut() {
-        match engine.read_events("cursor", &from.jobs, READ_BATCH).await {
+        match engine.read_events("cursor", &start.position.jobs, READ_BATCH).await {
             Ok((events, next)) => {
                 jobs.read_to(next, events.len() >= READ_BATCH);
                 items.extend(events.into_iter().map(|e| Item::Job(Box::new(e))));
@@ -205,7 +212,7 @@ pub async fn start(engine: &EngineHandle, kinds: Kinds, from: Option<Position>) 
         }
     }
     if kinds.activity() && !expired {
-        match read_activity(store, &from.activity).await? {
+        match read_activity(store, &start.position.activity).await? {
             Some((read, full)) => {
                 items.extend(read);
                 start.activity_more = full;
@@ -214,14 +221,15 @@ pub async fn start(engine: &EngineHandle, kinds: Kinds, from: Option<Position>) 
         }
     }
     if expired {
-        // From the present (read above), after a reset.
+        // From the present (read only now: a resumed watch rarely needs it),
+        // after a reset.
+        start.position = Position::present(store).await?;
         if let Some(jobs) = jobs.as_mut() {
             jobs.read_to(start.position.jobs.clone(), false);
         }
         start.activity_more = false;
         start.reset = Some(expired_reason(engine));
     } else {
-        start.position = from;
         start.items = in_time_order(items, Item::shard, Item::time);
     }
     start.jobs = jobs;
